@@ -1,0 +1,166 @@
+"""The `lakegate` command line: init, demo, serve, audit."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import anyio
+import click
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from server.audit_commands import audit
+from server.errors import LakegateError
+from server.settings import CONFIG_FILE, Settings, load_settings
+
+__all__ = ["main"]
+
+err = Console(stderr=True)
+
+
+def _settings(ctx: click.Context, **overrides: Any) -> Settings:
+    try:
+        return load_settings(ctx.obj["project"], **overrides)
+    except ValidationError as exc:
+        raise click.ClickException(f"invalid settings:\n{exc}") from exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--project",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="LAKEGATE_PROJECT",
+    default=None,
+    help="Project directory (lakegate.toml, policies/, catalog/). Default: $LAKEGATE_PROJECT or the current directory.",
+)
+@click.version_option(package_name="lakegate")
+@click.pass_context
+def cli(ctx: click.Context, project: Path | None) -> None:
+    """lakegate: a governed MCP server over Iceberg tables and Lance datasets.
+
+    \b
+    Quick start (embedded, nothing to install beyond this package):
+      lakegate demo                      build the demo warehouse in ./.lakegate
+      lakegate serve --principal analyst serve MCP over stdio as 'analyst'
+      lakegate audit verify              check the audit log's hash chain
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["project"] = project
+
+    def audit_path() -> Path:
+        return _settings(ctx).audit_path
+
+    ctx.obj["audit_path_factory"] = audit_path
+    if ctx.invoked_subcommand == "audit":
+        ctx.obj["audit_path"] = audit_path()
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite files that already exist.")
+def init(directory: Path, force: bool) -> None:
+    """Write the default policies, catalog definitions and lakegate.toml into DIRECTORY to edit."""
+    files = {
+        Path(CONFIG_FILE): resources.files("server").joinpath("default_lakegate.toml"),
+        Path("policies/model.conf"): resources.files("policies").joinpath("model.conf"),
+        Path("policies/policy.csv"): resources.files("policies").joinpath("policy.csv"),
+        Path("catalog/datasets.yaml"): resources.files("catalog").joinpath("datasets.yaml"),
+    }
+    for relative, source in files.items():
+        target = directory / relative
+        if target.exists() and not force:
+            err.print(f"kept   {target} (exists; --force overwrites)")
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with resources.as_file(source) as path:
+            shutil.copyfile(path, target)
+        err.print(f"wrote  {target}")
+    gitignore = directory / ".gitignore"
+    if not gitignore.exists():
+        gitignore.write_text(".lakegate/\n")
+    err.print(f"Next: cd {directory} && lakegate serve --principal analyst")
+
+
+def _build_demo(settings: Settings, scale: str) -> None:
+    from catalog.definitions import load_definitions
+    from catalog.demo import build_demo
+    from catalog.warehouse import Warehouse
+
+    warehouse = Warehouse(settings.state_dir)
+    try:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=False,
+        ) as progress:
+            tasks: dict[str, Any] = {}
+
+            def report(step: str, done: int, total: int) -> None:
+                if step not in tasks:
+                    tasks[step] = progress.add_task(step, total=total)
+                progress.update(tasks[step], completed=done, total=total)
+
+            summary = build_demo(warehouse, load_definitions(settings.project), scale, progress=report)  # type: ignore[arg-type]
+    finally:
+        warehouse.close()
+    total = sum(summary.tables.values())
+    err.print(f"demo warehouse ({scale}) built in {summary.seconds:.1f}s: {total:,} rows in {len(summary.tables)} datasets")
+    err.print(f"state directory: {settings.state_dir}")
+
+
+@cli.command()
+@click.option("--scale", type=click.Choice(["small", "large"]), default=None, help="small (default): seconds; large: benchmarks.")
+@click.pass_context
+def demo(ctx: click.Context, scale: str | None) -> None:
+    """Build (or rebuild) the demo warehouse in the state directory."""
+    settings = _settings(ctx)
+    _build_demo(settings, scale or settings.demo_scale)
+
+
+@cli.command()
+@click.option("--principal", default=None, help="Who is calling (stdio). Default: $LAKEGATE_PRINCIPAL or lakegate.toml.")
+@click.option("--http", is_flag=True, help="Serve Streamable HTTP instead of stdio (not available yet).")
+@click.pass_context
+def serve(ctx: click.Context, principal: str | None, http: bool) -> None:
+    """Serve MCP over stdio, building the demo warehouse first if the state directory is empty."""
+    from catalog.warehouse import Warehouse
+    from server.app import open_runtime
+    from server.logs import configure_logging
+    from server.transports import serve_stdio
+
+    if http:
+        raise click.UsageError("--http is not available in this version; use stdio (the default).")
+    settings = _settings(ctx, principal=principal)
+    configure_logging(settings.log_level)
+    probe = Warehouse(settings.state_dir)
+    empty = probe.is_empty()
+    probe.close()
+    if empty:
+        err.print("The state directory is empty: building the demo warehouse first.")
+        _build_demo(settings, settings.demo_scale)
+    runtime = open_runtime(settings)
+    who = settings.principal or "anonymous (no --principal: every call will be denied)"
+    err.print(f"lakegate serving MCP over stdio as {who}; project {settings.project}. Ctrl-D or close the client to stop.")
+    try:
+        anyio.run(serve_stdio, runtime, settings.principal)
+    finally:
+        runtime.close()
+
+
+cli.add_command(audit)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except LakegateError as exc:
+        err.print(f"error: {exc}")
+        sys.exit(1)

@@ -1,0 +1,94 @@
+"""Every error lakegate raises on purpose, in one tree.
+
+    LakegateError
+    ├── ClientError            what the caller did wrong; the message goes to the agent as is
+    │   ├── PolicyDenied       the policy set does not allow this principal to do this
+    │   ├── NotFound           no such dataset, column, metric or tool (or not visible to the caller)
+    │   ├── InvalidArgument    an argument is malformed or out of range
+    │   └── LimitExceeded      a row, byte, time or memory budget was exceeded
+    └── ServerError            lakegate's own failure; the agent sees a short generic message
+        ├── BackendError       a storage engine (pyiceberg, DuckDB, Lance) failed
+        ├── AuditWriteError    the audit record could not be written (the call fails closed)
+        └── ConfigurationError settings or definition files are invalid
+
+Client errors carry a `hint`: what the agent can do instead. Server errors keep their details
+for the log only.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuditWriteError",
+    "BackendError",
+    "ClientError",
+    "ConfigurationError",
+    "InvalidArgument",
+    "LakegateError",
+    "LimitExceeded",
+    "NotFound",
+    "PolicyDenied",
+    "ServerError",
+]
+
+
+class LakegateError(Exception):
+    """Root of every error lakegate raises on purpose."""
+
+    #: The outcome class written to the audit record ("denied", "not_found", ...).
+    outcome = "error"
+
+
+class ClientError(LakegateError):
+    """The caller did something wrong; the message is safe and useful to show them."""
+
+    outcome = "client_error"
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} {self.hint}" if self.hint else self.message
+
+
+class PolicyDenied(ClientError):
+    """The policy set does not allow the principal this action on this resource."""
+
+    outcome = "denied"
+
+    def __init__(self, message: str, *, hint: str | None = None, rule: list[str] | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.rule = rule or []
+
+
+class NotFound(ClientError):
+    outcome = "not_found"
+
+
+class InvalidArgument(ClientError):
+    outcome = "invalid"
+
+
+class LimitExceeded(ClientError):
+    outcome = "limit_exceeded"
+
+
+class ServerError(LakegateError):
+    """lakegate itself failed; details go to the log, not to the agent."""
+
+    outcome = "server_error"
+    public_message = "lakegate could not complete this call because of an internal error."
+
+
+class BackendError(ServerError):
+    outcome = "backend_error"
+
+
+class AuditWriteError(ServerError):
+    outcome = "audit_error"
+    public_message = "lakegate could not write the audit record for this call, so it returned no data."
+
+
+class ConfigurationError(ServerError):
+    outcome = "configuration_error"

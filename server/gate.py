@@ -1,0 +1,238 @@
+"""The one choke point: principal -> Casbin decision -> run -> audit record -> result.
+
+Every tool call, whatever the transport, goes through `Gate.call`:
+1. the tool-level decision (`tool:<name>`, action `call`); deny by default;
+2. argument validation against the tool's model (bad arguments are audited too);
+3. the handler, in a worker thread, with a `CallScope` that takes a decision on every resource;
+4. the audit record, written before anything is returned; if it cannot be written, the call fails
+   and no data leaves the server (fail closed);
+5. the result, or an MCP tool error whose text tells the agent what to do instead.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import structlog
+from mcp.types import CallToolResult, TextContent
+from pydantic import BaseModel, ValidationError
+
+from catalog.definitions import CatalogDefinitions
+from catalog.warehouse import Warehouse
+from policies.enforcer import PolicyEnforcer
+from server.audit import AuditLog
+from server.errors import (
+    AuditWriteError,
+    ClientError,
+    InvalidArgument,
+    LakegateError,
+    NotFound,
+    PolicyDenied,
+    ServerError,
+)
+from server.identity import CallOrigin, Principal
+from server.scope import CallScope, ProgressFn
+from server.settings import Settings
+from tools.base import ToolSpec
+
+__all__ = ["Gate", "GateOutcome", "redact_arguments", "to_call_result"]
+
+log = structlog.get_logger(__name__)
+
+REDACTED = "[redacted]"
+MAX_LOGGED_STRING = 2000
+MAX_TOOL_NAME = 64
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    """What a call produced, before it is turned into an MCP result."""
+
+    result: BaseModel | None
+    text: str
+    error: LakegateError | None
+    record: dict[str, Any] | None
+
+
+def redact_arguments(arguments: Mapping[str, Any], sensitive: tuple[str, ...]) -> dict[str, Any]:
+    """Arguments as the audit log may hold them: sensitive values replaced, huge strings cut."""
+
+    def clean(key: str, value: Any) -> Any:
+        if key.lower() in sensitive:
+            return REDACTED
+        if isinstance(value, str) and len(value) > MAX_LOGGED_STRING:
+            return value[:MAX_LOGGED_STRING] + f"...[{len(value) - MAX_LOGGED_STRING} more characters]"
+        if isinstance(value, Mapping):
+            return {str(k): clean(str(k), v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(key, v) for v in value]
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        return repr(value)[:MAX_LOGGED_STRING]
+
+    return {str(key): clean(str(key), value) for key, value in arguments.items()}
+
+
+def _validation_message(tool: str, exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(part) for part in error["loc"]) or "arguments"
+        problems.append(f"{where}: {error['msg']}")
+    return f"Invalid arguments for {tool}: " + "; ".join(problems) + "."
+
+
+class Gate:
+    def __init__(
+        self,
+        settings: Settings,
+        enforcer: PolicyEnforcer,
+        warehouse: Warehouse,
+        definitions: CatalogDefinitions,
+        audit: AuditLog,
+        tools: Mapping[str, ToolSpec[Any, Any]],
+    ) -> None:
+        self.settings = settings
+        self.enforcer = enforcer
+        self.warehouse = warehouse
+        self.definitions = definitions
+        self.audit = audit
+        self.tools = dict(tools)
+
+    def visible_tools(self, principal: Principal) -> list[ToolSpec[Any, Any]]:
+        """The tools this principal may call: an agent is not shown what it cannot use."""
+        return [
+            spec
+            for name, spec in self.tools.items()
+            if self.enforcer.decide(principal.name, f"tool:{name}", "call").allowed
+        ]
+
+    def scope(self, principal: Principal, progress: ProgressFn | None = None) -> CallScope:
+        return CallScope(
+            principal, self.enforcer, self.warehouse, self.definitions, self.settings.limits, progress
+        )
+
+    async def call(
+        self,
+        tool_name: str,
+        arguments: Mapping[str, Any] | None,
+        principal: Principal,
+        origin: CallOrigin,
+        progress: ProgressFn | None = None,
+    ) -> GateOutcome:
+        """Run one tool call through the gate. Never raises: failures become the outcome's error."""
+        started = time.perf_counter()
+        arguments = dict(arguments or {})
+        scope = self.scope(principal, progress)
+        result: BaseModel | None = None
+        text = ""
+        error: LakegateError | None = None
+        tool_decision = scope.decide(f"tool:{tool_name[:MAX_TOOL_NAME]}", "call")
+        scope.record("tool", tool_name[:MAX_TOOL_NAME], "call" if tool_decision.allowed else "denied")
+        try:
+            spec = self.tools.get(tool_name)
+            if not tool_decision.allowed:
+                if spec is None:
+                    raise NotFound(
+                        f"There is no tool named '{tool_name[:MAX_TOOL_NAME]}'.",
+                        hint="List the tools to see the ones you can use.",
+                    )
+                raise PolicyDenied(
+                    f"Principal '{principal.name}' may not call {tool_name} ({tool_decision.rule_text}).",
+                    hint="Use one of the tools you were listed, or ask a data steward for access.",
+                    rule=list(tool_decision.rule),
+                )
+            if spec is None:
+                raise NotFound(f"There is no tool named '{tool_name[:MAX_TOOL_NAME]}'.")
+            try:
+                args = spec.args.model_validate(arguments)
+            except ValidationError as exc:
+                raise InvalidArgument(
+                    _validation_message(tool_name, exc),
+                    hint="Check the tool's input schema and call it again.",
+                ) from exc
+            result = await anyio.to_thread.run_sync(spec.handler, scope, args)
+            text = spec.render(result)
+        except ClientError as exc:
+            error = exc
+        except ServerError as exc:
+            log.error("tool.server_error", tool=tool_name, error=repr(exc), cause=repr(exc.__cause__))
+            error = exc
+        except Exception as exc:
+            log.exception("tool.unexpected_error", tool=tool_name)
+            error = ServerError(f"{type(exc).__name__}: {exc}")
+
+        record = self._record(
+            tool_name, arguments, principal, origin, scope, tool_decision.allowed, result, text, error, started
+        )
+        try:
+            written = self.audit.append(record)
+        except AuditWriteError as exc:
+            log.error("audit.write_failed", tool=tool_name, error=repr(exc.__cause__))
+            return GateOutcome(None, "", exc, None)
+        return GateOutcome(result if error is None else None, text, error, written)
+
+    def _record(
+        self,
+        tool_name: str,
+        arguments: Mapping[str, Any],
+        principal: Principal,
+        origin: CallOrigin,
+        scope: CallScope,
+        tool_allowed: bool,
+        result: BaseModel | None,
+        text: str,
+        error: LakegateError | None,
+        started: float,
+    ) -> dict[str, Any]:
+        accesses = {touched.access for touched in scope.touched}
+        if not tool_allowed or isinstance(error, PolicyDenied):
+            decision = "deny"
+        elif accesses & {"masked", "hidden", "denied"}:
+            decision = "partial"
+        else:
+            decision = "allow"
+        payload_bytes = len(result.model_dump_json()) if result is not None and error is None else 0
+        return {
+            "request_id": origin.request_id,
+            "session_id": origin.session_id,
+            "principal": principal.name,
+            "roles": list(principal.roles),
+            "authenticated_by": principal.authenticated_by,
+            "transport": origin.transport,
+            "client": {"name": origin.client_name, "version": origin.client_version},
+            "tool": tool_name[:MAX_TOOL_NAME],
+            "arguments": redact_arguments(arguments, self.settings.audit.sensitive_arguments),
+            "decision": decision,
+            "rules": [list(rule) for rule in scope.rules],
+            "policy_version": self.enforcer.version,
+            "resources": [touched.as_record() for touched in scope.touched],
+            "rows": scope.rows if error is None else 0,
+            "bytes": payload_bytes,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            "outcome": "ok" if error is None else error.outcome,
+            "error": None if error is None else _public_message(error),
+        }
+
+
+def _public_message(error: LakegateError) -> str:
+    if isinstance(error, ServerError):
+        return type(error).public_message
+    return str(error)
+
+
+def to_call_result(outcome: GateOutcome) -> CallToolResult:
+    """The MCP result for a gate outcome: structured content plus its compact text, or a tool error."""
+    if outcome.error is not None:
+        message = _public_message(outcome.error)
+        if isinstance(outcome.error, ServerError) and outcome.record is not None:
+            message += f" Reference: request {outcome.record['request_id']}."
+        return CallToolResult(content=[TextContent(type="text", text=message)], is_error=True)
+    assert outcome.result is not None
+    structured = json.loads(outcome.result.model_dump_json())
+    return CallToolResult(content=[TextContent(type="text", text=outcome.text)], structured_content=structured)

@@ -1,0 +1,131 @@
+"""The gate is structural: every registered tool is denied to an unauthorised principal, and every
+call, allowed or denied, leaves an audit record before anything is returned."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from server.app import Runtime
+from server.audit import read_records, verify
+from server.gate import redact_arguments
+from server.identity import CallOrigin, stdio_principal
+from evals.mcp_client import connect, text_of
+from tools import ALL_TOOLS, ToolName
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: Minimal valid arguments for every tool; a new tool must be added here (checked below).
+VALID_ARGUMENTS: dict[ToolName, dict[str, Any]] = {
+    ToolName.LIST_DATASETS: {},
+    ToolName.DESCRIBE_DATASET: {"name": "sales.orders"},
+    ToolName.SEARCH_CATALOG: {"query": "orders"},
+}
+
+
+def test_every_tool_has_valid_arguments_for_the_enumeration() -> None:
+    assert set(VALID_ARGUMENTS) == set(ToolName)
+    assert {spec.name for spec in ALL_TOOLS} == set(ToolName)
+
+
+def test_every_tool_denies_an_unauthorised_principal_and_audits_both_outcomes(
+    demo_home: Path, audit_path: Path
+) -> None:
+    async def scenario() -> tuple[list[str], dict[str, tuple[bool, str]], dict[str, tuple[bool, str]]]:
+        denied: dict[str, tuple[bool, str]] = {}
+        allowed: dict[str, tuple[bool, str]] = {}
+        async with connect("mallory", demo_home, LAKEGATE_AUDIT__PATH=str(audit_path)) as client:
+            listed = [tool.name for tool in (await client.list_tools()).tools]
+            for name, arguments in VALID_ARGUMENTS.items():
+                result = await client.call_tool(name.value, arguments)
+                denied[name.value] = (bool(result.is_error), text_of(result))
+                assert result.structured_content is None
+        async with connect("admin", demo_home, LAKEGATE_AUDIT__PATH=str(audit_path)) as client:
+            for name, arguments in VALID_ARGUMENTS.items():
+                result = await client.call_tool(name.value, arguments)
+                allowed[name.value] = (bool(result.is_error), text_of(result))
+        return listed, denied, allowed
+
+    listed, denied, allowed = anyio.run(scenario)
+    assert listed == []
+    for name, (is_error, text) in denied.items():
+        assert is_error and f"may not call {name}" in text
+    for name, (is_error, text) in allowed.items():
+        assert not is_error, f"{name}: {text}"
+
+    records = list(read_records(audit_path))
+    count = len(VALID_ARGUMENTS)
+    assert len(records) == 2 * count
+    for record, name in zip(records[:count], VALID_ARGUMENTS, strict=True):
+        assert (record["tool"], record["principal"], record["decision"], record["outcome"]) == (
+            name.value, "mallory", "deny", "denied"
+        )
+        assert record["rows"] == 0 and record["bytes"] == 0
+    for record, name in zip(records[count:], VALID_ARGUMENTS, strict=True):
+        assert (record["tool"], record["principal"], record["outcome"]) == (name.value, "admin", "ok")
+        assert record["decision"] == "allow" and record["rules"] and record["policy_version"]
+        assert record["bytes"] > 0
+    assert verify(audit_path).ok
+
+
+def test_no_audit_record_means_no_data(demo_home: Path, tmp_path: Path) -> None:
+    """Fail closed: the audit log path is a directory, so no record can be written."""
+    blocked = tmp_path / "not-a-file"
+    blocked.mkdir()
+
+    async def scenario() -> tuple[bool, str, Any, bool, str]:
+        async with connect("admin", demo_home, LAKEGATE_AUDIT__PATH=str(blocked)) as client:
+            first = await client.call_tool("describe_dataset", {"name": "sales.customers"})
+            second = await client.call_tool("list_datasets", {})
+            return bool(first.is_error), text_of(first), first.structured_content, bool(second.is_error), text_of(second)
+
+    is_error, text, structured, second_error, second_text = anyio.run(scenario)
+    assert is_error and structured is None
+    assert "could not write the audit record" in text and "email" not in text
+    assert second_error and "audit record" in second_text  # still serving, still closed
+
+
+def test_in_process_gate_fails_closed_and_redacts(runtime: Runtime, tmp_path: Path) -> None:
+    principal = stdio_principal("admin", runtime.enforcer)
+    origin = CallOrigin(transport="in-process", session_id="s1")
+
+    outcome = anyio.run(runtime.gate.call, "list_datasets", {}, principal, origin)
+    assert outcome.error is None and outcome.record is not None and outcome.record["seq"] == 1
+
+    runtime.audit.path.unlink()
+    runtime.audit.path.mkdir()  # the log can no longer be written
+    runtime.audit.close()
+    outcome = anyio.run(runtime.gate.call, "list_datasets", {}, principal, origin)
+    assert outcome.result is None and outcome.record is None and outcome.error is not None
+    assert outcome.error.outcome == "audit_error"
+
+    cleaned = redact_arguments({"query": "x", "api_key": "s3cret", "nested": {"password": "p"}}, ("api_key", "password"))
+    assert cleaned == {"query": "x", "api_key": "[redacted]", "nested": {"password": "[redacted]"}}
+
+
+def test_tools_reach_data_only_through_the_scope() -> None:
+    """Tool modules import no engine, no audit log and no transport: the gate is the only way in."""
+    forbidden = ("pyiceberg", "lancedb", "duckdb", "pyarrow", "catalog.warehouse", "server.audit", "server.app", "mcp")
+    for path in (REPO / "tools").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            for name in names:
+                assert not name.startswith(forbidden), f"{path.name} imports {name}"
+
+
+@pytest.mark.parametrize("principal", ["analyst", "support_agent", "data_steward", "admin"])
+def test_each_demo_role_sees_only_tools_it_may_call(runtime: Runtime, principal: str) -> None:
+    who = stdio_principal(principal, runtime.enforcer)
+    visible = {spec.name.value for spec in runtime.gate.visible_tools(who)}
+    for spec in ALL_TOOLS:
+        allowed = runtime.enforcer.decide(principal, f"tool:{spec.name.value}", "call").allowed
+        assert (spec.name.value in visible) == allowed

@@ -1,0 +1,17 @@
+"""What the agent sees: every tool lakegate serves, by family."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tools.base import ToolSpec
+from tools.catalog import CATALOG_TOOLS
+from tools.names import ToolName
+
+__all__ = ["ALL_TOOLS", "ToolName", "ToolSpec", "tools_by_name"]
+
+ALL_TOOLS: tuple[ToolSpec[Any, Any], ...] = (*CATALOG_TOOLS,)
+
+
+def tools_by_name() -> dict[str, ToolSpec[Any, Any]]:
+    return {spec.name.value: spec for spec in ALL_TOOLS}

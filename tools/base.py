@@ -1,0 +1,121 @@
+"""What every lakegate tool is made of, and the one result-size convention they all follow.
+
+A tool is a `ToolSpec`: a name, a description (markdown beside this module), a pydantic model of
+its arguments, a pydantic model of its result, a handler that gets a `CallScope` and the validated
+arguments, and a compact text rendering of the result. The server registers specs; it alone calls
+handlers, and only through the gate.
+
+Result size: list-shaped results return at most `limit` items (capped by the server's row budget)
+and at most the server's byte budget, with `truncated` set and a `next_cursor` to continue. Nothing
+is ever cut silently.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from typing import Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.errors import InvalidArgument
+from server.scope import CallScope
+from tools.names import ToolName
+
+__all__ = ["Page", "PageArgs", "ToolArgs", "ToolResult", "ToolSpec", "paginate"]
+
+ArgsT = TypeVar("ArgsT", bound="ToolArgs")
+ResultT = TypeVar("ResultT", bound="ToolResult")
+ItemT = TypeVar("ItemT", bound=BaseModel)
+
+
+class ToolArgs(BaseModel):
+    """Base of every tool's arguments: unknown arguments are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ToolResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class PageArgs(ToolArgs):
+    limit: int = Field(default=50, ge=1, le=1000, description="Most items to return in this page.")
+    cursor: str | None = Field(
+        default=None, description="next_cursor from the previous page, to continue a truncated listing."
+    )
+
+
+class Page(ToolResult):
+    truncated: bool = Field(description="True when more items exist; pass next_cursor to get them.")
+    next_cursor: str | None = Field(default=None, description="Cursor for the next page, if truncated.")
+
+
+@dataclass(frozen=True)
+class ToolSpec(Generic[ArgsT, ResultT]):
+    name: ToolName
+    title: str
+    args: type[ArgsT]
+    result: type[ResultT]
+    handler: Callable[[CallScope, ArgsT], ResultT]
+    render: Callable[[ResultT], str]
+    read_only: bool = True
+    destructive: bool = False
+    idempotent: bool = True
+
+    @cached_property
+    def description(self) -> str:
+        text = resources.files("tools").joinpath("descriptions", f"{self.name.value}.md").read_text()
+        return text.strip()
+
+
+def _fingerprint(args: BaseModel) -> str:
+    payload = args.model_dump(mode="json", exclude={"cursor", "limit"})
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _encode_cursor(offset: int, args: BaseModel) -> str:
+    raw = json.dumps({"o": offset, "f": _fingerprint(args)}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, args: BaseModel) -> int:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        data = json.loads(base64.urlsafe_b64decode(padded))
+        offset, fingerprint = int(data["o"]), str(data["f"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidArgument(
+            "The cursor is not valid.", hint="Pass next_cursor exactly as the previous page returned it."
+        ) from exc
+    if fingerprint != _fingerprint(args) or offset < 0:
+        raise InvalidArgument(
+            "The cursor belongs to a different call.",
+            hint="Repeat the call with the same arguments as the page that gave this cursor.",
+        )
+    return offset
+
+
+def paginate(
+    items: Sequence[ItemT], args: PageArgs, scope: CallScope
+) -> tuple[list[ItemT], bool, str | None]:
+    """Cut one page from `items` within the row and byte budgets; returns (page, truncated, cursor)."""
+    start = _decode_cursor(args.cursor, args) if args.cursor else 0
+    row_budget = min(args.limit, scope.limits.max_rows)
+    page: list[ItemT] = []
+    used = 0
+    for item in items[start : start + row_budget]:
+        size = len(item.model_dump_json())
+        if page and used + size > scope.limits.max_bytes:
+            break
+        page.append(item)
+        used += size
+    end = start + len(page)
+    truncated = end < len(items)
+    scope.rows += len(page)
+    return page, truncated, _encode_cursor(end, args) if truncated else None

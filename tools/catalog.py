@@ -1,0 +1,274 @@
+"""Catalog tools: what data exists, what it means, and what this caller may see of it."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import Field
+
+from server.scope import CallScope
+from tools.base import Page, PageArgs, ToolArgs, ToolResult, ToolSpec, paginate
+from tools.names import ToolName
+
+__all__ = ["CATALOG_TOOLS"]
+
+DatasetKind = Literal["iceberg", "lance"]
+
+
+# --- list_datasets ------------------------------------------------------------------------------
+
+
+class ListDatasetsArgs(PageArgs):
+    namespace: str | None = Field(
+        default=None, max_length=128, description="Only datasets in this namespace, e.g. 'sales'."
+    )
+
+
+class DatasetSummary(ToolResult):
+    name: str = Field(description="Dataset name, 'namespace.table'.")
+    kind: DatasetKind
+    description: str
+    owner: str
+    tags: list[str]
+    row_count: int
+    last_updated: datetime | None
+
+
+class DatasetList(Page):
+    datasets: list[DatasetSummary]
+
+
+def list_datasets(scope: CallScope, args: ListDatasetsArgs) -> DatasetList:
+    names = scope.readable_datasets()
+    if args.namespace:
+        names = [name for name in names if name.split(".", 1)[0] == args.namespace]
+    summaries = []
+    for name in names:
+        info, doc = scope.dataset(name)
+        summaries.append(
+            DatasetSummary(
+                name=name,
+                kind=info.kind,
+                description=doc.description if doc else info.properties.get("comment", ""),
+                owner=doc.owner if doc else info.properties.get("owner", ""),
+                tags=list(doc.tags) if doc else [],
+                row_count=info.row_count,
+                last_updated=info.last_updated,
+            )
+        )
+    page, truncated, cursor = paginate(summaries, args, scope)
+    return DatasetList(datasets=page, truncated=truncated, next_cursor=cursor)
+
+
+def render_dataset_list(result: DatasetList) -> str:
+    lines = [f"{len(result.datasets)} dataset(s):"]
+    for d in result.datasets:
+        updated = d.last_updated.strftime("%Y-%m-%d") if d.last_updated else "never"
+        tags = f" [{', '.join(d.tags)}]" if d.tags else ""
+        lines.append(f"- {d.name} ({d.kind}, {d.row_count:,} rows, updated {updated}){tags}: {d.description}")
+    if result.truncated:
+        lines.append(f"More datasets: call again with cursor={result.next_cursor}")
+    return "\n".join(lines)
+
+
+# --- describe_dataset ---------------------------------------------------------------------------
+
+
+class DescribeDatasetArgs(ToolArgs):
+    name: str = Field(min_length=1, max_length=256, description="Dataset name, 'namespace.table'.")
+    versions: int = Field(default=5, ge=0, le=100, description="How many recent snapshots/versions to list.")
+
+
+class ColumnView(ToolResult):
+    name: str
+    type: str | None = Field(description="Column type; null when the column is hidden from you.")
+    required: bool | None = None
+    description: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    access: Literal["clear", "masked", "hidden"] = Field(
+        description="clear: you read real values; masked: you read masked values; hidden: you may not read it."
+    )
+    mask: str | None = Field(default=None, description="Masking method when access is masked.")
+
+
+class VersionView(ToolResult):
+    id: int = Field(description="Iceberg snapshot id or Lance version number.")
+    timestamp: datetime
+    operation: str
+
+
+class DatasetDescription(ToolResult):
+    name: str
+    kind: DatasetKind
+    description: str
+    owner: str
+    tags: list[str]
+    columns: list[ColumnView]
+    partitioning: list[str]
+    row_count: int
+    last_updated: datetime | None
+    freshness_hours: float | None = Field(description="Hours since the last update.")
+    current_version: int | None
+    versions: list[VersionView] = Field(description="Most recent snapshots/versions, newest first.")
+
+
+def describe_dataset(scope: CallScope, args: DescribeDatasetArgs) -> DatasetDescription:
+    info, doc = scope.dataset(args.name)
+    names = [column.name for column in info.columns]
+    columns = []
+    for column, access in zip(info.columns, scope.columns(args.name, names), strict=True):
+        column_doc = doc.column(column.name) if doc else None
+        scope.record("column", access.column, access.access if access.access != "clear" else "metadata")
+        if access.access == "hidden":
+            columns.append(ColumnView(name=column.name, type=None, access="hidden"))
+            continue
+        columns.append(
+            ColumnView(
+                name=column.name,
+                type=column.type,
+                required=column.required,
+                description=column_doc.description if column_doc else column.doc,
+                tags=list(column_doc.tags) if column_doc else [],
+                access=access.access,
+                mask=access.mask,
+            )
+        )
+    age = None
+    if info.last_updated is not None:
+        age = round((datetime.now(UTC) - info.last_updated).total_seconds() / 3600, 2)
+    scope.rows += len(columns)
+    return DatasetDescription(
+        name=info.name,
+        kind=info.kind,
+        description=doc.description if doc else info.properties.get("comment", ""),
+        owner=doc.owner if doc else info.properties.get("owner", ""),
+        tags=list(doc.tags) if doc else [],
+        columns=columns,
+        partitioning=list(info.partitioning),
+        row_count=info.row_count,
+        last_updated=info.last_updated,
+        freshness_hours=age,
+        current_version=info.current_version,
+        versions=[VersionView(id=v.id, timestamp=v.timestamp, operation=v.operation) for v in info.versions][
+            : args.versions
+        ],
+    )
+
+
+def render_description(result: DatasetDescription) -> str:
+    lines = [
+        f"{result.name} ({result.kind}, {result.row_count:,} rows, owner {result.owner}): {result.description}",
+    ]
+    if result.partitioning:
+        lines.append(f"Partitioned by: {', '.join(result.partitioning)}")
+    lines.append("Columns:")
+    for c in result.columns:
+        if c.access == "hidden":
+            lines.append(f"- {c.name}: hidden from you by policy")
+            continue
+        flags = [c.type or ""]
+        if c.tags:
+            flags.append(", ".join(c.tags))
+        if c.access == "masked":
+            flags.append(f"masked: {c.mask}")
+        lines.append(f"- {c.name} ({'; '.join(flags)}): {c.description or ''}".rstrip(": "))
+    if result.versions:
+        latest = result.versions[0]
+        lines.append(
+            f"Current version {result.current_version}, last {latest.operation} at {latest.timestamp:%Y-%m-%d %H:%M}Z"
+            f" ({len(result.versions)} recent listed)."
+        )
+    return "\n".join(lines)
+
+
+# --- search_catalog -----------------------------------------------------------------------------
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+class SearchCatalogArgs(PageArgs):
+    query: str = Field(min_length=1, max_length=500, description="Words to look for, e.g. 'customer email'.")
+    limit: int = Field(default=10, ge=1, le=100, description="Most matches to return in this page.")
+
+
+class CatalogMatch(ToolResult):
+    kind: Literal["dataset", "column"]
+    dataset: str
+    column: str | None = None
+    description: str
+    tags: list[str]
+    score: float = Field(description="Higher is better: matched words, weighted to names over descriptions.")
+
+
+class CatalogMatches(Page):
+    matches: list[CatalogMatch]
+
+
+def _score(words: set[str], name: str, text: str, tags: list[str]) -> float:
+    name_words = set(_WORD.findall(name.lower()))
+    text_words = set(_WORD.findall(text.lower())) | {t.lower() for t in tags}
+    return 2.0 * len(words & name_words) + 1.0 * len(words & text_words)
+
+
+def search_catalog(scope: CallScope, args: SearchCatalogArgs) -> CatalogMatches:
+    words = set(_WORD.findall(args.query.lower()))
+    if not words:
+        return CatalogMatches(matches=[], truncated=False)
+    matches: list[CatalogMatch] = []
+    for name in scope.readable_datasets():
+        info, doc = scope.dataset(name)
+        description = doc.description if doc else ""
+        tags = list(doc.tags) if doc else []
+        score = _score(words, name, description, tags)
+        if score:
+            matches.append(CatalogMatch(kind="dataset", dataset=name, description=description, tags=tags, score=score))
+        names = [column.name for column in info.columns]
+        for column, access in zip(info.columns, scope.columns(name, names), strict=True):
+            if not access.visible:
+                continue
+            column_doc = doc.column(column.name) if doc else None
+            text = column_doc.description if column_doc else (column.doc or "")
+            column_tags = list(column_doc.tags) if column_doc else []
+            score = _score(words, column.name, text, column_tags)
+            if score:
+                matches.append(
+                    CatalogMatch(
+                        kind="column", dataset=name, column=column.name, description=text, tags=column_tags, score=score
+                    )
+                )
+    matches.sort(key=lambda m: (-m.score, m.dataset, m.column or ""))
+    page, truncated, cursor = paginate(matches, args, scope)
+    return CatalogMatches(matches=page, truncated=truncated, next_cursor=cursor)
+
+
+def render_matches(result: CatalogMatches) -> str:
+    if not result.matches:
+        return "No datasets or columns match. Try other words, or call list_datasets."
+    lines = [f"{len(result.matches)} match(es):"]
+    for m in result.matches:
+        where = f"{m.dataset}.{m.column}" if m.column else m.dataset
+        tags = f" [{', '.join(m.tags)}]" if m.tags else ""
+        lines.append(f"- {m.kind} {where}{tags}: {m.description}")
+    if result.truncated:
+        lines.append(f"More matches: call again with cursor={result.next_cursor}")
+    return "\n".join(lines)
+
+
+CATALOG_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
+    ToolSpec(
+        ToolName.LIST_DATASETS, "List datasets", ListDatasetsArgs, DatasetList, list_datasets, render_dataset_list
+    ),
+    ToolSpec(
+        ToolName.DESCRIBE_DATASET,
+        "Describe a dataset",
+        DescribeDatasetArgs,
+        DatasetDescription,
+        describe_dataset,
+        render_description,
+    ),
+    ToolSpec(
+        ToolName.SEARCH_CATALOG, "Search the catalog", SearchCatalogArgs, CatalogMatches, search_catalog, render_matches
+    ),
+)

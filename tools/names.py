@@ -1,0 +1,13 @@
+"""The name of every tool lakegate serves; a test checks this matches what the server registers."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+__all__ = ["ToolName"]
+
+
+class ToolName(str, Enum):
+    LIST_DATASETS = "list_datasets"
+    DESCRIBE_DATASET = "describe_dataset"
+    SEARCH_CATALOG = "search_catalog"
