@@ -67,7 +67,10 @@ async def bench_stdio(home: Path, calls: int, audit: Path) -> dict[str, Any]:
         for name, arguments in CALLS.items():
             for _ in range(10):  # warm caches
                 await client.call_tool(name, arguments)
-            samples = await timed(lambda n=name, a=arguments: client.call_tool(n, a), calls)
+            async def call(n: str = name, a: dict[str, Any] = arguments) -> None:
+                await client.call_tool(n, a)
+
+            samples = await timed(call, calls)
             results[name] = percentiles(samples)
     return results
 

@@ -112,12 +112,18 @@ def _build_demo(settings: Settings, scale: str) -> None:
     finally:
         warehouse.close()
     total = sum(summary.tables.values())
-    err.print(f"demo warehouse ({scale}) built in {summary.seconds:.1f}s: {total:,} rows in {len(summary.tables)} datasets")
+    datasets = len(summary.tables)
+    err.print(f"demo warehouse ({scale}) built in {summary.seconds:.1f}s: {total:,} rows in {datasets} datasets")
     err.print(f"state directory: {settings.state_dir}")
 
 
 @cli.command()
-@click.option("--scale", type=click.Choice(["small", "large"]), default=None, help="small (default): seconds; large: benchmarks.")
+@click.option(
+    "--scale",
+    type=click.Choice(["small", "large"]),
+    default=None,
+    help="small (default, seconds to build) or large (>= 10M orders, for benchmarks).",
+)
 @click.pass_context
 def demo(ctx: click.Context, scale: str | None) -> None:
     """Build (or rebuild) the demo warehouse in the state directory."""
@@ -126,7 +132,9 @@ def demo(ctx: click.Context, scale: str | None) -> None:
 
 
 @cli.command()
-@click.option("--principal", default=None, help="Who is calling (stdio). Default: $LAKEGATE_PRINCIPAL or lakegate.toml.")
+@click.option(
+    "--principal", default=None, help="Who is calling (stdio). Default: $LAKEGATE_PRINCIPAL or lakegate.toml."
+)
 @click.option("--http", is_flag=True, help="Serve Streamable HTTP instead of stdio (not available yet).")
 @click.pass_context
 def serve(ctx: click.Context, principal: str | None, http: bool) -> None:
@@ -148,7 +156,8 @@ def serve(ctx: click.Context, principal: str | None, http: bool) -> None:
         _build_demo(settings, settings.demo_scale)
     runtime = open_runtime(settings)
     who = settings.principal or "anonymous (no --principal: every call will be denied)"
-    err.print(f"lakegate serving MCP over stdio as {who}; project {settings.project}. Ctrl-D or close the client to stop.")
+    err.print(f"lakegate serving MCP over stdio as {who}; project {settings.project}.")
+    err.print("Connect an MCP client to this process's stdin/stdout; Ctrl-D or closing the client stops it.")
     try:
         anyio.run(serve_stdio, runtime, settings.principal)
     finally:

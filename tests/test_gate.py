@@ -10,11 +10,11 @@ from typing import Any
 import anyio
 import pytest
 
+from evals.mcp_client import connect, text_of
 from server.app import Runtime
 from server.audit import read_records, verify
 from server.gate import redact_arguments
 from server.identity import CallOrigin, stdio_principal
-from evals.mcp_client import connect, text_of
 from tools import ALL_TOOLS, ToolName
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +81,8 @@ def test_no_audit_record_means_no_data(demo_home: Path, tmp_path: Path) -> None:
         async with connect("admin", demo_home, LAKEGATE_AUDIT__PATH=str(blocked)) as client:
             first = await client.call_tool("describe_dataset", {"name": "sales.customers"})
             second = await client.call_tool("list_datasets", {})
-            return bool(first.is_error), text_of(first), first.structured_content, bool(second.is_error), text_of(second)
+            structured = first.structured_content
+            return bool(first.is_error), text_of(first), structured, bool(second.is_error), text_of(second)
 
     is_error, text, structured, second_error, second_text = anyio.run(scenario)
     assert is_error and structured is None
@@ -103,7 +104,8 @@ def test_in_process_gate_fails_closed_and_redacts(runtime: Runtime, tmp_path: Pa
     assert outcome.result is None and outcome.record is None and outcome.error is not None
     assert outcome.error.outcome == "audit_error"
 
-    cleaned = redact_arguments({"query": "x", "api_key": "s3cret", "nested": {"password": "p"}}, ("api_key", "password"))
+    arguments = {"query": "x", "api_key": "s3cret", "nested": {"password": "p"}}
+    cleaned = redact_arguments(arguments, ("api_key", "password"))
     assert cleaned == {"query": "x", "api_key": "[redacted]", "nested": {"password": "[redacted]"}}
 
 

@@ -23,7 +23,7 @@ CHECKS = check_intents(_enforcer(), load_intents(REPO))
 
 @pytest.mark.parametrize("check", CHECKS, ids=[f"{c.principal}:{c.kind}:{c.resource}" for c in CHECKS])
 def test_intent(check: object) -> None:
-    assert getattr(check, "ok"), f"expected {check.expected}, got {check.actual} ({check.rule})"  # type: ignore[attr-defined]
+    assert check.ok, f"expected {check.expected}, got {check.actual} ({check.rule})"  # type: ignore[attr-defined]
 
 
 def test_intents_cover_every_demo_role() -> None:

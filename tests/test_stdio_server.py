@@ -10,8 +10,8 @@ import anyio
 import jsonschema
 import pytest
 
-from server.audit import read_records, verify
 from evals.mcp_client import connect, text_of
+from server.audit import read_records, verify
 
 
 def run(fn: Any, *args: Any) -> Any:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 __all__ = ["ToolName"]
 
 
-class ToolName(str, Enum):
+class ToolName(StrEnum):
     LIST_DATASETS = "list_datasets"
     DESCRIBE_DATASET = "describe_dataset"
     SEARCH_CATALOG = "search_catalog"

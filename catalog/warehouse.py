@@ -1,0 +1,392 @@
+"""The storage behind lakegate: Iceberg tables in a SQL catalog and Lance datasets in a directory.
+
+Everything else in lakegate reaches pyiceberg and lancedb through `Warehouse`, and every error
+they raise is translated by `translate_errors`, so callers only ever see `server.errors` types.
+
+Layout under the state directory::
+
+    <state_dir>/iceberg/catalog.db      pyiceberg SqlCatalog "lakegate" (SQLite)
+    <state_dir>/iceberg/warehouse/      Iceberg data and metadata files
+    <state_dir>/lance/                  one Lance dataset per "namespace.table"
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from server.errors import BackendError, LakegateError, NotFound
+
+if TYPE_CHECKING:
+    from lancedb.db import LanceDBConnection
+    from lancedb.table import Table as LanceTable
+    from pyiceberg.catalog.sql import SqlCatalog
+    from pyiceberg.table import Table as IcebergTable
+
+__all__ = [
+    "LIST_DATASETS_HINT",
+    "ColumnInfo",
+    "DatasetInfo",
+    "VersionInfo",
+    "Warehouse",
+    "translate_errors",
+]
+
+CATALOG_NAME = "lakegate"
+LIST_DATASETS_HINT = "Call list_datasets to see the datasets you can use."
+# Lance keeps the column documentation in the Arrow field metadata under this key.
+LANCE_DOC_KEY = "doc"
+
+
+@dataclass(frozen=True)
+class ColumnInfo:
+    """One column: Iceberg type string ("long", "decimal(12, 2)") or Arrow type string for Lance."""
+
+    name: str
+    type: str
+    required: bool
+    doc: str | None
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One Iceberg snapshot or Lance version."""
+
+    id: int
+    timestamp: datetime
+    operation: str
+    summary: dict[str, str]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the storage layer knows about a dataset, without reading its data."""
+
+    name: str
+    kind: Literal["iceberg", "lance"]
+    columns: tuple[ColumnInfo, ...]
+    partitioning: tuple[str, ...]
+    row_count: int
+    last_updated: datetime | None
+    current_version: int | None
+    versions: tuple[VersionInfo, ...]  # newest first
+    properties: dict[str, str]
+
+
+@contextmanager
+def translate_errors(action: str, name: str | None = None) -> Iterator[None]:
+    """Turn pyiceberg, lancedb and pyarrow errors into lakegate errors.
+
+    `action` says what was being done ("describe sales.orders") for the log.
+
+    Raises:
+        NotFound: pyiceberg reported a missing table or namespace (needs `name`).
+        BackendError: any other failure of the storage libraries, with the original chained.
+    """
+    # Imported here so that importing this module stays cheap; pyiceberg's exceptions module is tiny.
+    from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
+
+    try:
+        yield
+    except LakegateError:
+        raise
+    except (NoSuchTableError, NoSuchNamespaceError) as exc:
+        raise NotFound(f"No dataset named {name or '?'!r}.", hint=LIST_DATASETS_HINT) from exc
+    except Exception as exc:
+        raise BackendError(f"{action} failed: {type(exc).__name__}: {exc}") from exc
+
+
+class Warehouse:
+    """The Iceberg catalog and the Lance directory under one state directory.
+
+    Connections open on first use, so constructing a Warehouse touches no files.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self._iceberg: SqlCatalog | None = None
+        self._lance: LanceDBConnection | None = None
+        self._lock = threading.Lock()
+        # describe() runs on every tool call; its result only changes with a new snapshot/version.
+        self._described: dict[tuple[str, int | None, int], DatasetInfo] = {}
+
+    # -- connections ---------------------------------------------------------------------------
+
+    @property
+    def iceberg(self) -> SqlCatalog:
+        """The pyiceberg SqlCatalog (created with its directories on first use).
+
+        Raises:
+            BackendError: the catalog database cannot be opened.
+        """
+        with self._lock:
+            if self._iceberg is None:
+                with translate_errors("open the Iceberg catalog"):
+                    from pyiceberg.catalog.sql import SqlCatalog
+
+                    root = self.state_dir / "iceberg"
+                    (root / "warehouse").mkdir(parents=True, exist_ok=True)
+                    self._iceberg = SqlCatalog(
+                        CATALOG_NAME,
+                        uri=f"sqlite:///{root / 'catalog.db'}",
+                        warehouse=(root / "warehouse").resolve().as_uri(),
+                    )
+            return self._iceberg
+
+    @property
+    def lance(self) -> LanceDBConnection:
+        """The lancedb connection to `<state_dir>/lance` (created on first use).
+
+        Raises:
+            BackendError: the directory cannot be opened.
+        """
+        with self._lock:
+            if self._lance is None:
+                with translate_errors("open the Lance directory"):
+                    import lancedb
+                    from lancedb.db import LanceDBConnection
+
+                    path = self.state_dir / "lance"
+                    path.mkdir(parents=True, exist_ok=True)
+                    connection = lancedb.connect(path)
+                    # A local path always gives the local connection class; the check narrows the type
+                    # for the local-only calls (drop_table(ignore_missing=...)).
+                    if not isinstance(connection, LanceDBConnection):
+                        raise BackendError(f"lancedb opened {path} as {type(connection).__name__}")
+                    self._lance = connection
+            return self._lance
+
+    def close(self) -> None:
+        """Release the catalog's database connections; the Warehouse may be reopened by using it."""
+        with self._lock:
+            if self._iceberg is not None:
+                self._iceberg.engine.dispose()
+            self._iceberg = None
+            self._lance = None
+            self._described.clear()
+
+    # -- listing -------------------------------------------------------------------------------
+
+    def iceberg_table_names(self) -> list[str]:
+        """Sorted "namespace.table" names of the Iceberg tables.
+
+        Raises:
+            BackendError: the catalog cannot be read.
+        """
+        catalog = self.iceberg
+        with translate_errors("list Iceberg tables"):
+            names = [
+                ".".join(identifier)
+                for namespace in catalog.list_namespaces()
+                for identifier in catalog.list_tables(namespace)
+            ]
+        return sorted(names)
+
+    def lance_dataset_names(self) -> list[str]:
+        """Sorted names of the Lance datasets.
+
+        Raises:
+            BackendError: the Lance directory cannot be read.
+        """
+        connection = self.lance
+        names: list[str] = []
+        with translate_errors("list Lance datasets"):
+            # list_tables is paginated; follow the page token to the end.
+            page_token: str | None = None
+            while True:
+                page = connection.list_tables(page_token=page_token)
+                names.extend(page.tables)
+                page_token = page.page_token
+                if not page_token:
+                    break
+        return sorted(names)
+
+    def dataset_names(self) -> list[str]:
+        """Sorted names of every Iceberg table and every Lance dataset.
+
+        Raises:
+            BackendError: either store cannot be read.
+        """
+        return sorted({*self.iceberg_table_names(), *self.lance_dataset_names()})
+
+    def is_empty(self) -> bool:
+        """True when there is no Iceberg table and no Lance dataset.
+
+        Raises:
+            BackendError: either store cannot be read.
+        """
+        return not self.iceberg_table_names() and not self.lance_dataset_names()
+
+    # -- opening -------------------------------------------------------------------------------
+
+    def kind_of(self, name: str) -> Literal["iceberg", "lance"]:
+        """Which store holds dataset `name`; Iceberg wins if both hold one of that name.
+
+        Raises:
+            NotFound: neither store has it.
+            BackendError: a store cannot be read.
+        """
+        if name.count(".") != 1:
+            raise NotFound(f"No dataset named {name!r}.", hint=LIST_DATASETS_HINT)
+        with translate_errors(f"look up {name}", name):
+            if self.iceberg.table_exists(name):
+                return "iceberg"
+        if name in self.lance_dataset_names():
+            return "lance"
+        raise NotFound(f"No dataset named {name!r}.", hint=LIST_DATASETS_HINT)
+
+    def iceberg_table(self, name: str) -> IcebergTable:
+        """Load Iceberg table `name`.
+
+        Raises:
+            NotFound: no such table.
+            BackendError: the catalog or the table metadata cannot be read.
+        """
+        catalog = self.iceberg
+        with translate_errors(f"load Iceberg table {name}", name):
+            return catalog.load_table(name)
+
+    def lance_table(self, name: str) -> LanceTable:
+        """Open Lance dataset `name`.
+
+        Raises:
+            NotFound: no such dataset.
+            BackendError: the dataset cannot be opened.
+        """
+        # lancedb says "not found" with a plain ValueError, and its table_exists() is not supported
+        # on local directories; check the listing first so that a missing dataset is a NotFound.
+        if name not in self.lance_dataset_names():
+            raise NotFound(f"No dataset named {name!r}.", hint=LIST_DATASETS_HINT)
+        connection = self.lance
+        with translate_errors(f"open Lance dataset {name}", name):
+            return connection.open_table(name)
+
+    # -- describing ----------------------------------------------------------------------------
+
+    def describe(self, name: str, *, max_versions: int = 20) -> DatasetInfo:
+        """Schema, partitioning, row count and recent versions of `name`, read from metadata only.
+
+        Raises:
+            NotFound: no dataset of that name (the hint says how to list datasets).
+            BackendError: the metadata cannot be read.
+        """
+        if self.kind_of(name) == "iceberg":
+            return self._describe_iceberg(name, max_versions)
+        return self._describe_lance(name, max_versions)
+
+    def _cached(self, key: tuple[str, int | None, int]) -> DatasetInfo | None:
+        with self._lock:
+            return self._described.get(key)
+
+    def _remember(self, key: tuple[str, int | None, int], info: DatasetInfo) -> DatasetInfo:
+        with self._lock:
+            self._described[key] = info
+        return info
+
+    def _describe_iceberg(self, name: str, max_versions: int) -> DatasetInfo:
+        table = self.iceberg_table(name)
+        with translate_errors(f"describe {name}", name):
+            metadata = table.metadata
+            key = (name, metadata.current_snapshot_id, max_versions)
+            if (cached := self._cached(key)) is not None:
+                return cached
+            schema = table.schema()
+            columns = tuple(
+                ColumnInfo(field.name, str(field.field_type), field.required, field.doc) for field in schema.fields
+            )
+            partitioning = tuple(
+                _partition_label(str(part.transform), schema.find_column_name(part.source_id) or "?")
+                for part in table.spec().fields
+            )
+            current = table.current_snapshot()
+            summary = current.summary if current is not None else None
+            # The snapshot summary carries the table's row count; no data file is opened.
+            row_count = int(summary["total-records"] or 0) if summary is not None else 0
+            snapshots = sorted(metadata.snapshots, key=lambda s: s.timestamp_ms, reverse=True)
+            versions = tuple(
+                VersionInfo(
+                    id=snapshot.snapshot_id,
+                    timestamp=_from_millis(snapshot.timestamp_ms),
+                    operation=snapshot.summary.operation.value if snapshot.summary else "unknown",
+                    summary=dict(snapshot.summary.additional_properties) if snapshot.summary else {},
+                )
+                for snapshot in snapshots[:max_versions]
+            )
+            info = DatasetInfo(
+                name=name,
+                kind="iceberg",
+                columns=columns,
+                partitioning=partitioning,
+                row_count=row_count,
+                last_updated=_from_millis(metadata.last_updated_ms),
+                current_version=metadata.current_snapshot_id,
+                versions=versions,
+                properties=dict(table.properties),
+            )
+        return self._remember(key, info)
+
+    def _describe_lance(self, name: str, max_versions: int) -> DatasetInfo:
+        table = self.lance_table(name)
+        with translate_errors(f"describe {name}", name):
+            version = int(table.version)
+            key = (name, version, max_versions)
+            if (cached := self._cached(key)) is not None:
+                return cached
+            schema = table.schema
+            columns = tuple(
+                ColumnInfo(field.name, str(field.type), not field.nullable, _field_doc(field.metadata))
+                for field in schema
+            )
+            history = sorted(table.list_versions(), key=lambda v: int(v["version"]), reverse=True)
+            versions = tuple(_lance_version(entry) for entry in history[:max_versions])
+            current = next((v for v in versions if v.id == version), None)
+            info = DatasetInfo(
+                name=name,
+                kind="lance",
+                columns=columns,
+                partitioning=(),
+                # count_rows without a filter is answered from the manifest, not by scanning.
+                row_count=int(table.count_rows()),
+                last_updated=current.timestamp if current else None,
+                current_version=version,
+                versions=versions,
+                properties=_decode_metadata(schema.metadata),
+            )
+        return self._remember(key, info)
+
+
+def _partition_label(transform: str, column: str) -> str:
+    # Iceberg spells transforms "month", "bucket[16]", "identity"; show identity as the bare column.
+    return column if transform == "identity" else f"{transform}({column})"
+
+
+def _from_millis(millis: int) -> datetime:
+    return datetime.fromtimestamp(millis / 1000, tz=UTC)
+
+
+def _lance_version(entry: dict[str, Any]) -> VersionInfo:
+    timestamp: datetime = entry["timestamp"]
+    # lancedb returns a naive datetime in the machine's local time zone; astimezone() on a naive
+    # value assumes exactly that, so this is correct whatever TZ the server runs under.
+    timestamp = timestamp.astimezone(UTC)
+    number = int(entry["version"])
+    return VersionInfo(
+        id=number,
+        timestamp=timestamp,
+        # Lance keeps no operation name per version; the first version is always the creation.
+        operation="create" if number == 1 else "write",
+        summary={str(k): str(v) for k, v in (entry.get("metadata") or {}).items()},
+    )
+
+
+def _decode_metadata(metadata: dict[bytes, bytes] | None) -> dict[str, str]:
+    return {key.decode("utf-8", "replace"): value.decode("utf-8", "replace") for key, value in (metadata or {}).items()}
+
+
+def _field_doc(metadata: dict[bytes, bytes] | None) -> str | None:
+    return _decode_metadata(metadata).get(LANCE_DOC_KEY)

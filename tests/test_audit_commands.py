@@ -1,0 +1,245 @@
+"""``lakegate audit verify|show|summary`` through click's CliRunner, on real log files."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from server.audit import AuditLog
+from server.audit_commands import audit
+from server.audit_review import Filters, parse_dimensions, parse_when, select, summarise
+
+NOW = datetime.now(UTC)
+
+
+def at(hours_ago: float) -> str:
+    return (NOW - timedelta(hours=hours_ago)).isoformat(timespec="microseconds")
+
+
+CALLS: list[dict[str, Any]] = [
+    {
+        "time": at(72),
+        "principal": "alice",
+        "tool": "query",
+        "decision": "allow",
+        "outcome": "ok",
+        "rows": 10,
+        "duration_ms": 12.0,
+        "resources": [{"type": "dataset", "name": "sales.orders", "version": 3, "access": "read"}],
+    },
+    {
+        "time": at(30),
+        "principal": "bob",
+        "tool": "query",
+        "decision": "deny",
+        "outcome": "denied",
+        "rows": 0,
+        "duration_ms": 1.0,
+        "resources": [{"type": "dataset", "name": "hr.salaries", "version": 1, "access": "denied"}],
+    },
+    {
+        "time": at(5),
+        "principal": "alice",
+        "tool": "describe",
+        "decision": "allow",
+        "outcome": "not_found",
+        "rows": 0,
+        "duration_ms": 2.0,
+        "error": "no such dataset",
+        "resources": [],
+    },
+    {
+        "time": at(1),
+        "principal": "alice",
+        "tool": "query",
+        "decision": "partial",
+        "outcome": "ok",
+        "rows": 7,
+        "duration_ms": 40.5,
+        "resources": [
+            {"type": "dataset", "name": "sales.orders", "version": 3, "access": "read"},
+            {"type": "column", "name": "sales.orders.email", "version": 3, "access": "masked"},
+        ],
+    },
+]
+
+
+@pytest.fixture
+def log_path(tmp_path: Path) -> Path:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, fsync=False)
+    for record in CALLS:
+        log.append(record)
+    log.close()
+    return path
+
+
+def run(path: Path | None, *args: str, via_obj: bool = True) -> Result:
+    obj = {"audit_path": path} if via_obj else {}
+    return CliRunner().invoke(audit, list(args), obj=obj)
+
+
+# -- verify -------------------------------------------------------------------------------------
+
+
+def test_verify_ok(log_path: Path) -> None:
+    result = run(log_path, "verify")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("audit log OK: 4 records, seq 1..4, last hash ")
+
+
+def test_verify_log_option_overrides_obj(log_path: Path, tmp_path: Path) -> None:
+    result = run(tmp_path / "elsewhere.jsonl", "verify", "--log", str(log_path))
+    assert result.exit_code == 0 and "4 records" in result.output
+
+
+def test_verify_missing_file(tmp_path: Path) -> None:
+    result = run(tmp_path / "none.jsonl", "verify")
+    assert result.exit_code == 0
+    assert "0 records (no file at" in result.output
+
+
+def test_verify_names_the_edited_record(log_path: Path) -> None:
+    lines = log_path.read_text().splitlines(keepends=True)
+    record = json.loads(lines[1])
+    record["decision"] = "allow"
+    lines[1] = json.dumps(record) + "\n"
+    log_path.write_text("".join(lines))
+    result = run(log_path, "verify")
+    assert result.exit_code == 1
+    assert "audit log FAILED: 1 problem in 4 records" in result.output
+    assert "record seq 2 (line 2) was edited" in result.output
+
+
+def test_verify_json_and_anchor(log_path: Path) -> None:
+    ok = json.loads(run(log_path, "verify", "--json").output)
+    assert ok["ok"] and ok["records"] == 4
+    lines = log_path.read_text().splitlines(keepends=True)
+    log_path.write_text("".join(lines[:-1]))
+    result = run(log_path, "verify", "--expect-last-hash", ok["last_hash"], "--expect-records", "4")
+    assert result.exit_code == 1 and "deleted" in result.output
+
+
+def test_verify_unreadable(tmp_path: Path) -> None:
+    result = run(tmp_path, "verify")  # a directory
+    assert result.exit_code == 2
+    assert "cannot read audit log" in result.output
+
+
+def test_no_configured_path() -> None:
+    result = run(None, "verify", via_obj=False)
+    assert result.exit_code == 2 and "--log" in result.output
+
+
+# -- show ---------------------------------------------------------------------------------------
+
+
+def test_show_table(log_path: Path) -> None:
+    result = run(log_path, "show")
+    assert result.exit_code == 0, result.output
+    assert "principal" in result.output and "4 records" in result.output
+    assert all(len(line) <= 80 for line in result.output.splitlines())
+    body = result.output.splitlines()
+    # newest last
+    assert [line for line in body if "describe" in line]
+    assert body.index(next(line for line in body if "bob" in line)) < body.index(
+        next(line for line in body if "describe" in line)
+    )
+
+
+def test_show_filters_json(log_path: Path) -> None:
+    result = run(log_path, "show", "--json", "--principal", "alice", "--tool", "query")
+    records = [json.loads(line) for line in result.output.splitlines()]
+    assert [r["seq"] for r in records] == [1, 4]
+    result = run(log_path, "show", "--json", "--resource", "EMAIL")
+    assert [json.loads(line)["seq"] for line in result.output.splitlines()] == [4]
+    result = run(log_path, "show", "--json", "--since", "24h")
+    assert [json.loads(line)["seq"] for line in result.output.splitlines()] == [3, 4]
+    result = run(log_path, "show", "--json", "--until", "2d", "--decision", "allow")
+    assert [json.loads(line)["seq"] for line in result.output.splitlines()] == [1]
+    result = run(log_path, "show", "--json", "--limit", "1")
+    assert [json.loads(line)["seq"] for line in result.output.splitlines()] == [4]
+
+
+def test_show_bad_since(log_path: Path) -> None:
+    result = run(log_path, "show", "--since", "yesterday-ish")
+    assert result.exit_code == 2 and "relative time" in result.output
+
+
+def test_show_nothing(log_path: Path, tmp_path: Path) -> None:
+    assert run(log_path, "show", "--principal", "nobody").output.strip() == "no matching records"
+    assert run(tmp_path / "none.jsonl", "show").output.strip() == "no matching records"
+
+
+def test_show_malformed_log(log_path: Path) -> None:
+    with log_path.open("a") as f:
+        f.write("not json\n")
+    result = run(log_path, "show")
+    assert result.exit_code == 2 and "line 5" in result.output
+
+
+# -- summary ------------------------------------------------------------------------------------
+
+
+def test_summary_by_principal(log_path: Path) -> None:
+    result = run(log_path, "summary", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == [
+        {"principal": "alice", "calls": 3, "denials": 0, "errors": 1, "rows": 17},
+        {"principal": "bob", "calls": 1, "denials": 1, "errors": 0, "rows": 0},
+    ]
+
+
+def test_summary_by_several(log_path: Path) -> None:
+    result = run(log_path, "summary", "--by", "principal,tool", "--by", "decision", "--json")
+    rows = json.loads(result.output)
+    assert {(r["principal"], r["tool"], r["decision"]) for r in rows} == {
+        ("alice", "query", "allow"),
+        ("alice", "query", "partial"),
+        ("alice", "describe", "allow"),
+        ("bob", "query", "deny"),
+    }
+    by_resource = json.loads(run(log_path, "summary", "--by", "resource", "--json").output)
+    assert {r["resource"]: r["calls"] for r in by_resource} == {
+        "(none)": 1,
+        "hr.salaries": 1,
+        "sales.orders": 2,
+        "sales.orders.email": 1,
+    }
+
+
+def test_summary_table(log_path: Path) -> None:
+    result = run(log_path, "summary", "--by", "day", "--by", "tool")
+    assert result.exit_code == 0, result.output
+    assert "denials" in result.output and "total" in result.output
+    assert all(len(line) <= 80 for line in result.output.splitlines())
+
+
+def test_summary_bad_dimension(log_path: Path) -> None:
+    result = run(log_path, "summary", "--by", "colour")
+    assert result.exit_code == 2 and "cannot group by 'colour'" in result.output
+
+
+# -- the pure functions, directly ---------------------------------------------------------------
+
+
+def test_parse_when() -> None:
+    now = datetime(2024, 5, 10, 12, tzinfo=UTC)
+    assert parse_when("7d", now=now) == datetime(2024, 5, 3, 12, tzinfo=UTC)
+    assert parse_when("24h", now=now) == datetime(2024, 5, 9, 12, tzinfo=UTC)
+    assert parse_when("2024-05-01") == datetime(2024, 5, 1, tzinfo=UTC)
+    assert parse_when("2024-05-01T10:00:00+02:00") == datetime(2024, 5, 1, 8, tzinfo=UTC)
+    with pytest.raises(ValueError):
+        parse_when("soon")
+
+
+def test_select_and_summarise_without_dimensions() -> None:
+    assert select(CALLS, Filters(limit=0)) == []
+    (row,) = summarise(CALLS, ())
+    assert (row.calls, row.denials, row.errors, row.rows) == (4, 1, 1, 17)
+    assert parse_dimensions(["tool, day", "tool"]) == ("tool", "day")
