@@ -204,7 +204,7 @@ def create_server(runtime: Runtime, principal_of: PrincipalOf, transport: str) -
             code = INVALID_PARAMS if isinstance(outcome.error, ClientError) else INTERNAL_ERROR
             message = to_call_result(outcome).content[0]
             raise MCPError(code=code, message=getattr(message, "text", "error"))
-        text = json.dumps(json.loads(outcome.result.model_dump_json()), indent=1)
+        text = json.dumps(json.loads(outcome.payload), indent=1)
         return ReadResourceResult(
             contents=[TextResourceContents(uri=uri, text=text, mime_type="application/json")]
         )

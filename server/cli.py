@@ -52,12 +52,8 @@ def cli(ctx: click.Context, project: Path | None) -> None:
     ctx.ensure_object(dict)
     ctx.obj["project"] = project
 
-    def audit_path() -> Path:
-        return _settings(ctx).audit_path
-
-    ctx.obj["audit_path_factory"] = audit_path
     if ctx.invoked_subcommand == "audit":
-        ctx.obj["audit_path"] = audit_path()
+        ctx.obj["audit_path"] = _settings(ctx).audit_path
 
 
 @cli.command()

@@ -58,6 +58,8 @@ class GateOutcome:
     text: str
     error: LakegateError | None
     record: dict[str, Any] | None
+    #: The result as JSON, serialised once: its size goes to the audit record, its content to the client.
+    payload: str = ""
 
 
 def redact_arguments(arguments: Mapping[str, Any], sensitive: tuple[str, ...]) -> dict[str, Any]:
@@ -131,6 +133,7 @@ class Gate:
         scope = self.scope(principal, progress)
         result: BaseModel | None = None
         text = ""
+        payload = ""
         error: LakegateError | None = None
         tool_decision = scope.decide(f"tool:{tool_name[:MAX_TOOL_NAME]}", "call")
         scope.record("tool", tool_name[:MAX_TOOL_NAME], "call" if tool_decision.allowed else "denied")
@@ -156,8 +159,10 @@ class Gate:
                     _validation_message(tool_name, exc),
                     hint="Check the tool's input schema and call it again.",
                 ) from exc
-            result = await anyio.to_thread.run_sync(spec.handler, scope, args)
-            text = spec.render(result)
+            produced: BaseModel = await anyio.to_thread.run_sync(spec.handler, scope, args)
+            text = spec.render(produced)
+            payload = produced.model_dump_json()
+            result = produced
         except ClientError as exc:
             error = exc
         except ServerError as exc:
@@ -168,14 +173,16 @@ class Gate:
             error = ServerError(f"{type(exc).__name__}: {exc}")
 
         record = self._record(
-            tool_name, arguments, principal, origin, scope, tool_decision.allowed, result, text, error, started
+            tool_name, arguments, principal, origin, scope, tool_decision.allowed, len(payload), error, started
         )
         try:
             written = self.audit.append(record)
         except AuditWriteError as exc:
             log.error("audit.write_failed", tool=tool_name, error=repr(exc.__cause__))
             return GateOutcome(None, "", exc, None)
-        return GateOutcome(result if error is None else None, text, error, written)
+        if error is not None:
+            return GateOutcome(None, text, error, written)
+        return GateOutcome(result, text, None, written, payload)
 
     def _record(
         self,
@@ -185,8 +192,7 @@ class Gate:
         origin: CallOrigin,
         scope: CallScope,
         tool_allowed: bool,
-        result: BaseModel | None,
-        text: str,
+        payload_bytes: int,
         error: LakegateError | None,
         started: float,
     ) -> dict[str, Any]:
@@ -197,7 +203,6 @@ class Gate:
             decision = "partial"
         else:
             decision = "allow"
-        payload_bytes = len(result.model_dump_json()) if result is not None and error is None else 0
         return {
             "request_id": origin.request_id,
             "session_id": origin.session_id,
@@ -213,7 +218,7 @@ class Gate:
             "policy_version": self.enforcer.version,
             "resources": [touched.as_record() for touched in scope.touched],
             "rows": scope.rows if error is None else 0,
-            "bytes": payload_bytes,
+            "bytes": payload_bytes if error is None else 0,
             "duration_ms": round((time.perf_counter() - started) * 1000, 3),
             "outcome": "ok" if error is None else error.outcome,
             "error": None if error is None else _public_message(error),
@@ -233,6 +238,5 @@ def to_call_result(outcome: GateOutcome) -> CallToolResult:
         if isinstance(outcome.error, ServerError) and outcome.record is not None:
             message += f" Reference: request {outcome.record['request_id']}."
         return CallToolResult(content=[TextContent(type="text", text=message)], is_error=True)
-    assert outcome.result is not None
-    structured = json.loads(outcome.result.model_dump_json())
+    structured = json.loads(outcome.payload)
     return CallToolResult(content=[TextContent(type="text", text=outcome.text)], structured_content=structured)
