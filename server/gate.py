@@ -116,7 +116,7 @@ class Gate:
 
     def scope(self, principal: Principal, progress: ProgressFn | None = None) -> CallScope:
         return CallScope(
-            principal, self.enforcer, self.warehouse, self.definitions, self.settings.limits, progress
+            principal, self.enforcer, self.warehouse, self.definitions, self.settings, progress
         )
 
     async def call(
@@ -159,10 +159,21 @@ class Gate:
                     _validation_message(tool_name, exc),
                     hint="Check the tool's input schema and call it again.",
                 ) from exc
-            produced: BaseModel = await anyio.to_thread.run_sync(spec.handler, scope, args)
+            produced = await _run_cancellable(spec.handler, scope, args)
             text = spec.render(produced)
             payload = produced.model_dump_json()
             result = produced
+        except anyio.get_cancelled_exc_class():
+            # The client cancelled: the handler was interrupted; the call is still audited.
+            with anyio.CancelScope(shield=True):
+                record = self._record(
+                    tool_name, arguments, principal, origin, scope, tool_decision.allowed, 0, Cancelled(), started
+                )
+                try:
+                    self.audit.append(record)
+                except AuditWriteError as exc:
+                    log.error("audit.write_failed", tool=tool_name, error=repr(exc.__cause__))
+            raise
         except ClientError as exc:
             error = exc
         except ServerError as exc:
@@ -222,7 +233,28 @@ class Gate:
             "duration_ms": round((time.perf_counter() - started) * 1000, 3),
             "outcome": "ok" if error is None else error.outcome,
             "error": None if error is None else _public_message(error),
+            **({"details": scope.details} if scope.details else {}),
         }
+
+
+class Cancelled(ClientError):
+    """The client cancelled the call before it finished (only ever written to the audit record)."""
+
+    outcome = "cancelled"
+
+    def __init__(self) -> None:
+        super().__init__("The client cancelled the call.")
+
+
+async def _run_cancellable(handler: Any, scope: CallScope, args: BaseModel) -> BaseModel:
+    """Run a handler in a worker thread; if the call is cancelled, tell the scope to stop its work."""
+    try:
+        # abandon_on_cancel: cancellation reaches this await at once, instead of after the thread.
+        produced: BaseModel = await anyio.to_thread.run_sync(handler, scope, args, abandon_on_cancel=True)
+    except anyio.get_cancelled_exc_class():
+        scope.cancel()
+        raise
+    return produced
 
 
 def _public_message(error: LakegateError) -> str:

@@ -17,7 +17,7 @@ from policies.columns import ColumnAccess, column_access
 from policies.enforcer import Decision, PolicyEnforcer
 from server.errors import NotFound, PolicyDenied
 from server.identity import Principal
-from server.settings import LimitSettings
+from server.settings import Settings
 
 __all__ = ["CallScope", "ProgressFn", "Touched"]
 
@@ -46,11 +46,12 @@ class CallScope:
         enforcer: PolicyEnforcer,
         warehouse: Warehouse,
         definitions: CatalogDefinitions,
-        limits: LimitSettings,
+        settings: Settings,
         progress: ProgressFn | None = None,
     ) -> None:
         self.principal = principal
-        self.limits = limits
+        self.settings = settings
+        self.limits = settings.limits
         self.definitions = definitions
         self._enforcer = enforcer
         self._warehouse = warehouse
@@ -58,6 +59,10 @@ class CallScope:
         self.touched: list[Touched] = []
         self.rules: list[tuple[str, ...]] = []
         self.rows = 0
+        #: Call-specific facts for the audit record (the rewritten SQL, snapshots written, ...).
+        self.details: dict[str, Any] = {}
+        self._on_cancel: list[Callable[[], None]] = []
+        self.cancelled = False
 
     # --- decisions -----------------------------------------------------------------------------
 
@@ -123,6 +128,18 @@ class CallScope:
     def record(self, kind: str, name: str, access: str, version: int | None = None) -> None:
         """Note a resource the call touched (for the audit record)."""
         self.touched.append(Touched(kind, name, access, version))
+
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        """Run `callback` if the client cancels the call (it interrupts a running engine)."""
+        self._on_cancel.append(callback)
+        if self.cancelled:
+            callback()
+
+    def cancel(self) -> None:
+        """The client cancelled the call: stop the work in flight."""
+        self.cancelled = True
+        for callback in self._on_cancel:
+            callback()
 
     def report_progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
         """Send an MCP progress notification when the client asked for them."""

@@ -21,7 +21,16 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-__all__ = ["AuditSettings", "LimitSettings", "PolicySettings", "Settings", "load_settings", "project_dir"]
+__all__ = [
+    "AuditSettings",
+    "LimitSettings",
+    "PolicySettings",
+    "QuerySettings",
+    "Settings",
+    "WriteSettings",
+    "load_settings",
+    "project_dir",
+]
 
 CONFIG_FILE = "lakegate.toml"
 STATE_DIR = ".lakegate"
@@ -51,6 +60,33 @@ class LimitSettings(BaseModel):
     max_rows: int = Field(default=200, ge=1, description="Most rows (or items) one tool call returns.")
     max_bytes: int = Field(
         default=64 * 1024, ge=1024, description="Most bytes of JSON one tool call returns."
+    )
+
+
+class QuerySettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    timeout_s: float = Field(
+        default=30.0, gt=0, description="Longest a governed SQL query may run before it is interrupted."
+    )
+    memory_limit: str = Field(
+        default="1GB", description="DuckDB memory limit of one query (each query runs in its own sandbox)."
+    )
+    threads: int = Field(default=2, ge=1, description="DuckDB worker threads per query.")
+    concurrency: int = Field(
+        default=4, ge=1, description="Queries that run at once; further queries wait for a free sandbox."
+    )
+    max_sql_chars: int = Field(default=20_000, ge=100, description="Longest SQL text accepted by the query tool.")
+
+
+class WriteSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_rows: int = Field(default=10_000, ge=1, description="Most rows one append_rows call may write.")
+    commit_attempts: int = Field(
+        default=20,
+        ge=1,
+        description="How often lakegate retries an Iceberg commit that lost a race with another writer.",
     )
 
 
@@ -93,6 +129,8 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings, description="The audit log.")
     limits: LimitSettings = Field(default_factory=LimitSettings, description="Per-call result budgets.")
     policy: PolicySettings = Field(default_factory=PolicySettings, description="Policy loading.")
+    query: QuerySettings = Field(default_factory=QuerySettings, description="Governed SQL queries.")
+    writes: WriteSettings = Field(default_factory=WriteSettings, description="Governed writes.")
 
     @classmethod
     def settings_customise_sources(
