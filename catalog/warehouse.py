@@ -12,6 +12,7 @@ Layout under the state directory::
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from server.errors import BackendError, LakegateError, NotFound
+
+if TYPE_CHECKING:
+    from catalog.iceberg_scan import ScanPlanner
+    from catalog.query_engine import QueryEngine
+    from server.settings import QuerySettings
 
 if TYPE_CHECKING:
     from lancedb.db import LanceDBConnection
@@ -114,6 +120,13 @@ class Warehouse:
         self._lock = threading.Lock()
         # describe() runs on every tool call; its result only changes with a new snapshot/version.
         self._described: dict[tuple[str, int | None, int], DatasetInfo] = {}
+        self._engine: QueryEngine | None = None
+        self._planner: ScanPlanner | None = None
+
+    @property
+    def iceberg_data_dir(self) -> Path:
+        """Where the Iceberg data and metadata files live (the only directory SQL may read)."""
+        return self.state_dir / "iceberg" / "warehouse"
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -130,13 +143,52 @@ class Warehouse:
                     from pyiceberg.catalog.sql import SqlCatalog
 
                     root = self.state_dir / "iceberg"
-                    (root / "warehouse").mkdir(parents=True, exist_ok=True)
+                    self.iceberg_data_dir.mkdir(parents=True, exist_ok=True)
                     self._iceberg = SqlCatalog(
                         CATALOG_NAME,
                         uri=f"sqlite:///{root / 'catalog.db'}",
-                        warehouse=(root / "warehouse").resolve().as_uri(),
+                        warehouse=self.iceberg_data_dir.resolve().as_uri(),
                     )
             return self._iceberg
+
+    def query_engine(self, settings: QuerySettings) -> QueryEngine:
+        """The DuckDB sandboxes that may read this warehouse's Iceberg files (created on first use)."""
+        from catalog.query_engine import QueryEngine
+
+        with self._lock:
+            if self._engine is None:
+                self.iceberg_data_dir.mkdir(parents=True, exist_ok=True)
+                self._engine = QueryEngine([self.iceberg_data_dir], settings, self._mask_key())
+            return self._engine
+
+    @property
+    def scans(self) -> ScanPlanner:
+        """Plans reads of Iceberg tables for the query engine (cached by table and snapshot)."""
+        from catalog.iceberg_scan import ScanPlanner
+
+        with self._lock:
+            if self._planner is None:
+                self._planner = ScanPlanner(self)
+            return self._planner
+
+    def _mask_key(self) -> str:
+        # The key of the hash mask: random per state directory, so hashes cannot be confirmed by
+        # hashing a guess elsewhere, and stable, so hashed values stay joinable across calls.
+        path = self.state_dir / "mask.key"
+        if not path.is_file():
+            import secrets
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            candidate = path.with_suffix(f".{secrets.token_hex(4)}.tmp")
+            candidate.write_text(secrets.token_hex(32))
+            candidate.chmod(0o600)
+            try:
+                os.link(candidate, path)  # first writer wins; others read its key
+            except FileExistsError:
+                pass
+            finally:
+                candidate.unlink()
+        return path.read_text().strip()
 
     @property
     def lance(self) -> LanceDBConnection:
@@ -169,6 +221,10 @@ class Warehouse:
             self._iceberg = None
             self._lance = None
             self._described.clear()
+            if self._engine is not None:
+                self._engine.close()
+            self._engine = None
+            self._planner = None
 
     # -- listing -------------------------------------------------------------------------------
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import casbin
 import structlog
 
+from policies.row_filters import ROW_FILTER_FILE, RowFilter, RowFilterSet, load_row_filters
+
 __all__ = ["Decision", "PolicyEnforcer", "PolicyFiles", "policy_files"]
 
 log = structlog.get_logger(__name__)
@@ -49,30 +51,41 @@ class Decision:
 
 @dataclass(frozen=True)
 class PolicyFiles:
-    """Where the Casbin model and policy come from: the project's policies/, else the packaged defaults."""
+    """Where the policy set comes from: the project's policies/, else the packaged defaults.
+
+    The Casbin model and policy, and the row filters (optional: no file, no row filters).
+    """
 
     model: Path
     policy: Path
+    row_filters: Path | None = None
+
+    def _paths(self) -> list[Path]:
+        return [self.model, self.policy, *([self.row_filters] if self.row_filters else [])]
 
     def content_hash(self, extra: Iterable[str] = ()) -> str:
         digest = hashlib.sha256()
-        for path in (self.model, self.policy):
-            digest.update(path.read_bytes())
+        for path in self._paths():
+            digest.update(path.read_bytes() if path.is_file() else b"")
         for line in extra:
             digest.update(line.encode())
         return digest.hexdigest()[:16]
 
-    def mtimes(self) -> tuple[float, float]:
-        return (self.model.stat().st_mtime, self.policy.stat().st_mtime)
+    def mtimes(self) -> tuple[float, ...]:
+        return tuple(path.stat().st_mtime if path.exists() else 0.0 for path in self._paths())
 
 
 def policy_files(project: Path) -> PolicyFiles:
     """The policy files for a project: `<project>/policies/*` when present, else the packaged defaults."""
     packaged = Path(str(resources.files("policies")))
     local = project / "policies"
+    # A project with its own policy.csv owns its row filters too: the packaged demo filters must
+    # not narrow someone else's data.
+    own_policy = (local / POLICY_FILE).is_file()
     return PolicyFiles(
         model=local / MODEL_FILE if (local / MODEL_FILE).is_file() else packaged / MODEL_FILE,
-        policy=local / POLICY_FILE if (local / POLICY_FILE).is_file() else packaged / POLICY_FILE,
+        policy=local / POLICY_FILE if own_policy else packaged / POLICY_FILE,
+        row_filters=local / ROW_FILTER_FILE if own_policy else packaged / ROW_FILTER_FILE,
     )
 
 
@@ -81,7 +94,8 @@ class _Loaded:
     decider: casbin.Enforcer | None
     explainer: casbin.Enforcer | None
     version: str
-    mtimes: tuple[float, float]
+    mtimes: tuple[float, ...]
+    row_filters: RowFilterSet = field(default_factory=RowFilterSet)
     error: str | None = None
     cache: dict[tuple[str, str, str], Decision] = field(default_factory=dict)
 
@@ -130,6 +144,12 @@ class PolicyEnforcer:
         loaded.cache[key] = decision
         return decision
 
+    def row_filters(self, subject: str, dataset: str) -> list[RowFilter]:
+        """The row filters on `dataset` for `subject`: its own and those of every role it holds."""
+        loaded = self._current()
+        subjects = {subject, *self.roles_for(subject)}
+        return loaded.row_filters.for_subjects(subjects, dataset)
+
     def roles_for(self, subject: str) -> tuple[str, ...]:
         """Every role the subject holds, directly or through inheritance."""
         loaded = self._current()
@@ -164,12 +184,13 @@ class PolicyEnforcer:
             version = self._files.content_hash(f"{obj}>{group}" for obj, group in self._groups)
             decider = self._enforcer(explain_allows=False)
             explainer = self._enforcer(explain_allows=True)
+            row_filters = load_row_filters(self._files.row_filters)
         except Exception as exc:
             # Fail closed: an unreadable or invalid policy set denies everything until it is fixed.
             log.error("policy.load_failed", error=str(exc), model=str(self._files.model))
-            return _Loaded(None, None, "invalid", (0.0, 0.0), error=f"{type(exc).__name__}: {exc}")
+            return _Loaded(None, None, "invalid", (), error=f"{type(exc).__name__}: {exc}")
         log.info("policy.loaded", version=version)
-        return _Loaded(decider, explainer, version, mtimes)
+        return _Loaded(decider, explainer, version, mtimes, row_filters)
 
     def _enforcer(self, *, explain_allows: bool) -> casbin.Enforcer:
         model = casbin.Enforcer.new_model(path=str(self._files.model))

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,7 +27,7 @@ from server.errors import InvalidArgument
 from server.scope import CallScope
 from tools.names import ToolName
 
-__all__ = ["Page", "PageArgs", "ToolArgs", "ToolResult", "ToolSpec", "paginate"]
+__all__ = ["Page", "PageArgs", "ToolArgs", "ToolResult", "ToolSpec", "decode_cursor", "encode_cursor", "paginate"]
 
 ArgsT = TypeVar("ArgsT", bound="ToolArgs")
 ResultT = TypeVar("ResultT", bound="ToolResult")
@@ -79,16 +79,23 @@ def _fingerprint(args: BaseModel) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _encode_cursor(offset: int, args: BaseModel) -> str:
-    raw = json.dumps({"o": offset, "f": _fingerprint(args)}).encode()
+def encode_cursor(offset: int, args: BaseModel, pinned: dict[str, Any] | None = None) -> str:
+    """A cursor for the page at `offset` of the call `args`; `pinned` keeps state for the next page
+    (the snapshots a query read, so that every page reads the same data)."""
+    raw = json.dumps({"o": offset, "f": _fingerprint(args), **({"p": pinned} if pinned else {})}).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str, args: BaseModel) -> int:
+def decode_cursor(cursor: str, args: BaseModel) -> tuple[int, dict[str, Any]]:
+    """The offset and pinned state of a cursor made by `encode_cursor` for the same arguments.
+
+    Raises:
+        InvalidArgument: the cursor is malformed or belongs to a call with other arguments.
+    """
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         data = json.loads(base64.urlsafe_b64decode(padded))
-        offset, fingerprint = int(data["o"]), str(data["f"])
+        offset, fingerprint, pinned = int(data["o"]), str(data["f"]), dict(data.get("p") or {})
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidArgument(
             "The cursor is not valid.", hint="Pass next_cursor exactly as the previous page returned it."
@@ -98,14 +105,14 @@ def _decode_cursor(cursor: str, args: BaseModel) -> int:
             "The cursor belongs to a different call.",
             hint="Repeat the call with the same arguments as the page that gave this cursor.",
         )
-    return offset
+    return offset, pinned
 
 
 def paginate(
     items: Sequence[ItemT], args: PageArgs, scope: CallScope
 ) -> tuple[list[ItemT], bool, str | None]:
     """Cut one page from `items` within the row and byte budgets; returns (page, truncated, cursor)."""
-    start = _decode_cursor(args.cursor, args) if args.cursor else 0
+    start = decode_cursor(args.cursor, args)[0] if args.cursor else 0
     row_budget = min(args.limit, scope.limits.max_rows)
     page: list[ItemT] = []
     used = 0
@@ -118,4 +125,4 @@ def paginate(
     end = start + len(page)
     truncated = end < len(items)
     scope.rows += len(page)
-    return page, truncated, _encode_cursor(end, args) if truncated else None
+    return page, truncated, encode_cursor(end, args) if truncated else None

@@ -1,0 +1,166 @@
+"""Planning a read of an Iceberg table for DuckDB: which snapshot, which schema, which data files.
+
+DuckDB 2.0's iceberg extension cannot be installed here, so lakegate lets pyiceberg plan the scan
+(snapshot resolution, manifests, partition and file pruning) and hands DuckDB the planned Parquet
+files (`read_parquet([...])`), which it reads with projection and filter pushdown. A plan depends
+only on the table and the snapshot, and Iceberg files never change, so plans are cached by
+(table, snapshot id).
+
+Row-level deletes: pyiceberg plans equality deletes with an error, and a plain Parquet read would
+silently ignore position-delete files written by other engines. A table whose planned scan holds
+any delete file is refused with a clear error rather than read wrongly.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlparse
+
+from catalog.warehouse import LIST_DATASETS_HINT, Warehouse, translate_errors
+from server.errors import BackendError, InvalidArgument, NotFound
+
+if TYPE_CHECKING:
+    from pyiceberg.table import FileScanTask
+
+__all__ = ["ScanColumn", "ScanPlan", "ScanPlanner", "duckdb_type", "refuse_row_deletes"]
+
+_SIMPLE_TYPES = {
+    "boolean": "BOOLEAN",
+    "int": "INTEGER",
+    "long": "BIGINT",
+    "float": "FLOAT",
+    "double": "DOUBLE",
+    "date": "DATE",
+    "time": "TIME",
+    "timestamp": "TIMESTAMP",
+    "timestamptz": "TIMESTAMPTZ",
+    "timestamp_ns": "TIMESTAMP_NS",
+    "timestamptz_ns": "TIMESTAMPTZ",
+    "string": "VARCHAR",
+    "uuid": "UUID",
+    "binary": "BLOB",
+}
+_DECIMAL = re.compile(r"^decimal\((\d+),\s*(\d+)\)$")
+_FIXED = re.compile(r"^fixed\[\d+\]$")
+
+
+def duckdb_type(iceberg_type: str) -> str:
+    """The DuckDB type that reads an Iceberg primitive type ("decimal(12, 2)" -> "DECIMAL(12,2)").
+
+    Raises:
+        InvalidArgument: a nested or unknown type (lakegate's SQL path reads primitive columns only).
+    """
+    if iceberg_type in _SIMPLE_TYPES:
+        return _SIMPLE_TYPES[iceberg_type]
+    if match := _DECIMAL.match(iceberg_type):
+        return f"DECIMAL({match.group(1)},{match.group(2)})"
+    if _FIXED.match(iceberg_type):
+        return "BLOB"
+    raise InvalidArgument(
+        f"Columns of type {iceberg_type} cannot be queried through lakegate's SQL tool yet.",
+        hint="Select the table's other columns.",
+    )
+
+
+@dataclass(frozen=True)
+class ScanColumn:
+    name: str
+    iceberg_type: str
+    duckdb_type: str
+
+
+@dataclass(frozen=True)
+class ScanPlan:
+    """What DuckDB needs to read one table as of one snapshot."""
+
+    table: str
+    snapshot_id: int | None  # None: the table has no snapshot yet (it is empty)
+    columns: tuple[ScanColumn, ...]
+    files: tuple[str, ...]  # local paths of the Parquet data files
+
+
+def refuse_row_deletes(table: str, tasks: list[FileScanTask]) -> None:
+    """Refuse a scan that carries delete files: reading only its data files would return deleted rows.
+
+    Raises:
+        InvalidArgument: some planned data file has position or equality delete files.
+    """
+    deletes = sum(len(task.delete_files) for task in tasks)
+    if deletes:
+        raise InvalidArgument(
+            f"Table {table} has {deletes} row-level delete file(s) written by another engine; lakegate "
+            "refuses to read it rather than return deleted rows.",
+            hint="Ask the table's owner to compact it (rewrite its data files), or query an older snapshot.",
+        )
+
+
+def _local_path(location: str) -> str:
+    parsed = urlparse(location)
+    if parsed.scheme in ("", "file"):
+        return unquote(parsed.path) if parsed.scheme else location
+    raise BackendError(f"data file {location} is not on the local file system; lakegate reads local files only")
+
+
+class ScanPlanner:
+    """Plans reads of a warehouse's Iceberg tables, with a cache of plans by (table, snapshot)."""
+
+    def __init__(self, warehouse: Warehouse) -> None:
+        self._warehouse = warehouse
+        self._plans: dict[tuple[str, int | None], ScanPlan] = {}
+        self._lock = threading.Lock()
+
+    def plan(self, name: str, as_of: int | datetime | None = None) -> ScanPlan:
+        """The plan to read table `name` now, or at snapshot id / timestamp `as_of`.
+
+        Raises:
+            NotFound: no such table, or no such snapshot (the hint says how to list snapshots).
+            InvalidArgument: the table has row-level deletes or a column type lakegate cannot read.
+            BackendError: the catalog, metadata or manifests cannot be read.
+        """
+        table = self._warehouse.iceberg_table(name)
+        with translate_errors(f"plan a scan of {name}", name):
+            metadata = table.metadata
+            if as_of is None:
+                snapshot = table.current_snapshot()
+            elif isinstance(as_of, datetime):
+                snapshot = table.snapshot_as_of_timestamp(int(as_of.timestamp() * 1000))
+                if snapshot is None:
+                    raise NotFound(
+                        f"Table {name} has no snapshot at or before {as_of.isoformat()}.",
+                        hint=f"Call describe_dataset on {name} to list its snapshots.",
+                    )
+            else:
+                snapshot = table.snapshot_by_id(as_of)
+                if snapshot is None:
+                    raise NotFound(
+                        f"Table {name} has no snapshot {as_of}.",
+                        hint=f"Call describe_dataset on {name} to list its snapshot ids.",
+                    )
+            snapshot_id = snapshot.snapshot_id if snapshot is not None else None
+            key = (name, snapshot_id)
+            with self._lock:
+                if key in self._plans:
+                    return self._plans[key]
+            schema_id = snapshot.schema_id if snapshot is not None and snapshot.schema_id is not None else None
+            schema = next((s for s in metadata.schemas if s.schema_id == schema_id), None) or table.schema()
+            columns = tuple(
+                ScanColumn(field.name, str(field.field_type), duckdb_type(str(field.field_type)))
+                for field in schema.fields
+            )
+            files: tuple[str, ...] = ()
+            if snapshot_id is not None:
+                tasks = list(table.scan(snapshot_id=snapshot_id).plan_files())
+                refuse_row_deletes(name, tasks)
+                files = tuple(_local_path(task.file.file_path) for task in tasks)
+        plan = ScanPlan(name, snapshot_id, columns, files)
+        with self._lock:
+            self._plans[key] = plan
+        return plan
+
+
+def unknown_table(name: str) -> NotFound:
+    return NotFound(f"No dataset named '{name}' is available to you.", hint=LIST_DATASETS_HINT)

@@ -1,0 +1,190 @@
+"""DuckDB sandboxes that run lakegate's rewritten SQL.
+
+Each sandbox is an in-memory DuckDB database set up once and then locked:
+- external access is off, except for the Iceberg warehouse's data directory (`allowed_directories`),
+  so that even SQL that slipped past the guard cannot read a local file, a URL or another database;
+- extensions are neither installed nor auto-loaded, and Python replacement scans are off, so a
+  table name never resolves to a file or a Python object;
+- the mask macros are defined, the time zone is UTC, and the memory limit and thread count of one
+  query are set; then `lock_configuration` makes every setting final.
+
+A pool holds `concurrency` sandboxes (creating one costs ~40 ms, reusing one costs nothing): a
+query takes one, runs with a time limit enforced by `interrupt()`, and gives it back, so each query
+has its own memory budget and no agent can take every core.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from policies.masks import mask_macros
+from server.errors import BackendError, InvalidArgument, LakegateError, LimitExceeded
+from server.settings import QuerySettings
+
+if TYPE_CHECKING:
+    import duckdb
+    import pyarrow as pa
+
+__all__ = ["QueryCancelled", "QueryEngine"]
+
+OnCancel = Callable[[Callable[[], None]], None]
+
+
+class QueryCancelled(LakegateError):
+    """The client cancelled the call while its query ran (the gate audits it as cancelled)."""
+
+    outcome = "cancelled"
+
+
+class QueryEngine:
+    """A pool of locked DuckDB sandboxes that may read only `allowed_dirs`."""
+
+    def __init__(self, allowed_dirs: list[Path], settings: QuerySettings, hash_key: str) -> None:
+        self.allowed_dirs = [str(path.resolve()).rstrip("/") + "/" for path in allowed_dirs]
+        self.settings = settings
+        self._hash_key = hash_key
+        self._idle: queue.LifoQueue[duckdb.DuckDBPyConnection] = queue.LifoQueue()
+        self._created = 0
+        self._all: list[duckdb.DuckDBPyConnection] = []
+        self._lock = threading.Lock()
+
+    def sandbox(self) -> duckdb.DuckDBPyConnection:
+        """A new locked sandbox (the pool uses this; tests use it to prove the sandbox alone holds)."""
+        import duckdb
+
+        connection = duckdb.connect(
+            ":memory:",
+            config={"threads": self.settings.threads, "memory_limit": self.settings.memory_limit},
+        )
+        for statement in mask_macros(self._hash_key):
+            connection.execute(statement)
+        directories = ", ".join("'" + path.replace("'", "''") + "'" for path in self.allowed_dirs)
+        for setting in (
+            "SET TimeZone = 'UTC'",
+            "SET python_enable_replacements = false",
+            "SET autoinstall_known_extensions = false",
+            "SET autoload_known_extensions = false",
+            "SET enable_progress_bar = false",
+            f"SET allowed_directories = [{directories}]",
+            "SET enable_external_access = false",
+            "SET lock_configuration = true",
+        ):
+            connection.execute(setting)
+        return connection
+
+    def _acquire(self) -> duckdb.DuckDBPyConnection:
+        with self._lock:
+            if self._idle.empty() and self._created < self.settings.concurrency:
+                self._created += 1
+                try:
+                    connection = self.sandbox()
+                except Exception as exc:
+                    self._created -= 1
+                    raise BackendError(f"cannot create a DuckDB sandbox: {exc}") from exc
+                self._all.append(connection)
+                return connection
+        try:
+            return self._idle.get(timeout=self.settings.timeout_s)
+        except queue.Empty:
+            raise LimitExceeded(
+                f"lakegate is already running {self.settings.concurrency} queries and none finished in time.",
+                hint="Try again in a moment, or make the query cheaper (filter, aggregate, fewer columns).",
+            ) from None
+
+    def _release(self, connection: duckdb.DuckDBPyConnection) -> None:
+        self._idle.put(connection)
+
+    def run(self, sql: str, on_cancel: OnCancel | None = None) -> pa.Table:
+        """Run one statement and return its result as Arrow.
+
+        Raises:
+            LimitExceeded: the query ran past the time limit or out of its memory budget.
+            QueryCancelled: the client cancelled the call.
+            InvalidArgument: DuckDB rejected the SQL (binder, type or conversion errors: the message says why).
+            BackendError: anything else went wrong in DuckDB.
+        """
+        connection = self._acquire()
+        state = {"timed_out": False, "cancelled": False}
+
+        def interrupt(reason: str) -> None:
+            state[reason] = True
+            connection.interrupt()
+
+        timer = threading.Timer(self.settings.timeout_s, interrupt, args=("timed_out",))
+        timer.daemon = True
+        try:
+            if on_cancel is not None:
+                on_cancel(lambda: interrupt("cancelled"))
+            timer.start()
+            return connection.sql(sql).to_arrow_table()
+        except Exception as exc:
+            raise self._translate(exc, state) from exc
+        finally:
+            timer.cancel()
+            self._release(connection)
+
+    def explain(self, sql: str) -> str:
+        """DuckDB's physical plan for `sql`, without running it.
+
+        Raises:
+            InvalidArgument: DuckDB cannot plan the SQL.
+            BackendError: anything else went wrong in DuckDB.
+        """
+        connection = self._acquire()
+        try:
+            rows = connection.execute(f"EXPLAIN {sql}").fetchall()
+        except Exception as exc:
+            raise self._translate(exc, {}) from exc
+        finally:
+            self._release(connection)
+        return "\n".join(str(row[-1]) for row in rows)
+
+    def _translate(self, exc: Exception, state: dict[str, bool]) -> LakegateError:
+        import duckdb
+
+        if isinstance(exc, LakegateError):
+            return exc
+        if isinstance(exc, duckdb.InterruptException) or state.get("timed_out") or state.get("cancelled"):
+            if state.get("cancelled"):
+                return QueryCancelled("the client cancelled the query")
+            return LimitExceeded(
+                f"The query ran longer than {self.settings.timeout_s:g} s and was stopped.",
+                hint="Filter on the partition column (e.g. a date range), aggregate, or select fewer columns.",
+            )
+        if isinstance(exc, duckdb.OutOfMemoryException):
+            return LimitExceeded(
+                f"The query needed more than its memory budget ({self.settings.memory_limit}).",
+                hint="Aggregate before joining, filter earlier, or select fewer columns.",
+            )
+        if isinstance(exc, duckdb.PermissionException):
+            # Only SQL that got past the guard can reach this: the sandbox held.
+            return BackendError(f"the DuckDB sandbox refused an operation: {exc}")
+        client_errors = (
+            duckdb.BinderException,
+            duckdb.CatalogException,
+            duckdb.ParserException,
+            duckdb.ConversionException,
+            duckdb.InvalidInputException,
+            duckdb.OutOfRangeException,
+            duckdb.NotImplementedException,
+            duckdb.TypeMismatchException,
+        )
+        if isinstance(exc, client_errors):
+            message = str(exc).split("\n\nLINE", 1)[0].strip()
+            return InvalidArgument(
+                f"DuckDB could not run the query: {message}",
+                hint="Fix the SQL (DuckDB dialect) and call query again; describe_dataset lists columns and types.",
+            )
+        return BackendError(f"DuckDB failed: {type(exc).__name__}: {exc}")
+
+    def close(self) -> None:
+        with self._lock:
+            for connection in self._all:
+                connection.close()
+            self._all.clear()
+            self._created = 0
+            self._idle = queue.LifoQueue()

@@ -1,0 +1,102 @@
+"""Row policy: predicates attached to (role or principal, dataset), read from policies/row_filters.yaml.
+
+The file is part of the policy set: it is versioned with the Casbin files (its content goes into
+the policy version), reloaded with them, and an invalid file fails closed (the enforcer then
+denies everything). The SQL guard injects the filters into every scan of their dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlglot
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlglot import exp
+
+__all__ = ["ROW_FILTER_FILE", "RowFilter", "RowFilterSet", "load_row_filters"]
+
+ROW_FILTER_FILE = "row_filters.yaml"
+DIALECT = "duckdb"
+
+
+class RowFilterEntry(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    subject: str = Field(min_length=1)
+    dataset: str = Field(pattern=r"^[a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*$")
+    where: str = Field(min_length=1)
+    reason: str = ""
+
+    @field_validator("where")
+    @classmethod
+    def _plain_predicate(cls, where: str) -> str:
+        predicate_of(where)
+        return where
+
+
+class RowFilterFile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    filters: tuple[RowFilterEntry, ...] = ()
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """One predicate on one dataset, for the subject it is attached to."""
+
+    subject: str
+    dataset: str
+    where: str
+    reason: str
+
+    def predicate(self) -> exp.Expr:
+        return predicate_of(self.where)
+
+    def columns(self) -> set[str]:
+        return {column.name.lower() for column in self.predicate().find_all(exp.Column)}
+
+
+def predicate_of(where: str) -> exp.Expr:
+    """Parse a row filter; it may use only columns, literals, operators and plain functions.
+
+    Raises:
+        ValueError: not one predicate, or it holds a subquery, a table or a qualified column.
+    """
+    try:
+        parsed = sqlglot.parse_one(where, dialect=DIALECT)
+    except sqlglot.errors.ParseError as exc:
+        raise ValueError(f"row filter {where!r} is not a SQL predicate: {exc}") from exc
+    if any(isinstance(node, exp.Query | exp.Table | exp.Subquery) for node in parsed.walk()):
+        raise ValueError(f"row filter {where!r} may not hold a subquery or a table")
+    if any(column.table for column in parsed.find_all(exp.Column)):
+        raise ValueError(f"row filter {where!r} must name its dataset's columns without a table prefix")
+    return parsed
+
+
+class RowFilterSet:
+    """Every row filter, looked up by the subjects (principal and roles) of a caller."""
+
+    def __init__(self, filters: tuple[RowFilter, ...] = ()) -> None:
+        self.filters = filters
+
+    def for_subjects(self, subjects: set[str], dataset: str) -> list[RowFilter]:
+        """The filters on `dataset` that apply to any of `subjects`, in file order."""
+        return [f for f in self.filters if f.dataset == dataset and f.subject in subjects]
+
+
+def load_row_filters(path: Path | None) -> RowFilterSet:
+    """Read a row filter file; no file means no row filters.
+
+    Raises:
+        ValueError: the file is not YAML or does not match the schema (the message says where).
+    """
+    if path is None or not path.is_file():
+        return RowFilterSet()
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        parsed = RowFilterFile.model_validate(data)
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    return RowFilterSet(tuple(RowFilter(e.subject, e.dataset, e.where, e.reason) for e in parsed.filters))

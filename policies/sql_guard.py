@@ -1,0 +1,310 @@
+"""The SQL guard: what SQL an agent may run, which tables and columns it touches, and the rewrite
+that applies column and row policy.
+
+Three steps, all on sqlglot's syntax tree (DuckDB dialect), none touching an engine:
+
+1. `parse_query` accepts exactly one read-only statement (SELECT, WITH ... SELECT, set operations)
+   and rejects everything else: DDL, DML, SELECT INTO, ATTACH, COPY, PRAGMA, SET, INSTALL/LOAD,
+   CALL, several statements, parameters, and every function or table function that reaches files,
+   URLs, the engine's internals or lakegate's own mask macros. Tables must be named
+   `namespace.table` (or be a CTE of the query).
+2. `resolve_columns` finds, through CTEs, subqueries, aliases, `*`, USING/NATURAL joins and set
+   operations, which columns of which governed table the query reads; a reference to a column the
+   caller may not see is refused with the column named.
+3. `rewrite` replaces every reference to a governed table with a subquery over its governed scan
+   (visible columns only, masked ones through their mask, row filters in its WHERE). This is the
+   structural guarantee: whatever the rest of the query does, it can only ever read that subquery,
+   so `*` expands to visible columns and no aggregate or join can see a filtered row.
+
+The DuckDB sandbox (catalog/query_engine.py) is the second wall: even SQL that got past this guard
+cannot read a file outside the warehouse.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import OptimizeError, ParseError, SqlglotError
+from sqlglot.optimizer.qualify import qualify
+from sqlglot.optimizer.scope import traverse_scope
+
+from policies.masks import MACRO_PREFIX
+from server.errors import InvalidArgument, PolicyDenied
+
+__all__ = ["DIALECT", "GuardedQuery", "InvalidQuery", "parse_query", "resolve_columns", "rewrite"]
+
+DIALECT = "duckdb"
+MAX_NESTING = 48
+
+# sqlglot warns on stderr when it falls back to a raw Command; those are refused anyway.
+logging.getLogger("sqlglot").setLevel(logging.ERROR)
+
+QUERY_HINT = "Send one SELECT (or WITH ... SELECT) over tables named namespace.table; list_datasets shows them."
+
+_FORBIDDEN_NODES: tuple[type[exp.Expression], ...] = (
+    exp.Insert, exp.Update, exp.Delete, exp.Merge, exp.Create, exp.Drop, exp.Alter, exp.TruncateTable,
+    exp.Command, exp.Copy, exp.Set, exp.Pragma, exp.Use, exp.Into, exp.Attach, exp.Detach, exp.Install,
+    exp.Export, exp.Describe, exp.Summarize, exp.Show, exp.Transaction, exp.Commit, exp.Rollback,
+    exp.Cache, exp.Uncache, exp.Refresh, exp.Analyze, exp.LoadData, exp.Grant, exp.Revoke, exp.Comment,
+    exp.Kill, exp.Declare, exp.Execute,
+)  # fmt: skip
+
+#: Functions that read files or URLs, reveal the engine's state, or run SQL given as a string.
+_FORBIDDEN_FUNCTIONS = frozenset(
+    {
+        "getenv", "current_setting", "glob", "query", "query_table", "sniff_csv", "which_secret",
+        "checkpoint", "force_checkpoint", "install", "load", "sql_auto_complete", "json_execute_serialized_sql",
+        "from_substrait", "get_substrait", "get_substrait_json", "test_all_types", "test_vector_types",
+        "enable_logging", "disable_logging", "truncate_duckdb_logs", "pg_read_file", "pg_ls_dir",
+        "current_database", "current_catalog", "current_schemas", "current_query", "version", "pragma_version",
+        "duckdb_api", "icu_calendar_names", "read_text", "read_blob", "list_files", "set_variable", "getvariable",
+    }
+)  # fmt: skip
+_FORBIDDEN_PREFIXES = (
+    "read_", "duckdb_", "pragma_", "parquet_", "iceberg_", "delta_", "sqlite_", "postgres_", "mysql_",
+    "http", "s3_", "lance_", "arrow_scan", "arrow_", "pandas_", "python_", "ducklake_", MACRO_PREFIX,
+)  # fmt: skip
+#: The only table functions a query may use: they generate rows and read nothing.
+_TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest"})
+_TABLE_ARGS = frozenset({"this", "db", "catalog", "alias", "pivots"})
+_UNRESOLVED = re.compile(r"""(?:Column '|Unknown column: )"?([^"'\s.]+)"?""")
+
+
+class InvalidQuery(InvalidArgument):
+    """The SQL is not something lakegate runs: not parseable, not read-only, or not resolvable."""
+
+
+@dataclass(frozen=True)
+class GuardedQuery:
+    """A query that passed the guard: its tree and the governed tables it names."""
+
+    sql: str
+    tree: exp.Query
+    tables: tuple[str, ...]  # "namespace.table", sorted, without duplicates
+    ordered: bool  # the outermost query has an ORDER BY (paging is stable)
+
+
+def _invalid(message: str, hint: str = QUERY_HINT) -> InvalidQuery:
+    return InvalidQuery(message, hint=hint)
+
+
+def _function_name(node: exp.Func) -> str:
+    if isinstance(node, exp.Anonymous):
+        return str(node.name).lower()
+    return node.sql_name().lower()
+
+
+def _check_function(node: exp.Func) -> None:
+    name = _function_name(node)
+    if name in _FORBIDDEN_FUNCTIONS or name.startswith(_FORBIDDEN_PREFIXES):
+        raise _invalid(
+            f"The function {name}() is not allowed: it reads files or URLs, or reveals the engine's internals.",
+            "Query the governed tables (namespace.table) with plain SQL functions instead.",
+        )
+
+
+def _nesting(sql: str) -> int:
+    depth = deepest = 0
+    for char in sql:
+        if char == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char == ")":
+            depth -= 1
+    return deepest
+
+
+def _cte_names(tree: exp.Expression) -> set[str]:
+    return {str(cte.alias_or_name).lower() for cte in tree.find_all(exp.CTE)}
+
+
+def table_name(table: exp.Table) -> str | None:
+    """"namespace.table" for a reference to a governed table, None for a bare name (a CTE)."""
+    if table.args.get("catalog") is not None:
+        raise _invalid(f"Table {table.sql(DIALECT)} names a catalog; name tables as namespace.table.")
+    if not table.db:
+        return None
+    return f"{table.db}.{table.name}".lower()
+
+
+def parse_query(sql: str, *, max_chars: int) -> GuardedQuery:
+    """Accept one read-only statement and name the governed tables it reads.
+
+    Raises:
+        InvalidQuery: empty, too long, too deeply nested, not parseable, not exactly one read-only
+            statement, or it uses a forbidden function, table function or table form.
+    """
+    if not sql.strip():
+        raise _invalid("The SQL is empty.")
+    if len(sql) > max_chars:
+        raise _invalid(f"The SQL is {len(sql):,} characters long; the most lakegate accepts is {max_chars:,}.")
+    if "\x00" in sql or any(0xD800 <= ord(char) <= 0xDFFF for char in sql):
+        raise _invalid("The SQL holds a NUL character or invalid Unicode.", "Send plain UTF-8 SQL text.")
+    if _nesting(sql) > MAX_NESTING:
+        raise _invalid(f"The SQL nests parentheses more than {MAX_NESTING} deep.", "Use CTEs (WITH) instead.")
+    try:
+        statements = [s for s in sqlglot.parse(sql, dialect=DIALECT) if s is not None]
+    except ParseError as exc:
+        first = exc.errors[0] if exc.errors else {}
+        where = f" at line {first.get('line')}, column {first.get('col')}" if first else ""
+        raise _invalid(f"The SQL does not parse{where}: {first.get('description', exc)}.") from exc
+    except (SqlglotError, RecursionError) as exc:
+        raise _invalid(f"The SQL cannot be parsed: {exc}") from exc
+    if len(statements) != 1:
+        raise _invalid(f"Send exactly one statement; this SQL holds {len(statements)}.")
+    tree = statements[0]
+    while isinstance(tree, exp.Subquery) and isinstance(tree.this, exp.Query):
+        tree = tree.this  # "(SELECT ...)" is the SELECT itself
+    if not isinstance(tree, exp.Select | exp.SetOperation):
+        kind = type(tree).__name__.upper()
+        raise _invalid(f"Only read-only queries (SELECT) are allowed; this is a {kind} statement.")
+
+    ctes = _cte_names(tree)
+    tables: set[str] = set()
+    for node in tree.walk():
+        if isinstance(node, _FORBIDDEN_NODES):
+            raise _invalid(f"{type(node).__name__.upper()} is not allowed inside a query: lakegate runs read-only SQL.")
+        if isinstance(node, exp.Placeholder | exp.Parameter):
+            raise _invalid("Query parameters (?, $1, :name) are not supported.", "Write the values into the SQL.")
+        if isinstance(node, exp.Func):
+            _check_function(node)
+        if isinstance(node, exp.Table):
+            tables.update(_check_table(node, ctes))
+    return GuardedQuery(sql, tree, tuple(sorted(tables)), ordered=tree.args.get("order") is not None)
+
+
+def _check_table(node: exp.Table, ctes: set[str]) -> set[str]:
+    if not isinstance(node.this, exp.Identifier):
+        name = _function_name(node.this) if isinstance(node.this, exp.Func) else node.this.sql(DIALECT)
+        if name in _TABLE_FUNCTIONS:
+            return set()
+        raise _invalid(
+            f"The table function {name}() is not allowed: lakegate queries read governed tables only.",
+            "Name a table as namespace.table; list_datasets shows them.",
+        )
+    extra = {key for key, value in node.args.items() if value and key not in _TABLE_ARGS}
+    if extra:
+        raise _invalid(
+            f"Table {node.sql(DIALECT)} uses {', '.join(sorted(extra))}, which lakegate does not support.",
+            "For time travel pass as_of to the query tool; otherwise name the table plainly.",
+        )
+    name = table_name(node)
+    if name is None:
+        if node.name.lower() in ctes:
+            return set()
+        raise _invalid(
+            f"There is no table named '{node.name}'. Name tables as namespace.table, e.g. sales.orders.",
+            "Call list_datasets to see the tables you can query.",
+        )
+    return {name}
+
+
+# -- column resolution ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TableColumns:
+    """The columns of one governed table as the caller may see them."""
+
+    types: Mapping[str, str]  # visible column -> DuckDB type, in table order
+    hidden: frozenset[str]  # columns the caller may not read at all
+
+
+def _schema(tables: Mapping[str, TableColumns]) -> dict[str, object]:
+    schema: dict[str, Any] = {}
+    for name, columns in tables.items():
+        namespace, table = name.split(".", 1)
+        schema.setdefault(namespace, {})[table] = dict(columns.types)
+    return schema
+
+
+def resolve_columns(query: GuardedQuery, tables: Mapping[str, TableColumns]) -> dict[str, set[str]]:
+    """The visible columns of each governed table the query reads (with `*` expanded).
+
+    Raises:
+        PolicyDenied: the query names a column hidden from the caller (the message names it).
+        InvalidQuery: a column does not exist, is ambiguous, or the query cannot be resolved.
+    """
+    try:
+        qualified = qualify(
+            query.tree.copy(), schema=_schema(tables), dialect=DIALECT, validate_qualify_columns=True
+        )
+        scopes = traverse_scope(qualified)
+    except OptimizeError as exc:
+        raise _column_error(str(exc), query, tables) from exc
+    except (SqlglotError, RecursionError, KeyError, ValueError) as exc:
+        raise _invalid(
+            f"lakegate could not work out which columns this query reads: {exc}",
+            "Write it with plain SELECT syntax, qualifying columns with table aliases.",
+        ) from exc
+
+    read: dict[str, set[str]] = {name: set() for name in query.tables}
+    for scope in scopes:
+        sources = {alias: source for alias, source in scope.sources.items() if isinstance(source, exp.Table)}
+        for column in scope.columns:
+            source = sources.get(column.table)
+            if source is not None and (name := table_name(source)) in read:
+                read[name].add(column.name.lower())
+        if any(isinstance(node, exp.Columns) for node in scope.expression.find_all(exp.Columns)):
+            # COLUMNS('regex') selects by pattern: count every visible column of its sources as read.
+            for source in sources.values():
+                if (name := table_name(source)) in read:
+                    read[name].update(tables[name].types)
+    return read
+
+
+def _column_error(message: str, query: GuardedQuery, tables: Mapping[str, TableColumns]) -> Exception:
+    match = _UNRESOLVED.search(message)
+    column = match.group(1).lower() if match else None
+    owners = [name for name in query.tables if column and column in tables[name].hidden]
+    if column and owners:
+        return PolicyDenied(
+            f"The query reads column {owners[0]}.{column}, which is hidden from you by policy.",
+            hint="Remove that column from the query; describe_dataset shows which columns you may read.",
+        )
+    text = message.split(". Line:", 1)[0]
+    return _invalid(
+        f"The query names a column that does not exist or is ambiguous: {text}.",
+        "Call describe_dataset for the table's columns, and qualify shared names with a table alias.",
+    )
+
+
+# -- rewriting -----------------------------------------------------------------------------------
+
+
+def rewrite(query: GuardedQuery, scans: Mapping[str, str]) -> str:
+    """The query with every governed table replaced by its governed scan (SQL of a SELECT).
+
+    Raises:
+        InvalidQuery: a scan does not parse (a bug, refused rather than run).
+    """
+    tree = query.tree.copy()
+    parsed = {name: sqlglot.parse_one(sql, dialect=DIALECT) for name, sql in scans.items()}
+    for table in list(tree.find_all(exp.Table)):
+        name = table_name(table) if isinstance(table.this, exp.Identifier) else None
+        if name is None:
+            continue
+        if name not in parsed:
+            raise _invalid(f"Table {name} has no governed scan.")
+        alias = table.args.get("alias") or exp.TableAlias(this=exp.to_identifier(table.name))
+        subquery = exp.Subquery(this=parsed[name].copy(), alias=alias.copy())
+        if table.args.get("pivots"):
+            subquery.set("pivots", table.args["pivots"])
+        table.replace(subquery)
+    # "sales.orders.region" addressed the table by its full name; after the rewrite it is "orders".
+    for column in tree.find_all(exp.Column):
+        if column.args.get("db") is not None and f"{column.db}.{column.table}".lower() in parsed:
+            column.set("db", None)
+            column.set("catalog", None)
+    return tree.sql(DIALECT)
+
+
+def page(sql: str, offset: int, count: int) -> str:
+    """Wrap SQL to return `count` rows starting at row `offset`."""
+    return f"SELECT * FROM ({sql}) AS lakegate_page LIMIT {int(count)} OFFSET {int(offset)}"

@@ -1,0 +1,124 @@
+"""The governed SQL tool: read-only DuckDB SQL over the Iceberg tables the caller may read."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import Field
+
+from server.errors import InvalidArgument
+from server.scope import CallScope
+from tools.base import Page, ToolArgs, ToolResult, ToolSpec, decode_cursor, encode_cursor
+from tools.names import ToolName
+
+__all__ = ["QUERY_TOOLS"]
+
+#: Longest cell shown in the text rendering; the structured rows carry the full value.
+TEXT_CELL_CHARS = 80
+
+
+class QueryArgs(ToolArgs):
+    sql: str = Field(
+        min_length=1,
+        max_length=100_000,
+        description="One read-only SELECT in DuckDB SQL over tables named namespace.table, e.g. "
+        "\"SELECT region, sum(total_amount) FROM sales.orders GROUP BY region\".",
+    )
+    as_of: dict[str, int | datetime] | None = Field(
+        default=None,
+        description="Time travel per table: a snapshot id (integer) or an ISO timestamp, e.g. "
+        '{"sales.orders": "2025-06-30T00:00:00Z"}. Default: the current snapshot.',
+    )
+    limit: int = Field(default=100, ge=1, le=1000, description="Most rows to return in this page.")
+    cursor: str | None = Field(default=None, description="next_cursor from the previous page, to get the next rows.")
+    explain: bool = Field(
+        default=False, description="Return the policy-rewritten SQL and DuckDB's plan instead of running the query."
+    )
+
+
+class ResultColumn(ToolResult):
+    name: str
+    type: str = Field(description="Arrow type of the column, e.g. int64, string, decimal128(12, 2).")
+
+
+class QueryResult(Page):
+    columns: list[ResultColumn]
+    rows: list[list[Any]] = Field(
+        description="Rows as lists in column order; decimals as strings, times in ISO 8601, bytes in base64."
+    )
+    offset: int = Field(description="Index of this page's first row in the whole result.")
+    snapshots: dict[str, int | None] = Field(description="Iceberg snapshot id read for each table.")
+    masked_columns: dict[str, str] = Field(description="Columns you read masked, with the mask (hash, partial, ...).")
+    row_filters: dict[str, list[str]] = Field(description="Row filters the policy applied, per table.")
+    note: str | None = None
+    rewritten_sql: str | None = Field(default=None, description="With explain: the SQL that would run.")
+    plan: str | None = Field(default=None, description="With explain: DuckDB's physical plan.")
+
+
+def _utc(value: int | datetime) -> int | datetime:
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def query(scope: CallScope, args: QueryArgs) -> QueryResult:
+    offset, pinned = decode_cursor(args.cursor, args) if args.cursor else (0, {})
+    as_of: dict[str, int | datetime] = {name.lower(): _utc(v) for name, v in (args.as_of or {}).items()}
+    if pinned:
+        # Every page of one result reads the snapshots the first page read.
+        as_of.update({name: int(snapshot) for name, snapshot in pinned.items() if snapshot is not None})
+    count = min(args.limit, scope.limits.max_rows)
+    page = scope.query(args.sql, as_of=as_of, offset=offset, count=count, explain=args.explain)
+    scope.rows += len(page.rows)
+    truncated = page.more
+    note = None
+    if truncated and not page.ordered:
+        note = "The query has no ORDER BY: add one so that the next pages continue in a defined order."
+    if not args.explain and not page.rows and offset > 0:
+        raise InvalidArgument("The cursor points past the end of the result.", hint="Start again without cursor.")
+    return QueryResult(
+        columns=[ResultColumn(name=name, type=type_) for name, type_ in page.columns],
+        rows=page.rows,
+        offset=offset,
+        truncated=truncated,
+        next_cursor=encode_cursor(offset + len(page.rows), args, page.snapshots) if truncated else None,
+        snapshots=page.snapshots,
+        masked_columns=page.masked,
+        row_filters=page.row_filters,
+        note=note,
+        rewritten_sql=page.rewritten_sql if args.explain else None,
+        plan=page.plan,
+    )
+
+
+def _cell(value: Any) -> str:
+    text = "NULL" if value is None else str(value)
+    text = text.replace("\n", " ").replace("|", "/")
+    return text if len(text) <= TEXT_CELL_CHARS else text[: TEXT_CELL_CHARS - 1] + "…"
+
+
+def render_query(result: QueryResult) -> str:
+    snapshots = ", ".join(f"{name}@{snapshot}" for name, snapshot in result.snapshots.items())
+    if result.plan is not None:
+        return f"Rewritten SQL (reads {snapshots}):\n{result.rewritten_sql}\n\nPlan:\n{result.plan}"
+    first, last = result.offset + 1, result.offset + len(result.rows)
+    lines = [f"Rows {first}-{last} (read {snapshots}):" if result.rows else f"No rows (read {snapshots})."]
+    if result.rows:
+        lines.append(" | ".join(f"{c.name} ({c.type})" for c in result.columns))
+        lines.extend(" | ".join(_cell(value) for value in row) for row in result.rows)
+    if result.masked_columns:
+        lines.append("Masked: " + ", ".join(f"{c} ({m})" for c, m in result.masked_columns.items()) + ".")
+    if result.row_filters:
+        filters = "; ".join(f"{t}: {' AND '.join(f)}" for t, f in result.row_filters.items())
+        lines.append(f"Row filters applied: {filters}.")
+    if result.note:
+        lines.append(result.note)
+    if result.truncated:
+        lines.append(f"More rows: call again with cursor={result.next_cursor}")
+    return "\n".join(lines)
+
+
+QUERY_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
+    ToolSpec(ToolName.QUERY, "Query tables with SQL", QueryArgs, QueryResult, query, render_query),
+)
