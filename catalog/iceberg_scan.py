@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
-from catalog.warehouse import LIST_DATASETS_HINT, Warehouse, translate_errors
+from catalog.warehouse import Warehouse, translate_errors
 from server.errors import BackendError, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
@@ -161,6 +161,3 @@ class ScanPlanner:
             self._plans[key] = plan
         return plan
 
-
-def unknown_table(name: str) -> NotFound:
-    return NotFound(f"No dataset named '{name}' is available to you.", hint=LIST_DATASETS_HINT)

@@ -65,6 +65,7 @@ def init(directory: Path, force: bool) -> None:
         Path(CONFIG_FILE): resources.files("server").joinpath("default_lakegate.toml"),
         Path("policies/model.conf"): resources.files("policies").joinpath("model.conf"),
         Path("policies/policy.csv"): resources.files("policies").joinpath("policy.csv"),
+        Path("policies/row_filters.yaml"): resources.files("policies").joinpath("row_filters.yaml"),
         Path("catalog/datasets.yaml"): resources.files("catalog").joinpath("datasets.yaml"),
     }
     for relative, source in files.items():

@@ -210,7 +210,7 @@ class Gate:
         accesses = {touched.access for touched in scope.touched}
         if not tool_allowed or isinstance(error, PolicyDenied):
             decision = "deny"
-        elif accesses & {"masked", "hidden", "denied"}:
+        elif accesses & {"masked", "hidden", "denied", "filtered"}:
             decision = "partial"
         else:
             decision = "allow"

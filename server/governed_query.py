@@ -159,7 +159,7 @@ def run_query(
                 masked[access.column] = access.mask
         filters[name] = scope.row_filters(name)
         scans[name] = governed_scan(plans[name], accesses[name], filters[name])
-        scope.record("dataset", name, "read", plans[name].snapshot_id)
+        scope.record("dataset", name, "filtered" if filters[name] else "read", plans[name].snapshot_id)
     rewritten = rewrite(query, scans)
     snapshots = {name: plan.snapshot_id for name, plan in plans.items()}
     applied = {name: [f.where for f in found] for name, found in filters.items() if found}
@@ -168,7 +168,8 @@ def run_query(
     )
     engine = scope.query_engine()
     if explain:
-        return QueryPage([], [], 0, False, snapshots, rewritten, masked, applied, query.ordered, engine.explain(rewritten))
+        plan = engine.explain(rewritten)
+        return QueryPage([], [], 0, False, snapshots, rewritten, masked, applied, query.ordered, plan)
 
     table = engine.run(page(rewritten, offset, count + 1), on_cancel=scope.on_cancel)
     return _page(query, table, offset, count, scope.limits.max_bytes, snapshots, rewritten, masked, applied)

@@ -1,0 +1,173 @@
+"""Benchmark: governed SQL through the query tool versus the same SQL run directly in DuckDB.
+
+    python -m evals.bench_query --home DIR [--runs 15] [--out evals/results/bench_query.json]
+
+DIR is a state directory holding the large demo warehouse (10M orders):
+    LAKEGATE_HOME=DIR lakegate demo --scale large
+
+1. In process, interleaved in one run: each query through `Gate.call` as `analyst` (tool decision,
+   SQL guard, column decisions, masks, rewrite, locked DuckDB sandbox, JSON rows, audit record) and
+   the same SQL in a plain DuckDB connection over views of the same Parquet files. Reports the
+   governed/raw ratio of the medians per query, and the median of those ratios.
+2. Over stdio with the real MCP client: p50/p99 end-to-end latency per query.
+3. Peak memory (max RSS) of this process and of the stdio server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from evals.bench_gate import percentiles
+from server.app import open_runtime
+from server.identity import CallOrigin, stdio_principal
+from server.settings import load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+TABLES = ("sales.orders", "sales.customers", "sales.order_items", "sales.products")
+
+QUERIES: dict[str, str] = {
+    "revenue_by_region": "SELECT region, sum(total_amount) AS revenue FROM sales.orders GROUP BY region "
+    "ORDER BY region",
+    "orders_by_month_2025": "SELECT date_trunc('month', order_ts) AS month, count(*) AS orders FROM sales.orders "
+    "WHERE order_ts >= TIMESTAMPTZ '2025-01-01' GROUP BY 1 ORDER BY 1",
+    "status_mix_one_month": "SELECT status, count(*) AS n FROM sales.orders WHERE order_ts >= TIMESTAMPTZ '2025-11-01' "
+    "AND order_ts < TIMESTAMPTZ '2025-12-01' GROUP BY status ORDER BY n DESC",
+    "top_customers": "SELECT customer_id, sum(total_amount) AS spent FROM sales.orders GROUP BY customer_id "
+    "ORDER BY spent DESC LIMIT 10",
+    "segment_join": "SELECT c.segment, count(*) AS orders, avg(o.total_amount) AS avg_order FROM sales.orders o "
+    "JOIN sales.customers c ON o.customer_id = c.customer_id GROUP BY c.segment ORDER BY c.segment",
+    "channel_window": "SELECT channel, month, orders, "
+    "sum(orders) OVER (PARTITION BY channel ORDER BY month) AS running "
+    "FROM (SELECT channel, date_trunc('month', order_ts) AS month, count(*) AS orders FROM sales.orders GROUP BY 1, 2) "
+    "ORDER BY channel, month",
+    "point_lookup": "SELECT * FROM sales.orders WHERE order_id = 5000000",
+    "distinct_hashed_emails": "SELECT count(DISTINCT email) AS customers FROM sales.customers",
+}
+
+
+def _raw_connection(runtime: Any) -> Any:
+    """Plain DuckDB (no sandbox, no policy) with one view per table over the same planned files."""
+    import duckdb
+
+    connection = duckdb.connect(config={"threads": runtime.settings.query.threads})
+    connection.execute("SET TimeZone = 'UTC'")
+    for name in TABLES:
+        plan = runtime.warehouse.scans.plan(name)
+        namespace, table = name.split(".")
+        files = ", ".join("'" + path + "'" for path in plan.files)
+        connection.execute(f"CREATE SCHEMA IF NOT EXISTS {namespace}")
+        connection.execute(f"CREATE VIEW {namespace}.{table} AS SELECT * FROM read_parquet([{files}])")
+    return connection
+
+
+async def bench_in_process(home: Path, runs: int, tmp: Path) -> dict[str, Any]:
+    settings = load_settings(REPO, home=home, audit={"path": tmp / "bench.jsonl", "fsync": True})
+    runtime = open_runtime(settings)
+    principal = stdio_principal("analyst", runtime.enforcer)
+    origin = CallOrigin(transport="bench", session_id="bench")
+    raw = _raw_connection(runtime)
+    results: dict[str, Any] = {}
+    try:
+        for name, sql in QUERIES.items():
+            arguments = {"sql": sql, "limit": 1000}
+
+            async def governed(a: dict[str, Any] = arguments) -> int:
+                outcome = await runtime.gate.call("query", a, principal, origin)
+                assert outcome.error is None, outcome.error
+                return len(outcome.result.rows)  # type: ignore[union-attr]
+
+            def direct(q: str = sql) -> int:
+                return int(raw.sql(q).to_arrow_table().num_rows)
+
+            for _ in range(2):  # warm the OS cache, plans and sandboxes
+                assert await governed() == direct()
+            governed_ms: list[float] = []
+            raw_ms: list[float] = []
+            for _ in range(runs):  # interleaved: machine noise hits both alike
+                start = time.perf_counter()
+                await governed()
+                governed_ms.append((time.perf_counter() - start) * 1000)
+                start = time.perf_counter()
+                direct()
+                raw_ms.append((time.perf_counter() - start) * 1000)
+            g, r = percentiles(governed_ms), percentiles(raw_ms)
+            results[name] = {"governed": g, "raw": r, "ratio_p50": round(g["p50_ms"] / r["p50_ms"], 3)}
+            print(f"{name}: governed {g['p50_ms']} ms, raw {r['p50_ms']} ms, ratio {results[name]['ratio_p50']}")
+    finally:
+        raw.close()
+        runtime.close()
+    return results
+
+
+async def bench_stdio(home: Path, runs: int, tmp: Path) -> dict[str, Any]:
+    from evals.mcp_client import connect
+
+    results: dict[str, Any] = {}
+    audit = tmp / "stdio.jsonl"
+    async with connect("analyst", home, LAKEGATE_AUDIT__PATH=str(audit), LAKEGATE_AUDIT__FSYNC="true") as client:
+        for name, sql in QUERIES.items():
+            arguments = {"sql": sql, "limit": 1000}
+            for _ in range(2):
+                await client.call_tool("query", arguments)
+            samples = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                answer = await client.call_tool("query", arguments)
+                samples.append((time.perf_counter() - start) * 1000)
+                assert not answer.is_error
+            results[name] = percentiles(samples)
+    return results
+
+
+def _max_rss_mib(who: int) -> float:
+    return round(resource.getrusage(who).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--home", type=Path, required=True, help="state directory with the large demo warehouse")
+    parser.add_argument("--runs", type=int, default=15, help="timed runs per query and path")
+    parser.add_argument("--out", type=Path, default=REPO / "evals" / "results" / "bench_query.json")
+    options = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch)
+        in_process = anyio.run(bench_in_process, options.home, options.runs, tmp)
+        in_process_rss = _max_rss_mib(resource.RUSAGE_SELF)
+        stdio = anyio.run(bench_stdio, options.home, options.runs, tmp)
+    ratios = [entry["ratio_p50"] for entry in in_process.values()]
+    report = {
+        "benchmark": "query",
+        "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": _cpus()},
+        "runs": options.runs,
+        "principal": "analyst",
+        "queries": QUERIES,
+        "in_process": in_process,
+        "median_ratio_p50": round(statistics.median(ratios), 3),
+        "stdio_end_to_end": stdio,
+        "peak_rss_mib": {"benchmark_process": in_process_rss, "stdio_server": _max_rss_mib(resource.RUSAGE_CHILDREN)},
+    }
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    options.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: report[k] for k in ("median_ratio_p50", "peak_rss_mib")}, indent=2))
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+if __name__ == "__main__":
+    main()
