@@ -40,11 +40,16 @@ class QueryCancelled(LakegateError):
     outcome = "cancelled"
 
 
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
 class QueryEngine:
     """A pool of locked DuckDB sandboxes that may read only `allowed_dirs`."""
 
-    def __init__(self, allowed_dirs: list[Path], settings: QuerySettings, hash_key: str) -> None:
+    def __init__(self, allowed_dirs: list[Path], settings: QuerySettings, hash_key: str, spill_dir: Path) -> None:
         self.allowed_dirs = [str(path.resolve()).rstrip("/") + "/" for path in allowed_dirs]
+        self.spill_dir = spill_dir
         self.settings = settings
         self._hash_key = hash_key
         self._idle: queue.LifoQueue[duckdb.DuckDBPyConnection] = queue.LifoQueue()
@@ -62,9 +67,12 @@ class QueryEngine:
         )
         for statement in mask_macros(self._hash_key):
             connection.execute(statement)
-        directories = ", ".join("'" + path.replace("'", "''") + "'" for path in self.allowed_dirs)
+        directories = ", ".join(_literal(path) for path in self.allowed_dirs)
         for setting in (
             "SET TimeZone = 'UTC'",
+            # Spill under the state directory, never into the server's working directory, and boundedly.
+            f"SET temp_directory = {_literal(str(self.spill_dir))}",
+            f"SET max_temp_directory_size = {_literal(self.settings.spill_limit)}",
             "SET python_enable_replacements = false",
             "SET autoinstall_known_extensions = false",
             "SET autoload_known_extensions = false",

@@ -158,7 +158,9 @@ class Warehouse:
         with self._lock:
             if self._engine is None:
                 self.iceberg_data_dir.mkdir(parents=True, exist_ok=True)
-                self._engine = QueryEngine([self.iceberg_data_dir], settings, self._mask_key())
+                self._engine = QueryEngine(
+                    [self.iceberg_data_dir], settings, self._mask_key(), spill_dir=self.state_dir / "spill"
+                )
             return self._engine
 
     @property

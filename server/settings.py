@@ -73,6 +73,10 @@ class QuerySettings(BaseModel):
         default="1GB", description="DuckDB memory limit of one query (each query runs in its own sandbox)."
     )
     threads: int = Field(default=2, ge=1, description="DuckDB worker threads per query.")
+    spill_limit: str = Field(
+        default="2GB",
+        description="Most disk one query may spill to when it outgrows its memory (under <home>/spill).",
+    )
     concurrency: int = Field(
         default=4, ge=1, description="Queries that run at once; further queries wait for a free sandbox."
     )
