@@ -11,6 +11,8 @@ DIR is a state directory holding the large demo warehouse (10M orders):
    governed/raw ratio of the medians per query, and the median of those ratios.
 2. Over stdio with the real MCP client: p50/p99 end-to-end latency per query.
 3. Peak memory (max RSS) of this process and of the stdio server.
+4. The two ways to read Iceberg from DuckDB 2.0 without its extension, on a filtered aggregate:
+   pyiceberg's scan to Arrow, and pyiceberg's file planning followed by read_parquet (what lakegate uses).
 """
 
 from __future__ import annotations
@@ -110,6 +112,48 @@ async def bench_in_process(home: Path, runs: int, tmp: Path) -> dict[str, Any]:
     return results
 
 
+def bench_read_paths(home: Path, runs: int) -> dict[str, Any]:
+    """The two ways to read Iceberg from DuckDB 2.0 without its extension, on one filtered aggregate."""
+    import duckdb
+    from catalog.warehouse import Warehouse
+
+    warehouse = Warehouse(home)
+    table = warehouse.iceberg_table("sales.orders")
+    sql = "SELECT region, sum(total_amount) FROM orders WHERE order_ts >= TIMESTAMPTZ '2025-07-01' GROUP BY 1"
+    row_filter = "order_ts >= '2025-07-01T00:00:00+00:00'"  # pyiceberg parses this into its expression
+
+    def arrow_scan() -> int:
+        # pyiceberg reads and filters the files into one Arrow table; DuckDB aggregates it.
+        orders = table.scan(row_filter=row_filter, selected_fields=("region", "total_amount", "order_ts")).to_arrow()
+        connection = duckdb.connect()
+        connection.register("orders", orders)
+        return len(connection.sql(sql).fetchall())
+
+    def planned_files() -> int:
+        # pyiceberg only plans (manifest and partition pruning); DuckDB reads the planned Parquet files.
+        tasks = table.scan(row_filter=row_filter).plan_files()
+        files = ", ".join("'" + task.file.file_path.removeprefix("file://") + "'" for task in tasks)
+        connection = duckdb.connect()
+        return len(connection.sql(sql.replace("FROM orders", f"FROM read_parquet([{files}])")).fetchall())
+
+    results: dict[str, Any] = {}
+    try:
+        for name, fn in (("pyiceberg_scan_to_arrow", arrow_scan), ("plan_files_then_read_parquet", planned_files)):
+            fn()
+            samples = []
+            for _ in range(max(3, runs // 3)):
+                start = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - start) * 1000)
+            results[name] = percentiles(samples)
+    finally:
+        warehouse.close()
+    results["arrow_over_planned_p50"] = round(
+        results["pyiceberg_scan_to_arrow"]["p50_ms"] / results["plan_files_then_read_parquet"]["p50_ms"], 2
+    )
+    return results
+
+
 async def bench_stdio(home: Path, runs: int, tmp: Path) -> dict[str, Any]:
     from evals.mcp_client import connect
 
@@ -146,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         in_process = anyio.run(bench_in_process, options.home, options.runs, tmp)
         in_process_rss = _max_rss_mib(resource.RUSAGE_SELF)
         stdio = anyio.run(bench_stdio, options.home, options.runs, tmp)
+        read_paths = bench_read_paths(options.home, options.runs)
     ratios = [entry["ratio_p50"] for entry in in_process.values()]
     report = {
         "benchmark": "query",
@@ -156,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         "in_process": in_process,
         "median_ratio_p50": round(statistics.median(ratios), 3),
         "stdio_end_to_end": stdio,
+        "iceberg_read_paths": read_paths,
         "peak_rss_mib": {"benchmark_process": in_process_rss, "stdio_server": _max_rss_mib(resource.RUSAGE_CHILDREN)},
     }
     options.out.parent.mkdir(parents=True, exist_ok=True)
