@@ -53,6 +53,12 @@ def check_intents(enforcer: PolicyEnforcer, intents: list[dict[str, Any]]) -> li
             decision = enforcer.decide(who, f"tool:{tool}", "call")
             actual = "allow" if decision.allowed else "deny"
             checks.append(IntentCheck(who, "tool", tool, str(expected), actual, decision.rule_text))
+        # writes: action write on datasets and columns; restores: action restore on datasets.
+        for key, action in (("writes", "write"), ("restores", "restore")):
+            for resource, expected in (intent.get(key) or {}).items():
+                decision = enforcer.decide(who, resource, action)
+                actual = "allow" if decision.allowed else "deny"
+                checks.append(IntentCheck(who, action, resource, str(expected), actual, decision.rule_text))
         for column, expected in (intent.get("columns") or {}).items():
             access = column_access(enforcer, who, column)
             actual = f"masked:{access.mask}" if access.access == "masked" else access.access

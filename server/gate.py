@@ -47,6 +47,9 @@ log = structlog.get_logger(__name__)
 
 REDACTED = "[redacted]"
 MAX_LOGGED_STRING = 2000
+#: A long list argument (the rows of an append) is logged by its first items and its length: the
+#: data itself lives in the table, whose snapshot the record names.
+MAX_LOGGED_ITEMS = 20
 MAX_TOOL_NAME = 64
 
 
@@ -73,7 +76,10 @@ def redact_arguments(arguments: Mapping[str, Any], sensitive: tuple[str, ...]) -
         if isinstance(value, Mapping):
             return {str(k): clean(str(k), v) for k, v in value.items()}
         if isinstance(value, list | tuple):
-            return [clean(key, v) for v in value]
+            kept = [clean(key, v) for v in value[:MAX_LOGGED_ITEMS]]
+            if len(value) > MAX_LOGGED_ITEMS:
+                kept.append(f"...[{len(value) - MAX_LOGGED_ITEMS} more items]")
+            return kept
         if value is None or isinstance(value, bool | int | float | str):
             return value
         return repr(value)[:MAX_LOGGED_STRING]

@@ -33,7 +33,9 @@ if TYPE_CHECKING:
 
     from server.scope import CallScope
 
-__all__ = ["QueryPage", "run_query"]
+__all__ = ["QueryPage", "json_value", "run_query"]
+
+MAX_SAFE_INTEGER = 2**53 - 1
 
 
 @dataclass(frozen=True)
@@ -209,9 +211,12 @@ def _page(
 
 
 def json_value(value: Any) -> Any:
-    """A result value as JSON: exact decimals as strings, times in ISO 8601, bytes in base64."""
-    if value is None or isinstance(value, bool | int | str):
+    """A result value as JSON: exact decimals and huge integers as strings, ISO 8601 times, base64 bytes."""
+    if value is None or isinstance(value, bool | str):
         return value
+    if isinstance(value, int):
+        # Beyond 2^53 a JSON number is rounded by JavaScript clients: send those as strings.
+        return value if abs(value) <= MAX_SAFE_INTEGER else str(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, Decimal):

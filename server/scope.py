@@ -7,17 +7,25 @@ so that the audit record built after the call lists each resource with its versi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from catalog.definitions import CatalogDefinitions, DatasetDoc
+from catalog.iceberg_writes import AppendOutcome, RestoreOutcome, commit_append, prepare_append, restore_snapshot
 from catalog.warehouse import DatasetInfo, Warehouse
 from policies.columns import ColumnAccess, column_access
 from policies.enforcer import Decision, PolicyEnforcer
-from server.errors import NotFound, PolicyDenied
+from server.errors import LimitExceeded, NotFound, PolicyDenied
 from server.identity import Principal
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from catalog.iceberg_scan import ScanPlan
+    from catalog.query_engine import QueryEngine
+    from policies.row_filters import RowFilter
+    from server.governed_query import QueryPage
 
 __all__ = ["CallScope", "ProgressFn", "Touched"]
 
@@ -125,6 +133,58 @@ class CallScope:
         self.touched.append(Touched("dataset", name, "metadata", info.current_version))
         return info, self.definitions.dataset(name)
 
+    # --- governed SQL -------------------------------------------------------------------------
+
+    def require_dataset(self, name: str) -> None:
+        """Take the read decision on a dataset; unknown and unreadable datasets look the same.
+
+        Raises:
+            NotFound: no such dataset, or not one this principal may read.
+        """
+        if not self.decide(name, "read").allowed:
+            self.touched.append(Touched("dataset", name, "denied"))
+            raise NotFound(
+                f"No dataset named '{name}' is available to you.",
+                hint="Call list_datasets to see the datasets you can use.",
+            )
+
+    def dataset_kind(self, name: str) -> str:
+        """"iceberg" or "lance"; call after `require_dataset`.
+
+        Raises:
+            NotFound: no such dataset.
+        """
+        return self._warehouse.kind_of(name)
+
+    def plan_scan(self, name: str, as_of: int | datetime | None) -> ScanPlan:
+        """The files and schema of table `name` at a snapshot; call after `require_dataset`.
+
+        Raises:
+            NotFound: no such table or snapshot.
+            InvalidArgument: the table cannot be read correctly (row-level deletes).
+        """
+        return self._warehouse.scans.plan(name, as_of)
+
+    def row_filters(self, dataset: str) -> list[RowFilter]:
+        """The row filters the policy set attaches to this principal (and its roles) on `dataset`."""
+        return self._enforcer.row_filters(self.principal.name, dataset)
+
+    def query_engine(self) -> QueryEngine:
+        return self._warehouse.query_engine(self.settings.query)
+
+    def query(
+        self, sql: str, *, as_of: Mapping[str, int | datetime], offset: int, count: int, explain: bool = False
+    ) -> QueryPage:
+        """Run a governed SQL query as this principal (see server/governed_query.py).
+
+        Raises:
+            ClientError: the query is invalid, names what the caller may not read, or ran over a limit.
+            ServerError: lakegate or an engine failed.
+        """
+        from server.governed_query import run_query
+
+        return run_query(self, sql, as_of=as_of, offset=offset, count=count, explain=explain)
+
     def record(self, kind: str, name: str, access: str, version: int | None = None) -> None:
         """Note a resource the call touched (for the audit record)."""
         self.touched.append(Touched(kind, name, access, version))
@@ -145,3 +205,93 @@ class CallScope:
         """Send an MCP progress notification when the client asked for them."""
         if self._progress is not None:
             self._progress(done, total, message)
+
+    # --- writes --------------------------------------------------------------------------------
+    # The same order as reads: the dataset decision, then one per column a row sets, and only then
+    # does the storage layer touch the table. The audit record gets the snapshots before and after.
+
+    def _require_on_dataset(self, name: str, action: str) -> None:
+        """Raises: NotFound when the caller may neither do `action` on nor read `name`; else PolicyDenied."""
+        decision = self.decide(name, action)
+        if decision.allowed:
+            return
+        self.touched.append(Touched("dataset", name, "denied"))
+        if not self.decide(name, "read").allowed:
+            # Same answer as for a missing dataset, so that names of hidden datasets do not leak.
+            raise NotFound(
+                f"No dataset named '{name}' is available to you.",
+                hint="Call list_datasets to see the datasets you can use.",
+            )
+        raise PolicyDenied(
+            f"Principal '{self.principal.name}' may not {action} dataset '{name}' ({decision.rule_text}).",
+            hint="Ask a data steward for access; nothing was changed.",
+            rule=list(decision.rule),
+        )
+
+    def append_rows(self, name: str, rows: Sequence[Mapping[str, Any]]) -> AppendOutcome:
+        """Append `rows` to Iceberg table `name` as one snapshot, all or nothing.
+
+        Raises:
+            NotFound: no such dataset, or not one this principal may write or read.
+            PolicyDenied: the principal may not write the dataset, or a column some row sets (named).
+            LimitExceeded: more rows than `writes.max_rows`, or every commit attempt lost a race.
+            InvalidArgument: some values do not fit the schema (each named by row and column).
+            BackendError: pyiceberg failed.
+        """
+        self._require_on_dataset(name, "write")
+        limit = self.settings.writes.max_rows
+        if len(rows) > limit:
+            raise LimitExceeded(
+                f"append_rows takes at most {limit} rows per call; this call sent {len(rows)}. Nothing was written.",
+                hint=f"Split the rows into batches of at most {limit} and send each batch in its own call.",
+            )
+        prepared = prepare_append(self._warehouse, name, rows)
+        denied = []
+        for column in prepared.columns_set:
+            decision = self.decide(f"{name}.{column}", "write")
+            if not decision.allowed:
+                denied.append((column, decision))
+                self.touched.append(Touched("column", f"{name}.{column}", "denied"))
+        if denied:
+            columns = ", ".join(column for column, _ in denied)
+            raise PolicyDenied(
+                f"Principal '{self.principal.name}' may not set column(s) {columns} of {name} "
+                f"({denied[0][1].rule_text}). Nothing was written.",
+                hint=f"Send the rows again without {columns} (omit them or send null), or ask a data steward.",
+                rule=list(denied[0][1].rule),
+            )
+        prepared.raise_if_invalid()
+        outcome = commit_append(self._warehouse, prepared, attempts=self.settings.writes.commit_attempts)
+        self.record("dataset", name, "write", version=outcome.snapshot_id)
+        self.rows = outcome.rows
+        self.details.update(
+            operation="append",
+            table=name,
+            snapshot_before=outcome.previous_snapshot_id,
+            snapshot_after=outcome.snapshot_id,
+            rows=outcome.rows,
+            columns=list(prepared.columns_set),
+            commit_attempts=outcome.attempts,
+        )
+        return outcome
+
+    def restore_table(self, name: str, snapshot_id: int) -> RestoreOutcome:
+        """Make one of the table's earlier snapshots its current one (action `restore`).
+
+        Raises:
+            NotFound: no such dataset or snapshot, or a dataset this principal may neither restore nor read.
+            PolicyDenied: the principal may read but not restore the dataset.
+            InvalidArgument: a Lance dataset, or the table changed meanwhile (nothing was changed).
+            BackendError: pyiceberg failed.
+        """
+        self._require_on_dataset(name, "restore")
+        outcome = restore_snapshot(self._warehouse, name, snapshot_id)
+        self.record("dataset", name, "restore", version=outcome.snapshot_id)
+        self.details.update(
+            operation="restore",
+            table=name,
+            snapshot_before=outcome.previous_snapshot_id,
+            snapshot_after=outcome.snapshot_id,
+            changed=outcome.changed,
+        )
+        return outcome

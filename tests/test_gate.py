@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 import pytest
 
+from catalog.warehouse import Warehouse
 from evals.mcp_client import connect, text_of
 from server.app import Runtime
 from server.audit import read_records, verify
@@ -24,6 +25,16 @@ VALID_ARGUMENTS: dict[ToolName, dict[str, Any]] = {
     ToolName.LIST_DATASETS: {},
     ToolName.DESCRIBE_DATASET: {"name": "sales.orders"},
     ToolName.SEARCH_CATALOG: {"query": "orders"},
+    ToolName.QUERY: {"sql": "SELECT count(*) FROM sales.orders"},
+    # Writes into the shared demo warehouse must be harmless: one row in finance.refunds, whose row
+    # count no test asserts, and a restore to the current snapshot (a no-op).
+    ToolName.APPEND_ROWS: {
+        "table": "finance.refunds",
+        "rows": [
+            {"refund_id": -1, "order_id": -1, "refunded_ts": "2025-01-01T00:00:00Z", "amount": "0.01", "reason": "test"}
+        ],
+    },
+    ToolName.RESTORE_TABLE: {"table": "sales.products", "snapshot_id": -1},  # -1: resolved to the current one
 }
 
 
@@ -35,6 +46,12 @@ def test_every_tool_has_valid_arguments_for_the_enumeration() -> None:
 def test_every_tool_denies_an_unauthorised_principal_and_audits_both_outcomes(
     demo_home: Path, audit_path: Path
 ) -> None:
+    warehouse = Warehouse(demo_home)
+    current = warehouse.describe("sales.products").current_version
+    warehouse.close()
+    valid = {name: dict(arguments) for name, arguments in VALID_ARGUMENTS.items()}
+    valid[ToolName.RESTORE_TABLE]["snapshot_id"] = current
+
     async def scenario() -> tuple[list[str], dict[str, tuple[bool, str]], dict[str, tuple[bool, str]]]:
         denied: dict[str, tuple[bool, str]] = {}
         allowed: dict[str, tuple[bool, str]] = {}
@@ -45,7 +62,7 @@ def test_every_tool_denies_an_unauthorised_principal_and_audits_both_outcomes(
                 denied[name.value] = (bool(result.is_error), text_of(result))
                 assert result.structured_content is None
         async with connect("admin", demo_home, LAKEGATE_AUDIT__PATH=str(audit_path)) as client:
-            for name, arguments in VALID_ARGUMENTS.items():
+            for name, arguments in valid.items():
                 result = await client.call_tool(name.value, arguments)
                 allowed[name.value] = (bool(result.is_error), text_of(result))
         return listed, denied, allowed

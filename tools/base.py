@@ -19,19 +19,46 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
 
 from server.errors import InvalidArgument
 from server.scope import CallScope
 from tools.names import ToolName
 
-__all__ = ["Page", "PageArgs", "ToolArgs", "ToolResult", "ToolSpec", "decode_cursor", "encode_cursor", "paginate"]
+__all__ = [
+    "Page",
+    "PageArgs",
+    "SnapshotId",
+    "ToolArgs",
+    "ToolResult",
+    "ToolSpec",
+    "decode_cursor",
+    "encode_cursor",
+    "paginate",
+]
 
 ArgsT = TypeVar("ArgsT", bound="ToolArgs")
 ResultT = TypeVar("ResultT", bound="ToolResult")
 ItemT = TypeVar("ItemT", bound=BaseModel)
+
+
+def _snapshot_id(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
+#: An Iceberg snapshot id (or Lance version): a 64-bit integer, which JavaScript clients (Claude
+#: Desktop, the MCP Inspector) would round if it travelled as a JSON number. So it is sent as a
+#: string of digits, and accepted as either.
+SnapshotId = Annotated[
+    int,
+    BeforeValidator(_snapshot_id),
+    PlainSerializer(str, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "pattern": "^-?[0-9]+$", "description": "64-bit id, as a string of digits."}),
+]
 
 
 class ToolArgs(BaseModel):

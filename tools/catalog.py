@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from server.scope import CallScope
-from tools.base import Page, PageArgs, ToolArgs, ToolResult, ToolSpec, paginate
+from tools.base import Page, PageArgs, SnapshotId, ToolArgs, ToolResult, ToolSpec, paginate
 from tools.names import ToolName
 
 __all__ = ["CATALOG_TOOLS"]
@@ -94,7 +94,7 @@ class ColumnView(ToolResult):
 
 
 class VersionView(ToolResult):
-    id: int = Field(description="Iceberg snapshot id or Lance version number.")
+    id: SnapshotId = Field(description="Iceberg snapshot id or Lance version number.")
     timestamp: datetime
     operation: str
 
@@ -110,7 +110,7 @@ class DatasetDescription(ToolResult):
     row_count: int
     last_updated: datetime | None
     freshness_hours: float | None = Field(description="Hours since the last update.")
-    current_version: int | None
+    current_version: SnapshotId | None
     versions: list[VersionView] = Field(description="Most recent snapshots/versions, newest first.")
 
 

@@ -11,3 +11,6 @@ class ToolName(StrEnum):
     LIST_DATASETS = "list_datasets"
     DESCRIBE_DATASET = "describe_dataset"
     SEARCH_CATALOG = "search_catalog"
+    QUERY = "query"
+    APPEND_ROWS = "append_rows"
+    RESTORE_TABLE = "restore_table"

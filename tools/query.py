@@ -9,7 +9,7 @@ from pydantic import Field
 
 from server.errors import InvalidArgument
 from server.scope import CallScope
-from tools.base import Page, ToolArgs, ToolResult, ToolSpec, decode_cursor, encode_cursor
+from tools.base import Page, SnapshotId, ToolArgs, ToolResult, ToolSpec, decode_cursor, encode_cursor
 from tools.names import ToolName
 
 __all__ = ["QUERY_TOOLS"]
@@ -25,9 +25,9 @@ class QueryArgs(ToolArgs):
         description="One read-only SELECT in DuckDB SQL over tables named namespace.table, e.g. "
         "\"SELECT region, sum(total_amount) FROM sales.orders GROUP BY region\".",
     )
-    as_of: dict[str, int | datetime] | None = Field(
+    as_of: dict[str, int | str] | None = Field(
         default=None,
-        description="Time travel per table: a snapshot id (integer) or an ISO timestamp, e.g. "
+        description="Time travel per table: a snapshot id (digits) or an ISO timestamp, e.g. "
         '{"sales.orders": "2025-06-30T00:00:00Z"}. Default: the current snapshot.',
     )
     limit: int = Field(default=100, ge=1, le=1000, description="Most rows to return in this page.")
@@ -45,10 +45,11 @@ class ResultColumn(ToolResult):
 class QueryResult(Page):
     columns: list[ResultColumn]
     rows: list[list[Any]] = Field(
-        description="Rows as lists in column order; decimals as strings, times in ISO 8601, bytes in base64."
+        description="Rows as lists in column order; decimals and integers beyond 2^53 as strings, times in "
+        "ISO 8601, bytes in base64."
     )
     offset: int = Field(description="Index of this page's first row in the whole result.")
-    snapshots: dict[str, int | None] = Field(description="Iceberg snapshot id read for each table.")
+    snapshots: dict[str, SnapshotId | None] = Field(description="Iceberg snapshot id read for each table.")
     masked_columns: dict[str, str] = Field(description="Columns you read masked, with the mask (hash, partial, ...).")
     row_filters: dict[str, list[str]] = Field(description="Row filters the policy applied, per table.")
     note: str | None = None
@@ -56,15 +57,23 @@ class QueryResult(Page):
     plan: str | None = Field(default=None, description="With explain: DuckDB's physical plan.")
 
 
-def _utc(value: int | datetime) -> int | datetime:
-    if isinstance(value, datetime) and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
+def _as_of(table: str, value: int | str) -> int | datetime:
+    """A snapshot id, or a timestamp (UTC unless it says otherwise)."""
+    if isinstance(value, int) or value.strip().lstrip("-").isdigit():
+        return int(value)
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise InvalidArgument(
+            f"as_of for {table} is neither a snapshot id nor an ISO timestamp: {value[:64]!r}.",
+            hint='Pass digits (a snapshot id from describe_dataset) or a time such as "2025-06-30T00:00:00Z".',
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def query(scope: CallScope, args: QueryArgs) -> QueryResult:
     offset, pinned = decode_cursor(args.cursor, args) if args.cursor else (0, {})
-    as_of: dict[str, int | datetime] = {name.lower(): _utc(v) for name, v in (args.as_of or {}).items()}
+    as_of = {name.lower(): _as_of(name, value) for name, value in (args.as_of or {}).items()}
     if pinned:
         # Every page of one result reads the snapshots the first page read.
         as_of.update({name: int(snapshot) for name, snapshot in pinned.items() if snapshot is not None})
