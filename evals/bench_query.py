@@ -115,6 +115,7 @@ async def bench_in_process(home: Path, runs: int, tmp: Path) -> dict[str, Any]:
 def bench_read_paths(home: Path, runs: int) -> dict[str, Any]:
     """The two ways to read Iceberg from DuckDB 2.0 without its extension, on one filtered aggregate."""
     import duckdb
+
     from catalog.warehouse import Warehouse
 
     warehouse = Warehouse(home)

@@ -14,9 +14,8 @@ def test_init_writes_a_project_that_loads(tmp_path: Path) -> None:
     project = tmp_path / "acme"
     result = CliRunner().invoke(cli, ["init", str(project)])
     assert result.exit_code == 0, result.output
-    for relative in (
-        "lakegate.toml", "policies/model.conf", "policies/policy.csv", "policies/row_filters.yaml", "catalog/datasets.yaml"
-    ):
+    written = ("lakegate.toml", "policies/model.conf", "policies/policy.csv", "policies/row_filters.yaml")
+    for relative in (*written, "catalog/datasets.yaml"):
         assert (project / relative).is_file(), relative
     assert load_definitions(project).dataset("sales.orders") is not None
     again = CliRunner().invoke(cli, ["init", str(project)])

@@ -35,7 +35,9 @@ class AppendResult(ToolResult):
     table: str
     rows: int = Field(description="Rows written.")
     snapshot_id: SnapshotId = Field(description="The table's new snapshot, holding these rows.")
-    previous_snapshot_id: SnapshotId | None = Field(description="The snapshot before this append (restore_table target).")
+    previous_snapshot_id: SnapshotId | None = Field(
+        description="The snapshot before this append (restore_table target)."
+    )
 
 
 def append_rows(scope: CallScope, args: AppendRowsArgs) -> AppendResult:
