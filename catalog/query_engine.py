@@ -19,7 +19,7 @@ import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from policies.masks import mask_macros
 from server.errors import BackendError, InvalidArgument, LakegateError, LimitExceeded
@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 __all__ = ["QueryCancelled", "QueryEngine"]
 
 OnCancel = Callable[[Callable[[], None]], None]
+#: Receives the percentage of a running query that DuckDB reports done.
+OnProgress = Callable[[float], None]
+#: How often a running query's progress is read and reported.
+PROGRESS_INTERVAL_S = 1.0
 
 
 class QueryCancelled(LakegateError):
@@ -76,7 +80,9 @@ class QueryEngine:
             "SET python_enable_replacements = false",
             "SET autoinstall_known_extensions = false",
             "SET autoload_known_extensions = false",
-            "SET enable_progress_bar = false",
+            # Progress is measured (query_progress) but never printed.
+            "SET enable_progress_bar = true",
+            "SET enable_progress_bar_print = false",
             f"SET allowed_directories = [{directories}]",
             "SET enable_external_access = false",
             "SET lock_configuration = true",
@@ -106,8 +112,8 @@ class QueryEngine:
     def _release(self, connection: duckdb.DuckDBPyConnection) -> None:
         self._idle.put(connection)
 
-    def run(self, sql: str, on_cancel: OnCancel | None = None) -> pa.Table:
-        """Run one statement and return its result as Arrow.
+    def run(self, sql: str, on_cancel: OnCancel | None = None, on_progress: OnProgress | None = None) -> pa.Table:
+        """Run one statement and return its result as Arrow, reporting progress every second.
 
         Raises:
             LimitExceeded: the query ran past the time limit or out of its memory budget.
@@ -128,7 +134,7 @@ class QueryEngine:
             if on_cancel is not None:
                 on_cancel(lambda: interrupt("cancelled"))
             timer.start()
-            return connection.sql(sql).to_arrow_table()
+            return _execute(connection, sql, on_progress)
         except Exception as exc:
             raise self._translate(exc, state) from exc
         finally:
@@ -196,3 +202,27 @@ class QueryEngine:
             self._all.clear()
             self._created = 0
             self._idle = queue.LifoQueue()
+
+
+def _execute(connection: duckdb.DuckDBPyConnection, sql: str, on_progress: OnProgress | None) -> pa.Table:
+    """Run `sql`; while it runs, the calling thread reads DuckDB's progress and reports it."""
+    if on_progress is None:
+        return connection.sql(sql).to_arrow_table()
+    outcome: dict[str, Any] = {}
+
+    def execute() -> None:
+        try:
+            outcome["table"] = connection.sql(sql).to_arrow_table()
+        except BaseException as exc:  # handed to the calling thread, which raises it
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=execute, name="lakegate-query", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(PROGRESS_INTERVAL_S)
+        if worker.is_alive() and (done := connection.query_progress()) >= 0:
+            on_progress(float(done))
+    if "error" in outcome:
+        raise outcome["error"]
+    table: pa.Table = outcome["table"]
+    return table

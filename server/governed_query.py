@@ -173,7 +173,10 @@ def run_query(
         plan = engine.explain(rewritten)
         return QueryPage([], [], 0, False, snapshots, rewritten, masked, applied, query.ordered, plan)
 
-    table = engine.run(page(rewritten, offset, count + 1), on_cancel=scope.on_cancel)
+    def progress(done: float) -> None:
+        scope.report_progress(round(done, 1), 100.0, "query running (percent done, as DuckDB estimates it)")
+
+    table = engine.run(page(rewritten, offset, count + 1), on_cancel=scope.on_cancel, on_progress=progress)
     return _page(query, table, offset, count, scope.limits.max_bytes, snapshots, rewritten, masked, applied)
 
 

@@ -5,7 +5,6 @@ matters, through the real MCP client over stdio."""
 from __future__ import annotations
 
 import shutil
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -212,27 +211,34 @@ def test_invalid_row_filter_file_fails_closed(tmp_path: Path, demo_home: Path) -
     assert outcome.error is not None and outcome.error.outcome == "denied"
 
 
-def test_query_over_stdio_with_a_denial_and_cancellation(demo_home: Path, audit_path: Path) -> None:
-    """The real MCP client: a query, a refusal, a cancelled long query, and the server keeps serving."""
+def test_query_over_stdio_with_a_denial_progress_and_cancellation(demo_home: Path, audit_path: Path) -> None:
+    """The real MCP client: a query, a refusal, a long query that reports progress and is cancelled,
+    and the server keeps serving."""
+    progress: list[tuple[float, float | None, str | None]] = []
 
-    async def scenario() -> tuple[Any, Any, Any, float]:
+    async def on_progress(done: float, total: float | None, message: str | None) -> None:
+        progress.append((done, total, message))
+
+    async def scenario() -> tuple[Any, Any, Any]:
         async with connect("analyst", demo_home, LAKEGATE_AUDIT__PATH=str(audit_path)) as client:
             answer = await client.call_tool(
                 "query", {"sql": "SELECT region, count(*) FROM sales.orders GROUP BY 1 ORDER BY 1"}
             )
             refused = await client.call_tool("query", {"sql": "DROP TABLE sales.orders"})
-            slow = {"sql": "SELECT sum(a.range * b.range) FROM range(1000000) a, range(1000000) b"}
-            started = time.monotonic()
-            with anyio.move_on_after(1.5):
-                await client.call_tool("query", slow)
+            slow = {"sql": "SELECT count(*) FROM range(100000000000) a WHERE a.range % 7 = 1"}
+            with anyio.move_on_after(3.5):
+                await client.call_tool("query", slow, progress_callback=on_progress)
             after = await client.call_tool("query", {"sql": "SELECT count(*) FROM sales.products"})
-            return answer, refused, after, time.monotonic() - started
+            return answer, refused, after
 
-    answer, refused, after, _ = anyio.run(scenario)
+    answer, refused, after = anyio.run(scenario)
     assert not answer.is_error and len(answer.structured_content["rows"]) == 4
     assert "EMEA" in text_of(answer) and "region" in text_of(answer)
     assert refused.is_error and "Only read-only queries" in text_of(refused)
     assert not after.is_error and after.structured_content["rows"] == [[120]]
+    # MCP progress notifications while the query ran: percent done, rising.
+    assert progress and all(total == 100.0 and message and "query running" in message for _, total, message in progress)
+    assert [done for done, _, _ in progress] == sorted(done for done, _, _ in progress)
     records = list(read_records(audit_path))
     outcomes = [r["outcome"] for r in records]
     assert outcomes[:2] == ["ok", "invalid"] and outcomes[-1] == "ok"
