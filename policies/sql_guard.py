@@ -73,6 +73,7 @@ _FORBIDDEN_PREFIXES = (
 #: The only table functions a query may use: they generate rows and read nothing.
 _TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest"})
 _TABLE_ARGS = frozenset({"this", "db", "catalog", "alias", "pivots"})
+_GENERATED_NAME = re.compile(r'^"?([A-Za-z_][\w$]*)"?\s*(?:\(|$)')
 _UNRESOLVED = re.compile(r"""(?:Column '|Unknown column: )"?([^"'\s.]+)"?""")
 
 
@@ -101,12 +102,15 @@ def _function_name(node: exp.Func) -> str:
 
 
 def _check_function(node: exp.Func) -> None:
-    name = _function_name(node)
-    if name in _FORBIDDEN_FUNCTIONS or name.startswith(_FORBIDDEN_PREFIXES):
-        raise _invalid(
-            f"The function {name}() is not allowed: it reads files or URLs, or reveals the engine's internals.",
-            "Query the governed tables (namespace.table) with plain SQL functions instead.",
-        )
+    # sqlglot may know a function under another name than the one DuckDB runs (version() parses as
+    # CurrentVersion), so the name as generated for DuckDB is checked too.
+    generated = _GENERATED_NAME.match(node.sql(DIALECT))
+    for name in (_function_name(node), generated.group(1).lower() if generated else ""):
+        if name in _FORBIDDEN_FUNCTIONS or (name and name.startswith(_FORBIDDEN_PREFIXES)):
+            raise _invalid(
+                f"The function {name}() is not allowed: it reads files or URLs, or reveals the engine's internals.",
+                "Query the governed tables (namespace.table) with plain SQL functions instead.",
+            )
 
 
 def _nesting(sql: str) -> int:
@@ -120,8 +124,40 @@ def _nesting(sql: str) -> int:
     return deepest
 
 
-def _cte_names(tree: exp.Expression) -> set[str]:
-    return {str(cte.alias_or_name).lower() for cte in tree.find_all(exp.CTE)}
+def _names_cte(table: exp.Table) -> bool:
+    """Whether a bare table name is a CTE in scope where it stands, by DuckDB's scoping rules.
+
+    A query sees the CTEs of its own WITH and of every enclosing one; a CTE sees the CTEs before it
+    in its WITH, and itself only from the recursive term of a WITH RECURSIVE. Any other bare name
+    DuckDB looks up in its catalog (pg_proc holds the mask macros and their hash key, pg_settings
+    the sandbox's settings), so a CTE of the same name elsewhere in the query must not vouch for it.
+    """
+    name = table.name.lower()
+    path: list[exp.Expr] = [table]
+    child: exp.Expr = table
+    parent = table.parent
+    while parent is not None:
+        if isinstance(parent, exp.With) and isinstance(child, exp.CTE):
+            position = next(i for i, cte in enumerate(parent.expressions) if cte is child)
+            if any(str(cte.alias_or_name).lower() == name for cte in parent.expressions[:position]):
+                return True
+            body = child.this
+            if (
+                parent.args.get("recursive")
+                and str(child.alias_or_name).lower() == name
+                and isinstance(body, exp.SetOperation)
+                and any(node is body.expression for node in path)
+            ):
+                return True
+        elif (
+            not isinstance(child, exp.With)
+            and isinstance(scope_with := parent.args.get("with_"), exp.With)
+            and any(str(cte.alias_or_name).lower() == name for cte in scope_with.expressions)
+        ):
+            return True
+        path.append(parent)
+        child, parent = parent, parent.parent
+    return False
 
 
 def table_name(table: exp.Table) -> str | None:
@@ -154,7 +190,9 @@ def parse_query(sql: str, *, max_chars: int) -> GuardedQuery:
         first = exc.errors[0] if exc.errors else {}
         where = f" at line {first.get('line')}, column {first.get('col')}" if first else ""
         raise _invalid(f"The SQL does not parse{where}: {first.get('description', exc)}.") from exc
-    except (SqlglotError, RecursionError) as exc:
+    except RecursionError as exc:
+        raise _invalid("The SQL nests expressions too deeply to be parsed.", "Use CTEs (WITH) instead.") from exc
+    except SqlglotError as exc:
         raise _invalid(f"The SQL cannot be parsed: {exc}") from exc
     if len(statements) != 1:
         raise _invalid(f"Send exactly one statement; this SQL holds {len(statements)}.")
@@ -165,7 +203,6 @@ def parse_query(sql: str, *, max_chars: int) -> GuardedQuery:
         kind = type(tree).__name__.upper()
         raise _invalid(f"Only read-only queries (SELECT) are allowed; this is a {kind} statement.")
 
-    ctes = _cte_names(tree)
     tables: set[str] = set()
     for node in tree.walk():
         if isinstance(node, _FORBIDDEN_NODES):
@@ -175,11 +212,11 @@ def parse_query(sql: str, *, max_chars: int) -> GuardedQuery:
         if isinstance(node, exp.Func):
             _check_function(node)
         if isinstance(node, exp.Table):
-            tables.update(_check_table(node, ctes))
+            tables.update(_check_table(node))
     return GuardedQuery(sql, tree, tuple(sorted(tables)), ordered=tree.args.get("order") is not None)
 
 
-def _check_table(node: exp.Table, ctes: set[str]) -> set[str]:
+def _check_table(node: exp.Table) -> set[str]:
     if not isinstance(node.this, exp.Identifier):
         name = _function_name(node.this) if isinstance(node.this, exp.Func) else node.this.sql(DIALECT)
         if name in _TABLE_FUNCTIONS:
@@ -196,7 +233,7 @@ def _check_table(node: exp.Table, ctes: set[str]) -> set[str]:
         )
     name = table_name(node)
     if name is None:
-        if node.name.lower() in ctes:
+        if _names_cte(node):
             return set()
         raise _invalid(
             f"There is no table named '{node.name}'. Name tables as namespace.table, e.g. sales.orders.",
@@ -250,13 +287,41 @@ def resolve_columns(query: GuardedQuery, tables: Mapping[str, TableColumns]) -> 
         for column in scope.columns:
             source = sources.get(column.table)
             if source is not None and (name := table_name(source)) in read:
-                read[name].add(column.name.lower())
+                read[name].add(_source_column(source, column.name.lower(), tables[name]))
+        for column in scope.expression.find_all(exp.Column):
+            # A bare alias ("SELECT c", "to_json(c)" over "sales.customers c") is the whole row.
+            source = sources.get(column.name) if not column.table else None
+            in_scope = source is not None and column.find_ancestor(exp.Select) is scope.expression
+            if in_scope and source is not None and (name := table_name(source)) in read:
+                read[name].update(tables[name].types)
         if any(isinstance(node, exp.Columns) for node in scope.expression.find_all(exp.Columns)):
             # COLUMNS('regex') selects by pattern: count every visible column of its sources as read.
             for source in sources.values():
                 if (name := table_name(source)) in read:
                     read[name].update(tables[name].types)
     return read
+
+
+def _source_column(source: exp.Table, column: str, columns: TableColumns) -> str:
+    """The table's own name for `column`, which an alias list ("sales.customers AS c(id, n)") renames
+    by position: the rewritten scan lists the visible columns in table order, so position i is the
+    i-th visible column.
+
+    Raises:
+        InvalidQuery: the alias list names more columns than the caller can see.
+    """
+    alias = source.args.get("alias")
+    renamed = [str(identifier.name).lower() for identifier in alias.columns] if alias is not None else []
+    if column not in renamed:
+        return column
+    visible = list(columns.types)
+    position = renamed.index(column)
+    if position >= len(visible):
+        raise _invalid(
+            f"The alias of {source.sql(DIALECT)} names {len(renamed)} columns; you can see {len(visible)}.",
+            "Name at most as many columns in the alias as describe_dataset lists for you.",
+        )
+    return visible[position]
 
 
 def _column_error(message: str, query: GuardedQuery, tables: Mapping[str, TableColumns]) -> Exception:
@@ -278,8 +343,12 @@ def _column_error(message: str, query: GuardedQuery, tables: Mapping[str, TableC
 # -- rewriting -----------------------------------------------------------------------------------
 
 
-def rewrite(query: GuardedQuery, scans: Mapping[str, str]) -> str:
+def rewrite(query: GuardedQuery, scans: Mapping[str, str], sources: Mapping[str, str] | None = None) -> str:
     """The query with every governed table replaced by its governed scan (SQL of a SELECT).
+
+    `sources` maps placeholder table names in the scans to the SQL they stand for (the
+    `read_parquet([...])` of hundreds of files), which is put in after the rewrite: sqlglot then
+    never parses or copies the file lists, which would cost more than the rest of the rewrite.
 
     Raises:
         InvalidQuery: a scan does not parse (a bug, refused rather than run).
@@ -302,7 +371,10 @@ def rewrite(query: GuardedQuery, scans: Mapping[str, str]) -> str:
         if column.args.get("db") is not None and f"{column.db}.{column.table}".lower() in parsed:
             column.set("db", None)
             column.set("catalog", None)
-    return tree.sql(DIALECT)
+    text = tree.sql(DIALECT)
+    for placeholder, source in (sources or {}).items():
+        text = text.replace(f'"{placeholder}"', source)
+    return text
 
 
 def page(sql: str, offset: int, count: int) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import secrets
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -62,8 +63,13 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def governed_scan(plan: ScanPlan, accesses: Mapping[str, ColumnAccess], filters: list[RowFilter]) -> str:
+def governed_scan(
+    plan: ScanPlan, accesses: Mapping[str, ColumnAccess], filters: list[RowFilter], source: str
+) -> str:
     """The SELECT a table reference becomes: visible columns (masked where policy says), filtered rows.
+
+    `source` is what the scan reads from: a placeholder name, replaced by `scan_source(plan)` in the
+    rewritten SQL.
 
     Raises:
         ConfigurationError: a row filter names a column the table does not have (fail closed).
@@ -87,15 +93,18 @@ def governed_scan(plan: ScanPlan, accesses: Mapping[str, ColumnAccess], filters:
             selected.append(_quote(column.name))
     if not selected:
         raise NotFound(f"No column of {plan.table} is visible to you.", hint="Call list_datasets.")
+    where = " AND ".join(f"({row_filter.where})" for row_filter in filters)
+    return f"SELECT {', '.join(selected)} FROM {_quote(source)}" + (f" WHERE {where}" if where else "")
+
+
+def scan_source(plan: ScanPlan) -> str:
+    """The relation holding a table's rows at the planned snapshot: its Parquet files."""
     if plan.files:
         files = ", ".join(_literal(path) for path in plan.files)
-        source = f"read_parquet([{files}])"
-    else:
-        # An empty table has no file: an empty relation of the same columns and types.
-        empty = ", ".join(f"CAST(NULL AS {c.duckdb_type}) AS {_quote(c.name)}" for c in plan.columns)
-        source = f"(SELECT {empty} LIMIT 0)"
-    where = " AND ".join(f"({row_filter.where})" for row_filter in filters)
-    return f"SELECT {', '.join(selected)} FROM {source}" + (f" WHERE {where}" if where else "")
+        return f"read_parquet([{files}])"
+    # An empty table has no file: an empty relation of the same columns and types.
+    empty = ", ".join(f"CAST(NULL AS {c.duckdb_type}) AS {_quote(c.name)}" for c in plan.columns)
+    return f"(SELECT {empty} LIMIT 0)"
 
 
 def _lance_refusal(name: str) -> InvalidQuery:
@@ -135,9 +144,13 @@ def run_query(
     accesses: dict[str, dict[str, ColumnAccess]] = {}
     for name in query.tables:
         scope.require_dataset(name)
-        if scope.dataset_kind(name) != "iceberg":
-            raise _lance_refusal(name)
-        plans[name] = scope.plan_scan(name, as_of.get(name))
+        try:
+            plans[name] = scope.plan_scan(name, as_of.get(name))
+        except NotFound:
+            # Not an Iceberg table: say so if it is a Lance dataset (the caller may read it).
+            if scope.dataset_kind(name) == "lance":
+                raise _lance_refusal(name) from None
+            raise
         columns = [column.name for column in plans[name].columns]
         accesses[name] = dict(zip(columns, scope.columns(name, columns), strict=True))
 
@@ -152,7 +165,9 @@ def run_query(
     masked: dict[str, str] = {}
     filters: dict[str, list[RowFilter]] = {}
     scans: dict[str, str] = {}
-    for name in query.tables:
+    # Placeholders for the scans' sources, unguessable so that no agent text can collide with one.
+    sources = {f"lakegate_source_{secrets.token_hex(8)}": scan_source(plans[name]) for name in query.tables}
+    for name, placeholder in zip(query.tables, sources, strict=True):
         by_lower = {column.lower(): access for column, access in accesses[name].items()}
         for column in sorted(read[name]):
             access = by_lower[column]
@@ -160,9 +175,9 @@ def run_query(
             if access.mask:
                 masked[access.column] = access.mask
         filters[name] = scope.row_filters(name)
-        scans[name] = governed_scan(plans[name], accesses[name], filters[name])
+        scans[name] = governed_scan(plans[name], accesses[name], filters[name], placeholder)
         scope.record("dataset", name, "filtered" if filters[name] else "read", plans[name].snapshot_id)
-    rewritten = rewrite(query, scans)
+    rewritten = rewrite(query, scans, sources)
     snapshots = {name: plan.snapshot_id for name, plan in plans.items()}
     applied = {name: [f.where for f in found] for name, found in filters.items() if found}
     scope.details.update(
