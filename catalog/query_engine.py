@@ -133,6 +133,7 @@ class QueryEngine:
         try:
             if on_cancel is not None:
                 on_cancel(lambda: interrupt("cancelled"))
+            _require_one_select(connection, sql)
             timer.start()
             return _execute(connection, sql, on_progress)
         except Exception as exc:
@@ -150,6 +151,7 @@ class QueryEngine:
         """
         connection = self._acquire()
         try:
+            _require_one_select(connection, sql)
             rows = connection.execute(f"EXPLAIN {sql}").fetchall()
         except Exception as exc:
             raise self._translate(exc, {}) from exc
@@ -202,6 +204,18 @@ class QueryEngine:
             self._all.clear()
             self._created = 0
             self._idle = queue.LifoQueue()
+
+
+def _require_one_select(connection: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """DuckDB's own parser must see exactly one SELECT: a second wall behind the guard's parser, so
+    that a difference between sqlglot and DuckDB can never run a statement that changes a pooled
+    sandbox (a macro redefined there would unmask the next caller's query)."""
+    import duckdb
+
+    statements = connection.extract_statements(sql)
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        kinds = ", ".join(str(statement.type) for statement in statements)
+        raise BackendError(f"refused to run SQL that DuckDB reads as [{kinds}], not one SELECT")
 
 
 def _execute(connection: duckdb.DuckDBPyConnection, sql: str, on_progress: OnProgress | None) -> pa.Table:

@@ -371,7 +371,9 @@ def rewrite(query: GuardedQuery, scans: Mapping[str, str], sources: Mapping[str,
         if column.args.get("db") is not None and f"{column.db}.{column.table}".lower() in parsed:
             column.set("db", None)
             column.set("catalog", None)
-    text = tree.sql(DIALECT)
+    # Without comments: what runs is exactly the tree that was checked (the original, comments
+    # included, is in the audit record).
+    text = tree.sql(DIALECT, comments=False)
     for placeholder, source in (sources or {}).items():
         text = text.replace(f'"{placeholder}"', source)
     return text

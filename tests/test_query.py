@@ -291,3 +291,23 @@ def test_a_scan_with_row_level_deletes_is_refused_not_read_wrongly() -> None:
     refuse_row_deletes("sales.orders", [clean])  # no delete file: readable
     with pytest.raises(InvalidArgument, match="1 row-level delete file"):
         refuse_row_deletes("sales.orders", [clean, deleted])
+
+
+def test_the_engine_runs_only_what_duckdb_itself_reads_as_one_select(runtime: Runtime) -> None:
+    """Behind the guard: a statement that would change a pooled sandbox never runs, even if handed
+    to the engine directly (as a guard bug would)."""
+    from server.errors import BackendError
+
+    engine = runtime.warehouse.query_engine(runtime.settings.query)
+    for sql in (
+        "SELECT 1; CREATE OR REPLACE MACRO lakegate_mask_hash(x) AS x",
+        "CREATE OR REPLACE MACRO lakegate_mask_hash(x) AS x",
+        "COPY (SELECT 1) TO 'x.csv'",
+    ):
+        with pytest.raises(BackendError, match="not one SELECT"):
+            engine.run(sql)
+    assert engine.run("SELECT lakegate_mask_hash('a') = lakegate_mask_hash('a') AS same").to_pylist() == [
+        {"same": True}
+    ]
+    masked = rows(call(runtime, "analyst", sql="SELECT email FROM sales.customers ORDER BY customer_id LIMIT 1"))
+    assert "@" not in masked[0][0]
