@@ -195,6 +195,20 @@ def test_a_slow_query_is_stopped_at_the_time_limit(settings: Settings, audit_pat
     assert record["outcome"] == "limit_exceeded" and record["rows"] == 0
 
 
+def test_a_query_over_its_memory_budget_is_stopped_and_the_server_serves_on(settings: Settings) -> None:
+    tight = settings.query.model_copy(update={"memory_limit": "64MB", "spill_limit": "1MB"})
+    runtime = open_runtime(settings.model_copy(update={"query": tight}))
+    try:
+        greedy = "SELECT count(DISTINCT a.range::VARCHAR || c.email) FROM range(20000) a, sales.customers c"
+        outcome = call(runtime, "admin", sql=greedy)
+        after = call(runtime, "admin", sql="SELECT count(*) FROM sales.products")
+    finally:
+        runtime.close()
+    assert outcome.error is not None and outcome.error.outcome == "limit_exceeded"
+    assert "memory budget (64MB)" in str(outcome.error) and "Aggregate" in str(outcome.error)
+    assert rows(after) == [[120]]
+
+
 def test_invalid_row_filter_file_fails_closed(tmp_path: Path, demo_home: Path) -> None:
     project = tmp_path / "project"
     shutil.copytree(REPO / "policies", project / "policies", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
