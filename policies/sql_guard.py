@@ -41,6 +41,9 @@ __all__ = ["DIALECT", "GuardedQuery", "InvalidQuery", "parse_query", "resolve_co
 
 DIALECT = "duckdb"
 MAX_NESTING = 48
+#: DuckDB's join-order search cannot be interrupted, so a query naming hundreds of tables would
+#: hold a sandbox past the time limit: refuse it before it is planned.
+MAX_TABLE_REFERENCES = 32
 
 # sqlglot warns on stderr when it falls back to a raw Command; those are refused anyway.
 logging.getLogger("sqlglot").setLevel(logging.ERROR)
@@ -204,6 +207,7 @@ def parse_query(sql: str, *, max_chars: int) -> GuardedQuery:
         raise _invalid(f"Only read-only queries (SELECT) are allowed; this is a {kind} statement.")
 
     tables: set[str] = set()
+    references = 0
     for node in tree.walk():
         if isinstance(node, _FORBIDDEN_NODES):
             raise _invalid(f"{type(node).__name__.upper()} is not allowed inside a query: lakegate runs read-only SQL.")
@@ -213,6 +217,12 @@ def parse_query(sql: str, *, max_chars: int) -> GuardedQuery:
             _check_function(node)
         if isinstance(node, exp.Table):
             tables.update(_check_table(node))
+            references += 1
+    if references > MAX_TABLE_REFERENCES:
+        raise _invalid(
+            f"The query reads tables {references} times; lakegate plans at most {MAX_TABLE_REFERENCES}.",
+            "Aggregate in a CTE once and join its result, instead of joining a table to itself many times.",
+        )
     return GuardedQuery(sql, tree, tuple(sorted(tables)), ordered=tree.args.get("order") is not None)
 
 
@@ -288,17 +298,21 @@ def resolve_columns(query: GuardedQuery, tables: Mapping[str, TableColumns]) -> 
             source = sources.get(column.table)
             if source is not None and (name := table_name(source)) in read:
                 read[name].add(_source_column(source, column.name.lower(), tables[name]))
-        for column in scope.expression.find_all(exp.Column):
-            # A bare alias ("SELECT c", "to_json(c)" over "sales.customers c") is the whole row.
-            source = sources.get(column.name) if not column.table else None
-            in_scope = source is not None and column.find_ancestor(exp.Select) is scope.expression
-            if in_scope and source is not None and (name := table_name(source)) in read:
+        # Some forms read columns that sqlglot does not name: COLUMNS('regex'), a star it leaves
+        # unexpanded ("* LIKE '%mail%'"), a PIVOT (every other column is a group key) and a bare
+        # alias that is the whole row ("to_json(c)"). Count every visible column of the source read.
+        projections = scope.expression.expressions if isinstance(scope.expression, exp.Select) else []
+        stars = (star for projection in projections for star in projection.find_all(exp.Star))
+        pattern = scope.expression.find(exp.Columns) is not None or any(
+            not isinstance(star.parent, exp.Func) for star in stars
+        )
+        whole_rows = {
+            str(node.name) for node in scope.expression.find_all(exp.TableColumn)
+            if node.find_ancestor(exp.Select) is scope.expression
+        }  # fmt: skip
+        for alias, source in sources.items():
+            if (name := table_name(source)) in read and (pattern or alias in whole_rows or source.args.get("pivots")):
                 read[name].update(tables[name].types)
-        if any(isinstance(node, exp.Columns) for node in scope.expression.find_all(exp.Columns)):
-            # COLUMNS('regex') selects by pattern: count every visible column of its sources as read.
-            for source in sources.values():
-                if (name := table_name(source)) in read:
-                    read[name].update(tables[name].types)
     return read
 
 

@@ -65,6 +65,12 @@ class GateOutcome:
     payload: str = ""
 
 
+def loggable(text: str) -> str:
+    """Text that UTF-8 JSON can hold: a lone surrogate (valid in a JSON string, not in UTF-8) is
+    kept visible as its escape, so that the record can be written and still shows what was sent."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def redact_arguments(arguments: Mapping[str, Any], sensitive: tuple[str, ...]) -> dict[str, Any]:
     """Arguments as the audit log may hold them: sensitive values replaced, huge strings cut."""
 
@@ -72,9 +78,11 @@ def redact_arguments(arguments: Mapping[str, Any], sensitive: tuple[str, ...]) -
         if key.lower() in sensitive:
             return REDACTED
         if isinstance(value, str) and len(value) > MAX_LOGGED_STRING:
-            return value[:MAX_LOGGED_STRING] + f"...[{len(value) - MAX_LOGGED_STRING} more characters]"
+            value = value[:MAX_LOGGED_STRING] + f"...[{len(value) - MAX_LOGGED_STRING} more characters]"
+        if isinstance(value, str):
+            return loggable(value)
         if isinstance(value, Mapping):
-            return {str(k): clean(str(k), v) for k, v in value.items()}
+            return {loggable(str(k)): clean(str(k), v) for k, v in value.items()}
         if isinstance(value, list | tuple):
             kept = [clean(key, v) for v in value[:MAX_LOGGED_ITEMS]]
             if len(value) > MAX_LOGGED_ITEMS:
@@ -84,7 +92,7 @@ def redact_arguments(arguments: Mapping[str, Any], sensitive: tuple[str, ...]) -
             return value
         return repr(value)[:MAX_LOGGED_STRING]
 
-    return {str(key): clean(str(key), value) for key, value in arguments.items()}
+    return {loggable(str(key)): clean(str(key), value) for key, value in arguments.items()}
 
 
 def _validation_message(tool: str, exc: ValidationError) -> str:
@@ -141,6 +149,7 @@ class Gate:
         text = ""
         payload = ""
         error: LakegateError | None = None
+        tool_name = loggable(tool_name)
         tool_decision = scope.decide(f"tool:{tool_name[:MAX_TOOL_NAME]}", "call")
         scope.record("tool", tool_name[:MAX_TOOL_NAME], "call" if tool_decision.allowed else "denied")
         try:
