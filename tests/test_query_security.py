@@ -896,3 +896,37 @@ def test_a_query_naming_hundreds_of_tables_is_refused_before_duckdb_plans_it(run
     joins = " ".join(f"JOIN sales.orders o{i} USING (order_id)" for i in range(1, 300))
     outcome = call(runtime, "analyst", {"sql": f"SELECT count(*) FROM sales.orders o0 {joins}"})
     assert isinstance(outcome.error, InvalidQuery) and "at most 32" in str(outcome.error)
+
+
+def test_the_corpus_through_the_real_mcp_client_over_stdio(
+    demo_home: Path, audit_path: Path, clear: Clear
+) -> None:
+    """The same attempts, sent by the MCP SDK client to a `lakegate serve` subprocess: what an agent
+    sees over the wire is the same refusal or the same governed answer, and every call is audited."""
+    from evals.mcp_client import connect, text_of
+
+    by_principal: dict[str, list[tuple[str, dict[str, Any], Refused | Answers]]] = {}
+    for case_id, principal, arguments, expected in CORPUS:
+        payload = {"sql": arguments} if isinstance(arguments, str) else arguments
+        by_principal.setdefault(principal, []).append((case_id, payload, expected))
+
+    async def scenario() -> list[tuple[str, Refused | Answers, bool, str, Any]]:
+        seen = []
+        for principal, cases in by_principal.items():
+            async with connect(principal, demo_home, LAKEGATE_AUDIT__PATH=str(audit_path)) as client:
+                for case_id, payload, expected in cases:
+                    answer = await client.call_tool("query", payload)
+                    seen.append((case_id, expected, bool(answer.is_error), text_of(answer), answer.structured_content))
+        return seen
+
+    seen = anyio.run(scenario)
+    for case_id, expected, is_error, text, structured in seen:
+        if isinstance(expected, Refused):
+            assert is_error and expected.fragment in text, f"{case_id}: {text[:300]}"
+            assert structured is None, case_id
+        else:
+            assert not is_error, f"{case_id}: {text[:300]}"
+            expected.check(structured["rows"], [c["name"] for c in structured["columns"]], clear)
+    records = list(read_records(audit_path))
+    assert len(records) == len(CORPUS) and all(r["transport"] == "stdio" for r in records)
+    assert verify(audit_path).ok
