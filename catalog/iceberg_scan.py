@@ -91,11 +91,15 @@ def refuse_row_deletes(table: str, tasks: list[FileScanTask]) -> None:
     """
     deletes = sum(len(task.delete_files) for task in tasks)
     if deletes:
-        raise InvalidArgument(
-            f"Table {table} has {deletes} row-level delete file(s) written by another engine; lakegate "
-            "refuses to read it rather than return deleted rows.",
-            hint="Ask the table's owner to compact it (rewrite its data files), or query an older snapshot.",
-        )
+        raise _row_deletes_refusal(table, f"{deletes} position")
+
+
+def _row_deletes_refusal(table: str, what: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"Table {table} has {what} row-level delete file(s) written by another engine; lakegate "
+        "refuses to read it rather than return deleted rows.",
+        hint="Ask the table's owner to compact it (rewrite its data files), or query an older snapshot.",
+    )
 
 
 def _local_path(location: str) -> str:
@@ -153,7 +157,12 @@ class ScanPlanner:
             )
             files: tuple[str, ...] = ()
             if snapshot_id is not None:
-                tasks = list(table.scan(snapshot_id=snapshot_id).plan_files())
+                try:
+                    tasks = list(table.scan(snapshot_id=snapshot_id).plan_files())
+                except (ValueError, NotImplementedError) as exc:
+                    if "equality delete" not in str(exc):
+                        raise
+                    raise _row_deletes_refusal(name, "equality") from exc
                 refuse_row_deletes(name, tasks)
                 files = tuple(_local_path(task.file.file_path) for task in tasks)
         plan = ScanPlan(name, snapshot_id, columns, files)

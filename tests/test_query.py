@@ -303,7 +303,7 @@ def test_a_scan_with_row_level_deletes_is_refused_not_read_wrongly() -> None:
         delete_files={data_file(DataFileContent.POSITION_DELETES, "file:///w/b-deletes.parquet")},
     )
     refuse_row_deletes("sales.orders", [clean])  # no delete file: readable
-    with pytest.raises(InvalidArgument, match="1 row-level delete file"):
+    with pytest.raises(InvalidArgument, match="1 position row-level delete file"):
         refuse_row_deletes("sales.orders", [clean, deleted])
 
 
