@@ -1,0 +1,320 @@
+"""The semantic layer's definitions: semantic models and versioned metrics, from catalog/metrics.yaml.
+
+A project may keep its own `<project>/catalog/metrics.yaml`; without one lakegate uses the copy
+shipped in this package, which defines the demo warehouse's metrics. Loading checks the file's
+structure and its internal references (measures, metrics, entities, cycles); `check_against_schemas`
+in catalog/metric_validation.py checks it against the live Iceberg schemas.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from server.errors import ConfigurationError, NotFound
+
+__all__ = [
+    "GRAINS",
+    "METRICS_FILE",
+    "Dimension",
+    "Entity",
+    "Measure",
+    "Metric",
+    "MetricInput",
+    "SemanticCatalog",
+    "SemanticModel",
+    "load_semantic_catalog",
+    "parse_semantic_catalog",
+]
+
+METRICS_FILE = "catalog/metrics.yaml"
+GRAINS = ("day", "week", "month", "quarter", "year")
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_WINDOW = re.compile(r"^(\d+) (day|week|month|quarter|year)s?$")
+
+Aggregation = Literal["sum", "count", "count_distinct", "avg", "min", "max", "median", "percentile"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.match(name) or "__" in name:
+        raise ValueError(f"name {name!r} must be lower-case letters, digits and single underscores")
+    return name
+
+
+class Entity(_Frozen):
+    """A key: `primary` in the model it identifies, `foreign` in models that refer to it."""
+
+    name: str
+    type: Literal["primary", "foreign"]
+    expr: str = Field(description="SQL over the model's columns that gives the key.")
+
+    @model_validator(mode="after")
+    def _valid(self) -> Entity:
+        _check_name(self.name)
+        return self
+
+
+class Dimension(_Frozen):
+    name: str
+    type: Literal["categorical", "time"]
+    expr: str | None = Field(default=None, description="SQL over the model's columns; default: the column `name`.")
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _valid(self) -> Dimension:
+        _check_name(self.name)
+        return self
+
+    @property
+    def sql(self) -> str:
+        return self.expr or f'"{self.name}"'
+
+
+class Measure(_Frozen):
+    name: str
+    agg: Aggregation
+    expr: str = Field(description="SQL over the model's columns that is aggregated.")
+    percentile: float | None = Field(default=None, gt=0, lt=1, description="For agg percentile: which one.")
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _valid(self) -> Measure:
+        _check_name(self.name)
+        if (self.agg == "percentile") != (self.percentile is not None):
+            raise ValueError(f"measure {self.name}: percentile is set exactly when agg is percentile")
+        return self
+
+
+class SemanticModel(_Frozen):
+    name: str
+    table: str = Field(pattern=r"^[a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*$")
+    description: str = ""
+    time_dimension: str | None = Field(default=None, description="The time dimension that is metric_time.")
+    entities: tuple[Entity, ...]
+    dimensions: tuple[Dimension, ...] = ()
+    measures: tuple[Measure, ...] = ()
+
+    @model_validator(mode="after")
+    def _valid(self) -> SemanticModel:
+        _check_name(self.name)
+        primaries = [e for e in self.entities if e.type == "primary"]
+        if len(primaries) != 1:
+            raise ValueError(f"semantic model {self.name} needs exactly one primary entity")
+        for kind, names in (
+            ("entity", [e.name for e in self.entities]),
+            ("dimension", [d.name for d in self.dimensions]),
+            ("measure", [m.name for m in self.measures]),
+        ):
+            duplicates = {n for n in names if names.count(n) > 1}
+            if duplicates:
+                raise ValueError(f"semantic model {self.name} defines {kind} {sorted(duplicates)} twice")
+        if self.time_dimension is not None:
+            time = self.dimension(self.time_dimension)
+            if time is None or time.type != "time":
+                raise ValueError(f"semantic model {self.name}: time_dimension {self.time_dimension} is no time dimension")
+        return self
+
+    @property
+    def primary_entity(self) -> Entity:
+        return next(e for e in self.entities if e.type == "primary")
+
+    def entity(self, name: str) -> Entity | None:
+        return next((e for e in self.entities if e.name == name), None)
+
+    def dimension(self, name: str) -> Dimension | None:
+        return next((d for d in self.dimensions if d.name == name), None)
+
+    def measure(self, name: str) -> Measure | None:
+        return next((m for m in self.measures if m.name == name), None)
+
+
+class MetricInput(_Frozen):
+    """A metric used by a ratio or derived metric, optionally filtered or a number of periods earlier."""
+
+    name: str
+    version: int | None = Field(default=None, description="Default: the metric's current version.")
+    filter: str | None = None
+    offset: int | None = Field(default=None, ge=1, description="Periods earlier, at the query's time grain.")
+    alias: str | None = None
+
+    @property
+    def ref(self) -> str:
+        """The name the derived expression uses for this input."""
+        return self.alias or self.name
+
+
+class Metric(_Frozen):
+    name: str
+    version: int = Field(ge=1)
+    retired: bool = False
+    type: Literal["simple", "ratio", "derived", "cumulative"]
+    description: str
+    owner: str
+    synonyms: tuple[str, ...] = ()
+    measure: str | None = None
+    filter: str | None = None
+    numerator: MetricInput | None = None
+    denominator: MetricInput | None = None
+    expr: str | None = None
+    inputs: tuple[MetricInput, ...] = ()
+    window: str | None = Field(default=None, description="Cumulative over a trailing window, e.g. '3 months'.")
+    grain_to_date: Literal["week", "month", "quarter", "year"] | None = None
+
+    @model_validator(mode="after")
+    def _valid(self) -> Metric:
+        _check_name(self.name)
+        needs = {
+            "simple": {"measure"},
+            "cumulative": {"measure"},
+            "ratio": {"numerator", "denominator"},
+            "derived": {"expr", "inputs"},
+        }[self.type]
+        given = {name for name in ("measure", "numerator", "denominator", "expr", "inputs") if getattr(self, name)}
+        if given != needs:
+            raise ValueError(f"metric {self.name} ({self.type}) takes {sorted(needs)}, not {sorted(given)}")
+        if self.type != "cumulative" and (self.window or self.grain_to_date):
+            raise ValueError(f"metric {self.name}: window and grain_to_date are for cumulative metrics")
+        if self.window and self.grain_to_date:
+            raise ValueError(f"metric {self.name}: give a window or grain_to_date, not both")
+        if self.window and not _WINDOW.match(self.window):
+            raise ValueError(f"metric {self.name}: window {self.window!r} must look like '3 months'")
+        if self.type == "derived":
+            refs = [i.ref for i in self.inputs]
+            if len(set(refs)) != len(refs):
+                raise ValueError(f"metric {self.name}: two inputs have the same name; give one an alias")
+        return self
+
+    @property
+    def window_interval(self) -> str | None:
+        """The window as a DuckDB interval ("3 months" -> "INTERVAL 3 MONTH")."""
+        if self.window is None:
+            return None
+        match = _WINDOW.match(self.window)
+        assert match is not None
+        return f"INTERVAL {match.group(1)} {match.group(2).upper()}"
+
+    def referenced_inputs(self) -> tuple[MetricInput, ...]:
+        if self.type == "ratio":
+            assert self.numerator is not None and self.denominator is not None
+            return (self.numerator, self.denominator)
+        return self.inputs
+
+
+class SemanticCatalog(_Frozen):
+    semantic_models: tuple[SemanticModel, ...]
+    metrics: tuple[Metric, ...]
+
+    @model_validator(mode="after")
+    def _valid(self) -> SemanticCatalog:
+        models = [m.name for m in self.semantic_models]
+        if len(set(models)) != len(models):
+            raise ValueError("two semantic models have the same name")
+        measures = [measure.name for model in self.semantic_models for measure in model.measures]
+        if len(set(measures)) != len(measures):
+            raise ValueError("measure names must be unique across semantic models")
+        seen: set[tuple[str, int]] = set()
+        for metric in self.metrics:
+            if (metric.name, metric.version) in seen:
+                raise ValueError(f"metric {metric.name} version {metric.version} is defined twice")
+            seen.add((metric.name, metric.version))
+            if metric.measure and self.measure_model(metric.measure) is None:
+                raise ValueError(f"metric {metric.name} v{metric.version}: no measure named {metric.measure}")
+            for used in metric.referenced_inputs():
+                if not any(m.name == used.name for m in self.metrics):
+                    raise ValueError(f"metric {metric.name} v{metric.version}: no metric named {used.name}")
+        self._check_cycles()
+        return self
+
+    def _check_cycles(self) -> None:
+        def visit(name: str, path: tuple[str, ...]) -> None:
+            if name in path:
+                raise ValueError(f"metrics refer to each other in a cycle: {' -> '.join((*path, name))}")
+            for metric in (m for m in self.metrics if m.name == name):
+                for used in metric.referenced_inputs():
+                    visit(used.name, (*path, name))
+
+        for name in {m.name for m in self.metrics}:
+            visit(name, ())
+
+    def measure_model(self, measure: str) -> tuple[SemanticModel, Measure] | None:
+        for model in self.semantic_models:
+            if (found := model.measure(measure)) is not None:
+                return model, found
+        return None
+
+    def model_with_primary(self, entity: str) -> SemanticModel | None:
+        return next((m for m in self.semantic_models if m.primary_entity.name == entity), None)
+
+    def metric_names(self) -> list[str]:
+        """Names of the metrics with at least one version that is not retired, sorted."""
+        return sorted({m.name for m in self.metrics if not m.retired})
+
+    def versions(self, name: str) -> list[Metric]:
+        """Every version of a metric, oldest first."""
+        return sorted((m for m in self.metrics if m.name == name), key=lambda m: m.version)
+
+    def metric(self, name: str, version: int | None = None) -> Metric:
+        """A metric at `version`, or its newest version that is not retired.
+
+        Raises:
+            NotFound: no such metric or version, or the version asked for is retired.
+        """
+        versions = self.versions(name)
+        if not versions:
+            raise NotFound(f"There is no metric named '{name}'.", hint="Call list_metrics to see the metrics.")
+        if version is None:
+            live = [m for m in versions if not m.retired]
+            if not live:
+                raise NotFound(f"Every version of metric '{name}' is retired.", hint="Call list_metrics.")
+            return live[-1]
+        chosen = next((m for m in versions if m.version == version), None)
+        if chosen is None or chosen.retired:
+            known = ", ".join(str(m.version) for m in versions if not m.retired)
+            raise NotFound(
+                f"Metric '{name}' has no {'live ' if chosen else ''}version {version}.",
+                hint=f"Versions you can query: {known}.",
+            )
+        return chosen
+
+
+def load_semantic_catalog(project: Path) -> SemanticCatalog:
+    """Load `<project>/catalog/metrics.yaml`, or the packaged demo metrics.
+
+    Raises:
+        ConfigurationError: the file cannot be read, is not YAML, or is not a valid semantic layer.
+    """
+    path = project / METRICS_FILE
+    if path.is_file():
+        source, text = str(path), path.read_text(encoding="utf-8")
+    else:
+        source = "package catalog/metrics.yaml"
+        text = resources.files("catalog").joinpath("metrics.yaml").read_text(encoding="utf-8")
+    return parse_semantic_catalog(text, source=source)
+
+
+def parse_semantic_catalog(text: str, *, source: str) -> SemanticCatalog:
+    """Validate a semantic layer given as YAML text.
+
+    Raises:
+        ConfigurationError: not YAML, or not matching the schema (the message names the field).
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(f"{source}: not valid YAML: {exc}") from exc
+    try:
+        return SemanticCatalog.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'file'}: {error['msg']}" for error in exc.errors()[:10]
+        )
+        raise ConfigurationError(f"{source}: {problems}") from exc
