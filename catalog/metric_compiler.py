@@ -48,7 +48,10 @@ _GRAIN_STEP = {"day": "INTERVAL 1 DAY", "week": "INTERVAL 7 DAY", "month": "INTE
                "quarter": "INTERVAL 3 MONTH", "year": "INTERVAL 1 YEAR"}  # fmt: skip
 
 
-def _invalid(message: str, hint: str = "Call describe_metric to see the dimensions and grains a metric offers.") -> InvalidArgument:
+DIMENSIONS_HINT = "Call describe_metric to see the dimensions and grains a metric offers."
+
+
+def _invalid(message: str, hint: str = DIMENSIONS_HINT) -> InvalidArgument:
     return InvalidArgument(message, hint=hint)
 
 

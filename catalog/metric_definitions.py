@@ -120,7 +120,7 @@ class SemanticModel(_Frozen):
         if self.time_dimension is not None:
             time = self.dimension(self.time_dimension)
             if time is None or time.type != "time":
-                raise ValueError(f"semantic model {self.name}: time_dimension {self.time_dimension} is no time dimension")
+                raise ValueError(f"semantic model {self.name}: {self.time_dimension} is not a time dimension")
         return self
 
     @property
