@@ -28,7 +28,14 @@ from sqlglot import exp
 from catalog.metric_definitions import GRAINS, Metric, MetricInput, SemanticCatalog, SemanticModel
 from server.errors import InvalidArgument
 
-__all__ = ["CompiledQuery", "DimensionFilter", "MetricQuery", "compile_query", "parse_dimension"]
+__all__ = [
+    "CompiledQuery",
+    "DimensionFilter",
+    "MetricQuery",
+    "available_dimensions",
+    "compile_query",
+    "parse_dimension",
+]
 
 DIALECT = "duckdb"
 METRIC_TIME = "metric_time"
@@ -416,6 +423,34 @@ def _derived_expression(metric: Metric, values: dict[str, str]) -> str:
         division.set("this", exp.Cast(this=division.this, to=exp.DataType.build("DOUBLE")))
         division.set("expression", exp.Nullif(this=division.expression, expression=exp.Literal.number(0)))
     return tree.sql(DIALECT)
+
+
+def available_dimensions(catalog: SemanticCatalog, metric: Metric) -> tuple[list[str], list[str]]:
+    """The dimension names a metric can be grouped and filtered by, and its metric_time grains.
+
+    A ratio or derived metric offers what all of its inputs offer.
+    """
+    if metric.type in ("ratio", "derived"):
+        names: set[str] | None = None
+        grains: list[str] = list(GRAINS)
+        for used in metric.referenced_inputs():
+            dims, own = available_dimensions(catalog, catalog.metric(used.name, used.version))
+            names = set(dims) if names is None else names & set(dims)
+            grains = [g for g in grains if g in own]
+        return sorted(names or ()), grains
+    assert metric.measure is not None
+    found = catalog.measure_model(metric.measure)
+    assert found is not None
+    model = found[0]
+    names = set()
+    for entity in model.entities:
+        owner = catalog.model_with_primary(entity.name)
+        if owner is None:
+            continue
+        for dimension in owner.dimensions:
+            suffix = "__<grain>" if dimension.type == "time" else ""
+            names.add(f"{entity.name}__{dimension.name}{suffix}")
+    return sorted(names), list(GRAINS) if model.time_dimension else []
 
 
 def compile_query(catalog: SemanticCatalog, query: MetricQuery) -> CompiledQuery:

@@ -38,6 +38,7 @@ from mcp.types import (
 )
 
 from catalog.definitions import CatalogDefinitions, load_definitions
+from catalog.metric_definitions import load_semantic_catalog
 from catalog.warehouse import Warehouse
 from policies.enforcer import PolicyEnforcer, policy_files
 from server.audit import AuditLog
@@ -94,7 +95,7 @@ def open_runtime(settings: Settings) -> Runtime:
     """Open the warehouse, load definitions and policies, open the audit log.
 
     Raises:
-        ConfigurationError: a definitions file is invalid.
+        ConfigurationError: a definitions file (datasets or metrics) is invalid.
     """
     definitions = load_definitions(settings.project)
     warehouse = Warehouse(settings.state_dir)
@@ -104,8 +105,24 @@ def open_runtime(settings: Settings) -> Runtime:
         reload_interval_s=settings.policy.reload_interval_s,
     )
     audit = AuditLog(settings.audit_path, fsync=settings.audit.fsync)
-    gate = Gate(settings, enforcer, warehouse, definitions, audit, tools_by_name())
+    semantic = load_semantic_catalog(settings.project)
+    gate = Gate(settings, enforcer, warehouse, definitions, audit, tools_by_name(), semantic)
     return Runtime(settings, warehouse, definitions, enforcer, audit, gate)
+
+
+def compact_schema(schema: Any, *, in_properties: bool = False) -> Any:
+    """A JSON schema without pydantic's generated titles: agents pay for every token of the tool
+    list in every conversation, and "title": "Next Cursor" next to "next_cursor" tells them nothing.
+    (A property that is itself named "title" is kept.)"""
+    if isinstance(schema, dict):
+        return {
+            key: compact_schema(value, in_properties=key in ("properties", "$defs"))
+            for key, value in schema.items()
+            if in_properties or not (key == "title" and isinstance(value, str))
+        }
+    if isinstance(schema, list):
+        return [compact_schema(item) for item in schema]
+    return schema
 
 
 def mcp_tool(spec: ToolSpec[Any, Any]) -> Tool:
@@ -114,8 +131,8 @@ def mcp_tool(spec: ToolSpec[Any, Any]) -> Tool:
         name=spec.name.value,
         title=spec.title,
         description=spec.description,
-        input_schema=spec.args.model_json_schema(),
-        output_schema=spec.result.model_json_schema(),
+        input_schema=compact_schema(spec.args.model_json_schema()),
+        output_schema=compact_schema(spec.result.model_json_schema()),
         annotations=ToolAnnotations(
             title=spec.title,
             read_only_hint=spec.read_only,

@@ -24,6 +24,7 @@ from mcp.types import CallToolResult, TextContent
 from pydantic import BaseModel, ValidationError
 
 from catalog.definitions import CatalogDefinitions
+from catalog.metric_definitions import SemanticCatalog
 from catalog.warehouse import Warehouse
 from policies.enforcer import PolicyEnforcer
 from server.audit import AuditLog
@@ -112,6 +113,7 @@ class Gate:
         definitions: CatalogDefinitions,
         audit: AuditLog,
         tools: Mapping[str, ToolSpec[Any, Any]],
+        semantic: SemanticCatalog | None = None,
     ) -> None:
         self.settings = settings
         self.enforcer = enforcer
@@ -119,6 +121,7 @@ class Gate:
         self.definitions = definitions
         self.audit = audit
         self.tools = dict(tools)
+        self.semantic = semantic
 
     def visible_tools(self, principal: Principal) -> list[ToolSpec[Any, Any]]:
         """The tools this principal may call: an agent is not shown what it cannot use."""
@@ -130,7 +133,7 @@ class Gate:
 
     def scope(self, principal: Principal, progress: ProgressFn | None = None) -> CallScope:
         return CallScope(
-            principal, self.enforcer, self.warehouse, self.definitions, self.settings, progress
+            principal, self.enforcer, self.warehouse, self.definitions, self.settings, progress, self.semantic
         )
 
     async def call(

@@ -23,6 +23,8 @@ from server.settings import Settings
 
 if TYPE_CHECKING:
     from catalog.iceberg_scan import ScanPlan
+    from catalog.metric_compiler import CompiledQuery, MetricQuery
+    from catalog.metric_definitions import SemanticCatalog
     from catalog.query_engine import QueryEngine
     from policies.row_filters import RowFilter
     from server.governed_query import QueryPage
@@ -56,11 +58,13 @@ class CallScope:
         definitions: CatalogDefinitions,
         settings: Settings,
         progress: ProgressFn | None = None,
+        semantic: SemanticCatalog | None = None,
     ) -> None:
         self.principal = principal
         self.settings = settings
         self.limits = settings.limits
         self.definitions = definitions
+        self._semantic = semantic
         self._enforcer = enforcer
         self._warehouse = warehouse
         self._progress = progress
@@ -184,6 +188,49 @@ class CallScope:
         from server.governed_query import run_query
 
         return run_query(self, sql, as_of=as_of, offset=offset, count=count, explain=explain)
+
+    # --- metrics ------------------------------------------------------------------------------
+
+    @property
+    def semantic(self) -> SemanticCatalog:
+        """The metric definitions (documentation, not data: reading them needs no decision).
+
+        Raises:
+            NotFound: this server has no semantic layer.
+        """
+        if self._semantic is None:
+            raise NotFound("This lakegate serves no metrics.", hint="Query the tables with the query tool.")
+        return self._semantic
+
+    def may_read_metric(self, name: str) -> bool:
+        return self.decide(f"metric:{name}", "read").allowed
+
+    def require_metric(self, name: str) -> None:
+        """Take the read decision on `metric:<name>`; a metric the caller may not read looks missing.
+
+        Raises:
+            NotFound: no such metric, or not one this principal may read.
+        """
+        if not self.may_read_metric(name):
+            self.touched.append(Touched("metric", name, "denied"))
+            raise NotFound(f"There is no metric named '{name}' available to you.", hint="Call list_metrics.")
+
+    def compile_metrics(self, query: MetricQuery) -> CompiledQuery:
+        """Compile a metric query after the decision on every metric it uses, inputs included.
+
+        Raises:
+            NotFound: a metric (or an input of one) is unknown or not available to the caller.
+            InvalidArgument: the query does not fit the metrics (the message says why).
+        """
+        from catalog.metric_compiler import compile_query
+
+        for name in query.metrics:
+            self.require_metric(name)
+        compiled = compile_query(self.semantic, query)
+        for name, version in compiled.metrics.items():
+            self.require_metric(name)
+            self.touched.append(Touched("metric", name, "read", version))
+        return compiled
 
     def record(self, kind: str, name: str, access: str, version: int | None = None) -> None:
         """Note a resource the call touched (for the audit record)."""

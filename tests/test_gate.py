@@ -26,6 +26,9 @@ VALID_ARGUMENTS: dict[ToolName, dict[str, Any]] = {
     ToolName.DESCRIBE_DATASET: {"name": "sales.orders"},
     ToolName.SEARCH_CATALOG: {"query": "orders"},
     ToolName.QUERY: {"sql": "SELECT count(*) FROM sales.orders"},
+    ToolName.LIST_METRICS: {},
+    ToolName.DESCRIBE_METRIC: {"name": "revenue"},
+    ToolName.QUERY_METRICS: {"metrics": ["revenue"], "group_by": ["order__region"]},
     # Writes into the shared demo warehouse must be harmless: one row in finance.refunds, whose row
     # count no test asserts, and a restore to the current snapshot (a no-op).
     ToolName.APPEND_ROWS: {

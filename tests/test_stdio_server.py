@@ -23,7 +23,10 @@ def test_analyst_sees_catalog_tools_and_its_datasets(demo_home: Path, audit_path
         async with connect("analyst", demo_home, LAKEGATE_AUDIT__PATH=str(audit_path)) as client:
             assert client.instructions and "list_datasets" in client.instructions
             tools = {tool.name: tool for tool in (await client.list_tools()).tools}
-            assert set(tools) == {"list_datasets", "describe_dataset", "search_catalog", "query"}
+            assert set(tools) == {
+                "list_datasets", "describe_dataset", "search_catalog", "query", "list_metrics", "describe_metric",
+                "query_metrics",
+            }
             assert all(tool.annotations and tool.annotations.read_only_hint for tool in tools.values())
 
             result = await client.call_tool("list_datasets", {})

@@ -6,13 +6,14 @@ from typing import Any
 
 from tools.base import ToolSpec
 from tools.catalog import CATALOG_TOOLS
+from tools.metrics import METRIC_TOOLS
 from tools.names import ToolName
 from tools.query import QUERY_TOOLS
 from tools.write import WRITE_TOOLS
 
 __all__ = ["ALL_TOOLS", "ToolName", "ToolSpec", "tools_by_name"]
 
-ALL_TOOLS: tuple[ToolSpec[Any, Any], ...] = (*CATALOG_TOOLS, *QUERY_TOOLS, *WRITE_TOOLS)
+ALL_TOOLS: tuple[ToolSpec[Any, Any], ...] = (*CATALOG_TOOLS, *QUERY_TOOLS, *METRIC_TOOLS, *WRITE_TOOLS)
 
 
 def tools_by_name() -> dict[str, ToolSpec[Any, Any]]:

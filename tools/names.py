@@ -12,5 +12,8 @@ class ToolName(StrEnum):
     DESCRIBE_DATASET = "describe_dataset"
     SEARCH_CATALOG = "search_catalog"
     QUERY = "query"
+    LIST_METRICS = "list_metrics"
+    DESCRIBE_METRIC = "describe_metric"
+    QUERY_METRICS = "query_metrics"
     APPEND_ROWS = "append_rows"
     RESTORE_TABLE = "restore_table"

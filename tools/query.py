@@ -12,19 +12,15 @@ from server.scope import CallScope
 from tools.base import Page, SnapshotId, ToolArgs, ToolResult, ToolSpec, decode_cursor, encode_cursor
 from tools.names import ToolName
 
-__all__ = ["QUERY_TOOLS"]
+__all__ = ["QUERY_TOOLS", "GovernedReadArgs", "QueryResult", "render_query", "run_governed"]
 
 #: Longest cell shown in the text rendering; the structured rows carry the full value.
 TEXT_CELL_CHARS = 80
 
 
-class QueryArgs(ToolArgs):
-    sql: str = Field(
-        min_length=1,
-        max_length=100_000,
-        description="One read-only SELECT in DuckDB SQL over tables named namespace.table, e.g. "
-        "\"SELECT region, sum(total_amount) FROM sales.orders GROUP BY region\".",
-    )
+class GovernedReadArgs(ToolArgs):
+    """Paging, time travel and explain: the arguments of every tool that runs governed SQL."""
+
     as_of: dict[str, int | str] | None = Field(
         default=None,
         description="Time travel per table: a snapshot id (digits) or an ISO timestamp, e.g. "
@@ -34,6 +30,15 @@ class QueryArgs(ToolArgs):
     cursor: str | None = Field(default=None, description="next_cursor from the previous page, to get the next rows.")
     explain: bool = Field(
         default=False, description="Return the policy-rewritten SQL and DuckDB's plan instead of running the query."
+    )
+
+
+class QueryArgs(GovernedReadArgs):
+    sql: str = Field(
+        min_length=1,
+        max_length=100_000,
+        description="One read-only SELECT in DuckDB SQL over tables named namespace.table, e.g. "
+        "\"SELECT region, sum(total_amount) FROM sales.orders GROUP BY region\".",
     )
 
 
@@ -71,14 +76,20 @@ def _as_of(table: str, value: int | str) -> int | datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def query(scope: CallScope, args: QueryArgs) -> QueryResult:
+def run_governed(scope: CallScope, sql: str, args: GovernedReadArgs) -> dict[str, Any]:
+    """Run SQL through the governed path for one page of a tool's result; returns QueryResult fields.
+
+    Raises:
+        ClientError: the SQL is refused, names what the caller may not read, or ran over a limit;
+            the cursor is invalid or past the end.
+    """
     offset, pinned = decode_cursor(args.cursor, args) if args.cursor else (0, {})
     as_of = {name.lower(): _as_of(name, value) for name, value in (args.as_of or {}).items()}
     if pinned:
         # Every page of one result reads the snapshots the first page read.
         as_of.update({name: int(snapshot) for name, snapshot in pinned.items() if snapshot is not None})
     count = min(args.limit, scope.limits.max_rows)
-    page = scope.query(args.sql, as_of=as_of, offset=offset, count=count, explain=args.explain)
+    page = scope.query(sql, as_of=as_of, offset=offset, count=count, explain=args.explain)
     scope.rows += len(page.rows)
     truncated = page.more
     note = None
@@ -86,19 +97,23 @@ def query(scope: CallScope, args: QueryArgs) -> QueryResult:
         note = "The query has no ORDER BY: add one so that the next pages continue in a defined order."
     if not args.explain and not page.rows and offset > 0:
         raise InvalidArgument("The cursor points past the end of the result.", hint="Start again without cursor.")
-    return QueryResult(
-        columns=[ResultColumn(name=name, type=type_) for name, type_ in page.columns],
-        rows=page.rows,
-        offset=offset,
-        truncated=truncated,
-        next_cursor=encode_cursor(offset + len(page.rows), args, page.snapshots) if truncated else None,
-        snapshots=page.snapshots,
-        masked_columns=page.masked,
-        row_filters=page.row_filters,
-        note=note,
-        rewritten_sql=page.rewritten_sql if args.explain else None,
-        plan=page.plan,
-    )
+    return {
+        "columns": [ResultColumn(name=name, type=type_) for name, type_ in page.columns],
+        "rows": page.rows,
+        "offset": offset,
+        "truncated": truncated,
+        "next_cursor": encode_cursor(offset + len(page.rows), args, page.snapshots) if truncated else None,
+        "snapshots": page.snapshots,
+        "masked_columns": page.masked,
+        "row_filters": page.row_filters,
+        "note": note,
+        "rewritten_sql": page.rewritten_sql if args.explain else None,
+        "plan": page.plan,
+    }
+
+
+def query(scope: CallScope, args: QueryArgs) -> QueryResult:
+    return QueryResult(**run_governed(scope, args.sql, args))
 
 
 def _cell(value: Any) -> str:
@@ -108,6 +123,7 @@ def _cell(value: Any) -> str:
 
 
 def render_query(result: QueryResult) -> str:
+    """Rows as a compact pipe table, with the snapshots read and the policy that applied."""
     snapshots = ", ".join(f"{name}@{snapshot}" for name, snapshot in result.snapshots.items())
     if result.plan is not None:
         return f"Rewritten SQL (reads {snapshots}):\n{result.rewritten_sql}\n\nPlan:\n{result.plan}"

@@ -1,0 +1,264 @@
+"""Metric tools: find a governed business number, read its definition, and query it."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field
+
+from catalog.metric_compiler import DimensionFilter, MetricQuery, available_dimensions
+from catalog.metric_definitions import Metric, MetricInput, SemanticCatalog
+from server.scope import CallScope
+from tools.base import Page, PageArgs, ToolArgs, ToolResult, ToolSpec, paginate
+from tools.names import ToolName
+from tools.query import GovernedReadArgs, QueryResult, render_query, run_governed
+
+__all__ = ["METRIC_TOOLS"]
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+# --- list_metrics -------------------------------------------------------------------------------
+
+
+class ListMetricsArgs(PageArgs):
+    search: str | None = Field(
+        default=None, max_length=200, description="Words to match in names, descriptions and synonyms, e.g. 'aov'."
+    )
+
+
+class MetricSummary(ToolResult):
+    name: str
+    version: int = Field(description="Current version (the one used unless a query names another).")
+    type: Literal["simple", "ratio", "derived", "cumulative"]
+    description: str
+    synonyms: list[str]
+    owner: str
+
+
+class MetricList(Page):
+    metrics: list[MetricSummary]
+
+
+def _words(text: str) -> set[str]:
+    return set(_WORD.findall(text.lower()))
+
+
+def list_metrics(scope: CallScope, args: ListMetricsArgs) -> MetricList:
+    semantic = scope.semantic
+    wanted = _words(args.search or "")
+    found: list[tuple[float, MetricSummary]] = []
+    for name in semantic.metric_names():
+        if not scope.may_read_metric(name):
+            continue
+        metric = semantic.metric(name)
+        score = 1.0
+        if wanted:
+            synonyms = set().union(*(_words(s) for s in metric.synonyms)) if metric.synonyms else set()
+            described = _words(metric.description)
+            score = 3 * len(wanted & _words(name)) + 2 * len(wanted & synonyms) + len(wanted & described)
+            if not score:
+                continue
+        summary = MetricSummary(
+            name=name,
+            version=metric.version,
+            type=metric.type,
+            description=metric.description,
+            synonyms=list(metric.synonyms),
+            owner=metric.owner,
+        )
+        found.append((score, summary))
+    found.sort(key=lambda item: (-item[0], item[1].name))
+    page, truncated, cursor = paginate([summary for _, summary in found], args, scope)
+    return MetricList(metrics=page, truncated=truncated, next_cursor=cursor)
+
+
+def render_metric_list(result: MetricList) -> str:
+    if not result.metrics:
+        return "No metrics match. Call list_metrics without search to see them all."
+    lines = [f"{len(result.metrics)} metric(s):"]
+    for m in result.metrics:
+        also = f" (also: {', '.join(m.synonyms)})" if m.synonyms else ""
+        lines.append(f"- {m.name} v{m.version} [{m.type}]: {m.description}{also}")
+    if result.truncated:
+        lines.append(f"More metrics: call again with cursor={result.next_cursor}")
+    return "\n".join(lines)
+
+
+# --- describe_metric ----------------------------------------------------------------------------
+
+
+class DescribeMetricArgs(ToolArgs):
+    name: str = Field(min_length=1, max_length=128, description="Metric name, from list_metrics.")
+    version: int | None = Field(default=None, ge=1, description="A version to describe; default: the current one.")
+
+
+class MetricVersionView(ToolResult):
+    version: int
+    retired: bool
+    description: str
+
+
+class ColumnUse(ToolResult):
+    table: str
+    column: str
+    access: Literal["clear", "masked", "hidden", "no_table"] = Field(
+        description="How you read it: clear, masked, hidden (the metric fails for you), or no_table."
+    )
+
+
+class MetricDescription(ToolResult):
+    name: str
+    version: int
+    type: Literal["simple", "ratio", "derived", "cumulative"]
+    description: str
+    owner: str
+    synonyms: list[str]
+    definition: dict[str, Any] = Field(description="The definition: measure and aggregation, filters, inputs, window.")
+    versions: list[MetricVersionView] = Field(description="Every version, oldest first.")
+    dimensions: list[str] = Field(
+        description="Names to group_by or filter on, e.g. customer__region; replace <grain> with day ... year."
+    )
+    time_grains: list[str] = Field(description="Grains of metric_time (metric_time__month); empty: no time.")
+    reads: list[ColumnUse] = Field(description="Tables and columns the metric reads, and your access to each.")
+    usable: bool = Field(description="True when you may read every table and column the metric needs.")
+
+
+def _definition(semantic: SemanticCatalog, metric: Metric) -> dict[str, Any]:
+    def used(item: MetricInput) -> dict[str, Any]:
+        return item.model_dump(exclude_none=True)
+
+    if metric.type in ("simple", "cumulative"):
+        assert metric.measure is not None
+        found = semantic.measure_model(metric.measure)
+        assert found is not None
+        model, measure = found
+        out: dict[str, Any] = {"table": model.table, "aggregation": measure.agg, "expression": measure.expr}
+        if measure.percentile is not None:
+            out["percentile"] = measure.percentile
+        if metric.filter:
+            out["filter"] = metric.filter
+        if metric.window:
+            out["window"] = metric.window
+        if metric.grain_to_date:
+            out["grain_to_date"] = metric.grain_to_date
+        if metric.type == "cumulative" and not (metric.window or metric.grain_to_date):
+            out["window"] = "all time"
+        return out
+    if metric.type == "ratio":
+        assert metric.numerator is not None and metric.denominator is not None
+        return {"numerator": used(metric.numerator), "denominator": used(metric.denominator)}
+    return {"expression": metric.expr, "inputs": [used(i) for i in metric.inputs]}
+
+
+def describe_metric(scope: CallScope, args: DescribeMetricArgs) -> MetricDescription:
+    scope.require_metric(args.name)
+    semantic = scope.semantic
+    metric = semantic.metric(args.name, args.version)
+    dimensions, grains = available_dimensions(semantic, metric)
+    compiled = scope.compile_metrics(MetricQuery((metric.name,), versions={metric.name: metric.version}))
+    reads: list[ColumnUse] = []
+    for table, columns in sorted(compiled.columns.items()):
+        if not scope.decide(table, "read").allowed:
+            reads += [ColumnUse(table=table, column=c, access="no_table") for c in sorted(columns)]
+            continue
+        for access in scope.columns(table, sorted(columns)):
+            reads.append(ColumnUse(table=table, column=access.column.rsplit(".", 1)[1], access=access.access))
+    scope.rows += 1
+    return MetricDescription(
+        name=metric.name,
+        version=metric.version,
+        type=metric.type,
+        description=metric.description,
+        owner=metric.owner,
+        synonyms=list(metric.synonyms),
+        definition=_definition(semantic, metric),
+        versions=[
+            MetricVersionView(version=v.version, retired=v.retired, description=v.description)
+            for v in semantic.versions(metric.name)
+        ],
+        dimensions=dimensions,
+        time_grains=grains,
+        reads=reads,
+        usable=all(r.access in ("clear", "masked") for r in reads),
+    )
+
+
+def render_metric_description(result: MetricDescription) -> str:
+    lines = [f"{result.name} v{result.version} [{result.type}], owner {result.owner}: {result.description}"]
+    lines.append("Definition: " + "; ".join(f"{k}={v}" for k, v in result.definition.items()))
+    if result.time_grains:
+        lines.append(f"metric_time grains: {', '.join(result.time_grains)}")
+    lines.append(f"Dimensions: {', '.join(result.dimensions) or 'none'}")
+    versions = ", ".join(f"v{v.version}{' (retired)' if v.retired else ''}" for v in result.versions)
+    lines.append(f"Versions: {versions}")
+    blocked = [f"{r.table}.{r.column} ({r.access})" for r in result.reads if r.access not in ("clear", "masked")]
+    lines.append("You may use it." if result.usable else f"You may not use it: {', '.join(blocked)}.")
+    return "\n".join(lines)
+
+
+# --- query_metrics ------------------------------------------------------------------------------
+
+
+class WhereFilter(ToolArgs):
+    dimension: str = Field(max_length=128, description="A dimension name, e.g. customer__region or metric_time.")
+    op: Literal["=", "!=", "<", "<=", ">", ">=", "in", "not in", "is null", "is not null"] = Field(
+        description="Comparison."
+    )
+    value: str | int | float | bool | list[str | int | float] | None = Field(
+        default=None, description="The value (a list for in / not in; none for is null). Dates as 'YYYY-MM-DD'."
+    )
+
+
+class QueryMetricsArgs(GovernedReadArgs):
+    metrics: list[str] = Field(min_length=1, max_length=10, description="Metric names, from list_metrics.")
+    group_by: list[str] = Field(
+        default_factory=list,
+        max_length=6,
+        description="Dimensions, e.g. ['metric_time__month', 'customer__region'].",
+    )
+    where: list[WhereFilter] = Field(default_factory=list, max_length=20, description="Filters on dimensions.")
+    order_by: list[str] = Field(
+        default_factory=list, max_length=8, description="Metric or dimension names; prefix '-' for descending."
+    )
+    versions: dict[str, int] | None = Field(default=None, description="A metric version to use, by metric name.")
+
+
+class MetricsResult(QueryResult):
+    metrics: dict[str, int] = Field(description="Version of every metric used, inputs of ratios and derived included.")
+    compiled_sql: str = Field(description="The SQL the metrics compiled to, before policy rewriting.")
+
+
+def query_metrics(scope: CallScope, args: QueryMetricsArgs) -> MetricsResult:
+    query = MetricQuery(
+        metrics=tuple(args.metrics),
+        group_by=tuple(args.group_by),
+        where=tuple(DimensionFilter(f.dimension, f.op, f.value) for f in args.where),
+        order_by=tuple(args.order_by),
+        versions=dict(args.versions or {}),
+    )
+    compiled = scope.compile_metrics(query)
+    scope.details.update(metrics=compiled.metrics, compiled_sql=compiled.sql)
+    return MetricsResult(**run_governed(scope, compiled.sql, args), metrics=compiled.metrics, compiled_sql=compiled.sql)
+
+
+def render_metrics(result: MetricsResult) -> str:
+    versions = ", ".join(f"{name} v{version}" for name, version in result.metrics.items())
+    return render_query(result) + f"\nMetric versions: {versions}."
+
+
+METRIC_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
+    ToolSpec(ToolName.LIST_METRICS, "List metrics", ListMetricsArgs, MetricList, list_metrics, render_metric_list),
+    ToolSpec(
+        ToolName.DESCRIBE_METRIC,
+        "Describe a metric",
+        DescribeMetricArgs,
+        MetricDescription,
+        describe_metric,
+        render_metric_description,
+    ),
+    ToolSpec(
+        ToolName.QUERY_METRICS, "Query metrics", QueryMetricsArgs, MetricsResult, query_metrics, render_metrics
+    ),
+)
