@@ -71,6 +71,7 @@ class ScanColumn:
     name: str
     iceberg_type: str
     duckdb_type: str
+    field_id: int  # Iceberg's column identity: Parquet files are read by it, not by name
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ class ScanPlanner:
 
     def __init__(self, warehouse: Warehouse) -> None:
         self._warehouse = warehouse
-        self._plans: dict[tuple[str, int | None], ScanPlan] = {}
+        self._plans: dict[tuple[str, int | None, int | None], ScanPlan] = {}
         self._lock = threading.Lock()
 
     def plan(self, name: str, as_of: int | datetime | None = None) -> ScanPlan:
@@ -145,14 +146,17 @@ class ScanPlanner:
                         hint=f"Call describe_dataset on {name} to list its snapshot ids.",
                     )
             snapshot_id = snapshot.snapshot_id if snapshot is not None else None
-            key = (name, snapshot_id)
+            key = (name, snapshot_id, metadata.current_schema_id if as_of is None else None)
             with self._lock:
                 if key in self._plans:
                     return self._plans[key]
-            schema_id = snapshot.schema_id if snapshot is not None and snapshot.schema_id is not None else None
-            schema = next((s for s in metadata.schemas if s.schema_id == schema_id), None) or table.schema()
+            # The current read uses the current schema (a rename makes no snapshot); a read of the
+            # past uses the schema its snapshot was written with.
+            schema = table.schema()
+            if as_of is not None and snapshot is not None and snapshot.schema_id is not None:
+                schema = next((s for s in metadata.schemas if s.schema_id == snapshot.schema_id), schema)
             columns = tuple(
-                ScanColumn(field.name, str(field.field_type), duckdb_type(str(field.field_type)))
+                ScanColumn(field.name, str(field.field_type), duckdb_type(str(field.field_type)), field.field_id)
                 for field in schema.fields
             )
             files: tuple[str, ...] = ()

@@ -8,6 +8,11 @@ Each sandbox is an in-memory DuckDB database set up once and then locked:
 - the mask macros are defined, the time zone is UTC, and the memory limit and thread count of one
   query are set; then `lock_configuration` makes every setting final.
 
+What the sandbox does not do: it may read every file of the warehouse directory, so column masks,
+hidden columns and row filters are enforced by the guard's rewrite alone (policies/sql_guard.py),
+with DuckDB's own parser checking that exactly one SELECT runs. The sandbox is the wall against
+files, URLs, other databases and extensions outside the warehouse, and against changed settings.
+
 A pool holds `concurrency` sandboxes (creating one costs ~40 ms, reusing one costs nothing): a
 query takes one, runs with a time limit enforced by `interrupt()`, and gives it back, so each query
 has its own memory budget and no agent can take every core.
@@ -21,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from policies.masks import mask_macros
 from server.errors import BackendError, InvalidArgument, LakegateError, LimitExceeded
 from server.settings import QuerySettings
@@ -29,19 +36,15 @@ if TYPE_CHECKING:
     import duckdb
     import pyarrow as pa
 
-__all__ = ["QueryCancelled", "QueryEngine"]
+__all__ = ["QueryEngine"]
+
+log = structlog.get_logger(__name__)
 
 OnCancel = Callable[[Callable[[], None]], None]
 #: Receives the percentage of a running query that DuckDB reports done.
 OnProgress = Callable[[float], None]
 #: How often a running query's progress is read and reported.
 PROGRESS_INTERVAL_S = 1.0
-
-
-class QueryCancelled(LakegateError):
-    """The client cancelled the call while its query ran (the gate audits it as cancelled)."""
-
-    outcome = "cancelled"
 
 
 def _literal(text: str) -> str:
@@ -113,11 +116,25 @@ class QueryEngine:
         self._idle.put(connection)
 
     def run(self, sql: str, on_cancel: OnCancel | None = None, on_progress: OnProgress | None = None) -> pa.Table:
-        """Run one statement and return its result as Arrow, reporting progress every second.
+        """Run one statement and return its whole result as Arrow (see `run_page` for what it raises)."""
+        return self.run_page(sql, on_cancel, on_progress)[0]
+
+    def run_page(
+        self,
+        sql: str,
+        on_cancel: OnCancel | None = None,
+        on_progress: OnProgress | None = None,
+        max_bytes: int | None = None,
+    ) -> tuple[pa.Table, bool]:
+        """Run one statement and return its result as Arrow, reporting progress every second, and
+        whether the result was read to its end.
+
+        With `max_bytes`, reading stops once the rows read hold more than that many bytes (in
+        Arrow): the caller can only return so much, and a result of huge cells must not fill the
+        server's memory (DuckDB's memory limit does not cover the Python side).
 
         Raises:
             LimitExceeded: the query ran past the time limit or out of its memory budget.
-            QueryCancelled: the client cancelled the call.
             InvalidArgument: DuckDB rejected the SQL (binder, type or conversion errors: the message says why).
             BackendError: anything else went wrong in DuckDB.
         """
@@ -135,11 +152,13 @@ class QueryEngine:
                 on_cancel(lambda: interrupt("cancelled"))
             _require_one_select(connection, sql)
             timer.start()
-            return _execute(connection, sql, on_progress)
+            return _execute(connection, sql, on_progress, max_bytes)
         except Exception as exc:
             raise self._translate(exc, state) from exc
         finally:
             timer.cancel()
+            if timer.is_alive():
+                timer.join()  # an interrupt in flight must not reach the next caller's query
             self._release(connection)
 
     def explain(self, sql: str) -> str:
@@ -164,9 +183,10 @@ class QueryEngine:
 
         if isinstance(exc, LakegateError):
             return exc
-        if isinstance(exc, duckdb.InterruptException) or state.get("timed_out") or state.get("cancelled"):
-            if state.get("cancelled"):
-                return QueryCancelled("the client cancelled the query")
+        if state.get("cancelled"):
+            # The gate has already answered (and audited) the cancelled call; nobody reads this.
+            return BackendError("the client cancelled the query")
+        if isinstance(exc, duckdb.InterruptException) or state.get("timed_out"):
             return LimitExceeded(
                 f"The query ran longer than {self.settings.timeout_s:g} s and was stopped.",
                 hint="Filter on the partition column (e.g. a date range), aggregate, or select fewer columns.",
@@ -218,25 +238,59 @@ def _require_one_select(connection: duckdb.DuckDBPyConnection, sql: str) -> None
         raise BackendError(f"refused to run SQL that DuckDB reads as [{kinds}], not one SELECT")
 
 
-def _execute(connection: duckdb.DuckDBPyConnection, sql: str, on_progress: OnProgress | None) -> pa.Table:
-    """Run `sql`; while it runs, the calling thread reads DuckDB's progress and reports it."""
+#: Rows per Arrow batch read from DuckDB: small, so that reading can stop soon after the byte budget.
+FETCH_BATCH_ROWS = 64
+
+
+def _fetch(connection: duckdb.DuckDBPyConnection, sql: str, max_bytes: int | None) -> tuple[pa.Table, bool]:
+    import pyarrow as pa
+
+    reader = connection.sql(sql).to_arrow_reader(batch_size=FETCH_BATCH_ROWS)
+    batches = []
+    held = 0
+    complete = True
+    for batch in reader:
+        batches.append(batch)
+        held += batch.nbytes
+        if max_bytes is not None and held > max_bytes:
+            complete = False  # enough to fill (or overflow) the page; the rest is never read
+            break
+    return pa.Table.from_batches(batches, schema=reader.schema), complete
+
+
+def _execute(
+    connection: duckdb.DuckDBPyConnection, sql: str, on_progress: OnProgress | None, max_bytes: int | None
+) -> tuple[pa.Table, bool]:
+    """Run `sql`; while it runs, the calling thread reads DuckDB's progress and reports it.
+
+    The connection is never handed back while its query still runs: if reporting fails (the client
+    went away), the query is interrupted and waited for before the error goes up.
+    """
     if on_progress is None:
-        return connection.sql(sql).to_arrow_table()
+        return _fetch(connection, sql, max_bytes)
     outcome: dict[str, Any] = {}
 
     def execute() -> None:
         try:
-            outcome["table"] = connection.sql(sql).to_arrow_table()
+            outcome["result"] = _fetch(connection, sql, max_bytes)
         except BaseException as exc:  # handed to the calling thread, which raises it
             outcome["error"] = exc
 
     worker = threading.Thread(target=execute, name="lakegate-query", daemon=True)
     worker.start()
-    while worker.is_alive():
-        worker.join(PROGRESS_INTERVAL_S)
-        if worker.is_alive() and (done := connection.query_progress()) >= 0:
-            on_progress(float(done))
+    try:
+        while worker.is_alive():
+            worker.join(PROGRESS_INTERVAL_S)
+            if worker.is_alive() and (done := connection.query_progress()) >= 0:
+                try:
+                    on_progress(float(done))
+                except Exception:  # progress is best effort; the query goes on
+                    log.warning("query.progress_failed", exc_info=True)
+    finally:
+        if worker.is_alive():
+            connection.interrupt()
+            worker.join()
     if "error" in outcome:
         raise outcome["error"]
-    table: pa.Table = outcome["table"]
-    return table
+    result: tuple[pa.Table, bool] = outcome["result"]
+    return result

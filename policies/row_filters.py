@@ -21,6 +21,10 @@ ROW_FILTER_FILE = "row_filters.yaml"
 DIALECT = "duckdb"
 
 
+#: What a row filter's top node may be: something true or false for each row.
+_PREDICATES = (exp.Predicate, exp.Connector, exp.Not, exp.Boolean, exp.Paren)
+
+
 class RowFilterEntry(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -54,6 +58,11 @@ class RowFilter:
     def predicate(self) -> exp.Expr:
         return predicate_of(self.where)
 
+    def sql(self) -> str:
+        """The predicate as lakegate injects it: regenerated from the tree, so a comment or stray
+        text in the file can never reach past it into the rest of the query."""
+        return self.predicate().sql(DIALECT, comments=False)
+
     def columns(self) -> set[str]:
         return {column.name.lower() for column in self.predicate().find_all(exp.Column)}
 
@@ -64,6 +73,8 @@ def predicate_of(where: str) -> exp.Expr:
     Raises:
         ValueError: not one predicate, or it holds a subquery, a table or a qualified column.
     """
+    from policies.sql_guard import InvalidQuery, check_functions
+
     try:
         parsed = sqlglot.parse_one(where, dialect=DIALECT)
     except sqlglot.errors.ParseError as exc:
@@ -72,6 +83,12 @@ def predicate_of(where: str) -> exp.Expr:
         raise ValueError(f"row filter {where!r} may not hold a subquery or a table")
     if any(column.table for column in parsed.find_all(exp.Column)):
         raise ValueError(f"row filter {where!r} must name its dataset's columns without a table prefix")
+    if not isinstance(parsed, _PREDICATES):
+        raise ValueError(f"row filter {where!r} is not a condition (compare a column with a value)")
+    try:
+        check_functions(parsed)
+    except InvalidQuery as exc:
+        raise ValueError(f"row filter {where!r}: {exc.message}") from exc
     return parsed
 
 

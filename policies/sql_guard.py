@@ -35,9 +35,21 @@ from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import traverse_scope
 
 from policies.masks import MACRO_PREFIX
-from server.errors import InvalidArgument, PolicyDenied
+from server.errors import InvalidQuery, PolicyDenied
 
-__all__ = ["DIALECT", "GuardedQuery", "InvalidQuery", "parse_query", "resolve_columns", "rewrite"]
+__all__ = [
+    "DIALECT",
+    "GuardedQuery",
+    "InvalidQuery",
+    "TableColumns",
+    "check_functions",
+    "function_allowed",
+    "page",
+    "parse_query",
+    "resolve_columns",
+    "rewrite",
+    "table_name",
+]
 
 DIALECT = "duckdb"
 MAX_NESTING = 48
@@ -63,25 +75,32 @@ _FORBIDDEN_FUNCTIONS = frozenset(
     {
         "getenv", "current_setting", "glob", "query", "query_table", "sniff_csv", "which_secret",
         "checkpoint", "force_checkpoint", "install", "load", "sql_auto_complete", "json_execute_serialized_sql",
+        "json_serialize_sql", "json_deserialize_sql", "json_serialize_plan",
         "from_substrait", "get_substrait", "get_substrait_json", "test_all_types", "test_vector_types",
-        "enable_logging", "disable_logging", "truncate_duckdb_logs", "pg_read_file", "pg_ls_dir",
-        "current_database", "current_catalog", "current_schemas", "current_query", "version", "pragma_version",
-        "duckdb_api", "icu_calendar_names", "read_text", "read_blob", "list_files", "set_variable", "getvariable",
+        "enable_logging", "disable_logging", "truncate_duckdb_logs", "write_log",
+        "version", "duckdb_api", "read_text", "read_blob", "list_files", "set_variable", "getvariable",
+        # Parquet statistics are taken before row filters: min/max would show filtered rows.
+        "stats",
+        # State that would outlive the query in a pooled sandbox, or reveal other callers' queries.
+        "setseed", "nextval", "currval", "setval", "get_block_size", "txid_current",
+        "user", "session_user", "in_search_path", "obj_description", "col_description", "shobj_description",
+        "format_pg_type", "format_type", "pg_typeof",
     }
 )  # fmt: skip
 _FORBIDDEN_PREFIXES = (
     "read_", "duckdb_", "pragma_", "parquet_", "iceberg_", "delta_", "sqlite_", "postgres_", "mysql_",
-    "http", "s3_", "lance_", "arrow_scan", "arrow_", "pandas_", "python_", "ducklake_", MACRO_PREFIX,
+    "http", "s3_", "lance_", "arrow_scan", "arrow_", "pandas_", "python_", "ducklake_", "__internal", "pg_",
+    "has_", "current_", "icu_", MACRO_PREFIX,
 )  # fmt: skip
+#: Functions under a forbidden prefix that are plain values.
+_ALLOWED_FUNCTIONS = frozenset(
+    {"current_date", "current_time", "current_timestamp", "current_localtime", "current_localtimestamp"}
+)
 #: The only table functions a query may use: they generate rows and read nothing.
 _TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest"})
 _TABLE_ARGS = frozenset({"this", "db", "catalog", "alias", "pivots"})
 _GENERATED_NAME = re.compile(r'^"?([A-Za-z_][\w$]*)"?\s*(?:\(|$)')
 _UNRESOLVED = re.compile(r"""(?:Column '|Unknown column: )"?([^"'\s.]+)"?""")
-
-
-class InvalidQuery(InvalidArgument):
-    """The SQL is not something lakegate runs: not parseable, not read-only, or not resolvable."""
 
 
 @dataclass(frozen=True)
@@ -104,21 +123,43 @@ def _function_name(node: exp.Func) -> str:
     return node.sql_name().lower()
 
 
+def function_allowed(name: str) -> bool:
+    """Whether a function of this (DuckDB) name may appear in an agent's query."""
+    name = name.lower()
+    if name in _ALLOWED_FUNCTIONS:
+        return True
+    return not (name in _FORBIDDEN_FUNCTIONS or name.startswith(_FORBIDDEN_PREFIXES))
+
+
 def _check_function(node: exp.Func) -> None:
     # sqlglot may know a function under another name than the one DuckDB runs (version() parses as
     # CurrentVersion), so the name as generated for DuckDB is checked too.
     generated = _GENERATED_NAME.match(node.sql(DIALECT))
     for name in (_function_name(node), generated.group(1).lower() if generated else ""):
-        if name in _FORBIDDEN_FUNCTIONS or (name and name.startswith(_FORBIDDEN_PREFIXES)):
+        if name and not function_allowed(name):
             raise _invalid(
                 f"The function {name}() is not allowed: it reads files or URLs, or reveals the engine's internals.",
                 "Query the governed tables (namespace.table) with plain SQL functions instead.",
             )
 
 
+_STRING_LITERAL = re.compile(r"'(?:[^']|'')*'")
+
+
+def check_functions(tree: exp.Expr) -> None:
+    """Refuse a tree that calls a function agents may not call (row filters are checked with it).
+
+    Raises:
+        InvalidQuery: the tree holds such a function.
+    """
+    for node in tree.walk():
+        if isinstance(node, exp.Func):
+            _check_function(node)
+
+
 def _nesting(sql: str) -> int:
     depth = deepest = 0
-    for char in sql:
+    for char in _STRING_LITERAL.sub("''", sql):  # parentheses inside strings do not nest
         if char == "(":
             depth += 1
             deepest = max(deepest, depth)
@@ -298,13 +339,15 @@ def resolve_columns(query: GuardedQuery, tables: Mapping[str, TableColumns]) -> 
             source = sources.get(column.table)
             if source is not None and (name := table_name(source)) in read:
                 read[name].add(_source_column(source, column.name.lower(), tables[name]))
-        # Some forms read columns that sqlglot does not name: COLUMNS('regex'), a star it leaves
+        # Some forms read columns that sqlglot does not name: COLUMNS('regex'), #n, a star it leaves
         # unexpanded ("* LIKE '%mail%'"), a PIVOT (every other column is a group key) and a bare
         # alias that is the whole row ("to_json(c)"). Count every visible column of the source read.
         projections = scope.expression.expressions if isinstance(scope.expression, exp.Select) else []
         stars = (star for projection in projections for star in projection.find_all(exp.Star))
-        pattern = scope.expression.find(exp.Columns) is not None or any(
-            not isinstance(star.parent, exp.Func) for star in stars
+        # A positional reference (#3) reads a column by place: count the whole row, too.
+        pattern = (
+            scope.expression.find(exp.Columns, exp.PositionalColumn) is not None
+            or any(not isinstance(star.parent, exp.Func) for star in stars)
         )
         whole_rows = {
             str(node.name) for node in scope.expression.find_all(exp.TableColumn)
@@ -357,18 +400,21 @@ def _column_error(message: str, query: GuardedQuery, tables: Mapping[str, TableC
 # -- rewriting -----------------------------------------------------------------------------------
 
 
-def rewrite(query: GuardedQuery, scans: Mapping[str, str], sources: Mapping[str, str] | None = None) -> str:
+def rewrite(query: GuardedQuery, scans: Mapping[str, str]) -> str:
     """The query with every governed table replaced by its governed scan (SQL of a SELECT).
 
-    `sources` maps placeholder table names in the scans to the SQL they stand for (the
-    `read_parquet([...])` of hundreds of files), which is put in after the rewrite: sqlglot then
-    never parses or copies the file lists, which would cost more than the rest of the rewrite.
+    The scans read from placeholder names that the caller replaces afterwards by the SQL they stand
+    for (the `read_parquet([...])` of hundreds of files): sqlglot then never parses or copies the
+    file lists, which would cost more than the rest of the rewrite.
 
     Raises:
         InvalidQuery: a scan does not parse (a bug, refused rather than run).
     """
     tree = query.tree.copy()
-    parsed = {name: sqlglot.parse_one(sql, dialect=DIALECT) for name, sql in scans.items()}
+    try:
+        parsed = {name: sqlglot.parse_one(sql, dialect=DIALECT) for name, sql in scans.items()}
+    except ParseError as exc:
+        raise _invalid(f"A governed scan does not parse: {exc}") from exc
     for table in list(tree.find_all(exp.Table)):
         name = table_name(table) if isinstance(table.this, exp.Identifier) else None
         if name is None:
@@ -387,10 +433,7 @@ def rewrite(query: GuardedQuery, scans: Mapping[str, str], sources: Mapping[str,
             column.set("catalog", None)
     # Without comments: what runs is exactly the tree that was checked (the original, comments
     # included, is in the audit record).
-    text = tree.sql(DIALECT, comments=False)
-    for placeholder, source in (sources or {}).items():
-        text = text.replace(f'"{placeholder}"', source)
-    return text
+    return tree.sql(DIALECT, comments=False)
 
 
 def page(sql: str, offset: int, count: int) -> str:

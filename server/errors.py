@@ -5,7 +5,9 @@
     │   ├── PolicyDenied       the policy set does not allow this principal to do this
     │   ├── NotFound           no such dataset, column, metric or tool (or not visible to the caller)
     │   ├── InvalidArgument    an argument is malformed or out of range
-    │   └── LimitExceeded      a row, byte, time or memory budget was exceeded
+    │   │   └── InvalidQuery   SQL that is not one read-only query lakegate can resolve
+    │   ├── LimitExceeded      a row, byte, time or memory budget was exceeded
+    │   └── Cancelled          the client cancelled the call (only ever in the audit record)
     └── ServerError            lakegate's own failure; the agent sees a short generic message
         ├── BackendError       a storage engine (pyiceberg, DuckDB, Lance) failed
         ├── AuditWriteError    the audit record could not be written (the call fails closed)
@@ -20,9 +22,11 @@ from __future__ import annotations
 __all__ = [
     "AuditWriteError",
     "BackendError",
+    "Cancelled",
     "ClientError",
     "ConfigurationError",
     "InvalidArgument",
+    "InvalidQuery",
     "LakegateError",
     "LimitExceeded",
     "NotFound",
@@ -70,8 +74,21 @@ class InvalidArgument(ClientError):
     outcome = "invalid"
 
 
+class InvalidQuery(InvalidArgument):
+    """The SQL is not something lakegate runs: not parseable, not read-only, or not resolvable."""
+
+
 class LimitExceeded(ClientError):
     outcome = "limit_exceeded"
+
+
+class Cancelled(ClientError):
+    """The client cancelled the call before it finished."""
+
+    outcome = "cancelled"
+
+    def __init__(self) -> None:
+        super().__init__("The client cancelled the call.")
 
 
 class ServerError(LakegateError):

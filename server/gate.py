@@ -30,6 +30,7 @@ from policies.enforcer import PolicyEnforcer
 from server.audit import AuditLog
 from server.errors import (
     AuditWriteError,
+    Cancelled,
     ClientError,
     InvalidArgument,
     LakegateError,
@@ -177,7 +178,7 @@ class Gate:
                     _validation_message(tool_name, exc),
                     hint="Check the tool's input schema and call it again.",
                 ) from exc
-            produced = await _run_cancellable(spec.handler, scope, args)
+            produced = await _run_handler(spec, scope, args)
             text = spec.render(produced)
             payload = produced.model_dump_json()
             result = produced
@@ -255,20 +256,20 @@ class Gate:
         }
 
 
-class Cancelled(ClientError):
-    """The client cancelled the call before it finished (only ever written to the audit record)."""
+async def _run_handler(spec: ToolSpec[Any, Any], scope: CallScope, args: BaseModel) -> BaseModel:
+    """Run a handler in a worker thread.
 
-    outcome = "cancelled"
-
-    def __init__(self) -> None:
-        super().__init__("The client cancelled the call.")
-
-
-async def _run_cancellable(handler: Any, scope: CallScope, args: BaseModel) -> BaseModel:
-    """Run a handler in a worker thread; if the call is cancelled, tell the scope to stop its work."""
+    A read-only call that the client cancels stops at once: the scope interrupts its query, and the
+    gate audits the call as cancelled. A write is never abandoned half-way: it runs to its end
+    shielded from cancellation, so that its audit record says what really happened to the table.
+    """
+    if not spec.read_only:
+        with anyio.CancelScope(shield=True):
+            written: BaseModel = await anyio.to_thread.run_sync(spec.handler, scope, args)
+        return written
     try:
         # abandon_on_cancel: cancellation reaches this await at once, instead of after the thread.
-        produced: BaseModel = await anyio.to_thread.run_sync(handler, scope, args, abandon_on_cancel=True)
+        produced: BaseModel = await anyio.to_thread.run_sync(spec.handler, scope, args, abandon_on_cancel=True)
     except anyio.get_cancelled_exc_class():
         scope.cancel()
         raise

@@ -14,10 +14,11 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import secrets
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -93,7 +94,7 @@ def governed_scan(
             selected.append(_quote(column.name))
     if not selected:
         raise NotFound(f"No column of {plan.table} is visible to you.", hint="Call list_datasets.")
-    where = " AND ".join(f"({row_filter.where})" for row_filter in filters)
+    where = " AND ".join(f"({row_filter.sql()})" for row_filter in filters)
     return f"SELECT {', '.join(selected)} FROM {_quote(source)}" + (f" WHERE {where}" if where else "")
 
 
@@ -101,10 +102,30 @@ def scan_source(plan: ScanPlan) -> str:
     """The relation holding a table's rows at the planned snapshot: its Parquet files."""
     if plan.files:
         files = ", ".join(_literal(path) for path in plan.files)
-        return f"read_parquet([{files}])"
+        # Columns by Iceberg field id, not by name: files written before a rename or a dropped and
+        # re-added column still read right, and a column added later reads NULL in older files.
+        fields = ", ".join(
+            f"{c.field_id}: {{name: {_literal(c.name)}, type: {_literal(c.duckdb_type)}, default_value: NULL}}"
+            for c in plan.columns
+        )
+        return f"read_parquet([{files}], schema = MAP {{{fields}}})"
     # An empty table has no file: an empty relation of the same columns and types.
     empty = ", ".join(f"CAST(NULL AS {c.duckdb_type}) AS {_quote(c.name)}" for c in plan.columns)
     return f"(SELECT {empty} LIMIT 0)"
+
+
+def _substitute(template: str, sources: Mapping[str, str]) -> str:
+    for placeholder, source in sources.items():
+        template = template.replace(f'"{placeholder}"', source)
+    return template
+
+
+_ESTIMATE = re.compile(r"~[\d,.]+\s*rows?", re.IGNORECASE)
+
+
+def _without_estimates(plan: str) -> str:
+    """DuckDB's plan without its row estimates: those are made before row filters apply."""
+    return _ESTIMATE.sub("", plan)
 
 
 def _lance_refusal(name: str) -> InvalidQuery:
@@ -177,22 +198,28 @@ def run_query(
         filters[name] = scope.row_filters(name)
         scans[name] = governed_scan(plans[name], accesses[name], filters[name], placeholder)
         scope.record("dataset", name, "filtered" if filters[name] else "read", plans[name].snapshot_id)
-    rewritten = rewrite(query, scans, sources)
+    template = rewrite(query, scans)
+    runnable = _substitute(template, sources)
+    # What the audit record and explain show: each table's files named by the snapshot they are,
+    # so that records stay small and no server path reaches the agent.
+    labels = {p: f'"{name}@{plans[name].snapshot_id}"' for name, p in zip(query.tables, sources, strict=True)}
+    rewritten = _substitute(template, labels)
     snapshots = {name: plan.snapshot_id for name, plan in plans.items()}
-    applied = {name: [f.where for f in found] for name, found in filters.items() if found}
-    scope.details.update(
-        sql=sql, rewritten_sql=rewritten, snapshots=snapshots, row_filters=applied, masked_columns=masked
-    )
+    applied = {name: [f.sql() for f in found] for name, found in filters.items() if found}
+    scope.details.update(rewritten_sql=rewritten, snapshots=snapshots, row_filters=applied, masked_columns=masked)
     engine = scope.query_engine()
     if explain:
-        plan = engine.explain(rewritten)
+        plan = _without_estimates(engine.explain(runnable))
         return QueryPage([], [], 0, False, snapshots, rewritten, masked, applied, query.ordered, plan)
 
     def progress(done: float) -> None:
         scope.report_progress(round(done, 1), 100.0, "query running (percent done, as DuckDB estimates it)")
 
-    table = engine.run(page(rewritten, offset, count + 1), on_cancel=scope.on_cancel, on_progress=progress)
-    return _page(query, table, offset, count, scope.limits.max_bytes, snapshots, rewritten, masked, applied)
+    table, complete = engine.run_page(
+        page(runnable, offset, count + 1), scope.on_cancel, progress, max_bytes=scope.limits.max_bytes
+    )
+    shown = _page(query, table, offset, count, scope.limits.max_bytes, snapshots, rewritten, masked, applied)
+    return shown if complete else replace(shown, more=True)
 
 
 def _page(

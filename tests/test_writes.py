@@ -498,3 +498,25 @@ def test_four_writer_processes_lose_no_row_and_duplicate_none(home: Path, tmp_pa
         f" commit attempts per call: max {max(attempts)}, {sum(a > 1 for a in attempts)} calls retried,"
         f" {sum(attempts) - len(attempts)} retries; slowest writer {max(r.seconds for r in reports):.1f} s"
     )
+
+
+def test_a_cancelled_append_still_finishes_and_is_audited_as_what_happened(runtime: Runtime, home: Path) -> None:
+    """A write is never abandoned half-way: the cancel waits for it, and the record says it committed."""
+    before, _ = snapshots(home, TICKETS)
+    who = stdio_principal("support_agent", runtime.enforcer)
+
+    async def cancelled_call() -> bool:
+        with anyio.move_on_after(0.01) as scope:
+            await runtime.gate.call(
+                "append_rows",
+                {"table": TICKETS, "rows": [ticket(i) for i in range(10, 60)]},
+                who,
+                CallOrigin(transport="in-process", session_id="t"),
+            )
+        return scope.cancelled_caught or scope.cancel_called
+
+    assert anyio.run(cancelled_call)
+    after, _ = snapshots(home, TICKETS)
+    (record,) = read_records(runtime.audit.path)
+    assert record["outcome"] == "ok" and record["details"]["snapshot_after"] == after != before
+    assert record["rows"] == 50

@@ -106,6 +106,10 @@ def _fingerprint(args: BaseModel) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
+#: No result has more rows than this; a cursor past it was not made by lakegate.
+MAX_CURSOR_OFFSET = 2**62
+
+
 def encode_cursor(offset: int, args: BaseModel, pinned: dict[str, Any] | None = None) -> str:
     """A cursor for the page at `offset` of the call `args`; `pinned` keeps state for the next page
     (the snapshots a query read, so that every page reads the same data)."""
@@ -127,7 +131,7 @@ def decode_cursor(cursor: str, args: BaseModel) -> tuple[int, dict[str, Any]]:
         raise InvalidArgument(
             "The cursor is not valid.", hint="Pass next_cursor exactly as the previous page returned it."
         ) from exc
-    if fingerprint != _fingerprint(args) or offset < 0:
+    if fingerprint != _fingerprint(args) or not 0 <= offset <= MAX_CURSOR_OFFSET:
         raise InvalidArgument(
             "The cursor belongs to a different call.",
             hint="Repeat the call with the same arguments as the page that gave this cursor.",

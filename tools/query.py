@@ -87,7 +87,12 @@ def run_governed(scope: CallScope, sql: str, args: GovernedReadArgs) -> dict[str
     as_of = {name.lower(): _as_of(name, value) for name, value in (args.as_of or {}).items()}
     if pinned:
         # Every page of one result reads the snapshots the first page read.
-        as_of.update({name: int(snapshot) for name, snapshot in pinned.items() if snapshot is not None})
+        try:
+            as_of.update({str(name): int(snapshot) for name, snapshot in pinned.items() if snapshot is not None})
+        except (TypeError, ValueError):
+            raise InvalidArgument(
+                "The cursor is not valid.", hint="Pass next_cursor exactly as the previous page returned it."
+            ) from None
     count = min(args.limit, scope.limits.max_rows)
     page = scope.query(sql, as_of=as_of, offset=offset, count=count, explain=args.explain)
     scope.rows += len(page.rows)
