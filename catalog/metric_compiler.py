@@ -385,7 +385,7 @@ class _Compiler:
         sql = f"SELECT {', '.join(selected)} {self._frame([cte for _, cte, _ in requested])}"
         sql += "".join(f" LEFT JOIN {cte} ON {self._join_on('f', cte)}" for _, cte, _ in requested)
         period_filters = [
-            self._condition(f"f.{_quote(self.time.name)}", spec)
+            self._period_condition(ref, spec)
             for ref, spec in self.filters
             if ref.is_metric_time and self.time is not None
         ]
@@ -396,6 +396,41 @@ class _Compiler:
             sql += f" LIMIT {int(self.query.limit)}"
         with_clause = "WITH " + ", ".join(f"{name} AS ({body})" for name, body in self.ctes)
         return CompiledQuery(f"{with_clause} {sql}", dict(self.used), self.columns, tuple(self.query.group_by))
+
+    def _period_condition(self, ref: DimensionRef, spec: DimensionFilter) -> str:
+        """A metric_time filter on the result's periods: a period stays when some instant in it passes.
+
+        The filter may be at another grain than the query, or on metric_time itself: the rows are
+        filtered already, so a period the filter cuts through keeps its part (metric_time__day >=
+        '2025-10-15' by month keeps October), and a filter by year keeps every month of the year.
+        """
+        assert self.time is not None and self.time.grain is not None
+        period = f"f.{_quote(self.time.name)}"
+        plain = self._condition(period, spec)  # also checks the value's shape
+        if ref.grain == self.time.grain or spec.op in ("is null", "is not null"):
+            return plain
+        start, end = f"CAST({period} AS TIMESTAMP)", f"({period} + {_GRAIN_STEP[self.time.grain]})"
+        values = spec.value if isinstance(spec.value, list) else [spec.value]
+
+        def low(value: Any) -> str:
+            return f"CAST({_literal(value)} AS TIMESTAMP)"
+
+        def high(value: Any) -> str:  # the end of the filter's own period (the instant itself without a grain)
+            return f"({low(value)} + {_GRAIN_STEP[ref.grain]})" if ref.grain else low(value)
+
+        before = "<" if ref.grain else "<="
+        if spec.op in ("=", "in"):
+            return "(" + " OR ".join(f"({start} {before} {high(v)} AND {end} > {low(v)})" for v in values) + ")"
+        if spec.op in ("!=", "not in"):
+            if ref.grain is None:
+                return "TRUE"  # no period is a single instant
+            return " AND ".join(f"NOT ({start} >= {low(v)} AND {end} <= {high(v)})" for v in values)
+        return {
+            ">=": f"{end} > {low(spec.value)}",
+            ">": f"{end} > {high(spec.value)}",
+            "<": f"{start} < {low(spec.value)}",
+            "<=": f"{start} {before} {high(spec.value)}",
+        }[spec.op]
 
     def _order_by(self, columns: list[str], metrics: list[str]) -> str:
         known = {*self.query.group_by, *metrics}
