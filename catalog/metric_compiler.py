@@ -18,14 +18,13 @@ How a query compiles:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import sqlglot
 from sqlglot import exp
 
-from catalog.metric_definitions import GRAINS, Metric, MetricInput, SemanticCatalog, SemanticModel
+from catalog.metric_definitions import GRAINS, Measure, Metric, MetricInput, SemanticCatalog, SemanticModel
 from server.errors import InvalidArgument
 
 __all__ = [
@@ -130,15 +129,61 @@ def _literal(value: Any) -> str:
     raise _invalid(f"Filter value {value!r} must be a string, number, boolean or null.", "Send a plain value.")
 
 
+def _truncated(sql: str, grain: str) -> str:
+    # On a plain TIMESTAMP (UTC in lakegate's sandboxes), date_trunc is several times faster than
+    # on a TIMESTAMPTZ, which goes through the ICU calendar.
+    return f"CAST(date_trunc('{grain}', CAST({sql} AS TIMESTAMP)) AS DATE)"
+
+
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """Where a compiled metric's values are: a CTE with the query's dimensions, and a column."""
+
+    cte: str
+    column: str
+    zero_filled: bool  # sum and count read 0 where there is no row
+
+
+@dataclass
+class _Scan:
+    """One pass over a model's table, grouped by the query's dimensions, with a column per measure."""
+
+    name: str
+    model: SemanticModel
+    dimensions: list[str]
+    joins: dict[str, str]
+    where: list[str]
+    values: list[str] = field(default_factory=list)
+
+    def column(self, sql: str) -> str:
+        if sql not in self.values:
+            self.values.append(sql)
+        return f"v{self.values.index(sql)}"
+
+    def sql(self) -> str:
+        values = [f"{value} AS v{i}" for i, value in enumerate(self.values)]
+        text = f"SELECT {', '.join([*self.dimensions, *values])} FROM {self.model.table} AS m"
+        text += "".join(f" {join}" for join in self.joins.values())
+        if self.where:
+            text += " WHERE " + " AND ".join(f"({clause})" for clause in self.where)
+        if self.dimensions:
+            text += " GROUP BY " + ", ".join(str(i) for i in range(1, len(self.dimensions) + 1))
+        return text
 
 
 class _Compiler:
     def __init__(self, catalog: SemanticCatalog, query: MetricQuery) -> None:
         self.catalog = catalog
         self.query = query
-        self.ctes: list[tuple[str, str]] = []
+        self.scans: dict[str, _Scan] = {}
+        self.early: list[tuple[str, str]] = []  # CTEs that read tables
+        self.late: list[tuple[str, str]] = []  # CTEs over lakegate_frame (and shifts)
+        self.keys: list[str] = []  # SELECTs of the dimension values each metric has rows for
+        self.offsets = False
         self.used: dict[str, int] = {}
         self.columns: dict[str, set[str]] = {}
         self.dims = [parse_dimension(name) for name in query.group_by]
@@ -177,7 +222,7 @@ class _Compiler:
         """SQL for a dimension on a metric's model (alias m), adding the join it needs to `joins`."""
         if ref.is_metric_time:
             raw = self._time_sql(model, "m", metric)
-            return f"CAST(date_trunc('{ref.grain}', {raw}) AS DATE)" if ref.grain else raw
+            return _truncated(raw, ref.grain) if ref.grain else raw
         assert ref.entity is not None and ref.dimension is not None
         target = self.catalog.model_with_primary(ref.entity)
         if target is None:
@@ -205,7 +250,7 @@ class _Compiler:
                 there = self._on(target.primary_entity.expr, alias, target)
                 joins[alias] = f"LEFT JOIN {target.table} AS {alias} ON {here} = {there}"
         sql = self._on(dimension.sql, alias, target)
-        return f"CAST(date_trunc('{ref.grain}', {sql}) AS DATE)" if ref.grain else sql
+        return _truncated(sql, ref.grain) if ref.grain else sql
 
     def _where(self, model: SemanticModel, metric: Metric, joins: dict[str, str], *, periods: bool) -> list[str]:
         """The query's filters as SQL on the model's rows (metric_time filters only when `periods`)."""
@@ -228,9 +273,17 @@ class _Compiler:
         return f"{sql} {spec.op} {_literal(spec.value)}"
 
     # -- metrics --------------------------------------------------------------------------------
+    #
+    # Every metric resolves to a `_Ref`: a CTE and the column holding its value, by the query's
+    # dimensions. Simple metrics of one model share one scan of its table (one aggregate column each,
+    # with its filter as FILTER (WHERE ...)), so asking for revenue, orders and their ratio reads
+    # sales.orders once. An input a period earlier is a shift of the same CTE, not another scan.
+    # Cumulative metrics, ratios and derived metrics are evaluated over one frame of result rows
+    # (`lakegate_frame`: the dimension values of every metric, and every period between the first and
+    # the last), so that a running total carries on into periods where only another metric has rows.
 
-    def metric_cte(self, used: MetricInput, *, offset: int = 0, extra_filter: str | None = None) -> tuple[str, Metric]:
-        """Compile one metric (at a version, with an extra filter and offset) to a CTE; returns its name."""
+    def value(self, used: MetricInput, *, offset: int = 0, extra_filter: str | None = None) -> _Ref:
+        """Compile one metric (at a version, with an extra filter, `offset` periods earlier)."""
         version = used.version or self.query.versions.get(used.name)
         metric = self.catalog.metric(used.name, version)
         if self.used.get(metric.name, metric.version) != metric.version:
@@ -242,134 +295,150 @@ class _Compiler:
                 "Add metric_time__month (or another grain) to group_by.",
             )
         filters = [f for f in (metric.filter, extra_filter) if f]
-        if metric.type == "simple":
-            body = self._simple(metric, filters, offset)
-        elif metric.type == "cumulative":
-            body = self._cumulative(metric, filters, offset)
+        if metric.type == "simple" or (metric.type == "cumulative" and self.time is None):
+            # Without periods, the running total up to now is the plain total.
+            return self._shifted(self._simple(metric, filters, keyed=not offset), offset)
+        if metric.type == "cumulative":
+            return self._cumulative(metric, filters, offset)
+        return self._combined(metric, filters, offset)
+
+    def _measure(self, metric: Metric) -> tuple[SemanticModel, Measure]:
+        assert metric.measure is not None
+        found = self.catalog.measure_model(metric.measure)
+        assert found is not None
+        return found
+
+    def _simple(self, metric: Metric, filters: list[str], *, keyed: bool) -> _Ref:
+        model, measure = self._measure(metric)
+        scan = self._scan(model, metric)
+        condition = " AND ".join(f"({self._on(f, 'm', model)})" for f in filters)
+        value = _AGG_SQL[measure.agg].format(x=self._on(measure.expr, "m", model), p=measure.percentile)
+        column = scan.column(f"{value} FILTER (WHERE {condition})" if condition else value)
+        if keyed:
+            self.keys.append(f"SELECT {', '.join(self._dim_columns()) or '1 AS one'} FROM {scan.name}")
+        return _Ref(scan.name, column, measure.agg in _ZERO_FILLED)
+
+    def _scan(self, model: SemanticModel, metric: Metric) -> _Scan:
+        """The one pass over a model's table that computes all of its measures the query needs."""
+        if model.name in self.scans:
+            return self.scans[model.name]
+        joins: dict[str, str] = {}
+        selected = [f"{self._dimension_sql(ref, model, metric, joins)} AS {_quote(ref.name)}" for ref in self.dims]
+        # Period filters go into the scan too (partition pruning), unless an input a period earlier
+        # needs the period before the first one.
+        where = self._where(model, metric, joins, periods=not self.offsets)
+        scan = _Scan(f"scan_{model.name}", model, selected, joins, where)
+        self.scans[model.name] = scan
+        return scan
+
+    def _shifted(self, ref: _Ref, offset: int) -> _Ref:
+        """The same values `offset` periods later: what the row of a period reads as "a period earlier"."""
+        if not offset:
+            return ref
+        assert self.time is not None and self.time.grain is not None
+        period = _quote(self.time.name)
+        others = [c for c in self._dim_columns() if c != period]
+        shift = f"CAST({period} + {offset} * {_GRAIN_STEP[self.time.grain]} AS DATE) AS {period}"
+        body = f"SELECT {', '.join([shift, *others, f'{ref.column} AS value'])} FROM {ref.cte}"
+        return _Ref(self._late(f"shift_{offset}_{ref.cte}_{ref.column}", body), "value", ref.zero_filled)
+
+    def _cumulative(self, metric: Metric, filters: list[str], offset: int) -> _Ref:
+        assert self.time is not None and self.time.grain is not None
+        model, measure = self._measure(metric)
+        joins: dict[str, str] = {}
+        others = [d for d in self.dims if not d.is_metric_time]
+        rows = [f"CAST({self._time_sql(model, 'm', metric)} AS TIMESTAMP) AS lakegate_ts"]
+        rows += [f"{self._dimension_sql(d, model, metric, joins)} AS {_quote(d.name)}" for d in others]
+        rows.append(f"{self._on(measure.expr, 'm', model)} AS lakegate_value")
+        where = [self._on(f, "m", model) for f in filters] + self._where(model, metric, joins, periods=False)
+        body = f"SELECT {', '.join(rows)} FROM {model.table} AS m" + "".join(f" {j}" for j in joins.values())
+        if where:
+            body += " WHERE " + " AND ".join(f"({clause})" for clause in where)
+        source = self._early(f"rows_{metric.name}_{len(self.early)}", body)
+        grain, step = self.time.grain, _GRAIN_STEP[self.time.grain]
+        period = _quote(self.time.name)
+        if not offset:
+            keys = [f"CAST(date_trunc('{grain}', lakegate_ts) AS DATE) AS {period}", *(_quote(d.name) for d in others)]
+            self.keys.append(f"SELECT DISTINCT {', '.join(keys)} FROM {source}")
+        end = f"(f.{period} - {offset} * {step} + {step})"  # the end of the (shifted) period
+        window = [f"r.lakegate_ts < {end}"]
+        if metric.window_interval:
+            window.append(f"r.lakegate_ts >= {end} - {metric.window_interval}")
+        if metric.grain_to_date:
+            window.append(f"r.lakegate_ts >= date_trunc('{metric.grain_to_date}', f.{period} - {offset} * {step})")
+        window += [f"f.{_quote(d.name)} IS NOT DISTINCT FROM r.{_quote(d.name)}" for d in others]
+        value = _AGG_SQL[measure.agg].format(x="r.lakegate_value", p=measure.percentile)
+        columns = [f"f.{c}" for c in self._dim_columns()]
+        body = (
+            f"SELECT {', '.join([*columns, f'{value} AS value'])} FROM lakegate_frame AS f JOIN {source} AS r "
+            f"ON {' AND '.join(window)} GROUP BY {', '.join(columns)}"
+        )
+        name = self._late(f"cumulative_{metric.name}_{len(self.late)}", body)
+        return _Ref(name, "value", measure.agg in _ZERO_FILLED)
+
+    def _combined(self, metric: Metric, filters: list[str], offset: int) -> _Ref:
+        refs: list[tuple[MetricInput, _Ref]] = []
+        for used in metric.referenced_inputs():
+            extra = " AND ".join(f"({f})" for f in (*filters, used.filter) if f) or None
+            refs.append((used, self.value(used, offset=offset + (used.offset or 0), extra_filter=extra)))
+        joins = "".join(self._left_join(ref, f"i{i}") for i, (_, ref) in enumerate(refs))
+        values = [self._filled(f"i{i}", ref) for i, (_, ref) in enumerate(refs)]
+        if metric.type == "ratio":
+            # By position: numerator and denominator are often the same metric with other filters.
+            value = f"CAST({values[0]} AS DOUBLE) / NULLIF({values[1]}, 0)"
         else:
-            body = self._combined(metric, filters, offset)
-        name = f"metric_{len(self.ctes) + 1}_{metric.name}"
-        self.ctes.append((name, body))
-        return name, metric
+            value = _derived_expression(metric, {used.ref: v for (used, _), v in zip(refs, values, strict=True)})
+        columns = [f"f.{c}" for c in self._dim_columns()]
+        body = f"SELECT {', '.join([*columns, f'{value} AS value'])} FROM lakegate_frame AS f{joins}"
+        return _Ref(self._late(f"metric_{metric.name}_{len(self.late)}", body), "value", False)
+
+    def _early(self, name: str, body: str) -> str:
+        self.early.append((name, body))
+        return name
+
+    def _late(self, name: str, body: str) -> str:
+        for existing, text in self.late:
+            if text == body:
+                return existing  # the same input twice (revenue asked for and inside a ratio) is one CTE
+        self.late.append((name, body))
+        return name
 
     def _dim_columns(self) -> list[str]:
         return [_quote(d.name) for d in self.dims]
 
-    def _shift(self, sql: str, offset: int) -> str:
-        if not offset:
-            return sql
-        assert self.time is not None and self.time.grain is not None
-        step = _GRAIN_STEP[self.time.grain]
-        return f"CAST({sql} + {offset} * {step} AS DATE)"
+    def _filled(self, alias: str, ref: _Ref) -> str:
+        column = f"{alias}.{ref.column}"
+        return f"coalesce({column}, 0)" if ref.zero_filled else column
 
-    def _simple(self, metric: Metric, filters: list[str], offset: int) -> str:
-        assert metric.measure is not None
-        found = self.catalog.measure_model(metric.measure)
-        assert found is not None
-        model, measure = found
-        joins: dict[str, str] = {}
-        selected = []
-        for ref in self.dims:
-            sql = self._dimension_sql(ref, model, metric, joins)
-            selected.append(f"{self._shift(sql, offset) if ref.is_metric_time else sql} AS {_quote(ref.name)}")
-        value = _AGG_SQL[measure.agg].format(x=self._on(measure.expr, "m", model), p=measure.percentile)
-        where = [self._on(f, "m", model) for f in filters] + self._where(model, metric, joins, periods=not offset)
-        sql = f"SELECT {', '.join([*selected, f'{value} AS value'])} FROM {model.table} AS m"
-        sql += "".join(f" {join}" for join in joins.values())
-        if where:
-            sql += " WHERE " + " AND ".join(f"({clause})" for clause in where)
-        if selected:
-            sql += " GROUP BY " + ", ".join(str(i) for i in range(1, len(selected) + 1))
-        return sql
-
-    def _cumulative(self, metric: Metric, filters: list[str], offset: int) -> str:
-        if self.time is None:
-            # Without periods, the running total up to now is the plain total.
-            return self._simple(metric, filters, offset)
-        assert metric.measure is not None and self.time.grain is not None
-        found = self.catalog.measure_model(metric.measure)
-        assert found is not None
-        model, measure = found
-        joins: dict[str, str] = {}
-        others = [d for d in self.dims if not d.is_metric_time]
-        rows = [f"{self._time_sql(model, 'm', metric)} AS lakegate_ts"]
-        rows += [f"{self._dimension_sql(d, model, metric, joins)} AS {_quote(d.name)}" for d in others]
-        rows.append(f"{self._on(measure.expr, 'm', model)} AS lakegate_value")
-        where = [self._on(f, "m", model) for f in filters] + self._where(model, metric, joins, periods=False)
-        base = f"SELECT {', '.join(rows)} FROM {model.table} AS m" + "".join(f" {j}" for j in joins.values())
-        if where:
-            base += " WHERE " + " AND ".join(f"({clause})" for clause in where)
-        grain, step = self.time.grain, _GRAIN_STEP[self.time.grain]
-        spine = (
-            f"SELECT CAST(unnest(generate_series(CAST(date_trunc('{grain}', min(lakegate_ts)) AS TIMESTAMP), "
-            f"CAST(date_trunc('{grain}', max(lakegate_ts)) AS TIMESTAMP), {step})) AS DATE) AS period FROM rows"
-        )
-        window = [f"r.lakegate_ts < s.period + {step}"]
-        if metric.window_interval:
-            window.append(f"r.lakegate_ts >= s.period + {step} - {metric.window_interval}")
-        if metric.grain_to_date:
-            window.append(f"r.lakegate_ts >= date_trunc('{metric.grain_to_date}', s.period)")
-        value = _AGG_SQL[measure.agg].format(x="r.lakegate_value", p=measure.percentile)
-        selected = [
-            f"{self._shift('s.period', offset)} AS {_quote(d.name)}" if d.is_metric_time else f"r.{_quote(d.name)}"
-            for d in self.dims
-        ]
-        return (
-            f"WITH rows AS ({base}), spine AS ({spine}) "
-            f"SELECT {', '.join([*selected, f'{value} AS value'])} FROM spine AS s JOIN rows AS r "
-            f"ON {' AND '.join(window)} GROUP BY {', '.join(str(i) for i in range(1, len(selected) + 1))}"
-        )
-
-    def _combined(self, metric: Metric, filters: list[str], offset: int) -> str:
-        inputs: list[tuple[MetricInput, str, Metric]] = []
-        for used in metric.referenced_inputs():
-            extra = " AND ".join(f"({f})" for f in (*filters, used.filter) if f) or None
-            name, resolved = self.metric_cte(used, offset=offset + (used.offset or 0), extra_filter=extra)
-            inputs.append((used, name, resolved))
-        # The rows of a combined metric are those of its inputs that are not shifted in time.
-        frame = self._frame([name for used, name, _ in inputs if not used.offset] or [inputs[0][1]])
-        if metric.type == "ratio":
-            # By position: numerator and denominator are often the same metric with other filters.
-            numerator, denominator = (self._filled(name, resolved) for _, name, resolved in inputs)
-            value = f"CAST({numerator} AS DOUBLE) / NULLIF({denominator}, 0)"
-        else:
-            value = _derived_expression(metric, {used.ref: self._filled(n, r) for used, n, r in inputs})
-        return f"SELECT {', '.join([*[f'f.{c}' for c in self._dim_columns()], f'{value} AS value'])} " + frame + (
-            "".join(f" LEFT JOIN {name} ON {self._join_on('f', name)}" for _, name, _ in inputs)
-        )
-
-    def _filled(self, cte: str, metric: Metric) -> str:
-        agg = None
-        if metric.measure and (found := self.catalog.measure_model(metric.measure)):
-            agg = found[1].agg
-        return f"coalesce({cte}.value, 0)" if agg in _ZERO_FILLED else f"{cte}.value"
+    def _left_join(self, ref: _Ref, alias: str) -> str:
+        return f" LEFT JOIN {ref.cte} AS {alias} ON {self._join_on('f', alias)}"
 
     def _join_on(self, left: str, right: str) -> str:
         if not self.dims:
             return "TRUE"
         return " AND ".join(f"{left}.{c} IS NOT DISTINCT FROM {right}.{c}" for c in self._dim_columns())
 
-    def _frame(self, ctes: Sequence[str]) -> str:
-        """FROM clause of the result's rows, aliased f: the dimension values the CTEs produce, with
-        every period between the first and the last when grouped by metric_time."""
+    def _frame(self) -> str:
+        """The result's rows: the dimension values the metrics produce, with every period between the
+        first and the last when grouped by metric_time."""
         columns = self._dim_columns()
         if not columns:
-            return "FROM (SELECT 1 AS one) AS f"
-        keys = " UNION ".join(f"SELECT {', '.join(columns)} FROM {cte}" for cte in ctes)
+            return "SELECT 1 AS one"
+        keys = " UNION ".join(self.keys)
         if self.time is None:
-            return f"FROM ({keys}) AS f"
+            return keys
         assert self.time.grain is not None
         period = _quote(self.time.name)
         others = [c for c in columns if c != period]
         spine = (
             f"SELECT CAST(unnest(generate_series(CAST(min({period}) AS TIMESTAMP), CAST(max({period}) AS TIMESTAMP), "
-            f"{_GRAIN_STEP[self.time.grain]})) AS DATE) AS {period} FROM keys"
+            f"{_GRAIN_STEP[self.time.grain]})) AS DATE) AS {period} FROM lakegate_keys"
         )
         if not others:
-            return f"FROM (WITH keys AS ({keys}) {spine}) AS f"
-        combos = f"SELECT DISTINCT {', '.join(others)} FROM keys"
+            return f"WITH lakegate_keys AS ({keys}) {spine}"
+        combos = f"SELECT DISTINCT {', '.join(others)} FROM lakegate_keys"
         ordered = ", ".join(f"p.{c}" if c == period else f"o.{c}" for c in columns)
-        return f"FROM (WITH keys AS ({keys}) SELECT {ordered} FROM ({spine}) AS p CROSS JOIN ({combos}) AS o) AS f"
+        return f"WITH lakegate_keys AS ({keys}) SELECT {ordered} FROM ({spine}) AS p CROSS JOIN ({combos}) AS o"
 
     # -- the whole query ------------------------------------------------------------------------
 
@@ -378,12 +447,13 @@ class _Compiler:
             raise _invalid("Ask for at least one metric.", "Call list_metrics to see them.")
         if len(set(self.query.metrics)) != len(self.query.metrics):
             raise _invalid("A metric is asked for twice.", "Name each metric once.")
-        requested = [(name, *self.metric_cte(MetricInput(name=name))) for name in self.query.metrics]
+        self.offsets = any(self._has_offset(name) for name in self.query.metrics)
+        requested = [(name, self.value(MetricInput(name=name))) for name in self.query.metrics]
         columns = self._dim_columns()
         selected = [f"f.{c}" for c in columns]
-        selected += [f"{self._filled(cte, metric)} AS {_quote(name)}" for name, cte, metric in requested]
-        sql = f"SELECT {', '.join(selected)} {self._frame([cte for _, cte, _ in requested])}"
-        sql += "".join(f" LEFT JOIN {cte} ON {self._join_on('f', cte)}" for _, cte, _ in requested)
+        selected += [f"{self._filled(f'r{i}', ref)} AS {_quote(name)}" for i, (name, ref) in enumerate(requested)]
+        sql = f"SELECT {', '.join(selected)} FROM lakegate_frame AS f"
+        sql += "".join(self._left_join(ref, f"r{i}") for i, (_, ref) in enumerate(requested))
         period_filters = [
             self._period_condition(ref, spec)
             for ref, spec in self.filters
@@ -391,11 +461,17 @@ class _Compiler:
         ]
         if period_filters:
             sql += " WHERE " + " AND ".join(period_filters)
-        sql += self._order_by(columns, [name for name, _, _ in requested])
+        sql += self._order_by(columns, [name for name, _ in requested])
         if self.query.limit is not None:
             sql += f" LIMIT {int(self.query.limit)}"
-        with_clause = "WITH " + ", ".join(f"{name} AS ({body})" for name, body in self.ctes)
+        ctes = [(scan.name, scan.sql()) for scan in self.scans.values()]
+        ctes += [*self.early, ("lakegate_frame", self._frame()), *self.late]
+        with_clause = "WITH " + ", ".join(f"{name} AS ({body})" for name, body in ctes)
         return CompiledQuery(f"{with_clause} {sql}", dict(self.used), self.columns, tuple(self.query.group_by))
+
+    def _has_offset(self, name: str, version: int | None = None) -> bool:
+        metric = self.catalog.metric(name, version or self.query.versions.get(name))
+        return any(used.offset or self._has_offset(used.name, used.version) for used in metric.referenced_inputs())
 
     def _period_condition(self, ref: DimensionRef, spec: DimensionFilter) -> str:
         """A metric_time filter on the result's periods: a period stays when some instant in it passes.

@@ -157,7 +157,10 @@ def describe_metric(scope: CallScope, args: DescribeMetricArgs) -> MetricDescrip
     semantic = scope.semantic
     metric = semantic.metric(args.name, args.version)
     dimensions, grains = available_dimensions(semantic, metric)
-    compiled = scope.compile_metrics(MetricQuery((metric.name,), versions={metric.name: metric.version}))
+    # By month where the metric has time: a metric comparing with an earlier period needs periods,
+    # and so the time column it reads is listed too.
+    by = ("metric_time__month",) if grains else ()
+    compiled = scope.compile_metrics(MetricQuery((metric.name,), by, versions={metric.name: metric.version}))
     reads: list[ColumnUse] = []
     for table, columns in sorted(compiled.columns.items()):
         if not scope.decide(table, "read").allowed:
