@@ -230,7 +230,9 @@ class QueryMetricsArgs(GovernedReadArgs):
 
 class MetricsResult(QueryResult):
     metrics: dict[str, int] = Field(description="Version of every metric used, inputs of ratios and derived included.")
-    compiled_sql: str = Field(description="The SQL the metrics compiled to, before policy rewriting.")
+    compiled_sql: str = Field(
+        description="The SQL the metrics compiled to; rewritten_sql is it after policy (masks, row filters)."
+    )
 
 
 def query_metrics(scope: CallScope, args: QueryMetricsArgs) -> MetricsResult:
@@ -243,7 +245,8 @@ def query_metrics(scope: CallScope, args: QueryMetricsArgs) -> MetricsResult:
     )
     compiled = scope.compile_metrics(query)
     scope.details.update(metrics=compiled.metrics, compiled_sql=compiled.sql)
-    return MetricsResult(**run_governed(scope, compiled.sql, args), metrics=compiled.metrics, compiled_sql=compiled.sql)
+    page = run_governed(scope, compiled.sql, args, show_rewritten=True)
+    return MetricsResult(**page, metrics=compiled.metrics, compiled_sql=compiled.sql)
 
 
 def render_metrics(result: MetricsResult) -> str:

@@ -58,7 +58,9 @@ class QueryResult(Page):
     masked_columns: dict[str, str] = Field(description="Columns you read masked, with the mask (hash, partial, ...).")
     row_filters: dict[str, list[str]] = Field(description="Row filters the policy applied, per table.")
     note: str | None = None
-    rewritten_sql: str | None = Field(default=None, description="With explain: the SQL that would run.")
+    rewritten_sql: str | None = Field(
+        default=None, description="The SQL after policy rewriting (with explain; always for metrics)."
+    )
     plan: str | None = Field(default=None, description="With explain: DuckDB's physical plan.")
 
 
@@ -76,8 +78,12 @@ def _as_of(table: str, value: int | str) -> int | datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def run_governed(scope: CallScope, sql: str, args: GovernedReadArgs) -> dict[str, Any]:
+def run_governed(
+    scope: CallScope, sql: str, args: GovernedReadArgs, *, show_rewritten: bool = False
+) -> dict[str, Any]:
     """Run SQL through the governed path for one page of a tool's result; returns QueryResult fields.
+
+    The policy-rewritten SQL is in the result with explain, or always with `show_rewritten`.
 
     Raises:
         ClientError: the SQL is refused, names what the caller may not read, or ran over a limit;
@@ -112,7 +118,7 @@ def run_governed(scope: CallScope, sql: str, args: GovernedReadArgs) -> dict[str
         "masked_columns": page.masked,
         "row_filters": page.row_filters,
         "note": note,
-        "rewritten_sql": page.rewritten_sql if args.explain else None,
+        "rewritten_sql": page.rewritten_sql if args.explain or show_rewritten else None,
         "plan": page.plan,
     }
 
