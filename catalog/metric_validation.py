@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -31,9 +30,10 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.optimizer.annotate_types import annotate_types
 
+from catalog.iceberg_scan import duckdb_type
 from catalog.metric_compiler import MetricQuery, available_dimensions, compile_query
 from catalog.metric_definitions import METRICS_FILE, Metric, MetricInput, SemanticCatalog, SemanticModel
-from server.errors import ConfigurationError, LakegateError
+from server.errors import ConfigurationError, InvalidArgument, LakegateError
 
 __all__ = [
     "LOCK_FILE",
@@ -58,23 +58,6 @@ NUMERIC_AGGREGATIONS = frozenset({"sum", "avg", "median", "percentile"})
 #: version) is not a new version.
 UNHASHED_FIELDS = frozenset({"description", "owner", "synonyms", "retired"})
 _TIME_TYPES = exp.DataType.TEMPORAL_TYPES - {exp.DataType.Type.TIME, exp.DataType.Type.TIMETZ}
-_ICEBERG_SIMPLE = {
-    "boolean": "BOOLEAN",
-    "int": "INT",
-    "long": "BIGINT",
-    "float": "FLOAT",
-    "double": "DOUBLE",
-    "date": "DATE",
-    "time": "TIME",
-    "timestamp": "TIMESTAMP",
-    "timestamp_ns": "TIMESTAMP",
-    "timestamptz": "TIMESTAMPTZ",
-    "timestamptz_ns": "TIMESTAMPTZ",
-    "string": "VARCHAR",
-    "uuid": "UUID",
-    "binary": "BLOB",
-}
-_DECIMAL = re.compile(r"^decimal\((\d+),\s*(\d+)\)$")
 
 ProblemKind = Literal["load", "table", "column", "type", "expression", "entity", "compile", "lock"]
 
@@ -130,14 +113,11 @@ def locate_metrics(project: Path) -> MetricsFiles:
 
 
 def _sql_type(iceberg: str) -> str | None:
-    """An Iceberg type string as a SQL type sqlglot knows; None for nested types (not checked)."""
-    if iceberg in _ICEBERG_SIMPLE:
-        return _ICEBERG_SIMPLE[iceberg]
-    if match := _DECIMAL.match(iceberg):
-        return f"DECIMAL({match.group(1)}, {match.group(2)})"
-    if iceberg.startswith("fixed"):
-        return "BLOB"
-    return None
+    """An Iceberg type string as the SQL type DuckDB reads it; None for nested types (not checked)."""
+    try:
+        return duckdb_type(iceberg)
+    except InvalidArgument:
+        return None
 
 
 @dataclass

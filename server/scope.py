@@ -127,12 +127,7 @@ class CallScope:
         Raises:
             NotFound: no such dataset, or not one this principal may read.
         """
-        if not self.decide(name, "read").allowed:
-            self.touched.append(Touched("dataset", name, "denied"))
-            raise NotFound(
-                f"No dataset named '{name}' is available to you.",
-                hint="Call list_datasets to see the datasets you can use.",
-            )
+        self.require_dataset(name)
         info = self._warehouse.describe(name)
         self.touched.append(Touched("dataset", name, "metadata", info.current_version))
         return info, self.definitions.dataset(name)
