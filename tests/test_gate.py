@@ -29,12 +29,15 @@ VALID_ARGUMENTS: dict[ToolName, dict[str, Any]] = {
     ToolName.LIST_METRICS: {},
     ToolName.DESCRIBE_METRIC: {"name": "revenue"},
     ToolName.QUERY_METRICS: {"metrics": ["revenue"], "group_by": ["order__region"]},
-    # Writes into the shared demo warehouse must be harmless: one row in finance.refunds, whose row
-    # count no test asserts, and a restore to the current snapshot (a no-op).
+    # Writes into the shared demo warehouse must be harmless: one open ticket (no metric and no
+    # count in the suite reads support.tickets), and a restore to the current snapshot (a no-op).
     ToolName.APPEND_ROWS: {
-        "table": "finance.refunds",
+        "table": "support.tickets",
         "rows": [
-            {"refund_id": -1, "order_id": -1, "refunded_ts": "2025-01-01T00:00:00Z", "amount": "0.01", "reason": "test"}
+            {
+                "ticket_id": 999_999_999, "customer_id": 1, "opened_ts": "2025-12-30T12:00:00Z",
+                "priority": "low", "status": "open", "subject": "gate test", "body": "written by test_gate",
+            }
         ],
     },
     ToolName.RESTORE_TABLE: {"table": "sales.products", "snapshot_id": -1},  # -1: resolved to the current one
