@@ -4,15 +4,17 @@ The SQL this module writes names tables as `namespace.table`, so it runs through
 path as the query tool: the guard rewrites it, masks and row filters apply, the audit record holds it.
 
 How a query compiles:
-- Every metric becomes one CTE with the requested dimensions and a `value` column. A simple metric
-  aggregates its measure over its model's table, joined to the models whose dimensions it is grouped
-  or filtered by. Joins go only from a model to a model whose *primary* entity it holds (many to
-  one), so a measure is never fanned out; any other dimension is refused with the reason.
-- Ratio and derived metrics compile their inputs first, then combine them on the dimensions. An
-  input with an offset is the same metric shifted by that many periods of the query's time grain.
-- Cumulative metrics join a spine of periods to the measure's rows that fall in each period's window.
-- With metric_time in the query, every period between the first and the last appears (a spine), so
-  empty months show up: sum and count metrics read 0 there, other aggregates NULL.
+- Simple metrics become aggregate columns of one scan per model, grouped by the requested
+  dimensions, each with its own filter as FILTER (WHERE ...). A scan joins only from its model to a
+  model whose *primary* entity it holds (many to one), so a measure is never fanned out; any other
+  dimension is refused with the reason.
+- An input a period earlier is the same values shifted by that many periods of the query's grain,
+  read from a scan that the query's metric_time filters do not cut.
+- Every requested metric is evaluated over one frame of result rows (`lakegate_frame`): the
+  dimension values the metrics have rows for and, with metric_time, every period between the first
+  and the last, so empty months show up (sum and count metrics read 0 there, other aggregates NULL).
+- Cumulative metrics join the frame's periods to the measure's rows in each period's window;
+  ratio and derived metrics combine their inputs on the frame.
 - Division by zero gives NULL, never an error or infinity.
 """
 
@@ -83,13 +85,13 @@ def parse_dimension(name: str, *, grain_required: bool = True) -> DimensionRef:
     if head == [METRIC_TIME]:
         if grain is None and grain_required:
             raise _invalid(f"'{name}' needs a grain, e.g. metric_time__month ({', '.join(GRAINS)}).")
-        return DimensionRef(name, None, None, grain)
+        return DimensionRef(name.lower(), None, None, grain)
     if len(head) != 2 or not all(head):
         raise _invalid(
             f"'{name}' is not a dimension name: use entity__dimension (customer__region), "
             "entity__time_dimension__grain, or metric_time__grain."
         )
-    return DimensionRef(name, head[0], head[1], grain)
+    return DimensionRef(name.lower(), head[0], head[1], grain)
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,6 @@ class MetricQuery:
     group_by: tuple[str, ...] = ()
     where: tuple[DimensionFilter, ...] = ()
     order_by: tuple[str, ...] = ()  # a name, or -name for descending
-    limit: int | None = None
     versions: dict[str, int] = field(default_factory=dict)
 
 
@@ -114,7 +115,6 @@ class CompiledQuery:
     sql: str
     metrics: dict[str, int]  # metric -> version used (inputs of ratios and derived metrics included)
     columns: dict[str, set[str]]  # table -> columns the SQL reads
-    dimensions: tuple[str, ...]
 
 
 def _literal(value: Any) -> str:
@@ -183,10 +183,12 @@ class _Compiler:
         self.early: list[tuple[str, str]] = []  # CTEs that read tables
         self.late: list[tuple[str, str]] = []  # CTEs over lakegate_frame (and shifts)
         self.keys: list[str] = []  # SELECTs of the dimension values each metric has rows for
-        self.offsets = False
+        self.fallback_keys: list[str] = []
         self.used: dict[str, int] = {}
         self.columns: dict[str, set[str]] = {}
         self.dims = [parse_dimension(name) for name in query.group_by]
+        if len({d.name for d in self.dims}) != len(self.dims):
+            raise _invalid("A dimension is in group_by twice.", "Name each dimension once.")
         self.time = next((d for d in self.dims if d.is_metric_time), None)
         if sum(1 for d in self.dims if d.is_metric_time) > 1:
             raise _invalid("Group by metric_time at one grain only.")
@@ -231,7 +233,7 @@ class _Compiler:
         if dimension is None:
             known = ", ".join(f"{ref.entity}__{d.name}" for d in target.dimensions) or "none"
             raise _invalid(f"'{ref.name}': {ref.entity} has no dimension {ref.dimension} (it has: {known}).")
-        if dimension.type == "time" and ref.grain is None and ref.name in self.query.group_by:
+        if dimension.type == "time" and ref.grain is None and ref in self.dims:
             raise _invalid(f"'{ref.name}' is a time dimension: add a grain, e.g. {ref.name}__month.")
         if target.name == model.name:
             alias = "m"
@@ -295,9 +297,18 @@ class _Compiler:
                 "Add metric_time__month (or another grain) to group_by.",
             )
         filters = [f for f in (metric.filter, extra_filter) if f]
+        if metric.type == "cumulative" and self.time is None and (metric.window or metric.grain_to_date):
+            raise _invalid(
+                f"Metric {metric.name} is a running total over a window or to date: group by metric_time__<grain>.",
+                "Add metric_time__month (or another grain) to group_by.",
+            )
         if metric.type == "simple" or (metric.type == "cumulative" and self.time is None):
-            # Without periods, the running total up to now is the plain total.
-            return self._shifted(self._simple(metric, filters, keyed=not offset), offset)
+            # Without periods, the running total over all time up to now is the plain total.
+            if not offset:
+                return self._simple(metric, filters, keyed=True, periods=True)
+            # A period earlier: the whole earlier period, whatever the query's period filters cut.
+            self._simple(metric, filters, keyed=False, periods=False, fallback=True)
+            return self._shifted(self._simple(metric, filters, keyed=False, periods=False), offset)
         if metric.type == "cumulative":
             return self._cumulative(metric, filters, offset)
         return self._combined(metric, filters, offset)
@@ -308,27 +319,34 @@ class _Compiler:
         assert found is not None
         return found
 
-    def _simple(self, metric: Metric, filters: list[str], *, keyed: bool) -> _Ref:
+    def _simple(
+        self, metric: Metric, filters: list[str], *, keyed: bool, periods: bool, fallback: bool = False
+    ) -> _Ref:
         model, measure = self._measure(metric)
-        scan = self._scan(model, metric)
+        scan = self._scan(model, metric, periods=periods)
         condition = " AND ".join(f"({self._on(f, 'm', model)})" for f in filters)
         value = _AGG_SQL[measure.agg].format(x=self._on(measure.expr, "m", model), p=measure.percentile)
         column = scan.column(f"{value} FILTER (WHERE {condition})" if condition else value)
-        if keyed:
-            self.keys.append(f"SELECT {', '.join(self._dim_columns()) or '1 AS one'} FROM {scan.name}")
+        keys = f"SELECT {', '.join(self._dim_columns()) or '1 AS one'} FROM {scan.name}"
+        if keyed and keys not in self.keys:
+            self.keys.append(keys)
+        if fallback and keys not in self.fallback_keys:
+            self.fallback_keys.append(keys)  # the rows, if no metric of the query has unshifted ones
         return _Ref(scan.name, column, measure.agg in _ZERO_FILLED)
 
-    def _scan(self, model: SemanticModel, metric: Metric) -> _Scan:
-        """The one pass over a model's table that computes all of its measures the query needs."""
-        if model.name in self.scans:
-            return self.scans[model.name]
+    def _scan(self, model: SemanticModel, metric: Metric, *, periods: bool) -> _Scan:
+        """The one pass over a model's table that computes all of its measures the query needs;
+        with `periods`, the query's metric_time filters apply to its rows too."""
+        if not any(ref.is_metric_time for ref, _ in self.filters):
+            periods = True  # no period filter: one scan serves shifted and unshifted inputs alike
+        key = f"scan_{model.name}" if periods else f"scan_{model.name}_all_periods"
+        if key in self.scans:
+            return self.scans[key]
         joins: dict[str, str] = {}
         selected = [f"{self._dimension_sql(ref, model, metric, joins)} AS {_quote(ref.name)}" for ref in self.dims]
-        # Period filters go into the scan too (partition pruning), unless an input a period earlier
-        # needs the period before the first one.
-        where = self._where(model, metric, joins, periods=not self.offsets)
-        scan = _Scan(f"scan_{model.name}", model, selected, joins, where)
-        self.scans[model.name] = scan
+        where = self._where(model, metric, joins, periods=periods)
+        scan = _Scan(key, model, selected, joins, where)
+        self.scans[key] = scan
         return scan
 
     def _shifted(self, ref: _Ref, offset: int) -> _Ref:
@@ -447,8 +465,9 @@ class _Compiler:
             raise _invalid("Ask for at least one metric.", "Call list_metrics to see them.")
         if len(set(self.query.metrics)) != len(self.query.metrics):
             raise _invalid("A metric is asked for twice.", "Name each metric once.")
-        self.offsets = any(self._has_offset(name) for name in self.query.metrics)
         requested = [(name, self.value(MetricInput(name=name))) for name in self.query.metrics]
+        if not self.keys:
+            self.keys = self.fallback_keys  # every input is a period earlier: the rows they have
         columns = self._dim_columns()
         selected = [f"f.{c}" for c in columns]
         selected += [f"{self._filled(f'r{i}', ref)} AS {_quote(name)}" for i, (name, ref) in enumerate(requested)]
@@ -462,16 +481,11 @@ class _Compiler:
         if period_filters:
             sql += " WHERE " + " AND ".join(period_filters)
         sql += self._order_by(columns, [name for name, _ in requested])
-        if self.query.limit is not None:
-            sql += f" LIMIT {int(self.query.limit)}"
         ctes = [(scan.name, scan.sql()) for scan in self.scans.values()]
         ctes += [*self.early, ("lakegate_frame", self._frame()), *self.late]
         with_clause = "WITH " + ", ".join(f"{name} AS ({body})" for name, body in ctes)
-        return CompiledQuery(f"{with_clause} {sql}", dict(self.used), self.columns, tuple(self.query.group_by))
+        return CompiledQuery(f"{with_clause} {sql}", dict(self.used), self.columns)
 
-    def _has_offset(self, name: str, version: int | None = None) -> bool:
-        metric = self.catalog.metric(name, version or self.query.versions.get(name))
-        return any(used.offset or self._has_offset(used.name, used.version) for used in metric.referenced_inputs())
 
     def _period_condition(self, ref: DimensionRef, spec: DimensionFilter) -> str:
         """A metric_time filter on the result's periods: a period stays when some instant in it passes.
@@ -509,27 +523,32 @@ class _Compiler:
         }[spec.op]
 
     def _order_by(self, columns: list[str], metrics: list[str]) -> str:
-        known = {*self.query.group_by, *metrics}
+        known = {*(d.name for d in self.dims), *metrics}
         terms = []
         for item in self.query.order_by:
             name = item.removeprefix("-")
+            name = name.lower() if name.lower() in known else name
             if name not in known:
                 raise _invalid(f"order_by '{item}' is neither a requested metric nor a group_by dimension.",
                                "Order by names from metrics or group_by; prefix '-' for descending.")  # fmt: skip
             terms.append(f"{_quote(name)} {'DESC' if item.startswith('-') else 'ASC'} NULLS LAST")
-        if not terms:
-            terms = [f"{c} ASC NULLS LAST" for c in columns]  # a stable order by default
+        # Then every dimension, so that ties come in a stable order and pages never overlap.
+        terms += [f"{c} ASC NULLS LAST" for c in columns if f"{c} ASC NULLS LAST" not in terms]
         return " ORDER BY " + ", ".join(terms) if terms else ""
 
 
 def _derived_expression(metric: Metric, values: dict[str, str]) -> str:
     """The derived metric's expression with each input name replaced by its value; `/` never divides by 0."""
     assert metric.expr is not None
-    tree = sqlglot.parse_one(metric.expr, dialect=DIALECT)
-    for column in list(tree.find_all(exp.Column)):
-        if column.name not in values:
-            raise _invalid(f"Metric {metric.name}: expression names {column.name}, which is not one of its inputs.")
-        column.replace(sqlglot.parse_one(values[column.name], dialect=DIALECT))
+    def substitute(node: exp.Expr) -> exp.Expr:
+        if not isinstance(node, exp.Column):
+            return node
+        if node.name not in values:
+            raise _invalid(f"Metric {metric.name}: expression names {node.name}, which is not one of its inputs.")
+        return sqlglot.parse_one(values[node.name], dialect=DIALECT)
+
+    # transform, not replace: the expression may be a single input, the root itself.
+    tree = sqlglot.parse_one(metric.expr, dialect=DIALECT).transform(substitute)
     for division in list(tree.find_all(exp.Div)):
         division.set("this", exp.Cast(this=division.this, to=exp.DataType.build("DOUBLE")))
         division.set("expression", exp.Nullif(this=division.expression, expression=exp.Literal.number(0)))

@@ -320,6 +320,10 @@ def check_against_schemas(
 
 
 def _needs_periods(catalog: SemanticCatalog, metric: Metric, seen: tuple[str, ...] = ()) -> bool:
+    """Whether a metric can only be asked for by metric_time: it (or an input) compares with an
+    earlier period, or is a running total over a window or to date."""
+    if metric.type == "cumulative" and (metric.window or metric.grain_to_date):
+        return True
     for used in metric.referenced_inputs():
         if used.offset:
             return True

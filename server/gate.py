@@ -12,6 +12,7 @@ Every tool call, whatever the transport, goes through `Gate.call`:
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -90,6 +91,8 @@ def redact_arguments(arguments: Mapping[str, Any], sensitive: tuple[str, ...]) -
             if len(value) > MAX_LOGGED_ITEMS:
                 kept.append(f"...[{len(value) - MAX_LOGGED_ITEMS} more items]")
             return kept
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)  # strict JSON has no infinity: keep what was sent, as text
         if value is None or isinstance(value, bool | int | float | str):
             return value
         return repr(value)[:MAX_LOGGED_STRING]

@@ -22,6 +22,7 @@ from server.identity import Principal
 from server.settings import Settings
 
 if TYPE_CHECKING:
+    from catalog.document_search import DocumentSearch, SearchMode
     from catalog.iceberg_scan import ScanPlan
     from catalog.metric_compiler import CompiledQuery, MetricQuery
     from catalog.metric_definitions import SemanticCatalog
@@ -198,7 +199,19 @@ class CallScope:
         return self._semantic
 
     def may_read_metric(self, name: str) -> bool:
+        """Whether the policy lets this principal read `metric:<name>`."""
         return self.decide(f"metric:{name}", "read").allowed
+
+    def _inputs_of(self, name: str, version: int | None) -> set[str]:
+        """Every metric a metric is built on, inputs of inputs included.
+
+        Raises:
+            NotFound: the metric or a version it names does not exist.
+        """
+        found: set[str] = set()
+        for used in self.semantic.metric(name, version).referenced_inputs():
+            found |= {used.name, *self._inputs_of(used.name, used.version)}
+        return found
 
     def require_metric(self, name: str) -> None:
         """Take the read decision on `metric:<name>`; a metric the caller may not read looks missing.
@@ -221,6 +234,14 @@ class CallScope:
 
         for name in query.metrics:
             self.require_metric(name)
+            # Every input, before anything is compiled: an error must not name a metric the caller
+            # may not read, and a metric built on one is as unavailable as that input.
+            for used in self._inputs_of(name, query.versions.get(name)):
+                if not self.may_read_metric(used):
+                    self.touched.append(Touched("metric", used, "denied"))
+                    raise NotFound(
+                        f"There is no metric named '{name}' available to you.", hint="Call list_metrics."
+                    )
         compiled = compile_query(self.semantic, query)
         for name, version in compiled.metrics.items():
             self.require_metric(name)
@@ -337,3 +358,66 @@ class CallScope:
             changed=outcome.changed,
         )
         return outcome
+
+    # --- documents -----------------------------------------------------------------------------
+    # Policy goes into the search as one prefilter predicate (catalog/document_search.py): the
+    # dataset decision, then one decision per classification, then the caller's roles against each
+    # passage's allowed_roles. Hidden passages are never ranked, so they are neither returned nor
+    # counted, and the caller still gets up to k passages it may read.
+
+    def search_documents(
+        self,
+        name: str,
+        query: str,
+        *,
+        mode: SearchMode,
+        k: int,
+        classifications: Sequence[str] | None = None,
+        source: str | None = None,
+        title_contains: str | None = None,
+        version: int | None = None,
+    ) -> DocumentSearch:
+        """Search the passages of Lance dataset `name` this principal may read.
+
+        Raises:
+            NotFound: no such dataset or version, or a dataset this principal may not read.
+            PolicyDenied: a column a passage is returned with is not readable in clear.
+            InvalidArgument: not a document dataset; fulltext on a version without a full-text index;
+                vector search on a dataset embedded with another model.
+            BackendError: lancedb failed.
+        """
+        from catalog.document_search import CLASSIFICATIONS, access_predicate, search_passages
+        from server.errors import InvalidArgument
+
+        self.require_dataset(name)
+        if self.dataset_kind(name) != "lance":
+            raise InvalidArgument(
+                f"{name} is a table, not a dataset of documents.", hint="Query tables with the query tool."
+            )
+        unclear = [a.column for a in self.columns(name, ["doc_id", "title", "source", "text"]) if a.access != "clear"]
+        if unclear:
+            self.touched.append(Touched("column", unclear[0], "denied"))
+            raise PolicyDenied(
+                f"Principal '{self.principal.name}' may not read {', '.join(unclear)} in clear.",
+                hint="Ask a data steward for access to the documents.",
+            )
+        readable = [c for c in CLASSIFICATIONS if self.decide(f"{name}.classification:{c}", "read").allowed]
+        # The live role graph, the one every decision above was taken with.
+        roles = self._enforcer.roles_for(self.principal.name)
+        predicate = access_predicate(
+            readable, roles, wanted_classifications=classifications, source=source, title_contains=title_contains
+        )
+        found = search_passages(self._warehouse, name, query, mode=mode, k=k, predicate=predicate, version=version)
+        self.record("dataset", name, "read", found.version)
+        self.rows += len(found.hits)
+        self.details.update(
+            operation="search_documents",
+            dataset=name,
+            version=found.version,
+            mode=mode,
+            k=k,
+            prefilter=predicate,
+            readable_classifications=readable,
+            results=len(found.hits),
+        )
+        return found

@@ -806,3 +806,34 @@ def test_simple_metrics_of_one_model_share_one_scan_and_an_offset_is_a_shift() -
     query = MetricQuery(("revenue", "orders", "average_order_value", "revenue_growth_mom"), ("metric_time__month",))
     compiled = compile_query(catalog, query)
     assert compiled.sql.count("FROM sales.orders") == 1
+    assert "shift_1_scan_orders" in compiled.sql and "+ 1 * INTERVAL 1 MONTH" in compiled.sql
+
+
+def test_a_metric_reads_the_same_with_or_without_an_offset_metric_beside_it(rt: Runtime) -> None:
+    """A period filter cuts the current period for every metric; only the earlier period is whole."""
+    where = [{"dimension": "metric_time__day", "op": ">=", "value": "2025-10-15"}]
+    alone = metric_rows(rt, metrics=["revenue"], group_by=["metric_time__month"], where=where)
+    beside = metric_rows(rt, metrics=["revenue", "revenue_growth_mom"], group_by=["metric_time__month"], where=where)
+    assert [r[:2] for r in beside] == alone
+    october = hand(
+        rt,
+        "SELECT sum(total_amount) FROM sales.orders WHERE status <> 'cancelled' "
+        "AND order_ts >= TIMESTAMPTZ '2025-10-15' AND order_ts < TIMESTAMPTZ '2025-11-01'",
+    )[0][0]
+    assert same(alone[0][1], october)
+
+
+def test_windowed_running_totals_need_periods_and_all_time_does_not(rt: Runtime) -> None:
+    total = metric_rows(rt, metrics=["cumulative_revenue", "revenue"])
+    assert same(total[0][0], total[0][1])  # all time up to now is the plain total
+    for name in ("trailing_3_month_revenue", "revenue_ytd"):
+        assert "group by metric_time" in str(refused(rt, "query_metrics", "analyst", metrics=[name]))
+
+
+def test_many_metrics_fit_the_guard_and_a_denied_metric_names_only_itself(rt: Runtime) -> None:
+    many = ["revenue_growth_mom", "net_revenue", "refund_rate", "average_order_value", "revenue_per_customer"]
+    assert metric_rows(rt, metrics=many, group_by=["metric_time__month"])  # 2 tables, many CTEs
+    # support_agent may not read net_revenue (nor its input refunds): the refusal names what was
+    # asked for and nothing it is built on.
+    error = str(refused(rt, "query_metrics", "support_agent", metrics=["net_revenue"], group_by=["order__region"]))
+    assert "net_revenue" in error and "refunds" not in error

@@ -64,7 +64,8 @@ SnapshotId = Annotated[
 class ToolArgs(BaseModel):
     """Base of every tool's arguments: unknown arguments are an error, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No tool takes infinity or NaN: JSON allows 1e999, SQL and the audit log do not.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ToolResult(BaseModel):
