@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -1094,7 +1094,8 @@ def _write_kb(
     if sizes.kb_rows == 0:
         vectors = embedder.embed([p.text for p in articles])
         with translate_errors(f"write {KB_DATASET}", KB_DATASET):
-            connection.create_table(KB_DATASET, _kb_table(schema, articles, vectors), mode="overwrite")
+            table = connection.create_table(KB_DATASET, _kb_table(schema, articles, vectors), mode="overwrite")
+            _index_kb_text(table)
         step(f"wrote {len(articles):,} knowledge-base passages")
         return len(articles)
 
@@ -1129,7 +1130,16 @@ def _write_kb(
                 connection.open_table(KB_DATASET).add(batch)
         written += count
         step(f"wrote {written:,} of {sizes.kb_rows:,} knowledge-base passages")
+    with translate_errors(f"index {KB_DATASET}", KB_DATASET):
+        _index_kb_text(connection.open_table(KB_DATASET))
     return written
+
+
+def _index_kb_text(table: Any) -> None:
+    """A BM25 full-text index on the passage text, for search_documents (a new Lance version)."""
+    from lancedb.index import FTS
+
+    table.create_index("text", config=FTS())
 
 
 # -- the build ---------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ VALID_ARGUMENTS: dict[ToolName, dict[str, Any]] = {
         ],
     },
     ToolName.RESTORE_TABLE: {"table": "sales.products", "snapshot_id": -1},  # -1: resolved to the current one
+    ToolName.SEARCH_DOCUMENTS: {"query": "refund approval limits", "k": 3},
 }
 
 

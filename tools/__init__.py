@@ -6,6 +6,7 @@ from typing import Any
 
 from tools.base import ToolSpec
 from tools.catalog import CATALOG_TOOLS
+from tools.documents import DOCUMENT_TOOLS
 from tools.metrics import METRIC_TOOLS
 from tools.names import ToolName
 from tools.query import QUERY_TOOLS
@@ -13,7 +14,7 @@ from tools.write import WRITE_TOOLS
 
 __all__ = ["ALL_TOOLS", "ToolName", "ToolSpec", "tools_by_name"]
 
-ALL_TOOLS: tuple[ToolSpec[Any, Any], ...] = (*CATALOG_TOOLS, *QUERY_TOOLS, *METRIC_TOOLS, *WRITE_TOOLS)
+ALL_TOOLS: tuple[ToolSpec[Any, Any], ...] = (*CATALOG_TOOLS, *QUERY_TOOLS, *METRIC_TOOLS, *WRITE_TOOLS, *DOCUMENT_TOOLS)
 
 
 def tools_by_name() -> dict[str, ToolSpec[Any, Any]]:

@@ -17,3 +17,4 @@ class ToolName(StrEnum):
     QUERY_METRICS = "query_metrics"
     APPEND_ROWS = "append_rows"
     RESTORE_TABLE = "restore_table"
+    SEARCH_DOCUMENTS = "search_documents"

@@ -1,0 +1,242 @@
+"""Passage search over a Lance dataset of documents: vector, full-text (BM25) and hybrid (RRF).
+
+Policy is applied inside the search, never after it: the caller's decisions (which classifications
+it may read, which roles it holds) become one SQL predicate that lancedb evaluates as a prefilter,
+before ranking. The top k are therefore drawn only from passages the caller may read: a hidden
+passage never takes a place in the top k, is never counted and never returned. (A post-filter
+would cut the top k first and then drop rows, losing recall and leaking how many were hidden.)
+
+Hybrid search fuses the vector and the full-text rankings with reciprocal rank fusion computed
+here, score(d) = sum over rankings of 1 / (RRF_K + rank(d)), rank starting at 1. Doing it here
+rather than with lancedb's RRFReranker keeps each passage's rank in each list, which the result
+reports, and uses the same prefiltered queries as the single modes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from catalog.warehouse import translate_errors
+from server.errors import InvalidArgument, NotFound
+
+if TYPE_CHECKING:
+    from lancedb.table import Table as LanceTable
+
+    from catalog.embedder import Embedder
+    from catalog.warehouse import Warehouse
+
+__all__ = [
+    "CLASSIFICATIONS",
+    "RRF_K",
+    "DocumentSearch",
+    "PassageHit",
+    "SearchMode",
+    "access_predicate",
+    "check_embedding_model",
+    "rrf_fuse",
+    "search_passages",
+    "sql_string",
+]
+
+SearchMode = Literal["vector", "fulltext", "hybrid"]
+
+#: The classifications a passage may carry. A passage with any other value is readable by nobody:
+#: the predicate lists the allowed values, so an unknown one fails closed.
+CLASSIFICATIONS = ("public", "internal", "confidential", "restricted")
+RRF_K = 60
+TEXT_COLUMN = "text"
+VECTOR_COLUMN = "vector"
+_COLUMNS = ["doc_id", "chunk_index", "title", "source", "classification", TEXT_COLUMN]
+MODEL_KEY = "lakegate.embedding_model"
+MODEL_HASH_KEY = "lakegate.embedding_model_sha256"
+
+
+@dataclass(frozen=True)
+class PassageHit:
+    doc_id: str
+    chunk_index: int
+    title: str
+    source: str
+    classification: str
+    text: str
+    score: float
+    vector_rank: int | None = None
+    fulltext_rank: int | None = None
+
+
+@dataclass(frozen=True)
+class DocumentSearch:
+    """The passages found, best first, and the dataset version they were read from."""
+
+    version: int
+    hits: list[PassageHit]
+    predicate: str | None  # None: the caller may read no passage, nothing was searched
+
+
+def sql_string(value: str) -> str:
+    """`value` as a SQL string literal (lancedb's DataFusion dialect: quotes are doubled)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def access_predicate(
+    classifications: Sequence[str],
+    roles: Sequence[str],
+    *,
+    wanted_classifications: Sequence[str] | None = None,
+    source: str | None = None,
+    title_contains: str | None = None,
+) -> str | None:
+    """The prefilter: readable classifications, a shared role, and the caller's own narrowing.
+
+    Returns None when no passage can match (no readable classification or no role), so that the
+    caller can skip the search.
+    """
+    allowed = [c for c in CLASSIFICATIONS if c in set(classifications)]
+    if wanted_classifications is not None:
+        allowed = [c for c in allowed if c in set(wanted_classifications)]
+    if not allowed or not roles:
+        return None
+    parts = [
+        f"classification IN ({', '.join(sql_string(c) for c in allowed)})",
+        f"array_has_any(allowed_roles, [{', '.join(sql_string(r) for r in sorted(set(roles)))}])",
+    ]
+    if source is not None:
+        parts.append(f"source = {sql_string(source)}")
+    if title_contains:
+        parts.append(f"strpos(lower(title), lower({sql_string(title_contains)})) > 0")
+    return " AND ".join(parts)
+
+
+def check_embedding_model(metadata: dict[bytes, bytes] | None, embedder: Embedder, name: str) -> None:
+    """Refuse a vector search when the dataset's vectors come from another model than the query's.
+
+    Raises:
+        InvalidArgument: the dataset records another model (or none); full-text search still works.
+    """
+    recorded = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in (metadata or {}).items()}
+    model, digest = recorded.get(MODEL_KEY), recorded.get(MODEL_HASH_KEY)
+    if model != embedder.model_name or digest != embedder.model_hash:
+        raise InvalidArgument(
+            f"{name} was embedded with model {model or 'unknown'} (sha256 {(digest or 'unknown')[:12]}), but "
+            f"queries are embedded with {embedder.model_name} (sha256 {embedder.model_hash[:12]}); comparing "
+            "their vectors would give meaningless results.",
+            hint="Use mode='fulltext', or ask the dataset's owner to re-embed it with the server's model.",
+        )
+
+
+def rrf_fuse(rankings: dict[str, Sequence[Any]], k: int) -> list[tuple[Any, float, dict[str, int]]]:
+    """Reciprocal rank fusion of ranked key lists: (key, score, {ranking: rank}) best first, at most k.
+
+    Ties are broken by the best single rank, then by the ranking order given, so the result is stable.
+    """
+    scores: dict[Any, float] = {}
+    ranks: dict[Any, dict[str, int]] = {}
+    for label, keys in rankings.items():
+        for rank, key in enumerate(keys, start=1):
+            scores[key] = scores.get(key, 0.0) + 1.0 / (RRF_K + rank)
+            ranks.setdefault(key, {})[label] = rank
+    order = sorted(scores, key=lambda key: (-scores[key], min(ranks[key].values())))
+    return [(key, scores[key], ranks[key]) for key in order[:k]]
+
+
+def _open(warehouse: Warehouse, name: str, version: int | None) -> LanceTable:
+    table = warehouse.lance_table(name)  # a fresh handle: checkout never affects another call
+    if version is None:
+        return table
+    with translate_errors(f"list versions of {name}", name):
+        known = {int(entry["version"]) for entry in table.list_versions()}
+    if version not in known:
+        raise NotFound(f"{name} has no version {version}.", hint="Call describe_dataset to see the dataset's versions.")
+    with translate_errors(f"check out {name} version {version}", name):
+        table.checkout(version)
+    return table
+
+
+def _has_fulltext_index(table: LanceTable) -> bool:
+    return any(
+        str(index.index_type).upper() in {"FTS", "INVERTED"} and TEXT_COLUMN in index.columns
+        for index in table.list_indices()
+    )
+
+
+def _query_vector(table: LanceTable, name: str, query: str) -> Any:
+    from catalog.embedder import get_embedder
+
+    embedder = get_embedder()
+    check_embedding_model(table.schema.metadata, embedder, name)
+    return embedder.embed([query])[0]
+
+
+def _rows(table: LanceTable, label: Literal["vector", "fulltext"], query: Any, predicate: str, k: int) -> list[Any]:
+    if label == "vector":
+        # search() is typed as the generic builder; a vector query gives the vector builder.
+        vector_builder: Any = table.search(query, vector_column_name=VECTOR_COLUMN)
+        builder: Any = vector_builder.distance_type("cosine")
+        columns = _COLUMNS
+    else:
+        builder = table.search(query, query_type="fts", fts_columns=TEXT_COLUMN)
+        columns = [*_COLUMNS, "_score"]  # asked for explicitly: lancedb warns when it adds it itself
+    result = builder.where(predicate, prefilter=True).with_row_id(True).select(columns).limit(k).to_arrow()
+    return list(result.to_pylist())
+
+
+def _hit(row: dict[str, Any], score: float, ranks: dict[str, int]) -> PassageHit:
+    return PassageHit(
+        doc_id=str(row["doc_id"]),
+        chunk_index=int(row["chunk_index"]),
+        title=str(row["title"]),
+        source=str(row["source"]),
+        classification=str(row["classification"]),
+        text=str(row[TEXT_COLUMN]),
+        score=score,
+        vector_rank=ranks.get("vector"),
+        fulltext_rank=ranks.get("fulltext"),
+    )
+
+
+def search_passages(
+    warehouse: Warehouse,
+    name: str,
+    query: str,
+    *,
+    mode: SearchMode,
+    k: int,
+    predicate: str | None,
+    version: int | None = None,
+) -> DocumentSearch:
+    """Search Lance dataset `name` (at `version`, default the current one) for `query`.
+
+    Only passages matching `predicate` are ranked (prefilter); None searches nothing.
+
+    Raises:
+        NotFound: no such dataset or version.
+        InvalidArgument: fulltext/hybrid on a version without a full-text index on text, or
+            vector/hybrid on a dataset embedded with another model.
+        BackendError: lancedb failed.
+    """
+    table = _open(warehouse, name, version)
+    with translate_errors(f"search {name}", name):
+        read_version = int(table.version)
+        if mode != "vector" and not _has_fulltext_index(table):
+            raise InvalidArgument(
+                f"{name} at version {read_version} has no full-text index on its text.",
+                hint="Use mode='vector', or a later version of the dataset.",
+            )
+        if predicate is None:
+            return DocumentSearch(read_version, [], None)
+        ranked: dict[str, list[Any]] = {}
+        if mode != "fulltext":
+            ranked["vector"] = _rows(table, "vector", _query_vector(table, name, query), predicate, k)
+        if mode != "vector":
+            ranked["fulltext"] = _rows(table, "fulltext", query, predicate, k)
+    if mode == "vector":
+        hits = [_hit(row, 1.0 - float(row["_distance"]), {"vector": i}) for i, row in enumerate(ranked["vector"], 1)]
+    elif mode == "fulltext":
+        hits = [_hit(row, float(row["_score"]), {"fulltext": i}) for i, row in enumerate(ranked["fulltext"], 1)]
+    else:
+        by_id = {row["_rowid"]: row for rows in ranked.values() for row in rows}
+        fused = rrf_fuse({label: [row["_rowid"] for row in rows] for label, rows in ranked.items()}, k)
+        hits = [_hit(by_id[row_id], score, ranks) for row_id, score, ranks in fused]
+    return DocumentSearch(read_version, hits, predicate)
