@@ -1,4 +1,4 @@
-"""The `lakegate` command line: init, demo, serve, audit, metrics."""
+"""The `lakegate` command line: init, demo, serve, audit, metrics, ingest."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from server.audit_commands import audit
 from server.errors import LakegateError
+from server.ingest_commands import ingest
 from server.metrics_commands import metrics
 from server.settings import CONFIG_FILE, Settings, load_settings
 
@@ -164,6 +165,7 @@ def serve(ctx: click.Context, principal: str | None, http: bool) -> None:
 
 cli.add_command(audit)
 cli.add_command(metrics)
+cli.add_command(ingest)
 
 
 def main() -> None:

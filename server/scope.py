@@ -24,6 +24,7 @@ from server.settings import Settings
 if TYPE_CHECKING:
     from catalog.document_search import DocumentSearch, SearchMode
     from catalog.iceberg_scan import ScanPlan
+    from catalog.ingest import Document, IngestOutcome
     from catalog.metric_compiler import CompiledQuery, MetricQuery
     from catalog.metric_definitions import SemanticCatalog
     from catalog.query_engine import QueryEngine
@@ -421,3 +422,60 @@ class CallScope:
             results=len(found.hits),
         )
         return found
+
+    def add_documents(
+        self, name: str, documents: Sequence[Document], *, chunk_size: int, overlap: int
+    ) -> IngestOutcome:
+        """Chunk, embed and write documents into Lance dataset `name`, replacing earlier versions of them.
+
+        Decisions first: `write` on the dataset, then `read` on each classification the documents are
+        labelled with (a writer may not label what it could not read itself). Progress goes to the
+        client per embedding batch.
+
+        Raises:
+            NotFound: no such dataset, or one this principal may neither write nor read.
+            PolicyDenied: the principal may read but not write the dataset, or may not read a
+                classification it labels a document with (named).
+            InvalidArgument: see catalog.ingest.ingest_documents; nothing is written.
+            BackendError: lancedb failed.
+        """
+        from catalog.ingest import ingest_documents
+        from server.errors import InvalidArgument
+
+        self._require_on_dataset(name, "write")
+        if self.dataset_kind(name) != "lance":
+            raise InvalidArgument(
+                f"{name} is a table, not a dataset of documents.", hint="Append rows to tables with append_rows."
+            )
+        for classification in sorted({d.classification for d in documents}):
+            obj = f"{name}.classification:{classification}"
+            decision = self.decide(obj, "read")
+            if not decision.allowed:
+                self.touched.append(Touched("classification", obj, "denied"))
+                raise PolicyDenied(
+                    f"Principal '{self.principal.name}' may not label documents '{classification}' in {name}: "
+                    f"it may not read that classification itself ({decision.rule_text}). Nothing was written.",
+                    hint="Use a classification you may read, or ask a data steward.",
+                    rule=list(decision.rule),
+                )
+
+        def progress(done: int, total: int) -> None:
+            self.report_progress(done, total, f"embedded {done} of {total} passages")
+
+        outcome = ingest_documents(
+            self._warehouse, name, documents, chunk_size=chunk_size, overlap=overlap, progress=progress
+        )
+        self.record("dataset", name, "write", outcome.version)
+        self.rows = outcome.rows
+        self.details.update(
+            operation="add_documents",
+            dataset=name,
+            version_before=outcome.version_before,
+            version_after=outcome.version,
+            doc_ids=outcome.doc_ids,
+            chunks=outcome.chunks,
+            replaced_chunks=outcome.replaced,
+            chunk_size=chunk_size,
+            overlap=overlap,
+        )
+        return outcome

@@ -42,6 +42,16 @@ VALID_ARGUMENTS: dict[ToolName, dict[str, Any]] = {
     },
     ToolName.RESTORE_TABLE: {"table": "sales.products", "snapshot_id": -1},  # -1: resolved to the current one
     ToolName.SEARCH_DOCUMENTS: {"query": "refund approval limits", "k": 3},
+    # One tiny restricted document only admin may read, without the words the document-search tests
+    # count ("customer"): no other role's search results change.
+    ToolName.ADD_DOCUMENTS: {
+        "documents": [
+            {
+                "doc_id": "test-gate-note", "title": "Gate test note", "text": "Written by test_gate.",
+                "classification": "restricted", "allowed_roles": ["role:admin"],
+            }
+        ],
+    },
 }
 
 

@@ -1,4 +1,4 @@
-"""Document search: passages of a Lance dataset by meaning, by words, or both, with policy inside."""
+"""Document tools: search passages by meaning, words or both, with policy inside; add or replace documents."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from catalog.chunking import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from catalog.ingest import MAX_DOCUMENT_CHARS, MAX_DOCUMENTS, Document
 from server.scope import CallScope
 from tools.base import ToolArgs, ToolResult, ToolSpec
 from tools.names import ToolName
@@ -104,6 +106,57 @@ def render_documents(result: DocumentResults) -> str:
     return "\n".join(lines)
 
 
+# --- add_documents --------------------------------------------------------------------------
+
+
+class DocumentIn(ToolArgs):
+    doc_id: str = Field(min_length=1, max_length=256)
+    title: str = Field(min_length=1, max_length=500)
+    text: str = Field(min_length=1, max_length=MAX_DOCUMENT_CHARS)
+    source: str | None = Field(default=None, max_length=1000)
+    classification: Classification
+    allowed_roles: list[str] = Field(min_length=1, max_length=50, description="Roles that may read it.")
+
+
+class AddDocumentsArgs(ToolArgs):
+    dataset: str = Field(default="kb.articles", max_length=256, description="Dataset of documents.")
+    documents: list[DocumentIn] = Field(min_length=1, max_length=MAX_DOCUMENTS, description="Documents to write.")
+    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE, description="Chars.")
+    overlap: int = Field(default=DEFAULT_OVERLAP, ge=0, le=MAX_CHUNK_SIZE // 2, description="Chars.")
+
+
+class AddDocumentsResult(ToolResult):
+    dataset: str
+    version: int
+    previous_version: int
+    chunks: dict[str, int] = Field(description="Passages written per doc_id.")
+
+
+def add_documents(scope: CallScope, args: AddDocumentsArgs) -> AddDocumentsResult:
+    documents = [
+        Document(
+            doc_id=d.doc_id,
+            title=d.title,
+            text=d.text,
+            classification=d.classification,
+            allowed_roles=tuple(d.allowed_roles),
+            source=d.source,
+        )
+        for d in args.documents
+    ]
+    outcome = scope.add_documents(args.dataset, documents, chunk_size=args.chunk_size, overlap=args.overlap)
+    return AddDocumentsResult(
+        dataset=args.dataset, version=outcome.version, previous_version=outcome.version_before, chunks=outcome.chunks
+    )
+
+
+def render_added(result: AddDocumentsResult) -> str:
+    return (
+        f"Wrote {sum(result.chunks.values())} passage(s) of {len(result.chunks)} document(s) to {result.dataset}: "
+        f"version {result.version} (was {result.previous_version}); earlier passages of these documents were replaced."
+    )
+
+
 DOCUMENT_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
     ToolSpec(
         ToolName.SEARCH_DOCUMENTS,
@@ -112,5 +165,16 @@ DOCUMENT_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
         DocumentResults,
         search_documents,
         render_documents,
+    ),
+    ToolSpec(
+        ToolName.ADD_DOCUMENTS,
+        "Add or replace documents",
+        AddDocumentsArgs,
+        AddDocumentsResult,
+        add_documents,
+        render_added,
+        read_only=False,
+        destructive=False,
+        idempotent=True,
     ),
 )

@@ -18,3 +18,4 @@ class ToolName(StrEnum):
     APPEND_ROWS = "append_rows"
     RESTORE_TABLE = "restore_table"
     SEARCH_DOCUMENTS = "search_documents"
+    ADD_DOCUMENTS = "add_documents"
