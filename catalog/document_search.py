@@ -36,6 +36,7 @@ __all__ = [
     "SearchMode",
     "access_predicate",
     "check_embedding_model",
+    "recorded_model",
     "rrf_fuse",
     "search_passages",
     "sql_string",
@@ -110,14 +111,19 @@ def access_predicate(
     return " AND ".join(parts)
 
 
+def recorded_model(metadata: dict[bytes, bytes] | None) -> tuple[str | None, str | None]:
+    """The embedding model name and weights hash a Lance dataset's schema metadata records."""
+    recorded = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in (metadata or {}).items()}
+    return recorded.get(MODEL_KEY), recorded.get(MODEL_HASH_KEY)
+
+
 def check_embedding_model(metadata: dict[bytes, bytes] | None, embedder: Embedder, name: str) -> None:
     """Refuse a vector search when the dataset's vectors come from another model than the query's.
 
     Raises:
         InvalidArgument: the dataset records another model (or none); full-text search still works.
     """
-    recorded = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in (metadata or {}).items()}
-    model, digest = recorded.get(MODEL_KEY), recorded.get(MODEL_HASH_KEY)
+    model, digest = recorded_model(metadata)
     if model != embedder.model_name or digest != embedder.model_hash:
         raise InvalidArgument(
             f"{name} was embedded with model {model or 'unknown'} (sha256 {(digest or 'unknown')[:12]}), but "

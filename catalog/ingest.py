@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from catalog.chunking import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP, chunk_text
-from catalog.document_search import CLASSIFICATIONS, MODEL_HASH_KEY, MODEL_KEY, VECTOR_COLUMN, sql_string
+from catalog.document_search import CLASSIFICATIONS, VECTOR_COLUMN, recorded_model, sql_string
 from catalog.warehouse import translate_errors
 from server.errors import InvalidArgument
 
@@ -188,8 +188,7 @@ def _parse_pdf(path: Path) -> ParsedFile:
 
 
 def _check_model(metadata: dict[bytes, bytes] | None, embedder: Embedder, name: str) -> None:
-    recorded = {k.decode("utf-8", "replace"): v.decode("utf-8", "replace") for k, v in (metadata or {}).items()}
-    model, digest = recorded.get(MODEL_KEY), recorded.get(MODEL_HASH_KEY)
+    model, digest = recorded_model(metadata)
     if model != embedder.model_name or digest != embedder.model_hash:
         raise InvalidArgument(
             f"{name} was embedded with model {model or 'unknown'} (sha256 {(digest or 'unknown')[:12]}), but this "

@@ -168,6 +168,8 @@ def test_ingested_text_is_found_by_vector_and_fulltext_and_audited(rt: Runtime, 
 
 
 def test_reingesting_a_changed_document_replaces_its_chunks(rt: Runtime, home: Path) -> None:
+    # A neighbour of its own: under xdist the other tests of this module may run in another process.
+    ok(rt, "kate", "add_documents", documents=[doc("ingest/neighbour", "A neighbouring note stays as it is.")])
     first = ok(
         rt, "kate", "add_documents", documents=[doc("ingest/long", sentences(30, "zanzibarish"))], chunk_size=300
     )
@@ -182,7 +184,7 @@ def test_reingesting_a_changed_document_replaces_its_chunks(rt: Runtime, home: P
     assert ok(rt, "kate", "search_documents", query="marmaladeon", mode="fulltext", k=5)["passages"]
     # The same document again: still one copy (idempotent), other documents untouched.
     ok(rt, "kate", "add_documents", documents=[doc("ingest/long", changed)], chunk_size=300)
-    assert len(rows_of(home, "ingest/long")) == 1 and len(rows_of(home, "ingest/forklift")) == 1
+    assert len(rows_of(home, "ingest/long")) == 1 and len(rows_of(home, "ingest/neighbour")) == 1
     # Time travel still reaches the first version.
     old = ok(rt, "admin", "search_documents", query="zanzibarish", mode="vector", k=1, version=first["version"])
     assert old["passages"][0]["doc_id"] == "ingest/long"
