@@ -20,16 +20,20 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="session")
-def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A state directory holding the small demo warehouse (read-only for tests that share it)."""
-    home = tmp_path_factory.mktemp("lakegate-home")
+def build_small_demo(home: Path) -> Path:
+    """Build the small demo warehouse into `home` with the real engines; returns `home`."""
     warehouse = Warehouse(home)
     try:
         build_demo(warehouse, load_definitions(REPO), "small")
     finally:
         warehouse.close()
     return home
+
+
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state directory holding the small demo warehouse (read-only for tests that share it)."""
+    return build_small_demo(tmp_path_factory.mktemp("lakegate-home"))
 
 
 @pytest.fixture

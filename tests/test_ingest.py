@@ -17,8 +17,6 @@ import pytest
 from click.testing import CliRunner
 
 from catalog.chunking import chunk_text, paragraphs
-from catalog.definitions import load_definitions
-from catalog.demo import build_demo
 from catalog.ingest import Document, parse_file
 from catalog.warehouse import Warehouse
 from evals.mcp_client import connect
@@ -29,6 +27,7 @@ from server.errors import InvalidArgument, NotFound, PolicyDenied
 from server.gate import GateOutcome
 from server.identity import CallOrigin, stdio_principal
 from server.settings import load_settings
+from tests.conftest import build_small_demo
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "kb.articles"
@@ -37,13 +36,8 @@ EDITOR_ROLES = ["role:knowledge_editor", "role:admin"]
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    state = tmp_path_factory.mktemp("ingest-home")
-    warehouse = Warehouse(state)
-    try:
-        build_demo(warehouse, load_definitions(REPO), "small")
-    finally:
-        warehouse.close()
-    return state
+    """This module's own warehouse: its tests write documents."""
+    return build_small_demo(tmp_path_factory.mktemp("ingest-home"))
 
 
 @pytest.fixture(scope="module")
