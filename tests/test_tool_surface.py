@@ -12,8 +12,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
+from evals.mcp_client import connect
 from server.app import INSTRUCTIONS, mcp_tool
 from tools import ALL_TOOLS, ToolName
 
@@ -22,6 +24,15 @@ SNAPSHOT = Path(__file__).parent / "snapshots" / "tools.json"
 DESCRIPTION_TOKEN_BUDGET = 120
 #: The whole tool list, schemas included (11 tools: ~7,000 tokens with pydantic titles stripped).
 TOOL_LIST_TOKEN_BUDGET = 7500
+
+
+#: What each writing tool does to its environment (MCP: destructive = may replace or remove what
+#: exists; additive = only adds). Every tool not named here must be read-only.
+WRITE_EFFECTS = {
+    ToolName.APPEND_ROWS: "additive",
+    ToolName.RESTORE_TABLE: "destructive",  # moves the table's current snapshot back
+    ToolName.ADD_DOCUMENTS: "destructive",  # re-adding a doc_id replaces its passages
+}
 
 
 def _surface() -> dict[str, Any]:
@@ -51,15 +62,35 @@ def test_tool_meets_surface_rules(spec: Any) -> None:
     for name, schema in tool.input_schema["properties"].items():
         assert schema.get("description"), f"argument {name} has no description"
         assert "type" in schema or "anyOf" in schema, f"argument {name} is untyped"
+    for model, definition in tool.input_schema.get("$defs", {}).items():
+        for name, schema in definition.get("properties", {}).items():
+            assert schema.get("description"), f"field {model}.{name} has no description"
     assert tool.output_schema and tool.output_schema["type"] == "object"
     annotations = tool.annotations
     assert annotations is not None
     assert annotations.read_only_hint is spec.read_only
     assert annotations.destructive_hint is spec.destructive
-    if spec.read_only:
-        assert not spec.destructive
+    effect = WRITE_EFFECTS.get(spec.name)
+    assert spec.read_only is (effect is None), f"{spec.name} read-only hint is wrong"
+    assert spec.destructive is (effect == "destructive"), f"{spec.name} destructive hint is wrong"
 
 
 def test_tool_list_stays_small() -> None:
     size = len(json.dumps([t for t in _surface()["tools"]]))
     assert size / 4 <= TOOL_LIST_TOKEN_BUDGET, f"tool list is ~{size // 4} tokens"
+
+
+@pytest.mark.parametrize("principal", ["analyst", "support_agent", "data_steward", "admin", "kate"])
+def test_tool_list_at_connect_time_is_measured_and_small(principal: str, demo_home: Path, tmp_path: Path) -> None:
+    """What an agent really receives from tools/list over stdio, per role (listing applies policy)."""
+
+    async def listed() -> tuple[int, int]:
+        async with connect(principal, demo_home, LAKEGATE_AUDIT__PATH=str(tmp_path / "audit.jsonl")) as client:
+            tools = (await client.list_tools()).tools
+            payload = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in tools]
+            return len(tools), len(json.dumps(payload)) + len(client.instructions or "")
+
+    count, size = anyio.run(listed)
+    assert count >= 5, f"{principal} sees only {count} tools"
+    print(f"{principal}: {count} tools, ~{size // 4} tokens at connect time")
+    assert size / 4 <= TOOL_LIST_TOKEN_BUDGET + len(INSTRUCTIONS) / 4

@@ -110,11 +110,11 @@ def render_documents(result: DocumentResults) -> str:
 
 
 class DocumentIn(ToolArgs):
-    doc_id: str = Field(min_length=1, max_length=256)
-    title: str = Field(min_length=1, max_length=500)
-    text: str = Field(min_length=1, max_length=MAX_DOCUMENT_CHARS)
-    source: str | None = Field(default=None, max_length=1000)
-    classification: Classification
+    doc_id: str = Field(min_length=1, max_length=256, description="Stable id; re-adding it replaces its passages.")
+    title: str = Field(min_length=1, max_length=500, description="Document title.")
+    text: str = Field(min_length=1, max_length=MAX_DOCUMENT_CHARS, description="Full text, chunked by lakegate.")
+    source: str | None = Field(default=None, max_length=1000, description="Where it came from (URL or path).")
+    classification: Classification = Field(description="Sensitivity label.")
     allowed_roles: list[str] = Field(min_length=1, max_length=50, description="Roles that may read it.")
 
 
@@ -174,7 +174,7 @@ DOCUMENT_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
         add_documents,
         render_added,
         read_only=False,
-        destructive=False,
+        destructive=True,  # re-adding a doc_id replaces its passages (older versions stay readable)
         idempotent=True,
     ),
 )
