@@ -173,7 +173,7 @@ def _query_vector(table: LanceTable, name: str, query: str) -> Any:
 
     embedder = get_embedder()
     check_embedding_model(table.schema.metadata, embedder, name)
-    return embedder.embed([query])[0]
+    return embedder.embed_query(query)
 
 
 def _rows(table: LanceTable, label: Literal["vector", "fulltext"], query: Any, predicate: str, k: int) -> list[Any]:

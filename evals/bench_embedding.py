@@ -1,0 +1,93 @@
+"""Embedding speed on this machine: ingest throughput and single-query latency, torch vs ONNX Runtime.
+
+    python -m evals.bench_embedding [--passages 2000] [--queries 200] [--device cpu]
+                                    [--out evals/results/bench_embedding.json]
+
+- Ingest: the demo's passages (catalog.demo builds them deterministically, ~180 tokens each) embedded
+  with `Embedder.embed` in batches of 64, as `lakegate ingest` does; passages/s over the whole run.
+- Query: `--queries` short questions from the labelled retrieval set, each embedded alone, through
+  the torch path (`embed([q])`) and the ONNX path (`embed_query(q)`), interleaved so that machine
+  noise hits both alike; p50/p99 per path, their ratio, and the largest difference between the two
+  vectors of a query (the ONNX path must stay within 1e-6 of the ingest path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evals.bench_gate import percentiles
+from evals.bench_retrieval import load_queries
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(passages: int, queries: int, device: str | None) -> dict[str, Any]:
+    from catalog.demo import sample_passages
+    from catalog.embedder import get_embedder
+
+    embedder = get_embedder(device)
+    texts = sample_passages(passages)
+    embedder.embed(texts[:64])  # warm-up: first batches allocate
+    started = time.perf_counter()
+    for start in range(0, len(texts), 64):
+        embedder.embed(texts[start : start + 64])
+    ingest_s = time.perf_counter() - started
+
+    questions = [q.query for q in load_queries()]
+    sample = [questions[i % len(questions)] for i in range(queries)]
+    embedder.embed_query(sample[0])  # builds the ONNX encoder (~2 s, once per process)
+    torch_ms: list[float] = []
+    onnx_ms: list[float] = []
+    worst = 0.0
+    for query in sample:
+        started = time.perf_counter()
+        reference = embedder.embed([query])[0]
+        torch_ms.append((time.perf_counter() - started) * 1000)
+        started = time.perf_counter()
+        fast = embedder.embed_query(query)
+        onnx_ms.append((time.perf_counter() - started) * 1000)
+        worst = max(worst, float(np.abs(fast - reference).max()))
+    torch_p, onnx_p = percentiles(torch_ms), percentiles(onnx_ms)
+    return {
+        "device": embedder.device,
+        "query_backend": embedder.query_backend,
+        "ingest": {
+            "passages": len(texts),
+            "seconds": round(ingest_s, 2),
+            "passages_per_s": round(len(texts) / ingest_s, 1),
+        },
+        "query": {
+            "queries": len(sample),
+            "torch_ms": torch_p,
+            "onnx_ms": onnx_p,
+            "p50_ratio_onnx_vs_torch": round(onnx_p["p50_ms"] / torch_p["p50_ms"], 3),
+            "max_abs_difference": worst,
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--passages", type=int, default=2000)
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--device", default=None, help="cpu or cuda; default: cuda when present")
+    parser.add_argument("--out", type=Path, default=REPO / "evals" / "results" / "bench_embedding.json")
+    args = parser.parse_args(argv)
+    result = run(args.passages, args.queries, args.device)
+    result["machine"] = {"python": sys.version.split()[0], "platform": platform.platform()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
