@@ -25,7 +25,7 @@ def test_analyst_sees_catalog_tools_and_its_datasets(demo_home: Path, audit_path
             tools = {tool.name: tool for tool in (await client.list_tools()).tools}
             assert set(tools) == {
                 "list_datasets", "describe_dataset", "search_catalog", "query", "list_metrics", "describe_metric",
-                "query_metrics",
+                "query_metrics", "explain_access",
             }
             assert all(tool.annotations and tool.annotations.read_only_hint for tool in tools.values())
 
@@ -168,7 +168,8 @@ def test_search_catalog_and_resources(demo_home: Path, audit_path: Path) -> None
     hits = {(m["dataset"], m["column"]) for m in found["matches"]}
     assert ("sales.customers", "email") in hits
     # finance.refunds is not readable by support_agent: searching cannot reveal it.
-    assert all(not m["dataset"].startswith("finance.") for m in other["matches"])
+    assert all(not (m["dataset"] or "").startswith("finance.") for m in other["matches"])
+    assert "refunds" not in {m["metric"] for m in other["matches"]}  # metric:refunds is denied too
     *uris, text = uris_and_text
     assert "lakegate://datasets/support.tickets" in uris and "lakegate://datasets/finance.refunds" not in uris
     assert json.loads(text)["name"] == "support.tickets"

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import structlog
 from pydantic import Field
 
+from catalog.catalog_search import CatalogEntry, rank_entries
+from server.errors import ConfigurationError
 from server.scope import CallScope
 from tools.base import Page, PageArgs, SnapshotId, ToolArgs, ToolResult, ToolSpec, paginate
 from tools.names import ToolName
+
+log = structlog.get_logger(__name__)
 
 __all__ = ["CATALOG_TOOLS"]
 
@@ -185,45 +189,41 @@ def render_description(result: DatasetDescription) -> str:
 
 # --- search_catalog -----------------------------------------------------------------------------
 
-_WORD = re.compile(r"[a-z0-9]+")
-
 
 class SearchCatalogArgs(PageArgs):
-    query: str = Field(min_length=1, max_length=500, description="Words to look for, e.g. 'customer email'.")
+    query: str = Field(
+        min_length=1, max_length=500, description="Words or a question, e.g. 'customer email' or 'money we made'."
+    )
     limit: int = Field(default=10, ge=1, le=100, description="Most matches to return in this page.")
 
 
 class CatalogMatch(ToolResult):
-    kind: Literal["dataset", "column"]
-    dataset: str
+    kind: Literal["dataset", "column", "metric"]
+    dataset: str | None = None
     column: str | None = None
+    metric: str | None = None
     description: str
     tags: list[str]
-    score: float = Field(description="Higher is better: matched words, weighted to names over descriptions.")
+    score: float = Field(description="Higher is better: word and meaning rankings, fused by rank.")
 
 
 class CatalogMatches(Page):
     matches: list[CatalogMatch]
 
 
-def _score(words: set[str], name: str, text: str, tags: list[str]) -> float:
-    name_words = set(_WORD.findall(name.lower()))
-    text_words = set(_WORD.findall(text.lower())) | {t.lower() for t in tags}
-    return 2.0 * len(words & name_words) + 1.0 * len(words & text_words)
-
-
-def search_catalog(scope: CallScope, args: SearchCatalogArgs) -> CatalogMatches:
-    words = set(_WORD.findall(args.query.lower()))
-    if not words:
-        return CatalogMatches(matches=[], truncated=False)
-    matches: list[CatalogMatch] = []
+def _candidates(scope: CallScope) -> list[tuple[CatalogMatch, CatalogEntry]]:
+    """Everything the caller may read, as matches-to-be and the entries search ranks."""
+    found: list[tuple[CatalogMatch, CatalogEntry]] = []
     for name in scope.readable_datasets():
         info, doc = scope.dataset(name)
         description = doc.description if doc else ""
         tags = list(doc.tags) if doc else []
-        score = _score(words, name, description, tags)
-        if score:
-            matches.append(CatalogMatch(kind="dataset", dataset=name, description=description, tags=tags, score=score))
+        found.append(
+            (
+                CatalogMatch(kind="dataset", dataset=name, description=description, tags=tags, score=0),
+                CatalogEntry(name, description, tuple(tags)),
+            )
+        )
         names = [column.name for column in info.columns]
         for column, access in zip(info.columns, scope.columns(name, names), strict=True):
             if not access.visible:
@@ -231,14 +231,39 @@ def search_catalog(scope: CallScope, args: SearchCatalogArgs) -> CatalogMatches:
             column_doc = doc.column(column.name) if doc else None
             text = column_doc.description if column_doc else (column.doc or "")
             column_tags = list(column_doc.tags) if column_doc else []
-            score = _score(words, column.name, text, column_tags)
-            if score:
-                matches.append(
-                    CatalogMatch(
-                        kind="column", dataset=name, column=column.name, description=text, tags=column_tags, score=score
-                    )
-                )
-    matches.sort(key=lambda m: (-m.score, m.dataset, m.column or ""))
+            match = CatalogMatch(
+                kind="column", dataset=name, column=column.name, description=text, tags=column_tags, score=0
+            )
+            found.append((match, CatalogEntry(column.name, text, tuple(column_tags))))
+    semantic = scope.semantic
+    for name in semantic.metric_names():
+        if not scope.may_read_metric(name):
+            continue
+        metric = semantic.metric(name)
+        synonyms = tuple(metric.synonyms)
+        found.append(
+            (
+                CatalogMatch(kind="metric", metric=name, description=metric.description, tags=list(synonyms), score=0),
+                CatalogEntry(name, metric.description, synonyms),
+            )
+        )
+    return found
+
+
+def search_catalog(scope: CallScope, args: SearchCatalogArgs) -> CatalogMatches:
+    candidates = _candidates(scope)
+    try:
+        from catalog.embedder import get_embedder
+
+        embedder = get_embedder()
+        model, embed, embed_query = embedder.model_hash, embedder.embed, embedder.embed_query
+    except ConfigurationError as exc:  # no model: words still work, and the log says why
+        log.warning("catalog_search_words_only", error=str(exc))
+        model, embed, embed_query = "", None, None
+    ranked = rank_entries(
+        args.query, [entry for _, entry in candidates], model=model, embed=embed, embed_query=embed_query
+    )
+    matches = [candidates[i][0].model_copy(update={"score": round(score, 5)}) for i, score in ranked]
     page, truncated, cursor = paginate(matches, args, scope)
     return CatalogMatches(matches=page, truncated=truncated, next_cursor=cursor)
 
@@ -248,7 +273,7 @@ def render_matches(result: CatalogMatches) -> str:
         return "No datasets or columns match. Try other words, or call list_datasets."
     lines = [f"{len(result.matches)} match(es):"]
     for m in result.matches:
-        where = f"{m.dataset}.{m.column}" if m.column else m.dataset
+        where = m.metric or (f"{m.dataset}.{m.column}" if m.column else m.dataset)
         tags = f" [{', '.join(m.tags)}]" if m.tags else ""
         lines.append(f"- {m.kind} {where}{tags}: {m.description}")
     if result.truncated:
