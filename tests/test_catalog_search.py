@@ -58,6 +58,7 @@ def test_exact_names_still_rank_first(rt: Runtime) -> None:
     ],
 )
 def test_only_readable_entries_are_ranked(rt: Runtime, who: str, unseen: tuple[str, ...]) -> None:
+    assert rt.gate.semantic is not None
     readable_metrics = {
         name for name in rt.gate.semantic.metric_names() if rt.enforcer.decide(who, f"metric:{name}", "read").allowed
     }
