@@ -7,6 +7,10 @@
 - Every decision carries the rule that decided it (the deny rule, or the first allow rule), and the
   version (content hash) of the policy set that was in force.
 - Hot reload: the model and policy files are re-read when they change on disk.
+- The rules may come from a `RuleSource` instead of policy.csv (the production profile keeps them
+  in PostgreSQL: policies/pg_policies.py). Its stamp is compared on every decision, so a change it
+  reports is applied at once; while it cannot vouch that its rules are current, every decision is
+  a denial.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any, Protocol
 
 import casbin
 import structlog
 
+from policies.redaction import REDACTION_FILE, RedactionRules, load_redaction
 from policies.row_filters import ROW_FILTER_FILE, RowFilter, RowFilterSet, load_row_filters
 
-__all__ = ["Decision", "PolicyEnforcer", "PolicyFiles", "policy_files"]
+__all__ = ["Decision", "PolicyEnforcer", "PolicyFiles", "RuleSource", "policy_files"]
 
 log = structlog.get_logger(__name__)
 
@@ -53,15 +59,18 @@ class Decision:
 class PolicyFiles:
     """Where the policy set comes from: the project's policies/, else the packaged defaults.
 
-    The Casbin model and policy, and the row filters (optional: no file, no row filters).
+    The Casbin model and policy, the row filters (optional: no file, no row filters) and the
+    redaction rules of the audit log (optional: no file, the default rules).
     """
 
     model: Path
     policy: Path
     row_filters: Path | None = None
+    redaction: Path | None = None
 
     def _paths(self) -> list[Path]:
-        return [self.model, self.policy, *([self.row_filters] if self.row_filters else [])]
+        optional = [path for path in (self.row_filters, self.redaction) if path is not None]
+        return [self.model, self.policy, *optional]
 
     def content_hash(self, extra: Iterable[str] = ()) -> str:
         digest = hashlib.sha256()
@@ -86,7 +95,34 @@ def policy_files(project: Path) -> PolicyFiles:
         model=local / MODEL_FILE if (local / MODEL_FILE).is_file() else packaged / MODEL_FILE,
         policy=local / POLICY_FILE if own_policy else packaged / POLICY_FILE,
         row_filters=local / ROW_FILTER_FILE if own_policy else packaged / ROW_FILTER_FILE,
+        # Owning a policy.csv does not drop redaction: without a file of its own, a project gets
+        # the packaged rules (the safe direction is to hide more, not less).
+        redaction=local / REDACTION_FILE if (local / REDACTION_FILE).is_file() else packaged / REDACTION_FILE,
     )
+
+
+class RuleSource(Protocol):
+    """Where the Casbin rules (p and g lines) come from instead of the policy.csv file."""
+
+    def snapshot(self) -> Any:
+        """A Casbin adapter over one consistent read of the rules (both enforcers of a load use it).
+
+        Raises:
+            Exception: the rules cannot be read (the load fails and everything is denied).
+        """
+        ...
+
+    def stamp(self) -> int:
+        """A number that changes whenever the rules change; read on every decision, so no I/O."""
+        ...
+
+    def stale_reason(self) -> str | None:
+        """Why the rules may be out of date (every decision is then denied), or None."""
+        ...
+
+    def close(self) -> None:
+        """Stop watching for changes."""
+        ...
 
 
 @dataclass
@@ -97,7 +133,10 @@ class _Loaded:
     mtimes: tuple[float, ...]
     row_filters: RowFilterSet = field(default_factory=RowFilterSet)
     error: str | None = None
+    # Until a policy set loads, nothing is known to be safe to log in clear.
+    redaction: RedactionRules = field(default_factory=RedactionRules.fail_closed)
     cache: dict[tuple[str, str, str], Decision] = field(default_factory=dict)
+    stamp: int | None = None  # the rule source's stamp the rules were read at
 
 
 class PolicyEnforcer:
@@ -105,6 +144,7 @@ class PolicyEnforcer:
 
     `resource_groups` maps a resource to the tag groups it belongs to (for g2 lines), e.g.
     {"sales.customers.email": ("tag:pii",)}; it comes from the catalog definitions.
+    With `rules`, the p and g lines come from that source and `files.policy` is not read.
     """
 
     def __init__(
@@ -113,10 +153,12 @@ class PolicyEnforcer:
         resource_groups: Mapping[str, Iterable[str]] | None = None,
         *,
         reload_interval_s: float = 1.0,
+        rules: RuleSource | None = None,
     ) -> None:
         self._files = files
         self._groups = [(obj, group) for obj, groups in (resource_groups or {}).items() for group in groups]
         self._reload_interval_s = reload_interval_s
+        self._rules = rules
         self._lock = threading.Lock()
         self._checked_at = time.monotonic()
         self._loaded = self._load()
@@ -124,6 +166,11 @@ class PolicyEnforcer:
     @property
     def files(self) -> PolicyFiles:
         return self._files
+
+    @property
+    def rule_source(self) -> RuleSource | None:
+        """Where the rules come from when not from `files.policy`."""
+        return self._rules
 
     @property
     def version(self) -> str:
@@ -136,6 +183,8 @@ class PolicyEnforcer:
     def decide(self, subject: str, obj: str, action: str) -> Decision:
         """Decide one request. Never raises: any failure is a denial whose reason says why."""
         loaded = self._current()
+        if self._rules is not None and (stale := self._rules.stale_reason()) is not None:
+            return Decision(False, subject, obj, action, reason=stale)
         key = (subject, obj, action)
         cached = loaded.cache.get(key)
         if cached is not None:
@@ -149,6 +198,11 @@ class PolicyEnforcer:
         loaded = self._current()
         subjects = {subject, *self.roles_for(subject)}
         return loaded.row_filters.for_subjects(subjects, dataset)
+
+    @property
+    def redaction(self) -> RedactionRules:
+        """Which argument values the audit log holds only hashed; every value while the set is invalid."""
+        return self._current().redaction
 
     def roles_for(self, subject: str) -> tuple[str, ...]:
         """Every role the subject holds, directly or through inheritance."""
@@ -169,36 +223,54 @@ class PolicyEnforcer:
                 changed = self._files.mtimes() != self._loaded.mtimes
             except OSError:
                 changed = True
+            changed = changed or self._stamp() != self._loaded.stamp
             if changed:
                 self._loaded = self._load()
             return changed
 
+    def close(self) -> None:
+        """Stop watching the rule source (if any); decisions keep the rules last loaded."""
+        if self._rules is not None:
+            self._rules.close()
+
+    def _stamp(self) -> int | None:
+        return self._rules.stamp() if self._rules is not None else None
+
     def _current(self) -> _Loaded:
-        if time.monotonic() - self._checked_at >= self._reload_interval_s:
+        # A rule source's stamp is compared on every call (it costs no I/O), so its changes apply
+        # without waiting for the file check interval.
+        if time.monotonic() - self._checked_at >= self._reload_interval_s or self._stamp() != self._loaded.stamp:
             self.reload_if_changed()
         return self._loaded
 
     def _load(self) -> _Loaded:
+        # Read before the rules: a change that lands during the load moves the stamp again.
+        stamp = self._stamp()
         try:
             mtimes = self._files.mtimes()
-            version = self._files.content_hash(f"{obj}>{group}" for obj, group in self._groups)
-            decider = self._enforcer(explain_allows=False)
-            explainer = self._enforcer(explain_allows=True)
+            adapter = self._rules.snapshot() if self._rules is not None else casbin.FileAdapter(str(self._files.policy))
+            decider = self._enforcer(adapter, explain_allows=False)
+            explainer = self._enforcer(adapter, explain_allows=True)
+            if self._rules is None:
+                version = self._files.content_hash(f"{obj}>{group}" for obj, group in self._groups)
+            else:
+                version = _source_version(self._files, decider)
             row_filters = load_row_filters(self._files.row_filters)
+            redaction = load_redaction(self._files.redaction)
         except Exception as exc:
             # Fail closed: an unreadable or invalid policy set denies everything until it is fixed.
             log.error("policy.load_failed", error=str(exc), model=str(self._files.model))
-            return _Loaded(None, None, "invalid", (), error=f"{type(exc).__name__}: {exc}")
+            return _Loaded(None, None, "invalid", (), error=f"{type(exc).__name__}: {exc}", stamp=stamp)
         log.info("policy.loaded", version=version)
-        return _Loaded(decider, explainer, version, mtimes, row_filters)
+        return _Loaded(decider, explainer, version, mtimes, row_filters, stamp=stamp, redaction=redaction)
 
-    def _enforcer(self, *, explain_allows: bool) -> casbin.Enforcer:
+    def _enforcer(self, adapter: Any, *, explain_allows: bool) -> casbin.Enforcer:
         model = casbin.Enforcer.new_model(path=str(self._files.model))
         if explain_allows:
             # Under deny-overrides, pycasbin names only the deny rule; an allow-only copy of the
             # model names the allow rule that matched, so every decision can say why.
             model["e"]["e"].value = _ALLOW_ONLY_EFFECT
-        enforcer = casbin.Enforcer(model, casbin.FileAdapter(str(self._files.policy)))
+        enforcer = casbin.Enforcer(model, adapter)
         for obj, group in self._groups:
             enforcer.add_named_grouping_policy("g2", obj, group)
         return enforcer
@@ -217,3 +289,18 @@ class PolicyEnforcer:
             return Decision(False, subject, obj, action, reason=f"policy evaluation failed: {exc}")
         reason = "allowed by rule" if allowed else ("denied by rule" if rule else "no rule allows it")
         return Decision(bool(allowed), subject, obj, action, tuple(str(part) for part in rule), reason)
+
+
+def _source_version(files: PolicyFiles, enforcer: casbin.Enforcer) -> str:
+    """The version of a policy set whose rules come from a `RuleSource`: a hash of the model, the
+    row filters and every rule loaded (resource groups included), so that replicas that loaded the
+    same rules report the same version, whenever they loaded them."""
+    digest = hashlib.sha256()
+    for path in (files.model, files.row_filters, files.redaction):
+        digest.update(path.read_bytes() if path is not None and path.is_file() else b"")
+    model = enforcer.get_model().model
+    for section in ("p", "g"):
+        for ptype, assertion in sorted(model.get(section, {}).items()):
+            for rule in assertion.policy:
+                digest.update(f"{ptype}, {', '.join(rule)}\n".encode())
+    return digest.hexdigest()[:16]

@@ -14,87 +14,103 @@ Writing goes through a structlog logger of its own (not the global configuration
 code may point at a console): small processors normalise the record and add ``seq``, ``time``
 and the chain, a JSON renderer turns it into one line, and a file sink writes it. Several threads
 and several processes may append to the same file: a lock and ``fcntl.flock`` serialise them.
+
+Rotation (`Rotation`): once the active file is big or old enough, the writer that notices, under
+the same flock as its append, gives it a name from its first and last seq and lists it in the
+manifest (`server.audit_files`); a new active file takes its place and the chain goes on in it
+(seq last+1, ``prev_hash`` the rotated file's last hash). The old file first gets its rotated name
+as a hard link, then a new empty file, already locked by the rotating writer, is renamed over the
+active name: the active name always exists, and a writer that opened (or was waiting to lock) the
+old file sees after locking that the name now points at another file and opens that one, so
+nothing is ever appended to a rotated file. A crash half-way leaves the active file with a second,
+rotated name; the next writer removes that name (and its manifest entry) and rotates again later.
+Retention (``keep_files``) deletes the oldest rotated files and marks them pruned in the manifest.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import threading
+import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeGuard
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
-from server.errors import AuditWriteError, ServerError
+from server.audit_files import (
+    LogNames,
+    Manifest,
+    ManifestEntry,
+    ManifestError,
+    chain_tail,
+    fsync_dir,
+    load_manifest,
+    log_files,
+    read_all_records,
+    save_manifest,
+)
+from server.audit_records import (
+    GENESIS_HASH,
+    AuditFormatError,
+    canonical_json,
+    chain_point,
+    read_first_line,
+    read_last_line,
+    read_records,
+    record_hash,
+)
+from server.audit_verify import FileReport, Problem, ProblemKind, VerifyReport, verify
+from server.errors import AuditWriteError
+
+if TYPE_CHECKING:
+    from server.settings import AuditSettings
 
 __all__ = [
     "GENESIS_HASH",
     "AuditFormatError",
     "AuditLog",
+    "FileReport",
     "Problem",
     "ProblemKind",
+    "Rotation",
     "VerifyReport",
     "canonical_json",
+    "log_files",
+    "read_all_records",
     "read_records",
     "record_hash",
     "verify",
 ]
 
-GENESIS_HASH = "0" * 64
+log = structlog.get_logger(__name__)
 
 # Fields the log owns; a caller's values for them are replaced (except "time", which is kept).
 _CHAIN_FIELDS = ("seq", "prev_hash", "hash")
+#: How often a writer reopens the active file because another process rotated it meanwhile.
+_REOPEN_ATTEMPTS = 50
+#: After a failed rotation, appends go on into the active file and rotation is retried this much later.
+_ROTATE_RETRY_S = 60.0
 
 
-class AuditFormatError(ServerError):
-    """A line of the audit log is not a JSON object (torn write, manual edit, wrong file)."""
+@dataclass(frozen=True)
+class Rotation:
+    """When the active file is rotated, and how many rotated files are kept (None: no limit)."""
 
-    outcome = "audit_error"
-
-    def __init__(self, line: int | None, reason: str) -> None:
-        # line is None for the tail read while appending, where lines are not counted.
-        where = f"line {line}" if line is not None else "the last line"
-        super().__init__(f"audit log {where} is not a valid record: {reason}")
-        self.line = line
-        self.reason = reason
-
-
-def canonical_json(value: Any) -> str:
-    """The one JSON spelling a record's hash is computed over.
-
-    Raises:
-        TypeError: a value is not JSON-serialisable (or a dict mixes key types).
-        ValueError: a float is NaN or infinite (not JSON), or a container refers to itself.
-    """
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def record_hash(record: Mapping[str, Any]) -> str:
-    """sha256 hex of the canonical JSON of ``record`` without its ``hash`` field.
-
-    Raises:
-        TypeError, ValueError: as `canonical_json`.
-    """
-    body = {k: v for k, v in record.items() if k != "hash"}
-    return hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
+    max_bytes: int | None = None  # rotate before an append once the file holds this many bytes
+    max_age_s: float | None = None  # ... or once its first record is this many seconds old
+    keep_files: int | None = None  # rotated files kept; older ones are deleted and marked pruned
 
 
 def _utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
-
-
-# --------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------
 
 
 class _ChainState:
@@ -105,6 +121,8 @@ class _ChainState:
         self.last_hash = GENESIS_HASH
         self.size: int | None = None  # file size after our last write; None: never looked
         self.written: dict[str, Any] | None = None
+        self.started: tuple[int, float | None] | None = None  # (inode, time of its first record)
+        self.links_checked: int | None = None  # inode whose extra names were already looked at
 
 
 class _FileSink:
@@ -137,19 +155,22 @@ class _AuditLogger(structlog.BoundLoggerBase):
 
 
 class AuditLog:
-    """An append-only, hash-chained JSON-lines file.
+    """An append-only, hash-chained JSON-lines file, rotated into a set of files by ``rotation``.
 
     ``fsync=True`` makes every record survive a machine crash, at the cost of one disk flush per
     call; with ``False`` a record survives a process crash (it is always flushed to the OS).
     """
 
-    def __init__(self, path: Path, *, fsync: bool = True) -> None:
+    def __init__(self, path: Path, *, fsync: bool = True, rotation: Rotation | None = None) -> None:
         self.path = Path(path)
         self.fsync = fsync
+        self.rotation = rotation or Rotation()
+        self._names = LogNames(self.path)
         self._lock = threading.Lock()
         self._state = _ChainState()
         self._sink = _FileSink()
         self._fd: int | None = None
+        self._rotate_failed_at: float | None = None
         self._logger: _AuditLogger = structlog.wrap_logger(
             self._sink,
             processors=[self._normalise, self._add_sequence, _add_time, self._add_chain, self._render],
@@ -162,6 +183,12 @@ class AuditLog:
         # other. A weak reference so that the fork hook does not keep every log alive.
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _forget_after_fork(ref))
+
+    @classmethod
+    def from_settings(cls, path: Path, settings: AuditSettings) -> AuditLog:
+        """The log at ``path`` with the fsync and rotation of ``settings``."""
+        rotation = Rotation(settings.rotate_bytes, settings.rotate_age, settings.keep_files)
+        return cls(path, fsync=settings.fsync, rotation=rotation)
 
     # -- processors: each takes and returns the event dict -------------------------------------
 
@@ -196,32 +223,29 @@ class AuditLog:
             self._state.size = None
         return self._fd
 
-    def _sync_tail(self, fd: int) -> None:
-        """Continue the chain from the file's last record if someone else wrote since we did."""
-        size = os.fstat(fd).st_size
-        if size == self._state.size:
-            return
-        last = _read_last_line(fd, size)
-        if last is None:
-            self._state.last_seq, self._state.last_hash = 0, GENESIS_HASH
-        else:
-            seq, digest = _chain_point(last)
-            self._state.last_seq, self._state.last_hash = seq, digest
-        self._state.size = size
+    def _drop_fd(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        self._state.size = None
 
-    def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        """Write one record and return it as written (with seq, time, prev_hash and hash).
+    def _is_active(self, fd: int) -> bool:
+        """Whether ``fd`` is still the file the active name points at (not rotated away)."""
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (named.st_ino, named.st_dev) == (mine.st_ino, mine.st_dev)
 
-        ``seq``, ``prev_hash`` and ``hash`` in ``record`` are replaced; ``time`` is kept if given.
+    def _lock_active(self) -> int:
+        """Open and lock the active file; reopen when another process rotated it meanwhile.
 
         Raises:
-            AuditWriteError: the record was not written: the file or its directory cannot be
-                created or written, the disk is full, a value is not JSON-serialisable (objects,
-                NaN, non-string keys that clash), or the log's last line is not a valid record (a
-                torn write: the log needs repair before anything is appended). The cause is
-                chained. A partly written line is cut off again, so the file stays a valid chain.
+            AuditWriteError: it cannot be opened or locked.
         """
-        with self._lock:
+        for _ in range(_REOPEN_ATTEMPTS):
             try:
                 fd = self._open()
             except OSError as exc:
@@ -231,16 +255,62 @@ class AuditLog:
             except OSError as exc:
                 raise AuditWriteError(f"cannot lock audit log {self.path}: {exc}") from exc
             try:
+                if self._is_active(fd):
+                    return fd
+            except OSError as exc:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                raise AuditWriteError(f"cannot check audit log {self.path}: {exc}") from exc
+            # Rotated while we waited: the lock we hold is on a file that is no longer appended to.
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            self._drop_fd()
+        raise AuditWriteError(f"audit log {self.path} was replaced {_REOPEN_ATTEMPTS} times while locking it")
+
+    def _sync_tail(self, fd: int) -> None:
+        """Continue the chain from the file's last record if someone else wrote since we did."""
+        size = os.fstat(fd).st_size
+        if size == self._state.size:
+            return
+        last = read_last_line(fd, size)
+        if last is None:
+            # A new active file continues the chain of the file rotated before it.
+            self._state.last_seq, self._state.last_hash = chain_tail(self.path)
+        else:
+            seq, _, digest = chain_point(last)
+            self._state.last_seq, self._state.last_hash = seq, digest
+        self._state.size = size
+
+    def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """Write one record and return it as written (with seq, time, prev_hash and hash).
+
+        ``seq``, ``prev_hash`` and ``hash`` in ``record`` are replaced; ``time`` is kept if given.
+        The active file is rotated first when `Rotation` says so; a failed rotation is logged and
+        the record goes into the active file.
+
+        Raises:
+            AuditWriteError: the record was not written: the file or its directory cannot be
+                created or written, the disk is full, a value is not JSON-serialisable (objects,
+                NaN, non-string keys that clash), or the log's last line is not a valid record (a
+                torn write: the log needs repair before anything is appended). The cause is
+                chained. A partly written line is cut off again, so the file stays a valid chain.
+        """
+        with self._lock:
+            fd = self._lock_active()
+            try:
                 return self._append_locked(fd, record)
             finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                # The active file may have changed (rotation): unlock the one we hold now.
+                if self._fd is not None:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _append_locked(self, fd: int, record: Mapping[str, Any]) -> dict[str, Any]:
         try:
+            self._undo_interrupted_rotation(fd)
             self._sync_tail(fd)
-        except (OSError, AuditFormatError) as exc:
+        except (OSError, AuditFormatError, ManifestError) as exc:
             self._state.size = None
             raise AuditWriteError(f"cannot continue the chain of {self.path}: {exc}") from exc
+        if self._rotation_due(fd):
+            fd = self._rotate_or_stay(fd)
         before = self._state.size
         assert before is not None
         self._state.written = None
@@ -268,6 +338,151 @@ class AuditLog:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, size)
 
+    # -- rotation (always with the active file locked) -------------------------------------------
+
+    def _rotation_due(self, fd: int) -> bool:
+        size = self._state.size
+        if not size:
+            return False
+        if self._rotate_failed_at is not None and time.monotonic() - self._rotate_failed_at < _ROTATE_RETRY_S:
+            return False
+        rotation = self.rotation
+        if rotation.max_bytes is not None and size >= rotation.max_bytes:
+            return True
+        if rotation.max_age_s is not None:
+            started = self._started(fd)
+            return started is not None and time.time() - started >= rotation.max_age_s
+        return False
+
+    def _started(self, fd: int) -> float | None:
+        """When the active file's first record was written (its ``time``), cached per file."""
+        inode = os.fstat(fd).st_ino
+        if self._state.started is not None and self._state.started[0] == inode:
+            return self._state.started[1]
+        started: float | None = None
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError, AttributeError):
+            first = read_first_line(fd)
+            if first is not None:
+                started = datetime.fromisoformat(json.loads(first)["time"]).timestamp()
+        self._state.started = (inode, started)
+        return started
+
+    def _rotate_or_stay(self, fd: int) -> int:
+        try:
+            fd = self._rotate(fd)
+        except (OSError, AuditFormatError, ManifestError, ValueError) as exc:
+            # Not a reason to lose the record: it goes into the active file, which stays a valid chain.
+            self._rotate_failed_at = time.monotonic()
+            log.warning("audit.rotate_failed", path=str(self.path), error=f"{type(exc).__name__}: {exc}")
+            return fd
+        self._rotate_failed_at = None
+        try:
+            self._prune()
+        except (OSError, ManifestError) as exc:
+            log.warning("audit.prune_failed", path=str(self.path), error=f"{type(exc).__name__}: {exc}")
+        return fd
+
+    def _rotate(self, fd: int) -> int:
+        """Give the active file its rotated name and put a new, locked, empty active file in its place.
+
+        Returns the new file's descriptor, locked; on failure the old one is still the active
+        file, still locked.
+        """
+        state = self._state
+        first = read_first_line(fd)
+        if first is None or state.size is None:
+            return fd
+        first_seq, first_prev, _ = chain_point(first)
+        target = self._names.rotated(first_seq, state.last_seq)
+        manifest = load_manifest(self._names) or Manifest(active=self.path.name)
+        entry = ManifestEntry(
+            name=target.name,
+            first_seq=first_seq,
+            last_seq=state.last_seq,
+            first_prev_hash=first_prev,
+            last_hash=state.last_hash,
+            records=state.last_seq - first_seq + 1,
+            bytes=state.size,
+            rotated_at=_utc_now(),
+        )
+        fresh = self._names.temporary(self.path.name)
+        new_fd = os.open(fresh, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(new_fd, fcntl.LOCK_EX)
+            os.link(self.path, target)
+            try:
+                save_manifest(
+                    self._names, manifest.model_copy(update={"files": (*manifest.files, entry)}), fsync=self.fsync
+                )
+                os.replace(fresh, self.path)
+            except BaseException:
+                state.links_checked = None
+                with contextlib.suppress(OSError, ManifestError):
+                    self._undo_interrupted_rotation(fd)
+                raise
+        except BaseException:
+            os.close(new_fd)
+            with contextlib.suppress(OSError):
+                fresh.unlink()
+            raise
+        if self.fsync:
+            fsync_dir(self._names.directory)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        self._fd = new_fd
+        # The chain (last seq and hash) goes on unchanged in the new file.
+        state.size, state.started, state.links_checked = 0, None, None
+        log.info("audit.rotated", path=str(self.path), rotated=target.name, last_seq=state.last_seq)
+        return new_fd
+
+    def _undo_interrupted_rotation(self, fd: int) -> None:
+        """Remove rotated names that still point at the active file (a rotation that did not finish)."""
+        mine = os.fstat(fd)
+        if mine.st_nlink <= 1 or self._state.links_checked == mine.st_ino:
+            return
+        for name in os.listdir(self._names.directory):
+            if self._names.parse_rotated(name) is None:
+                continue
+            other = self._names.directory / name
+            try:
+                theirs = os.stat(other)
+            except FileNotFoundError:
+                continue
+            if (theirs.st_ino, theirs.st_dev) != (mine.st_ino, mine.st_dev):
+                continue
+            # The manifest first: a crash between the two leaves a name the next writer removes.
+            manifest = load_manifest(self._names)
+            if manifest is not None and manifest.entry(name) is not None:
+                kept = tuple(entry for entry in manifest.files if entry.name != name)
+                save_manifest(self._names, manifest.model_copy(update={"files": kept}), fsync=self.fsync)
+            other.unlink()
+            log.warning("audit.rotation_undone", path=str(self.path), name=name)
+        self._state.links_checked = mine.st_ino
+
+    def _prune(self) -> None:
+        """Delete rotated files beyond ``keep_files``, oldest first, marking them pruned in the manifest."""
+        keep = self.rotation.keep_files
+        if keep is None:
+            return
+        manifest = load_manifest(self._names)
+        if manifest is None:
+            return
+        live = [entry for entry in manifest.files if not entry.pruned]
+        doomed = {entry.name for entry in live[: max(0, len(live) - keep)]}
+        if doomed:
+            now = _utc_now()
+            files = tuple(
+                entry.model_copy(update={"pruned_at": now}) if entry.name in doomed else entry
+                for entry in manifest.files
+            )
+            # Marked before deleted: a crash in between leaves a pruned file that the next prune deletes.
+            manifest = manifest.model_copy(update={"files": files})
+            save_manifest(self._names, manifest, fsync=self.fsync)
+        for entry in manifest.files:
+            if entry.pruned:
+                with contextlib.suppress(FileNotFoundError):
+                    (self._names.directory / entry.name).unlink()
+
     def close(self) -> None:
         """Close the file; a later append opens it again."""
         with self._lock:
@@ -288,459 +503,13 @@ def _add_time(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
 
 
 def _forget_after_fork(ref: weakref.ref[AuditLog]) -> None:
-    log = ref()
-    if log is None:
+    audit_log = ref()
+    if audit_log is None:
         return
-    log._lock = threading.Lock()  # another thread may have held it at fork time
-    if log._fd is not None:
+    audit_log._lock = threading.Lock()  # another thread may have held it at fork time
+    if audit_log._fd is not None:
         # Closing our copy of the descriptor leaves the parent's lock alone (never LOCK_UN).
         with contextlib.suppress(OSError):
-            os.close(log._fd)
-        log._fd = None
-    log._state.size = None
-
-
-def _read_last_line(fd: int, size: int) -> bytes | None:
-    """The last line of the file, or None for an empty file.
-
-    Raises:
-        AuditFormatError: the file does not end with a newline (a torn or foreign write).
-    """
-    if size == 0:
-        return None
-    chunk = 8192
-    end = size
-    buf = b""
-    while True:
-        start = max(0, end - chunk)
-        buf = os.pread(fd, end - start, start) + buf
-        if not buf.endswith(b"\n"):
-            raise AuditFormatError(None, "no newline at the end (an interrupted write?)")
-        cut = buf.rfind(b"\n", 0, len(buf) - 1)
-        if cut >= 0:
-            return buf[cut + 1 : -1]
-        if start == 0:
-            return buf[:-1]
-        end = start
-
-
-def _chain_point(line: bytes) -> tuple[int, str]:
-    """(seq, hash) of a raw record line.
-
-    Raises:
-        AuditFormatError: the line is not a record with an integer seq and a hex hash.
-    """
-    try:
-        record = json.loads(line)
-    except ValueError as exc:
-        raise AuditFormatError(None, f"not JSON ({exc})") from exc
-    entry = _Entry.from_record(-1, record)
-    if entry is None:
-        raise AuditFormatError(None, "no valid seq, prev_hash and hash")
-    return entry.seq, entry.stored
-
-
-# --------------------------------------------------------------------------------------------
-# Reading
-# --------------------------------------------------------------------------------------------
-
-
-def read_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Yield each record of the log in file order.
-
-    Raises:
-        FileNotFoundError: there is no such file.
-        OSError: the file cannot be read.
-        AuditFormatError: a line (its number is ``.line``, 1-based) is not a JSON object,
-            including a blank line or a torn last line.
-    """
-    with open(path, "rb") as file:
-        for number, raw in enumerate(file, start=1):
-            yield _parse_line(number, raw)
-
-
-def _parse_line(number: int, raw: bytes) -> dict[str, Any]:
-    if not raw.endswith(b"\n"):
-        raise AuditFormatError(number, "no newline at the end (an interrupted write?)")
-    try:
-        value = json.loads(raw)
-    except ValueError as exc:
-        raise AuditFormatError(number, f"not JSON ({exc})") from exc
-    if not isinstance(value, dict):
-        raise AuditFormatError(number, "not a JSON object")
-    return value
-
-
-# --------------------------------------------------------------------------------------------
-# Verifying
-# --------------------------------------------------------------------------------------------
-
-ProblemKind = Literal["edited", "deleted", "inserted", "reordered", "malformed", "broken_chain"]
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with the log, placed as precisely as the chain allows."""
-
-    seq: int | None
-    line: int
-    kind: ProblemKind
-    message: str
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    """What `verify` found. ``exists`` is False when there was no file (then ok, 0 records)."""
-
-    ok: bool
-    records: int
-    problems: tuple[Problem, ...]
-    first_seq: int | None
-    last_seq: int | None
-    last_hash: str | None
-    exists: bool = True
-
-
-def _is_hex64(value: Any) -> TypeGuard[str]:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """What verification needs from one well-formed line."""
-
-    line: int
-    seq: int
-    prev: str
-    stored: str  # the hash written in the record
-    computed: str  # the hash of its content
-
-    @property
-    def intact(self) -> bool:
-        return self.stored == self.computed
-
-    @property
-    def names(self) -> frozenset[str]:
-        # A successor may legitimately point at either: the stored hash when only the content
-        # was edited, the computed one when only the hash field was.
-        return frozenset((self.stored, self.computed))
-
-    @classmethod
-    def from_record(cls, line: int, record: Any) -> _Entry | None:
-        if not isinstance(record, dict):
-            return None
-        seq, prev, stored = record.get("seq"), record.get("prev_hash"), record.get("hash")
-        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
-            return None
-        if not (_is_hex64(prev) and _is_hex64(stored)):
-            return None
-        try:
-            computed = record_hash(record)
-        except (TypeError, ValueError):
-            return None
-        return cls(line, seq, prev, stored, computed)
-
-
-def _load_entries(path: Path) -> list[_Entry | Problem]:
-    entries: list[_Entry | Problem] = []
-    with open(path, "rb") as file:
-        for number, raw in enumerate(file, start=1):
-            try:
-                record = _parse_line(number, raw)
-            except AuditFormatError as exc:
-                entries.append(
-                    Problem(None, number, "malformed", f"line {number} is malformed: {exc.reason}")
-                )
-                continue
-            entry = _Entry.from_record(number, record)
-            if entry is None:
-                entries.append(
-                    Problem(None, number, "malformed", f"line {number} has no valid seq, prev_hash and hash")
-                )
-            else:
-                entries.append(entry)
-    return entries
-
-
-def _where(seq: int | None, line: int) -> str:
-    return f"record seq {seq} (line {line})" if seq is not None else f"line {line}"
-
-
-class _Verifier:
-    """Walks the lines in order, keeping the tail of the chain it has accepted so far.
-
-    A line that does not continue the chain is explained by looking at most two lines ahead:
-    if the next line continues the chain instead, this line was inserted (or swapped with the
-    next); if a line links to a record that is not there, records were deleted; a record whose
-    own hash does not match was edited. Only the first explanation per anomaly is reported, and
-    the walk resynchronises on the explained record so one tamper yields one problem.
-    """
-
-    def __init__(self, entries: list[_Entry | Problem]) -> None:
-        self.entries = entries
-        self.problems: list[Problem] = []
-        self.all_names: dict[str, int] = {}
-        for item in entries:
-            if isinstance(item, _Entry):
-                for name in item.names:
-                    self.all_names.setdefault(name, item.line)
-        # The accepted tail: None means "anything goes" (after a malformed line).
-        self.tail_names: frozenset[str] | None = frozenset((GENESIS_HASH,))
-        self.expected: int | None = 1
-        self.tail: _Entry | None = None
-        self.tail_state: tuple[frozenset[str] | None, int | None, _Entry | None] | None = None
-        self.seen: dict[str, int] = {}
-
-    def _links(self, entry: _Entry) -> bool:
-        return self.tail_names is None or entry.prev in self.tail_names
-
-    def _seq_ok(self, entry: _Entry) -> bool:
-        return self.expected is None or entry.seq == self.expected
-
-    def _continues(self, entry: _Entry) -> bool:
-        return self._links(entry) and self._seq_ok(entry)
-
-    def _accept(self, entry: _Entry, *, seq: int | None = None) -> None:
-        self.tail_state = (self.tail_names, self.expected, self.tail)
-        self.tail_names = entry.names
-        self.expected = (seq if seq is not None else entry.seq) + 1
-        self.tail = entry
-        self.seen.setdefault(entry.stored, entry.line)
-
-    def _report(self, seq: int | None, line: int, kind: ProblemKind, message: str) -> None:
-        self.problems.append(Problem(seq, line, kind, message))
-
-    def _entry_at(self, index: int) -> _Entry | None:
-        if index < len(self.entries):
-            item = self.entries[index]
-            return item if isinstance(item, _Entry) else None
-        return None
-
-    def run(self) -> list[Problem]:
-        index = 0
-        while index < len(self.entries):
-            item = self.entries[index]
-            if isinstance(item, Problem):
-                self.problems.append(item)
-                self.tail_names, self.expected = None, None
-                index += 1
-                continue
-            index += self._check(item, index)
-        return self.problems
-
-    def _check(self, entry: _Entry, index: int) -> int:
-        """Classify one line; returns how many lines it consumed."""
-        if entry.intact and self._continues(entry) and entry.stored not in self.seen:
-            self._accept(entry)
-            return 1
-        expected = self.expected if self.expected is not None else entry.seq
-        where = _where(entry.seq, entry.line)
-
-        if entry.intact and entry.stored in self.seen:
-            first = self.seen[entry.stored]
-            self._report(
-                entry.seq, entry.line, "inserted", f"{where} was inserted: it duplicates line {first}"
-            )
-            return 1
-
-        after = self._entry_at(index + 1)
-        if after is not None and self.tail_names is not None and self._continues(after):
-            # The next line carries on from where we are, so this line does not belong here.
-            later = self._entry_at(index + 2)
-            if entry.intact and entry.prev in after.names and (later is None or later.stored != entry.stored):
-                self._report(
-                    entry.seq,
-                    entry.line,
-                    "reordered",
-                    f"{where} and {_where(after.seq, after.line)} are out of order (swapped)",
-                )
-                self._accept(after)
-                self._accept(entry)
-                return 2
-            self._report(
-                entry.seq, entry.line, "inserted", f"{where} was inserted: the chain continues past it"
-            )
-            return 1
-
-        if not entry.intact:
-            linked_from_next = after is not None and after.prev in entry.names
-            if linked_from_next or self._links(entry) or self._seq_ok(entry):
-                self._report(
-                    expected,
-                    entry.line,
-                    "edited",
-                    f"{_where(expected, entry.line)} was edited: its hash does not match its content",
-                )
-                self._accept(entry, seq=expected)
-            else:
-                self._report(
-                    entry.seq,
-                    entry.line,
-                    "inserted",
-                    f"{where} was inserted: its hash does not match its content and it does not "
-                    "continue the chain",
-                )
-            return 1
-
-        # An intact record (its hash matches) that does not continue the chain.
-        if self._links(entry):
-            self._report(
-                expected,
-                entry.line,
-                "edited",
-                f"{_where(expected, entry.line)} was edited: its seq was changed to {entry.seq} "
-                "and its hash recomputed",
-            )
-            self._accept(entry, seq=expected)
-            return 1
-
-        if entry.seq > expected:
-            return self._gap(entry, expected)
-
-        if entry.seq < expected and self.tail is not None and self.tail_state is not None:
-            # Two records claim the same predecessor: a fork. The one the chain goes on from is
-            # genuine; the other was inserted.
-            tail = self.tail
-            previous_names = self.tail_state[0]
-            if (
-                (previous_names is None or entry.prev in previous_names)
-                and after is not None
-                and (after.prev in entry.names)
-            ):
-                self._report(
-                    tail.seq,
-                    tail.line,
-                    "inserted",
-                    f"{_where(tail.seq, tail.line)} was inserted: the chain continues from line "
-                    f"{entry.line} instead",
-                )
-                self.tail_names, self.expected, self.tail = self.tail_state
-                self._accept(entry)
-                return 1
-            self._report(
-                entry.seq,
-                entry.line,
-                "inserted",
-                f"{where} was inserted: it repeats or goes back to seq {entry.seq} after seq {expected - 1}",
-            )
-            return 1
-
-        before = _where(self.tail.seq, self.tail.line) if self.tail else "the start of the log"
-        self._report(
-            entry.seq,
-            entry.line,
-            "broken_chain",
-            f"{where} does not chain to {before}: its prev_hash does not match; one of the two was "
-            "rewritten with a recomputed hash",
-        )
-        self._accept(entry)
-        return 1
-
-    def _gap(self, entry: _Entry, expected: int) -> int:
-        """``entry`` jumps ahead in seq and does not link to the tail."""
-        where = _where(entry.seq, entry.line)
-        target = self.all_names.get(entry.prev)
-        if target is not None and target > entry.line:
-            self._report(
-                entry.seq,
-                entry.line,
-                "reordered",
-                f"{where} comes before its predecessor (line {target}): records were moved",
-            )
-        elif target is None:
-            missing = f"seq {expected}" if entry.seq - 1 == expected else f"seq {expected}..{entry.seq - 1}"
-            self._report(
-                expected,
-                entry.line,
-                "deleted",
-                f"record {missing} was deleted: it is missing before line {entry.line} "
-                f"(which holds seq {entry.seq})",
-            )
-        else:
-            self._report(
-                entry.seq,
-                entry.line,
-                "broken_chain",
-                f"{where} links to line {target}, not to the record before it",
-            )
-        self._accept(entry)
-        return 1
-
-
-def verify(
-    path: Path, *, expect_last_hash: str | None = None, expect_records: int | None = None
-) -> VerifyReport:
-    """Check the whole chain and explain each break.
-
-    ``expect_last_hash`` and ``expect_records`` are an anchor kept outside the log (the ``hash``
-    and ``seq`` of the last record at some earlier time). The log may have grown since, but it
-    must still hold that record at that seq; without an anchor, records cut from the end of the
-    log cannot be detected. A missing file is ok with 0 records (``exists`` False) unless an
-    anchor says records are expected.
-
-    Raises:
-        OSError: the file exists but cannot be read (permissions, a directory, I/O error).
-    """
-    try:
-        entries = _load_entries(path)
-        exists = True
-    except FileNotFoundError:
-        entries, exists = [], False
-    problems = _Verifier(entries).run()
-    valid = [e for e in entries if isinstance(e, _Entry)]
-    last = valid[-1] if valid else None
-    problems.extend(_check_anchor(valid, len(entries), expect_last_hash, expect_records))
-    return VerifyReport(
-        ok=not problems,
-        records=len(entries),
-        problems=tuple(problems),
-        first_seq=valid[0].seq if valid else None,
-        last_seq=last.seq if last else None,
-        last_hash=last.stored if last else None,
-        exists=exists,
-    )
-
-
-def _check_anchor(
-    valid: list[_Entry], lines: int, expect_last_hash: str | None, expect_records: int | None
-) -> list[Problem]:
-    problems: list[Problem] = []
-    last_seq = max((e.seq for e in valid), default=0)
-    if expect_records is not None and last_seq < expect_records:
-        missing = (
-            f"seq {expect_records}"
-            if last_seq + 1 == expect_records
-            else f"seq {last_seq + 1}..{expect_records}"
-        )
-        problems.append(
-            Problem(
-                last_seq + 1,
-                lines + 1,
-                "deleted",
-                f"record {missing} was deleted: the log ends at seq {last_seq} but {expect_records} "
-                "records were expected (the tail was cut off)",
-            )
-        )
-    elif expect_last_hash is not None:
-        holder = next((e for e in valid if e.stored == expect_last_hash), None)
-        if holder is None:
-            problems.append(
-                Problem(
-                    expect_records,
-                    lines + 1 if expect_records is None else expect_records,
-                    "deleted",
-                    f"no record has the expected hash {expect_last_hash[:16]}...: the tail was cut off "
-                    "or that record was rewritten",
-                )
-            )
-        elif expect_records is not None and holder.seq != expect_records:
-            problems.append(
-                Problem(
-                    holder.seq,
-                    holder.line,
-                    "broken_chain",
-                    f"{_where(holder.seq, holder.line)} has the expected hash but seq {expect_records} "
-                    "was expected",
-                )
-            )
-    return problems
+            os.close(audit_log._fd)
+        audit_log._fd = None
+    audit_log._state.size = None

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from server.audit import AuditFormatError, VerifyReport, read_records, verify
+from server.audit import AuditFormatError, VerifyReport, read_all_records, verify
 from server.audit_review import (
     DIMENSIONS,
     Filters,
@@ -99,9 +99,9 @@ def _filters(kw: Mapping[str, Any]) -> Filters:
 
 
 def _records(path: Path) -> Iterator[dict[str, Any]]:
-    """The log's records; a missing file is an empty log, an unreadable one exits 2."""
+    """The log's records, rotated files included; a missing log is an empty one, an unreadable one exits 2."""
     try:
-        yield from read_records(path)
+        yield from read_all_records(path)
     except FileNotFoundError:
         return
     except AuditFormatError as exc:
@@ -133,7 +133,7 @@ def verify_command(
     expect_records: int | None,
     as_json: bool,
 ) -> None:
-    """Check the hash chain; exit 1 and name each tampered record if it is broken."""
+    """Check the hash chain across every rotated file; exit 1 and name each tampered record or missing file."""
     path = _log_path(ctx, log_path)
     try:
         report = verify(path, expect_last_hash=expect_last_hash, expect_records=expect_records)
@@ -158,7 +158,19 @@ def _report_dict(path: Path, report: VerifyReport) -> dict[str, Any]:
         "last_seq": report.last_seq,
         "last_hash": report.last_hash,
         "problems": [
-            {"seq": p.seq, "line": p.line, "kind": p.kind, "message": p.message} for p in report.problems
+            {"seq": p.seq, "line": p.line, "kind": p.kind, "message": p.message, "file": p.file}
+            for p in report.problems
+        ],
+        "files": [
+            {
+                "name": f.name,
+                "status": f.status,
+                "records": f.records,
+                "first_seq": f.first_seq,
+                "last_seq": f.last_seq,
+                "pruned_at": f.pruned_at,
+            }
+            for f in report.files
         ],
     }
 
@@ -171,14 +183,32 @@ def _print_report(path: Path, report: VerifyReport) -> None:
             click.echo("audit log OK: 0 records")
         else:
             click.echo(
-                f"audit log OK: {report.records} records, seq {report.first_seq}..{report.last_seq}, "
-                f"last hash {report.last_hash}"
+                f"audit log OK: {report.records} records{_in_files(report)}, "
+                f"seq {report.first_seq}..{report.last_seq}, last hash {report.last_hash}"
             )
+        _print_pruned(report)
         return
     count = len(report.problems)
-    click.echo(f"audit log FAILED: {count} problem{'s' if count != 1 else ''} in {report.records} records")
+    click.echo(
+        f"audit log FAILED: {count} problem{'s' if count != 1 else ''} in {report.records} records{_in_files(report)}"
+    )
     for problem in report.problems:
         click.echo(f"  {problem.kind}: {problem.message}")
+    _print_pruned(report)
+
+
+def _in_files(report: VerifyReport) -> str:
+    present = [f for f in report.files if f.status in ("ok", "failed")]
+    return f" in {len(present)} files" if len(present) > 1 else ""
+
+
+def _print_pruned(report: VerifyReport) -> None:
+    # Not a failure: retention deleted them, and the manifest's last hash still anchors the chain.
+    for pruned in report.pruned:
+        span = f"seq {pruned.first_seq}..{pruned.last_seq}"
+        click.echo(
+            f"  pruned: {pruned.name} ({span}, {pruned.records} records) deleted by retention at {pruned.pruned_at}"
+        )
 
 
 @audit.command("show")
@@ -232,3 +262,149 @@ def summary_command(
         click.echo("no matching records")
         return
     _console().print(summary_table(rows, by))
+
+
+@audit.command("export")
+@_log_option
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="State directory of the warehouse to export into (default: the configured one).",
+)
+@click.option(
+    "--table", default="audit.records", show_default=True, help="Iceberg table to append to (namespace.table)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def export_command(ctx: click.Context, /, log_path: Path | None, home: Path | None, table: str, as_json: bool) -> None:
+    """Append the verified log's new records to an Iceberg table, as one snapshot.
+
+    Exports nothing (exit 1) when the log does not verify or does not continue the table.
+    """
+    # Imported here: pyiceberg and the settings are not needed by the other audit commands.
+    from pydantic import ValidationError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+    from catalog.definitions import load_definitions
+    from server.audit_export import AuditExportRefused, describe_result, export_audit_log
+    from server.errors import LakegateError
+    from server.profile import open_warehouse
+    from server.settings import load_settings
+
+    obj = ctx.obj if isinstance(ctx.obj, Mapping) else {}
+    try:
+        settings = load_settings(obj.get("project"), **({"home": home} if home is not None else {}))
+    except ValidationError as exc:
+        raise click.ClickException(f"invalid settings:\n{exc}") from exc
+    configured = obj.get("audit_path") if home is None else None
+    path = log_path or (Path(configured) if configured is not None else settings.audit_path)
+    err = Console(stderr=True, highlight=False)
+    try:
+        # The profile's warehouse: in production the catalog the replicas share (PostgreSQL).
+        warehouse = open_warehouse(settings)
+    except LakegateError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_UNREADABLE) from None
+    try:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+            disable=not err.is_terminal,
+        ) as progress:
+            tasks: dict[str, TaskID] = {}
+            labels = {"verify": "verifying the audit log", "export": f"exporting records to {table}"}
+
+            def report(step: str, done: int, total: int) -> None:
+                if step not in tasks:
+                    tasks[step] = progress.add_task(labels.get(step, step), total=total)
+                progress.update(tasks[step], completed=done, total=total)
+
+            result = export_audit_log(
+                path, warehouse, table=table, definitions=load_definitions(settings.project), progress=report
+            )
+    except AuditExportRefused as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_FAILED) from None
+    except OSError as exc:
+        click.echo(f"error: cannot read audit log {path}: {exc.strerror or exc}", err=True)
+        raise SystemExit(EXIT_UNREADABLE) from None
+    except LakegateError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_UNREADABLE) from None
+    finally:
+        warehouse.close()
+    if as_json:
+        click.echo(json.dumps({"log": str(path), **result.as_dict()}, indent=2))
+    else:
+        click.echo(describe_result(result))
+
+
+@audit.command("report")
+@_log_option
+@_filter_options
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="HTML file to write (self-contained: opens offline).",
+)
+@click.option("--title", help="Page title (default: lakegate audit report).")
+@click.pass_context
+def report_command(ctx: click.Context, /, log_path: Path | None, output: Path, title: str | None, **kw: Any) -> None:
+    """Write one HTML page for reviewers: calls by decision over time, denials by principal and rule,
+    the most accessed data, every read of a PII column, writes with their snapshots, the chain's
+    verification and the records, filterable.
+
+    Exit 1 when the chain does not verify (the page is written and says so).
+    """
+    # Imported here: plotly and jinja2 are only needed by this command.
+    from catalog.definitions import load_definitions
+    from server.audit_report import DEFAULT_TITLE, PII_TAG, build_report, read_log, render_html
+    from server.errors import ConfigurationError
+    from server.settings import project_dir
+
+    path = _log_path(ctx, log_path)
+    filters = _filters(kw)
+    try:
+        records = select(read_log(path), filters)
+        chain = verify(path)
+    except AuditFormatError as exc:
+        click.echo(f"error: {exc}; run `lakegate audit verify` for details", err=True)
+        raise SystemExit(EXIT_UNREADABLE) from None
+    except OSError as exc:
+        click.echo(f"error: cannot read audit log {path}: {exc.strerror or exc}", err=True)
+        raise SystemExit(EXIT_UNREADABLE) from None
+    obj = ctx.obj if isinstance(ctx.obj, Mapping) else {}
+    try:
+        tags = load_definitions(project_dir(obj.get("project"))).column_tags()
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from exc
+    report = build_report(
+        records,
+        chain=chain,
+        sensitive_columns=[column for column, column_tags in tags.items() if PII_TAG in column_tags],
+        source=str(path),
+        filters=filters,
+        title=title or DEFAULT_TITLE,
+    )
+    page = render_html(report)
+    try:
+        # Written beside the target and renamed: a reader never sees half a page.
+        partial = output.with_name(f".{output.name}.partial")
+        partial.write_text(page, encoding="utf-8")
+        partial.replace(output)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from exc
+    counts = report.counts
+    status = "OK" if chain.ok else f"FAILED ({len(chain.problems)} problems)"
+    click.echo(
+        f"wrote {output}: {counts.calls} records, {counts.denials} denied, "
+        f"{counts.pii_clear} reading PII in clear; chain {status}"
+    )
+    if not chain.ok:
+        raise SystemExit(EXIT_FAILED)

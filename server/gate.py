@@ -12,7 +12,6 @@ Every tool call, whatever the transport, goes through `Gate.call`:
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from server.errors import (
     ServerError,
 )
 from server.identity import CallOrigin, Principal
+from server.redaction import KEY_FILE, AuditKey, audit_arguments, loggable, redact_arguments
 from server.scope import CallScope, ProgressFn
 from server.settings import Settings
 from tools.base import ToolSpec
@@ -48,11 +48,6 @@ __all__ = ["Gate", "GateOutcome", "redact_arguments", "to_call_result"]
 
 log = structlog.get_logger(__name__)
 
-REDACTED = "[redacted]"
-MAX_LOGGED_STRING = 2000
-#: A long list argument (the rows of an append) is logged by its first items and its length: the
-#: data itself lives in the table, whose snapshot the record names.
-MAX_LOGGED_ITEMS = 20
 MAX_TOOL_NAME = 64
 
 
@@ -66,38 +61,6 @@ class GateOutcome:
     record: dict[str, Any] | None
     #: The result as JSON, serialised once: its size goes to the audit record, its content to the client.
     payload: str = ""
-
-
-def loggable(text: str) -> str:
-    """Text that UTF-8 JSON can hold: a lone surrogate (valid in a JSON string, not in UTF-8) is
-    kept visible as its escape, so that the record can be written and still shows what was sent."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def redact_arguments(arguments: Mapping[str, Any], sensitive: tuple[str, ...]) -> dict[str, Any]:
-    """Arguments as the audit log may hold them: sensitive values replaced, huge strings cut."""
-
-    def clean(key: str, value: Any) -> Any:
-        if key.lower() in sensitive:
-            return REDACTED
-        if isinstance(value, str) and len(value) > MAX_LOGGED_STRING:
-            value = value[:MAX_LOGGED_STRING] + f"...[{len(value) - MAX_LOGGED_STRING} more characters]"
-        if isinstance(value, str):
-            return loggable(value)
-        if isinstance(value, Mapping):
-            return {loggable(str(k)): clean(str(k), v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            kept = [clean(key, v) for v in value[:MAX_LOGGED_ITEMS]]
-            if len(value) > MAX_LOGGED_ITEMS:
-                kept.append(f"...[{len(value) - MAX_LOGGED_ITEMS} more items]")
-            return kept
-        if isinstance(value, float) and not math.isfinite(value):
-            return str(value)  # strict JSON has no infinity: keep what was sent, as text
-        if value is None or isinstance(value, bool | int | float | str):
-            return value
-        return repr(value)[:MAX_LOGGED_STRING]
-
-    return {loggable(str(key)): clean(str(key), value) for key, value in arguments.items()}
 
 
 def _validation_message(tool: str, exc: ValidationError) -> str:
@@ -126,6 +89,8 @@ class Gate:
         self.audit = audit
         self.tools = dict(tools)
         self.semantic = semantic
+        # Keys the hashes of redacted argument values; read (or created) when first needed.
+        self.audit_key = AuditKey(settings.state_dir / KEY_FILE)
 
     def visible_tools(self, principal: Principal) -> list[ToolSpec[Any, Any]]:
         """The tools this principal may call: an agent is not shown what it cannot use."""
@@ -188,10 +153,10 @@ class Gate:
         except anyio.get_cancelled_exc_class():
             # The client cancelled: the handler was interrupted; the call is still audited.
             with anyio.CancelScope(shield=True):
-                record = self._record(
-                    tool_name, arguments, principal, origin, scope, tool_decision.allowed, 0, Cancelled(), started
-                )
                 try:
+                    record = self._record(
+                        tool_name, arguments, principal, origin, scope, tool_decision.allowed, 0, Cancelled(), started
+                    )
                     self.audit.append(record)
                 except AuditWriteError as exc:
                     log.error("audit.write_failed", tool=tool_name, error=repr(exc.__cause__))
@@ -205,10 +170,11 @@ class Gate:
             log.exception("tool.unexpected_error", tool=tool_name)
             error = ServerError(f"{type(exc).__name__}: {exc}")
 
-        record = self._record(
-            tool_name, arguments, principal, origin, scope, tool_decision.allowed, len(payload), error, started
-        )
         try:
+            # Building the record may fail too (the redaction key cannot be read): fail closed as well.
+            record = self._record(
+                tool_name, arguments, principal, origin, scope, tool_decision.allowed, len(payload), error, started
+            )
             written = self.audit.append(record)
         except AuditWriteError as exc:
             log.error("audit.write_failed", tool=tool_name, error=repr(exc.__cause__))
@@ -245,7 +211,15 @@ class Gate:
             "transport": origin.transport,
             "client": {"name": origin.client_name, "version": origin.client_version},
             "tool": tool_name[:MAX_TOOL_NAME],
-            "arguments": redact_arguments(arguments, self.settings.audit.sensitive_arguments),
+            "arguments": audit_arguments(
+                tool_name,
+                arguments,
+                self.enforcer.redaction,
+                self.audit_key,
+                definitions=self.definitions,
+                semantic=self.semantic,
+                extra_names=self.settings.audit.sensitive_arguments,
+            ),
             "decision": decision,
             "rules": [list(rule) for rule in scope.rules],
             "policy_version": self.enforcer.version,

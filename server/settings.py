@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,10 +23,15 @@ from pydantic_settings import (
 
 __all__ = [
     "AuditSettings",
+    "AuthSettings",
+    "HttpSettings",
     "LimitSettings",
     "PolicySettings",
+    "PostgresSettings",
+    "Profile",
     "QuerySettings",
     "Settings",
+    "StorageSettings",
     "WriteSettings",
     "load_settings",
     "project_dir",
@@ -34,6 +39,30 @@ __all__ = [
 
 CONFIG_FILE = "lakegate.toml"
 STATE_DIR = ".lakegate"
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "90", "90s", "15m", "12h" or "1d".
+
+    Raises:
+        ValueError: not a number with an optional unit s, m, h or d.
+    """
+    spelled = text.strip().lower()
+    unit = _DURATION_UNITS.get(spelled[-1:]) if spelled else None
+    number = spelled[:-1] if unit is not None else spelled
+    try:
+        return float(number) * (unit or 1)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a duration: use seconds, or a number with s, m, h or d (e.g. '1d')"
+        ) from None
+
+
+#: Where the shared state lives: "embedded" keeps everything under the state directory (SQLite
+#: catalog, policy.csv, JSON-lines audit); "production" keeps the Iceberg catalog, the Casbin rules
+#: and a global audit chain in PostgreSQL, shared by every replica (server/profile.py).
+Profile = Literal["embedded", "production"]
 
 
 class AuditSettings(BaseModel):
@@ -49,9 +78,33 @@ class AuditSettings(BaseModel):
         "a process crash.",
     )
     sensitive_arguments: tuple[str, ...] = Field(
-        default=("password", "token", "secret", "api_key"),
-        description="Tool argument names whose values are replaced by a redaction marker in the log.",
+        default=(),
+        description="More tool argument names whose values the log keeps only as a keyed hash, on top of "
+        "those in policies/redaction.yaml (password, token, secret, api_key, ...).",
     )
+    rotate_bytes: int | None = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="Rotate the active log file once it holds this many bytes (null: never by size). The "
+        "hash chain continues in the next file.",
+    )
+    rotate_age: float | None = Field(
+        default=None,
+        gt=0,
+        description="Rotate the active log file once its first record is this old: seconds, or a number "
+        "with s, m, h or d ('1d'). Null: never by age.",
+    )
+    keep_files: int | None = Field(
+        default=None,
+        ge=1,
+        description="Rotated log files to keep; older ones are deleted and marked pruned in the manifest, "
+        "which keeps their last hash so the chain still verifies. Null: keep every file.",
+    )
+
+    @field_validator("rotate_age", mode="before")
+    @classmethod
+    def _parse_age(cls, value: object) -> object:
+        return parse_duration(value) if isinstance(value, str) else value
 
 
 class LimitSettings(BaseModel):
@@ -104,6 +157,163 @@ class PolicySettings(BaseModel):
     )
 
 
+class PostgresSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: SecretStr | None = Field(
+        default=None,
+        description="PostgreSQL URL of the production profile's shared state "
+        "(postgresql://user:password@host:5432/db): Iceberg catalog, Casbin rules, audit chain.",
+    )
+    policy_poll_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="How often each replica reads the policy version row when no change notification "
+        "arrives; a policy change reaches every replica within this plus 1 s.",
+    )
+    policy_stale_after_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="A replica that cannot confirm the policy version for this long denies every call "
+        "until it can (fail closed).",
+    )
+    replica_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="This replica's name in audit records. Default: <hostname>:<pid>.",
+    )
+
+
+class StorageSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backend: Literal["local", "s3"] = Field(
+        default="local",
+        description="Where the Iceberg data and metadata files and the Lance datasets live: local (under the "
+        "state directory) or s3 (S3-compatible object storage, shared by replicas on different hosts).",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        description="S3 endpoint URL, e.g. http://minio:9000 (http:// allows plain HTTP). Default: AWS S3 of "
+        "the region.",
+    )
+    region: str = Field(default="us-east-1", min_length=1, description="S3 region of the buckets.")
+    iceberg_location: str = Field(
+        default="s3://warehouse/lakegate",
+        description="s3://bucket/prefix under which the Iceberg data and metadata files are written; the "
+        "only place governed SQL reads from.",
+    )
+    lance_location: str = Field(
+        default="s3://lance/lakegate",
+        description="s3://bucket/prefix holding one Lance dataset per namespace.table.",
+    )
+    access_key_id: str | None = Field(
+        default=None,
+        description="S3 access key id. Default: the AWS default chain (AWS_ACCESS_KEY_ID, profiles, instance "
+        "role).",
+    )
+    secret_access_key: SecretStr | None = Field(
+        default=None, description="S3 secret access key, with access_key_id; never printed."
+    )
+    path_style: bool = Field(
+        default=True,
+        description="Path-style requests (endpoint/bucket/key), which MinIO, SeaweedFS and Ceph need; false "
+        "for virtual-hosted style (bucket.endpoint/key).",
+    )
+
+    @field_validator("iceberg_location", "lance_location")
+    @classmethod
+    def _s3_location(cls, value: str) -> str:
+        bucket = value.removeprefix("s3://").split("/", 1)[0]
+        if not value.startswith("s3://") or not bucket:
+            raise ValueError(f"{value!r} is not an S3 location: use s3://bucket/prefix")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _keys_in_pairs(self) -> StorageSettings:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("set both storage.access_key_id and storage.secret_access_key, or neither")
+        return self
+
+
+class HttpSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address `serve --http` listens on. Loopback by default; a public address belongs behind a "
+        "TLS proxy.",
+    )
+    port: int = Field(default=8765, ge=1, le=65535, description="Port `serve --http` listens on.")
+    public_url: str | None = Field(
+        default=None,
+        description="Where clients reach the server (scheme://host[:port], no path), e.g. a TLS proxy's URL. "
+        "The resource URL, which tokens must name as audience, is this plus /mcp. Default: http://<host>:<port>.",
+    )
+    allowed_hosts: tuple[str, ...] = Field(
+        default=(),
+        description="Host headers accepted (DNS-rebinding protection); name:* allows any port. Default: the "
+        "public URL's host and the loopback names.",
+    )
+    allowed_origins: tuple[str, ...] = Field(
+        default=(),
+        description="Browser Origin headers accepted; others get 403 (DNS-rebinding protection). Requests "
+        "without an Origin (non-browser clients) pass. scheme://host:* allows any port. Default: the public "
+        "URL's origin and the loopback origins.",
+    )
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger ones get 413."
+    )
+    session_idle_timeout_s: float = Field(
+        default=1800.0, gt=0, description="An MCP session with no request for this long is closed."
+    )
+    metrics: Literal["token", "open", "off"] = Field(
+        default="token",
+        description="Who may read /metrics: callers with a valid token (token), anyone who reaches the port "
+        "(open: for a scraper on a private network), or nobody (off).",
+    )
+
+
+class AuthSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    issuer: str = Field(
+        default="lakegate",
+        description="The iss claim every bearer token must carry: your identity provider's issuer. "
+        "`lakegate token` signs with it.",
+    )
+    audience: str | None = Field(
+        default=None,
+        description="The aud claim every token must carry. Default: the resource URL (<public_url>/mcp).",
+    )
+    jwks_file: Path | None = Field(
+        default=None,
+        description="JSON Web Key Set file with the issuer's public keys (RS256, ES256); relative to the "
+        "project. Re-read when it changes.",
+    )
+    shared_secret: SecretStr | None = Field(
+        default=None,
+        description="HS256 secret (at least 32 bytes), for development only: whoever holds it can mint tokens "
+        "(`lakegate token`).",
+    )
+    roles_claim: str = Field(
+        default="roles",
+        description="Claim holding the caller's roles (a list, or a space-separated string; dots reach into "
+        "objects, e.g. realm_access.roles). Only roles the policy knows count; they add to the policy's roles.",
+    )
+    leeway_s: float = Field(
+        default=30.0, ge=0, le=300, description="Clock skew allowed when checking exp, nbf and iat."
+    )
+    authorization_servers: tuple[str, ...] = Field(
+        default=(),
+        description="Authorization servers named in the protected resource metadata (RFC 9728). Default: the "
+        "issuer, when it is a URL.",
+    )
+    scopes: tuple[str, ...] = Field(default=(), description="Scopes named in the protected resource metadata.")
+
+
 class Settings(BaseSettings):
     """Validated settings; build them with `load_settings`."""
 
@@ -135,6 +345,26 @@ class Settings(BaseSettings):
     policy: PolicySettings = Field(default_factory=PolicySettings, description="Policy loading.")
     query: QuerySettings = Field(default_factory=QuerySettings, description="Governed SQL queries.")
     writes: WriteSettings = Field(default_factory=WriteSettings, description="Governed writes.")
+    http: HttpSettings = Field(default_factory=HttpSettings, description="The Streamable HTTP transport.")
+    auth: AuthSettings = Field(default_factory=AuthSettings, description="Bearer token checks (HTTP).")
+    profile: Profile = Field(
+        default="embedded",
+        description="Where shared state lives: embedded (under the state directory) or production "
+        "(PostgreSQL at postgres.url).",
+    )
+    postgres: PostgresSettings = Field(
+        default_factory=PostgresSettings, description="The production profile's PostgreSQL."
+    )
+    storage: StorageSettings = Field(
+        default_factory=StorageSettings,
+        description="Where the data files live: the state directory, or S3 (catalog/object_store.py).",
+    )
+
+    @model_validator(mode="after")
+    def _production_needs_postgres(self) -> Settings:
+        if self.profile == "production" and self.postgres.url is None:
+            raise ValueError("profile 'production' needs a PostgreSQL URL: set LAKEGATE_POSTGRES__URL")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -78,9 +78,7 @@ def test_round_trip(tmp_path: Path) -> None:
 
 def test_time_is_kept_and_chain_fields_are_replaced(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "a.jsonl", fsync=False)
-    record = log.append(
-        {"time": "2024-01-02T03:04:05.000006+00:00", "seq": 99, "hash": "x", "prev_hash": "y"}
-    )
+    record = log.append({"time": "2024-01-02T03:04:05.000006+00:00", "seq": 99, "hash": "x", "prev_hash": "y"})
     assert record["time"] == "2024-01-02T03:04:05.000006+00:00"
     assert record["seq"] == 1 and record["prev_hash"] == GENESIS_HASH
     assert record["hash"] == record_hash(record)
@@ -307,9 +305,7 @@ def insert_forged(lines: list[str], k: int) -> list[str]:
 def insert_rehashed(lines: list[str], k: int) -> list[str]:
     """A well-forged record after line k: right seq, linked to line k, its own hash correct."""
     before = json.loads(lines[k])
-    record = call(
-        0, principal="mallory", seq=before["seq"] + 1, prev_hash=before["hash"], time=before["time"]
-    )
+    record = call(0, principal="mallory", seq=before["seq"] + 1, prev_hash=before["hash"], time=before["time"])
     record["hash"] = record_hash(record)
     return [*lines[: k + 1], json.dumps(record) + "\n", *lines[k + 1 :]]
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from server.audit import AuditLog
+from server.audit import AuditLog, Rotation, log_files, read_records
 from server.audit_commands import audit
 from server.audit_review import Filters, parse_dimensions, parse_when, select, summarise
 
@@ -134,6 +134,53 @@ def test_verify_unreadable(tmp_path: Path) -> None:
 def test_no_configured_path() -> None:
     result = run(None, "verify", via_obj=False)
     assert result.exit_code == 2 and "--log" in result.output
+
+
+@pytest.fixture
+def rotated_path(tmp_path: Path) -> Path:
+    """A log of 40 records rotated about every 3 records, the 2 newest rotated files kept."""
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path, fsync=False, rotation=Rotation(max_bytes=1024, keep_files=2)) as log:
+        for i in range(40):
+            log.append({**CALLS[i % len(CALLS)], "time": at(40 - i)})
+    return path
+
+
+def test_verify_rotated_set_reports_pruned_files(rotated_path: Path) -> None:
+    result = run(rotated_path, "verify")
+    assert result.exit_code == 0, result.output
+    first = result.output.splitlines()[0]
+    assert first.startswith("audit log OK: ") and " in 3 files, " in first and "..40, last hash" in first
+    pruned = [line for line in result.output.splitlines() if line.startswith("  pruned: ")]
+    assert pruned and "audit.0000000001-" in pruned[0] and "deleted by retention at" in pruned[0]
+
+    report = json.loads(run(rotated_path, "verify", "--json").output)
+    assert report["ok"] and report["last_seq"] == 40
+    statuses = [f["status"] for f in report["files"]]
+    assert statuses[-3:] == ["ok", "ok", "ok"] and set(statuses[:-3]) == {"pruned"}
+    assert report["files"][-1]["name"] == "audit.jsonl"
+
+
+def test_verify_rotated_set_names_a_missing_file(rotated_path: Path) -> None:
+    victim = log_files(rotated_path)[0]
+    victim.unlink()
+    result = run(rotated_path, "verify", "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.output)
+    (problem,) = report["problems"]
+    assert problem["kind"] == "missing" and problem["file"] == victim.name
+    assert victim.name in problem["message"]
+    text = run(rotated_path, "verify").output
+    assert text.startswith("audit log FAILED: 1 problem in ") and f"missing: {victim.name}: " in text
+
+
+def test_show_and_summary_read_every_rotated_file(rotated_path: Path) -> None:
+    shown = [json.loads(line) for line in run(rotated_path, "show", "--json").output.splitlines()]
+    # The pruned files are gone; every record of the files kept is shown, in order.
+    kept = [r["seq"] for f in log_files(rotated_path) for r in read_records(f)]
+    assert [r["seq"] for r in shown] == kept and kept[-1] == 40 and len(log_files(rotated_path)) == 3
+    rows = json.loads(run(rotated_path, "summary", "--json").output)
+    assert sum(row["calls"] for row in rows) == len(kept)
 
 
 # -- show ---------------------------------------------------------------------------------------
