@@ -11,8 +11,9 @@ import yaml
 
 from policies.columns import column_access
 from policies.enforcer import PolicyEnforcer
+from policies.explain import EXPLAIN_OTHERS
 
-__all__ = ["IntentCheck", "check_intents", "load_intents"]
+__all__ = ["INTENT_FILE", "IntentCheck", "check_intents", "load_intents"]
 
 INTENT_FILE = "intent.yaml"
 
@@ -30,18 +31,34 @@ class IntentCheck:
     def ok(self) -> bool:
         return self.expected == self.actual
 
+    def describe(self) -> str:
+        """The expectation spelled out, with what the policy set answers and the rule that decided."""
+        return (
+            f"{self.principal} {self.kind} {self.resource}: expected {self.expected}, got {self.actual} ({self.rule})"
+        )
 
-def load_intents(project: Path) -> list[dict[str, Any]]:
-    """The project's policies/intent.yaml, else the packaged one."""
-    local = project / "policies" / INTENT_FILE
-    text = local.read_text() if local.is_file() else resources.files("policies").joinpath(INTENT_FILE).read_text()
-    loaded = yaml.safe_load(text) or []
-    if not isinstance(loaded, list):
-        raise ValueError(f"{INTENT_FILE} must be a list of principals with expectations")
+
+def load_intents(project: Path, policy_dir: Path | None = None) -> list[dict[str, Any]]:
+    """`<policy_dir>/intent.yaml` when there is one, else the project's policies/intent.yaml, else the
+    packaged one: a proposed policy set without intents of its own must meet the ones in force.
+
+    Raises:
+        ValueError: the file is not YAML, or not a list of principals with expectations.
+    """
+    candidates = [*([policy_dir / INTENT_FILE] if policy_dir else []), project / "policies" / INTENT_FILE]
+    local = next((path for path in candidates if path.is_file()), None)
+    text = local.read_text() if local else resources.files("policies").joinpath(INTENT_FILE).read_text()
+    try:
+        loaded = yaml.safe_load(text) or []
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{local or INTENT_FILE}: not valid YAML: {exc}") from exc
+    if not isinstance(loaded, list) or not all(isinstance(i, dict) and "principal" in i for i in loaded):
+        raise ValueError(f"{local or INTENT_FILE} must be a list of principals with expectations")
     return loaded
 
 
 def check_intents(enforcer: PolicyEnforcer, intents: list[dict[str, Any]]) -> list[IntentCheck]:
+    """Every expectation of `intents`, in file order, with the policy set's answer."""
     checks = []
     for intent in intents:
         who = str(intent["principal"])
@@ -63,4 +80,10 @@ def check_intents(enforcer: PolicyEnforcer, intents: list[dict[str, Any]]) -> li
             access = column_access(enforcer, who, column)
             actual = f"masked:{access.mask}" if access.access == "masked" else access.access
             checks.append(IntentCheck(who, "column", column, str(expected), actual, access.decision.rule_text))
+        if "explain_others" in intent:
+            decision = enforcer.decide(who, EXPLAIN_OTHERS, "call")
+            actual = "allow" if decision.allowed else "deny"
+            checks.append(
+                IntentCheck(who, "explain", "others", str(intent["explain_others"]), actual, decision.rule_text)
+            )
     return checks

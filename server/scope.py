@@ -17,6 +17,7 @@ from catalog.iceberg_writes import AppendOutcome, RestoreOutcome, commit_append,
 from catalog.warehouse import DatasetInfo, Warehouse
 from policies.columns import ColumnAccess, column_access
 from policies.enforcer import Decision, PolicyEnforcer
+from policies.explain import EXPLAIN_OTHERS, SubjectPolicy
 from server.errors import LimitExceeded, NotFound, PolicyDenied
 from server.identity import Principal
 from server.settings import Settings
@@ -112,6 +113,28 @@ class CallScope:
                 self.rules.append(access.decision.rule)
             accesses.append(access)
         return accesses
+
+    def policy_for(self, principal: str | None = None) -> SubjectPolicy:
+        """The policy set as it applies to `principal` (default: the caller), for explain_access.
+
+        Another principal's access is policy the caller may not be entitled to see: asking about
+        anyone else takes the caller's own `explain:others` decision (action `call`) first.
+
+        Raises:
+            PolicyDenied: `principal` is someone else and the caller may not explain others' access.
+        """
+        subject = self.principal.name if principal is None else principal
+        if subject != self.principal.name:
+            decision = self.decide(EXPLAIN_OTHERS, "call")
+            if not decision.allowed:
+                self.touched.append(Touched("policy", EXPLAIN_OTHERS, "denied"))
+                raise PolicyDenied(
+                    f"Principal '{self.principal.name}' may not explain the access of another principal "
+                    f"({decision.rule_text}).",
+                    hint="Leave principal out to explain your own access, or ask a data steward.",
+                    rule=list(decision.rule),
+                )
+        return SubjectPolicy(self._enforcer, subject)
 
     # --- catalog reads -------------------------------------------------------------------------
 

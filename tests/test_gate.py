@@ -52,6 +52,7 @@ VALID_ARGUMENTS: dict[ToolName, dict[str, Any]] = {
             }
         ],
     },
+    ToolName.EXPLAIN_ACCESS: {"resource": "sales.customers.email", "principal": "analyst"},
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tools.access import ACCESS_TOOLS
 from tools.base import ToolSpec
 from tools.catalog import CATALOG_TOOLS
 from tools.documents import DOCUMENT_TOOLS
@@ -14,7 +15,14 @@ from tools.write import WRITE_TOOLS
 
 __all__ = ["ALL_TOOLS", "ToolName", "ToolSpec", "tools_by_name"]
 
-ALL_TOOLS: tuple[ToolSpec[Any, Any], ...] = (*CATALOG_TOOLS, *QUERY_TOOLS, *METRIC_TOOLS, *WRITE_TOOLS, *DOCUMENT_TOOLS)
+ALL_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
+    *CATALOG_TOOLS,
+    *QUERY_TOOLS,
+    *METRIC_TOOLS,
+    *WRITE_TOOLS,
+    *DOCUMENT_TOOLS,
+    *ACCESS_TOOLS,
+)
 
 
 def tools_by_name() -> dict[str, ToolSpec[Any, Any]]:

@@ -19,3 +19,4 @@ class ToolName(StrEnum):
     RESTORE_TABLE = "restore_table"
     SEARCH_DOCUMENTS = "search_documents"
     ADD_DOCUMENTS = "add_documents"
+    EXPLAIN_ACCESS = "explain_access"
