@@ -1,4 +1,5 @@
-"""Transports: how MCP messages reach the server. Each one only decides who the principal is."""
+"""Transports: how MCP messages reach the server. Each one only decides who the principal is:
+stdio serves one configured principal; HTTP takes it from each request's verified bearer token."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from mcp.server.stdio import stdio_server
 from server.app import Runtime, create_server
 from server.identity import Principal, stdio_principal
 
-__all__ = ["serve_stdio"]
+__all__ = ["serve_http", "serve_stdio"]
 
 
 async def serve_stdio(runtime: Runtime, principal_name: str | None) -> None:
@@ -23,3 +24,29 @@ async def serve_stdio(runtime: Runtime, principal_name: str | None) -> None:
     server = create_server(runtime, principal_of, transport="stdio")
     async with stdio_server() as (read_stream, write_stream):
         await server.run(read_stream, write_stream, server.create_initialization_options())
+
+
+def serve_http(runtime: Runtime) -> None:
+    """Serve MCP Streamable HTTP on `http.host`:`http.port` until interrupted (Ctrl-C, SIGTERM).
+
+    Raises:
+        ConfigurationError: no token keys are configured, or they cannot be read.
+    """
+    import uvicorn
+
+    from server.http_app import create_http_app
+
+    settings = runtime.settings
+    app = create_http_app(runtime)
+    config = uvicorn.Config(
+        app,
+        host=settings.http.host,
+        port=settings.http.port,
+        log_level=settings.log_level.lower(),
+        lifespan="on",
+        server_header=False,
+        # Behind a proxy, the client address in audit records is the proxy's: trusting forwarded
+        # headers is a deployment decision this server does not make for you.
+        proxy_headers=False,
+    )
+    uvicorn.Server(config).run()

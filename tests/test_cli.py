@@ -29,6 +29,8 @@ def test_help_lists_the_commands() -> None:
         assert command in result.output
 
 
-def test_serve_http_is_refused_with_a_clear_message(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["--project", str(tmp_path), "serve", "--http"])
-    assert result.exit_code == 2 and "--http is not available" in result.output
+def test_serve_flags_that_do_not_go_together_are_refused(tmp_path: Path) -> None:
+    http_with_principal = CliRunner().invoke(cli, ["--project", str(tmp_path), "serve", "--http", "--principal", "x"])
+    assert http_with_principal.exit_code == 2 and "bearer token" in http_with_principal.output
+    port_without_http = CliRunner().invoke(cli, ["--project", str(tmp_path), "serve", "--port", "9000"])
+    assert port_without_http.exit_code == 2 and "go with --http" in port_without_http.output

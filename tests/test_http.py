@@ -1,0 +1,486 @@
+"""The real server over Streamable HTTP (uvicorn on a loopback port), driven by the SDK's HTTP client
+with real JWTs: HS256 from the shared secret, RS256 and ES256 from a JWKS file made here."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import jwt
+import pytest
+import uvicorn
+from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+from mcp.types import Implementation
+
+from evals.mcp_client import text_of
+from server.app import Runtime, open_runtime
+from server.audit import read_records, verify
+from server.cli import cli
+from server.http_app import create_http_app
+from server.http_auth import JwtVerifier
+from server.identity import Principal, granted_roles
+from server.role_grants import acting_as, granting
+from server.settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
+ISSUER = "https://idp.example.test/"
+MAX_BODY = 64 * 1024
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "raw-http", "version": "0"},
+    },
+}
+MCP_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+
+
+@dataclass
+class Served:
+    base: str
+    settings: Settings
+    runtime: Runtime
+    audit_path: Path
+    rsa_key: rsa.RSAPrivateKey
+    ec_key: ec.EllipticCurvePrivateKey
+
+    @property
+    def url(self) -> str:
+        return self.base + "/mcp"
+
+    def token(self, subject: str = "alice", roles: list[str] | None = None, **overrides: Any) -> str:
+        """An HS256 token as the identity provider would issue it; `overrides` replace claims."""
+        key: Any = overrides.pop("key", SECRET)
+        algorithm = overrides.pop("algorithm", "HS256")
+        headers = overrides.pop("headers", None)
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": ISSUER,
+            "aud": self.url,
+            "sub": subject,
+            "iat": now,
+            "exp": now + 600,
+            "roles": roles if roles is not None else [],
+        }
+        claims.update(overrides)
+        claims = {name: value for name, value in claims.items() if value is not None}
+        return jwt.encode(claims, key, algorithm=algorithm, headers=headers)
+
+    def records(self) -> list[dict[str, Any]]:
+        return list(read_records(self.audit_path)) if self.audit_path.exists() else []
+
+
+def _jwks(rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:
+    keys = []
+    for kid, alg, key in (("rsa-1", "RS256", rsa_key), ("ec-1", "ES256", ec_key)):
+        jwk = json.loads(jwt.algorithms.get_default_algorithms()[alg].to_jwk(key.public_key()))
+        keys.append({**jwk, "kid": kid, "alg": alg, "use": "sig"})
+    return {"keys": keys}
+
+
+def _wait_until_up(base: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx2.get(base + "/healthz", timeout=2).status_code == 200:
+                return
+        except httpx2.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{base} did not come up")
+
+
+@pytest.fixture(scope="module")
+def served(demo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    folder = tmp_path_factory.mktemp("http")
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    (folder / "jwks.json").write_text(json.dumps(_jwks(rsa_key, ec_key)))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    audit_path = folder / "audit.jsonl"
+    settings = load_settings(
+        REPO,
+        home=demo_home,
+        principal=None,
+        audit={"path": audit_path, "fsync": False},
+        http={"port": port, "max_body_bytes": MAX_BODY},
+        auth={
+            "issuer": ISSUER,
+            "shared_secret": SECRET,
+            "jwks_file": folder / "jwks.json",
+            "authorization_servers": [ISSUER],
+            "scopes": ["lakegate"],
+        },
+    )
+    runtime = open_runtime(settings)
+    server = uvicorn.Server(uvicorn.Config(create_http_app(runtime), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(base)
+        yield Served(base, settings, runtime, audit_path, rsa_key, ec_key)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        runtime.close()
+        sock.close()
+
+
+async def _as(url: str, token: str, *calls: tuple[str, dict[str, Any]], mode: str = "legacy") -> list[Any]:
+    """Open an MCP session at `url` with the SDK's Streamable HTTP client and make the calls in it.
+
+    `legacy` is the initialize handshake with an Mcp-Session-Id; `auto` lets the client choose
+    (today: the session-less 2026 protocol, every request on its own)."""
+    http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
+    transport = streamable_http_client(url, http_client=http)
+    results: list[Any] = []
+    async with (
+        http,
+        Client(transport, client_info=Implementation(name="http-tests", version="1.0"), mode=mode) as client,
+    ):
+        for name, arguments in calls:
+            if name == "tools/list":
+                results.append(await client.list_tools())
+            else:
+                results.append(await client.call_tool(name, arguments))
+    return results
+
+
+def await_(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    async def run() -> Any:
+        return await coroutine
+
+    return anyio.run(run)
+
+
+def _post(served: Served, body: Any = INITIALIZE, token: str | None = None, **headers: str) -> httpx2.Response:
+    sent = {**MCP_HEADERS, **headers}
+    if token is not None:
+        sent["Authorization"] = f"Bearer {token}"
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx2.post(served.url, content=content, headers=sent, timeout=30)
+
+
+def _new_records(served: Served, before: int) -> list[dict[str, Any]]:
+    return served.records()[before:]
+
+
+# -- authenticated calls ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+def test_hs256_token_calls_a_tool_as_its_subject(served: Served, mode: str) -> None:
+    before = len(served.records())
+    listed, result = await_(
+        _as(served.url, served.token("alice", ["analyst"]), ("tools/list", {}), ("list_datasets", {}), mode=mode)
+    )
+    assert "query" in {tool.name for tool in listed.tools}
+    assert not result.is_error, text_of(result)
+    names = {d["name"] for d in result.structured_content["datasets"]}
+    assert {"sales.orders", "finance.payments"} <= names and not any(n.startswith("support.") for n in names)
+    [record] = _new_records(served, before)
+    assert (record["principal"], record["tool"], record["decision"]) == ("alice", "list_datasets", "allow")
+    assert record["transport"] == "http" and record["authenticated_by"] == "bearer"
+    assert "role:analyst" in record["roles"]
+    assert record["client"] == {"name": "http-tests", "version": "1.0"}
+    assert verify(served.audit_path).ok
+
+
+@pytest.mark.parametrize(("algorithm", "kid"), [("RS256", "rsa-1"), ("ES256", "ec-1")])
+def test_asymmetric_tokens_verify_against_the_jwks_file(served: Served, algorithm: str, kid: str) -> None:
+    key = served.rsa_key if algorithm == "RS256" else served.ec_key
+    token = served.token("dana", key=key, algorithm=algorithm, headers={"kid": kid})
+    before = len(served.records())
+    [result] = anyio.run(_as, served.url, token, ("list_datasets", {}))
+    assert not result.is_error, text_of(result)
+    assert "support.tickets" in {d["name"] for d in result.structured_content["datasets"]}  # data_steward sees it
+    [record] = _new_records(served, before)
+    assert record["principal"] == "dana" and "role:data_steward" in record["roles"]
+
+
+def test_token_roles_add_to_the_policy_and_unknown_roles_count_for_nothing(served: Served) -> None:
+    # bob is in no g rule: the policy alone gives him nothing; his token grants support_agent.
+    bare = served.token("bob", ["no_such_role", "admin_please"])
+    [listed] = anyio.run(_as, served.url, bare, ("tools/list", {}))
+    assert listed.tools == []
+
+    granted = served.token("bob", ["support_agent", "no_such_role"])
+    before = len(served.records())
+    listed, datasets, regions = anyio.run(
+        _as,
+        served.url,
+        granted,
+        ("tools/list", {}),
+        ("list_datasets", {}),
+        ("query", {"sql": "SELECT DISTINCT region FROM sales.customers ORDER BY 1"}),
+    )
+    assert "append_rows" in {tool.name for tool in listed.tools}  # support_agent's own tool
+    names = {d["name"] for d in datasets.structured_content["datasets"]}
+    assert "support.tickets" in names and "finance.payments" not in names
+    assert not regions.is_error, text_of(regions)
+    # support_agent's row filter (EMEA only) applies to the granted role too.
+    assert [row[0] for row in regions.structured_content["rows"]] == ["EMEA"]
+    records = _new_records(served, before)
+    assert {r["principal"] for r in records} == {"bob"}
+    assert records[-1]["roles"] == ["role:agent", "role:support_agent"]
+    assert records[-1]["decision"] == "partial"  # rows filtered
+
+
+def test_granted_roles_decide_together_with_deny_overriding(runtime: Runtime) -> None:
+    _, grants = granting(runtime.enforcer)
+    assert {"role:analyst", "role:support_agent", "role:data_steward", "role:agent"} <= grants.known_roles()
+    assert "alice" not in grants.known_roles()
+    assert granted_roles(["support_agent", "role:data_steward", "root"], grants.known_roles()) == (
+        ("role:data_steward", "role:support_agent"),
+        ("root",),
+    )
+
+    def body_read(*granted: str) -> tuple[bool, tuple[str, ...]]:
+        acting_as(Principal("bob", granted=granted))
+        decision = grants.decide("bob", "support.tickets.body", "read")
+        return decision.allowed, decision.rule
+
+    # Each call in a context of its own, as each request is: the binding does not outlive it.
+    assert contextvars.copy_context().run(body_read, "role:support_agent")[0]
+    allowed, rule = contextvars.copy_context().run(body_read, "role:support_agent", "role:data_steward")
+    assert not allowed and rule[-1] == "deny"  # data_steward's deny on ticket bodies wins
+    assert not grants.decide("bob", "support.tickets.body", "read").allowed  # no principal bound here
+
+
+def test_a_session_answers_only_the_identity_that_opened_it(served: Served) -> None:
+    opened = _post(served, token=served.token("alice", ["analyst"]))
+    assert opened.status_code == 200, opened.text
+    session = opened.headers["mcp-session-id"]
+    listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+    stolen = _post(served, listing, token=served.token("bob", ["admin"]), **{"mcp-session-id": session})
+    assert stolen.status_code == 404
+
+
+# -- refusals --------------------------------------------------------------------------------------
+
+
+def _bad_tokens(served: Served) -> dict[str, str | None]:
+    now = int(time.time())
+    forged = served.token("alice", ["admin"], key="another-secret-that-is-long-enough-for-hs256-xx")
+    return {
+        "missing": None,
+        "expired": served.token("alice", iat=now - 7200, exp=now - 3600),
+        "audience": served.token("alice", aud="https://elsewhere.example/mcp"),
+        "signature": forged,
+        "issuer": served.token("alice", iss="https://evil.example/"),
+        "malformed": "not-a-jwt",
+        "unknown_key": served.token("alice", key=served.rsa_key, algorithm="RS256", headers={"kid": "gone"}),
+    }
+
+
+@pytest.mark.parametrize(
+    "reason", ["missing", "expired", "audience", "signature", "issuer", "malformed", "unknown_key"]
+)
+def test_refused_tokens_get_a_401_challenge_and_an_audit_record(served: Served, reason: str) -> None:
+    token = _bad_tokens(served)[reason]
+    before = len(served.records())
+    response = _post(served, token=token, **{"User-Agent": "refusal-test"})
+    assert response.status_code == 401
+    challenge = response.headers["www-authenticate"]
+    assert challenge.startswith("Bearer ")
+    assert f'resource_metadata="{served.base}/.well-known/oauth-protected-resource/mcp"' in challenge
+    if token is None:
+        assert "error=" not in challenge  # RFC 6750: no error code when no token was sent
+    else:
+        assert 'error="invalid_token"' in challenge and 'error_description="' in challenge
+    [record] = _new_records(served, before)
+    assert (record["decision"], record["outcome"], record["principal"]) == ("deny", "unauthenticated", "anonymous")
+    assert record["details"]["reason"] == reason and record["error"]
+    assert record["details"]["http"]["user_agent"] == "refusal-test"
+    if token is not None:
+        assert token not in served.audit_path.read_text()
+
+
+def test_expired_token_is_described_as_expired(served: Served) -> None:
+    now = int(time.time())
+    response = _post(served, token=served.token("alice", iat=now - 7200, exp=now - 3600))
+    assert 'error_description="The token has expired."' in response.headers["www-authenticate"]
+
+
+def test_a_subject_named_like_a_role_is_refused(served: Served) -> None:
+    response = _post(served, token=served.token("role:admin"))
+    assert response.status_code == 401 and "names a role" in response.headers["www-authenticate"]
+
+
+def test_foreign_browser_origin_is_refused_and_loopback_origin_is_not(served: Served) -> None:
+    token = served.token("alice", ["analyst"])
+    assert _post(served, token=token, Origin="http://evil.example").status_code == 403
+    assert _post(served, token=token, Origin="http://localhost:6274").status_code == 200
+    assert httpx2.get(served.base + "/healthz", headers={"Origin": "http://evil.example"}).status_code == 403
+
+
+def test_foreign_host_header_is_refused(served: Served) -> None:
+    response = _post(served, token=served.token("alice"), Host="rebound.example:80")
+    assert response.status_code == 421
+
+
+def test_oversized_body_gets_413(served: Served) -> None:
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"pad": "x" * (MAX_BODY + 1)}}
+    response = _post(served, body, token=served.token("alice", ["analyst"]))
+    assert response.status_code == 413
+
+
+# -- companions ------------------------------------------------------------------------------------
+
+
+def test_healthz_reports_versions_without_a_token(served: Served) -> None:
+    response = httpx2.get(served.base + "/healthz")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok"
+    assert body["policy_version"] == served.runtime.enforcer.version and re.fullmatch(
+        r"[0-9a-f]{16}", body["policy_version"]
+    )
+    assert body["version"]
+
+
+def test_protected_resource_metadata(served: Served) -> None:
+    for path in ("/.well-known/oauth-protected-resource", "/.well-known/oauth-protected-resource/mcp"):
+        response = httpx2.get(served.base + path)
+        assert response.status_code == 200
+        document = response.json()
+        assert document["resource"] == served.url
+        assert document["authorization_servers"] == [ISSUER]
+        assert document["bearer_methods_supported"] == ["header"]
+        assert document["scopes_supported"] == ["lakegate"]
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}", 1)[0]))
+        if all(found.get(key) == value for key, value in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_need_a_token_and_count_calls_denials_and_refusals(served: Served) -> None:
+    assert httpx2.get(served.base + "/metrics").status_code == 401
+    token = served.token("alice", ["analyst"])
+    auth = {"Authorization": f"Bearer {token}"}
+
+    def scrape() -> str:
+        response = httpx2.get(served.base + "/metrics", headers=auth)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        return response.text
+
+    before = scrape()
+    anyio.run(
+        _as,
+        served.url,
+        token,
+        ("list_datasets", {}),
+        ("describe_dataset", {"name": "support.tickets"}),
+        ("restore_table", {}),
+    )
+    _post(served, token="not-a-jwt")
+    after = scrape()
+    allowed = dict(tool="list_datasets", decision="allow", outcome="ok")
+    assert (
+        _sample(after, "lakegate_tool_calls_total", **allowed)
+        == _sample(before, "lakegate_tool_calls_total", **allowed) + 1
+    )
+    assert (
+        _sample(after, "lakegate_denials_total", tool="restore_table")
+        == _sample(before, "lakegate_denials_total", tool="restore_table") + 1
+    )
+    assert _sample(after, "lakegate_tool_call_duration_seconds_count", tool="list_datasets") >= 1
+    assert (
+        _sample(after, "lakegate_auth_failures_total", reason="malformed")
+        == _sample(before, "lakegate_auth_failures_total", reason="malformed") + 1
+    )
+    assert _sample(after, "lakegate_http_requests_total", route="/mcp", status="401") >= 1
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def test_token_command_mints_what_the_server_accepts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAKEGATE_AUTH__SHARED_SECRET", SECRET)
+    result = CliRunner().invoke(
+        cli, ["--project", str(REPO), "token", "--subject", "alice", "--roles", "analyst", "--ttl", "1h"]
+    )
+    assert result.exit_code == 0, result.output
+    token = result.stdout.strip().splitlines()[0]
+    verified = JwtVerifier(load_settings(REPO)).verify(token)
+    assert (verified.subject, verified.claimed_roles) == ("alice", ("analyst",))
+    assert 3500 < verified.expires_at - time.time() <= 3600
+
+
+def test_token_command_needs_the_shared_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LAKEGATE_AUTH__SHARED_SECRET", raising=False)
+    result = CliRunner().invoke(cli, ["--project", str(REPO), "token", "--subject", "alice"])
+    assert result.exit_code != 0 and "LAKEGATE_AUTH__SHARED_SECRET" in str(result.exception)
+
+
+def test_lakegate_serve_http_end_to_end(demo_home: Path, tmp_path: Path) -> None:
+    """The deployment path: `lakegate serve --http` in its own process, a token from `lakegate token`."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    audit_path = tmp_path / "audit.jsonl"
+    env = {
+        **os.environ,
+        "LAKEGATE_HOME": str(demo_home),
+        "LAKEGATE_AUDIT__PATH": str(audit_path),
+        "LAKEGATE_AUDIT__FSYNC": "false",
+        "LAKEGATE_AUTH__SHARED_SECRET": SECRET,
+        "LAKEGATE_HTTP__PORT": str(port),  # the token's audience names the port
+        "HF_HUB_OFFLINE": "1",
+    }
+    command = [sys.executable, "-m", "server", "--project", str(REPO)]
+    minted = subprocess.run(
+        [*command, "token", "--subject", "sam", "--ttl", "10m"], env=env, capture_output=True, text=True, check=True
+    )
+    process = subprocess.Popen(
+        [*command, "serve", "--http", "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(base, seconds=120)
+        [result] = anyio.run(_as, base + "/mcp", minted.stdout.strip(), ("list_datasets", {}))
+        assert not result.is_error and "support.tickets" in text_of(result)
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=30)
+    assert f"Streamable HTTP at {base}/mcp" in stderr
+    [record] = read_records(audit_path)
+    assert record["principal"] == "sam" and record["roles"] == ["role:agent", "role:support_agent"]
+
+
+def test_serve_http_without_keys_says_what_to_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LAKEGATE_AUTH__SHARED_SECRET", raising=False)
+    monkeypatch.delenv("LAKEGATE_AUTH__JWKS_FILE", raising=False)
+    result = CliRunner().invoke(cli, ["--project", str(tmp_path), "serve", "--http"])
+    assert result.exit_code != 0 and "LAKEGATE_AUTH__JWKS_FILE" in str(result.exception)
