@@ -4,7 +4,8 @@ DuckDB 2.0's iceberg extension cannot be installed here, so lakegate lets pyiceb
 (snapshot resolution, manifests, partition and file pruning) and hands DuckDB the planned Parquet
 files (`read_parquet([...])`), which it reads with projection and filter pushdown. A plan depends
 only on the table and the snapshot, and Iceberg files never change, so plans are cached by
-(table, snapshot id).
+(table, snapshot id). With the data files on object storage (catalog/object_store.py) the plan
+carries a relation over Arrow datasets of the planned files instead (catalog/arrow_scan.py).
 
 Row-level deletes: pyiceberg plans equality deletes with an error, and a plain Parquet read would
 silently ignore position-delete files written by other engines. A table whose planned scan holds
@@ -81,7 +82,10 @@ class ScanPlan:
     table: str
     snapshot_id: int | None  # None: the table has no snapshot yet (it is empty)
     columns: tuple[ScanColumn, ...]
-    files: tuple[str, ...]  # local paths of the Parquet data files
+    files: tuple[str, ...]  # the Parquet data files: local paths, or s3:// URIs with an object store
+    # SQL of the relation holding the rows when the files are on object storage (read through Arrow
+    # datasets the sandbox registers); None: DuckDB reads `files` itself.
+    relation: str | None = None
 
 
 def refuse_row_deletes(table: str, tasks: list[FileScanTask]) -> None:
@@ -160,6 +164,7 @@ class ScanPlanner:
                 for field in schema.fields
             )
             files: tuple[str, ...] = ()
+            relation: str | None = None
             if snapshot_id is not None:
                 try:
                     tasks = list(table.scan(snapshot_id=snapshot_id).plan_files())
@@ -168,9 +173,14 @@ class ScanPlanner:
                         raise
                     raise _row_deletes_refusal(name, "equality") from exc
                 refuse_row_deletes(name, tasks)
-                files = tuple(_local_path(task.file.file_path) for task in tasks)
-        plan = ScanPlan(name, snapshot_id, columns, files)
+                arrow = self._warehouse.arrow_scans
+                if arrow is None:
+                    files = tuple(_local_path(task.file.file_path) for task in tasks)
+                else:
+                    files = tuple(task.file.file_path for task in tasks)
+                    sizes = [(task.file.file_path, task.file.file_size_in_bytes) for task in tasks]
+                    relation = arrow.relation(columns, sizes) if sizes else None
+        plan = ScanPlan(name, snapshot_id, columns, files, relation)
         with self._lock:
             self._plans[key] = plan
         return plan
-

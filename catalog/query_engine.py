@@ -3,6 +3,9 @@
 Each sandbox is an in-memory DuckDB database set up once and then locked:
 - external access is off, except for the Iceberg warehouse's data directory (`allowed_directories`),
   so that even SQL that slipped past the guard cannot read a local file, a URL or another database;
+  with the data files on object storage no directory is allowed at all, and the planned files reach
+  the sandbox as Arrow datasets registered for the one statement that names them
+  (catalog/arrow_scan.py);
 - extensions are neither installed nor auto-loaded, and Python replacement scans are off, so a
   table name never resolves to a file or a Python object;
 - the mask macros are defined, the time zone is UTC, and the memory limit and thread count of one
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +48,8 @@ OnCancel = Callable[[Callable[[], None]], None]
 OnProgress = Callable[[float], None]
 #: How often a running query's progress is read and reported.
 PROGRESS_INTERVAL_S = 1.0
+#: The Arrow datasets (pyarrow Dataset objects) a statement scans, by the relation name it uses.
+Relations = Callable[[str], Mapping[str, Any]]
 
 
 def _literal(text: str) -> str:
@@ -52,10 +57,19 @@ def _literal(text: str) -> str:
 
 
 class QueryEngine:
-    """A pool of locked DuckDB sandboxes that may read only `allowed_dirs`."""
+    """A pool of locked DuckDB sandboxes that may read only `allowed_dirs`, and the Arrow datasets
+    that `relations` finds named in a statement."""
 
-    def __init__(self, allowed_dirs: list[Path], settings: QuerySettings, hash_key: str, spill_dir: Path) -> None:
+    def __init__(
+        self,
+        allowed_dirs: list[Path],
+        settings: QuerySettings,
+        hash_key: str,
+        spill_dir: Path,
+        relations: Relations | None = None,
+    ) -> None:
         self.allowed_dirs = [str(path.resolve()).rstrip("/") + "/" for path in allowed_dirs]
+        self._relations = relations
         self.spill_dir = spill_dir
         self.settings = settings
         self._hash_key = hash_key
@@ -115,6 +129,23 @@ class QueryEngine:
     def _release(self, connection: duckdb.DuckDBPyConnection) -> None:
         self._idle.put(connection)
 
+    def _attach(self, connection: duckdb.DuckDBPyConnection, sql: str) -> list[str]:
+        # Registered for this statement only, so that a pooled sandbox holds no dataset between
+        # queries; register is an explicit view, not a replacement scan, so it works when locked.
+        names = []
+        for name, dataset in (self._relations(sql) if self._relations else {}).items():
+            connection.register(name, dataset)
+            names.append(name)
+        return names
+
+    @staticmethod
+    def _detach(connection: duckdb.DuckDBPyConnection, names: list[str]) -> None:
+        for name in names:
+            try:
+                connection.unregister(name)
+            except Exception:  # a leftover view harms nobody: only a plan's SQL names it
+                log.warning("query.unregister_failed", relation=name, exc_info=True)
+
     def run(self, sql: str, on_cancel: OnCancel | None = None, on_progress: OnProgress | None = None) -> pa.Table:
         """Run one statement and return its whole result as Arrow (see `run_page` for what it raises)."""
         return self.run_page(sql, on_cancel, on_progress)[0]
@@ -147,10 +178,12 @@ class QueryEngine:
 
         timer = threading.Timer(self.settings.timeout_s, interrupt, args=("timed_out",))
         timer.daemon = True
+        attached: list[str] = []
         try:
             if on_cancel is not None:
                 on_cancel(lambda: interrupt("cancelled"))
             _require_one_select(connection, sql)
+            attached = self._attach(connection, sql)
             timer.start()
             return _execute(connection, sql, on_progress, max_bytes)
         except Exception as exc:
@@ -159,6 +192,7 @@ class QueryEngine:
             timer.cancel()
             if timer.is_alive():
                 timer.join()  # an interrupt in flight must not reach the next caller's query
+            self._detach(connection, attached)
             self._release(connection)
 
     def explain(self, sql: str) -> str:
@@ -169,12 +203,15 @@ class QueryEngine:
             BackendError: anything else went wrong in DuckDB.
         """
         connection = self._acquire()
+        attached: list[str] = []
         try:
             _require_one_select(connection, sql)
+            attached = self._attach(connection, sql)
             rows = connection.execute(f"EXPLAIN {sql}").fetchall()
         except Exception as exc:
             raise self._translate(exc, {}) from exc
         finally:
+            self._detach(connection, attached)
             self._release(connection)
         return "\n".join(str(row[-1]) for row in rows)
 

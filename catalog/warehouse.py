@@ -8,6 +8,11 @@ Layout under the state directory::
     <state_dir>/iceberg/catalog.db      pyiceberg SqlCatalog "lakegate" (SQLite)
     <state_dir>/iceberg/warehouse/      Iceberg data and metadata files
     <state_dir>/lance/                  one Lance dataset per "namespace.table"
+
+With `catalog_uri` (the production profile: a SQLAlchemy URL such as
+``postgresql+psycopg://host/db``) the SqlCatalog lives in that database instead of catalog.db.
+With `object_store` (catalog/object_store.py) the Iceberg data and metadata files and the Lance
+datasets live on S3 instead of under the state directory, shared by replicas on other hosts.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from server.errors import BackendError, LakegateError, NotFound
 
 if TYPE_CHECKING:
+    from catalog.arrow_scan import ArrowScans
     from catalog.iceberg_scan import ScanPlanner
+    from catalog.object_store import ObjectStore
     from catalog.query_engine import QueryEngine
     from server.settings import QuerySettings
 
@@ -113,8 +120,13 @@ class Warehouse:
     Connections open on first use, so constructing a Warehouse touches no files.
     """
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(
+        self, state_dir: Path, *, catalog_uri: str | None = None, object_store: ObjectStore | None = None
+    ) -> None:
         self.state_dir = state_dir
+        self.catalog_uri = catalog_uri
+        self.object_store = object_store
+        self._arrow_scans: ArrowScans | None = None
         self._iceberg: SqlCatalog | None = None
         self._lance: LanceDBConnection | None = None
         self._lock = threading.Lock()
@@ -125,8 +137,16 @@ class Warehouse:
 
     @property
     def iceberg_data_dir(self) -> Path:
-        """Where the Iceberg data and metadata files live (the only directory SQL may read)."""
+        """Where the Iceberg data and metadata files live without an object store (the only
+        directory SQL may read then)."""
         return self.state_dir / "iceberg" / "warehouse"
+
+    @property
+    def iceberg_location(self) -> str:
+        """The Iceberg warehouse location: an s3:// URI with an object store, else a file:// URI."""
+        if self.object_store is not None:
+            return self.object_store.iceberg_location
+        return self.iceberg_data_dir.resolve().as_uri()
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -143,11 +163,14 @@ class Warehouse:
                     from pyiceberg.catalog.sql import SqlCatalog
 
                     root = self.state_dir / "iceberg"
-                    self.iceberg_data_dir.mkdir(parents=True, exist_ok=True)
+                    # SQLite needs the directory of catalog.db; the data files need theirs unless on S3.
+                    (root if self.object_store else self.iceberg_data_dir).mkdir(parents=True, exist_ok=True)
+                    store = self.object_store.iceberg_properties() if self.object_store else {}
                     self._iceberg = SqlCatalog(
                         CATALOG_NAME,
-                        uri=f"sqlite:///{root / 'catalog.db'}",
-                        warehouse=self.iceberg_data_dir.resolve().as_uri(),
+                        uri=self.catalog_uri or f"sqlite:///{root / 'catalog.db'}",
+                        warehouse=self.iceberg_location,
+                        **store,
                     )
             return self._iceberg
 
@@ -157,11 +180,33 @@ class Warehouse:
 
         with self._lock:
             if self._engine is None:
-                self.iceberg_data_dir.mkdir(parents=True, exist_ok=True)
+                # On S3 the sandbox may read no directory at all: the Arrow datasets of the planned
+                # files (catalog/arrow_scan.py) are its only way to the data.
+                allowed = [] if self.object_store else [self.iceberg_data_dir]
+                for directory in allowed:
+                    directory.mkdir(parents=True, exist_ok=True)
+                arrow = self._arrow_scans_locked()
                 self._engine = QueryEngine(
-                    [self.iceberg_data_dir], settings, self._mask_key(), spill_dir=self.state_dir / "spill"
+                    allowed,
+                    settings,
+                    self._mask_key(),
+                    spill_dir=self.state_dir / "spill",
+                    relations=arrow.datasets_in if arrow else None,
                 )
             return self._engine
+
+    @property
+    def arrow_scans(self) -> ArrowScans | None:
+        """How planned files on the object store are read (None without one: DuckDB reads local files)."""
+        with self._lock:
+            return self._arrow_scans_locked()
+
+    def _arrow_scans_locked(self) -> ArrowScans | None:
+        if self.object_store is not None and self._arrow_scans is None:
+            from catalog.arrow_scan import ArrowScans
+
+            self._arrow_scans = ArrowScans(self.object_store)
+        return self._arrow_scans
 
     @property
     def scans(self) -> ScanPlanner:
@@ -194,7 +239,8 @@ class Warehouse:
 
     @property
     def lance(self) -> LanceDBConnection:
-        """The lancedb connection to `<state_dir>/lance` (created on first use).
+        """The lancedb connection to `<state_dir>/lance`, or to the object store's Lance location
+        (created on first use).
 
         Raises:
             BackendError: the directory cannot be opened.
@@ -205,11 +251,16 @@ class Warehouse:
                     import lancedb
                     from lancedb.db import LanceDBConnection
 
-                    path = self.state_dir / "lance"
-                    path.mkdir(parents=True, exist_ok=True)
-                    connection = lancedb.connect(path)
-                    # A local path always gives the local connection class; the check narrows the type
-                    # for the local-only calls (drop_table(ignore_missing=...)).
+                    path: Path | str
+                    if self.object_store is not None:
+                        path = self.object_store.lance_location
+                        connection = lancedb.connect(path, storage_options=self.object_store.lance_storage_options())
+                    else:
+                        path = self.state_dir / "lance"
+                        path.mkdir(parents=True, exist_ok=True)
+                        connection = lancedb.connect(path)
+                    # A path or s3:// URI always gives the native connection class; the check narrows
+                    # the type for the calls the remote one lacks (drop_table(ignore_missing=...)).
                     if not isinstance(connection, LanceDBConnection):
                         raise BackendError(f"lancedb opened {path} as {type(connection).__name__}")
                     self._lance = connection
@@ -227,6 +278,7 @@ class Warehouse:
                 self._engine.close()
             self._engine = None
             self._planner = None
+            self._arrow_scans = None
 
     # -- listing -------------------------------------------------------------------------------
 

@@ -40,11 +40,12 @@ from mcp.types import (
 from catalog.definitions import CatalogDefinitions, load_definitions
 from catalog.metric_definitions import load_semantic_catalog
 from catalog.warehouse import Warehouse
-from policies.enforcer import PolicyEnforcer, policy_files
+from policies.enforcer import PolicyEnforcer
 from server.audit import AuditLog
 from server.errors import ClientError
 from server.gate import Gate, to_call_result
 from server.identity import CallOrigin, Principal
+from server.profile import open_audit, open_enforcer, open_warehouse
 from server.scope import ProgressFn
 from server.settings import Settings
 from tools import tools_by_name
@@ -80,6 +81,8 @@ class Runtime:
 
     def close(self) -> None:
         self.warehouse.close()
+        self.enforcer.close()
+        self.audit.close()
 
 
 def resource_groups(definitions: CatalogDefinitions) -> dict[str, tuple[str, ...]]:
@@ -98,13 +101,10 @@ def open_runtime(settings: Settings) -> Runtime:
         ConfigurationError: a definitions file (datasets or metrics) is invalid.
     """
     definitions = load_definitions(settings.project)
-    warehouse = Warehouse(settings.state_dir)
-    enforcer = PolicyEnforcer(
-        policy_files(settings.project),
-        resource_groups(definitions),
-        reload_interval_s=settings.policy.reload_interval_s,
-    )
-    audit = AuditLog(settings.audit_path, fsync=settings.audit.fsync)
+    # The profile (settings.profile) decides where the catalog, the rules and the audit live.
+    warehouse = open_warehouse(settings)
+    enforcer = open_enforcer(settings, resource_groups(definitions))
+    audit = open_audit(settings)
     semantic = load_semantic_catalog(settings.project)
     gate = Gate(settings, enforcer, warehouse, definitions, audit, tools_by_name(), semantic)
     return Runtime(settings, warehouse, definitions, enforcer, audit, gate)

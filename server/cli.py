@@ -16,9 +16,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from server.audit_commands import audit
 from server.errors import LakegateError
+from server.eval_commands import eval_command
 from server.ingest_commands import ingest
 from server.metrics_commands import metrics
+from server.policy_commands import policy
+from server.profile_commands import profile
 from server.settings import CONFIG_FILE, Settings, load_settings
+from server.token_command import token
 
 __all__ = ["main"]
 
@@ -88,9 +92,9 @@ def init(directory: Path, force: bool) -> None:
 def _build_demo(settings: Settings, scale: str) -> None:
     from catalog.definitions import load_definitions
     from catalog.demo import build_demo
-    from catalog.warehouse import Warehouse
+    from server.profile import open_warehouse
 
-    warehouse = Warehouse(settings.state_dir)
+    warehouse = open_warehouse(settings)  # in the production profile, the catalog is in PostgreSQL
     try:
         with Progress(
             TextColumn("{task.description}"),
@@ -134,25 +138,30 @@ def demo(ctx: click.Context, scale: str | None) -> None:
 @click.option(
     "--principal", default=None, help="Who is calling (stdio). Default: $LAKEGATE_PRINCIPAL or lakegate.toml."
 )
-@click.option("--http", is_flag=True, help="Serve Streamable HTTP instead of stdio (not available yet).")
+@click.option("--http", is_flag=True, help="Serve MCP Streamable HTTP at /mcp (bearer tokens) instead of stdio.")
+@click.option("--host", default=None, help="HTTP listen address. Default: $LAKEGATE_HTTP__HOST or 127.0.0.1.")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=None, help="HTTP port. Default: $LAKEGATE_HTTP__PORT or 8765."
+)
 @click.pass_context
-def serve(ctx: click.Context, principal: str | None, http: bool) -> None:
-    """Serve MCP over stdio, building the demo warehouse first if the state directory is empty."""
-    from catalog.warehouse import Warehouse
+def serve(ctx: click.Context, principal: str | None, http: bool, host: str | None, port: int | None) -> None:
+    """Serve MCP over stdio (or HTTP with --http), building the demo warehouse first if the state
+    directory is empty."""
     from server.app import open_runtime
     from server.logs import configure_logging
     from server.transports import serve_stdio
 
     if http:
-        raise click.UsageError("--http is not available in this version; use stdio (the default).")
+        if principal is not None:
+            raise click.UsageError("--principal is for stdio; over HTTP each request's bearer token names it.")
+        listen = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
+        _serve_http(_settings(ctx, http=listen or None))
+        return
+    if host is not None or port is not None:
+        raise click.UsageError("--host and --port go with --http.")
     settings = _settings(ctx, principal=principal)
     configure_logging(settings.log_level)
-    probe = Warehouse(settings.state_dir)
-    empty = probe.is_empty()
-    probe.close()
-    if empty:
-        err.print("The state directory is empty: building the demo warehouse first.")
-        _build_demo(settings, settings.demo_scale)
+    _ensure_warehouse(settings)
     runtime = open_runtime(settings)
     who = settings.principal or "anonymous (no --principal: every call will be denied)"
     err.print(f"lakegate serving MCP over stdio as {who}; project {settings.project}.")
@@ -163,9 +172,45 @@ def serve(ctx: click.Context, principal: str | None, http: bool) -> None:
         runtime.close()
 
 
+def _ensure_warehouse(settings: Settings) -> None:
+    from server.profile import open_warehouse
+
+    probe = open_warehouse(settings)
+    empty = probe.is_empty()
+    probe.close()
+    if empty:
+        err.print("The state directory is empty: building the demo warehouse first.")
+        _build_demo(settings, settings.demo_scale)
+
+
+def _serve_http(settings: Settings) -> None:
+    from server.app import open_runtime
+    from server.http_auth import JwtVerifier, resource_url
+    from server.logs import configure_logging
+    from server.transports import serve_http
+
+    configure_logging(settings.log_level)
+    verifier = JwtVerifier(settings)  # refuse to start without keys, before building anything
+    _ensure_warehouse(settings)
+    runtime = open_runtime(settings)
+    err.print(f"lakegate serving MCP Streamable HTTP at {resource_url(settings)}; project {settings.project}.")
+    err.print(
+        f"Bearer tokens: {', '.join(verifier.algorithms)}, issuer {verifier.issuer}, audience {verifier.audience}. "
+        "Ctrl-C stops it."
+    )
+    try:
+        serve_http(runtime)
+    finally:
+        runtime.close()
+
+
 cli.add_command(audit)
 cli.add_command(metrics)
+cli.add_command(policy)
+cli.add_command(profile)
 cli.add_command(ingest)
+cli.add_command(token)
+cli.add_command(eval_command)
 
 
 def main() -> None:

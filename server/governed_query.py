@@ -100,6 +100,8 @@ def governed_scan(
 
 def scan_source(plan: ScanPlan) -> str:
     """The relation holding a table's rows at the planned snapshot: its Parquet files."""
+    if plan.relation is not None:
+        return plan.relation  # files on object storage: Arrow datasets, mapped by field id already
     if plan.files:
         files = ", ".join(_literal(path) for path in plan.files)
         # Columns by Iceberg field id, not by name: files written before a rename or a dropped and

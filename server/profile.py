@@ -1,0 +1,194 @@
+"""The deployment profile: where the Iceberg catalog, the Casbin rules and the audit trail live.
+
+One setting chooses (``profile``, `LAKEGATE_PROFILE`):
+
+- ``embedded`` (the default): everything under the state directory: the SQLite SqlCatalog, the
+  policy.csv file (hot-reloaded), the JSON-lines audit log. Nothing to run.
+- ``production``: what every replica must agree on lives in PostgreSQL (``postgres.url``): the
+  Iceberg catalog (pyiceberg SqlCatalog over psycopg), the Casbin rules (policies/pg_policies.py:
+  a change reaches every replica within 2 s) and one global audit hash chain, written beside each
+  replica's local file (server/audit_pg.py).
+
+The data files follow ``storage`` in either profile: under the state directory (``local``, the
+default: ``<home>/iceberg/warehouse`` and ``<home>/lance``, shared by replicas only through one
+volume), or on S3-compatible object storage (``s3``: the Iceberg files under
+``storage.iceberg_location``, the Lance datasets under ``storage.lance_location``; see
+catalog/object_store.py), which replicas on different hosts share. Still on each replica's disk:
+``mask.key`` and the policy files other than the rules (model.conf, row_filters.yaml).
+
+The tables are created on first use (idempotent, under advisory locks, so replicas may start
+together); the rules are copied from policy.csv only on request (`sync_policies`, the command
+``lakegate profile sync-policies``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
+
+from catalog.object_store import ObjectStore
+from catalog.warehouse import Warehouse
+from policies.enforcer import PolicyEnforcer, policy_files
+from policies.pg_policies import PostgresRules, connect, create_policy_schema, open_rules
+from server.audit import AuditLog, VerifyReport
+from server.audit_pg import MirroredAuditLog, PostgresAuditChain, create_audit_schema, verify_chain
+from server.errors import BackendError, ConfigurationError
+from server.settings import Settings
+
+__all__ = [
+    "catalog_uri",
+    "open_audit",
+    "open_enforcer",
+    "open_warehouse",
+    "postgres_url",
+    "replica_id",
+    "sync_policies",
+    "verify_audit",
+]
+
+_CATALOG_LOCK = 0x6C67_0003
+_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
+
+
+def postgres_url(settings: Settings) -> str:
+    """The production profile's PostgreSQL as a libpq URL (postgresql://...).
+
+    Raises:
+        ConfigurationError: the profile is not production, or the URL is not a postgresql:// URL.
+    """
+    if settings.profile != "production" or settings.postgres.url is None:
+        raise ConfigurationError(
+            "this needs the production profile: set LAKEGATE_PROFILE=production and LAKEGATE_POSTGRES__URL"
+        )
+    url = settings.postgres.url.get_secret_value()
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in _SCHEMES:
+        raise ConfigurationError("LAKEGATE_POSTGRES__URL must be a URL such as postgresql://user@host:5432/db")
+    return f"postgresql://{rest}"
+
+
+def catalog_uri(url: str) -> str:
+    """The SQLAlchemy URL pyiceberg's SqlCatalog needs for a libpq URL (the psycopg 3 driver)."""
+    return "postgresql+psycopg://" + url.partition("://")[2]
+
+
+def _where(url: str) -> str:
+    # For messages: host, port and database, never the password.
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or ''}"
+
+
+def replica_id(settings: Settings) -> str:
+    """This replica's name in audit records: the setting, else <hostname>:<pid>."""
+    return settings.postgres.replica_id or f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _prepare(url: str, create: Callable[[psycopg.Connection[Any]], None]) -> None:
+    try:
+        with connect(url) as conn:
+            create(conn)
+    except psycopg.Error as exc:
+        raise BackendError(f"cannot prepare the PostgreSQL tables at {_where(url)}: {exc}") from exc
+
+
+def open_warehouse(settings: Settings) -> Warehouse:
+    """The warehouse of the profile, on the storage of the settings; in production its catalog
+    tables exist when this returns.
+
+    Raises:
+        ConfigurationError: the PostgreSQL URL or the S3 endpoint is invalid.
+        BackendError: PostgreSQL cannot be reached or the catalog cannot be opened.
+    """
+    store = ObjectStore.from_settings(settings.storage)
+    if settings.profile == "embedded":
+        return Warehouse(settings.state_dir, object_store=store)
+    url = postgres_url(settings)
+    warehouse = Warehouse(settings.state_dir, catalog_uri=catalog_uri(url), object_store=store)
+
+    def create_catalog_tables(conn: psycopg.Connection[Any]) -> None:
+        # pyiceberg creates its tables when it first finds them missing; replicas starting at once
+        # would race to create them, so the first does it under the lock and the others find them.
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CATALOG_LOCK,))
+            _ = warehouse.iceberg
+
+    _prepare(url, create_catalog_tables)
+    return warehouse
+
+
+def open_enforcer(settings: Settings, resource_groups: Mapping[str, Iterable[str]] | None = None) -> PolicyEnforcer:
+    """The policy enforcer of the profile: policy.csv, or the rules in PostgreSQL (watched).
+
+    Raises:
+        ConfigurationError: the PostgreSQL URL is invalid.
+        BackendError: the policy tables cannot be created.
+    """
+    files = policy_files(settings.project)
+    interval = settings.policy.reload_interval_s
+    if settings.profile == "embedded":
+        return PolicyEnforcer(files, resource_groups, reload_interval_s=interval)
+    url = postgres_url(settings)
+    _prepare(url, create_policy_schema)
+    rules = PostgresRules(
+        url,
+        poll_interval_s=settings.postgres.policy_poll_interval_s,
+        stale_after_s=settings.postgres.policy_stale_after_s,
+    )
+    return PolicyEnforcer(files, resource_groups, reload_interval_s=interval, rules=rules)
+
+
+def open_audit(settings: Settings) -> AuditLog:
+    """The audit log of the profile: the local file, mirrored into the global chain in production.
+
+    Raises:
+        ConfigurationError: the PostgreSQL URL is invalid.
+        BackendError: the audit tables cannot be created.
+    """
+    if settings.profile == "embedded":
+        return AuditLog.from_settings(settings.audit_path, settings.audit)
+    url = postgres_url(settings)
+    _prepare(url, create_audit_schema)
+    local = MirroredAuditLog.from_settings(settings.audit_path, settings.audit)
+    assert isinstance(local, MirroredAuditLog)
+    return local.mirror_to(PostgresAuditChain(url, replica_id(settings)))
+
+
+def sync_policies(settings: Settings) -> int:
+    """Replace the rules in PostgreSQL by the project's policy.csv (one transaction); returns how
+    many rules there are now. Every replica applies them within the bound (policies/pg_policies.py).
+
+    Raises:
+        ConfigurationError: not the production profile, or the file is not a valid policy.
+        BackendError: PostgreSQL cannot be written.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    url = postgres_url(settings)
+    files = policy_files(settings.project)
+    _prepare(url, create_policy_schema)
+    with open_rules(url) as rules:
+        try:
+            return rules.replace_all(files.model, files.policy)
+        except SQLAlchemyError as exc:
+            raise BackendError(f"cannot write the rules to PostgreSQL at {_where(url)}: {exc}") from exc
+        except Exception as exc:
+            raise ConfigurationError(f"{files.policy} is not a valid policy: {exc}") from exc
+
+
+def verify_audit(settings: Settings) -> VerifyReport:
+    """Verify the global audit chain in PostgreSQL.
+
+    Raises:
+        ConfigurationError: not the production profile.
+        BackendError: the chain cannot be read.
+    """
+    url = postgres_url(settings)
+    try:
+        return verify_chain(url)
+    except psycopg.Error as exc:
+        raise BackendError(f"cannot read the audit chain at {_where(url)}: {exc}") from exc

@@ -1,0 +1,436 @@
+"""The production profile on a real PostgreSQL: the Iceberg catalog, the Casbin rules with change
+notification, and the global audit chain; and the embedded default, untouched.
+
+The server is $LAKEGATE_TEST_POSTGRES_URL (.ci/run sets it: then these tests must run, and fail if
+it does not answer), else the local default if one answers, else they are skipped. Each test
+session (each xdist worker) works in a database of its own, created here and dropped after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, LiteralString
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import psycopg
+import pytest
+from click.testing import CliRunner
+from psycopg import sql
+from pydantic import ValidationError
+
+from policies.pg_policies import PostgresRules
+from server.app import Runtime, open_runtime, resource_groups
+from server.audit import AuditLog, read_records, record_hash, verify
+from server.audit_pg import MirroredAuditLog, PostgresAuditChain, create_audit_schema, verify_chain
+from server.cli import cli
+from server.errors import AuditWriteError, PolicyDenied
+from server.gate import GateOutcome
+from server.identity import CallOrigin, stdio_principal
+from server.profile import sync_policies
+from server.settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
+#: The stated bound (policies/pg_policies.py): a change reaches every replica within 2 s.
+BOUND_S = 2.0
+
+
+# --- the database ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    url = os.environ.get("LAKEGATE_TEST_POSTGRES_URL")
+    if url:
+        return url  # set (as in CI): the tests must run, so an unreachable server fails them
+    try:
+        psycopg.connect(DEFAULT_URL, connect_timeout=2).close()
+    except psycopg.OperationalError as exc:
+        pytest.skip(
+            f"no PostgreSQL: LAKEGATE_TEST_POSTGRES_URL is unset and nothing answers at {DEFAULT_URL} "
+            f"({str(exc).strip()})"
+        )
+    return DEFAULT_URL
+
+
+def _create_database(server: str) -> str:
+    name = f"lakegate_test_{secrets.token_hex(6)}"
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
+
+
+def _drop_database(server: str, url: str) -> None:
+    name = urlsplit(url).path.lstrip("/")
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_server: str) -> Iterator[str]:
+    """A database of this test session's own (xdist workers and reruns never share one)."""
+    url = _create_database(pg_server)
+    yield url
+    _drop_database(pg_server, url)
+
+
+@pytest.fixture
+def fresh_pg_url(pg_server: str) -> Iterator[str]:
+    """A database of this test's own, for tests that tamper with what is in it."""
+    url = _create_database(pg_server)
+    yield url
+    _drop_database(pg_server, url)
+
+
+def execute(url: str, statement: LiteralString, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        cursor = conn.execute(statement, params or None)
+        return cursor.fetchall() if cursor.description else []
+
+
+# --- runtimes --------------------------------------------------------------------------------
+
+
+def production_settings(url: str, home: Path, audit_path: Path, **postgres: Any) -> Settings:
+    return load_settings(
+        REPO,
+        home=home,
+        audit={"path": audit_path, "fsync": False},
+        principal=None,
+        profile="production",
+        postgres={"url": url, **postgres},
+    )
+
+
+@pytest.fixture(scope="session")
+def pg_home(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small demo warehouse built by `lakegate demo` into the PostgreSQL catalog, with the rules
+    seeded by `lakegate profile sync-policies`."""
+    home = tmp_path_factory.mktemp("pg-home")
+    env = {"LAKEGATE_HOME": str(home), "LAKEGATE_PROFILE": "production", "LAKEGATE_POSTGRES__URL": pg_url}
+    runner = CliRunner()
+    built = runner.invoke(cli, ["--project", str(REPO), "demo"], env=env)
+    assert built.exit_code == 0, built.output
+    seeded = runner.invoke(cli, ["--project", str(REPO), "profile", "sync-policies"], env=env)
+    assert seeded.exit_code == 0, seeded.output
+    assert "rules in PostgreSQL" in seeded.output
+    return home
+
+
+@pytest.fixture
+def open_replica(pg_url: str, pg_home: Path, tmp_path: Path) -> Iterator[Callable[..., Runtime]]:
+    """Opens runtimes ("replicas") on the shared database and warehouse, each with its own local
+    audit file; the rules are reset to policy.csv after the test."""
+    opened: list[Runtime] = []
+
+    def open_one(name: str, **postgres: Any) -> Runtime:
+        settings = production_settings(pg_url, pg_home, tmp_path / f"{name}.jsonl", replica_id=name, **postgres)
+        runtime = open_runtime(settings)
+        opened.append(runtime)
+        return runtime
+
+    yield open_one
+    for runtime in opened:
+        runtime.close()
+    sync_policies(production_settings(pg_url, pg_home, tmp_path / "reset.jsonl"))
+
+
+def call(runtime: Runtime, principal: str, tool: str, **arguments: Any) -> GateOutcome:
+    who = stdio_principal(principal, runtime.enforcer)
+    origin = CallOrigin(transport="in-process", session_id="t")
+    return anyio.run(runtime.gate.call, tool, arguments, who, origin)
+
+
+def rules_of(runtime: Runtime) -> PostgresRules:
+    source = runtime.enforcer.rule_source
+    assert isinstance(source, PostgresRules)
+    return source
+
+
+def seconds_until(predicate: Callable[[], bool], limit: float) -> float:
+    """How long until `predicate` holds, checked every 10 ms; fails after `limit` seconds."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > limit:
+            pytest.fail(f"not within {limit} s")
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+# --- the catalog -----------------------------------------------------------------------------
+
+
+def test_demo_is_built_into_the_postgres_catalog(pg_url: str, pg_home: Path) -> None:
+    tables = execute(pg_url, "SELECT table_namespace || '.' || table_name, metadata_location FROM iceberg_tables")
+    names = {name for name, _ in tables}
+    assert {"sales.customers", "sales.orders", "finance.payments", "support.tickets"} <= names
+    # The catalog is PostgreSQL; the files stay in the local warehouse directory.
+    assert not (pg_home / "iceberg" / "catalog.db").exists()
+    warehouse_dir = (pg_home / "iceberg" / "warehouse").resolve().as_uri()
+    assert all(location.startswith(warehouse_dir) for _, location in tables)
+
+
+def test_governed_query_through_the_gate_on_the_postgres_catalog(
+    open_replica: Callable[..., Runtime], pg_url: str
+) -> None:
+    runtime = open_replica("r1")
+    assert runtime.warehouse.catalog_uri is not None and runtime.warehouse.catalog_uri.startswith("postgresql+psycopg")
+    outcome = call(runtime, "support_agent", "query", sql="SELECT region, count(*) FROM sales.customers GROUP BY 1")
+    assert outcome.error is None, str(outcome.error)
+    assert outcome.result is not None
+    assert [row[0] for row in outcome.result.rows] == ["EMEA"]  # type: ignore[attr-defined]  # the row filter
+    assert outcome.record is not None and outcome.record["decision"] == "partial"
+    # The call is in the local file and in the global chain, with the same body.
+    (local,) = read_records(runtime.audit.path)
+    (stored,) = execute(pg_url, "SELECT record FROM lakegate_audit WHERE seq = %s", (local["global_seq"],))
+    global_record = json.loads(stored[0])
+    assert global_record["request_id"] == local["request_id"] and global_record["replica"] == "r1"
+    assert global_record["time"] == local["time"]
+    assert verify(runtime.audit.path).ok and verify_chain(pg_url).ok
+
+
+# --- policies --------------------------------------------------------------------------------
+
+
+def test_a_policy_change_reaches_the_other_replica_by_notification_within_the_bound(
+    open_replica: Callable[..., Runtime],
+) -> None:
+    # Polling every 30 s: only the NOTIFY can bring the change within the bound.
+    writer, reader = open_replica("a", policy_poll_interval_s=30), open_replica("b", policy_poll_interval_s=30)
+    before = reader.enforcer.version
+    assert reader.enforcer.decide("alice", "tool:query", "call").allowed
+    assert writer.enforcer.version == before  # same rules, same version on every replica
+
+    rules_of(writer).add_rule("p", "role:analyst", "tool:query", "call", "deny")
+    took = seconds_until(lambda: not reader.enforcer.decide("alice", "tool:query", "call").allowed, BOUND_S)
+    assert took < BOUND_S
+    decision = reader.enforcer.decide("alice", "tool:query", "call")
+    assert decision.rule == ("role:analyst", "tool:query", "call", "deny")
+    assert reader.enforcer.version != before
+    seconds_until(lambda: writer.enforcer.version == reader.enforcer.version, BOUND_S)
+
+    # The gate of the other replica refuses, and audits the new policy version.
+    outcome = call(reader, "alice", "query", sql="SELECT count(*) FROM sales.orders")
+    assert isinstance(outcome.error, PolicyDenied)
+    assert outcome.record is not None and outcome.record["policy_version"] == reader.enforcer.version
+
+    assert rules_of(writer).remove_rule("p", "role:analyst", "tool:query", "call", "deny")
+    seconds_until(lambda: reader.enforcer.decide("alice", "tool:query", "call").allowed, BOUND_S)
+    assert reader.enforcer.version == before
+
+
+def test_a_policy_change_without_a_notice_is_found_by_polling_within_the_bound(
+    open_replica: Callable[..., Runtime], pg_url: str
+) -> None:
+    reader = open_replica("b", policy_poll_interval_s=0.5)
+    assert reader.enforcer.decide("sam", "tool:query", "call").allowed
+    # A change that sends no notice: the trigger is off, and the version is bumped by hand.
+    execute(pg_url, "ALTER TABLE casbin_rule DISABLE TRIGGER lakegate_policy_changed")
+    try:
+        execute(
+            pg_url,
+            "INSERT INTO casbin_rule (ptype, v0, v1, v2, v3)"
+            " VALUES ('p', 'role:support_agent', 'tool:query', 'call', 'deny');"
+            "UPDATE lakegate_policy_version SET version = version + 1",
+        )
+        took = seconds_until(lambda: not reader.enforcer.decide("sam", "tool:query", "call").allowed, BOUND_S)
+    finally:
+        execute(pg_url, "ALTER TABLE casbin_rule ENABLE TRIGGER lakegate_policy_changed")
+    assert took < 0.5 + 1.0
+
+
+def test_a_replica_that_cannot_confirm_the_policy_version_denies_everything(
+    open_replica: Callable[..., Runtime], pg_url: str
+) -> None:
+    reader = open_replica("b", policy_poll_interval_s=0.2, policy_stale_after_s=1.0)
+    assert reader.enforcer.decide("alice", "tool:list_datasets", "call").allowed
+    execute(pg_url, "ALTER TABLE lakegate_policy_version RENAME TO lakegate_policy_version_away")
+    try:
+        seconds_until(lambda: not reader.enforcer.decide("alice", "tool:list_datasets", "call").allowed, 5)
+        assert "could not be read" in reader.enforcer.decide("alice", "tool:list_datasets", "call").reason
+        outcome = call(reader, "alice", "list_datasets")
+        assert isinstance(outcome.error, PolicyDenied) and outcome.result is None
+    finally:
+        execute(pg_url, "ALTER TABLE lakegate_policy_version_away RENAME TO lakegate_policy_version")
+    seconds_until(lambda: reader.enforcer.decide("alice", "tool:list_datasets", "call").allowed, BOUND_S)
+
+
+def test_no_rules_in_postgres_denies_everything_and_says_how_to_seed(
+    fresh_pg_url: str, pg_home: Path, tmp_path: Path
+) -> None:
+    settings = production_settings(fresh_pg_url, pg_home, tmp_path / "a.jsonl")
+    runtime = open_runtime(settings)
+    try:
+        assert not runtime.enforcer.decide("admin", "tool:list_datasets", "call").allowed
+        assert "sync-policies" in (runtime.enforcer.load_error or "")
+        count = sync_policies(settings)
+        assert count == len(rules_of(runtime).rules()) > 50
+        seconds_until(lambda: runtime.enforcer.decide("admin", "tool:list_datasets", "call").allowed, BOUND_S)
+    finally:
+        runtime.close()
+
+
+# --- audit -----------------------------------------------------------------------------------
+
+
+def test_two_replicas_audit_concurrently_into_one_verifiable_chain(
+    open_replica: Callable[..., Runtime], pg_url: str
+) -> None:
+    replicas = [open_replica("a"), open_replica("b")]
+    (already,) = execute(pg_url, "SELECT count(*) FROM lakegate_audit")[0]
+    calls = 15
+    errors: list[BaseException] = []
+
+    def work(runtime: Runtime) -> None:
+        try:
+            for number in range(calls):
+                outcome = call(
+                    runtime, "analyst", "describe_dataset", name="sales.orders" if number % 2 else "sales.customers"
+                )
+                assert outcome.error is None, str(outcome.error)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(runtime,)) for runtime in replicas]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+
+    report = verify_chain(pg_url)
+    assert report.ok, report.problems
+    assert report.records == already + 2 * calls
+    order = [
+        row[0] for row in execute(pg_url, "SELECT replica FROM lakegate_audit WHERE seq > %s ORDER BY seq", (already,))
+    ]
+    assert order.count("a") == order.count("b") == calls
+    # Each replica's local file is a chain of its own, and names where each record sits globally.
+    for runtime in replicas:
+        assert verify(runtime.audit.path).ok
+        global_seqs = [record["global_seq"] for record in read_records(runtime.audit.path)]
+        assert global_seqs == sorted(global_seqs) and len(global_seqs) == calls
+    result = CliRunner().invoke(
+        cli,
+        ["--project", str(REPO), "profile", "verify-audit"],
+        env={"LAKEGATE_PROFILE": "production", "LAKEGATE_POSTGRES__URL": pg_url},
+    )
+    assert result.exit_code == 0 and f"ok: {report.records} records" in result.output, result.output
+
+
+def test_tampered_rows_in_the_chain_are_detected(fresh_pg_url: str, tmp_path: Path) -> None:
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+        create_audit_schema(conn)
+    one, two = PostgresAuditChain(fresh_pg_url, "one"), PostgresAuditChain(fresh_pg_url, "two")
+    for number in range(6):
+        (one if number % 2 else two).append({"tool": "query", "n": number, "duration_ms": 0.1 + number})
+    one.close()
+    two.close()
+    assert verify_chain(fresh_pg_url).ok
+
+    def problems() -> list[tuple[int | None, str]]:
+        report = verify_chain(fresh_pg_url)
+        return [(problem.seq, problem.kind) for problem in report.problems]
+
+    (original,) = execute(fresh_pg_url, "SELECT record FROM lakegate_audit WHERE seq = 3")[0]
+    edited = json.loads(original) | {"tool": "append_rows"}
+    execute(fresh_pg_url, "UPDATE lakegate_audit SET record = %s WHERE seq = 3", (json.dumps(edited),))
+    assert problems() == [(3, "edited")]
+    execute(fresh_pg_url, "UPDATE lakegate_audit SET record = %s WHERE seq = 3", (original,))
+    assert problems() == []
+
+    # The replica column no longer matches the hashed record.
+    (replica,) = execute(fresh_pg_url, "SELECT replica FROM lakegate_audit WHERE seq = 2")[0]
+    execute(fresh_pg_url, "UPDATE lakegate_audit SET replica = 'intruder' WHERE seq = 2")
+    assert problems() == [(2, "edited")]
+    execute(fresh_pg_url, "UPDATE lakegate_audit SET replica = %s WHERE seq = 2", (replica,))
+    assert problems() == []
+
+    # Rewritten and re-hashed: the next record's link breaks.
+    forged = edited | {"hash": record_hash(edited)}
+    execute(
+        fresh_pg_url,
+        "UPDATE lakegate_audit SET record = %s, hash = %s WHERE seq = 3",
+        (json.dumps(forged), forged["hash"]),
+    )
+    assert problems() == [(4, "broken_chain")]
+    execute(
+        fresh_pg_url,
+        "UPDATE lakegate_audit SET record = %s, hash = %s WHERE seq = 3",
+        (original, json.loads(original)["hash"]),
+    )
+    assert problems() == []
+
+    saved = execute(
+        fresh_pg_url, "DELETE FROM lakegate_audit WHERE seq >= 5 RETURNING seq, replica, prev_hash, hash, record"
+    )
+    by_seq = {row[0]: row for row in saved}
+    assert problems() == [(5, "deleted")]  # the head still says seq 6: the tail was cut
+    execute(fresh_pg_url, "INSERT INTO lakegate_audit VALUES (%s, %s, %s, %s, %s)", by_seq[6])
+    assert problems() == [(5, "deleted")]  # now a gap in the middle
+    execute(fresh_pg_url, "INSERT INTO lakegate_audit VALUES (%s, %s, %s, %s, %s)", by_seq[5])
+    assert verify_chain(fresh_pg_url).ok
+
+
+def test_a_failed_postgres_write_returns_no_data_and_no_local_record(
+    open_replica: Callable[..., Runtime], pg_url: str
+) -> None:
+    runtime = open_replica("a")
+    assert call(runtime, "analyst", "list_datasets").error is None
+    local_before = len(list(read_records(runtime.audit.path)))
+    execute(pg_url, "ALTER TABLE lakegate_audit RENAME TO lakegate_audit_away")
+    try:
+        outcome = call(runtime, "analyst", "list_datasets")
+    finally:
+        execute(pg_url, "ALTER TABLE lakegate_audit_away RENAME TO lakegate_audit")
+    assert isinstance(outcome.error, AuditWriteError)
+    assert outcome.result is None and outcome.payload == "" and outcome.record is None
+    assert len(list(read_records(runtime.audit.path))) == local_before  # nothing half-written
+    assert call(runtime, "analyst", "list_datasets").error is None  # it reconnects
+    assert verify_chain(pg_url).ok and verify(runtime.audit.path).ok
+
+
+def test_a_failed_local_write_rolls_the_postgres_record_back(fresh_pg_url: str, tmp_path: Path) -> None:
+    with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
+        create_audit_schema(conn)
+    blocked = tmp_path / "audit.jsonl"
+    blocked.mkdir()  # the local file cannot be written
+    log = MirroredAuditLog(blocked).mirror_to(PostgresAuditChain(fresh_pg_url, "a"))
+    with pytest.raises(AuditWriteError):
+        log.append({"tool": "query"})
+    log.close()
+    assert execute(fresh_pg_url, "SELECT seq FROM lakegate_audit_head") == [(0,)]
+    assert execute(fresh_pg_url, "SELECT count(*) FROM lakegate_audit") == [(0,)]
+
+
+# --- the switch, and the embedded default ----------------------------------------------------
+
+
+def test_production_needs_a_url_and_never_shows_it(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="LAKEGATE_POSTGRES__URL"):
+        load_settings(tmp_path, profile="production")
+    settings = load_settings(tmp_path, profile="production", postgres={"url": "postgresql://u:hunter2@db/x"})
+    assert "hunter2" not in repr(settings) and "hunter2" not in str(settings.model_dump())
+
+
+def test_the_embedded_profile_is_the_default_and_unchanged(runtime: Runtime, demo_home: Path) -> None:
+    assert runtime.settings.profile == "embedded"
+    assert runtime.warehouse.catalog_uri is None and (demo_home / "iceberg" / "catalog.db").is_file()
+    assert type(runtime.audit) is AuditLog
+    enforcer = runtime.enforcer
+    assert enforcer.rule_source is None
+    groups = resource_groups(runtime.definitions)
+    # The version is still the hash of the policy files, as before the profiles existed.
+    expected = enforcer.files.content_hash(f"{obj}>{group}" for obj, tags in groups.items() for group in tags)
+    assert enforcer.version == expected
+    outcome = call(runtime, "support_agent", "query", sql="SELECT region, count(*) FROM sales.customers GROUP BY 1")
+    assert outcome.error is None and outcome.record is not None
+    assert "global_seq" not in outcome.record and "replica" not in outcome.record
+    assert verify(runtime.audit.path).ok
