@@ -217,7 +217,7 @@ def test_kb_articles_rows(demo: Demo) -> None:
     assert table.schema.field("vector").type == pa.list_(pa.float32(), DIMENSION)
     assert table.schema.field("allowed_roles").type == pa.list_(pa.string())
     rows = table.drop_columns(["vector"]).to_pylist()
-    assert len({row["doc_id"] for row in rows}) == 40
+    assert len({row["doc_id"] for row in rows}) == 41  # 40 articles and the planted one (red-team evals)
     expected_roles = {
         "public": {"role:support_agent", "role:analyst", "role:data_steward", "role:admin"},
         "internal": {"role:support_agent", "role:data_steward", "role:admin"},

@@ -1,0 +1,445 @@
+"""Agent evals: YAML scenarios of tool calls, run against the real server with the real MCP client.
+
+Each scenario (format: `evals.agent_scenarios`, files in `evals/scenarios/`) is a sequence of
+steps taken as one demo principal over stdio (`lakegate serve --principal NAME`), each with what
+it must produce: values at paths of the structured result, text in the rendering, or a tool error
+whose message says something.
+
+Besides what each step expects, every step is checked for what must always hold: the audit log
+grew by exactly one record per tool call (and none for a listing), naming the tool and the
+principal; and nothing lakegate says itself, outside the data fields (tool descriptions, the
+initialize instructions, error messages, the text around the data), reads as an instruction to the
+agent (`evals.scenario_checks`). The runner starts one server per principal and runs that
+principal's scenarios in it, in file order; a scenario stops at its first failing step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import anyio
+from mcp import Client
+from mcp.client.stdio import stdio_client
+from mcp.types import CallToolResult, Implementation
+from pydantic import BaseModel, ConfigDict, Field
+
+from evals.agent_scenarios import SCENARIOS_DIR, Expect, Scenario, Step, load_scenarios, select, substitute
+from evals.mcp_client import REPO, server_params
+from evals.scenario_checks import (
+    all_strings,
+    check_planted,
+    check_value,
+    instruction_like,
+    non_data_problem,
+    resolve,
+)
+from server.audit import verify
+
+__all__ = [
+    "RESULTS_PATH",
+    "SCENARIOS_DIR",
+    "EvalReport",
+    "Scenario",
+    "ScenarioResult",
+    "load_scenarios",
+    "run",
+    "run_eval",
+    "select",
+]
+
+RESULTS_PATH = Path(__file__).resolve().parent / "results" / "agent_eval.json"
+#: Longest wait for one answer: a request the server never answers fails its step, not the eval.
+STEP_TIMEOUT_S = 60.0
+CLIENT = Implementation(name="lakegate-agent-eval", version="1.0")
+MAX_TOOL_NAME = 64  # the gate keeps this much of a tool name in the audit record
+#: The call each server answers before its turn: it loads the embedding model (a few seconds of
+#: CPU) while the previous principal's scenarios run. Denied for a principal without the tool.
+WARM_UP: tuple[str, dict[str, Any]] = ("search_catalog", {"query": "orders"})
+#: How many servers start and warm up ahead of the one running scenarios: two keep both of a
+#: 2-core machine's cores busy while scenarios run one principal at a time.
+PREFETCH = 2
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StepResult(_Strict):
+    index: int
+    action: str
+    passed: bool
+    reason: str | None = None
+    seconds: float
+
+
+class ScenarioResult(_Strict):
+    name: str
+    principal: str
+    file: str
+    tags: list[str]
+    steps: int
+    steps_run: int
+    passed: bool
+    reason: str | None = None
+    seconds: float
+    step_results: list[StepResult]
+
+
+class EvalReport(_Strict):
+    generated_at: str
+    home: str
+    scenarios_dir: str
+    seconds: float
+    passed: int
+    failed: int
+    audit_records: int
+    audit_verified: bool
+    audit_problem: str | None = None
+    startup_seconds: dict[str, float] = Field(
+        description="Time to start each principal's server and answer its warm-up call, by principal."
+    )
+    cpus: int | None = Field(description="CPU cores of the machine that ran the eval.")
+    load_average: float | None = Field(description="1-minute load average when the eval started (shared machines).")
+    scenarios: list[ScenarioResult]
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.audit_verified and bool(self.scenarios)
+
+
+# --- audit ----------------------------------------------------------------------------------------
+
+
+class _AuditWatch:
+    """The records appended to the audit log since the last look."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+
+    def new_records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        if self.path.stat().st_size < self.offset:
+            self.offset = 0  # the log was rotated: a new active file
+        with self.path.open("rb") as handle:
+            handle.seek(self.offset)
+            data = handle.read()
+        complete = data[: data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
+# --- running ----------------------------------------------------------------------------------------
+
+
+def _text_of(result: CallToolResult) -> str:
+    return "\n".join(getattr(block, "text", "") for block in result.content)
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Session:
+    """One principal's server, and the steps run against it."""
+
+    def __init__(self, client: Client, principal: str, audit: _AuditWatch) -> None:
+        self.client = client
+        self.principal = principal
+        self.audit = audit
+
+    async def run(self, scenario: Scenario) -> ScenarioResult:
+        started = time.perf_counter()
+        saved: dict[str, Any] = {}
+        results: list[StepResult] = []
+        reason = None
+        for index, step in enumerate(scenario.steps, 1):
+            step_started = time.perf_counter()
+            try:
+                problem = await self._step(step, saved)
+            except Exception as exc:  # the eval reports it; the next scenario still runs
+                problem = f"{type(exc).__name__}: {_short(str(exc), 300)}"
+            results.append(
+                StepResult(
+                    index=index,
+                    action=step.action,
+                    passed=problem is None,
+                    reason=problem,
+                    seconds=round(time.perf_counter() - step_started, 3),
+                )
+            )
+            if problem is not None:
+                reason = f"step {index} ({step.action}): {problem}"
+                break
+        return ScenarioResult(
+            name=scenario.name,
+            principal=scenario.principal,
+            file=scenario.file,
+            tags=scenario.tags,
+            steps=len(scenario.steps),
+            steps_run=len(results),
+            passed=reason is None,
+            reason=reason,
+            seconds=round(time.perf_counter() - started, 3),
+            step_results=results,
+        )
+
+    async def _step(self, step: Step, saved: dict[str, Any]) -> str | None:
+        expect = Expect.model_validate(substitute(step.expect.model_dump(exclude_unset=True), saved))
+        if step.call is not None:
+            problem = await self._call(step.call, substitute(step.args, saved), expect, step.save, saved)
+        elif step.list_tools:
+            problem = await self._list_tools(expect)
+        else:
+            problem = _check_words("instructions", self.client.instructions or "", expect)
+        if problem is None and step.call is None and (extra := self.audit.new_records()):
+            problem = f"the audit log grew by {len(extra)} record(s) without a tool call"
+        return problem
+
+    async def _call(
+        self, tool: str, args: dict[str, Any], expect: Expect, save: dict[str, str], saved: dict[str, Any]
+    ) -> str | None:
+        try:
+            result = await self.client.call_tool(tool, args, read_timeout_seconds=STEP_TIMEOUT_S)
+        except Exception as exc:
+            # A request the server never answers (or a client that refuses to send it) ends here.
+            self.audit.new_records()
+            return f"no answer to the call ({type(exc).__name__}: {_short(str(exc), 200) or 'timed out'})"
+        problem = self._audited(tool)
+        if problem is not None:
+            return problem
+        text = _text_of(result)
+        structured = result.structured_content
+        if expect.error is not None:
+            if not result.is_error:
+                return f"expected an error containing {expect.error!r}, but the call succeeded: {_short(text)}"
+            if expect.error.lower() not in text.lower():
+                return f"expected an error containing {expect.error!r}, got: {_short(text)}"
+        elif result.is_error:
+            return f"the call failed: {_short(text)}"
+        problem = non_data_problem(structured, text) or _check_words("text", text, expect)
+        for check in expect.values:
+            problem = problem or check_value(structured or {}, check)
+        if problem is None and expect.planted:
+            # An error holds no data: planted text must not be in it at all.
+            problem = (
+                non_data_problem(None, text, planted=expect.planted)
+                if result.is_error
+                else check_planted(structured, text, expect.planted)
+            )
+        if problem is not None:
+            return problem
+        for name, path in save.items():
+            found = resolve(structured or {}, path)
+            if not found:
+                return f"nothing at {path} to save as {name}"
+            saved[name] = found[0]
+        return None
+
+    def _audited(self, tool: str) -> str | None:
+        records = self.audit.new_records()
+        if len(records) != 1:
+            return f"the audit log grew by {len(records)} record(s) for one call (expected exactly 1)"
+        record = records[0]
+        if record.get("tool") != tool[:MAX_TOOL_NAME] or record.get("principal") != self.principal:
+            return (
+                f"the audit record names tool {record.get('tool')!r} and principal {record.get('principal')!r}, "
+                f"not {tool!r} and {self.principal!r}"
+            )
+        return None
+
+    async def _list_tools(self, expect: Expect) -> str | None:
+        listed = (await self.client.list_tools()).tools
+        names = {tool.name for tool in listed}
+        missing = sorted(set(expect.tools) - names)
+        if missing:
+            return f"tools not listed: {', '.join(missing)} (listed: {', '.join(sorted(names)) or 'none'})"
+        unexpected = sorted(set(expect.tools_not) & names)
+        if unexpected:
+            return f"tools listed that must not be: {', '.join(unexpected)}"
+        listing = {"tools": [tool.model_dump(mode="json", exclude_none=True) for tool in listed]}
+        for tool in listing["tools"]:
+            for where, text in all_strings(tool):
+                phrase = instruction_like(text)
+                if phrase is not None:
+                    return f"tool {tool['name']} reads as an instruction at {where}: {phrase!r}"
+                planted = next((p for p in expect.planted if p.lower() in text.lower()), None)
+                if planted is not None:
+                    return f"planted text {planted!r} in the description of tool {tool['name']} ({where})"
+        for check in expect.values:
+            problem = check_value(listing, check)
+            if problem is not None:
+                return problem
+        return None
+
+
+def _check_words(what: str, text: str, expect: Expect) -> str | None:
+    lowered = text.lower()
+    for wanted in expect.text:
+        if wanted.lower() not in lowered:
+            return f"the {what} does not contain {wanted!r}: {_short(text)}"
+    for unwanted in expect.text_not:
+        if unwanted.lower() in lowered:
+            return f"the {what} contains {unwanted!r}: {_short(text)}"
+    if what == "instructions":
+        phrase = instruction_like(text)
+        if phrase is not None:
+            return f"the instructions read as an injected instruction: {phrase!r}"
+        planted = next((p for p in expect.planted if p.lower() in lowered), None)
+        if planted is not None:
+            return f"planted text {planted!r} in the instructions"
+    return None
+
+
+@asynccontextmanager
+async def _serve(principal: str, home: Path, project: Path, audit: Path, errlog: TextIO) -> AsyncIterator[Client]:
+    # Embedded whatever the environment says: the scenarios expect the demo warehouse in `home`.
+    params = server_params(
+        principal, home, project=project, LAKEGATE_AUDIT__PATH=str(audit), LAKEGATE_PROFILE="embedded"
+    )
+    async with Client(stdio_client(params, errlog=errlog), client_info=CLIENT, read_timeout_seconds=120) as client:
+        yield client
+
+
+def _failed(scenario: Scenario, reason: str) -> ScenarioResult:
+    return ScenarioResult(
+        name=scenario.name,
+        principal=scenario.principal,
+        file=scenario.file,
+        tags=scenario.tags,
+        steps=len(scenario.steps),
+        steps_run=0,
+        passed=False,
+        reason=reason,
+        seconds=0.0,
+        step_results=[],
+    )
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        kept = [line for line in path.read_text(errors="replace").splitlines() if line.strip()][-lines:]
+    except OSError:
+        return ""
+    return " / ".join(kept)
+
+
+async def run_eval(
+    scenarios: list[Scenario],
+    home: Path,
+    work: Path,
+    *,
+    project: Path = REPO,
+    scenarios_dir: Path = SCENARIOS_DIR,
+    on_result: Callable[[ScenarioResult], None] | None = None,
+) -> EvalReport:
+    """Run `scenarios` against the warehouse in `home`, one server per principal, in order.
+
+    Principals take turns in the order they first appear, and only one runs scenarios at a time,
+    so that a scenario's writes never race another's reads. The next principals' servers (up to
+    `PREFETCH`) start and answer a warm-up call (`WARM_UP`: it loads the embedding model) while
+    the current one runs; the warm-up's audit record precedes the scenarios' and is not theirs
+    (the first principal's server, started when nothing else runs, gets none). Each server writes
+    its audit log to `work/audit-<principal>.jsonl` (checked per call and verified at the end) and
+    its stderr to `work/server-<principal>.log`. `on_result` is called as each scenario finishes,
+    in order. A failure never raises: it is in the report.
+    """
+    started = time.perf_counter()
+    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    work.mkdir(parents=True, exist_ok=True)
+    by_principal: dict[str, list[Scenario]] = {}
+    for scenario in scenarios:
+        by_principal.setdefault(scenario.principal, []).append(scenario)
+    principals = list(by_principal)
+    may_start = [anyio.Event() for _ in principals]
+    turn = [anyio.Event() for _ in principals]
+    results: list[ScenarioResult] = []
+    startup: dict[str, float] = {}
+
+    def done(result: ScenarioResult) -> None:
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+
+    async def session(index: int) -> None:
+        principal = principals[index]
+        pending = list(by_principal[principal])
+        log_path = work / f"server-{principal}.log"
+        audit_path = work / f"audit-{principal}.jsonl"
+        await may_start[index].wait()
+        began = time.perf_counter()
+        try:
+            with log_path.open("w", encoding="utf-8") as errlog:
+                async with _serve(principal, home, project, audit_path, errlog) as client:
+                    if index > 0:  # started ahead of its turn: load the model meanwhile
+                        await client.call_tool(*WARM_UP, read_timeout_seconds=STEP_TIMEOUT_S)
+                    startup[principal] = round(time.perf_counter() - began, 3)
+                    await turn[index].wait()
+                    allow_start(index + PREFETCH)
+                    runner = _Session(client, principal, _AuditWatch(audit_path))
+                    while pending:
+                        done(await runner.run(pending.pop(0)))
+        except Exception as exc:
+            await turn[index].wait()
+            reason = f"the server for {principal} failed ({type(exc).__name__}: {_short(str(exc), 200)})"
+            log_tail = _tail(log_path)
+            for scenario in pending:
+                done(_failed(scenario, reason + (f"; its log ends: {_short(log_tail, 300)}" if log_tail else "")))
+        finally:
+            allow_start(index + PREFETCH)
+            if index + 1 < len(principals):
+                turn[index + 1].set()
+
+    def allow_start(index: int) -> None:
+        if index < len(principals):
+            may_start[index].set()
+
+    for index in range(PREFETCH + 1):
+        allow_start(index)
+    if principals:
+        turn[0].set()
+    async with anyio.create_task_group() as group:
+        for index in range(len(principals)):
+            group.start_soon(session, index)
+
+    records, problems = 0, []
+    for principal in principals:
+        audit_path = work / f"audit-{principal}.jsonl"
+        if audit_path.exists():
+            report = verify(audit_path)
+            records += sum(1 for _ in audit_path.open("rb"))
+            problems += [f"{principal}: {problem.message}" for problem in report.problems[:3]]
+    failed = sum(1 for result in results if not result.passed)
+    return EvalReport(
+        generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        home=str(home),
+        scenarios_dir=str(scenarios_dir),
+        seconds=round(time.perf_counter() - started, 3),
+        passed=len(results) - failed,
+        failed=failed,
+        audit_records=records,
+        audit_verified=not problems,
+        audit_problem="; ".join(problems) or None,
+        startup_seconds={principal: startup[principal] for principal in principals if principal in startup},
+        cpus=os.cpu_count(),
+        load_average=load,
+        scenarios=results,
+    )
+
+
+def run(scenarios: list[Scenario], home: Path, work: Path, **kwargs: Any) -> EvalReport:
+    """`run_eval` from synchronous code."""
+
+    async def main() -> EvalReport:
+        return await run_eval(scenarios, home, work, **kwargs)
+
+    return anyio.run(main)
