@@ -43,10 +43,11 @@ def _build_small_demo(home: Path, project: Path, err: Console) -> None:
 
 def _table(report: EvalReport) -> Table:
     table = Table(title=f"agent eval: {report.passed} passed, {report.failed} failed in {report.seconds:.0f}s")
-    table.add_column("scenario", no_wrap=True)
-    for column in ("principal", "steps", "result"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("reason", overflow="fold")
+    table.add_column("scenario", overflow="fold", ratio=3)
+    table.add_column("principal", no_wrap=True, min_width=7)
+    table.add_column("steps", no_wrap=True, min_width=5)
+    table.add_column("result", no_wrap=True, min_width=6)
+    table.add_column("reason", overflow="fold", ratio=4)
     for result in report.scenarios:
         outcome = "[green]pass[/green]" if result.passed else "[red]FAIL[/red]"
         table.add_row(
@@ -76,9 +77,20 @@ def _table(report: EvalReport) -> Table:
     default=None,
     help="Run against this state directory instead of a fresh small demo. The scenarios write to it.",
 )
+@click.option(
+    "--work",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the servers' logs and audit logs go. Default: a temporary directory, removed when all pass.",
+)
 @click.pass_context
 def eval_command(
-    ctx: click.Context, scenarios_dir: Path | None, json_out: Path | None, keyword: str | None, home: Path | None
+    ctx: click.Context,
+    scenarios_dir: Path | None,
+    json_out: Path | None,
+    keyword: str | None,
+    home: Path | None,
+    work: Path | None,
 ) -> None:
     """Run the agent-eval scenarios over stdio, one server per principal; exit 1 on any failure."""
     from evals.agent_eval import RESULTS_PATH, SCENARIOS_DIR, load_scenarios, run_eval, select
@@ -90,7 +102,8 @@ def eval_command(
     scenarios = select(load_scenarios(directory), keyword)
     if not scenarios:
         raise click.UsageError(f"No scenario in {directory} matches -k {keyword!r}.")
-    work = Path(tempfile.mkdtemp(prefix="lakegate-eval-"))
+    temporary = work is None
+    work = Path(tempfile.mkdtemp(prefix="lakegate-eval-")) if work is None else work
     if home is None:
         home = work / "home"
         _build_small_demo(home, project, err)
@@ -116,7 +129,8 @@ def eval_command(
     target.write_text(report.model_dump_json(indent=1) + "\n", encoding="utf-8")
     err.print(f"wrote {target}")
     if report.ok:
-        shutil.rmtree(work, ignore_errors=True)
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
         return
-    err.print(f"server logs and audit logs kept in {work / 'run'}")
+    err.print(f"server logs and audit logs are in {work / 'run'}")
     ctx.exit(1)
