@@ -150,9 +150,13 @@ def create_server(runtime: Runtime, principal_of: PrincipalOf, transport: str) -
 
     def origin_of(ctx: ServerRequestContext[Any, Any]) -> CallOrigin:
         client = ctx.session.client_params.client_info if ctx.session.client_params else None
+        # Over HTTP one server serves many sessions: each is named by its Mcp-Session-Id.
+        request = getattr(ctx, "request", None)
+        headers = getattr(request, "headers", None)
+        http_session = headers.get("mcp-session-id") if headers is not None else None
         return CallOrigin(
             transport=transport,
-            session_id=connection_session,
+            session_id=http_session or connection_session,
             client_name=client.name if client else None,
             client_version=client.version if client else None,
             request_id=str(ctx.request_id) if ctx.request_id is not None else uuid.uuid4().hex,

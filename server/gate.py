@@ -175,7 +175,11 @@ class Gate:
             record = self._record(
                 tool_name, arguments, principal, origin, scope, tool_decision.allowed, len(payload), error, started
             )
-            written = self.audit.append(record)
+            # Off the event loop: an fsync, or a round trip to PostgreSQL in the production profile,
+            # must not stall the other sessions this process serves. Shielded: once the call has
+            # run, a cancel must not separate it from its record.
+            with anyio.CancelScope(shield=True):
+                written = await anyio.to_thread.run_sync(self.audit.append, record)
         except AuditWriteError as exc:
             log.error("audit.write_failed", tool=tool_name, error=repr(exc.__cause__))
             return GateOutcome(None, "", exc, None)

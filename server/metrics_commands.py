@@ -81,10 +81,10 @@ def metrics() -> None:
 
 
 def _live_schemas(settings: Settings, catalog: SemanticCatalog) -> dict[str, dict[str, str] | None]:
-    from catalog.warehouse import Warehouse
     from server.errors import NotFound
+    from server.profile import open_warehouse
 
-    warehouse = Warehouse(settings.state_dir)
+    warehouse = open_warehouse(settings)  # the profile's catalog and storage, as serve reads them
     try:
         if warehouse.is_empty():
             raise click.ClickException(

@@ -211,6 +211,17 @@ def test_hs256_token_calls_a_tool_as_its_subject(served: Served, mode: str) -> N
     assert verify(served.audit_path).ok
 
 
+def test_each_http_session_is_audited_under_its_own_session_id(served: Served) -> None:
+    before = len(served.records())
+    token = served.token("alice", ["analyst"])
+    for _ in range(2):
+        await_(_as(served.url, token, ("list_datasets", {}), ("list_metrics", {})))
+    records = _new_records(served, before)
+    assert len(records) == 4
+    first, second = {r["session_id"] for r in records[:2]}, {r["session_id"] for r in records[2:]}
+    assert len(first) == 1 and len(second) == 1 and first != second, records
+
+
 @pytest.mark.parametrize(("algorithm", "kid"), [("RS256", "rsa-1"), ("ES256", "ec-1")])
 def test_asymmetric_tokens_verify_against_the_jwks_file(served: Served, algorithm: str, kid: str) -> None:
     key = served.rsa_key if algorithm == "RS256" else served.ec_key
