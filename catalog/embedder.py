@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from catalog.embedding_pipeline import EmbeddingPipeline
 from catalog.query_encoder import OnnxQueryEncoder, onnx_available
 from server.errors import ConfigurationError
 
@@ -131,22 +132,21 @@ class Embedder:
         # SentenceTransformer.encode is not documented as thread-safe; serialise calls.
         self._lock = threading.Lock()
         self._query_encoder: OnnxQueryEncoder | None = None
+        self.pipeline = EmbeddingPipeline(
+            model, directory, self.device, batch_size=256 if self.device.startswith("cuda") else 64
+        )
         # ONNX Runtime speeds up single queries on the CPU only; on a GPU torch is already fast.
         self.query_backend = "onnx" if self.device == "cpu" and onnx_available() else "torch"
 
-    def embed(self, texts: Sequence[str], *, batch_size: int = 64) -> npt.NDArray[np.float32]:
-        """Embed `texts`; returns an array of shape (len(texts), DIMENSION), rows of unit length."""
+    def embed(self, texts: Sequence[str], *, batch_size: int | None = None) -> npt.NDArray[np.float32]:
+        """Embed `texts`; returns an array of shape (len(texts), DIMENSION), rows of unit length.
+
+        Runs through `EmbeddingPipeline` (tokenising ahead, length-bucketed batches of `batch_size`,
+        default 256 on CUDA and 64 on the CPU)."""
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         with self._lock:
-            vectors = self._model.encode(
-                list(texts),
-                batch_size=batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-        return np.asarray(vectors, dtype=np.float32)
+            return self.pipeline.embed(texts, batch_size=batch_size)
 
     def embed_query(self, text: str) -> npt.NDArray[np.float32]:
         """Embed one search query: the same vector as `embed([text])[0]` (within 1e-6), faster on a CPU.

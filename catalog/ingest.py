@@ -49,7 +49,8 @@ __all__ = [
 MAX_DOCUMENTS = 50
 MAX_DOCUMENT_CHARS = 200_000
 SUPPORTED_SUFFIXES = (".md", ".txt", ".html", ".htm", ".pdf")
-EMBED_BATCH = 64  # passages embedded between two progress reports
+EMBED_BATCH = 64  # passages embedded between two progress reports on the CPU
+EMBED_BATCH_GPU = 8192  # ... and on a GPU, where smaller slices would starve its pipeline
 #: optimize() prunes versions older than its cutoff (7 days by default); history is kept instead.
 _KEEP_HISTORY = timedelta(days=365 * 1000)
 
@@ -219,10 +220,11 @@ def _passages(documents: Sequence[Document], size: int, overlap: int) -> list[tu
 
 def _embed(embedder: Embedder, texts: list[str], progress: EmbedProgress | None) -> np.ndarray[Any, Any]:
     slices = []
-    for start in range(0, len(texts), EMBED_BATCH):
-        slices.append(embedder.embed(texts[start : start + EMBED_BATCH]))
+    step = EMBED_BATCH if embedder.device == "cpu" else EMBED_BATCH_GPU
+    for start in range(0, len(texts), step):
+        slices.append(embedder.embed(texts[start : start + step]))
         if progress is not None:
-            progress(min(start + EMBED_BATCH, len(texts)), len(texts))
+            progress(min(start + step, len(texts)), len(texts))
     return np.concatenate(slices) if slices else np.zeros((0, embedder.dimension), dtype=np.float32)
 
 

@@ -11,6 +11,7 @@ mean, then L2 norm) is the model's: vectors match the torch path within ~2e-7
 
 from __future__ import annotations
 
+import copy
 import io
 import threading
 import warnings
@@ -80,7 +81,9 @@ class OnnxQueryEncoder:
 def _export(model: Any) -> bytes:
     import torch
 
-    transformer = model[0].auto_model.eval()
+    # Export a copy: tracing the live module leaves state behind in transformers' attention code
+    # that changes what later direct calls of it compute (by ~5e-2 here).
+    transformer = copy.deepcopy(model[0].auto_model).eval()
 
     class _Hidden(torch.nn.Module):
         def __init__(self) -> None:

@@ -3,8 +3,11 @@
     python -m evals.bench_embedding [--passages 2000] [--queries 200] [--device cpu]
                                     [--out evals/results/bench_embedding.json]
 
-- Ingest: the demo's passages (catalog.demo builds them deterministically, ~180 tokens each) embedded
-  with `Embedder.embed` in batches of 64, as `lakegate ingest` does; passages/s over the whole run.
+- Ingest: the demo's passages (catalog.demo builds them deterministically, ~180 tokens each), three
+  ways in interleaved rounds: the model's forward pass alone over pre-tokenised batches already on
+  the device (the ceiling), `Embedder.embed` (lakegate's pipeline, catalog/embedding_pipeline.py)
+  end to end, and a plain `SentenceTransformer.encode`; passages/s and the ratios to the ceiling.
+  On a GPU: `python -m evals.bench_embedding --device cuda --passages 100000`.
 - Query: `--queries` short questions from the labelled retrieval set, each embedded alone, through
   the torch path (`embed([q])`) and the ONNX path (`embed_query(q)`), interleaved so that machine
   noise hits both alike; p50/p99 per path, their ratio, and the largest difference between the two
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,17 +33,45 @@ from evals.bench_retrieval import load_queries
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(passages: int, queries: int, device: str | None) -> dict[str, Any]:
+def _ingest_throughput(embedder: Any, texts: list[str], rounds: int) -> dict[str, Any]:
+    """Passages/s of three ways to embed `texts`, interleaved over `rounds` (median of each):
+    the model's forward pass alone over pre-tokenised batches already on the device (the
+    ceiling), lakegate's pipeline end to end, and a plain `SentenceTransformer.encode`."""
+    pipeline = embedder.pipeline
+    on_device = [pipeline.on_device(batch) for batch in pipeline.batches(texts)]
+    tokens = sum(int(batch.inputs["attention_mask"].sum()) for batch in on_device)
+    pipeline.forward_only(on_device[:2])  # warm-up: kernels, allocator
+    embedder.embed(texts[: pipeline.batch_size])
+    timings: dict[str, list[float]] = {"forward_only": [], "pipeline": [], "encode": []}
+    for _ in range(rounds):
+        started = time.perf_counter()
+        pipeline.forward_only(on_device)
+        timings["forward_only"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        embedder.embed(texts)
+        timings["pipeline"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        embedder._model.encode(texts, batch_size=pipeline.batch_size, normalize_embeddings=True)
+        timings["encode"].append(time.perf_counter() - started)
+    rate = {name: round(len(texts) / statistics.median(seconds), 1) for name, seconds in timings.items()}
+    return {
+        "passages": len(texts),
+        "mean_tokens": round(tokens / len(texts), 1),
+        "batch_size": pipeline.batch_size,
+        "rounds": rounds,
+        "passages_per_s": rate,
+        "pipeline_vs_forward_only": round(rate["pipeline"] / rate["forward_only"], 3),
+        "encode_vs_forward_only": round(rate["encode"] / rate["forward_only"], 3),
+    }
+
+
+def run(passages: int, queries: int, device: str | None, rounds: int = 3) -> dict[str, Any]:
     from catalog.demo import sample_passages
     from catalog.embedder import get_embedder
 
     embedder = get_embedder(device)
     texts = sample_passages(passages)
-    embedder.embed(texts[:64])  # warm-up: first batches allocate
-    started = time.perf_counter()
-    for start in range(0, len(texts), 64):
-        embedder.embed(texts[start : start + 64])
-    ingest_s = time.perf_counter() - started
+    ingest = _ingest_throughput(embedder, texts, rounds)
 
     questions = [q.query for q in load_queries()]
     sample = [questions[i % len(questions)] for i in range(queries)]
@@ -59,11 +91,7 @@ def run(passages: int, queries: int, device: str | None) -> dict[str, Any]:
     return {
         "device": embedder.device,
         "query_backend": embedder.query_backend,
-        "ingest": {
-            "passages": len(texts),
-            "seconds": round(ingest_s, 2),
-            "passages_per_s": round(len(texts) / ingest_s, 1),
-        },
+        "ingest": ingest,
         "query": {
             "queries": len(sample),
             "torch_ms": torch_p,
@@ -79,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passages", type=int, default=2000)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--device", default=None, help="cpu or cuda; default: cuda when present")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the ingest comparison")
     parser.add_argument("--out", type=Path, default=REPO / "evals" / "results" / "bench_embedding.json")
     args = parser.parse_args(argv)
-    result = run(args.passages, args.queries, args.device)
+    result = run(args.passages, args.queries, args.device, args.rounds)
     result["machine"] = {"python": sys.version.split()[0], "platform": platform.platform()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
