@@ -10,30 +10,23 @@ from typing import Any
 
 import anyio
 import click
-from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from server.audit_commands import audit
+from server.cli_context import command_settings as _settings
 from server.errors import LakegateError
 from server.eval_commands import eval_command
 from server.ingest_commands import ingest
 from server.metrics_commands import metrics
 from server.policy_commands import policy
 from server.profile_commands import profile
-from server.settings import CONFIG_FILE, Settings, load_settings
+from server.settings import CONFIG_FILE, Settings
 from server.token_command import token
 
 __all__ = ["main"]
 
 err = Console(stderr=True)
-
-
-def _settings(ctx: click.Context, **overrides: Any) -> Settings:
-    try:
-        return load_settings(ctx.obj["project"], **overrides)
-    except ValidationError as exc:
-        raise click.ClickException(f"invalid settings:\n{exc}") from exc
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -9,22 +9,21 @@ Exit codes: 0 written; 1 refused or failed (nothing of the refused batch was wri
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 import click
-from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from catalog.chunking import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP, chunk_text
 from catalog.document_search import CLASSIFICATIONS
 from catalog.ingest import MAX_DOCUMENT_CHARS, MAX_DOCUMENTS, SUPPORTED_SUFFIXES, parse_file
+from server.cli_context import command_settings as _settings
 from server.errors import LakegateError
-from server.settings import Settings, load_settings
+from server.settings import Settings
 
 __all__ = ["ingest"]
 
@@ -35,14 +34,6 @@ DEFAULT_ROLES = "role:support_agent,role:data_steward,role:admin"
 class _File:
     path: Path
     doc_id: str
-
-
-def _settings(ctx: click.Context, principal: str | None) -> Settings:
-    obj = ctx.obj if isinstance(ctx.obj, Mapping) else {}
-    try:
-        return load_settings(obj.get("project"), principal=principal)
-    except ValidationError as exc:
-        raise click.ClickException(f"invalid settings:\n{exc}") from exc
 
 
 def _files(path: Path) -> list[_File]:
@@ -98,7 +89,7 @@ def ingest(
     the gate: it needs add_documents, write on the dataset and read on the classification.
       lakegate ingest docs/ --principal kate --classification internal
     """
-    settings = _settings(ctx, principal)
+    settings = _settings(ctx, principal=principal)
     if not settings.principal:
         raise click.UsageError("no principal: pass --principal NAME (or set LAKEGATE_PRINCIPAL).")
     allowed_roles = [r.strip() for r in roles.split(",") if r.strip()]

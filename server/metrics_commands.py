@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import anyio
 import click
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -33,8 +31,9 @@ from catalog.metric_validation import (
     parse_lock,
     refresh_lock,
 )
+from server.cli_context import command_settings as _settings
 from server.errors import ConfigurationError, LakegateError
-from server.settings import Settings, load_settings
+from server.settings import Settings
 
 __all__ = ["metrics"]
 
@@ -46,14 +45,6 @@ MAX_PAGES = 100
 def _console() -> Console:
     # Created per command so that it writes to the stdout in effect now (CliRunner swaps it).
     return Console(highlight=False, soft_wrap=False, width=160)
-
-
-def _settings(ctx: click.Context) -> Settings:
-    obj = ctx.obj if isinstance(ctx.obj, Mapping) else {}
-    try:
-        return load_settings(obj.get("project"))
-    except ValidationError as exc:
-        raise click.ClickException(f"invalid settings:\n{exc}") from exc
 
 
 def _load(files: MetricsFiles) -> SemanticCatalog:

@@ -15,13 +15,11 @@ or malformed; 2 usage errors (click).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -31,8 +29,9 @@ from policies.enforcer import MODEL_FILE, POLICY_FILE, PolicyEnforcer, PolicyFil
 from policies.explain import SubjectPolicy
 from policies.intent import IntentCheck, check_intents, load_intents
 from policies.row_filters import ROW_FILTER_FILE
+from server.cli_context import command_settings as _settings
 from server.errors import LakegateError, NotFound
-from server.settings import Settings, load_settings
+from server.settings import Settings
 
 if TYPE_CHECKING:
     from catalog.metric_compiler import CompiledQuery
@@ -48,14 +47,6 @@ _NO_RELOAD_S = 3600.0
 def _console() -> Console:
     # Created per command so that it writes to the stdout in effect now (CliRunner swaps it).
     return Console(highlight=False, soft_wrap=True, width=160)
-
-
-def _settings(ctx: click.Context) -> Settings:
-    obj = ctx.obj if isinstance(ctx.obj, Mapping) else {}
-    try:
-        return load_settings(obj.get("project"))
-    except ValidationError as exc:
-        raise click.ClickException(f"invalid settings:\n{exc}") from exc
 
 
 def _files(project: Path, policy_dir: Path | None) -> PolicyFiles:

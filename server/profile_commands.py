@@ -6,28 +6,18 @@ usage error, as click does).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import NoReturn
 
 import click
-from pydantic import ValidationError
 from rich.console import Console
 
+from server.cli_context import command_settings as _settings
 from server.errors import LakegateError
-from server.settings import Settings, load_settings
 
 __all__ = ["profile"]
 
 EXIT_FAILED = 1
 EXIT_UNUSABLE = 2
-
-
-def _settings(ctx: click.Context) -> Settings:
-    obj = ctx.obj if isinstance(ctx.obj, Mapping) else {}
-    try:
-        return load_settings(obj.get("project"))
-    except ValidationError as exc:
-        raise click.ClickException(f"invalid settings:\n{exc}") from exc
 
 
 def _fail(exc: LakegateError) -> NoReturn:
