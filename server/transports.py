@@ -10,20 +10,30 @@ from mcp.server.stdio import stdio_server
 
 from server.app import Runtime, create_server
 from server.identity import Principal, stdio_principal
+from server.stdio_guard import GuardedStdin, claimed_stdin
 
 __all__ = ["serve_http", "serve_stdio"]
 
 
 async def serve_stdio(runtime: Runtime, principal_name: str | None) -> None:
-    """Serve MCP over stdin/stdout as one configured principal until the client disconnects."""
+    """Serve MCP over stdin/stdout as one configured principal until the client disconnects.
+
+    A line the SDK cannot read as a JSON-RPC message is answered with a JSON-RPC error and audited
+    (server.stdio_guard) instead of being left for the client to time out on.
+    """
 
     def principal_of(ctx: ServerRequestContext[Any, Any]) -> Principal:
         # Resolved per request so that a policy reload that changes roles applies at once.
         return stdio_principal(principal_name, runtime.enforcer)
 
     server = create_server(runtime, principal_of, transport="stdio")
-    async with stdio_server() as (read_stream, write_stream):
-        await server.run(read_stream, write_stream, server.create_initialization_options())
+    # An explicit stdin: the SDK then leaves fd 0 alone (claimed_stdin diverts it instead) and
+    # still claims fd 1 itself, so nothing but its writer reaches the real stdout.
+    with claimed_stdin() as wire:
+        stdin = GuardedStdin(wire, runtime, principal_name)
+        async with stdio_server(stdin=stdin) as (read_stream, write_stream):
+            stdin.reply_through(write_stream)
+            await server.run(read_stream, write_stream, server.create_initialization_options())
 
 
 def serve_http(runtime: Runtime) -> None:
