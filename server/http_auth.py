@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from server.audit import AuditLog
 from server.errors import AuditWriteError, ClientError, ConfigurationError
 from server.identity import ANONYMOUS, ROLE_PREFIX
+from server.refusals import refused_request_record
 from server.settings import Settings
 
 __all__ = [
@@ -434,26 +435,18 @@ def refusal_record(
     """The audit record of a request refused for its token: the gate's record shape, decision
     `deny`, outcome `unauthenticated`, and what the HTTP request said about itself (never the token)."""
     client = scope.get("client")
-    return {
-        "request_id": uuid.uuid4().hex,
-        "session_id": headers.get("mcp-session-id"),
-        "principal": ANONYMOUS,
-        "roles": [],
-        "authenticated_by": "bearer",
-        "transport": "http",
-        "client": {"name": None, "version": None},
-        "tool": None,
-        "arguments": {},
-        "decision": "deny",
-        "rules": [],
-        "policy_version": policy_version,
-        "resources": [],
-        "rows": 0,
-        "bytes": 0,
-        "duration_ms": round(duration_s * 1000, 3),
-        "outcome": error.outcome,
-        "error": error.message,
-        "details": {
+    return refused_request_record(
+        request_id=uuid.uuid4().hex,
+        session_id=headers.get("mcp-session-id"),
+        principal=ANONYMOUS,
+        roles=[],
+        authenticated_by="bearer",
+        transport="http",
+        policy_version=policy_version,
+        duration_s=duration_s,
+        outcome=error.outcome,
+        error=error.message,
+        details={
             "reason": error.reason,
             "http": {
                 "method": scope.get("method"),
@@ -463,4 +456,4 @@ def refusal_record(
                 "origin": headers.get("origin"),
             },
         },
-    }
+    )

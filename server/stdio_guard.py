@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from server.errors import AuditWriteError, ClientError
 from server.identity import Principal, stdio_principal
 from server.redaction import loggable
+from server.refusals import refused_request_record
 
 if TYPE_CHECKING:
     from server.app import Runtime
@@ -253,26 +254,18 @@ def refusal_record(
     envelope = refused.envelope
     method = loggable(envelope.method[:MAX_LOGGED_LINE]) if envelope.method is not None else None
     request_id = envelope.id if envelope.id is None or isinstance(envelope.id, int) else loggable(envelope.id)
-    return {
-        "request_id": str(request_id) if request_id is not None else uuid.uuid4().hex,
-        "session_id": None,
-        "principal": principal.name,
-        "roles": list(principal.roles),
-        "authenticated_by": principal.authenticated_by,
-        "transport": "stdio",
-        "client": {"name": None, "version": None},
-        "tool": None,
-        "arguments": {},
-        "decision": "deny",
-        "rules": [],
-        "policy_version": policy_version,
-        "resources": [],
-        "rows": 0,
-        "bytes": 0,
-        "duration_ms": round(duration_s * 1000, 3),
-        "outcome": refused.error.outcome,
-        "error": str(refused.error),
-        "details": {
+    return refused_request_record(
+        request_id=str(request_id) if request_id is not None else uuid.uuid4().hex,
+        session_id=None,
+        principal=principal.name,
+        roles=principal.roles,
+        authenticated_by=principal.authenticated_by,
+        transport="stdio",
+        policy_version=policy_version,
+        duration_s=duration_s,
+        outcome=refused.error.outcome,
+        error=str(refused.error),
+        details={
             "reason": refused.error.reason,
             "jsonrpc": {
                 "id": request_id,
@@ -282,7 +275,7 @@ def refusal_record(
                 "line_prefix": logged_prefix(refused.line, sensitive) if sensitive is not None else None,
             },
         },
-    }
+    )
 
 
 @contextlib.contextmanager
