@@ -157,7 +157,7 @@ class Gate:
                     record = self._record(
                         tool_name, arguments, principal, origin, scope, tool_decision.allowed, 0, Cancelled(), started
                     )
-                    self.audit.append(record)
+                    await anyio.to_thread.run_sync(self.audit.append, record)
                 except AuditWriteError as exc:
                     log.error("audit.write_failed", tool=tool_name, error=repr(exc.__cause__))
             raise

@@ -233,10 +233,11 @@ def check_line(line: str) -> RefusedLine | None:
 
 def logged_prefix(line: str, sensitive: Iterable[str]) -> str:
     """The start of a refused line as its audit record may hold it: at most `MAX_LOGGED_LINE`
-    characters, cut before the first key named like a sensitive argument."""
+    characters, cut before the tool's arguments (their values may be personal data, which the gate
+    would have logged only as keyed hashes) and before the first key named like a sensitive one."""
     prefix = line[:MAX_LOGGED_LINE]
     lowered = prefix.lower()
-    cuts = [at for name in sensitive if (at := lowered.find(f'"{name.lower()}"')) >= 0]
+    cuts = [at for name in (*sensitive, "arguments") if (at := lowered.find(f'"{name.lower()}"')) >= 0]
     return loggable(prefix[: min(cuts)] if cuts else prefix)
 
 

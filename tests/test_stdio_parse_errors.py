@@ -94,11 +94,14 @@ def test_check_line_passes_what_the_sdk_reads_and_classifies_the_rest() -> None:
     assert response.id == 2 and response.error.code == INVALID_REQUEST and response.error.data == {"reason": "too_deep"}
 
 
-def test_logged_prefix_is_short_and_stops_before_sensitive_keys() -> None:
+def test_logged_prefix_is_short_and_stops_before_arguments_and_sensitive_keys() -> None:
     line = call_line(1, '{"sql":"select 1","Password":"hunter2","x":' + nested(300) + "}")
     prefix = logged_prefix(line, ("password", "token"))
-    assert prefix.endswith('"sql":"select 1",') and "hunter2" not in prefix
-    long = logged_prefix(call_line(1, '{"x":' + nested(300) + "}"), ())
+    assert '"method":"tools/call"' in prefix and "select 1" not in prefix and "hunter2" not in prefix
+    assert logged_prefix('{"jsonrpc":"2.0","id":1,"token":"abc","method":"x"}', ("token",)) == (
+        '{"jsonrpc":"2.0","id":1,'
+    )
+    long = logged_prefix('{"jsonrpc":"2.0","id":1,"method":"x","params":{"x":' + nested(300) + "}}", ())
     assert len(long) == MAX_LOGGED_LINE
     assert logged_prefix('{"a":"\ud800"}', ()) == '{"a":"\\ud800"}'  # a lone surrogate stays visible
 
@@ -212,7 +215,8 @@ def test_unreadable_lines_are_answered_audited_and_the_server_keeps_serving(
     assert refused["tool"] is None and refused["arguments"] == {} and "role:analyst" in refused["roles"]
     jsonrpc = refused["details"]["jsonrpc"]
     assert jsonrpc["id"] == 7 and jsonrpc["method"] == "tools/call" and jsonrpc["depth"] == 303
-    assert len(jsonrpc["line_prefix"]) == MAX_LOGGED_LINE and jsonrpc["line_chars"] > 600
+    assert len(jsonrpc["line_prefix"]) <= MAX_LOGGED_LINE and jsonrpc["line_chars"] > 600
+    assert '"arguments"' not in jsonrpc["line_prefix"]  # argument values never reach the log raw
     assert records[2]["details"] == {
         "reason": "not_json",
         "jsonrpc": {"id": None, "method": None, "depth": 1, "line_chars": 17, "line_prefix": "{this is not json"},
