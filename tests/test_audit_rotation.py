@@ -27,32 +27,9 @@ from server.audit import (
 from server.audit_files import LogNames, load_manifest
 from server.errors import AuditWriteError
 from server.settings import AuditSettings, load_settings
+from tests.test_audit import call  # a record shaped like the ones the gate writes
 
 SMALL = Rotation(max_bytes=2048)  # a record of `call` is ~600 bytes: a file every 4 records
-
-
-def call(i: int, **extra: Any) -> dict[str, Any]:
-    """A record shaped like the ones the gate writes."""
-    return {
-        "request_id": f"req-{i}",
-        "session_id": "s-1",
-        "principal": "alice" if i % 2 else "bob",
-        "roles": ["analyst"],
-        "transport": "stdio",
-        "client": {"name": "test", "version": "1"},
-        "tool": "query",
-        "arguments": {"sql": f"select {i}"},
-        "decision": "allow",
-        "rules": [["analyst", "sales", "read"]],
-        "policy_version": "v1",
-        "resources": [{"type": "dataset", "name": "sales", "version": 3, "access": "read"}],
-        "rows": i,
-        "bytes": 10 * i,
-        "duration_ms": 1.5,
-        "outcome": "ok",
-        "error": None,
-        **extra,
-    }
 
 
 def write(log: AuditLog, n: int, start: int = 1) -> list[dict[str, Any]]:
