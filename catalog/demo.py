@@ -40,6 +40,7 @@ __all__ = [
     "INJECTED_TICKET_BODY",
     "DemoSummary",
     "build_demo",
+    "kb_access_columns",
 ]
 
 DEMO_NAMESPACES = ("sales", "finance", "support", "kb")
@@ -1058,6 +1059,14 @@ def sample_passages(count: int, seed: int = 0) -> list[str]:
     """`count` distinct demo passages (~180 tokens each), as the large demo embeds them: for benchmarks."""
     rng = np.random.default_rng(seed)
     return [passage.text for passage in _passage_pool(rng, _articles(rng), count)]
+
+
+def kb_access_columns(count: int, seed: int = 0) -> tuple[list[str], list[list[str]]]:
+    """`count` classifications and reader lists drawn as kb.articles' passages carry them: for benchmarks."""
+    rng = np.random.default_rng(seed)
+    base = [passage.classification for passage in _articles(rng)]
+    classifications = [base[int(i)] for i in rng.choice(len(base), size=count)]
+    return classifications, [list(_READERS[c]) for c in classifications]
 
 
 def _kb_schema(definitions: CatalogDefinitions, embedder: Embedder) -> pa.Schema:
