@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from catalog.vector_index import VECTOR_SEARCH, has_vector_index
+from catalog.vector_index import has_vector_index, with_search_params
 from catalog.warehouse import translate_errors
 from server.errors import InvalidArgument, NotFound
 
@@ -182,8 +182,7 @@ def _rows(table: LanceTable, label: Literal["vector", "fulltext"], query: Any, p
         vector_builder: Any = table.search(query, vector_column_name=VECTOR_COLUMN)
         builder: Any = vector_builder.distance_type("cosine")
         if has_vector_index(table, VECTOR_COLUMN):
-            # IVF_PQ ranks by compressed vectors: refine_factor re-ranks by the full ones (recall).
-            builder = builder.nprobes(VECTOR_SEARCH.nprobes).refine_factor(VECTOR_SEARCH.refine_factor)
+            builder = with_search_params(builder)
         columns = _COLUMNS
     else:
         builder = table.search(query, query_type="fts", fts_columns=TEXT_COLUMN)

@@ -4,7 +4,8 @@ A document is identified by its doc_id. Ingesting it again replaces it: one lanc
 (doc_id, chunk_index) updates the chunks that still exist, inserts new ones and deletes the surplus
 chunks of the documents in the batch, in a single commit (one Lance version), so a reader never sees
 a document twice or half replaced. The dataset's indexes (full text, vectors) are then brought up
-to date with `optimize`, which keeps every earlier version for time travel.
+to date with `optimize`, which keeps every earlier version for time travel; the ingest that first
+takes a dataset past the index threshold builds its vector index.
 
 Vectors are only ever written with the model the dataset records: mixing models in one dataset
 would make vector search compare incomparable vectors.
@@ -28,6 +29,7 @@ import pyarrow as pa
 
 from catalog.chunking import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP, chunk_text
 from catalog.document_search import CLASSIFICATIONS, VECTOR_COLUMN, recorded_model, sql_string
+from catalog.vector_index import INDEX_MIN_ROWS, build_vector_index, has_vector_index
 from catalog.warehouse import translate_errors
 from server.errors import InvalidArgument
 
@@ -76,6 +78,7 @@ class IngestOutcome:
     chunks: dict[str, int]  # passages written per doc_id, in the order given
     replaced: int  # passages of earlier versions of these documents that were updated or deleted
     seconds: float
+    vector_index_built: bool = False  # this ingest took the dataset past index_min_rows
 
     @property
     def doc_ids(self) -> list[str]:
@@ -267,10 +270,13 @@ def ingest_documents(
     overlap: int = DEFAULT_OVERLAP,
     embedder: Embedder | None = None,
     progress: EmbedProgress | None = None,
+    index_min_rows: int = INDEX_MIN_ROWS,
 ) -> IngestOutcome:
     """Chunk, embed and write `documents` into Lance dataset `name`, replacing earlier versions of them.
 
-    `progress(done, total)` is called after each batch of passages is embedded.
+    `progress(done, total)` is called after each batch of passages is embedded. The first ingest
+    that takes the dataset past `index_min_rows` passages builds its vector index
+    (catalog/vector_index.py); later ones fold new passages into it.
 
     Raises:
         NotFound: no such dataset.
@@ -318,6 +324,9 @@ def ingest_documents(
         # Folds the new passages into the full-text (and any vector) index; the merge above is
         # already searchable without it, only slower.
         table.optimize(cleanup_older_than=_KEEP_HISTORY)
+        built = not has_vector_index(table, VECTOR_COLUMN) and build_vector_index(
+            table, column=VECTOR_COLUMN, min_rows=index_min_rows
+        )
         version = int(table.version)
     chunks: dict[str, int] = {}
     for document, _, _ in rows:
@@ -329,4 +338,5 @@ def ingest_documents(
         chunks=chunks,
         replaced=int(merged.num_updated_rows) + int(merged.num_deleted_rows),
         seconds=time.perf_counter() - started,
+        vector_index_built=built,
     )

@@ -1,10 +1,12 @@
 """An approximate-nearest-neighbour index on a Lance dataset's vectors, and how to search with it.
 
-Below `INDEX_MIN_ROWS` rows an exact (flat) scan is fast enough and always exact, so no index is
-built. Above it, an IVF_PQ index is trained with the parameters measured by
-evals/bench_vector_index.py on 1M MiniLM vectors (see the README, "Retrieval quality and search
-speed"). IVF_PQ alone ranks by compressed vectors and loses recall; `refine_factor` re-ranks
-k * refine_factor candidates by their full vectors, which is what brings recall back.
+Up to `INDEX_MIN_ROWS` rows an exact (flat) scan is fast enough and always exact, so no index is
+built. Past it, an IVF_PQ index with ~sqrt(rows) partitions is trained: evals/bench_vector_index.py
+measured it at 1M distinct passages with the support_agent prefilter, against numpy's exact top 10
+(see the README, "Retrieval quality and search speed"): with `VECTOR_SEARCH`, recall@10 0.99 at
+p99 under 15 ms on 2 CPU cores, where lancedb's exact search takes ~1.7 s and IVF_HNSW_SQ was
+slower at the same recall. IVF_PQ alone ranks by compressed vectors and loses recall;
+`refine_factor` re-ranks k * refine_factor candidates by their full vectors, which brings it back.
 
 Policy prefilters are unaffected: lancedb applies the predicate before the index search, so an
 index changes how fast the top k is found, never which passages may take part in it.
@@ -12,7 +14,8 @@ index changes how fast the top k is found, never which passages may take part in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -26,31 +29,49 @@ __all__ = [
     "VECTOR_SEARCH",
     "build_vector_index",
     "has_vector_index",
+    "index_params",
+    "with_search_params",
 ]
 
-#: Fewer rows than this: no index (a flat scan of 100k x 384 floats takes tens of milliseconds).
-INDEX_MIN_ROWS = 100_000
+#: Up to this many rows: no index. lancedb's exact search with the prefilter costs ~1.8 ms per
+#: 1,000 rows here (273 ms at 150k), so past 20k an index is what keeps p99 under 20 ms.
+INDEX_MIN_ROWS = 20_000
+
+IndexType = Literal["IVF_PQ", "IVF_HNSW_SQ"]
 
 
 @dataclass(frozen=True)
 class IndexParams:
-    index_type: Literal["IVF_PQ", "IVF_HNSW_SQ"] = "IVF_PQ"
-    num_partitions: int = 1024  # ~sqrt(N) at 1M rows
+    index_type: IndexType = "IVF_PQ"
+    num_partitions: int = 1024  # ~sqrt(N) at 1M rows; index_params scales it to the table
     num_sub_vectors: int = 48  # 8 dimensions per sub-vector of MiniLM's 384
     distance_type: Literal["cosine", "l2", "dot"] = "cosine"  # what search_passages ranks by
 
 
 @dataclass(frozen=True)
 class SearchParams:
-    # Measured at 1M rows (support_agent prefilter): nprobes 10-40 gave the same recall; refine 30
-    # beat 10 (0.59 vs 0.47 tie-robust recall@10) because the demo's ~170 identical copies of each
-    # passage fill the k * refine_factor candidates. Below the 0.95 goal: see the README.
-    nprobes: int = 20
-    refine_factor: int = 30
+    nprobes: int = 20  # IVF partitions searched
+    refine_factor: int = 30  # k * refine_factor candidates re-ranked by their full vectors
+    ef: int | None = None  # HNSW candidate list size (IVF_HNSW_* only; lancedb's default when None)
 
 
 VECTOR_INDEX = IndexParams()
 VECTOR_SEARCH = SearchParams()
+
+
+def index_params(rows: int, index_type: IndexType = VECTOR_INDEX.index_type) -> IndexParams:
+    """`VECTOR_INDEX` for a table of `rows` vectors: a power of two near sqrt(rows) IVF partitions
+    (1,024 at 1M), a quarter of that for IVF_HNSW_SQ, whose graph searches within each partition."""
+    partitions = 2 ** round(math.log2(math.sqrt(max(rows, 256))))
+    if index_type == "IVF_HNSW_SQ":
+        partitions = max(4, partitions // 4)
+    return replace(VECTOR_INDEX, index_type=index_type, num_partitions=partitions)
+
+
+def with_search_params(builder: Any, params: SearchParams = VECTOR_SEARCH) -> Any:
+    """`builder` (a lancedb vector query) set to search an index with `params`."""
+    builder = builder.nprobes(params.nprobes).refine_factor(params.refine_factor)
+    return builder if params.ef is None else builder.ef(params.ef)
 
 
 def has_vector_index(table: LanceTable, column: str = "vector") -> bool:
@@ -66,23 +87,34 @@ def build_vector_index(
     table: LanceTable,
     *,
     column: str = "vector",
-    params: IndexParams = VECTOR_INDEX,
+    params: IndexParams | None = None,
     min_rows: int = INDEX_MIN_ROWS,
 ) -> bool:
     """Build (replacing any) the ANN index on `column` when `table` has more than `min_rows` rows.
 
-    Also indexes the prefilter's columns (classification: Bitmap, allowed_roles: LabelList).
+    `params` default to index_params for the table's size. Also indexes the prefilter's columns
+    (classification: Bitmap, allowed_roles: LabelList).
     Returns whether an index was built. New Lance versions are written.
 
     Raises:
         lancedb/lance errors as they come; callers translate them (catalog.warehouse.translate_errors).
     """
-    if table.count_rows() <= min_rows:
+    rows = table.count_rows()
+    if rows <= min_rows:
         return False
-    options: dict[str, Any] = {"metric": params.distance_type, "num_partitions": params.num_partitions}
-    if "PQ" in params.index_type:
-        options["num_sub_vectors"] = params.num_sub_vectors
-    table.create_index(vector_column_name=column, index_type=params.index_type, replace=True, **options)
+    params = params or index_params(rows)
+    from lancedb.index import HnswSq, IvfPq
+
+    config: IvfPq | HnswSq
+    if params.index_type == "IVF_PQ":
+        config = IvfPq(
+            distance_type=params.distance_type,
+            num_partitions=params.num_partitions,
+            num_sub_vectors=params.num_sub_vectors,
+        )
+    else:
+        config = HnswSq(distance_type=params.distance_type, num_partitions=params.num_partitions)
+    table.create_index(column, config=config, replace=True)
     _index_acl_columns(table)
     return True
 

@@ -20,12 +20,12 @@ model's vector and the proxy's, so the approximation is measured, not assumed.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import json
 import re
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,39 +47,54 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _NOT_PROSE = re.compile(r"\s*(>>>|\.\.|[-=~]{3}|:param|Args:|Arguments:|Parameters|Returns|Raises|Examples?:?\s*$)")
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Corpus:
     sentences: list[str]  # distinct
     documents: list[list[int]]  # each document's sentences, as indices into `sentences`
+    held_out: list[str]  # one sentence from each of the next documents, not in `sentences`: queries
 
     def passage_text(self, passage: tuple[int, ...]) -> str:
         return " ".join(self.sentences[i] for i in passage)
 
 
-def build_corpus(max_sentences: int, seed: int = 0, site_packages: Path | None = None) -> Corpus:
-    """Documents and their distinct sentences, from the docstrings under `site_packages`."""
+def build_corpus(max_sentences: int, seed: int = 0, site_packages: Path | None = None, held_out: int = 1000) -> Corpus:
+    """Documents and their distinct sentences, from the docstrings under `site_packages`.
+
+    Documents are taken in a seeded order until `max_sentences`; the first new sentence of each of
+    the following documents, up to `held_out`, becomes a query that no passage contains.
+    """
     texts = list(_docstrings(site_packages or _site_packages()))
-    order = np.random.default_rng(seed).permutation(len(texts))
+    split = [
+        [s for s in _SENTENCE_END.split(texts[int(n)]) if _is_sentence(s)]
+        for n in np.random.default_rng(seed).permutation(len(texts))
+    ]
     index: dict[str, int] = {}
     documents: list[list[int]] = []
-    for position in order:
-        sentences = [s for s in _SENTENCE_END.split(texts[int(position)]) if _is_sentence(s)]
+    taken = 0
+    for sentences in split:
         if len(index) + len(sentences) > max_sentences:
             break
+        taken += 1
         if sentences:
             documents.append(list(dict.fromkeys(index.setdefault(s, len(index)) for s in sentences)))
-    return Corpus(sentences=list(index), documents=documents)
+    queries: dict[str, None] = {}
+    for sentences in split[taken:]:
+        fresh = [s for s in sentences if s not in index]
+        if fresh:
+            queries.setdefault(fresh[0])
+        if len(queries) == held_out:
+            break
+    return Corpus(sentences=list(index), documents=documents, held_out=list(queries))
 
 
 def load_corpus(cache_dir: Path, max_sentences: int, seed: int = 0) -> Corpus:
     """build_corpus, cached in `cache_dir` (parsing every installed package takes a couple of minutes)."""
-    cached = cache_dir / f"corpus-{max_sentences}-{seed}.json"
+    cached = cache_dir / f"corpus-v2-{max_sentences}-{seed}.json"
     if cached.exists():
-        data = json.loads(cached.read_text(encoding="utf-8"))
-        return Corpus(sentences=data["sentences"], documents=data["documents"])
+        return Corpus(**json.loads(cached.read_text(encoding="utf-8")))
     corpus = build_corpus(max_sentences, seed)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps({"sentences": corpus.sentences, "documents": corpus.documents}), encoding="utf-8")
+    cached.write_text(json.dumps(dataclasses.asdict(corpus)), encoding="utf-8")
     return corpus
 
 

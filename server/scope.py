@@ -486,7 +486,13 @@ class CallScope:
             self.report_progress(done, total, f"embedded {done} of {total} passages")
 
         outcome = ingest_documents(
-            self._warehouse, name, documents, chunk_size=chunk_size, overlap=overlap, progress=progress
+            self._warehouse,
+            name,
+            documents,
+            chunk_size=chunk_size,
+            overlap=overlap,
+            progress=progress,
+            index_min_rows=self.settings.writes.vector_index_min_rows,
         )
         self.record("dataset", name, "write", outcome.version)
         self.rows = outcome.rows
@@ -501,4 +507,6 @@ class CallScope:
             chunk_size=chunk_size,
             overlap=overlap,
         )
+        if outcome.vector_index_built:
+            self.details["vector_index_built"] = True
         return outcome

@@ -21,6 +21,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from catalog.vector_index import INDEX_MIN_ROWS
+
 __all__ = [
     "AuditSettings",
     "AuthSettings",
@@ -144,6 +146,12 @@ class WriteSettings(BaseModel):
         default=20,
         ge=1,
         description="How often lakegate retries an Iceberg commit that lost a race with another writer.",
+    )
+    vector_index_min_rows: int = Field(
+        default=INDEX_MIN_ROWS,
+        ge=256,
+        description="add_documents builds a dataset's vector index once it holds more passages than this; "
+        "below it, exact search is fast enough.",
     )
 
 

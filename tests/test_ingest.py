@@ -214,6 +214,38 @@ def test_non_writers_are_denied(rt: Runtime) -> None:
     assert isinstance(too_many.error, InvalidArgument)
 
 
+def test_the_ingest_that_crosses_the_threshold_builds_the_vector_index(tmp_path: Path) -> None:
+    """Past writes.vector_index_min_rows passages the dataset gets its ANN index, once, and stays searchable."""
+    from catalog.vector_index import has_vector_index
+
+    home = build_small_demo(tmp_path / "home")
+    audit = tmp_path / "audit.jsonl"
+    settings = load_settings(
+        REPO, home=home, audit={"path": audit, "fsync": False}, writes={"vector_index_min_rows": 256}, principal=None
+    )
+    runtime = open_runtime(settings)
+    try:
+        words = ["amberline", "basaltic", "cobaltish", "dovetailed", "emberous", "fjordic", "granitoid", "harbourly"]
+        batch = [doc(f"bulk/{w}", sentences(120, w)) for w in words]  # ~30 passages each at 300 characters
+        first = ok(runtime, "kate", "add_documents", documents=batch[:2], chunk_size=300)
+        assert sum(first["chunks"].values()) + 49 <= 256, "the first batch should stay under the threshold"
+        assert not has_vector_index(Warehouse(home).lance_table(DATASET))
+        crossing = ok(runtime, "kate", "add_documents", documents=batch[2:], chunk_size=300)
+        assert has_vector_index(Warehouse(home).lance_table(DATASET))
+        late = doc("bulk/late", "The zephyrine valve is oiled daily.")
+        later = ok(runtime, "kate", "add_documents", documents=[late])
+        records = [r for r in read_records(audit) if r["tool"] == "add_documents"]
+        assert [r["details"].get("vector_index_built", False) for r in records] == [False, True, False]
+        # The indexed passages and the one added after the index are all found by meaning.
+        expected = {"the harbourly procedure": "bulk/harbourly", "oiling the zephyrine valve": "bulk/late"}
+        for query, doc_id in expected.items():
+            found = ok(runtime, "kate", "search_documents", query=query, mode="vector", k=3)
+            assert found["passages"][0]["doc_id"] == doc_id
+        assert later["version"] > crossing["version"]
+    finally:
+        runtime.close()
+
+
 def test_progress_notifications_over_stdio(home: Path, tmp_path: Path) -> None:
     text = "\n\n".join(sentences(6, f"topic{i}") for i in range(30))  # > one embedding batch of passages
     seen: list[tuple[float, float | None, str | None]] = []

@@ -49,25 +49,28 @@ def test_documents_are_prose_docstrings_split_into_sentences(tmp_path: Path) -> 
     assert len(corpus.documents) == 3
 
 
-def test_max_sentences_takes_whole_documents_only(tmp_path: Path) -> None:
+def test_max_sentences_takes_whole_documents_and_holds_out_queries_from_the_rest(tmp_path: Path) -> None:
     corpus = build_corpus(max_sentences=3, site_packages=_site(tmp_path))
     assert 0 < len(corpus.sentences) <= 3
     assert sum(len(d) for d in corpus.documents) == len(corpus.sentences)
+    assert corpus.held_out, "the documents past the cap give queries"
+    assert not set(corpus.held_out) & set(corpus.sentences), "a query sentence is also a passage's"
 
 
 def test_load_corpus_caches_what_build_corpus_returns(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
-    corpus = Corpus(sentences=["One two three four.", "Five six seven eight."], documents=[[0, 1]])
-    (cache / "corpus-2-0.json").write_text(
-        '{"sentences": ["One two three four.", "Five six seven eight."], "documents": [[0, 1]]}', encoding="utf-8"
+    corpus = Corpus(sentences=["One two three four.", "Five six seven eight."], documents=[[0, 1]], held_out=[])
+    (cache / "corpus-v2-2-0.json").write_text(
+        '{"sentences": ["One two three four.", "Five six seven eight."], "documents": [[0, 1]], "held_out": []}',
+        encoding="utf-8",
     )
     assert load_corpus(cache, 2, 0) == corpus
 
 
 def test_passages_are_distinct_and_within_one_document() -> None:
     documents = [list(range(start, start + 8)) for start in range(0, 80, 8)]
-    corpus = Corpus(sentences=[f"Sentence number {i} is here." for i in range(80)], documents=documents)
+    corpus = Corpus(sentences=[f"Sentence number {i} is here." for i in range(80)], documents=documents, held_out=[])
     passages = sample_passages(corpus, 1000, seed=3)
     assert len(set(passages)) == 1000
     assert all(p == tuple(sorted(p)) and 1 <= len(p) <= 6 for p in passages)
@@ -76,7 +79,7 @@ def test_passages_are_distinct_and_within_one_document() -> None:
 
 
 def test_asking_for_more_passages_than_the_corpus_gives_is_refused() -> None:
-    corpus = Corpus(sentences=["A b c d.", "E f g h."], documents=[[0, 1]])
+    corpus = Corpus(sentences=["A b c d.", "E f g h."], documents=[[0, 1]], held_out=[])
     with pytest.raises(ValueError, match="raise max_sentences"):
         sample_passages(corpus, 3)
 
