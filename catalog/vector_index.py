@@ -1,12 +1,13 @@
 """An approximate-nearest-neighbour index on a Lance dataset's vectors, and how to search with it.
 
 Up to `INDEX_MIN_ROWS` rows an exact (flat) scan is fast enough and always exact, so no index is
-built. Past it, an IVF_PQ index with ~sqrt(rows) partitions is trained: evals/bench_vector_index.py
-measured it at 1M distinct passages with the support_agent prefilter, against numpy's exact top 10
-(see the README, "Retrieval quality and search speed"): with `VECTOR_SEARCH`, recall@10 0.99 at
-p99 under 15 ms on 2 CPU cores, where lancedb's exact search takes ~1.7 s and IVF_HNSW_SQ was
-slower at the same recall. IVF_PQ alone ranks by compressed vectors and loses recall;
-`refine_factor` re-ranks k * refine_factor candidates by their full vectors, which brings it back.
+built. Past it, an IVF_RQ index (IVF partitions of RaBitQ 1-bit codes) with ~sqrt(rows) partitions
+is trained. evals/bench_vector_index.py chose it at 1M distinct passages with the support_agent
+prefilter, against numpy's exact top 10 (see the README, "Retrieval quality and search speed"):
+with `VECTOR_SEARCH` it is the only index type measured that reaches recall@10 >= 0.95 at p99 under
+20 ms on 2 CPU cores for queries unlike any passage; IVF_PQ and IVF_HNSW_SQ need more probes, and
+with them more time, for the same recall. The codes rank candidates approximately;
+`refine_factor` re-ranks k * refine_factor of them by their full vectors.
 
 Policy prefilters are unaffected: lancedb applies the predicate before the index search, so an
 index changes how fast the top k is found, never which passages may take part in it.
@@ -33,25 +34,25 @@ __all__ = [
     "with_search_params",
 ]
 
-#: Up to this many rows: no index. lancedb's exact search with the prefilter costs ~1.8 ms per
-#: 1,000 rows here (273 ms at 150k), so past 20k an index is what keeps p99 under 20 ms.
+#: Up to this many rows: no index. lancedb's exact search under the prefilter took 606 ms (p50) at
+#: 1M rows here, ~0.6 ms per 1,000 rows, so past ~20k rows an index is what keeps p99 under 20 ms.
 INDEX_MIN_ROWS = 20_000
 
-IndexType = Literal["IVF_PQ", "IVF_HNSW_SQ"]
+IndexType = Literal["IVF_RQ", "IVF_PQ", "IVF_HNSW_SQ"]
 
 
 @dataclass(frozen=True)
 class IndexParams:
-    index_type: IndexType = "IVF_PQ"
+    index_type: IndexType = "IVF_RQ"
     num_partitions: int = 1024  # ~sqrt(N) at 1M rows; index_params scales it to the table
-    num_sub_vectors: int = 48  # 8 dimensions per sub-vector of MiniLM's 384
+    num_sub_vectors: int = 48  # IVF_PQ only: 8 dimensions per sub-vector of MiniLM's 384
     distance_type: Literal["cosine", "l2", "dot"] = "cosine"  # what search_passages ranks by
 
 
 @dataclass(frozen=True)
 class SearchParams:
-    nprobes: int = 20  # IVF partitions searched
-    refine_factor: int = 30  # k * refine_factor candidates re-ranked by their full vectors
+    nprobes: int = 80  # IVF partitions searched (of 1,024 at 1M rows)
+    refine_factor: int = 10  # k * refine_factor candidates re-ranked by their full vectors
     ef: int | None = None  # HNSW candidate list size (IVF_HNSW_* only; lancedb's default when None)
 
 
@@ -103,10 +104,12 @@ def build_vector_index(
     if rows <= min_rows:
         return False
     params = params or index_params(rows)
-    from lancedb.index import HnswSq, IvfPq
+    from lancedb.index import HnswSq, IvfPq, IvfRq
 
-    config: IvfPq | HnswSq
-    if params.index_type == "IVF_PQ":
+    config: IvfRq | IvfPq | HnswSq
+    if params.index_type == "IVF_RQ":
+        config = IvfRq(distance_type=params.distance_type, num_partitions=params.num_partitions)
+    elif params.index_type == "IVF_PQ":
         config = IvfPq(
             distance_type=params.distance_type,
             num_partitions=params.num_partitions,
