@@ -317,7 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--sentences", type=int, default=80_000, help="distinct sentences embedded for the corpus")
-    parser.add_argument("--index-types", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
+    parser.add_argument(
+        "--index-types", nargs="*", choices=sorted(SETTINGS), default=list(SETTINGS), help="none: exact search only"
+    )
     parser.add_argument("--queries", type=int, default=200, help="queries of each set (see above)")
     parser.add_argument("--calls", type=int, default=400, help="timed searches per setting")
     parser.add_argument("--who", default="support_agent")
