@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import structlog
 
 from catalog.chunking import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP, chunk_text
 from catalog.document_search import CLASSIFICATIONS, VECTOR_COLUMN, recorded_model, sql_string
-from catalog.vector_index import INDEX_MIN_ROWS, build_vector_index, has_vector_index
+from catalog.vector_index import INDEX_MIN_ROWS, ensure_vector_index
 from catalog.warehouse import translate_errors
 from server.errors import InvalidArgument
 
@@ -47,6 +48,8 @@ __all__ = [
     "ingest_documents",
     "parse_file",
 ]
+
+_log = structlog.get_logger(__name__)
 
 MAX_DOCUMENTS = 50
 MAX_DOCUMENT_CHARS = 200_000
@@ -78,7 +81,8 @@ class IngestOutcome:
     chunks: dict[str, int]  # passages written per doc_id, in the order given
     replaced: int  # passages of earlier versions of these documents that were updated or deleted
     seconds: float
-    vector_index_built: bool = False  # this ingest took the dataset past index_min_rows
+    vector_index_built: bool = False  # this ingest built or rebuilt the vector index (ensure_vector_index)
+    vector_index_error: str | None = None  # building it failed; the passages are written all the same
 
     @property
     def doc_ids(self) -> list[str]:
@@ -274,9 +278,11 @@ def ingest_documents(
 ) -> IngestOutcome:
     """Chunk, embed and write `documents` into Lance dataset `name`, replacing earlier versions of them.
 
-    `progress(done, total)` is called after each batch of passages is embedded. The first ingest
-    that takes the dataset past `index_min_rows` passages builds its vector index
-    (catalog/vector_index.py); later ones fold new passages into it.
+    `progress(done, total)` is called after each batch of passages is embedded. An ingest that
+    leaves the dataset past `index_min_rows` passages without a vector index builds one, and one
+    that grows it ~4x past the index's size rebuilds it (catalog/vector_index.ensure_vector_index);
+    others fold the new passages into it. A failed build is reported, not raised: the passages are
+    written by then.
 
     Raises:
         NotFound: no such dataset.
@@ -307,6 +313,7 @@ def ingest_documents(
     with translate_errors(f"read the schema of {name}", name):
         schema = table.schema
         before = int(table.version)
+        rows_before = table.count_rows()
     _check_model(schema.metadata, embedder, name)
     rows = _passages(documents, chunk_size, overlap)
     vectors = _embed(embedder, [text for _, _, text in rows], progress)
@@ -324,9 +331,13 @@ def ingest_documents(
         # Folds the new passages into the full-text (and any vector) index; the merge above is
         # already searchable without it, only slower.
         table.optimize(cleanup_older_than=_KEEP_HISTORY)
-        built = not has_vector_index(table, VECTOR_COLUMN) and build_vector_index(
-            table, column=VECTOR_COLUMN, min_rows=index_min_rows
-        )
+    built, index_error = False, None
+    try:
+        built = ensure_vector_index(table, rows_before=rows_before, column=VECTOR_COLUMN, min_rows=index_min_rows)
+    except Exception as exc:  # the passages are written and searchable (exactly): report, do not fail
+        index_error = f"{type(exc).__name__}: {exc}"
+        _log.warning("ingest.vector_index_failed", dataset=name, error=index_error)
+    with translate_errors(f"read the version of {name}", name):
         version = int(table.version)
     chunks: dict[str, int] = {}
     for document, _, _ in rows:
@@ -339,4 +350,5 @@ def ingest_documents(
         replaced=int(merged.num_updated_rows) + int(merged.num_deleted_rows),
         seconds=time.perf_counter() - started,
         vector_index_built=built,
+        vector_index_error=index_error,
     )

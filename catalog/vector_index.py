@@ -29,6 +29,7 @@ __all__ = [
     "VECTOR_INDEX",
     "VECTOR_SEARCH",
     "build_vector_index",
+    "ensure_vector_index",
     "has_vector_index",
     "index_params",
     "with_search_params",
@@ -70,8 +71,12 @@ def index_params(rows: int, index_type: IndexType = VECTOR_INDEX.index_type) -> 
 
 
 def with_search_params(builder: Any, params: SearchParams = VECTOR_SEARCH) -> Any:
-    """`builder` (a lancedb vector query) set to search an index with `params`."""
-    builder = builder.nprobes(params.nprobes).refine_factor(params.refine_factor)
+    """`builder` (a lancedb vector query) set to search an index with `params`.
+
+    `nprobes` is a minimum: when a narrow prefilter leaves fewer than k matches in those partitions,
+    lancedb probes more (no maximum), so the caller still gets k passages whenever k may be read.
+    """
+    builder = builder.minimum_nprobes(params.nprobes).maximum_nprobes(0).refine_factor(params.refine_factor)
     return builder if params.ef is None else builder.ef(params.ef)
 
 
@@ -82,6 +87,20 @@ def has_vector_index(table: LanceTable, column: str = "vector") -> bool:
         for index in table.list_indices()
         if column in index.columns
     )
+
+
+def ensure_vector_index(table: LanceTable, *, rows_before: int, column: str = "vector", min_rows: int) -> bool:
+    """After a write that took `table` from `rows_before` rows to its current size: build its ANN
+    index when it has none and is past `min_rows`, or rebuild it when index_params would now give
+    another partition count (about every 4x growth; lancedb's optimize only adds rows to the
+    existing partitions, which then grow and slow every probe). Returns whether it (re)built.
+    """
+    rows = table.count_rows()
+    if not has_vector_index(table, column):
+        return build_vector_index(table, column=column, min_rows=min_rows)
+    if index_params(rows).num_partitions == index_params(rows_before).num_partitions:
+        return False
+    return build_vector_index(table, column=column, min_rows=min_rows)
 
 
 def build_vector_index(

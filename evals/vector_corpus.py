@@ -1,4 +1,4 @@
-"""A corpus of 1M distinct passage vectors for evals/bench_vector_index.py, built on a CPU in minutes.
+"""A corpus of 1M distinct passage vectors for evals/bench_vector_index.py, built on a CPU (~20 min once).
 
 The demo's support articles give only ~75k distinct passages (6k chunks, each in a dozen phrasings):
 too few and too alike to measure an index at 1M rows (the large demo repeats each ~170 times, which
@@ -87,12 +87,12 @@ def build_corpus(max_sentences: int, seed: int = 0, site_packages: Path | None =
     return Corpus(sentences=list(index), documents=documents, held_out=list(queries))
 
 
-def load_corpus(cache_dir: Path, max_sentences: int, seed: int = 0) -> Corpus:
+def load_corpus(cache_dir: Path, max_sentences: int, seed: int = 0, site_packages: Path | None = None) -> Corpus:
     """build_corpus, cached in `cache_dir` (parsing every installed package takes a couple of minutes)."""
     cached = cache_dir / f"corpus-v2-{max_sentences}-{seed}.json"
     if cached.exists():
         return Corpus(**json.loads(cached.read_text(encoding="utf-8")))
-    corpus = build_corpus(max_sentences, seed)
+    corpus = build_corpus(max_sentences, seed, site_packages)
     cache_dir.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(dataclasses.asdict(corpus)), encoding="utf-8")
     return corpus

@@ -509,4 +509,6 @@ class CallScope:
         )
         if outcome.vector_index_built:
             self.details["vector_index_built"] = True
+        if outcome.vector_index_error:
+            self.details["vector_index_error"] = outcome.vector_index_error
         return outcome

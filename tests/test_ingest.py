@@ -215,7 +215,7 @@ def test_non_writers_are_denied(rt: Runtime) -> None:
 
 
 def test_the_ingest_that_crosses_the_threshold_builds_the_vector_index(tmp_path: Path) -> None:
-    """Past writes.vector_index_min_rows passages the dataset gets its ANN index, once, and stays searchable."""
+    """Past writes.vector_index_min_rows passages the dataset gets its ANN index, rebuilt as it grows."""
     from catalog.vector_index import has_vector_index
 
     home = build_small_demo(tmp_path / "home")
@@ -234,8 +234,12 @@ def test_the_ingest_that_crosses_the_threshold_builds_the_vector_index(tmp_path:
         assert has_vector_index(Warehouse(home).lance_table(DATASET))
         late = doc("bulk/late", "The zephyrine valve is oiled daily.")
         later = ok(runtime, "kate", "add_documents", documents=[late])
+        # Growing ~4x past the index (289 -> 530 passages: 16 -> 32 partitions) rebuilds it.
+        more = [doc(f"bulk/more-{w}", sentences(120, f"{w}ish")) for w in words]
+        ok(runtime, "kate", "add_documents", documents=more, chunk_size=300)
         records = [r for r in read_records(audit) if r["tool"] == "add_documents"]
-        assert [r["details"].get("vector_index_built", False) for r in records] == [False, True, False]
+        assert [r["details"].get("vector_index_built", False) for r in records] == [False, True, False, True]
+        assert not any("vector_index_error" in r["details"] for r in records)
         # The indexed passages and the one added after the index are all found by meaning.
         expected = {"the harbourly procedure": "bulk/harbourly", "oiling the zephyrine valve": "bulk/late"}
         for query, doc_id in expected.items():

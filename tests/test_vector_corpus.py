@@ -58,14 +58,11 @@ def test_max_sentences_takes_whole_documents_and_holds_out_queries_from_the_rest
 
 
 def test_load_corpus_caches_what_build_corpus_returns(tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    corpus = Corpus(sentences=["One two three four.", "Five six seven eight."], documents=[[0, 1]], held_out=[])
-    (cache / "corpus-v2-2-0.json").write_text(
-        '{"sentences": ["One two three four.", "Five six seven eight."], "documents": [[0, 1]], "held_out": []}',
-        encoding="utf-8",
-    )
-    assert load_corpus(cache, 2, 0) == corpus
+    site = _site(tmp_path)
+    built = load_corpus(tmp_path / "cache", 100, 0, site_packages=site)
+    assert built == build_corpus(100, 0, site_packages=site)
+    (site / "pkg" / "shipping.py").unlink()  # a second load must come from the cache, not the packages
+    assert load_corpus(tmp_path / "cache", 100, 0, site_packages=site) == built
 
 
 def test_passages_are_distinct_and_within_one_document() -> None:
