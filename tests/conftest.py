@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 import structlog
 
@@ -13,6 +15,8 @@ from catalog.definitions import load_definitions
 from catalog.demo import build_demo
 from catalog.warehouse import Warehouse
 from server.app import Runtime, open_runtime
+from server.gate import GateOutcome
+from server.identity import CallOrigin, stdio_principal
 from server.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +32,25 @@ def build_small_demo(home: Path) -> Path:
     finally:
         warehouse.close()
     return home
+
+
+def gate_call(
+    runtime: Runtime, principal: str, tool: str, arguments: dict[str, Any], *, session_id: str = "t"
+) -> GateOutcome:
+    """One tool call through the gate, in process, as `principal` would make it over stdio."""
+    who = stdio_principal(principal, runtime.enforcer)
+    origin = CallOrigin(transport="in-process", session_id=session_id)
+    return anyio.run(runtime.gate.call, tool, arguments, who, origin)
+
+
+def gate_ok(
+    runtime: Runtime, principal: str, tool: str, arguments: dict[str, Any], *, session_id: str = "t"
+) -> dict[str, Any]:
+    """gate_call that must succeed; its structured result."""
+    outcome = gate_call(runtime, principal, tool, arguments, session_id=session_id)
+    assert outcome.error is None, str(outcome.error)
+    assert outcome.result is not None
+    return outcome.result.model_dump()
 
 
 @pytest.fixture(scope="session")

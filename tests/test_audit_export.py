@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner, Result
@@ -33,9 +32,8 @@ from server.audit_export import (
 )
 from server.cli import cli
 from server.errors import BackendError, NotFound, PolicyDenied
-from server.gate import GateOutcome
-from server.identity import CallOrigin, stdio_principal
 from server.settings import load_settings
+from tests.conftest import gate_call
 
 REPO = Path(__file__).resolve().parents[1]
 ORDERS = "sales.orders"
@@ -80,9 +78,7 @@ def runtime(home: Path, log_path: Path) -> Iterator[Runtime]:
     opened.close()
 
 
-def call(runtime: Runtime, principal: str, tool: str, arguments: dict[str, Any]) -> GateOutcome:
-    who = stdio_principal(principal, runtime.enforcer)
-    return anyio.run(runtime.gate.call, tool, arguments, who, CallOrigin(transport="in-process", session_id="t"))
+call = gate_call
 
 
 def make_calls(runtime: Runtime, times: int = 1) -> None:

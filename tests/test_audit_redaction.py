@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pyarrow as pa
 import pytest
 from pyiceberg.schema import Schema
@@ -24,10 +23,9 @@ from policies.redaction import RedactionRules, load_redaction
 from server.app import Runtime, open_runtime
 from server.audit import read_records, verify
 from server.errors import AuditWriteError
-from server.gate import GateOutcome
-from server.identity import CallOrigin, stdio_principal
 from server.redaction import REDACTED, AuditKey, audit_arguments, redact_arguments
 from server.settings import load_settings
+from tests.conftest import gate_call
 
 REPO = Path(__file__).resolve().parents[1]
 CUSTOMERS = "sales.customers"
@@ -72,9 +70,7 @@ def opened(home: Path, audit: Path, project: Path = REPO, **audit_settings: Any)
         runtime.close()
 
 
-def call(runtime: Runtime, principal: str, tool: str, arguments: dict[str, Any]) -> GateOutcome:
-    who = stdio_principal(principal, runtime.enforcer)
-    return anyio.run(runtime.gate.call, tool, arguments, who, CallOrigin(transport="in-process", session_id="t"))
+call = gate_call
 
 
 def customer(customer_id: int, email: str) -> dict[str, Any]:

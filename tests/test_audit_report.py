@@ -22,7 +22,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
@@ -37,9 +36,8 @@ from server.audit_commands import audit
 from server.audit_report import AuditReport, build_report, render_html
 from server.audit_review import Filters, select
 from server.gate import GateOutcome
-from server.identity import CallOrigin, stdio_principal
 from server.settings import load_settings
-from tests.conftest import REPO
+from tests.conftest import REPO, gate_call
 
 INJECTED = "<script>alert(1)</script>"
 HTML_TOOL = "<img src=x onerror=alert(2)>"
@@ -69,9 +67,7 @@ def _notes_schema() -> Schema:
 
 
 def _call(runtime: Runtime, principal: str, tool: str, arguments: dict[str, Any]) -> GateOutcome:
-    who = stdio_principal(principal, runtime.enforcer)
-    origin = CallOrigin(transport="in-process", session_id="report-test")
-    return anyio.run(runtime.gate.call, tool, arguments, who, origin)
+    return gate_call(runtime, principal, tool, arguments, session_id="report-test")
 
 
 @pytest.fixture(scope="module")

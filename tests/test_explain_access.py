@@ -16,8 +16,8 @@ from server.app import Runtime, open_runtime
 from server.audit import read_records
 from server.errors import ClientError, InvalidArgument, NotFound, PolicyDenied
 from server.gate import GateOutcome
-from server.identity import CallOrigin, stdio_principal
 from server.settings import load_settings
+from tests.conftest import gate_call
 
 REPO = Path(__file__).resolve().parents[1]
 PII_DENY = "role:analyst, tag:pii, read, deny"
@@ -34,8 +34,7 @@ def rt(demo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ru
 
 
 def call(runtime: Runtime, who: str, tool: str = "explain_access", **arguments: Any) -> GateOutcome:
-    principal = stdio_principal(who, runtime.enforcer)
-    return anyio.run(runtime.gate.call, tool, arguments, principal, CallOrigin(transport="in-process", session_id="t"))
+    return gate_call(runtime, who, tool, arguments)
 
 
 def explained(runtime: Runtime, who: str, **arguments: Any) -> dict[str, Any]:

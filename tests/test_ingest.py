@@ -25,9 +25,9 @@ from server.audit import read_records
 from server.cli import cli
 from server.errors import InvalidArgument, NotFound, PolicyDenied
 from server.gate import GateOutcome
-from server.identity import CallOrigin, stdio_principal
+from server.identity import stdio_principal
 from server.settings import load_settings
-from tests.conftest import build_small_demo
+from tests.conftest import build_small_demo, gate_call, gate_ok
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "kb.articles"
@@ -53,15 +53,11 @@ def rt(home: Path, audit: Path) -> Iterator[Runtime]:
 
 
 def call(runtime: Runtime, who: str, tool: str, **arguments: Any) -> GateOutcome:
-    principal = stdio_principal(who, runtime.enforcer)
-    return anyio.run(runtime.gate.call, tool, arguments, principal, CallOrigin(transport="in-process", session_id="t"))
+    return gate_call(runtime, who, tool, arguments, session_id="t")
 
 
 def ok(runtime: Runtime, who: str, tool: str, **arguments: Any) -> dict[str, Any]:
-    outcome = call(runtime, who, tool, **arguments)
-    assert outcome.error is None, str(outcome.error)
-    assert outcome.result is not None
-    return outcome.result.model_dump()
+    return gate_ok(runtime, who, tool, arguments, session_id="t")
 
 
 def doc(doc_id: str, text: str, classification: str = "internal", **extra: Any) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, LiteralString
 from urllib.parse import urlsplit, urlunsplit
 
-import anyio
 import psycopg
 import pytest
 from click.testing import CliRunner
@@ -32,9 +31,9 @@ from server.audit_pg import MirroredAuditLog, PostgresAuditChain, create_audit_s
 from server.cli import cli
 from server.errors import AuditWriteError, PolicyDenied
 from server.gate import GateOutcome
-from server.identity import CallOrigin, stdio_principal
 from server.profile import sync_policies
 from server.settings import Settings, load_settings
+from tests.conftest import gate_call
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -143,9 +142,7 @@ def open_replica(pg_url: str, pg_home: Path, tmp_path: Path) -> Iterator[Callabl
 
 
 def call(runtime: Runtime, principal: str, tool: str, **arguments: Any) -> GateOutcome:
-    who = stdio_principal(principal, runtime.enforcer)
-    origin = CallOrigin(transport="in-process", session_id="t")
-    return anyio.run(runtime.gate.call, tool, arguments, who, origin)
+    return gate_call(runtime, principal, tool, arguments)
 
 
 def rules_of(runtime: Runtime) -> PostgresRules:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import anyio
 import duckdb
 import pyarrow as pa
 import pytest
@@ -36,9 +35,9 @@ from server.app import Runtime, open_runtime
 from server.errors import InvalidQuery, NotFound
 from server.gate import GateOutcome
 from server.governed_query import scan_source
-from server.identity import CallOrigin, stdio_principal
 from server.profile import open_warehouse, sync_policies
 from server.settings import Settings, load_settings
+from tests.conftest import gate_call, gate_ok
 
 REPO = Path(__file__).resolve().parents[1]
 ACCESS_KEY, SECRET_KEY = "lakegate-test", "lakegate-test-secret"
@@ -216,15 +215,11 @@ def local_runtime(demo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def call(runtime: Runtime, who: str, tool: str, **arguments: Any) -> GateOutcome:
-    principal = stdio_principal(who, runtime.enforcer)
-    return anyio.run(runtime.gate.call, tool, arguments, principal, CallOrigin(transport="in-process", session_id="s3"))
+    return gate_call(runtime, who, tool, arguments, session_id="s3")
 
 
 def ok(runtime: Runtime, who: str, tool: str, **arguments: Any) -> dict[str, Any]:
-    outcome = call(runtime, who, tool, **arguments)
-    assert outcome.error is None, str(outcome.error)
-    assert outcome.result is not None
-    return outcome.result.model_dump()
+    return gate_ok(runtime, who, tool, arguments, session_id="s3")
 
 
 def s3_keys(store: ObjectStore, location: str) -> list[str]:
