@@ -95,10 +95,9 @@ def ensure_vector_index(table: LanceTable, *, rows_before: int, column: str = "v
     another partition count (about every 4x growth; lancedb's optimize only adds rows to the
     existing partitions, which then grow and slow every probe). Returns whether it (re)built.
     """
-    rows = table.count_rows()
     if not has_vector_index(table, column):
         return build_vector_index(table, column=column, min_rows=min_rows)
-    if index_params(rows).num_partitions == index_params(rows_before).num_partitions:
+    if index_params(table.count_rows()).num_partitions == index_params(rows_before).num_partitions:
         return False
     return build_vector_index(table, column=column, min_rows=min_rows)
 

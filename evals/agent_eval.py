@@ -27,11 +27,11 @@ from typing import Any, TextIO
 import anyio
 from mcp import Client
 from mcp.client.stdio import stdio_client
-from mcp.types import CallToolResult, Implementation
+from mcp.types import Implementation
 from pydantic import BaseModel, ConfigDict, Field
 
 from evals.agent_scenarios import SCENARIOS_DIR, Expect, Scenario, Step, load_scenarios, select, substitute
-from evals.mcp_client import REPO, server_params
+from evals.mcp_client import REPO, server_params, text_of
 from evals.scenario_checks import (
     all_strings,
     check_planted,
@@ -140,10 +140,6 @@ class _AuditWatch:
 # --- running ----------------------------------------------------------------------------------------
 
 
-def _text_of(result: CallToolResult) -> str:
-    return "\n".join(getattr(block, "text", "") for block in result.content)
-
-
 def _short(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -217,7 +213,7 @@ class _Session:
         problem = self._audited(tool)
         if problem is not None:
             return problem
-        text = _text_of(result)
+        text = text_of(result)
         structured = result.structured_content
         if expect.error is not None:
             if not result.is_error:
@@ -416,7 +412,7 @@ async def run_eval(
         audit_path = work / f"audit-{principal}.jsonl"
         if audit_path.exists():
             report = verify(audit_path)
-            records += sum(1 for _ in audit_path.open("rb"))
+            records += report.records
             problems += [f"{principal}: {problem.message}" for problem in report.problems[:3]]
     failed = sum(1 for result in results if not result.passed)
     return EvalReport(

@@ -87,6 +87,7 @@ __all__ = [
     "read_all_records",
     "read_records",
     "record_hash",
+    "utc_now",
     "verify",
 ]
 
@@ -109,7 +110,8 @@ class Rotation:
     keep_files: int | None = None  # rotated files kept; older ones are deleted and marked pruned
 
 
-def _utc_now() -> str:
+def utc_now() -> str:
+    """Now, as the log writes times: ISO 8601 in UTC, to the microsecond."""
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
@@ -403,7 +405,7 @@ class AuditLog:
             last_hash=state.last_hash,
             records=state.last_seq - first_seq + 1,
             bytes=state.size,
-            rotated_at=_utc_now(),
+            rotated_at=utc_now(),
         )
         fresh = self._names.temporary(self.path.name)
         new_fd = os.open(fresh, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
@@ -470,7 +472,7 @@ class AuditLog:
         live = [entry for entry in manifest.files if not entry.pruned]
         doomed = {entry.name for entry in live[: max(0, len(live) - keep)]}
         if doomed:
-            now = _utc_now()
+            now = utc_now()
             files = tuple(
                 entry.model_copy(update={"pruned_at": now}) if entry.name in doomed else entry
                 for entry in manifest.files
@@ -498,7 +500,7 @@ class AuditLog:
 
 
 def _add_time(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
-    event.setdefault("time", _utc_now())
+    event.setdefault("time", utc_now())
     return event
 
 

@@ -26,6 +26,7 @@ a table anyway; DuckDB still skips row groups by their ``time`` and ``seq`` stat
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 import uuid
@@ -116,16 +117,7 @@ class ExportResult:
 
     def as_dict(self) -> dict[str, Any]:
         """The result as JSON-ready values."""
-        return {
-            "table": self.table,
-            "exported": self.exported,
-            "first_seq": self.first_seq,
-            "last_seq": self.last_seq,
-            "snapshot_id": self.snapshot_id,
-            "previous_snapshot_id": self.previous_snapshot_id,
-            "table_records": self.table_records,
-            "created": self.created,
-        }
+        return dataclasses.asdict(self)
 
 
 def audit_schema(definitions: CatalogDefinitions | None = None, table: str = AUDIT_TABLE) -> Schema:
@@ -177,11 +169,6 @@ def audit_schema(definitions: CatalogDefinitions | None = None, table: str = AUD
 
 
 # --- reading the log ----------------------------------------------------------------------------
-
-
-def _log_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Every record of the log headed by `path`, across its rotated files, oldest first."""
-    return read_all_records(path)
 
 
 def _refusal_for(path: Path, report: VerifyReport) -> AuditExportRefused:
@@ -344,7 +331,7 @@ def _new_records(path: Path, after: tuple[int, str], until: tuple[int, str]) -> 
     end_seq, end_hash = until
     previous: str | None = last_hash
     anchored = False
-    for record in _log_records(path):
+    for record in read_all_records(path):
         seq = record.get("seq")
         if not isinstance(seq, int) or seq < last_seq:
             continue

@@ -39,12 +39,11 @@ import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 
-from server.audit import GENESIS_HASH, AuditLog, Problem, VerifyReport, canonical_json, record_hash
+from server.audit import GENESIS_HASH, AuditLog, Problem, VerifyReport, canonical_json, record_hash, utc_now
 from server.errors import AuditWriteError
 
 __all__ = ["MirroredAuditLog", "PostgresAuditChain", "create_audit_schema", "verify_chain"]
@@ -79,10 +78,6 @@ def create_audit_schema(conn: psycopg.Connection[Any]) -> None:
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
         conn.execute(_SCHEMA)
-
-
-def _utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def _plain(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -140,7 +135,7 @@ class PostgresAuditChain:
                 the schema is missing, a value is not JSON), or the block raised it.
         """
         body = _plain(record)
-        body.setdefault("time", _utc_now())
+        body.setdefault("time", utc_now())
         body["replica"] = self.replica
         with self._lock:
             try:
@@ -212,7 +207,7 @@ class MirroredAuditLog(AuditLog):
         if chain is None:
             raise AuditWriteError("the audit log has no PostgreSQL chain to mirror into")
         body = _plain(record)
-        body.setdefault("time", _utc_now())
+        body.setdefault("time", utc_now())
         body["replica"] = chain.replica
         with chain.appending(body) as stored:
             return super().append({**body, "global_seq": stored["seq"]})

@@ -607,5 +607,4 @@ def render_html(report: AuditReport) -> str:
         csp=csp,
         plotly_js=Markup(plotly_js),
         app_js=Markup(app_js),
-        max_raw_rows=len(report.raw),
     )

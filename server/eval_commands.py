@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from server.settings import load_settings
+from server.cli_context import command_settings
 
 if TYPE_CHECKING:
     from evals.agent_eval import EvalReport, ScenarioResult
@@ -96,8 +95,7 @@ def eval_command(
     from evals.agent_eval import RESULTS_PATH, SCENARIOS_DIR, load_scenarios, run_eval, select
 
     out, err = Console(), Console(stderr=True)
-    obj = ctx.obj if isinstance(ctx.obj, Mapping) else {}
-    project = load_settings(obj.get("project")).project
+    project = command_settings(ctx).project
     directory = scenarios_dir or SCENARIOS_DIR
     scenarios = select(load_scenarios(directory), keyword)
     if not scenarios:

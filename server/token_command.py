@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import click
-from pydantic import ValidationError
 
+from server.cli_context import command_settings
 from server.http_auth import mint_token, resource_url
 from server.identity import ROLE_PREFIX
-from server.settings import load_settings
 
 __all__ = ["parse_ttl", "token"]
 
@@ -52,11 +50,7 @@ def token(ctx: click.Context, subject: str, roles: str, ttl: str) -> None:
       export LAKEGATE_AUTH__SHARED_SECRET=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')
       TOKEN=$(lakegate token --subject alice --roles analyst --ttl 1h)
     """
-    project: Path | None = (ctx.obj or {}).get("project")
-    try:
-        settings = load_settings(project)
-    except ValidationError as exc:
-        raise click.ClickException(f"invalid settings:\n{exc}") from exc
+    settings = command_settings(ctx)
     if subject.startswith(ROLE_PREFIX) or not subject.strip():
         raise click.BadParameter("the subject names a principal, not a role", param_hint="--subject")
     granted = tuple(part.strip() for part in roles.split(",") if part.strip())
