@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import casbin
 import pytest
 
 from catalog.definitions import load_definitions
@@ -64,3 +66,35 @@ def test_a_disabled_casbin_enforcer_allows_nothing() -> None:
     loaded.decider.enable_enforce(False)
     loaded.cache.clear()
     assert not enforcer.decide("admin", "sales.orders", "read").allowed
+
+
+class _FlakyRules:
+    """A rule source (the production profile's PostgreSQL, in effect) that cannot be read at first:
+    the real policy.csv through Casbin's file adapter once `up` is set. Its stamp never moves."""
+
+    def __init__(self) -> None:
+        self.up = False
+
+    def snapshot(self) -> Any:
+        if not self.up:
+            raise ConnectionError("the database is restarting")
+        return casbin.FileAdapter(str(policy_files(REPO).policy))
+
+    def stamp(self) -> int:
+        return 1
+
+    def stale_reason(self) -> str | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_rule_source_that_comes_back_is_read_again_without_a_policy_change() -> None:
+    rules = _FlakyRules()
+    enforcer = PolicyEnforcer(policy_files(REPO), reload_interval_s=0, rules=rules)
+    assert not enforcer.decide("analyst", "sales.orders", "read").allowed, "an unreadable source denies"
+    assert enforcer.load_error is not None
+    rules.up = True
+    assert enforcer.decide("analyst", "sales.orders", "read").allowed
+    assert enforcer.load_error is None
