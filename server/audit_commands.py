@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -98,18 +99,26 @@ def _filters(kw: Mapping[str, Any]) -> Filters:
     )
 
 
-def _records(path: Path) -> Iterator[dict[str, Any]]:
-    """The log's records, rotated files included; a missing log is an empty one, an unreadable one exits 2."""
+@contextmanager
+def _exit_if_unreadable(path: Path) -> Iterator[None]:
+    """A malformed or unreadable log: say so on stderr and exit 2."""
     try:
-        yield from read_all_records(path)
-    except FileNotFoundError:
-        return
+        yield
     except AuditFormatError as exc:
         click.echo(f"error: {exc}; run `lakegate audit verify` for details", err=True)
         raise SystemExit(EXIT_UNREADABLE) from None
     except OSError as exc:
         click.echo(f"error: cannot read audit log {path}: {exc.strerror or exc}", err=True)
         raise SystemExit(EXIT_UNREADABLE) from None
+
+
+def _records(path: Path) -> Iterator[dict[str, Any]]:
+    """The log's records, rotated files included; a missing log is an empty one, an unreadable one exits 2."""
+    with _exit_if_unreadable(path):
+        try:
+            yield from read_all_records(path)
+        except FileNotFoundError:
+            return
 
 
 @click.group("audit")
@@ -135,11 +144,8 @@ def verify_command(
 ) -> None:
     """Check the hash chain across every rotated file; exit 1 and name each tampered record or missing file."""
     path = _log_path(ctx, log_path)
-    try:
+    with _exit_if_unreadable(path):
         report = verify(path, expect_last_hash=expect_last_hash, expect_records=expect_records)
-    except OSError as exc:
-        click.echo(f"error: cannot read audit log {path}: {exc.strerror or exc}", err=True)
-        raise SystemExit(EXIT_UNREADABLE) from None
     if as_json:
         click.echo(json.dumps(_report_dict(path, report), indent=2))
     else:
@@ -370,15 +376,9 @@ def report_command(ctx: click.Context, /, log_path: Path | None, output: Path, t
 
     path = _log_path(ctx, log_path)
     filters = _filters(kw)
-    try:
+    with _exit_if_unreadable(path):
         records = select(read_log(path), filters)
         chain = verify(path)
-    except AuditFormatError as exc:
-        click.echo(f"error: {exc}; run `lakegate audit verify` for details", err=True)
-        raise SystemExit(EXIT_UNREADABLE) from None
-    except OSError as exc:
-        click.echo(f"error: cannot read audit log {path}: {exc.strerror or exc}", err=True)
-        raise SystemExit(EXIT_UNREADABLE) from None
     obj = ctx.obj if isinstance(ctx.obj, Mapping) else {}
     try:
         tags = load_definitions(project_dir(obj.get("project"))).column_tags()
