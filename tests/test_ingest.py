@@ -81,6 +81,17 @@ def rows_of(home: Path, doc_id: str) -> list[dict[str, Any]]:
         warehouse.close()
 
 
+def indexed(home: Path) -> bool:
+    """Whether kb.articles has a vector index now."""
+    from catalog.vector_index import has_vector_index
+
+    warehouse = Warehouse(home)
+    try:
+        return has_vector_index(warehouse.lance_table(DATASET))
+    finally:
+        warehouse.close()
+
+
 def sentences(count: int, word: str) -> str:
     return " ".join(f"Sentence {i} about the {word} procedure is written here for testing." for i in range(count))
 
@@ -212,8 +223,6 @@ def test_non_writers_are_denied(rt: Runtime) -> None:
 
 def test_the_ingest_that_crosses_the_threshold_builds_the_vector_index(tmp_path: Path) -> None:
     """Past writes.vector_index_min_rows passages the dataset gets its ANN index, rebuilt as it grows."""
-    from catalog.vector_index import has_vector_index
-
     home = build_small_demo(tmp_path / "home")
     audit = tmp_path / "audit.jsonl"
     settings = load_settings(
@@ -225,9 +234,9 @@ def test_the_ingest_that_crosses_the_threshold_builds_the_vector_index(tmp_path:
         batch = [doc(f"bulk/{w}", sentences(120, w)) for w in words]  # ~30 passages each at 300 characters
         first = ok(runtime, "kate", "add_documents", documents=batch[:2], chunk_size=300)
         assert sum(first["chunks"].values()) + 49 <= 256, "the first batch should stay under the threshold"
-        assert not has_vector_index(Warehouse(home).lance_table(DATASET))
+        assert not indexed(home)
         crossing = ok(runtime, "kate", "add_documents", documents=batch[2:], chunk_size=300)
-        assert has_vector_index(Warehouse(home).lance_table(DATASET))
+        assert indexed(home)
         late = doc("bulk/late", "The zephyrine valve is oiled daily.")
         later = ok(runtime, "kate", "add_documents", documents=[late])
         # Growing ~4x past the index (289 -> 530 passages: 16 -> 32 partitions) rebuilds it.
