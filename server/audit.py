@@ -6,9 +6,17 @@ Every record carries ``seq`` (1, 2, 3, ...), ``prev_hash`` (the previous record'
 either a record's own hash or the links between records, and `verify` says which record.
 
 What the chain cannot show on its own: removing records from the *end* of the log (the rest is
-still a valid chain), or rewriting the last record and recomputing its hash. Keep the last
-``hash`` and ``seq`` somewhere else (another system, a ticket, a signed note) and pass them to
-``verify(path, expect_last_hash=..., expect_records=...)`` to detect that too.
+still a valid chain), or rewriting the last record and recomputing its hash. Signed checkpoints
+(`Checkpointing`, `server.audit_checkpoints`) cover that: after every ``every`` records (in the
+same locked append as the record that reaches the count), at most ``interval_s`` after a record
+was written (a daemon thread of the log's own) and when the log is closed, the head's seq and hash
+are signed with a key kept outside the log's directory; `verify` then reports records cut back
+past the last checkpoint. What is newer than the last checkpoint is the window: fewer than
+``every`` records, written within the last ``interval_s`` seconds. A checkpoint that cannot be
+written is logged (``audit.checkpoint_failed``) and never fails the call: the record is written.
+In production the latest checkpoint is also handed to a `CheckpointStore` (PostgreSQL), from the
+thread, off the request path. An anchor kept by hand works as well: pass the last ``hash`` and
+``seq`` to ``verify(path, expect_last_hash=..., expect_records=...)``.
 
 Writing goes through a structlog logger of its own (not the global configuration, which other
 code may point at a console): small processors normalise the record and add ``seq``, ``time``
@@ -45,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
+from server.audit_checkpoints import Checkpoint, Checkpointing, CheckpointStore, CheckpointWriter, SigningKey
 from server.audit_files import (
     LogNames,
     Manifest,
@@ -77,6 +86,7 @@ __all__ = [
     "GENESIS_HASH",
     "AuditFormatError",
     "AuditLog",
+    "Checkpointing",
     "FileReport",
     "Problem",
     "ProblemKind",
@@ -99,6 +109,10 @@ _CHAIN_FIELDS = ("seq", "prev_hash", "hash")
 _REOPEN_ATTEMPTS = 50
 #: After a failed rotation, appends go on into the active file and rotation is retried this much later.
 _ROTATE_RETRY_S = 60.0
+#: A checkpoint the store refused to take (unreachable) is offered again this much later.
+_PUBLISH_RETRY_S = 5.0
+#: How long `close` waits for the checkpoint thread to finish what it is doing.
+_WORKER_JOIN_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -163,10 +177,24 @@ class AuditLog:
     call; with ``False`` a record survives a process crash (it is always flushed to the OS).
     """
 
-    def __init__(self, path: Path, *, fsync: bool = True, rotation: Rotation | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        fsync: bool = True,
+        rotation: Rotation | None = None,
+        checkpoints: Checkpointing | None = None,
+    ) -> None:
         self.path = Path(path)
         self.fsync = fsync
         self.rotation = rotation or Rotation()
+        self.checkpointing = checkpoints if checkpoints is not None and checkpoints.enabled else None
+        self._checkpoints: CheckpointWriter | None = None
+        if self.checkpointing is not None:
+            self._checkpoints = CheckpointWriter(self.path, SigningKey(self.checkpointing.key), fsync=fsync)
+        self._store: CheckpointStore | None = None
+        self._worker: _CheckpointWorker | None = None
+        self._wrote = False  # whether this object appended a record (close then signs a checkpoint)
         self._names = LogNames(self.path)
         self._lock = threading.Lock()
         self._state = _ChainState()
@@ -187,10 +215,18 @@ class AuditLog:
         os.register_at_fork(after_in_child=lambda: _forget_after_fork(ref))
 
     @classmethod
-    def from_settings(cls, path: Path, settings: AuditSettings) -> AuditLog:
-        """The log at ``path`` with the fsync and rotation of ``settings``."""
+    def from_settings(cls, path: Path, settings: AuditSettings, *, signing_key: Path | None = None) -> AuditLog:
+        """The log at ``path`` with the fsync, rotation and checkpoints of ``settings``; checkpoints
+        only with ``signing_key``, the private key file (kept outside the log's directory)."""
         rotation = Rotation(settings.rotate_bytes, settings.rotate_age, settings.keep_files)
-        return cls(path, fsync=settings.fsync, rotation=rotation)
+        checkpoints = None
+        if signing_key is not None:
+            checkpoints = Checkpointing(signing_key, settings.checkpoint_every, settings.checkpoint_interval)
+        return cls(path, fsync=settings.fsync, rotation=rotation, checkpoints=checkpoints)
+
+    def publish_checkpoints_to(self, store: CheckpointStore) -> None:
+        """Hand every later checkpoint to ``store`` too (from the checkpoint thread); `close` closes it."""
+        self._store = store
 
     # -- processors: each takes and returns the event dict -------------------------------------
 
@@ -330,6 +366,7 @@ class AuditLog:
         assert written is not None
         self._state.last_seq, self._state.last_hash = written["seq"], written["hash"]
         self._state.size = os.fstat(fd).st_size
+        self._after_append()
         return dict(written)
 
     def _roll_back(self, fd: int, size: int) -> None:
@@ -485,8 +522,140 @@ class AuditLog:
                 with contextlib.suppress(FileNotFoundError):
                     (self._names.directory / entry.name).unlink()
 
+    # -- checkpoints (server.audit_checkpoints) ------------------------------------------------
+
+    def _after_append(self) -> None:
+        """Sign a checkpoint when ``every`` records are uncovered, else make sure the thread will.
+
+        Never raises: the record is written, and a checkpoint's failure must not fail the call
+        (it widens the window until the next checkpoint, which the server log says).
+        """
+        writer, policy = self._checkpoints, self.checkpointing
+        if writer is None or policy is None:
+            return
+        state = self._state
+        self._wrote = True
+        try:
+            last = writer.last()
+            covered = last.seq if last is not None else 0
+            behind = state.last_seq < covered
+            if behind:
+                # Only a log cut back past its own checkpoint gets here: sign at once, so that the
+                # step back stays in the checkpoint file whatever happens to the log later.
+                log.error("audit.log_behind_checkpoint", path=str(self.path), seq=state.last_seq, checkpoint=covered)
+            if behind or (policy.every is not None and state.last_seq - covered >= policy.every):
+                self._hand_over(self._write_checkpoint())
+                return
+        except (AuditWriteError, RuntimeError) as exc:  # RuntimeError: no thread could be started
+            log.error("audit.checkpoint_failed", path=str(self.path), error=str(exc))
+        if policy.interval_s is not None:
+            try:
+                self._running_worker().record_written()
+            except RuntimeError as exc:
+                log.error("audit.checkpoint_failed", path=str(self.path), error=str(exc))
+
+    def _write_checkpoint(self) -> Checkpoint:
+        """Sign the head as this process sees it; the caller holds the lock and the flock.
+
+        Raises:
+            AuditWriteError: as `CheckpointWriter.write`.
+        """
+        assert self._checkpoints is not None
+        return self._checkpoints.write(self._state.last_seq, self._state.last_hash, utc_now())
+
+    def _hand_over(self, checkpoint: Checkpoint) -> None:
+        if self._store is not None:
+            self._running_worker().publish(checkpoint)
+
+    def _running_worker(self) -> _CheckpointWorker:
+        if self._worker is None:
+            assert self.checkpointing is not None
+            self._worker = _CheckpointWorker(self, self.checkpointing.interval_s)
+        return self._worker
+
+    def checkpoint(self) -> Checkpoint | None:
+        """Sign a checkpoint of the chain's head now, unless the last checkpoint already covers it,
+        and hand it to the store. Returns the new checkpoint, or None (nothing new, no records, or
+        checkpoints are off).
+
+        Raises:
+            AuditWriteError: the head cannot be read, the checkpoint cannot be written, or the store
+                cannot take it (the checkpoint is in the file then).
+        """
+        writer = self._checkpoints
+        if writer is None or (self._fd is None and not self.path.exists()):
+            return None  # nothing to sign, and no reason to create an empty log
+        with self._lock:
+            fd = self._lock_active()
+            try:
+                try:
+                    self._sync_tail(fd)
+                except (OSError, AuditFormatError, ManifestError) as exc:
+                    self._state.size = None
+                    raise AuditWriteError(f"cannot read the head of {self.path}: {exc}") from exc
+                last = writer.last()
+                head = (self._state.last_seq, self._state.last_hash)
+                if head[0] == 0 or (last is not None and (last.seq, last.hash) == head):
+                    return None
+                checkpoint = self._write_checkpoint()
+            finally:
+                if self._fd is not None:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+        # The store is another system (PostgreSQL): not while every writer of the log waits.
+        self._publish(checkpoint)
+        return checkpoint
+
+    def _publish(self, checkpoint: Checkpoint) -> None:
+        """Hand ``checkpoint`` to the store; a later one kept there raises the writer's floor.
+
+        Raises:
+            AuditWriteError: the store cannot take it.
+        """
+        store = self._store
+        if store is None:
+            return
+        ahead = store.publish(checkpoint)
+        if ahead is not None and ahead.digest != checkpoint.digest:
+            # The store keeps a later checkpoint than the file has: the file was cut back. Number
+            # the next checkpoints above it and leave one number out, so that a gap stays in the
+            # file as evidence after the store moves on (a next number equal to the kept one
+            # would look like an unbroken file).
+            log.error(
+                "audit.checkpoint_file_cut",
+                path=str(self.path),
+                written=checkpoint.number,
+                kept=ahead.number,
+                kept_seq=ahead.seq,
+            )
+            with self._lock:
+                assert self._checkpoints is not None
+                self._checkpoints.floor = max(self._checkpoints.floor, ahead.number + 1)
+
+    def _checkpoint_quietly(self) -> None:
+        try:
+            self.checkpoint()
+        except AuditWriteError as exc:
+            log.error("audit.checkpoint_failed", path=str(self.path), error=str(exc))
+
+    def _publish_quietly(self, checkpoint: Checkpoint) -> bool:
+        try:
+            self._publish(checkpoint)
+        except AuditWriteError as exc:
+            log.warning("audit.checkpoint_publish_failed", path=str(self.path), error=str(exc))
+            return False
+        return True
+
     def close(self) -> None:
-        """Close the file; a later append opens it again."""
+        """Sign a last checkpoint if records are uncovered, then close the file (and the store);
+        a later append opens it again. A checkpoint that cannot be written is logged."""
+        worker, self._worker = self._worker, None
+        pending = worker.stop() if worker is not None else None
+        if pending is not None:
+            self._publish_quietly(pending)
+        if self._wrote:
+            self._checkpoint_quietly()
+        if self._store is not None:
+            self._store.close()
         with self._lock:
             if self._fd is not None:
                 os.close(self._fd)
@@ -504,11 +673,99 @@ def _add_time(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     return event
 
 
+class _CheckpointWorker:
+    """A daemon thread per log: signs the checkpoint that ``interval_s`` after a record asks for,
+    and hands checkpoints to the store, so that neither waits on a tool call's path.
+
+    It holds the log only weakly, and stops when the log is closed or collected.
+    """
+
+    def __init__(self, audit_log: AuditLog, interval_s: float | None) -> None:
+        self._log = weakref.ref(audit_log)
+        self._interval = interval_s
+        self._cond = threading.Condition()
+        self._due: float | None = None  # when the oldest uncovered record reaches interval_s
+        self._pending: Checkpoint | None = None  # the newest checkpoint the store has not taken
+        self._retry_at = 0.0
+        self._stopped = False
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._run, name="lakegate-audit-checkpoints", daemon=True)
+        # Stop the thread when the log is collected without being closed; at exit daemon threads end anyway.
+        weakref.finalize(audit_log, self._halt).atexit = False
+        self._thread.start()
+
+    def record_written(self) -> None:
+        if self._interval is None:
+            return
+        with self._cond:
+            if self._due is None:
+                self._due = time.monotonic() + self._interval
+                self._cond.notify()
+
+    def publish(self, checkpoint: Checkpoint) -> None:
+        with self._cond:
+            # The store keeps only the latest, so a newer checkpoint replaces one still waiting.
+            if self._pending is None or checkpoint.number > self._pending.number:
+                self._pending = checkpoint
+            self._cond.notify()
+
+    def _halt(self) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked child's copy: its thread never ran here, and its lock may be held for good
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def stop(self) -> Checkpoint | None:
+        """Stop the thread (waiting for what it is doing); returns what it had not handed over."""
+        self._halt()
+        if self._thread is not threading.current_thread():
+            self._thread.join(_WORKER_JOIN_S)
+        with self._cond:
+            pending, self._pending = self._pending, None
+        return pending
+
+    def _next(self) -> tuple[bool, Checkpoint | None] | None:
+        """Wait for work: (sign a checkpoint?, checkpoint to hand over), or None to stop."""
+        with self._cond:
+            while not self._stopped:
+                now = time.monotonic()
+                sign = self._due is not None and now >= self._due
+                pending = self._pending if self._pending is not None and now >= self._retry_at else None
+                if sign or pending is not None:
+                    if sign:
+                        self._due = None
+                    if pending is not None:
+                        self._pending = None
+                    return sign, pending
+                waits = [self._due - now] if self._due is not None else []
+                if self._pending is not None:
+                    waits.append(self._retry_at - now)
+                self._cond.wait(min(waits) if waits else None)
+            return None
+
+    def _run(self) -> None:
+        while (job := self._next()) is not None:
+            sign, pending = job
+            audit_log = self._log()
+            if audit_log is None:
+                return
+            if sign:
+                audit_log._checkpoint_quietly()
+            if pending is not None and not audit_log._publish_quietly(pending):
+                with self._cond:
+                    if self._pending is None:
+                        self._pending = pending
+                    self._retry_at = time.monotonic() + _PUBLISH_RETRY_S
+            del audit_log  # hold the log only while working for it
+
+
 def _forget_after_fork(ref: weakref.ref[AuditLog]) -> None:
     audit_log = ref()
     if audit_log is None:
         return
     audit_log._lock = threading.Lock()  # another thread may have held it at fork time
+    audit_log._worker = None  # its thread did not survive the fork; the next append starts one
     if audit_log._fd is not None:
         # Closing our copy of the descriptor leaves the parent's lock alone (never LOCK_UN).
         with contextlib.suppress(OSError):

@@ -7,17 +7,20 @@ subcommand also takes ``--log PATH``. Exit codes: 0 fine, 1 the log failed verif
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
 
 from server.audit import AuditFormatError, VerifyReport, read_all_records, verify
+from server.audit_checkpoint_verify import CheckpointTrust
+from server.audit_checkpoints import Checkpoint, load_public_keys, signing_public_key
 from server.audit_review import (
     DIMENSIONS,
     Filters,
@@ -30,6 +33,11 @@ from server.audit_review import (
 )
 
 __all__ = ["audit"]
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from server.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -74,9 +82,7 @@ def _filter_options(func: F) -> F:
     options = [
         click.option("--principal", help="Only calls by this principal."),
         click.option("--tool", help="Only calls of this tool."),
-        click.option(
-            "--decision", type=click.Choice(["allow", "deny", "partial"]), help="Only this decision."
-        ),
+        click.option("--decision", type=click.Choice(["allow", "deny", "partial"]), help="Only this decision."),
         click.option("--resource", help="Only calls touching a resource whose name contains this."),
         click.option("--since", callback=_when, help="From this time: ISO date/datetime, or 24h, 7d ago."),
         click.option("--until", callback=_when, help="Before this time (same forms as --since)."),
@@ -129,8 +135,14 @@ def audit() -> None:
 @audit.command("verify")
 @_log_option
 @click.option("--expect-last-hash", help="Hash of the last record, kept elsewhere: detects a cut-off tail.")
+@click.option("--expect-records", type=click.IntRange(min=0), help="Records the log held when that hash was kept.")
 @click.option(
-    "--expect-records", type=click.IntRange(min=0), help="Records the log held when that hash was kept."
+    "--public-key",
+    "public_keys",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Public key (PEM) the checkpoints must be signed with, kept apart from the log; repeat for "
+    "several (default: the configured signing key's, else those beside the checkpoints).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
@@ -140,12 +152,15 @@ def verify_command(
     log_path: Path | None,
     expect_last_hash: str | None,
     expect_records: int | None,
+    public_keys: tuple[Path, ...],
     as_json: bool,
 ) -> None:
-    """Check the hash chain across every rotated file; exit 1 and name each tampered record or missing file."""
+    """Check the hash chain across every rotated file, and the signed checkpoints against it; exit 1
+    and name each tampered record, missing file, or records cut back past a checkpoint."""
     path = _log_path(ctx, log_path)
+    trust = _checkpoint_trust(ctx, path, public_keys)
     with _exit_if_unreadable(path):
-        report = verify(path, expect_last_hash=expect_last_hash, expect_records=expect_records)
+        report = verify(path, expect_last_hash=expect_last_hash, expect_records=expect_records, checkpoints=trust)
     if as_json:
         click.echo(json.dumps(_report_dict(path, report), indent=2))
     else:
@@ -154,7 +169,69 @@ def verify_command(
         raise SystemExit(EXIT_FAILED)
 
 
+def _configured_settings(ctx: click.Context, path: Path) -> Settings | None:
+    """The project's settings when ``path`` is the log they configure (else the signing key and the
+    checkpoint in PostgreSQL belong to another log), or None."""
+    from pydantic import ValidationError
+
+    from server.settings import load_settings
+
+    obj = ctx.obj if isinstance(ctx.obj, Mapping) else {}
+    try:
+        settings = load_settings(obj.get("project"))
+    except ValidationError:
+        return None  # `audit verify --log` needs no project; the other commands say what is wrong
+    return settings if settings.audit_path.resolve() == path.resolve() else None
+
+
+def _checkpoint_trust(ctx: click.Context, path: Path, public_keys: tuple[Path, ...]) -> CheckpointTrust:
+    """What the checkpoints are checked with: ``--public-key``, else, for the configured log, the
+    public half of the signing key (kept apart from the log); for the configured log also whether
+    checkpoints were ever signed, the writer's checkpoint_every and, in production, the latest
+    checkpoint PostgreSQL keeps. Exits 2 when a key given or PostgreSQL cannot be read."""
+    from server.errors import ConfigurationError, LakegateError
+
+    keys: tuple[Ed25519PublicKey, ...] = ()
+    source = "the public keys beside the checkpoints"
+    for file in public_keys:
+        try:
+            keys += load_public_keys(file)
+        except OSError as exc:
+            message = f"cannot read {file}: {exc.strerror or exc}"
+            raise click.BadParameter(message, param_hint="--public-key") from None
+        except ConfigurationError as exc:
+            raise click.BadParameter(str(exc), param_hint="--public-key") from None
+    if keys:
+        source = f"the public key{'s' if len(public_keys) > 1 else ''} {', '.join(map(str, public_keys))}"
+    settings = _configured_settings(ctx, path)
+    if settings is None:
+        return CheckpointTrust(keys, source)
+    from server.profile import checkpoint_anchor, checkpoint_key_path
+
+    key_file = checkpoint_key_path(settings)
+    signed_before = key_file.is_file()
+    if not keys and signed_before:
+        # Not readable by this user: the keys beside the checkpoints, as the output then says.
+        with contextlib.suppress(OSError, ConfigurationError):
+            keys, source = (signing_public_key(key_file),), f"the signing key {key_file}"
+    anchor: Checkpoint | None = None
+    if settings.profile == "production":
+        try:
+            anchor = checkpoint_anchor(settings)
+        except LakegateError as exc:
+            click.echo(f"error: {exc}", err=True)
+            raise SystemExit(EXIT_UNREADABLE) from None
+    return CheckpointTrust(keys, source, signed_before, settings.audit.checkpoint_every, anchor)
+
+
+def _checkpoint_dict(checkpoint: Checkpoint | None) -> dict[str, Any] | None:
+    if checkpoint is None:
+        return None
+    return {"number": checkpoint.number, "seq": checkpoint.seq, "hash": checkpoint.hash, "time": checkpoint.time}
+
+
 def _report_dict(path: Path, report: VerifyReport) -> dict[str, Any]:
+    covered = report.checkpoints
     return {
         "path": str(path),
         "exists": report.exists,
@@ -178,6 +255,17 @@ def _report_dict(path: Path, report: VerifyReport) -> dict[str, Any]:
             }
             for f in report.files
         ],
+        "checkpoints": None
+        if covered is None
+        else {
+            "file": covered.file,
+            "count": covered.count,
+            "last": _checkpoint_dict(covered.last),
+            "uncovered": covered.uncovered,
+            "key_ids": list(covered.key_ids),
+            "key_source": covered.key_source,
+            "kept_elsewhere": _checkpoint_dict(covered.anchor),
+        },
     }
 
 
@@ -193,6 +281,7 @@ def _print_report(path: Path, report: VerifyReport) -> None:
                 f"seq {report.first_seq}..{report.last_seq}, last hash {report.last_hash}"
             )
         _print_pruned(report)
+        _print_checkpoints(report)
         return
     count = len(report.problems)
     click.echo(
@@ -201,6 +290,30 @@ def _print_report(path: Path, report: VerifyReport) -> None:
     for problem in report.problems:
         click.echo(f"  {problem.kind}: {problem.message}")
     _print_pruned(report)
+    _print_checkpoints(report)
+
+
+def _print_checkpoints(report: VerifyReport) -> None:
+    covered = report.checkpoints
+    if covered is None:
+        if report.records:
+            click.echo("  checkpoints: none (records cut from the end of the log cannot be detected)")
+        return
+    last = covered.last
+    if last is None:
+        click.echo(f"  checkpoints: none in {covered.file}")
+    else:
+        ids = ", ".join(covered.key_ids)
+        signer = f"key {ids} ({covered.key_source})" if ids else "no key to check them with"
+        click.echo(f"  checkpoints: {covered.count} in {covered.file}, the last {last.describe()}; {signer}")
+    if covered.anchor is not None:
+        click.echo(f"  kept in PostgreSQL: {covered.anchor.describe()}")
+    if covered.uncovered:
+        # The documented window: records newer than the last checkpoint could be cut unnoticed.
+        are = (
+            "record after the last checkpoint is" if covered.uncovered == 1 else "records after the last checkpoint are"
+        )
+        click.echo(f"  {covered.uncovered} {are} not yet covered")
 
 
 def _in_files(report: VerifyReport) -> str:

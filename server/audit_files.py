@@ -4,6 +4,8 @@
     <dir>/audit.0000000001-0000000512.jsonl    a rotated file, named by its first and last seq
     <dir>/audit.manifest.json                  every rotated file: first and last seq, last hash,
                                                and whether retention has deleted it (pruned)
+    <dir>/audit.checkpoints.jsonl              signed checkpoints of the chain's head, and the
+    <dir>/audit.checkpoints.pub                public key that checks them (server.audit_checkpoints)
 
 One hash chain runs through the whole set: the first record of a file continues from the last
 record of the file before it (seq last+1, ``prev_hash`` its hash). The manifest is an index and an
@@ -35,6 +37,7 @@ __all__ = [
     "ManifestError",
     "Segment",
     "chain_tail",
+    "create_private_file",
     "fsync_dir",
     "load_manifest",
     "log_files",
@@ -73,6 +76,14 @@ class LogNames:
     @property
     def manifest(self) -> Path:
         return self.directory / f"{self.stem}.manifest.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.directory / f"{self.stem}.checkpoints.jsonl"
+
+    @property
+    def public_key(self) -> Path:
+        return self.directory / f"{self.stem}.checkpoints.pub"
 
     def rotated(self, first_seq: int, last_seq: int) -> Path:
         return self.directory / f"{self.stem}.{first_seq:0{SEQ_WIDTH}d}-{last_seq:0{SEQ_WIDTH}d}{self.active.suffix}"
@@ -167,6 +178,38 @@ def save_manifest(names: LogNames, manifest: Manifest, *, fsync: bool) -> None:
         raise
     if fsync:
         fsync_dir(names.directory)
+
+
+def create_private_file(path: Path, data: bytes) -> None:
+    """Create ``path`` holding ``data``, readable by its owner only (0600), unless it exists.
+
+    The file appears complete or not at all (written under a temporary name, then linked), and the
+    first of several processes to create it wins: the others keep its content, so every writer of
+    one state directory reads the same secret.
+
+    Raises:
+        OSError: the directory or the file cannot be created.
+    """
+    if path.is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    candidate = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # 0600 from the start: a secret is never readable by others, not even for a moment.
+    fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(candidate, path)  # first writer wins; the others read its content
+    except FileExistsError:
+        pass
+    finally:
+        candidate.unlink()
+    fsync_dir(path.parent)
 
 
 def fsync_dir(directory: Path) -> None:

@@ -30,6 +30,16 @@ for seconds, not forever; its own call then fails closed.
 
 What the chain cannot show on its own: rows cut from the end *and* the head row rewritten to
 match. Keep the last seq and hash elsewhere, as for the file log.
+
+Each replica's local file signs checkpoints of its own chain (`server.audit_checkpoints`); the
+latest is also kept here, one row per local chain (`PostgresCheckpointStore`), so that cutting
+both the local log and its checkpoint file still shows:
+
+    lakegate_audit_checkpoint   chain (the replica and its file, primary key), the checkpoint's
+                                number, seq, hash and signature, and the checkpoint as signed
+
+A row only moves forward: a checkpoint with a lower number than the one kept is refused (and the
+kept one returned), so the file's writer numbers its next checkpoints above it.
 """
 
 from __future__ import annotations
@@ -42,11 +52,20 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from pydantic import ValidationError
 
 from server.audit import GENESIS_HASH, AuditLog, Problem, VerifyReport, canonical_json, record_hash, utc_now
+from server.audit_checkpoints import Checkpoint
 from server.errors import AuditWriteError
 
-__all__ = ["MirroredAuditLog", "PostgresAuditChain", "create_audit_schema", "verify_chain"]
+__all__ = [
+    "MirroredAuditLog",
+    "PostgresAuditChain",
+    "PostgresCheckpointStore",
+    "create_audit_schema",
+    "load_checkpoint",
+    "verify_chain",
+]
 
 _SCHEMA_LOCK = 0x6C67_0002
 _CHAIN_FIELDS = ("seq", "prev_hash", "hash")
@@ -65,6 +84,15 @@ CREATE TABLE IF NOT EXISTS lakegate_audit (
     prev_hash text NOT NULL,
     hash text NOT NULL,
     record text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS lakegate_audit_checkpoint (
+    chain text PRIMARY KEY,
+    number bigint NOT NULL,
+    seq bigint NOT NULL,
+    hash text NOT NULL,
+    signature text NOT NULL,
+    checkpoint text NOT NULL,
+    stored_at timestamptz NOT NULL DEFAULT now()
 );
 """
 
@@ -216,6 +244,100 @@ class MirroredAuditLog(AuditLog):
         super().close()
         if self._chain is not None:
             self._chain.close()
+
+
+class PostgresCheckpointStore:
+    """The latest checkpoint of one local log's chain (`server.audit_checkpoints.CheckpointStore`).
+
+    ``chain`` names the local chain: the replica and its file, stable across restarts. One
+    connection of its own (not the chain's, whose transaction may be open while a checkpoint is
+    handed over), opened on first use and again after a failure.
+    """
+
+    def __init__(self, url: str, chain: str) -> None:
+        self.url = url
+        self.chain = chain
+        self._lock = threading.Lock()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._pid = os.getpid()
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._pid != os.getpid():
+            self._conn, self._pid = None, os.getpid()  # never the parent's socket (see PostgresAuditChain)
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(
+                self.url, autocommit=True, connect_timeout=5, application_name="lakegate", options=_SESSION_OPTIONS
+            )
+        return self._conn
+
+    def publish(self, checkpoint: Checkpoint) -> Checkpoint | None:
+        """Keep ``checkpoint`` as the chain's latest unless one with a higher number is kept; returns
+        that one (the checkpoint file was cut back), or None when ``checkpoint`` is kept.
+
+        Raises:
+            AuditWriteError: the database cannot be reached or written, or the row kept is not a
+                checkpoint.
+        """
+        with self._lock:
+            try:
+                conn = self._connection()
+                stored = conn.execute(
+                    "INSERT INTO lakegate_audit_checkpoint (chain, number, seq, hash, signature, checkpoint)"
+                    " VALUES (%s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (chain) DO UPDATE SET number = EXCLUDED.number, seq = EXCLUDED.seq,"
+                    " hash = EXCLUDED.hash, signature = EXCLUDED.signature, checkpoint = EXCLUDED.checkpoint,"
+                    " stored_at = now()"
+                    " WHERE lakegate_audit_checkpoint.number < EXCLUDED.number RETURNING number",
+                    (
+                        self.chain,
+                        checkpoint.number,
+                        checkpoint.seq,
+                        checkpoint.hash,
+                        checkpoint.signature,
+                        checkpoint.line(),
+                    ),
+                ).fetchone()
+                if stored is not None:
+                    return None
+                kept = _load(conn, self.chain)
+            except psycopg.Error as exc:
+                if self._conn is not None:
+                    self._conn.close()
+                self._conn = None
+                raise AuditWriteError(f"cannot store the audit checkpoint in PostgreSQL: {exc}") from exc
+        if kept is None or kept.digest == checkpoint.digest:
+            return None  # deleted meanwhile, or this very checkpoint handed over twice
+        return kept
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = None
+
+
+def _load(conn: psycopg.Connection[Any], chain: str) -> Checkpoint | None:
+    row = conn.execute("SELECT checkpoint FROM lakegate_audit_checkpoint WHERE chain = %s", (chain,)).fetchone()
+    if row is None:
+        return None
+    try:
+        return Checkpoint.model_validate_json(str(row[0]))
+    except ValidationError as exc:
+        raise AuditWriteError(f"the checkpoint kept in PostgreSQL for {chain} is not a checkpoint: {exc}") from exc
+
+
+def load_checkpoint(url: str, chain: str) -> Checkpoint | None:
+    """The latest checkpoint kept for the local chain ``chain``, or None.
+
+    Raises:
+        psycopg.Error: the database cannot be read (an unreachable server, a missing table).
+        AuditWriteError: the row kept is not a checkpoint.
+    """
+    with psycopg.connect(url, connect_timeout=5, application_name="lakegate", autocommit=True) as conn:
+        try:
+            return _load(conn, chain)
+        except psycopg.errors.UndefinedTable:
+            return None  # no replica has run with checkpoints against this database yet
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,11 @@ files' names say which seq range each file holds, so a file that is gone is repo
 range ("missing"), a file retention deleted is reported as pruned (not a failure: its last hash in
 the manifest anchors the next file), and a rotated file whose tail was cut shows against the range
 and last hash recorded when it was rotated.
+
+What the chain cannot show, records cut from the end, the signed checkpoints beside the log show
+(`server.audit_checkpoints`, held against the records by `server.audit_checkpoint_verify`): the
+checkpoint file is read first, then the log. Records after the last checkpoint are the window
+(`CheckpointReport.uncovered`), reported and not a failure.
 """
 
 from __future__ import annotations
@@ -14,12 +19,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from server.audit_checkpoint_verify import (
+    CheckpointFile,
+    CheckpointReport,
+    CheckpointTrust,
+    check_checkpoints,
+    read_checkpoints,
+)
 from server.audit_files import LogNames, Segment, log_segments
 from server.audit_records import GENESIS_HASH, AuditFormatError, is_hex64, parse_line, record_hash
 
 __all__ = ["FileReport", "FileStatus", "Problem", "ProblemKind", "VerifyReport", "verify"]
 
-ProblemKind = Literal["edited", "deleted", "inserted", "reordered", "malformed", "broken_chain", "missing"]
+#: "truncated": the log ends before a signed checkpoint's seq; "rewritten": the record at a
+#: checkpoint's seq is not the one it signed; "checkpoint": the checkpoint file itself is wrong (a
+#: signature, its own chain, cut or missing).
+ProblemKind = Literal[
+    "edited",
+    "deleted",
+    "inserted",
+    "reordered",
+    "malformed",
+    "broken_chain",
+    "missing",
+    "truncated",
+    "rewritten",
+    "checkpoint",
+]
 FileStatus = Literal["ok", "failed", "pruned", "missing"]
 
 
@@ -56,7 +82,8 @@ class VerifyReport:
     """What `verify` found. ``exists`` is False when there was no file (then ok, 0 records).
 
     ``records`` counts the lines of the files present; ``files`` lists every file of the set in
-    chain order (the active file last), pruned and missing ones included.
+    chain order (the active file last), pruned and missing ones included; ``checkpoints`` says
+    what the signed checkpoints cover (None where there are none to look at: the PostgreSQL chain).
     """
 
     ok: bool
@@ -67,6 +94,7 @@ class VerifyReport:
     last_hash: str | None
     exists: bool = True
     files: tuple[FileReport, ...] = field(default=())
+    checkpoints: CheckpointReport | None = None
 
     @property
     def pruned(self) -> tuple[FileReport, ...]:
@@ -486,19 +514,29 @@ class _SetWalk:
             )
 
 
-def verify(path: Path, *, expect_last_hash: str | None = None, expect_records: int | None = None) -> VerifyReport:
-    """Check the whole chain, across every rotated file and the active file ``path``, and explain each break.
+def verify(
+    path: Path,
+    *,
+    expect_last_hash: str | None = None,
+    expect_records: int | None = None,
+    checkpoints: CheckpointTrust | None = None,
+) -> VerifyReport:
+    """Check the whole chain, across every rotated file and the active file ``path``, and explain each
+    break; then hold the signed checkpoints against it.
 
     ``expect_last_hash`` and ``expect_records`` are an anchor kept outside the log (the ``hash``
     and ``seq`` of the last record at some earlier time). The log may have grown since, but it
-    must still hold that record at that seq; without an anchor, records cut from the end of the
-    log cannot be detected. An anchor inside a pruned file cannot be checked and is accepted. A
-    missing file is ok with 0 records (``exists`` False) unless an anchor says records are expected.
+    must still hold that record at that seq. An anchor inside a pruned file cannot be checked and
+    is accepted. ``checkpoints`` says what to trust for the checkpoints (default: the public key
+    beside them, nothing kept elsewhere). A missing file is ok with 0 records (``exists`` False)
+    unless an anchor or a checkpoint says records are expected.
 
     Raises:
         OSError: a file exists but cannot be read (permissions, a directory, I/O error).
     """
     names = LogNames(Path(path))
+    # The checkpoints before the log: each covers records already on disk when it was read.
+    signed = read_checkpoints(names.active)
     segments, manifest_error = log_segments(path)
     walk = _SetWalk(several=len(segments) > 1)
     if manifest_error is not None:
@@ -507,6 +545,12 @@ def verify(path: Path, *, expect_last_hash: str | None = None, expect_records: i
         walk.add(segment)
     problems = walk.problems
     problems.extend(_check_anchor(walk, expect_last_hash, expect_records))
+    covered = _check_checkpoints(walk, signed, checkpoints or CheckpointTrust(), names)
+    if covered is not None:
+        problems.extend(
+            Problem(f.seq, f.line, f.kind, f.message, f.file or (walk.last_file if walk.several else None))
+            for f in covered.findings
+        )
     valid = walk.valid
     last = valid[-1] if valid else None
     exists = any(segment.kind != "missing" for segment in segments) or names.manifest.exists()
@@ -519,7 +563,22 @@ def verify(path: Path, *, expect_last_hash: str | None = None, expect_records: i
         last_hash=last.stored if last else None,
         exists=exists,
         files=tuple(walk.files),
+        checkpoints=covered,
     )
+
+
+def _check_checkpoints(
+    walk: _SetWalk, signed: CheckpointFile, trust: CheckpointTrust, names: LogNames
+) -> CheckpointReport | None:
+    """The checkpoints against the records the walk read; None when there is nothing to say (no
+    checkpoint file, no key, no anchor: a log written without checkpoints)."""
+    if not signed.exists and signed.public_pem is None and not trust.signed_before and trust.anchor is None:
+        return None
+    points: dict[int, str] = {}
+    for point in walk.points:
+        points.setdefault(point.seq, point.hash)
+    last_seq = max(points, default=0)
+    return check_checkpoints(signed, trust, log_name=names.active.name, points=points, last_seq=last_seq)
 
 
 def _check_anchor(walk: _SetWalk, expect_last_hash: str | None, expect_records: int | None) -> list[Problem]:

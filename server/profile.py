@@ -19,6 +19,10 @@ catalog/object_store.py), which replicas on different hosts share. Still on each
 The tables are created on first use (idempotent, under advisory locks, so replicas may start
 together); the rules are copied from policy.csv only on request (`sync_policies`, the command
 ``lakegate profile sync-policies``).
+
+In either profile the audit log signs checkpoints of its chain with the key
+`checkpoint_key_path` (in the state directory, apart from the log); in production the latest
+checkpoint of each replica's local chain (`checkpoint_chain`) is also kept in PostgreSQL.
 """
 
 from __future__ import annotations
@@ -26,22 +30,35 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
+import structlog
 
 from catalog.object_store import ObjectStore
 from catalog.warehouse import Warehouse
 from policies.enforcer import PolicyEnforcer, policy_files
 from policies.pg_policies import PostgresRules, connect, create_policy_schema, open_rules
 from server.audit import AuditLog, VerifyReport
-from server.audit_pg import MirroredAuditLog, PostgresAuditChain, create_audit_schema, verify_chain
-from server.errors import BackendError, ConfigurationError
+from server.audit_checkpoints import CHECKPOINT_KEY_FILE, Checkpoint
+from server.audit_pg import (
+    MirroredAuditLog,
+    PostgresAuditChain,
+    PostgresCheckpointStore,
+    create_audit_schema,
+    load_checkpoint,
+    verify_chain,
+)
+from server.errors import AuditWriteError, BackendError, ConfigurationError
 from server.settings import Settings
 
 __all__ = [
     "catalog_uri",
+    "checkpoint_anchor",
+    "checkpoint_chain",
+    "checkpoint_key_path",
     "open_audit",
     "open_enforcer",
     "open_warehouse",
@@ -50,6 +67,8 @@ __all__ = [
     "sync_policies",
     "verify_audit",
 ]
+
+log = structlog.get_logger(__name__)
 
 _CATALOG_LOCK = 0x6C67_0003
 _SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
@@ -142,20 +161,51 @@ def open_enforcer(settings: Settings, resource_groups: Mapping[str, Iterable[str
     return PolicyEnforcer(files, resource_groups, reload_interval_s=interval, rules=rules)
 
 
+def checkpoint_key_path(settings: Settings) -> Path:
+    """The private key that signs the audit checkpoints: the setting, else in the state directory."""
+    return settings.audit.checkpoint_key or settings.state_dir / CHECKPOINT_KEY_FILE
+
+
+def checkpoint_chain(settings: Settings) -> str:
+    """The name under which PostgreSQL keeps this replica's latest checkpoint: the replica (its
+    setting, else the host name: the pid would change at every restart) and its audit file."""
+    return f"{settings.postgres.replica_id or socket.gethostname()}:{settings.audit_path}"
+
+
 def open_audit(settings: Settings) -> AuditLog:
-    """The audit log of the profile: the local file, mirrored into the global chain in production.
+    """The audit log of the profile, signing checkpoints: the local file, mirrored into the global
+    chain in production, where its latest checkpoint is kept too.
 
     Raises:
         ConfigurationError: the PostgreSQL URL is invalid.
         BackendError: the audit tables cannot be created.
     """
+    key = checkpoint_key_path(settings)
+    if key.resolve().parent == settings.audit_path.resolve().parent:
+        # Whoever can rewrite the log's directory could then also re-sign what they cut.
+        log.warning("audit.checkpoint_key_beside_log", key=str(key), log=str(settings.audit_path))
     if settings.profile == "embedded":
-        return AuditLog.from_settings(settings.audit_path, settings.audit)
+        return AuditLog.from_settings(settings.audit_path, settings.audit, signing_key=key)
     url = postgres_url(settings)
     _prepare(url, create_audit_schema)
-    local = MirroredAuditLog.from_settings(settings.audit_path, settings.audit)
+    local = MirroredAuditLog.from_settings(settings.audit_path, settings.audit, signing_key=key)
     assert isinstance(local, MirroredAuditLog)
+    local.publish_checkpoints_to(PostgresCheckpointStore(url, checkpoint_chain(settings)))
     return local.mirror_to(PostgresAuditChain(url, replica_id(settings)))
+
+
+def checkpoint_anchor(settings: Settings) -> Checkpoint | None:
+    """The latest checkpoint PostgreSQL keeps for this replica's audit file (production), or None.
+
+    Raises:
+        ConfigurationError: not the production profile.
+        BackendError: it cannot be read.
+    """
+    url = postgres_url(settings)
+    try:
+        return load_checkpoint(url, checkpoint_chain(settings))
+    except (psycopg.Error, AuditWriteError) as exc:
+        raise BackendError(f"cannot read the audit checkpoint at {_where(url)}: {exc}") from exc
 
 
 def sync_policies(settings: Settings) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-import os
 import re
 import secrets
 import threading
@@ -31,6 +30,7 @@ from catalog.metric_compiler import parse_dimension
 from catalog.metric_definitions import SemanticCatalog
 from policies.redaction import RedactionRules
 from server.audit import canonical_json
+from server.audit_files import create_private_file
 from server.errors import AuditWriteError, InvalidArgument
 from tools.names import ToolName
 
@@ -96,22 +96,7 @@ class AuditKey:
 
 
 def _read_or_create_key(path: Path) -> bytes:
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        candidate = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        # 0600 from the start: the key is never readable by others, not even for a moment.
-        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, (secrets.token_hex(32) + "\n").encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(candidate, path)  # first writer wins; the others read its key
-        except FileExistsError:
-            pass
-        finally:
-            candidate.unlink()
+    create_private_file(path, (secrets.token_hex(32) + "\n").encode("ascii"))
     text = path.read_text(encoding="ascii").strip()
     if not _KEY_TEXT.fullmatch(text):
         raise ValueError("the file does not hold a key of 64 hex digits")

@@ -9,10 +9,16 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from server.audit import AuditLog, Rotation, log_files, read_records
+from server.audit import AuditLog, Checkpointing, Rotation, log_files, read_records
+from server.audit_checkpoints import key_id, signing_public_key
 from server.audit_commands import audit
 from server.audit_review import Filters, parse_dimensions, parse_when, select, summarise
+from server.cli import cli
+from server.profile import checkpoint_key_path
+from server.settings import load_settings
 
 NOW = datetime.now(UTC)
 
@@ -181,6 +187,95 @@ def test_show_and_summary_read_every_rotated_file(rotated_path: Path) -> None:
     assert [r["seq"] for r in shown] == kept and kept[-1] == 40 and len(log_files(rotated_path)) == 3
     rows = json.loads(run(rotated_path, "summary", "--json").output)
     assert sum(row["calls"] for row in rows) == len(kept)
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def signed_path(tmp_path: Path) -> Path:
+    """A log of 23 records whose writer signed a checkpoint every 10 (and is still running)."""
+    path = tmp_path / "audit" / "audit.jsonl"
+    log = AuditLog(path, fsync=False, checkpoints=Checkpointing(tmp_path / "checkpoint.key", every=10, interval_s=None))
+    for i in range(23):
+        log.append(CALLS[i % len(CALLS)])
+    return path
+
+
+def test_verify_prints_the_checkpoints_and_the_window(signed_path: Path, log_path: Path) -> None:
+    result = run(signed_path, "verify")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("audit log OK: 23 records, seq 1..23")
+    assert lines[1].startswith("  checkpoints: 2 in audit.checkpoints.jsonl, the last checkpoint #2 (seq 20, signed ")
+    assert "(the public keys beside the checkpoints)" in lines[1]
+    assert lines[2] == "  3 records after the last checkpoint are not yet covered"
+    report = json.loads(run(signed_path, "verify", "--json").output)["checkpoints"]
+    assert (report["count"], report["last"]["seq"], report["uncovered"]) == (2, 20, 3)
+    # A log written without checkpoints says what that means.
+    assert (
+        "checkpoints: none (records cut from the end of the log cannot be detected)" in run(log_path, "verify").output
+    )
+
+
+def test_verify_fails_on_a_tail_cut_back_past_a_checkpoint(signed_path: Path) -> None:
+    lines = signed_path.read_text().splitlines(keepends=True)
+    signed_path.write_text("".join(lines[:1]))  # all but the first record
+    result = run(signed_path, "verify")
+    assert result.exit_code == 1
+    assert result.output.startswith("audit log FAILED: 1 problem in 1 records")
+    assert "  truncated: the log ends at seq 1, but checkpoint #2 (seq 20, signed " in result.output
+    assert "records seq 2..20 were cut from its end" in result.output
+    problem = json.loads(run(signed_path, "verify", "--json").output)["problems"][0]
+    assert problem["kind"] == "truncated" and problem["seq"] == 2
+
+
+def test_verify_checks_the_signatures_with_a_pinned_public_key(signed_path: Path, tmp_path: Path) -> None:
+    beside = signed_path.parent / "audit.checkpoints.pub"
+    pinned = tmp_path / "pinned.pub"
+    pinned.write_bytes(beside.read_bytes())
+    result = run(signed_path, "verify", "--public-key", str(pinned))
+    assert result.exit_code == 0 and f"(the public key {pinned})" in result.output
+
+    other = Ed25519PrivateKey.generate().public_key()
+    pinned.write_bytes(other.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    result = run(signed_path, "verify", "--public-key", str(pinned))
+    assert result.exit_code == 1
+    assert "checkpoint: the public key beside the checkpoints" in result.output and "it was replaced" in result.output
+    assert f"checkpoint #1 (line 1) is signed by key {key_id(signing_public_key(tmp_path / 'checkpoint.key'))}, " in (
+        result.output
+    )
+    assert f"not by the public key {pinned} (key {key_id(other)})" in result.output
+
+    pinned.write_text("not a key")
+    result = run(signed_path, "verify", "--public-key", str(pinned))
+    assert result.exit_code == 2 and "--public-key" in result.output
+
+
+def test_verify_of_the_configured_log_trusts_its_signing_key(tmp_path: Path) -> None:
+    env = {"LAKEGATE_HOME": str(tmp_path / "home"), "LAKEGATE_AUDIT__CHECKPOINT_EVERY": "5"}
+    settings = load_settings(tmp_path, home=tmp_path / "home", audit={"checkpoint_every": 5, "fsync": False})
+    key = checkpoint_key_path(settings)
+    with AuditLog.from_settings(settings.audit_path, settings.audit, signing_key=key) as log:
+        for record in CALLS * 3:
+            log.append(record)
+    assert key == tmp_path / "home" / "audit-checkpoint.key" and key.is_file()
+
+    def verify_configured() -> Result:
+        return CliRunner().invoke(cli, ["--project", str(tmp_path), "audit", "verify"], env=env)
+
+    result = verify_configured()
+    assert result.exit_code == 0, result.output
+    assert f"(the signing key {key})" in result.output and "the last checkpoint #3 (seq 12" in result.output
+    # The checkpoints and the public key deleted with the log's tail: the signing key, kept apart, remains.
+    lines = settings.audit_path.read_text().splitlines(keepends=True)
+    settings.audit_path.write_text("".join(lines[:2]))
+    for name in ("audit.checkpoints.jsonl", "audit.checkpoints.pub"):
+        (settings.audit_path.parent / name).unlink()
+    assert run(settings.audit_path, "verify").exit_code == 0  # what a copy of the directory alone shows
+    result = verify_configured()
+    assert result.exit_code == 1
+    assert "audit.checkpoints.jsonl is missing, but checkpoints were signed for this log" in result.output
 
 
 # -- show ---------------------------------------------------------------------------------------

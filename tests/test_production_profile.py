@@ -23,15 +23,18 @@ import pytest
 from click.testing import CliRunner
 from psycopg import sql
 from pydantic import ValidationError
+from structlog.testing import capture_logs
 
 from policies.pg_policies import PostgresRules
 from server.app import Runtime, open_runtime, resource_groups
 from server.audit import AuditLog, read_records, record_hash, verify
+from server.audit_checkpoints import Checkpoint, signing_public_key
+from server.audit_files import LogNames
 from server.audit_pg import MirroredAuditLog, PostgresAuditChain, create_audit_schema, verify_chain
 from server.cli import cli
 from server.errors import AuditWriteError, PolicyDenied
 from server.gate import GateOutcome
-from server.profile import sync_policies
+from server.profile import checkpoint_anchor, checkpoint_chain, checkpoint_key_path, open_audit, sync_policies
 from server.settings import Settings, load_settings
 from tests.conftest import gate_call
 
@@ -405,6 +408,107 @@ def test_a_failed_local_write_rolls_the_postgres_record_back(fresh_pg_url: str, 
     log.close()
     assert execute(fresh_pg_url, "SELECT seq FROM lakegate_audit_head") == [(0,)]
     assert execute(fresh_pg_url, "SELECT count(*) FROM lakegate_audit") == [(0,)]
+
+
+def checkpointed_settings(url: str, tmp_path: Path, replica: str) -> Settings:
+    """A replica whose audit file signs a checkpoint every 3 records (none by time)."""
+    audit = {"path": tmp_path / "audit" / f"{replica}.jsonl", "fsync": False, "checkpoint_every": 3}
+    return load_settings(
+        REPO,
+        home=tmp_path / "home",
+        audit={**audit, "checkpoint_interval": None},
+        principal=None,
+        profile="production",
+        postgres={"url": url, "replica_id": replica},
+    )
+
+
+def keep_lines(path: Path, count: int) -> None:
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:count]))
+
+
+def test_the_latest_checkpoint_is_kept_in_postgres_so_a_cut_checkpoint_file_shows(
+    fresh_pg_url: str, tmp_path: Path
+) -> None:
+    settings = checkpointed_settings(fresh_pg_url, tmp_path, "r1")
+    env = {
+        "LAKEGATE_PROFILE": "production",
+        "LAKEGATE_POSTGRES__URL": fresh_pg_url,
+        "LAKEGATE_POSTGRES__REPLICA_ID": "r1",
+        "LAKEGATE_HOME": str(tmp_path / "home"),
+        "LAKEGATE_AUDIT__PATH": str(settings.audit_path),
+        "LAKEGATE_AUDIT__CHECKPOINT_EVERY": "3",
+    }
+
+    def verify_cli() -> Any:
+        return CliRunner().invoke(cli, ["--project", str(REPO), "audit", "verify"], env=env)
+
+    def kept() -> list[tuple[Any, ...]]:
+        return execute(
+            fresh_pg_url,
+            "SELECT number, seq FROM lakegate_audit_checkpoint WHERE chain = %s",
+            (checkpoint_chain(settings),),
+        )
+
+    audit = open_audit(settings)
+    try:
+        assert isinstance(audit, MirroredAuditLog)
+        for number in range(7):
+            audit.append({"tool": "query", "n": number})
+        # Handed over by the log's own thread, off the calls' path.
+        seconds_until(lambda: kept() == [(2, 6)], 5)
+        assert checkpoint_chain(settings) == f"r1:{settings.audit_path}"
+        result = verify_cli()
+        assert result.exit_code == 0, result.output
+        assert "kept in PostgreSQL: checkpoint #2 (seq 6, signed " in result.output
+        assert "1 record after the last checkpoint is not yet covered" in result.output
+
+        # The log cut back to seq 3, and its checkpoint file to the checkpoint of seq 3: the files
+        # alone agree with each other; PostgreSQL does not.
+        keep_lines(settings.audit_path, 3)
+        keep_lines(LogNames(settings.audit_path).checkpoints, 1)
+        assert verify(settings.audit_path).ok
+        result = verify_cli()
+        assert result.exit_code == 1
+        assert (
+            "checkpoint: the checkpoint file was cut: it ends at checkpoint #1 (seq 3), but PostgreSQL keeps "
+            "checkpoint #2 (seq 6, signed " in result.output
+        )
+        assert "truncated: the log ends at seq 3, but checkpoint #2 (seq 6, signed " in result.output
+
+        # The writer goes on from seq 3. Its next checkpoint (#2 again) is refused; it numbers the
+        # following ones above what PostgreSQL keeps, so the gap stays in the file.
+        with capture_logs() as logs:
+            for number in range(3):
+                audit.append({"tool": "query", "n": 100 + number})
+            seconds_until(lambda: any(entry["event"] == "audit.checkpoint_file_cut" for entry in logs), 5)
+        assert kept() == [(2, 6)]
+        for number in range(3):
+            audit.append({"tool": "query", "n": 200 + number})
+        seconds_until(lambda: kept() == [(4, 9)], 5)
+        result = verify_cli()
+        assert result.exit_code == 1
+        assert "checkpoint #4 (line 3) follows checkpoint #2: checkpoint #3 was gone" in result.output
+    finally:
+        audit.close()
+
+
+def test_a_replica_that_stops_hands_its_last_checkpoint_over(fresh_pg_url: str, tmp_path: Path) -> None:
+    settings = checkpointed_settings(fresh_pg_url, tmp_path, "r2")
+    audit = open_audit(settings)
+    audit.append({"tool": "query"})
+    audit.close()
+    (row,) = execute(
+        fresh_pg_url,
+        "SELECT number, seq, hash, checkpoint FROM lakegate_audit_checkpoint WHERE chain = %s",
+        (checkpoint_chain(settings),),
+    )
+    (local,) = read_records(settings.audit_path)
+    assert row[:3] == (1, 1, local["hash"])
+    stored = Checkpoint.model_validate_json(row[3])
+    assert stored.signed_by(signing_public_key(checkpoint_key_path(settings)))
+    assert checkpoint_anchor(settings) == stored
+    assert verify_chain(fresh_pg_url).ok  # the global chain is untouched by the checkpoints
 
 
 # --- the switch, and the embedded default ----------------------------------------------------
