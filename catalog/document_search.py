@@ -6,6 +6,11 @@ before ranking. The top k are therefore drawn only from passages the caller may 
 passage never takes a place in the top k, is never counted and never returned. (A post-filter
 would cut the top k first and then drop rows, losing recall and leaking how many were hidden.)
 
+Time travel (`version`) applies today's policy, not the policy of the day: an earlier version's
+passage is ranked only when today's rules admit it with its own labels and, if its document still
+exists, every passage of the document's current version (so that relabelling a document hides its
+history too). A document deleted since falls back to its old passage's own labels.
+
 Hybrid search fuses the vector and the full-text rankings with reciprocal rank fusion computed
 here, score(d) = sum over rankings of 1 / (RRF_K + rank(d)), rank starting at 1. Doing it here
 rather than with lancedb's RRFReranker keeps each passage's rank in each list, which the result
@@ -36,6 +41,7 @@ __all__ = [
     "SearchMode",
     "access_predicate",
     "check_embedding_model",
+    "hidden_documents",
     "recorded_model",
     "rrf_fuse",
     "search_passages",
@@ -109,6 +115,47 @@ def access_predicate(
     if title_contains:
         parts.append(f"strpos(lower(title), lower({sql_string(title_contains)})) > 0")
     return " AND ".join(parts)
+
+
+def _doc_ids(table: LanceTable, where: str | None) -> set[str]:
+    """The distinct doc_ids of the passages matching `where` (None: every passage)."""
+    builder = table.search()
+    if where is not None:
+        builder = builder.where(where)
+    column = builder.select(["doc_id"]).limit(None).to_arrow().column("doc_id")
+    return {str(doc_id) for doc_id in column.to_pylist() if doc_id is not None}
+
+
+def _not_admitted(access: str | None) -> str | None:
+    """The passages `access` does not admit; None (every passage) when it admits nothing.
+
+    `IS NOT TRUE`, not `NOT`: a null classification or allowed_roles makes the access predicate
+    null, and such a passage is hidden from everyone, so it must count as not admitted.
+    """
+    return None if access is None else f"({access}) IS NOT TRUE"
+
+
+def hidden_documents(
+    warehouse: Warehouse, name: str, access: str | None, *, doc_ids: Sequence[str] | None = None
+) -> set[str]:
+    """The doc_ids (of `doc_ids`, default all) with a passage in the current version that `access` hides.
+
+    `access` is an `access_predicate` without the caller's own narrowing; None admits nothing, so
+    every existing document is hidden. A doc_id with no passage is not in the result.
+
+    Raises:
+        NotFound: no such dataset.
+        BackendError: lancedb failed.
+    """
+    table = warehouse.lance_table(name)
+    where = _not_admitted(access)
+    if doc_ids is not None:
+        if not doc_ids:
+            return set()
+        wanted = f"doc_id IN ({', '.join(sql_string(doc_id) for doc_id in sorted(set(doc_ids)))})"
+        where = wanted if where is None else f"{wanted} AND {where}"
+    with translate_errors(f"read the labels of {name}", name):
+        return _doc_ids(table, where)
 
 
 def recorded_model(metadata: dict[bytes, bytes] | None) -> tuple[str | None, str | None]:
@@ -205,6 +252,21 @@ def _hit(row: dict[str, Any], score: float, ranks: dict[str, int]) -> PassageHit
     )
 
 
+def _without_hidden_now(warehouse: Warehouse, name: str, table: LanceTable, predicate: str, access: str | None) -> str:
+    """`predicate` for an earlier version, less the documents whose current version `access` hides."""
+    current = warehouse.lance_table(name)
+    if int(current.version) == int(table.version):
+        return predicate
+    hidden = _doc_ids(current, _not_admitted(access))
+    # Only the hidden documents this version would otherwise show: usually the few relabelled since,
+    # which keeps the predicate (and the audit record that holds it) short.
+    if hidden:
+        hidden &= _doc_ids(table, predicate)
+    if not hidden:
+        return predicate
+    return f"{predicate} AND doc_id NOT IN ({', '.join(sql_string(doc_id) for doc_id in sorted(hidden))})"
+
+
 def search_passages(
     warehouse: Warehouse,
     name: str,
@@ -213,11 +275,16 @@ def search_passages(
     mode: SearchMode,
     k: int,
     predicate: str | None,
+    access: str | None,
     version: int | None = None,
 ) -> DocumentSearch:
     """Search Lance dataset `name` (at `version`, default the current one) for `query`.
 
-    Only passages matching `predicate` are ranked (prefilter); None searches nothing.
+    Only passages matching `predicate` are ranked (prefilter); None searches nothing. `access` is
+    the caller's `access_predicate` without its own narrowing: at an earlier version a passage is
+    ranked only if it matches `predicate` and its doc_id has no passage in the current version that
+    `access` hides (a doc_id deleted since is judged by the old passage's labels alone). The
+    returned predicate is the one applied.
 
     Raises:
         NotFound: no such dataset or version.
@@ -235,6 +302,8 @@ def search_passages(
             )
         if predicate is None:
             return DocumentSearch(read_version, [], None)
+        if version is not None:
+            predicate = _without_hidden_now(warehouse, name, table, predicate, access)
         ranked: dict[str, list[Any]] = {}
         if mode != "fulltext":
             ranked["vector"] = _rows(table, "vector", _query_vector(table, name, query), predicate, k)

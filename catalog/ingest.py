@@ -11,7 +11,7 @@ Vectors are only ever written with the model the dataset records: mixing models 
 would make vector search compare incomparable vectors.
 
 Policy is not applied here: the caller (server/scope.py, `CallScope.add_documents`) takes the
-decisions first.
+decisions first, and may pass a `before_write` check that runs again just before the merge.
 """
 
 from __future__ import annotations
@@ -275,6 +275,7 @@ def ingest_documents(
     embedder: Embedder | None = None,
     progress: EmbedProgress | None = None,
     index_min_rows: int = INDEX_MIN_ROWS,
+    before_write: Callable[[], None] | None = None,
 ) -> IngestOutcome:
     """Chunk, embed and write `documents` into Lance dataset `name`, replacing earlier versions of them.
 
@@ -282,7 +283,8 @@ def ingest_documents(
     leaves the dataset past `index_min_rows` passages without a vector index builds one, and one
     that grows it ~4x past the index's size rebuilds it (catalog/vector_index.ensure_vector_index);
     others fold the new passages into it. A failed build is reported, not raised: the passages are
-    written by then.
+    written by then. `before_write()` runs after embedding, immediately before the merge; whatever
+    it raises aborts the ingest with nothing written.
 
     Raises:
         NotFound: no such dataset.
@@ -291,6 +293,7 @@ def ingest_documents(
             records another embedding model. Nothing is written then.
         ConfigurationError: the embedding model cannot be loaded.
         BackendError: lancedb failed.
+        (anything `before_write` raises.)
     """
     started = time.perf_counter()
     if not documents:
@@ -319,6 +322,10 @@ def ingest_documents(
     vectors = _embed(embedder, [text for _, _, text in rows], progress)
     batch = _batch(schema, name, rows, vectors)
     ids = ", ".join(sql_string(d.doc_id) for d in documents)
+    if before_write is not None:
+        # Embedding can take minutes; a caller's check of what is about to be replaced is taken
+        # again here, so that it judges the dataset as it is now rather than as it was then.
+        before_write()
     with translate_errors(f"write {name}", name):
         merged = (
             table.merge_insert(["doc_id", "chunk_index"])

@@ -173,7 +173,7 @@ class CallScope:
             )
 
     def dataset_kind(self, name: str) -> str:
-        """"iceberg" or "lance"; call after `require_dataset`.
+        """ "iceberg" or "lance"; call after `require_dataset`.
 
         Raises:
             NotFound: no such dataset.
@@ -263,9 +263,7 @@ class CallScope:
             for used in self._inputs_of(name, query.versions.get(name)):
                 if not self.may_read_metric(used):
                     self.touched.append(Touched("metric", used, "denied"))
-                    raise NotFound(
-                        f"There is no metric named '{name}' available to you.", hint="Call list_metrics."
-                    )
+                    raise NotFound(f"There is no metric named '{name}' available to you.", hint="Call list_metrics.")
         compiled = compile_query(self.semantic, query)
         for name, version in compiled.metrics.items():
             self.require_metric(name)
@@ -387,7 +385,40 @@ class CallScope:
     # Policy goes into the search as one prefilter predicate (catalog/document_search.py): the
     # dataset decision, then one decision per classification, then the caller's roles against each
     # passage's allowed_roles. Hidden passages are never ranked, so they are neither returned nor
-    # counted, and the caller still gets up to k passages it may read.
+    # counted, and the caller still gets up to k passages it may read. The same rule decides which
+    # documents a writer may replace.
+
+    def _document_access(self, name: str) -> tuple[list[str], tuple[str, ...]]:
+        """The classifications of `name` the caller may read, and the roles it holds."""
+        from catalog.document_search import CLASSIFICATIONS
+
+        readable = [c for c in CLASSIFICATIONS if self.decide(f"{name}.classification:{c}", "read").allowed]
+        # The live role graph, the one every decision above was taken with.
+        return readable, self._enforcer.roles_for(self.principal.name)
+
+    def _require_replaceable(self, name: str, doc_ids: Sequence[str], access: str | None) -> None:
+        """Refuse to replace a document of which the caller may not read every current passage.
+
+        Otherwise a writer could overwrite (and relabel) a document hidden from it. The message
+        names the doc_id only: nothing of the hidden document (title, text, labels, or the rule
+        that hid it) reaches the caller.
+
+        Raises:
+            PolicyDenied: some doc_id already exists with a passage the caller may not read.
+        """
+        from catalog.document_search import hidden_documents
+
+        hidden = sorted(hidden_documents(self._warehouse, name, access, doc_ids=doc_ids))
+        if not hidden:
+            return
+        for doc_id in hidden:
+            self.touched.append(Touched("document", f"{name}.doc_id:{doc_id}", "denied"))
+        listed = ", ".join(repr(doc_id) for doc_id in hidden)
+        raise PolicyDenied(
+            f"Principal '{self.principal.name}' may not replace document(s) {listed} in {name}: a document "
+            "is replaced only by a principal that may read all of it. Nothing was written.",
+            hint="Send it under a new doc_id, or ask a data steward to have its owner change it.",
+        )
 
     def search_documents(
         self,
@@ -403,6 +434,11 @@ class CallScope:
     ) -> DocumentSearch:
         """Search the passages of Lance dataset `name` this principal may read.
 
+        With `version`, today's rules apply to the old passages: a passage is returned only if the
+        caller may read it (its own labels, today's policy) and may read every passage its doc_id
+        has in the current version; a doc_id deleted since is judged by the old passage alone.
+        Relabelling a document therefore hides its history from those it no longer admits.
+
         Raises:
             NotFound: no such dataset or version, or a dataset this principal may not read.
             PolicyDenied: a column a passage is returned with is not readable in clear.
@@ -410,7 +446,7 @@ class CallScope:
                 vector search on a dataset embedded with another model.
             BackendError: lancedb failed.
         """
-        from catalog.document_search import CLASSIFICATIONS, access_predicate, search_passages
+        from catalog.document_search import access_predicate, search_passages
         from server.errors import InvalidArgument
 
         self.require_dataset(name)
@@ -425,13 +461,14 @@ class CallScope:
                 f"Principal '{self.principal.name}' may not read {', '.join(unclear)} in clear.",
                 hint="Ask a data steward for access to the documents.",
             )
-        readable = [c for c in CLASSIFICATIONS if self.decide(f"{name}.classification:{c}", "read").allowed]
-        # The live role graph, the one every decision above was taken with.
-        roles = self._enforcer.roles_for(self.principal.name)
+        readable, roles = self._document_access(name)
+        access = access_predicate(readable, roles)
         predicate = access_predicate(
             readable, roles, wanted_classifications=classifications, source=source, title_contains=title_contains
         )
-        found = search_passages(self._warehouse, name, query, mode=mode, k=k, predicate=predicate, version=version)
+        found = search_passages(
+            self._warehouse, name, query, mode=mode, k=k, predicate=predicate, access=access, version=version
+        )
         self.record("dataset", name, "read", found.version)
         self.rows += len(found.hits)
         self.details.update(
@@ -440,7 +477,7 @@ class CallScope:
             version=found.version,
             mode=mode,
             k=k,
-            prefilter=predicate,
+            prefilter=found.predicate,
             readable_classifications=readable,
             results=len(found.hits),
         )
@@ -452,16 +489,24 @@ class CallScope:
         """Chunk, embed and write documents into Lance dataset `name`, replacing earlier versions of them.
 
         Decisions first: `write` on the dataset, then `read` on each classification the documents are
-        labelled with (a writer may not label what it could not read itself). Progress goes to the
-        client per embedding batch.
+        labelled with (a writer may not label what it could not read itself), then, for each doc_id
+        that already exists, whether the caller may read every passage of its current version (the
+        rule search_documents applies: classification and allowed_roles). That last check runs again
+        just before the write. Progress goes to the client per embedding batch.
+
+        allowed_roles needs no decision of its own: it only narrows who of those the policy lets
+        read the classification may read the document (search applies both), so a writer cannot
+        grant through it what the policy does not.
 
         Raises:
             NotFound: no such dataset, or one this principal may neither write nor read.
-            PolicyDenied: the principal may read but not write the dataset, or may not read a
-                classification it labels a document with (named).
+            PolicyDenied: the principal may read but not write the dataset, may not read a
+                classification it labels a document with (named), or may not read all of a
+                document it would replace (the doc_id named, nothing else of it). Nothing is written.
             InvalidArgument: see catalog.ingest.ingest_documents; nothing is written.
             BackendError: lancedb failed.
         """
+        from catalog.document_search import access_predicate
         from catalog.ingest import ingest_documents
         from server.errors import InvalidArgument
 
@@ -481,6 +526,9 @@ class CallScope:
                     hint="Use a classification you may read, or ask a data steward.",
                     rule=list(decision.rule),
                 )
+        doc_ids = [d.doc_id for d in documents]
+        access = access_predicate(*self._document_access(name))
+        self._require_replaceable(name, doc_ids, access)
 
         def progress(done: int, total: int) -> None:
             self.report_progress(done, total, f"embedded {done} of {total} passages")
@@ -493,6 +541,7 @@ class CallScope:
             overlap=overlap,
             progress=progress,
             index_min_rows=self.settings.writes.vector_index_min_rows,
+            before_write=lambda: self._require_replaceable(name, doc_ids, access),
         )
         self.record("dataset", name, "write", outcome.version)
         self.rows = outcome.rows
