@@ -1,11 +1,11 @@
 """Planning a read of an Iceberg table for DuckDB: which snapshot, which schema, which data files.
 
 DuckDB 2.0's iceberg extension cannot be installed here, so lakegate lets pyiceberg plan the scan
-(snapshot resolution, manifests, partition and file pruning) and hands DuckDB the planned Parquet
-files (`read_parquet([...])`), which it reads with projection and filter pushdown. A plan depends
-only on the table and the snapshot, and Iceberg files never change, so plans are cached by
-(table, snapshot id). With the data files on object storage (catalog/object_store.py) the plan
-carries a relation over Arrow datasets of the planned files instead (catalog/arrow_scan.py).
+(snapshot resolution, manifests, partition and file pruning) and hands the query worker the planned
+Parquet files, which it reads as Arrow datasets with projection and filter pushdown
+(catalog/arrow_relations.py). A plan depends only on the table and the snapshot, and Iceberg files
+never change, so plans are cached by (table, snapshot id). Files are named as the worker's file
+system reads them: local paths, or "bucket/key" on the object store (catalog/object_store.py).
 
 Row-level deletes: pyiceberg plans equality deletes with an error, and a plain Parquet read would
 silently ignore position-delete files written by other engines. A table whose planned scan holds
@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
+from catalog.arrow_relations import SourceColumn, TableSource
 from catalog.warehouse import Warehouse, translate_errors
 from server.errors import BackendError, InvalidArgument, NotFound
 
@@ -82,10 +84,19 @@ class ScanPlan:
     table: str
     snapshot_id: int | None  # None: the table has no snapshot yet (it is empty)
     columns: tuple[ScanColumn, ...]
-    files: tuple[str, ...]  # the Parquet data files: local paths, or s3:// URIs with an object store
-    # SQL of the relation holding the rows when the files are on object storage (read through Arrow
-    # datasets the sandbox registers); None: DuckDB reads `files` itself.
-    relation: str | None = None
+    files: tuple[tuple[str, int], ...]  # the Parquet data files (path, size in bytes): local paths, or
+    # "bucket/key" paths on the object store
+
+    def source(self, columns: Collection[str] | None = None) -> TableSource:
+        """What the query worker may read of this plan: its files, and `columns` (default: all)."""
+        return TableSource(
+            columns=tuple(
+                SourceColumn(c.name, c.duckdb_type, c.field_id)
+                for c in self.columns
+                if columns is None or c.name in columns
+            ),
+            files=self.files,
+        )
 
 
 def refuse_row_deletes(table: str, tasks: list[FileScanTask]) -> None:
@@ -163,8 +174,7 @@ class ScanPlanner:
                 ScanColumn(field.name, str(field.field_type), duckdb_type(str(field.field_type)), field.field_id)
                 for field in schema.fields
             )
-            files: tuple[str, ...] = ()
-            relation: str | None = None
+            files: tuple[tuple[str, int], ...] = ()
             if snapshot_id is not None:
                 try:
                     tasks = list(table.scan(snapshot_id=snapshot_id).plan_files())
@@ -173,14 +183,24 @@ class ScanPlanner:
                         raise
                     raise _row_deletes_refusal(name, "equality") from exc
                 refuse_row_deletes(name, tasks)
-                arrow = self._warehouse.arrow_scans
-                if arrow is None:
-                    files = tuple(_local_path(task.file.file_path) for task in tasks)
-                else:
-                    files = tuple(task.file.file_path for task in tasks)
-                    sizes = [(task.file.file_path, task.file.file_size_in_bytes) for task in tasks]
-                    relation = arrow.relation(columns, sizes) if sizes else None
-        plan = ScanPlan(name, snapshot_id, columns, files, relation)
+                files = tuple((self._path(task.file.file_path), task.file.file_size_in_bytes) for task in tasks)
+        plan = ScanPlan(name, snapshot_id, columns, files)
         with self._lock:
             self._plans[key] = plan
         return plan
+
+    def _path(self, location: str) -> str:
+        """Where the worker reads a planned file: a local path, or "bucket/key" under the warehouse.
+
+        Raises:
+            BackendError: a file outside the warehouse location on the object store, or not local.
+        """
+        store = self._warehouse.object_store
+        if store is None:
+            return _local_path(location)
+        if not store.in_warehouse(location):
+            raise BackendError(
+                f"data file {location} is outside the warehouse location {store.iceberg_location}; "
+                "lakegate reads only files under it"
+            )
+        return store.path_of(location)

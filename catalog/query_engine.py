@@ -1,123 +1,203 @@
-"""DuckDB sandboxes that run lakegate's rewritten SQL.
+"""The query engine: a pool of query worker processes that run governed SQL.
 
-Each sandbox is an in-memory DuckDB database set up once and then locked:
-- external access is off, except for the Iceberg warehouse's data directory (`allowed_directories`),
-  so that even SQL that slipped past the guard cannot read a local file, a URL or another database;
-  with the data files on object storage no directory is allowed at all, and the planned files reach
-  the sandbox as Arrow datasets registered for the one statement that names them
-  (catalog/arrow_scan.py);
-- extensions are neither installed nor auto-loaded, and Python replacement scans are off, so a
-  table name never resolves to a file or a Python object;
-- the mask macros are defined, the time zone is UTC, and the memory limit and thread count of one
-  query are set; then `lock_configuration` makes every setting final.
+A governed query reaches the engine as SQL in which every table is a placeholder name, and one
+`TableSource` per placeholder: the planned files of the table's snapshot and the columns its
+governed scan needs. The engine hands both to a worker process (catalog/query_worker.py), which
+runs them in a locked DuckDB sandbox that can read nothing else (catalog/query_sandbox.py), and
+answers the rows, whether they are whole, and which relations the engine scanned.
 
-What the sandbox does not do: it may read every file of the warehouse directory, so column masks,
-hidden columns and row filters are enforced by the guard's rewrite alone (policies/sql_guard.py),
-with DuckDB's own parser checking that exactly one SELECT runs. The sandbox is the wall against
-files, URLs, other databases and extensions outside the warehouse, and against changed settings.
-
-A pool holds `concurrency` sandboxes (creating one costs ~40 ms, reusing one costs nothing): a
-query takes one, runs with a time limit enforced by `interrupt()`, and gives it back, so each query
-has its own memory budget and no agent can take every core.
+Each worker runs one query at a time under an operating-system memory limit
+(`query.worker_memory_limit`), with DuckDB's own memory limit inside it. The pool holds at most
+`query.concurrency` workers (starting one costs about half a second, so they are kept and reused);
+a query waits for a free one up to the time limit. A worker that dies (over its memory limit,
+or killed after running past the time limit) is replaced by a new one on the next query; the
+query that killed it is answered with a clear error and the server goes on serving.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
+import os
+import pickle
 import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from policies.masks import mask_macros
+from catalog.arrow_relations import TableSource
+from catalog.query_sandbox import SandboxConfig
+from catalog.query_worker import Job, WorkerInit
 from server.errors import BackendError, InvalidArgument, LakegateError, LimitExceeded
-from server.settings import QuerySettings
+from server.settings import QuerySettings, parse_bytes
 
 if TYPE_CHECKING:
-    import duckdb
     import pyarrow as pa
+    from pyarrow.fs import FileSystem
 
-__all__ = ["QueryEngine"]
+__all__ = ["EngineResult", "QueryEngine", "TableSource"]
 
 log = structlog.get_logger(__name__)
 
 OnCancel = Callable[[Callable[[], None]], None]
 #: Receives the percentage of a running query that DuckDB reports done.
 OnProgress = Callable[[float], None]
-#: How often a running query's progress is read and reported.
-PROGRESS_INTERVAL_S = 1.0
-#: The Arrow datasets (pyarrow Dataset objects) a statement scans, by the relation name it uses.
-Relations = Callable[[str], Mapping[str, Any]]
+#: How long past the query's own time limit the server waits before it kills a worker that has
+#: not answered (its own timer interrupts DuckDB first; this is for a worker that cannot).
+KILL_GRACE_S = 5.0
+#: How long a new worker may take to start and set up its sandbox.
+START_TIMEOUT_S = 60.0
+WORKER_MODULE = f"{__package__}.query_worker"
 
 
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
+@dataclass(frozen=True)
+class EngineResult:
+    """What a worker answered for one statement."""
+
+    table: pa.Table | None  # the rows (None for a plan)
+    complete: bool  # the rows were read to the end of the result
+    scanned: dict[str, list[str]] = field(default_factory=dict)  # placeholder -> columns the engine read
+    plan: str | None = None
+
+
+class _WorkerDied(Exception):
+    pass
+
+
+class _WorkerProcess:
+    """One running worker and the server's end of its socket."""
+
+    def __init__(self, init: WorkerInit) -> None:
+        self._spill = Path(init.sandbox.spill_dir)
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": str(init.sandbox.threads)}
+        try:
+            self.process = subprocess.Popen(
+                # -I: the worker imports lakegate from where it is installed, never from the
+                # server's working directory or PYTHONPATH.
+                [sys.executable, "-I", "-m", WORKER_MODULE, str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # stdout may be the MCP stdio stream: never write to it
+                env=env,
+            )
+        finally:
+            theirs.close()
+        self.channel = Connection(ours.detach())
+        self._send_lock = threading.Lock()
+        self.send(init)
+        if not self.channel.poll(START_TIMEOUT_S):
+            self.kill()
+            raise BackendError(f"a query worker did not start within {START_TIMEOUT_S:g} s")
+        try:
+            ready = json.loads(self.channel.recv_bytes())
+        except (EOFError, OSError) as exc:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=5)  # its own exit status, before the kill below
+            status = self.process.poll()
+            self.kill()
+            raise BackendError(f"a query worker failed to start (exit status {status})") from exc
+        if ready.get("type") != "ready":
+            self.kill()
+            raise BackendError(f"a query worker answered {ready!r} when it started")
+
+    def send(self, message: Any) -> None:
+        with self._send_lock:
+            self.channel.send_bytes(pickle.dumps(message))
+
+    def receive(self, timeout: float) -> tuple[dict[str, Any], bytes | None] | None:
+        """The next message (header, payload), or None when none came within `timeout` seconds.
+
+        Raises:
+            _WorkerDied: the worker's end closed.
+        """
+        try:
+            if not self.channel.poll(timeout):
+                return None
+            header: dict[str, Any] = json.loads(self.channel.recv_bytes())
+            payload = self.channel.recv_bytes() if header.get("type") == "result" else None
+        except (EOFError, OSError) as exc:
+            raise _WorkerDied from exc
+        return header, payload
+
+    def kill(self) -> int | None:
+        """Stop the worker now; its exit status (negative: the signal that ended it)."""
+        self.channel.close()
+        if self.process.poll() is None:
+            self.process.kill()
+        try:
+            status = self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            return None
+        shutil.rmtree(self._spill / f"worker-{self.process.pid}", ignore_errors=True)
+        return status
 
 
 class QueryEngine:
-    """A pool of locked DuckDB sandboxes that may read only `allowed_dirs`, and the Arrow datasets
-    that `relations` finds named in a statement."""
+    """A pool of query worker processes, each with one locked DuckDB sandbox."""
 
     def __init__(
-        self,
-        allowed_dirs: list[Path],
-        settings: QuerySettings,
-        hash_key: str,
-        spill_dir: Path,
-        relations: Relations | None = None,
+        self, settings: QuerySettings, hash_key: str, spill_dir: Path, filesystem: FileSystem | None = None
     ) -> None:
-        self.allowed_dirs = [str(path.resolve()).rstrip("/") + "/" for path in allowed_dirs]
-        self._relations = relations
-        self.spill_dir = spill_dir
         self.settings = settings
-        self._hash_key = hash_key
-        self._idle: queue.LifoQueue[duckdb.DuckDBPyConnection] = queue.LifoQueue()
-        self._created = 0
-        self._all: list[duckdb.DuckDBPyConnection] = []
-        self._lock = threading.Lock()
-
-    def sandbox(self) -> duckdb.DuckDBPyConnection:
-        """A new locked sandbox (the pool uses this; tests use it to prove the sandbox alone holds)."""
-        import duckdb
-
-        connection = duckdb.connect(
-            ":memory:",
-            config={"threads": self.settings.threads, "memory_limit": self.settings.memory_limit},
+        spill_dir.mkdir(parents=True, exist_ok=True)
+        self._init = WorkerInit(
+            sandbox=SandboxConfig(
+                threads=settings.threads,
+                memory_limit=settings.memory_limit,
+                spill_dir=str(spill_dir),
+                spill_limit=settings.spill_limit,
+                hash_key=hash_key,
+            ),
+            memory_bytes=parse_bytes(settings.worker_memory_limit) if settings.worker_memory_limit else None,
+            filesystem=filesystem,
         )
-        for statement in mask_macros(self._hash_key):
-            connection.execute(statement)
-        directories = ", ".join(_literal(path) for path in self.allowed_dirs)
-        for setting in (
-            "SET TimeZone = 'UTC'",
-            # Spill under the state directory, never into the server's working directory, and boundedly.
-            f"SET temp_directory = {_literal(str(self.spill_dir))}",
-            f"SET max_temp_directory_size = {_literal(self.settings.spill_limit)}",
-            "SET python_enable_replacements = false",
-            "SET autoinstall_known_extensions = false",
-            "SET autoload_known_extensions = false",
-            # Progress is measured (query_progress) but never printed.
-            "SET enable_progress_bar = true",
-            "SET enable_progress_bar_print = false",
-            f"SET allowed_directories = [{directories}]",
-            "SET enable_external_access = false",
-            "SET lock_configuration = true",
-        ):
-            connection.execute(setting)
-        return connection
+        self._idle: queue.LifoQueue[_WorkerProcess] = queue.LifoQueue()
+        self._all: list[_WorkerProcess] = []
+        self._starting = 0
+        self._lock = threading.Lock()
+        self._requests = itertools.count(1)
+        self._closed = False
 
-    def _acquire(self) -> duckdb.DuckDBPyConnection:
+    def warm(self) -> None:
+        """Start one worker ahead of the first query (in the background: errors wait for that query)."""
+
+        def start() -> None:
+            try:
+                self._release(self._acquire())
+            except LakegateError:
+                log.warning("query.warm_failed", exc_info=True)
+
+        threading.Thread(target=start, name="lakegate-query-warm", daemon=True).start()
+
+    def _acquire(self) -> _WorkerProcess:
         with self._lock:
-            if self._idle.empty() and self._created < self.settings.concurrency:
-                self._created += 1
-                try:
-                    connection = self.sandbox()
-                except Exception as exc:
-                    self._created -= 1
-                    raise BackendError(f"cannot create a DuckDB sandbox: {exc}") from exc
-                self._all.append(connection)
-                return connection
+            if self._closed:
+                raise BackendError("the query engine is closed")
+            start = self._idle.empty() and len(self._all) + self._starting < self.settings.concurrency
+            if start:
+                self._starting += 1
+        if start:
+            try:
+                worker = _WorkerProcess(self._init)
+            finally:
+                with self._lock:
+                    self._starting -= 1
+            with self._lock:
+                self._all.append(worker)
+            return worker
         try:
             return self._idle.get(timeout=self.settings.timeout_s)
         except queue.Empty:
@@ -126,208 +206,150 @@ class QueryEngine:
                 hint="Try again in a moment, or make the query cheaper (filter, aggregate, fewer columns).",
             ) from None
 
-    def _release(self, connection: duckdb.DuckDBPyConnection) -> None:
-        self._idle.put(connection)
+    def _release(self, worker: _WorkerProcess) -> None:
+        self._idle.put(worker)
 
-    def _attach(self, connection: duckdb.DuckDBPyConnection, sql: str) -> list[str]:
-        # Registered for this statement only, so that a pooled sandbox holds no dataset between
-        # queries; register is an explicit view, not a replacement scan, so it works when locked.
-        names = []
-        for name, dataset in (self._relations(sql) if self._relations else {}).items():
-            connection.register(name, dataset)
-            names.append(name)
-        return names
-
-    @staticmethod
-    def _detach(connection: duckdb.DuckDBPyConnection, names: list[str]) -> None:
-        for name in names:
-            try:
-                connection.unregister(name)
-            except Exception:  # a leftover view harms nobody: only a plan's SQL names it
-                log.warning("query.unregister_failed", relation=name, exc_info=True)
-
-    def run(self, sql: str, on_cancel: OnCancel | None = None, on_progress: OnProgress | None = None) -> pa.Table:
-        """Run one statement and return its whole result as Arrow (see `run_page` for what it raises)."""
-        return self.run_page(sql, on_cancel, on_progress)[0]
+    def _discard(self, worker: _WorkerProcess) -> int | None:
+        status = worker.kill()
+        with self._lock:
+            if worker in self._all:
+                self._all.remove(worker)
+        return status
 
     def run_page(
         self,
         sql: str,
+        sources: Mapping[str, TableSource],
         on_cancel: OnCancel | None = None,
         on_progress: OnProgress | None = None,
         max_bytes: int | None = None,
-    ) -> tuple[pa.Table, bool]:
-        """Run one statement and return its result as Arrow, reporting progress every second, and
-        whether the result was read to its end.
-
-        With `max_bytes`, reading stops once the rows read hold more than that many bytes (in
-        Arrow): the caller can only return so much, and a result of huge cells must not fill the
-        server's memory (DuckDB's memory limit does not cover the Python side).
+    ) -> EngineResult:
+        """Run one statement and return its result as Arrow (with `max_bytes`, reading stops once the
+        rows read hold more than that many bytes: the caller can only return so much).
 
         Raises:
-            LimitExceeded: the query ran past the time limit or out of its memory budget.
+            LimitExceeded: the query ran past the time limit or out of memory, or one row is far
+                over `max_bytes`.
             InvalidArgument: DuckDB rejected the SQL (binder, type or conversion errors: the message says why).
-            BackendError: anything else went wrong in DuckDB.
+            BackendError: anything else went wrong in DuckDB or the worker.
         """
-        connection = self._acquire()
-        state = {"timed_out": False, "cancelled": False}
+        job = Job(sql, dict(sources), False, self.settings.timeout_s, max_bytes, on_progress is not None)
+        header, payload = self._call(job, on_cancel, on_progress)
+        import pyarrow as pa
 
-        def interrupt(reason: str) -> None:
-            state[reason] = True
-            connection.interrupt()
+        table = pa.ipc.open_stream(payload).read_all()
+        scanned = {str(tag): [str(c) for c in columns] for tag, columns in header.get("scanned", {}).items()}
+        return EngineResult(table, bool(header["complete"]), scanned)
 
-        timer = threading.Timer(self.settings.timeout_s, interrupt, args=("timed_out",))
-        timer.daemon = True
-        attached: list[str] = []
-        try:
-            if on_cancel is not None:
-                on_cancel(lambda: interrupt("cancelled"))
-            _require_one_select(connection, sql)
-            attached = self._attach(connection, sql)
-            timer.start()
-            return _execute(connection, sql, on_progress, max_bytes)
-        except Exception as exc:
-            raise self._translate(exc, state) from exc
-        finally:
-            timer.cancel()
-            if timer.is_alive():
-                timer.join()  # an interrupt in flight must not reach the next caller's query
-            self._detach(connection, attached)
-            self._release(connection)
-
-    def explain(self, sql: str) -> str:
+    def explain(self, sql: str, sources: Mapping[str, TableSource]) -> str:
         """DuckDB's physical plan for `sql`, without running it.
 
         Raises:
             InvalidArgument: DuckDB cannot plan the SQL.
-            BackendError: anything else went wrong in DuckDB.
+            BackendError: anything else went wrong in DuckDB or the worker.
         """
-        connection = self._acquire()
-        attached: list[str] = []
+        header, _ = self._call(Job(sql, dict(sources), True, self.settings.timeout_s, None, False), None, None)
+        return str(header["plan"])
+
+    def _call(
+        self, job: Job, on_cancel: OnCancel | None, on_progress: OnProgress | None
+    ) -> tuple[dict[str, Any], bytes | None]:
+        worker = self._acquire()
+        request = next(self._requests)
+        healthy = False
         try:
-            _require_one_select(connection, sql)
-            attached = self._attach(connection, sql)
-            rows = connection.execute(f"EXPLAIN {sql}").fetchall()
-        except Exception as exc:
-            raise self._translate(exc, {}) from exc
+            try:
+                worker.send(("run", request, job))
+            except OSError as exc:
+                raise _WorkerDied from exc
+            if on_cancel is not None:
+                on_cancel(lambda: _quietly(worker.send, ("cancel", request)))
+            deadline = time.monotonic() + job.timeout_s + KILL_GRACE_S
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.error("query.worker_unresponsive", pid=worker.process.pid)
+                    raise self._timeout()
+                message = worker.receive(min(remaining, 1.0))
+                if message is None:
+                    continue
+                header, payload = message
+                if header["type"] == "progress":
+                    if on_progress is not None:
+                        try:
+                            on_progress(float(header["done"]))
+                        except Exception:  # progress is best effort; the query goes on
+                            log.warning("query.progress_failed", exc_info=True)
+                    continue
+                healthy = True
+                if header["type"] == "error":
+                    raise self._translate(header)
+                return header, payload
+        except _WorkerDied:
+            status = self._discard(worker)
+            log.error("query.worker_died", pid=worker.process.pid, status=status)
+            raise self._died(status) from None
         finally:
-            self._detach(connection, attached)
-            self._release(connection)
-        return "\n".join(str(row[-1]) for row in rows)
+            if healthy:
+                self._release(worker)
+            else:
+                self._discard(worker)
 
-    def _translate(self, exc: Exception, state: dict[str, bool]) -> LakegateError:
-        import duckdb
-
-        if isinstance(exc, LakegateError):
-            return exc
-        if state.get("cancelled"):
-            # The gate has already answered (and audited) the cancelled call; nobody reads this.
-            return BackendError("the client cancelled the query")
-        if isinstance(exc, duckdb.InterruptException) or state.get("timed_out"):
-            return LimitExceeded(
-                f"The query ran longer than {self.settings.timeout_s:g} s and was stopped.",
-                hint="Filter on the partition column (e.g. a date range), aggregate, or select fewer columns.",
-            )
-        if isinstance(exc, duckdb.OutOfMemoryException):
-            return LimitExceeded(
-                f"The query needed more than its memory budget ({self.settings.memory_limit}).",
-                hint="Aggregate before joining, filter earlier, or select fewer columns.",
-            )
-        if isinstance(exc, duckdb.PermissionException):
-            # Only SQL that got past the guard can reach this: the sandbox held.
-            return BackendError(f"the DuckDB sandbox refused an operation: {exc}")
-        client_errors = (
-            duckdb.BinderException,
-            duckdb.CatalogException,
-            duckdb.ParserException,
-            duckdb.ConversionException,
-            duckdb.InvalidInputException,
-            duckdb.OutOfRangeException,
-            duckdb.NotImplementedException,
-            duckdb.TypeMismatchException,
+    def _timeout(self) -> LimitExceeded:
+        return LimitExceeded(
+            f"The query ran longer than {self.settings.timeout_s:g} s and was stopped.",
+            hint="Filter on the partition column (e.g. a date range), aggregate, or select fewer columns.",
         )
-        if isinstance(exc, client_errors):
-            message = str(exc).split("\n\nLINE", 1)[0].strip()
+
+    def _memory(self) -> LimitExceeded:
+        return LimitExceeded(
+            f"The query used too much memory and was stopped (memory budget {self.settings.memory_limit}).",
+            hint="Aggregate before joining, filter earlier, select fewer columns, or build smaller lists and strings.",
+        )
+
+    def _died(self, status: int | None) -> LakegateError:
+        # Under its memory limit a worker that cannot allocate may abort or crash rather than raise.
+        if status is not None and -status in (signal.SIGKILL, signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS):
+            return self._memory()
+        if status == 1:  # a MemoryError the worker could not even report
+            return self._memory()
+        return BackendError(f"a query worker exited with status {status}")
+
+    def _translate(self, header: Mapping[str, Any]) -> LakegateError:
+        kind, message = header.get("kind"), str(header.get("message", ""))
+        if kind == "invalid":
             return InvalidArgument(
                 f"DuckDB could not run the query: {message}",
                 hint="Fix the SQL (DuckDB dialect) and call query again; describe_dataset lists columns and types.",
             )
-        return BackendError(f"DuckDB failed: {type(exc).__name__}: {exc}")
+        if kind == "timeout":
+            return self._timeout()
+        if kind == "memory":
+            return self._memory()
+        if kind == "row_too_large":
+            return LimitExceeded(
+                f"One row of the result is about {int(header.get('bytes', 0)):,} bytes, far more than the "
+                "byte budget of a call.",
+                hint="Select fewer or shorter columns (e.g. left(text, 200)).",
+            )
+        if kind == "cancelled":
+            # The gate has already answered (and audited) the cancelled call; nobody reads this.
+            return BackendError("the client cancelled the query")
+        if kind == "refused":
+            # Only SQL that got past the guard can reach this: the sandbox held.
+            return BackendError(f"the DuckDB sandbox refused an operation: {message}")
+        return BackendError(f"DuckDB failed: {message}")
 
     def close(self) -> None:
         with self._lock:
-            for connection in self._all:
-                connection.close()
+            self._closed = True
+            workers = list(self._all)
             self._all.clear()
-            self._created = 0
             self._idle = queue.LifoQueue()
+        for worker in workers:
+            worker.kill()
 
 
-def _require_one_select(connection: duckdb.DuckDBPyConnection, sql: str) -> None:
-    """DuckDB's own parser must see exactly one SELECT: a second wall behind the guard's parser, so
-    that a difference between sqlglot and DuckDB can never run a statement that changes a pooled
-    sandbox (a macro redefined there would unmask the next caller's query)."""
-    import duckdb
-
-    statements = connection.extract_statements(sql)
-    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
-        kinds = ", ".join(str(statement.type) for statement in statements)
-        raise BackendError(f"refused to run SQL that DuckDB reads as [{kinds}], not one SELECT")
-
-
-#: Rows per Arrow batch read from DuckDB: small, so that reading can stop soon after the byte budget.
-FETCH_BATCH_ROWS = 64
-
-
-def _fetch(connection: duckdb.DuckDBPyConnection, sql: str, max_bytes: int | None) -> tuple[pa.Table, bool]:
-    import pyarrow as pa
-
-    reader = connection.sql(sql).to_arrow_reader(batch_size=FETCH_BATCH_ROWS)
-    batches = []
-    held = 0
-    complete = True
-    for batch in reader:
-        batches.append(batch)
-        held += batch.nbytes
-        if max_bytes is not None and held > max_bytes:
-            complete = False  # enough to fill (or overflow) the page; the rest is never read
-            break
-    return pa.Table.from_batches(batches, schema=reader.schema), complete
-
-
-def _execute(
-    connection: duckdb.DuckDBPyConnection, sql: str, on_progress: OnProgress | None, max_bytes: int | None
-) -> tuple[pa.Table, bool]:
-    """Run `sql`; while it runs, the calling thread reads DuckDB's progress and reports it.
-
-    The connection is never handed back while its query still runs: if reporting fails (the client
-    went away), the query is interrupted and waited for before the error goes up.
-    """
-    if on_progress is None:
-        return _fetch(connection, sql, max_bytes)
-    outcome: dict[str, Any] = {}
-
-    def execute() -> None:
-        try:
-            outcome["result"] = _fetch(connection, sql, max_bytes)
-        except BaseException as exc:  # handed to the calling thread, which raises it
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=execute, name="lakegate-query", daemon=True)
-    worker.start()
-    try:
-        while worker.is_alive():
-            worker.join(PROGRESS_INTERVAL_S)
-            if worker.is_alive() and (done := connection.query_progress()) >= 0:
-                try:
-                    on_progress(float(done))
-                except Exception:  # progress is best effort; the query goes on
-                    log.warning("query.progress_failed", exc_info=True)
-    finally:
-        if worker.is_alive():
-            connection.interrupt()
-            worker.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    result: tuple[pa.Table, bool] = outcome["result"]
-    return result
+def _quietly(send: Callable[[Any], None], message: Any) -> None:
+    with contextlib.suppress(OSError):  # the worker is gone: nothing left to cancel
+        send(message)

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from server.errors import BackendError, LakegateError, NotFound
 
 if TYPE_CHECKING:
-    from catalog.arrow_scan import ArrowScans
     from catalog.iceberg_scan import ScanPlanner
     from catalog.object_store import ObjectStore
     from catalog.query_engine import QueryEngine
@@ -126,7 +125,6 @@ class Warehouse:
         self.state_dir = state_dir
         self.catalog_uri = catalog_uri
         self.object_store = object_store
-        self._arrow_scans: ArrowScans | None = None
         self._iceberg: SqlCatalog | None = None
         self._lance: LanceDBConnection | None = None
         self._lock = threading.Lock()
@@ -175,38 +173,22 @@ class Warehouse:
             return self._iceberg
 
     def query_engine(self, settings: QuerySettings) -> QueryEngine:
-        """The DuckDB sandboxes that may read this warehouse's Iceberg files (created on first use)."""
+        """The query worker pool that reads this warehouse's Iceberg files (created on first use).
+
+        The workers' sandboxes may read no file by name: the planned files of each call reach them
+        as Arrow datasets over this file system (the object store's, or the local one).
+        """
         from catalog.query_engine import QueryEngine
 
         with self._lock:
             if self._engine is None:
-                # On S3 the sandbox may read no directory at all: the Arrow datasets of the planned
-                # files (catalog/arrow_scan.py) are its only way to the data.
-                allowed = [] if self.object_store else [self.iceberg_data_dir]
-                for directory in allowed:
-                    directory.mkdir(parents=True, exist_ok=True)
-                arrow = self._arrow_scans_locked()
                 self._engine = QueryEngine(
-                    allowed,
                     settings,
                     self._mask_key(),
                     spill_dir=self.state_dir / "spill",
-                    relations=arrow.datasets_in if arrow else None,
+                    filesystem=self.object_store.filesystem if self.object_store else None,
                 )
             return self._engine
-
-    @property
-    def arrow_scans(self) -> ArrowScans | None:
-        """How planned files on the object store are read (None without one: DuckDB reads local files)."""
-        with self._lock:
-            return self._arrow_scans_locked()
-
-    def _arrow_scans_locked(self) -> ArrowScans | None:
-        if self.object_store is not None and self._arrow_scans is None:
-            from catalog.arrow_scan import ArrowScans
-
-            self._arrow_scans = ArrowScans(self.object_store)
-        return self._arrow_scans
 
     @property
     def scans(self) -> ScanPlanner:
@@ -278,7 +260,6 @@ class Warehouse:
                 self._engine.close()
             self._engine = None
             self._planner = None
-            self._arrow_scans = None
 
     # -- listing -------------------------------------------------------------------------------
 

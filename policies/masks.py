@@ -1,20 +1,27 @@
 """Column masks as SQL: how a masked column reads inside a governed query.
 
 Each mask is a DuckDB macro defined in every query sandbox before its configuration is locked, so
-that the rewritten SQL stays readable (`lakegate_mask_hash("email") AS "email"`) and the hash key
-never appears in SQL text or audit records. Agents may not call these macros themselves (the SQL
-guard rejects every `lakegate_` function), so a mask cannot be used as an oracle.
+that the rewritten SQL stays readable (`lakegate_mask_hash("email") AS "email"`). The hash mask's
+key never enters DuckDB: the macro calls a function the query worker registers from Python
+(`keyed_hash`), which holds the key, so no SQL text, plan, error or catalog view of the sandbox
+can show it (a macro with the key as a literal showed it in every plan). Agents may not call these
+functions themselves (the SQL guard rejects every `lakegate_` function), so a mask cannot be used
+as an oracle.
 
 Masks keep NULL as NULL, so that counting non-null values gives the same answer masked or clear.
 """
 
 from __future__ import annotations
 
+import hashlib
+
 from policies.columns import MASK_METHODS
 
-__all__ = ["MACRO_PREFIX", "mask_macro_name", "mask_macros"]
+__all__ = ["KEYED_HASH_FUNCTION", "MACRO_PREFIX", "keyed_hash", "mask_macro_name", "mask_macros"]
 
 MACRO_PREFIX = "lakegate_"
+#: The function (VARCHAR -> VARCHAR) behind the hash mask, registered in each sandbox with its key.
+KEYED_HASH_FUNCTION = f"{MACRO_PREFIX}keyed_hash"
 
 
 def mask_macro_name(method: str) -> str:
@@ -28,14 +35,28 @@ def mask_macro_name(method: str) -> str:
     return f"{MACRO_PREFIX}mask_{method}"
 
 
-def mask_macros(hash_key: str) -> list[str]:
-    """CREATE MACRO statements for every mask; `hash_key` keys the hash (hex, from the state directory)."""
-    if not hash_key.isalnum():
-        raise ValueError("the mask hash key must be alphanumeric")
+def keyed_hash(key: str, values: list[str | None]) -> list[str | None]:
+    """The hash mask of each value: the first 16 hex digits of SHA-256 over the key and the value.
+
+    Keyed, so that a reader cannot confirm a guess by hashing it; stable, so still joinable.
+    """
+    keyed = hashlib.sha256(key.encode())
+    hashed: list[str | None] = []
+    for value in values:
+        if value is None:
+            hashed.append(None)
+            continue
+        digest = keyed.copy()
+        digest.update(value.encode())
+        hashed.append(digest.hexdigest()[:16])
+    return hashed
+
+
+def mask_macros() -> list[str]:
+    """CREATE MACRO statements for every mask (the hash mask calls `KEYED_HASH_FUNCTION`)."""
     text = "CAST(x AS VARCHAR)"
     bodies = {
-        # Keyed, so that a reader cannot confirm a guess by hashing it; stable, so still joinable.
-        "hash": f"left(sha256('{hash_key}' || {text}), 16)",
+        "hash": f"{KEYED_HASH_FUNCTION}({text})",
         # Keep the last four characters: enough to confirm a phone or card with a customer.
         "partial": f"CASE WHEN x IS NULL THEN NULL ELSE repeat('*', greatest(length({text}) - 4, 0)) "
         f"|| right({text}, 4) END",

@@ -172,7 +172,8 @@ def _names_cte(table: exp.Table) -> bool:
     """Whether a bare table name is a CTE in scope where it stands, by DuckDB's scoping rules.
 
     A query sees the CTEs of its own WITH and of every enclosing one; a CTE sees the CTEs before it
-    in its WITH, and itself only from the recursive term of a WITH RECURSIVE. Any other bare name
+    in its WITH, and itself only from the recursive term of a WITH RECURSIVE whose body is a plain
+    UNION [ALL]. Any other bare name
     DuckDB looks up in its catalog (pg_proc holds the mask macros and their hash key, pg_settings
     the sandbox's settings), so a CTE of the same name elsewhere in the query must not vouch for it.
     """
@@ -186,10 +187,13 @@ def _names_cte(table: exp.Table) -> bool:
             if any(str(cte.alias_or_name).lower() == name for cte in parent.expressions[:position]):
                 return True
             body = child.this
+            # DuckDB binds a recursive CTE only for a plain UNION [ALL] (not BY NAME, INTERSECT or
+            # EXCEPT), and the self-reference only in its recursive (right-hand) term.
             if (
                 parent.args.get("recursive")
                 and str(child.alias_or_name).lower() == name
-                and isinstance(body, exp.SetOperation)
+                and isinstance(body, exp.Union)
+                and not body.args.get("by_name")
                 and any(node is body.expression for node in path)
             ):
                 return True
@@ -205,7 +209,7 @@ def _names_cte(table: exp.Table) -> bool:
 
 
 def table_name(table: exp.Table) -> str | None:
-    """"namespace.table" for a reference to a governed table, None for a bare name (a CTE)."""
+    """ "namespace.table" for a reference to a governed table, None for a bare name (a CTE)."""
     if table.args.get("catalog") is not None:
         raise _invalid(f"Table {table.sql(DIALECT)} names a catalog; name tables as namespace.table.")
     if not table.db:
@@ -321,9 +325,7 @@ def resolve_columns(query: GuardedQuery, tables: Mapping[str, TableColumns]) -> 
         InvalidQuery: a column does not exist, is ambiguous, or the query cannot be resolved.
     """
     try:
-        qualified = qualify(
-            query.tree.copy(), schema=_schema(tables), dialect=DIALECT, validate_qualify_columns=True
-        )
+        qualified = qualify(query.tree.copy(), schema=_schema(tables), dialect=DIALECT, validate_qualify_columns=True)
         scopes = traverse_scope(qualified)
     except OptimizeError as exc:
         raise _column_error(str(exc), query, tables) from exc
@@ -346,9 +348,8 @@ def resolve_columns(query: GuardedQuery, tables: Mapping[str, TableColumns]) -> 
         projections = scope.expression.expressions if isinstance(scope.expression, exp.Select) else []
         stars = (star for projection in projections for star in projection.find_all(exp.Star))
         # A positional reference (#3) reads a column by place: count the whole row, too.
-        pattern = (
-            scope.expression.find(exp.Columns, exp.PositionalColumn) is not None
-            or any(not isinstance(star.parent, exp.Func) for star in stars)
+        pattern = scope.expression.find(exp.Columns, exp.PositionalColumn) is not None or any(
+            not isinstance(star.parent, exp.Func) for star in stars
         )
         whole_rows = {
             str(node.name) for node in scope.expression.find_all(exp.TableColumn)
@@ -416,6 +417,7 @@ def rewrite(query: GuardedQuery, scans: Mapping[str, str]) -> str:
         parsed = {name: sqlglot.parse_one(sql, dialect=DIALECT) for name, sql in scans.items()}
     except ParseError as exc:
         raise _invalid(f"A governed scan does not parse: {exc}") from exc
+    _name_subquery_columns(tree)
     for table in list(tree.find_all(exp.Table)):
         name = table_name(table) if isinstance(table.this, exp.Identifier) else None
         if name is None:
@@ -435,6 +437,25 @@ def rewrite(query: GuardedQuery, scans: Mapping[str, str]) -> str:
     # Without comments: what runs is exactly the tree that was checked (the original, comments
     # included, is in the audit record).
     return tree.sql(DIALECT, comments=False)
+
+
+def _name_subquery_columns(tree: exp.Expr) -> None:
+    """Alias every unaliased output column that holds a subquery with the agent's own text of it.
+
+    DuckDB names such a column after the SQL that ran, which after the rewrite is the governed scan
+    (its masks, row filters and relations), not what the agent wrote.
+    """
+    unnamed = [
+        projection
+        for select in tree.find_all(exp.Select)
+        for projection in select.expressions
+        if not isinstance(projection, exp.Alias | exp.Star) and projection.find(exp.Query) is not None
+    ]
+    names = [projection.sql(DIALECT, comments=False) for projection in unnamed]  # before any is changed
+    for projection, name in zip(unnamed, names, strict=True):
+        alias = exp.Alias(alias=exp.to_identifier(name, quoted=True))
+        projection.replace(alias)
+        alias.set("this", projection)
 
 
 def page(sql: str, offset: int, count: int) -> str:

@@ -11,7 +11,8 @@
     └── ServerError            lakegate's own failure; the agent sees a short generic message
         ├── BackendError       a storage engine (pyiceberg, DuckDB, Lance) failed
         ├── AuditWriteError    the audit record could not be written (the call fails closed)
-        └── ConfigurationError settings or definition files are invalid
+        ├── ConfigurationError settings or definition files are invalid
+        └── GovernanceViolation the engine read something the gate did not hand it (fails closed)
 
 Client errors carry a `hint`: what the agent can do instead. Server errors keep their details
 for the log only.
@@ -25,6 +26,7 @@ __all__ = [
     "Cancelled",
     "ClientError",
     "ConfigurationError",
+    "GovernanceViolation",
     "InvalidArgument",
     "InvalidQuery",
     "LakegateError",
@@ -109,3 +111,14 @@ class AuditWriteError(ServerError):
 
 class ConfigurationError(ServerError):
     outcome = "configuration_error"
+
+
+class GovernanceViolation(ServerError):
+    """The query engine's account of what it read disagrees with what the gate handed it.
+
+    Only a bug can cause this (the SQL guard and the engine read a query differently): the call
+    returns no data, and the audit record says `policy_error`.
+    """
+
+    outcome = "policy_error"
+    public_message = "lakegate stopped this call because the query engine did not read what the policy allowed."

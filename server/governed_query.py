@@ -2,11 +2,16 @@
 
     parse (guard) -> decide each table -> plan each scan (snapshot) -> decide each column
     -> resolve the columns read (refuse hidden ones) -> build governed scans (masks, row filters)
-    -> rewrite -> run in a DuckDB sandbox -> a page of JSON rows
+    -> rewrite -> run in a query worker's sandbox -> a page of JSON rows
 
 Every decision goes through the caller's `CallScope`, and everything the audit record needs (the
 original and rewritten SQL, the snapshot of each table read, the columns read with their access,
 the row filters applied) is noted on it.
+
+The engine gets the rewritten SQL with a placeholder for each table and, for each placeholder, the
+planned files and the columns its governed scan needs (visible and row-filter columns, never a
+hidden one): nothing else is readable in its sandbox. The tables the audit record says were read
+are the ones the engine reports it scanned; a scan the guard did not expect fails the call.
 """
 
 from __future__ import annotations
@@ -21,14 +26,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from catalog.arrow_relations import TableSource
 from catalog.iceberg_scan import ScanPlan
 from policies.columns import ColumnAccess
 from policies.masks import mask_macro_name
 from policies.row_filters import RowFilter
 from policies.sql_guard import GuardedQuery, InvalidQuery, TableColumns, page, parse_query, resolve_columns, rewrite
-from server.errors import ConfigurationError, LimitExceeded, NotFound
+from server.errors import ConfigurationError, GovernanceViolation, LimitExceeded, NotFound
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -38,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["QueryPage", "json_value", "run_query"]
 
 MAX_SAFE_INTEGER = 2**53 - 1
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,9 +71,7 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def governed_scan(
-    plan: ScanPlan, accesses: Mapping[str, ColumnAccess], filters: list[RowFilter], source: str
-) -> str:
+def governed_scan(plan: ScanPlan, accesses: Mapping[str, ColumnAccess], filters: list[RowFilter], source: str) -> str:
     """The SELECT a table reference becomes: visible columns (masked where policy says), filtered rows.
 
     `source` is what the scan reads from: a placeholder name, replaced by `scan_source(plan)` in the
@@ -98,22 +103,11 @@ def governed_scan(
     return f"SELECT {', '.join(selected)} FROM {_quote(source)}" + (f" WHERE {where}" if where else "")
 
 
-def scan_source(plan: ScanPlan) -> str:
-    """The relation holding a table's rows at the planned snapshot: its Parquet files."""
-    if plan.relation is not None:
-        return plan.relation  # files on object storage: Arrow datasets, mapped by field id already
-    if plan.files:
-        files = ", ".join(_literal(path) for path in plan.files)
-        # Columns by Iceberg field id, not by name: files written before a rename or a dropped and
-        # re-added column still read right, and a column added later reads NULL in older files.
-        fields = ", ".join(
-            f"{c.field_id}: {{name: {_literal(c.name)}, type: {_literal(c.duckdb_type)}, default_value: NULL}}"
-            for c in plan.columns
-        )
-        return f"read_parquet([{files}], schema = MAP {{{fields}}})"
-    # An empty table has no file: an empty relation of the same columns and types.
-    empty = ", ".join(f"CAST(NULL AS {c.duckdb_type}) AS {_quote(c.name)}" for c in plan.columns)
-    return f"(SELECT {empty} LIMIT 0)"
+def table_source(plan: ScanPlan, accesses: Mapping[str, ColumnAccess], filters: list[RowFilter]) -> TableSource:
+    """What the engine may read of a table for one call: its planned files, and of its columns only
+    those the governed scan needs (the visible ones, and those a row filter reads)."""
+    filtered = {column for row_filter in filters for column in row_filter.columns()}
+    return plan.source({c.name for c in plan.columns if accesses[c.name].visible or c.name.lower() in filtered})
 
 
 def _substitute(template: str, sources: Mapping[str, str]) -> str:
@@ -188,9 +182,10 @@ def run_query(
     masked: dict[str, str] = {}
     filters: dict[str, list[RowFilter]] = {}
     scans: dict[str, str] = {}
-    # Placeholders for the scans' sources, unguessable so that no agent text can collide with one.
-    sources = {f"lakegate_source_{secrets.token_hex(8)}": scan_source(plans[name]) for name in query.tables}
-    for name, placeholder in zip(query.tables, sources, strict=True):
+    # Placeholders for the tables' relations, unguessable so that no agent text can collide with one.
+    placeholders = {f"lakegate_source_{secrets.token_hex(8)}": name for name in query.tables}
+    sources: dict[str, TableSource] = {}
+    for placeholder, name in placeholders.items():
         by_lower = {column.lower(): access for column, access in accesses[name].items()}
         for column in sorted(read[name]):
             access = by_lower[column]
@@ -199,29 +194,64 @@ def run_query(
                 masked[access.column] = access.mask
         filters[name] = scope.row_filters(name)
         scans[name] = governed_scan(plans[name], accesses[name], filters[name], placeholder)
-        scope.record("dataset", name, "filtered" if filters[name] else "read", plans[name].snapshot_id)
+        sources[placeholder] = table_source(plans[name], accesses[name], filters[name])
     template = rewrite(query, scans)
-    runnable = _substitute(template, sources)
-    # What the audit record and explain show: each table's files named by the snapshot they are,
-    # so that records stay small and no server path reaches the agent.
-    labels = {p: f'"{name}@{plans[name].snapshot_id}"' for name, p in zip(query.tables, sources, strict=True)}
+    # What the audit record and explain show: each table's relation named by the snapshot it is,
+    # so that records stay small and nothing of the server's files reaches the agent.
+    labels = {p: f'"{name}@{plans[name].snapshot_id}"' for p, name in placeholders.items()}
     rewritten = _substitute(template, labels)
     snapshots = {name: plan.snapshot_id for name, plan in plans.items()}
     applied = {name: [f.sql() for f in found] for name, found in filters.items() if found}
     scope.details.update(rewritten_sql=rewritten, snapshots=snapshots, row_filters=applied, masked_columns=masked)
     engine = scope.query_engine()
     if explain:
-        plan = _without_estimates(engine.explain(runnable))
+        for name in query.tables:
+            scope.record("dataset", name, "planned", plans[name].snapshot_id)
+        plan = _without_estimates(engine.explain(template, sources))
         return QueryPage([], [], 0, False, snapshots, rewritten, masked, applied, query.ordered, plan)
 
     def progress(done: float) -> None:
         scope.report_progress(round(done, 1), 100.0, "query running (percent done, as DuckDB estimates it)")
 
-    table, complete = engine.run_page(
-        page(runnable, offset, count + 1), scope.on_cancel, progress, max_bytes=scope.limits.max_bytes
-    )
-    shown = _page(query, table, offset, count, scope.limits.max_bytes, snapshots, rewritten, masked, applied)
-    return shown if complete else replace(shown, more=True)
+    scanned: dict[str, list[str]] = {}
+    try:
+        result = engine.run_page(
+            page(template, offset, count + 1), sources, scope.on_cancel, progress, max_bytes=scope.limits.max_bytes
+        )
+        scanned = _scanned_tables(result.scanned, placeholders, sources)
+    finally:
+        # What the engine says it read; a table it did not scan (the call failed, or the optimiser
+        # dropped it) was only planned.
+        for name in query.tables:
+            read_as = ("filtered" if filters[name] else "read") if name in scanned else "planned"
+            scope.record("dataset", name, read_as, plans[name].snapshot_id)
+        scope.details["scanned"] = scanned
+    assert result.table is not None
+    shown = _page(query, result.table, offset, count, scope.limits.max_bytes, snapshots, rewritten, masked, applied)
+    return shown if result.complete else replace(shown, more=True)
+
+
+def _scanned_tables(
+    scanned: Mapping[str, list[str]], placeholders: Mapping[str, str], sources: Mapping[str, TableSource]
+) -> dict[str, list[str]]:
+    """The engine's own account of what it read, by table: the columns each scan projected.
+
+    Raises:
+        GovernanceViolation: the engine read a relation or a column it was not handed for this
+            call (the guard's analysis and the engine disagree: no data leaves the call).
+    """
+    tables: dict[str, list[str]] = {}
+    for placeholder, columns in scanned.items():
+        if placeholder not in placeholders:
+            raise GovernanceViolation(f"the engine scanned relation {placeholder!r}, which no governed scan names")
+        handed = {column.name for column in sources[placeholder].columns}
+        name = placeholders[placeholder]
+        if not set(columns) <= handed:
+            raise GovernanceViolation(
+                f"the engine read columns of {name} it was not handed: {sorted(set(columns) - handed)}"
+            )
+        tables[name] = sorted(set(tables.get(name, [])) | set(columns))
+    return tables
 
 
 def _page(

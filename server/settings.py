@@ -61,6 +61,27 @@ def parse_duration(text: str) -> float:
         ) from None
 
 
+_BYTE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+               "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}  # fmt: skip
+
+
+def parse_bytes(text: str) -> int:
+    """Bytes in "4GB", "512MiB" or "1000000" (DuckDB's spelling of sizes: GB is 1000^3, GiB 1024^3).
+
+    Raises:
+        ValueError: not a number with an optional unit.
+    """
+    spelled = text.strip().upper().replace(" ", "")
+    number = spelled.rstrip("KMGTIB")
+    unit = spelled[len(number) :]
+    if unit not in _BYTE_UNITS:
+        raise ValueError(f"{text!r} is not a size: use bytes, or a number with KB, MB, GB, KiB, MiB or GiB")
+    try:
+        return int(float(number) * _BYTE_UNITS[unit])
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size: use bytes, or a number with KB, MB, GB, KiB, MiB or GiB") from None
+
+
 #: Where the shared state lives: "embedded" keeps everything under the state directory (SQLite
 #: catalog, policy.csv, JSON-lines audit); "production" keeps the Iceberg catalog, the Casbin rules
 #: and a global audit chain in PostgreSQL, shared by every replica (server/profile.py).
@@ -102,8 +123,27 @@ class AuditSettings(BaseModel):
         description="Rotated log files to keep; older ones are deleted and marked pruned in the manifest, "
         "which keeps their last hash so the chain still verifies. Null: keep every file.",
     )
+    checkpoint_every: int | None = Field(
+        default=100,
+        ge=1,
+        description="Sign a checkpoint of the chain's head after this many records (null: not by count). "
+        "Records after the last checkpoint can be cut from the log's end undetected: this bounds how many.",
+    )
+    checkpoint_interval: float | None = Field(
+        default=60.0,
+        gt=0,
+        description="Sign a checkpoint at most this long after a record was written: seconds, or a number "
+        "with s, m, h or d ('1m'). Bounds how long a record stays uncovered while the server runs. Null: "
+        "not by time; with checkpoint_every also null, no checkpoints.",
+    )
+    checkpoint_key: Path | None = Field(
+        default=None,
+        description="Ed25519 private key that signs the checkpoints (PEM, created 0600 on first use). "
+        "Default: <home>/audit-checkpoint.key, outside the log's directory; its public key is written "
+        "beside the checkpoints.",
+    )
 
-    @field_validator("rotate_age", mode="before")
+    @field_validator("rotate_age", "checkpoint_interval", mode="before")
     @classmethod
     def _parse_age(cls, value: object) -> object:
         return parse_duration(value) if isinstance(value, str) else value
@@ -133,9 +173,23 @@ class QuerySettings(BaseModel):
         description="Most disk one query may spill to when it outgrows its memory (under <home>/spill).",
     )
     concurrency: int = Field(
-        default=4, ge=1, description="Queries that run at once; further queries wait for a free sandbox."
+        default=4, ge=1, description="Queries that run at once, each in a worker process of its own; further "
+        "queries wait for a free worker."
+    )
+    worker_memory_limit: str | None = Field(
+        default="3GB",
+        description="Operating-system limit on the memory of one query worker process (its data segment, "
+        "RLIMIT_DATA), DuckDB and Python together: a query that outgrows it is stopped with a clear error "
+        "and the server keeps serving. Must leave room above memory_limit. Null: no limit.",
     )
     max_sql_chars: int = Field(default=20_000, ge=100, description="Longest SQL text accepted by the query tool.")
+
+    @field_validator("worker_memory_limit")
+    @classmethod
+    def _check_size(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_bytes(value)
+        return value
 
 
 class WriteSettings(BaseModel):

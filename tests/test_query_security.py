@@ -24,12 +24,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from catalog.arrow_relations import SourceColumn, TableSource
+from catalog.query_sandbox import SandboxConfig, open_sandbox
+from evals.leaks import Forbidden
 from policies.sql_guard import InvalidQuery, parse_query
 from server.app import Runtime, open_runtime
 from server.audit import read_records, verify
-from server.errors import ClientError
+from server.errors import ClientError, InvalidArgument, LakegateError, LimitExceeded
 from server.gate import GateOutcome
 from server.identity import CallOrigin, stdio_principal
+from server.refusals import is_listing
 from server.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,10 +45,26 @@ PARTIAL = re.compile(r"^\*+\d{4}$")
 
 
 def call(runtime: Runtime, principal: str, arguments: dict[str, Any]) -> GateOutcome:
+    """One query through the gate; every output of it (text, structured content, plan, error, column
+    names) and its audit record are scanned for keys and server paths."""
     who = stdio_principal(principal, runtime.enforcer)
     origin = CallOrigin(transport="in-process", session_id="security")
     outcome: GateOutcome = anyio.run(runtime.gate.call, "query", arguments, who, origin)
+    shown = [outcome.text, outcome.payload, str(outcome.error or ""), outcome.record]
+    assert not Forbidden.of(runtime.settings.state_dir, REPO).found(shown, sent=arguments), arguments
     return outcome
+
+
+def secrets_for(principal: str, clear: Clear) -> list[str]:
+    """Clear values `principal` may not read."""
+    return {"analyst": clear.analyst_secrets, "support_agent": clear.support_secrets}.get(principal, [])
+
+
+def record_leaks(outcome: GateOutcome, principal: str, clear: Clear) -> list[str]:
+    """Clear values the caller may not read, found in its audit record (its own arguments aside)."""
+    record = {key: value for key, value in (outcome.record or {}).items() if key != "arguments"}
+    cards = clear.cards if principal in ("analyst", "support_agent") else frozenset()
+    return leaked([[json.dumps(record)]], secrets_for(principal, clear), cards)
 
 
 def rows_of(outcome: GateOutcome) -> list[list[Any]]:
@@ -324,13 +344,13 @@ CORPUS: list[tuple[str, str, str | dict[str, Any], Refused | Answers]] = [
         "information_schema",
         "analyst",
         "SELECT * FROM information_schema.tables",
-        Refused(f"'information_schema.tables' {NOT_AVAILABLE}", "not_found", "partial"),
+        Refused(f"'information_schema.tables' {NOT_AVAILABLE}", "denied", "deny"),
     ),
     (
         "pg_catalog",
         "analyst",
         "SELECT * FROM pg_catalog.pg_proc",
-        Refused(f"'pg_catalog.pg_proc' {NOT_AVAILABLE}", "not_found", "partial"),
+        Refused(f"'pg_catalog.pg_proc' {NOT_AVAILABLE}", "denied", "deny"),
     ),
     ("pg_proc_bare", "analyst", "SELECT * FROM pg_proc", Refused(f"{NO_TABLE} 'pg_proc'")),
     ("sqlite_master", "analyst", "SELECT * FROM sqlite_master", Refused(f"{NO_TABLE} 'sqlite_master'")),
@@ -557,13 +577,13 @@ CORPUS: list[tuple[str, str, str | dict[str, Any], Refused | Answers]] = [
         "denied_table",
         "analyst",
         "SELECT * FROM support.tickets",
-        Refused(f"No dataset named 'support.tickets' {NOT_AVAILABLE}", "not_found", "partial"),
+        Refused(f"No dataset named 'support.tickets' {NOT_AVAILABLE}", "denied", "deny"),
     ),
     (
         "denied_table_time_travel",
         "analyst",
         {"sql": "SELECT * FROM support.tickets", "as_of": {"support.tickets": 1}},
-        Refused(f"No dataset named 'support.tickets' {NOT_AVAILABLE}", "not_found", "partial"),
+        Refused(f"No dataset named 'support.tickets' {NOT_AVAILABLE}", "denied", "deny"),
     ),
     (
         "time_travel_in_sql",
@@ -575,7 +595,7 @@ CORPUS: list[tuple[str, str, str | dict[str, Any], Refused | Answers]] = [
         "support_finance",
         "support_agent",
         "SELECT card_last4 FROM finance.payments",
-        Refused(f"No dataset named 'finance.payments' {NOT_AVAILABLE}", "not_found", "partial"),
+        Refused(f"No dataset named 'finance.payments' {NOT_AVAILABLE}", "denied", "deny"),
     ),
     (
         "lance_dataset",
@@ -649,6 +669,9 @@ CORPUS: list[tuple[str, str, str | dict[str, Any], Refused | Answers]] = [
 ]
 
 
+CORPUS_ARGUMENTS = {case[0]: {"sql": case[2]} if isinstance(case[2], str) else case[2] for case in CORPUS}
+
+
 @pytest.mark.parametrize(
     ("principal", "arguments", "expected"), [case[1:] for case in CORPUS], ids=[case[0] for case in CORPUS]
 )
@@ -670,6 +693,9 @@ def test_attempt_is_refused_or_governed(
         rows = rows_of(outcome)
         expected.check(rows, columns_of(outcome), clear)
 
+    if isinstance(expected, Refused):
+        assert not leaked([[str(outcome.error)]], secrets_for(principal, clear), both=False)
+    assert not record_leaks(outcome, principal, clear)
     records = list(read_records(audit_path))
     assert len(records) == 1
     record = records[-1]
@@ -722,44 +748,172 @@ def test_lone_surrogate_is_refused_and_audited(runtime: Runtime, audit_path: Pat
 # -- the sandbox alone ---------------------------------------------------------------------------
 
 
-def test_the_sandbox_alone_reads_only_the_warehouse(runtime: Runtime, tmp_path: Path) -> None:
+def _attacks(runtime: Runtime, outside: Path) -> list[str]:
+    """SQL that names files: outside the warehouse, the warehouse's own data and metadata, the
+    state directory, relative paths and the recursive-CTE form the red-team review used."""
+    home = runtime.settings.state_dir
+    plan = runtime.warehouse.scans.plan("sales.customers")
+    data_file = plan.files[0][0]
+    data_glob = str(runtime.warehouse.iceberg_data_dir / "sales" / "customers" / "data" / "*.parquet")
+    relative = str(Path(data_file).relative_to(Path.cwd())) if Path(data_file).is_relative_to(Path.cwd()) else data_file
+    return [
+        "SELECT * FROM read_text('/etc/passwd')",
+        "SELECT * FROM read_blob('/etc/passwd')",
+        "SELECT * FROM read_csv('/etc/passwd')",
+        f"SELECT * FROM read_csv('{outside}/secret.csv')",
+        f"SELECT * FROM read_parquet('{outside}/secret.parquet')",
+        f"SELECT * FROM '{outside}/secret.parquet'",
+        f"SELECT * FROM glob('{outside}/*')",
+        f"SELECT * FROM read_parquet('{data_file}')",
+        f"SELECT * FROM '{data_file}'",
+        f"SELECT * FROM '{data_glob}'",
+        f"SELECT * FROM '{relative}'",
+        f"SELECT * FROM read_text('{home}/mask.key')",
+        f"SELECT * FROM read_text('{home}/audit.key')",
+        "SELECT * FROM read_text('pyproject.toml')",
+        f"SELECT * FROM glob('{home}/**')",
+        *(
+            f'WITH RECURSIVE "{data_glob}" AS (SELECT NULL AS d {operation} SELECT * FROM "{data_glob}") '
+            f'SELECT to_json(t) FROM "{data_glob}" t'
+            for operation in RECURSIVE_SET_OPERATIONS
+        ),
+    ]
+
+
+#: The set operations under WITH RECURSIVE that DuckDB does not bind as a recursive CTE.
+RECURSIVE_SET_OPERATIONS = (
+    "UNION ALL BY NAME", "UNION BY NAME", "INTERSECT", "INTERSECT ALL", "EXCEPT", "EXCEPT ALL",
+)  # fmt: skip
+
+
+def _sandbox_config(tmp_path: Path) -> SandboxConfig:
+    spill = tmp_path / "spill"
+    return SandboxConfig(threads=1, memory_limit="256MB", spill_dir=str(spill), spill_limit="64MB", hash_key="k" * 64)
+
+
+def test_the_sandbox_alone_reads_no_file_by_name(runtime: Runtime, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     pq.write_table(pa.table({"secret": ["parquet"]}), outside / "secret.parquet")
     (outside / "secret.csv").write_text("secret\ncsv\n")
-    sandbox = runtime.warehouse.query_engine(runtime.settings.query).sandbox()
+    sandbox = open_sandbox(_sandbox_config(tmp_path))
     try:
-        refused = [
-            "SELECT * FROM read_text('/etc/passwd')",
-            "SELECT * FROM read_blob('/etc/passwd')",
-            "SELECT * FROM read_csv('/etc/passwd')",
-            f"SELECT * FROM read_csv('{outside}/secret.csv')",
-            f"SELECT * FROM read_parquet('{outside}/secret.parquet')",
-            f"SELECT * FROM '{outside}/secret.parquet'",
-            f"SELECT * FROM glob('{outside}/*')",
+        for sql in [
+            *_attacks(runtime, outside),
             f"ATTACH '{outside}/other.duckdb' AS other",
             f"COPY (SELECT 1) TO '{outside}/written.csv'",
             "INSTALL httpfs",
             "LOAD httpfs",
-        ]
-        for sql in refused:
-            with pytest.raises(duckdb.PermissionException, match="disabled"):
-                sandbox.sql(sql).fetchall()
+        ]:
+            with pytest.raises(duckdb.Error):
+                pytest.fail(f"{sql} answered {sandbox.sql(sql).fetchall()}")
         for sql in (
             "SET enable_external_access = true",
             f"SET allowed_directories = ['{outside}']",
+            f"SET allowed_paths = ['{outside}/secret.csv']",
             "SET lock_configuration = false",
         ):
             with pytest.raises(duckdb.InvalidInputException, match="the configuration has been locked"):
                 sandbox.execute(sql)
         assert not (outside / "written.csv").exists()
-
-        # Positive control: the planned Iceberg data files of the warehouse are readable.
-        plan = runtime.warehouse.scans.plan("sales.orders")
-        files = ", ".join(f"'{path}'" for path in plan.files)
-        assert sandbox.sql(f"SELECT count(*) FROM read_parquet([{files}])").fetchall() == [(5000,)]
+        # The hash mask's key is in no catalog view of the sandbox: the macro calls a Python function.
+        definitions = sandbox.sql("SELECT * FROM duckdb_functions() WHERE function_name LIKE 'lakegate%'").fetchall()
+        assert definitions and "k" * 64 not in str(definitions)
+        # Positive control: the same sandbox reads a registered dataset, the one way in.
+        sandbox.register("handed", pa.table({"x": [1, 2]}))
+        assert sandbox.sql('SELECT sum(x) FROM "handed"').fetchall() == [(3,)]
     finally:
         sandbox.close()
+
+
+def test_with_the_guard_off_the_engine_reads_nothing_it_was_not_handed(runtime: Runtime, tmp_path: Path) -> None:
+    """The query worker runs SQL that never passed the guard: no attack reads a row."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    pq.write_table(pa.table({"secret": ["parquet"]}), outside / "secret.parquet")
+    (outside / "secret.csv").write_text("secret\ncsv\n")
+    engine = runtime.warehouse.query_engine(runtime.settings.query)
+    for sql in _attacks(runtime, outside):
+        with pytest.raises(LakegateError):
+            engine.run_page(sql, {})
+    # A table handed with some of its columns: the others do not exist for the engine.
+    plan = runtime.warehouse.scans.plan("sales.customers")
+    region = next(c for c in plan.columns if c.name == "region")
+    source = TableSource((SourceColumn(region.name, region.duckdb_type, region.field_id),), plan.files)
+    handed = engine.run_page('SELECT count(*), count(DISTINCT region) FROM "t"', {"t": source})
+    assert handed.table is not None and handed.table.to_pylist()[0]["count_star()"] == 500
+    assert handed.scanned == {"t": ["region"]}
+    with pytest.raises(InvalidArgument, match="email"):
+        engine.run_page('SELECT email FROM "t"', {"t": source})
+
+
+@pytest.mark.parametrize("principal", ["analyst", "support_agent"])
+@pytest.mark.parametrize("operation", RECURSIVE_SET_OPERATIONS)
+def test_a_recursive_cte_named_after_files_is_refused(
+    runtime: Runtime, audit_path: Path, principal: str, operation: str
+) -> None:
+    data = runtime.warehouse.iceberg_data_dir / "sales" / "customers" / "data"
+    for name in (f"{data}/*.parquet", "sales/customers/data/*.parquet", "customers"):
+        sql = f'WITH RECURSIVE "{name}" AS (SELECT NULL AS d {operation} SELECT * FROM "{name}") '
+        outcome = call(runtime, principal, {"sql": sql + f'SELECT to_json(t) FROM "{name}" t'})
+        assert isinstance(outcome.error, InvalidQuery), outcome.text[:300]
+        assert f"There is no table named '{name}'" in str(outcome.error)
+    # The plain UNION ALL form is a real recursive CTE, and answers.
+    sql = "WITH RECURSIVE r AS (SELECT 1 AS n UNION SELECT n + 1 FROM r WHERE n < 3) SELECT count(*) FROM r"
+    assert rows_of(call(runtime, principal, {"sql": sql})) == [[3]]
+
+
+def test_explain_shows_no_key_and_no_path(runtime: Runtime) -> None:
+    outcome = call(
+        runtime, "analyst", {"sql": "SELECT email FROM sales.customers WHERE email LIKE 'a%'", "explain": True}
+    )
+    key = (runtime.settings.state_dir / "mask.key").read_text().strip()
+    assert outcome.error is None and outcome.record is not None
+    shown = outcome.text + json.dumps(outcome.record)
+    assert "lakegate_keyed_hash" in shown.lower()  # the plan shows the mask, by name
+    assert key not in shown and str(runtime.settings.state_dir) not in shown
+
+
+def test_a_scalar_subquery_column_is_named_from_the_agents_sql(runtime: Runtime) -> None:
+    outcome = call(runtime, "support_agent", {"sql": "SELECT (SELECT max(phone) FROM sales.customers), 1 AS one"})
+    assert columns_of(outcome) == ["(SELECT MAX(phone) FROM sales.customers)", "one"]
+
+
+def test_an_engine_error_shows_no_value_the_agent_did_not_write(runtime: Runtime, clear: Clear) -> None:
+    # The cast can run before the row filter: its error must not carry a filtered row's value.
+    outcome = call(runtime, "support_agent", {"sql": "SELECT * FROM sales.customers WHERE CAST(email AS INT) = 1"})
+    assert isinstance(outcome.error, ClientError) and outcome.record is not None
+    shown = str(outcome.error) + json.dumps(outcome.record)
+    assert "'<value>'" in shown
+    assert not leaked([[shown]], sorted(clear.emails | clear.names), both=False)
+    # The agent's own literals stay, so the message still says what to fix.
+    outcome = call(runtime, "analyst", {"sql": "SELECT CAST('abc' AS INT)"})
+    assert "'abc'" in str(outcome.error)
+
+
+def test_a_query_over_the_memory_limit_is_stopped_and_the_server_keeps_serving(runtime: Runtime) -> None:
+    """DuckDB's own memory limit does not cover a list built in one expression: the worker's
+    operating-system limit does, and four such queries at once do not take the server down."""
+
+    async def four() -> list[GateOutcome]:
+        who = stdio_principal("analyst", runtime.enforcer)
+        outcomes: list[GateOutcome] = []
+
+        async def one(i: int) -> None:
+            origin = CallOrigin(transport="in-process", session_id=f"memory-{i}")
+            sql = "SELECT list_transform(range(50000000), lambda x: x) AS l"
+            outcomes.append(await runtime.gate.call("query", {"sql": sql}, who, origin))
+
+        async with anyio.create_task_group() as group:
+            for i in range(4):
+                group.start_soon(one, i)
+        return outcomes
+
+    for outcome in anyio.run(four):
+        assert isinstance(outcome.error, LimitExceeded), outcome.error or outcome.text[:200]
+        assert "too much memory" in str(outcome.error)
+        assert outcome.record is not None and outcome.record["outcome"] == "limit_exceeded"
+    assert rows_of(call(runtime, "analyst", {"sql": "SELECT count(*) FROM sales.orders"})) == [[5000]]
 
 
 # -- property-based queries ----------------------------------------------------------------------
@@ -853,6 +1007,8 @@ def test_analyst_never_sees_a_clear_value(runtime: Runtime, clear: Clear, sql: s
     assert outcome.error is None, f"{sql}: {outcome.error}"
     rows = rows_of(outcome)
     assert not leaked(rows, clear.analyst_secrets, clear.cards), sql
+    assert not leaked([columns_of(outcome)], clear.analyst_secrets, clear.cards), sql
+    assert not record_leaks(outcome, "analyst", clear), sql
 
 
 @SETTINGS
@@ -862,6 +1018,7 @@ def test_support_agent_never_sees_a_filtered_row_or_a_clear_phone(runtime: Runti
     assert outcome.error is None, f"{sql}: {outcome.error}"
     rows = rows_of(outcome)
     assert not leaked(rows, clear.support_secrets, both=False), sql
+    assert not record_leaks(outcome, "support_agent", clear), sql
     columns = columns_of(outcome)
     for row in rows:
         record = dict(zip(columns, row, strict=True))
@@ -898,9 +1055,7 @@ def test_a_query_naming_hundreds_of_tables_is_refused_before_duckdb_plans_it(run
     assert isinstance(outcome.error, InvalidQuery) and "at most 32" in str(outcome.error)
 
 
-def test_the_corpus_through_the_real_mcp_client_over_stdio(
-    demo_home: Path, audit_path: Path, clear: Clear
-) -> None:
+def test_the_corpus_through_the_real_mcp_client_over_stdio(demo_home: Path, audit_path: Path, clear: Clear) -> None:
     """The same attempts, sent by the MCP SDK client to a `lakegate serve` subprocess: what an agent
     sees over the wire is the same refusal or the same governed answer, and every call is audited."""
     from evals.mcp_client import connect, text_of
@@ -920,13 +1075,17 @@ def test_the_corpus_through_the_real_mcp_client_over_stdio(
         return seen
 
     seen = anyio.run(scenario)
+    forbidden = Forbidden.of(demo_home, REPO)
     for case_id, expected, is_error, text, structured in seen:
+        assert not forbidden.found([text, structured], sent=dict(CORPUS_ARGUMENTS[case_id])), case_id
         if isinstance(expected, Refused):
             assert is_error and expected.fragment in text, f"{case_id}: {text[:300]}"
             assert structured is None, case_id
         else:
             assert not is_error, f"{case_id}: {text[:300]}"
             expected.check(structured["rows"], [c["name"] for c in structured["columns"]], clear)
-    records = list(read_records(audit_path))
+    records = [record for record in read_records(audit_path) if not is_listing(record)]
     assert len(records) == len(CORPUS) and all(r["transport"] == "stdio" for r in records)
+    for record in records:
+        assert not forbidden.found({k: v for k, v in record.items() if k != "arguments"}), record["request_id"]
     assert verify(audit_path).ok

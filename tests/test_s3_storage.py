@@ -21,20 +21,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import duckdb
 import pyarrow as pa
 import pytest
 from psycopg import sql
 
-from catalog.arrow_scan import RELATION_PREFIX
+from catalog.arrow_relations import RELATION_PREFIX
 from catalog.definitions import load_definitions
 from catalog.demo import build_demo
 from catalog.object_store import ObjectStore
 from catalog.warehouse import Warehouse
 from server.app import Runtime, open_runtime
-from server.errors import InvalidQuery, NotFound
+from server.errors import InvalidQuery, LakegateError, NotFound
 from server.gate import GateOutcome
-from server.governed_query import scan_source
 from server.profile import open_warehouse, sync_policies
 from server.settings import Settings, load_settings
 from tests.conftest import gate_call, gate_ok
@@ -274,9 +272,9 @@ def test_governed_queries_on_s3_answer_what_the_local_warehouse_answers(
     assert on_s3["columns"] == local["columns"]
     assert on_s3["masked_columns"] == local["masked_columns"]
     assert on_s3["row_filters"] == local["row_filters"]
-    # Read through the Arrow datasets, not by DuckDB from files.
-    assert s3_runtime.warehouse.scans.plan("sales.customers").relation is not None
-    assert local_runtime.warehouse.scans.plan("sales.customers").relation is None
+    # The worker reads the S3 files through the store's file system ("bucket/key"), the local ones by path.
+    assert not s3_runtime.warehouse.scans.plan("sales.customers").files[0][0].startswith(("/", "s3:"))
+    assert local_runtime.warehouse.scans.plan("sales.customers").files[0][0].startswith("/")
 
 
 def test_masks_and_the_row_filter_apply_on_s3(s3_runtime: Runtime) -> None:
@@ -373,16 +371,17 @@ def test_renamed_promoted_and_added_columns_read_right_from_s3(seaweed: Seaweed,
         table.append(pa.table({"id": pa.array([3], pa.int64()), "label": ["c"], "extra": ["x"]}))
 
         plan = warehouse.scans.plan("lab.events")
-        assert plan.relation is not None and plan.relation.count("UNION ALL") == 1  # two layouts of files
         engine = warehouse.query_engine(load_settings(REPO).query)
-        rows = engine.run(f"SELECT * FROM {scan_source(plan)} ORDER BY id").to_pylist()
+        sources = {"t": plan.source()}
+        assert engine.explain('SELECT * FROM "t"', sources).count("PYTHON_ARROW_SCAN") == 2  # two layouts of files
+        rows = engine.run_page('SELECT * FROM "t" ORDER BY id', sources).table.to_pylist()  # type: ignore[union-attr]
         assert rows == [
             {"id": 1, "label": "a", "extra": None},
             {"id": 2, "label": "b", "extra": None},
             {"id": 3, "label": "c", "extra": "x"},
         ]
-        filtered = engine.run(f"SELECT label FROM {scan_source(plan)} WHERE label = 'b'").to_pylist()
-        assert filtered == [{"label": "b"}]
+        filtered = engine.run_page("""SELECT label FROM "t" WHERE label = 'b'""", sources).table
+        assert filtered is not None and filtered.to_pylist() == [{"label": "b"}]
     finally:
         warehouse.close()
 
@@ -397,10 +396,6 @@ def test_escapes_from_the_sandbox_are_still_refused_on_s3(s3_demo: S3Demo, s3_ru
     pq.write_table(pa.table({"secret": ["local"]}), local_file)
     data_file = next(k for k in s3_keys(s3_demo.store, s3_demo.store.iceberg_location) if k.endswith(".parquet"))
     s3_url = f"s3://{data_file}"
-    plan = s3_runtime.warehouse.scans.plan("sales.customers")
-    relation = next(
-        name for name in (plan.relation or "").replace('"', " ").split() if name.startswith(RELATION_PREFIX)
-    )
 
     # Through the gate: the guard refuses file reads, and a table name that is no dataset.
     for text in (
@@ -409,28 +404,21 @@ def test_escapes_from_the_sandbox_are_still_refused_on_s3(s3_demo: S3Demo, s3_ru
         f"SELECT * FROM sales.customers, read_parquet('{s3_url}')",
     ):
         assert isinstance(call(s3_runtime, "analyst", "query", sql=text).error, InvalidQuery), text
-    named = call(s3_runtime, "analyst", "query", sql=f"SELECT * FROM {relation}").error
+    named = call(s3_runtime, "analyst", "query", sql=f"SELECT * FROM {RELATION_PREFIX}0123456789abcdef").error
     assert isinstance(named, InvalidQuery | NotFound), named
 
-    # The sandbox alone (no guard): no directory is allowed, nor any URL, nor a change of settings.
+    # The engine alone (no guard): no file, no URL, no change of settings.
     engine = s3_runtime.warehouse.query_engine(s3_runtime.settings.query)
-    assert engine.allowed_dirs == []
-    sandbox = engine.sandbox()
-    try:
-        for statement in (
-            f"SELECT * FROM read_parquet('{local_file}')",
-            f"SELECT * FROM read_parquet('{s3_url}')",
-            f"SELECT * FROM read_csv('{REPO / 'README.md'}')",
-            "SET enable_external_access = true",
-            "INSTALL httpfs",
-        ):
-            with pytest.raises(duckdb.Error):
-                sandbox.execute(statement).fetchall()
-        # A registered dataset exists only while a statement that names it runs.
-        with pytest.raises(duckdb.CatalogException):
-            sandbox.execute(f"SELECT * FROM {relation}").fetchall()
-    finally:
-        sandbox.close()
+    for statement in (
+        f"SELECT * FROM read_parquet('{local_file}')",
+        f"SELECT * FROM read_parquet('{s3_url}')",
+        f"SELECT * FROM '{data_file}'",
+        f"SELECT * FROM read_csv('{REPO / 'README.md'}')",
+        "SET enable_external_access = true",
+        "INSTALL httpfs",
+    ):
+        with pytest.raises(LakegateError):
+            engine.run_page(statement, {})
 
 
 def test_settings_keep_the_secret_out_of_reprs_and_validate_locations(
