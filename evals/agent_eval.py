@@ -6,11 +6,14 @@ it must produce: values at paths of the structured result, text in the rendering
 whose message says something.
 
 Besides what each step expects, every step is checked for what must always hold: the audit log
-grew by exactly one record per tool call (and none for a listing), naming the tool and the
-principal; and nothing lakegate says itself, outside the data fields (tool descriptions, the
-initialize instructions, error messages, the text around the data), reads as an instruction to the
-agent (`evals.scenario_checks`). The runner starts one server per principal and runs that
-principal's scenarios in it, in file order; a scenario stops at its first failing step.
+grew by exactly one call record per tool call, naming the tool and the principal, and by none for
+a step without one (listing records, `server.refusals.is_listing`, are not calls: a `list_tools`
+step must leave one, and the MCP client lists the tools by itself after its first call of a tool
+it has not listed); no new record carries a key or a server path; and nothing lakegate says
+itself, outside the data fields (tool descriptions, the initialize instructions, error messages,
+the text around the data), reads as an instruction to the agent (`evals.scenario_checks`). The
+runner starts one server per principal and runs that principal's scenarios in it, in file order;
+a scenario stops at its first failing step.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from mcp.types import Implementation
 from pydantic import BaseModel, ConfigDict, Field
 
 from evals.agent_scenarios import SCENARIOS_DIR, Expect, Scenario, Step, load_scenarios, select, substitute
+from evals.leaks import Forbidden
 from evals.mcp_client import REPO, server_params, text_of
 from evals.scenario_checks import (
     all_strings,
@@ -40,7 +44,8 @@ from evals.scenario_checks import (
     non_data_problem,
     resolve,
 )
-from server.audit import verify
+from server.audit import read_all_records, verify
+from server.refusals import is_listing
 
 __all__ = [
     "RESULTS_PATH",
@@ -99,7 +104,8 @@ class EvalReport(_Strict):
     seconds: float
     passed: int
     failed: int
-    audit_records: int
+    audit_records: int = Field(description="Records in the principals' audit logs, listings included.")
+    audit_listings: int = Field(0, description="Of those, listing records (tools/list, ...): not tool calls.")
     audit_verified: bool
     audit_problem: str | None = None
     startup_seconds: dict[str, float] = Field(
@@ -148,10 +154,11 @@ def _short(text: str, limit: int = 300) -> str:
 class _Session:
     """One principal's server, and the steps run against it."""
 
-    def __init__(self, client: Client, principal: str, audit: _AuditWatch) -> None:
+    def __init__(self, client: Client, principal: str, audit: _AuditWatch, forbidden: Forbidden) -> None:
         self.client = client
         self.principal = principal
         self.audit = audit
+        self.forbidden = forbidden
 
     async def run(self, scenario: Scenario) -> ScenarioResult:
         started = time.perf_counter()
@@ -197,8 +204,8 @@ class _Session:
             problem = await self._list_tools(expect)
         else:
             problem = _check_words("instructions", self.client.instructions or "", expect)
-        if problem is None and step.call is None and (extra := self.audit.new_records()):
-            problem = f"the audit log grew by {len(extra)} record(s) without a tool call"
+        if problem is None and step.call is None:
+            problem = self._no_call_audited(listed=step.list_tools)
         return problem
 
     async def _call(
@@ -210,11 +217,13 @@ class _Session:
             # A request the server never answers (or a client that refuses to send it) ends here.
             self.audit.new_records()
             return f"no answer to the call ({type(exc).__name__}: {_short(str(exc), 200) or 'timed out'})"
-        problem = self._audited(tool)
+        problem = self._audited(tool, args)
         if problem is not None:
             return problem
         text = text_of(result)
         structured = result.structured_content
+        if leaks := self.forbidden.found([text, structured], sent=args):
+            return f"the answer carries {', '.join(leaks)}"
         if expect.error is not None:
             if not result.is_error:
                 return f"expected an error containing {expect.error!r}, but the call succeeded: {_short(text)}"
@@ -241,16 +250,32 @@ class _Session:
             saved[name] = found[0]
         return None
 
-    def _audited(self, tool: str) -> str | None:
+    def _audited(self, tool: str, args: dict[str, Any]) -> str | None:
         records = self.audit.new_records()
-        if len(records) != 1:
-            return f"the audit log grew by {len(records)} record(s) for one call (expected exactly 1)"
-        record = records[0]
+        # The listing the client may have sent after the call's result is a reviewer's reading too.
+        if leaks := self.forbidden.found(records, sent=args):
+            return f"the audit record carries {', '.join(leaks)}"
+        calls = [record for record in records if not is_listing(record)]
+        if len(calls) != 1:
+            return f"the audit log grew by {len(calls)} call record(s) for one call (expected exactly 1)"
+        record = calls[0]
         if record.get("tool") != tool[:MAX_TOOL_NAME] or record.get("principal") != self.principal:
             return (
                 f"the audit record names tool {record.get('tool')!r} and principal {record.get('principal')!r}, "
                 f"not {tool!r} and {self.principal!r}"
             )
+        return None
+
+    def _no_call_audited(self, *, listed: bool) -> str | None:
+        """A step without a tool call left no call record; a `list_tools` step left its listing's."""
+        records = self.audit.new_records()
+        if leaks := self.forbidden.found(records):
+            return f"the audit record carries {', '.join(leaks)}"
+        if calls := [record for record in records if not is_listing(record)]:
+            return f"the audit log grew by {len(calls)} call record(s) without a tool call"
+        listings = [r for r in records if r.get("tool") == "tools/list" and r.get("principal") == self.principal]
+        if listed and len(listings) != 1:
+            return f"the audit log grew by {len(listings)} tools/list record(s) for one listing (expected exactly 1)"
         return None
 
     async def _list_tools(self, expect: Expect) -> str | None:
@@ -381,7 +406,7 @@ async def run_eval(
                     startup[principal] = round(time.perf_counter() - began, 3)
                     await turn[index].wait()
                     allow_start(index + PREFETCH)
-                    runner = _Session(client, principal, _AuditWatch(audit_path))
+                    runner = _Session(client, principal, _AuditWatch(audit_path), Forbidden.of(home, project))
                     while pending:
                         done(await runner.run(pending.pop(0)))
         except Exception as exc:
@@ -407,13 +432,15 @@ async def run_eval(
         for index in range(len(principals)):
             group.start_soon(session, index)
 
-    records, problems = 0, []
+    records, listings, problems = 0, 0, []
     for principal in principals:
         audit_path = work / f"audit-{principal}.jsonl"
         if audit_path.exists():
             report = verify(audit_path)
             records += report.records
             problems += [f"{principal}: {problem.message}" for problem in report.problems[:3]]
+            if report.ok:
+                listings += sum(is_listing(record) for record in read_all_records(audit_path))
     failed = sum(1 for result in results if not result.passed)
     return EvalReport(
         generated_at=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -423,6 +450,7 @@ async def run_eval(
         passed=len(results) - failed,
         failed=failed,
         audit_records=records,
+        audit_listings=listings,
         audit_verified=not problems,
         audit_problem="; ".join(problems) or None,
         startup_seconds={principal: startup[principal] for principal in principals if principal in startup},

@@ -14,9 +14,10 @@ What it does, all on loopback with real processes:
 4. At 35% of the run, adds a deny rule to PostgreSQL (as an operator would, in SQL) and measures
    how long each replica takes to apply it, against the stated bound of 2 s.
 5. At 60% of the run, SIGKILLs replica 2. Its sessions reconnect to replica 1 and carry on.
-6. After the run: verifies the global audit chain and checks it holds one record per answered call:
-   exactly for the surviving replica, and for the killed one at least one per answered call and at
-   most one more per call that was in flight when it died.
+6. After the run: verifies the global audit chain and checks it holds one call record per answered
+   call: exactly for the surviving replica, and for the killed one at least one per answered call
+   and at most one more per call that was in flight when it died. Listing records (the MCP client
+   lists the tools after its first call of each tool) and refused requests are counted apart.
 
 Calls are classified as ok, policy (an expected denial), interrupted (in flight on the replica that
 was killed) or error (anything else: the goal is zero).
@@ -344,21 +345,36 @@ async def _load(replicas: list[Replica], url: str, sessions: int, duration: floa
 def _audit_check(url: str, replicas: list[Replica], load: dict[str, Any]) -> dict[str, Any]:
     from server.audit import verify
     from server.audit_pg import verify_chain
+    from server.audit_review import request_count
+    from server.refusals import is_listing
 
     chain = verify_chain(url)
+    rows: Counter[str] = Counter()
+    calls: Counter[str] = Counter()
+    listings: Counter[str] = Counter()
+    refused: Counter[str] = Counter()
     with psycopg.connect(url) as conn:
-        rows: dict[str, int] = dict(
-            conn.execute("SELECT replica, count(*) FROM lakegate_audit GROUP BY replica").fetchall()
-        )
+        for replica, text in conn.execute("SELECT replica, record FROM lakegate_audit"):
+            record = json.loads(text)
+            rows[replica] += 1
+            if is_listing(record):
+                listings[replica] += 1
+            elif record.get("tool") is None:  # a request refused before it reached the gate
+                refused[replica] += request_count(record)
+            else:
+                calls[replica] += 1
     answered = load["answered_per_replica"]
     survivor, victim = replicas[0].name, replicas[1].name
     interrupted = load["kill"]["interrupted_calls"]
-    exact = rows.get(survivor, 0) - answered.get(survivor, 0)
-    killed_extra = rows.get(victim, 0) - answered.get(victim, 0)
+    exact = calls[survivor] - answered.get(survivor, 0)
+    killed_extra = calls[victim] - answered.get(victim, 0)
     return {
         "chain_verifies": chain.ok,
         "chain_records": chain.records,
-        "records_per_replica": rows,
+        "records_per_replica": dict(rows),
+        "call_records_per_replica": dict(calls),
+        "listings_per_replica": dict(listings),
+        "refused_requests_per_replica": dict(refused),
         "survivor_records_minus_answered_calls": exact,
         "killed_records_minus_answered_calls": killed_extra,
         "one_record_per_call": exact == 0 and 0 <= killed_extra <= interrupted,

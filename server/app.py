@@ -2,13 +2,15 @@
 
 The MCP server here is the SDK's low-level `Server`, so that lakegate owns listing and calling:
 listing is filtered by the caller's policy, and every call, including one to an unknown tool or
-with bad arguments, goes through the gate and leaves an audit record. Transports (stdio here,
-HTTP later) only supply a principal for each request.
+with bad arguments, goes through the gate and leaves an audit record. Every listing leaves one too
+(`Gate.audit_listing`), and is not answered when it cannot. Transports (stdio, HTTP) only supply
+a principal for each request.
 """
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,13 +38,14 @@ from mcp.types import (
     Tool,
     ToolAnnotations,
 )
+from pydantic import BaseModel
 
 from catalog.definitions import CatalogDefinitions, load_definitions
 from catalog.metric_definitions import load_semantic_catalog
 from catalog.warehouse import Warehouse
 from policies.enforcer import PolicyEnforcer
 from server.audit import AuditLog
-from server.errors import ClientError
+from server.errors import AuditWriteError, ClientError
 from server.gate import Gate, to_call_result
 from server.identity import CallOrigin, Principal
 from server.profile import open_audit, open_enforcer, open_warehouse
@@ -169,25 +172,44 @@ def create_server(runtime: Runtime, principal_of: PrincipalOf, transport: str) -
 
         return report
 
-    async def list_tools(
-        ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None
-    ) -> ListToolsResult:
-        return ListToolsResult(tools=[mcp_tool(spec) for spec in gate.visible_tools(principal_of(ctx))])
+    async def audited(
+        ctx: ServerRequestContext[Any, Any],
+        method: str,
+        principal: Principal,
+        listed: int,
+        result: BaseModel,
+        started: float,
+    ) -> None:
+        """The listing's audit record; an MCP error instead of the list when it cannot be written."""
+        size = len(result.model_dump_json(by_alias=True, exclude_none=True))
+        try:
+            await gate.audit_listing(
+                method, principal, origin_of(ctx), listed=listed, payload_bytes=size, started=started
+            )
+        except AuditWriteError as exc:
+            raise MCPError(code=INTERNAL_ERROR, message=exc.public_message) from exc
+
+    async def list_tools(ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None) -> ListToolsResult:
+        started = time.perf_counter()
+        principal = principal_of(ctx)
+        result = ListToolsResult(tools=[mcp_tool(spec) for spec in gate.visible_tools(principal)])
+        await audited(ctx, "tools/list", principal, len(result.tools), result, started)
+        return result
 
     async def call_tool(ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> CallToolResult:
-        outcome = await gate.call(
-            params.name, params.arguments, principal_of(ctx), origin_of(ctx), progress_of(ctx)
-        )
+        outcome = await gate.call(params.name, params.arguments, principal_of(ctx), origin_of(ctx), progress_of(ctx))
         return to_call_result(outcome)
 
     async def list_resources(
         ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None
     ) -> ListResourcesResult:
-        scope = gate.scope(principal_of(ctx))
-        if not scope.decide(f"tool:{ToolName.DESCRIBE_DATASET.value}", "call").allowed:
-            return ListResourcesResult(resources=[])
+        started = time.perf_counter()
+        principal = principal_of(ctx)
+        scope = gate.scope(principal)
+        may_describe = scope.decide(f"tool:{ToolName.DESCRIBE_DATASET.value}", "call").allowed
         resources = []
-        for name in scope.readable_datasets():
+        # A dataset resource is describe_dataset's answer: none for a caller who may not call it.
+        for name in scope.readable_datasets() if may_describe else []:
             doc = runtime.definitions.dataset(name)
             resources.append(
                 Resource(
@@ -198,11 +220,14 @@ def create_server(runtime: Runtime, principal_of: PrincipalOf, transport: str) -
                     mime_type="application/json",
                 )
             )
-        return ListResourcesResult(resources=resources)
+        result = ListResourcesResult(resources=resources)
+        await audited(ctx, "resources/list", principal, len(resources), result, started)
+        return result
 
     async def list_resource_templates(
         ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None
     ) -> ListResourceTemplatesResult:
+        started = time.perf_counter()
         template = ResourceTemplate(
             uri_template=DATASET_URI,
             name="dataset",
@@ -210,7 +235,9 @@ def create_server(runtime: Runtime, principal_of: PrincipalOf, transport: str) -
             description="Schema, documentation and access of one dataset (same as describe_dataset).",
             mime_type="application/json",
         )
-        return ListResourceTemplatesResult(resource_templates=[template])
+        result = ListResourceTemplatesResult(resource_templates=[template])
+        await audited(ctx, "resources/templates/list", principal_of(ctx), 1, result, started)
+        return result
 
     async def read_resource(
         ctx: ServerRequestContext[Any, Any], params: ReadResourceRequestParams
@@ -227,9 +254,7 @@ def create_server(runtime: Runtime, principal_of: PrincipalOf, transport: str) -
             message = to_call_result(outcome).content[0]
             raise MCPError(code=code, message=getattr(message, "text", "error"))
         text = json.dumps(json.loads(outcome.payload), indent=1)
-        return ReadResourceResult(
-            contents=[TextResourceContents(uri=uri, text=text, mime_type="application/json")]
-        )
+        return ReadResourceResult(contents=[TextResourceContents(uri=uri, text=text, mime_type="application/json")])
 
     return Server(
         SERVER_NAME,

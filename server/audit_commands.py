@@ -367,7 +367,7 @@ def show_command(ctx: click.Context, /, log_path: Path | None, as_json: bool, **
 def summary_command(
     ctx: click.Context, /, log_path: Path | None, by_values: tuple[str, ...], as_json: bool, **kw: Any
 ) -> None:
-    """Count calls, denials, errors and rows returned, per group."""
+    """Count calls, denials, errors and rows returned, per group, and listings apart."""
     try:
         by = parse_dimensions(by_values)
     except ValueError as exc:
@@ -515,8 +515,9 @@ def report_command(ctx: click.Context, /, log_path: Path | None, output: Path, t
         raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from exc
     counts = report.counts
     status = "OK" if chain.ok else f"FAILED ({len(chain.problems)} problems)"
+    listings = f", {counts.listings} listings" if counts.listings else ""
     click.echo(
-        f"wrote {output}: {counts.calls} records, {counts.denials} denied, "
+        f"wrote {output}: {counts.calls} calls{listings}, {counts.denials} denied, "
         f"{counts.pii_clear} reading PII in clear; chain {status}"
     )
     if not chain.ok:

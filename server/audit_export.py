@@ -16,8 +16,11 @@ would re-apply the append on top of the winner's) is off for this table, so the 
 fails, and it starts again from the table as it is now, finding nothing or only what is new.
 
 Columns hold the record's fields; lists and objects (roles, rules, resources, arguments, details)
-are JSON text, since lakegate's SQL path reads primitive columns only. Fields a later gate version
-adds land in ``extra`` (JSON text), so nothing the log holds is dropped.
+are JSON text, since lakegate's SQL path reads primitive columns only. Fields without a column of
+their own land in ``extra`` (JSON text), so nothing the log holds is dropped: the ``count`` of a
+grouped refusal record (`server.refusals.RefusalLog`; the requests it stands for, one when absent)
+is there, as are fields a later gate version adds. A column of its own would need the column's
+description in the catalog definitions (``catalog/datasets.yaml``) and existing tables to gain it.
 
 The table is not partitioned: pyiceberg streams Arrow batches (memory bounded however many records
 a first export finds) into unpartitioned tables only, and lakegate's SQL path plans every file of

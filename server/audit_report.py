@@ -7,6 +7,10 @@ chain's verification and the raw records. `render_html` turns that into the page
 template with autoescaping (the log holds agent-supplied text: SQL, tool names, errors, prompt
 injections), charts drawn by plotly, plotly.js inline once.
 
+Calls are tool calls and refused requests, a grouped refusal record (`RefusalLog`) counting as many
+as its ``count``. Listing records (tools/list, ...) are no calls: they are counted apart
+(`Counts.listings`) and shown among the raw records, and in no chart or table of calls.
+
 The page loads nothing. Its Content-Security-Policy allows no network and only its own two
 scripts, by hash (plotly.js and `audit_report.js`); the figures and the records travel as JSON data
 blocks, which never run. A value that got past escaping still could not execute.
@@ -35,7 +39,8 @@ from markupsafe import Markup
 
 from server import audit as audit_log
 from server.audit import VerifyReport
-from server.audit_review import Filters, is_denial, is_error, record_time, summarise
+from server.audit_review import Filters, is_denial, is_error, record_time, request_count, summarise
+from server.refusals import is_listing
 from tools.names import ToolName
 
 __all__ = [
@@ -95,7 +100,8 @@ def read_log(path: Path) -> Iterator[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Counts:
-    """The headline numbers. PII counts are calls (a call reading three PII columns counts once)."""
+    """The headline numbers. PII counts are calls (a call reading three PII columns counts once);
+    ``listings`` are listing records, in no other count."""
 
     calls: int = 0
     allowed: int = 0
@@ -106,6 +112,7 @@ class Counts:
     pii_clear: int = 0
     pii_masked: int = 0
     writes: int = 0  # committed (outcome ok); refused attempts are in the writes table too
+    listings: int = 0
 
 
 @dataclass(frozen=True)
@@ -175,6 +182,7 @@ class RawRow:
     error: str
     record_json: str
     kind: str  # "denial", "error" or "" (row styling)
+    count: int = 1  # requests the record stands for (a grouped refusal's `count`)
 
 
 @dataclass(frozen=True)
@@ -273,10 +281,12 @@ def _bucket(when: datetime, unit: str) -> str:
     return day.isoformat()
 
 
-def _timeline(records: Sequence[Mapping[str, Any]]) -> tuple[str, tuple[str, ...], dict[str, tuple[int, ...]]]:
-    timed = [(when, _text(r.get("decision")) or "(none)") for r in records if (when := record_time(r))]
-    unit = _bucket_unit([when for when, _ in timed])
-    counts = Counter((_bucket(when, unit), decision) for when, decision in timed)
+def _timeline(calls: Sequence[Mapping[str, Any]]) -> tuple[str, tuple[str, ...], dict[str, tuple[int, ...]]]:
+    timed = [(when, _text(r.get("decision")) or "(none)", r) for r in calls if (when := record_time(r))]
+    unit = _bucket_unit([when for when, _, _ in timed])
+    counts: Counter[tuple[str, str]] = Counter()
+    for when, decision, record in timed:
+        counts[(_bucket(when, unit), decision)] += request_count(record)
     labels = tuple(sorted({label for label, _ in counts}))
     present = {decision for _, decision in counts}
     decisions = [d for d in _DECISION_ORDER if d in present] + sorted(present - set(_DECISION_ORDER))
@@ -296,20 +306,20 @@ def _denial_rule(record: Mapping[str, Any]) -> str:
 
 
 def _denials(
-    records: Sequence[Mapping[str, Any]],
+    calls: Sequence[Mapping[str, Any]],
 ) -> tuple[tuple[tuple[str, int], ...], tuple[DenialRule, ...]]:
     by_principal = tuple(
         (row.key[0], row.denials)
-        for row in sorted(summarise(records, ("principal",)), key=lambda r: (-r.denials, r.key))
+        for row in sorted(summarise(calls, ("principal",)), key=lambda r: (-r.denials, r.key))
         if row.denials
     )
     rules: dict[str, tuple[int, set[str]]] = {}
-    for record in records:
+    for record in calls:
         if is_denial(record):
             rule = _denial_rule(record)
             count, who = rules.get(rule, (0, set()))
             who.add(_text(record.get("principal")))
-            rules[rule] = (count + 1, who)
+            rules[rule] = (count + request_count(record), who)
     ordered = sorted(rules.items(), key=lambda item: (-item[1][0], item[0]))
     return by_principal, tuple(DenialRule(rule, n, tuple(sorted(who))) for rule, (n, who) in ordered)
 
@@ -429,6 +439,7 @@ def _raw(record: Mapping[str, Any]) -> RawRow:
         error=_text(record.get("error")),
         record_json=json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False),
         kind="denial" if is_denial(record) else "error" if is_error(record) else "",
+        count=request_count(record),
     )
 
 
@@ -449,21 +460,23 @@ def build_report(
     ``sensitive_columns`` are the "namespace.table.column" names tagged PII.
     """
     times = [when for when in (record_time(r) for r in records) if when is not None]
+    calls = [r for r in records if not is_listing(r)]
     totals = summarise(records, ())
     total = totals[0] if totals else None
-    pii = _pii_accesses(records, frozenset(sensitive_columns))
-    writes = [_write(r) for r in records if r.get("tool") in _WRITE_TOOLS]
-    by_principal, rules = _denials(records)
+    pii = _pii_accesses(calls, frozenset(sensitive_columns))
+    writes = [_write(r) for r in calls if r.get("tool") in _WRITE_TOOLS]
+    by_principal, rules = _denials(calls)
     counts = Counts(
-        calls=len(records),
-        allowed=sum(r.get("decision") == "allow" for r in records),
-        partial=sum(r.get("decision") == "partial" for r in records),
+        calls=total.calls if total else 0,
+        allowed=sum(request_count(r) for r in calls if r.get("decision") == "allow"),
+        partial=sum(request_count(r) for r in calls if r.get("decision") == "partial"),
         denials=total.denials if total else 0,
         errors=total.errors if total else 0,
         principals=len({_text(r.get("principal")) for r in records}),
         pii_clear=len({a.seq for a in pii if a.clear}),
         pii_masked=len({a.seq for a in pii if a.access.startswith("masked")}),
         writes=sum(w.outcome == "ok" for w in writes),
+        listings=total.listings if total else 0,
     )
     shown = list(records)[-max_raw_rows:] if max_raw_rows > 0 else []
     return AuditReport(
@@ -474,18 +487,18 @@ def build_report(
         span=_span(times),
         counts=counts,
         chain=chain,
-        timeline=_timeline(records),
+        timeline=_timeline(calls),
         denials_by_principal=by_principal,
         denial_rules=rules,
-        datasets=_most_accessed(records, "dataset"),
-        columns=_most_accessed(records, "column"),
+        datasets=_most_accessed(calls, "dataset"),
+        columns=_most_accessed(calls, "column"),
         pii_columns=tuple(sorted(sensitive_columns)),
         pii=tuple(pii),
         pii_by_principal=_pii_by_principal(pii),
         writes=tuple(writes),
         raw=tuple(_raw(r) for r in reversed(shown)),  # newest first: what a reviewer looks at first
         raw_total=len(records),
-        untimed=len(records) - len(times),
+        untimed=sum(record_time(r) is None for r in calls),
     )
 
 

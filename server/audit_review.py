@@ -2,6 +2,10 @@
 
 Pure functions over record dicts (as `server.audit.read_records` yields them); nothing here
 touches a file or a terminal, so the CLI stays thin and these are tested directly.
+
+Not every record is one tool call: a listing (`server.refusals.is_listing`) is counted apart from
+the calls, and a refused HTTP request grouped with others (`server.refusals.RefusalLog`) stands
+for as many requests as its ``count`` says (`request_count`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import Any, Literal
 
 from rich.table import Table
 
+from server.refusals import is_listing
+
 __all__ = [
     "DIMENSIONS",
     "Dimension",
@@ -25,6 +31,7 @@ __all__ = [
     "parse_dimensions",
     "parse_when",
     "record_time",
+    "request_count",
     "select",
     "show_table",
     "summarise",
@@ -85,6 +92,13 @@ def is_error(record: Mapping[str, Any]) -> bool:
     """A call that failed for any reason other than a denial."""
     outcome = record.get("outcome")
     return outcome not in (None, "ok") and not is_denial(record)
+
+
+def request_count(record: Mapping[str, Any]) -> int:
+    """How many requests a record stands for: a grouped refusal's ``count``, else one."""
+    count = record.get("count")
+    # Anything but a positive integer (an edited or foreign record) counts as the record itself.
+    return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 1
 
 
 @dataclass(frozen=True)
@@ -218,13 +232,14 @@ def show_table(records: Sequence[Mapping[str, Any]]) -> Table:
     table.add_column("ms", justify="right", no_wrap=True)
     for r in records:
         style = "red" if is_denial(r) else "yellow" if is_error(r) else None
+        count = request_count(r)
         table.add_row(
             _short_time(r),
             str(r.get("seq", "")),
             str(r.get("principal", "")),
             str(r.get("tool", "")),
             str(r.get("decision", "")),
-            str(r.get("outcome", "")),
+            str(r.get("outcome", "")) + (f" \u00d7{count}" if count > 1 else ""),
             _short_resources(r),
             _compact(r.get("rows")),
             _duration(r.get("duration_ms")),
@@ -257,13 +272,16 @@ def parse_dimensions(values: Iterable[str]) -> tuple[Dimension, ...]:
 
 @dataclass
 class SummaryRow:
-    """Counts for one group. ``rows`` is the sum of rows returned by the calls in it."""
+    """Counts for one group. ``calls`` are tool calls and refused requests (a grouped refusal by
+    its ``count``), ``rows`` the sum of rows returned by them; ``listings`` are the group's listing
+    records, in neither."""
 
     key: tuple[str, ...]
     calls: int = 0
     denials: int = 0
     errors: int = 0
     rows: int = 0
+    listings: int = 0
 
     def as_dict(self, by: Sequence[Dimension]) -> dict[str, Any]:
         return {
@@ -272,6 +290,7 @@ class SummaryRow:
             "denials": self.denials,
             "errors": self.errors,
             "rows": self.rows,
+            "listings": self.listings,
         }
 
 
@@ -302,15 +321,24 @@ def summarise(records: Iterable[Mapping[str, Any]], by: Sequence[Dimension]) -> 
     """
     groups: dict[tuple[str, ...], SummaryRow] = {}
     for record in records:
+        if is_listing(record):
+            # A listing's `rows` are the items listed, not data returned: not added to `rows`.
+            for key in _keys(record, by):
+                groups.setdefault(key, SummaryRow(key)).listings += 1
+            continue
         rows = record.get("rows")
         returned = rows if isinstance(rows, int) and not isinstance(rows, bool) else 0
+        count = request_count(record)
         for key in _keys(record, by):
             row = groups.setdefault(key, SummaryRow(key))
-            row.calls += 1
-            row.denials += is_denial(record)
-            row.errors += is_error(record)
+            row.calls += count
+            row.denials += count * is_denial(record)
+            row.errors += count * is_error(record)
             row.rows += returned
     return [groups[k] for k in sorted(groups)]
+
+
+_COUNTS = ("calls", "denials", "errors", "rows", "listings")
 
 
 def summary_table(rows: Sequence[SummaryRow], by: Sequence[Dimension]) -> Table:
@@ -318,13 +346,13 @@ def summary_table(rows: Sequence[SummaryRow], by: Sequence[Dimension]) -> Table:
     table = _table()
     for dim in by:
         table.add_column(dim, overflow="fold", max_width=30)
-    for name in ("calls", "denials", "errors", "rows"):
+    for name in _COUNTS:
         table.add_column(name, justify="right", no_wrap=True)
     for row in rows:
-        table.add_row(*row.key, f"{row.calls:,}", f"{row.denials:,}", f"{row.errors:,}", f"{row.rows:,}")
+        table.add_row(*row.key, *(f"{getattr(row, name):,}" for name in _COUNTS))
     if len(rows) > 1 and by and "resource" not in by:
         table.add_section()
-        totals = [sum(getattr(r, n) for r in rows) for n in ("calls", "denials", "errors", "rows")]
+        totals = [sum(getattr(r, n) for r in rows) for n in _COUNTS]
         label = ["total"] + [""] * (len(by) - 1)
         table.add_row(*label, *(f"{t:,}" for t in totals), style="bold")
     return table

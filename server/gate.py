@@ -7,6 +7,9 @@ Every tool call, whatever the transport, goes through `Gate.call`:
 4. the audit record, written before anything is returned; if it cannot be written, the call fails
    and no data leaves the server (fail closed);
 5. the result, or an MCP tool error whose text tells the agent what to do instead.
+
+A listing (`tools/list`, `resources/list`, ...) is audited too, through `Gate.audit_listing`, and
+fails closed the same way: no record, no list.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from server.errors import (
 )
 from server.identity import CallOrigin, Principal
 from server.redaction import KEY_FILE, AuditKey, audit_arguments, loggable, redact_arguments
+from server.refusals import listing_record
 from server.scope import CallScope, ProgressFn
 from server.settings import Settings
 from tools.base import ToolSpec
@@ -99,6 +103,39 @@ class Gate:
             for name, spec in self.tools.items()
             if self.enforcer.decide(principal.name, f"tool:{name}", "call").allowed
         ]
+
+    async def audit_listing(
+        self, method: str, principal: Principal, origin: CallOrigin, *, listed: int, payload_bytes: int, started: float
+    ) -> dict[str, Any]:
+        """Write the audit record of one listing (`tools/list`, ...) and return it as written.
+
+        The listing must not be answered when this raises: no record, no list (fail closed).
+
+        Raises:
+            AuditWriteError: the record could not be written.
+        """
+        record = listing_record(
+            method=method,
+            request_id=origin.request_id,
+            session_id=origin.session_id,
+            principal=principal.name,
+            roles=principal.roles,
+            authenticated_by=principal.authenticated_by,
+            transport=origin.transport,
+            client={"name": origin.client_name, "version": origin.client_version},
+            policy_version=self.enforcer.version,
+            listed=listed,
+            payload_bytes=payload_bytes,
+            duration_s=time.perf_counter() - started,
+        )
+        try:
+            # As for a call: off the event loop, and a cancel does not separate a listing from its record.
+            with anyio.CancelScope(shield=True):
+                written: dict[str, Any] = await anyio.to_thread.run_sync(self.audit.append, record)
+        except AuditWriteError as exc:
+            log.error("audit.write_failed", tool=method, error=repr(exc.__cause__))
+            raise
+        return written
 
     def scope(self, principal: Principal, progress: ProgressFn | None = None) -> CallScope:
         return CallScope(
@@ -200,12 +237,22 @@ class Gate:
         started: float,
     ) -> dict[str, Any]:
         accesses = {touched.access for touched in scope.touched}
-        if not tool_allowed or isinstance(error, PolicyDenied):
+        # A dataset (or metric) the caller may not read is refused with NotFound, so that the agent
+        # cannot tell it from a missing one; the record, read by reviewers and never by the agent,
+        # says what the policy did. The tool's own entry is left out: an unknown tool is really missing.
+        refused_resource = any(t.access == "denied" and t.type != "tool" for t in scope.touched)
+        if not tool_allowed or isinstance(error, PolicyDenied) or refused_resource:
             decision = "deny"
-        elif accesses & {"masked", "hidden", "denied", "filtered"}:
+        elif accesses & {"masked", "hidden", "filtered"}:
             decision = "partial"
         else:
             decision = "allow"
+        if error is None:
+            outcome = "ok"
+        elif refused_resource and isinstance(error, NotFound):
+            outcome = PolicyDenied.outcome
+        else:
+            outcome = error.outcome
         return {
             "request_id": origin.request_id,
             "session_id": origin.session_id,
@@ -231,7 +278,7 @@ class Gate:
             "rows": scope.rows if error is None else 0,
             "bytes": payload_bytes if error is None else 0,
             "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-            "outcome": "ok" if error is None else error.outcome,
+            "outcome": outcome,
             "error": None if error is None else _public_message(error),
             **({"details": scope.details} if scope.details else {}),
         }

@@ -5,7 +5,8 @@ server issued (signature, `exp`/`nbf`/`iat` with a small leeway, `iss`, and `aud
 this resource's URL) and never passes a client's token on to anything else. Keys come from a local
 JWKS file (RS256, ES256) or, for development, a shared secret (HS256). A refused request gets
 HTTP 401 with a `WWW-Authenticate: Bearer` challenge that points at the protected resource
-metadata (RFC 9728), and leaves an audit record without the token.
+metadata (RFC 9728), and leaves an audit record without the token (through `RefusalLog`, which
+counts a flood of refusals into one record per client and window).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio.to_thread
 import jwt
 import structlog
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
@@ -30,10 +30,10 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.audit import AuditLog
-from server.errors import AuditWriteError, ClientError, ConfigurationError
+from server.errors import ClientError, ConfigurationError
 from server.identity import ANONYMOUS, ROLE_PREFIX
-from server.refusals import refused_request_record
+from server.redaction import loggable
+from server.refusals import RefusalLog, refused_request_record
 from server.settings import Settings
 
 __all__ = [
@@ -43,9 +43,12 @@ __all__ = [
     "JwtVerifier",
     "VerifiedToken",
     "challenge",
+    "client_address",
+    "http_refusal_record",
     "mint_token",
     "resource_url",
     "resource_metadata_url",
+    "refusal_record",
 ]
 
 log = structlog.get_logger(__name__)
@@ -57,6 +60,8 @@ MCP_PATH = "/mcp"
 MIN_SECRET_BYTES = 32
 ASYMMETRIC_ALGORITHMS = ("RS256", "ES256")
 MAX_SUBJECT = 200
+#: How much of a header an audit record keeps (Host, Origin and User-Agent are the client's to fill).
+MAX_LOGGED_HEADER = 200
 
 
 class InvalidToken(ClientError):
@@ -348,7 +353,7 @@ class BearerGuard:
 
     A verified request carries the SDK's `AuthenticatedUser` in `scope["user"]` (so the session
     manager binds each session to the identity that opened it) and the `VerifiedToken` under
-    `TOKEN_SCOPE_KEY`. A refused one gets a 401 challenge and an audit record.
+    `TOKEN_SCOPE_KEY`. A refused one gets a 401 challenge and an audit record (`RefusalLog`).
     """
 
     def __init__(
@@ -356,14 +361,14 @@ class BearerGuard:
         app: ASGIApp,
         settings: Settings,
         verifier: JwtVerifier,
-        audit: AuditLog,
+        refusals: RefusalLog,
         policy_version: Callable[[], str],
         on_refused: Callable[[str], None],
     ) -> None:
         self.app = app
         self.settings = settings
         self.verifier = verifier
-        self.audit = audit
+        self.refusals = refusals
         self.policy_version = policy_version
         self.on_refused = on_refused
 
@@ -412,10 +417,9 @@ class BearerGuard:
         record = refusal_record(
             scope, headers, error, policy_version=self.policy_version(), duration_s=time.perf_counter() - started
         )
-        try:
-            await anyio.to_thread.run_sync(self.audit.append, record)
-        except AuditWriteError as exc:
-            log.error("audit.write_failed", tool=None, error=repr(exc.__cause__))
+        # One kind per reason (a small set): a client that sends expired tokens and one that sends
+        # forged ones are told apart in the log even when they share an address.
+        await self.refusals.refuse(record, kind=f"unauthenticated:{error.reason}", source=client_address(scope))
         body = (
             {"error": "invalid_token", "error_description": error.message}
             if sent_token
@@ -429,31 +433,73 @@ class BearerGuard:
         await response(scope, receive, send)
 
 
-def refusal_record(
-    scope: Scope, headers: Headers, error: InvalidToken, *, policy_version: str, duration_s: float
-) -> dict[str, Any]:
-    """The audit record of a request refused for its token: the gate's record shape, decision
-    `deny`, outcome `unauthenticated`, and what the HTTP request said about itself (never the token)."""
+def client_address(scope: Scope) -> str | None:
+    """The HTTP client's address as the server saw it (a proxy's, behind one: see `serve_http`)."""
     client = scope.get("client")
+    return str(client[0]) if client else None
+
+
+def _header(headers: Headers, name: str) -> str | None:
+    value = headers.get(name)
+    return loggable(value[:MAX_LOGGED_HEADER]) if value else None
+
+
+def http_refusal_record(
+    scope: Scope,
+    headers: Headers,
+    *,
+    status: int,
+    outcome: str,
+    error: str,
+    reason: str,
+    policy_version: str,
+    duration_s: float,
+    principal: str = ANONYMOUS,
+    roles: tuple[str, ...] = (),
+    authenticated_by: str | None = None,
+) -> dict[str, Any]:
+    """The audit record of an HTTP request refused before the MCP layer: the gate's record shape,
+    decision `deny`, the refusal as `outcome`, the HTTP status and what the request said about
+    itself in `details` (never its token; headers cut to `MAX_LOGGED_HEADER` characters)."""
     return refused_request_record(
         request_id=uuid.uuid4().hex,
-        session_id=headers.get("mcp-session-id"),
-        principal=ANONYMOUS,
-        roles=[],
-        authenticated_by="bearer",
+        session_id=_header(headers, "mcp-session-id"),
+        principal=principal,
+        roles=roles,
+        authenticated_by=authenticated_by,
         transport="http",
         policy_version=policy_version,
         duration_s=duration_s,
-        outcome=error.outcome,
-        error=error.message,
+        outcome=outcome,
+        error=error,
         details={
-            "reason": error.reason,
+            "reason": reason,
+            "status": status,
             "http": {
                 "method": scope.get("method"),
-                "path": scope.get("path"),
-                "remote": client[0] if client else None,
-                "user_agent": headers.get("user-agent", "")[:200] or None,
-                "origin": headers.get("origin"),
+                "path": loggable(str(scope.get("path", ""))[:MAX_LOGGED_HEADER]),
+                "remote": client_address(scope),
+                "user_agent": _header(headers, "user-agent"),
+                "origin": _header(headers, "origin"),
+                "host": _header(headers, "host"),
             },
         },
+    )
+
+
+def refusal_record(
+    scope: Scope, headers: Headers, error: InvalidToken, *, policy_version: str, duration_s: float
+) -> dict[str, Any]:
+    """The audit record of a request refused for its token: `http_refusal_record` with status 401,
+    outcome `unauthenticated` and the token's problem as `reason`."""
+    return http_refusal_record(
+        scope,
+        headers,
+        status=401,
+        outcome=error.outcome,
+        error=error.message,
+        reason=error.reason,
+        policy_version=policy_version,
+        duration_s=duration_s,
+        authenticated_by="bearer",
     )

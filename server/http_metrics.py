@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.audit import AuditLog
+from server.refusals import is_listing
 
 __all__ = ["HttpMetrics", "MeteredAuditLog", "RequestMetrics", "metered"]
 
@@ -57,9 +58,9 @@ class HttpMetrics:
         )
 
     def observe_record(self, record: Mapping[str, Any]) -> None:
-        """Count one audit record of a tool call (records without a tool, such as refused tokens, are not)."""
+        """Count one audit record of a tool call (records of refusals and listings are not)."""
         tool = record.get("tool")
-        if not isinstance(tool, str):
+        if not isinstance(tool, str) or is_listing(record):
             return
         label = tool if tool in self.tools else UNKNOWN
         decision = str(record.get("decision"))

@@ -18,6 +18,7 @@ from server.audit_commands import audit
 from server.audit_review import Filters, parse_dimensions, parse_when, select, summarise
 from server.cli import cli
 from server.profile import checkpoint_key_path
+from server.refusals import listing_record, refused_request_record
 from server.settings import load_settings
 
 NOW = datetime.now(UTC)
@@ -72,6 +73,42 @@ CALLS: list[dict[str, Any]] = [
             {"type": "column", "name": "sales.orders.email", "version": 3, "access": "masked"},
         ],
     },
+]
+
+
+#: Records that are not one tool call each: alice's client listing the tools, and refused HTTP
+#: requests from bob's address, the first written at once, the next three grouped into one record.
+LISTING = listing_record(
+    method="tools/list",
+    request_id="7",
+    session_id="s-1",
+    principal="alice",
+    roles=["role:analyst"],
+    authenticated_by="token",
+    transport="http",
+    client={"name": "agent", "version": "1"},
+    policy_version="v1",
+    listed=8,
+    payload_bytes=900,
+    duration_s=0.001,
+)
+REFUSED = refused_request_record(
+    request_id="r-1",
+    session_id=None,
+    principal="bob",
+    roles=[],
+    authenticated_by="none",
+    transport="http",
+    policy_version="v1",
+    duration_s=0.0005,
+    outcome="unauthenticated",
+    error="invalid_token",
+    details={"reason": "expired"},
+)
+NOT_CALLS: list[dict[str, Any]] = [
+    {**LISTING, "time": at(2)},
+    {**REFUSED, "time": at(2), "count": 1},
+    {**REFUSED, "time": at(2), "count": 3, "details": {"reason": "expired", "aggregated": {"window_s": 10.0}}},
 ]
 
 
@@ -332,9 +369,31 @@ def test_summary_by_principal(log_path: Path) -> None:
     result = run(log_path, "summary", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == [
-        {"principal": "alice", "calls": 3, "denials": 0, "errors": 1, "rows": 17},
-        {"principal": "bob", "calls": 1, "denials": 1, "errors": 0, "rows": 0},
+        {"principal": "alice", "calls": 3, "denials": 0, "errors": 1, "rows": 17, "listings": 0},
+        {"principal": "bob", "calls": 1, "denials": 1, "errors": 0, "rows": 0, "listings": 0},
     ]
+
+
+def test_summary_counts_listings_apart_and_a_grouped_refusal_by_its_count(log_path: Path) -> None:
+    with AuditLog(log_path, fsync=False) as log:
+        for record in NOT_CALLS:
+            log.append(record)
+    result = run(log_path, "summary", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == [
+        # the listing's 8 tools listed are not rows returned
+        {"principal": "alice", "calls": 3, "denials": 0, "errors": 1, "rows": 17, "listings": 1},
+        {"principal": "bob", "calls": 5, "denials": 5, "errors": 0, "rows": 0, "listings": 0},
+    ]
+    by_tool = {
+        r["tool"]: (r["calls"], r["listings"])
+        for r in json.loads(run(log_path, "summary", "--by", "tool", "--json").output)
+    }
+    assert by_tool == {"(none)": (4, 0), "describe": (1, 0), "query": (3, 0), "tools/list": (0, 1)}
+    table = run(log_path, "summary", "--by", "decision").output
+    assert "listings" in table and all(len(line) <= 80 for line in table.splitlines())
+    shown = run(log_path, "show", "--principal", "bob").output
+    assert "\u00d73" in shown and "3 records" in shown  # records, each saying how many requests it stands for
 
 
 def test_summary_by_several(log_path: Path) -> None:

@@ -2,9 +2,9 @@
 real headless Chromium (Debian's chromium and chromedriver; skipped when they are not on PATH).
 
 The log: queries on the shared small demo (analyst reads PII masked, admin in clear), denials (no
-tool rule, an explicit deny rule, an unknown principal, an unknown tool whose name is HTML), and
-one write, made by a second server on a warehouse of its own (the demo is shared read-only) into
-the same log file, as two servers on one log would.
+tool rule, an explicit deny rule, a dataset the analyst may not see, an unknown principal, an
+unknown tool whose name is HTML), and one write, made by a second server on a warehouse of its own
+(the demo is shared read-only) into the same log file, as two servers on one log would.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ from pyiceberg.types import LongType, NestedField, StringType
 from catalog.definitions import load_definitions
 from catalog.warehouse import Warehouse
 from server.app import Runtime, open_runtime
-from server.audit import read_records, verify
+from server.audit import AuditLog, read_records, verify
 from server.audit_commands import audit
 from server.audit_report import AuditReport, build_report, render_html
 from server.audit_review import Filters, select
 from server.gate import GateOutcome
+from server.refusals import listing_record, refused_request_record
 from server.settings import load_settings
 from tests.conftest import REPO, gate_call
 
@@ -47,13 +48,14 @@ NOTES = "ops.notes"
 EXPECTED = {
     "count-calls": "10",
     "count-allowed": "3",
-    "count-partial": "3",
-    "count-denials": "4",
-    "count-errors": "1",
+    "count-partial": "2",
+    "count-denials": "5",
+    "count-errors": "0",
     "count-principals": "4",
     "count-pii-clear": "1",
     "count-pii-masked": "2",
     "count-writes": "1",
+    "count-listings": "0",  # gate calls in process: no MCP client, so no listing
     "chain-status": "OK",
     "chain-records": "10",
 }
@@ -85,7 +87,7 @@ def gate_log(demo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
             ("admin", "query", {"sql": "SELECT customer_id, email, phone FROM sales.customers LIMIT 2"}),
             ("analyst", "append_rows", {"table": "support.tickets", "rows": []}),  # no tool rule
             ("data_steward", "query", {"sql": "SELECT body FROM support.tickets"}),  # explicit deny rule
-            ("analyst", "query", {"sql": "SELECT * FROM support.tickets"}),  # not visible: not_found
+            ("analyst", "query", {"sql": "SELECT * FROM support.tickets"}),  # not visible: deny, told not found
             ("admin", "describe_dataset", {"name": "sales.customers"}),  # schema only: not a PII read
             (HTML_PRINCIPAL, "list_datasets", {}),  # a principal the policy does not know
             ("analyst", HTML_TOOL, {}),  # no such tool, no rule either
@@ -127,7 +129,7 @@ def page(gate_log: tuple[Path, dict[str, Any]], tmp_path_factory: pytest.TempPat
     output = tmp_path_factory.mktemp("page") / "audit-report.html"
     result = CliRunner().invoke(audit, ["report", "--log", str(log), "--output", str(output)], obj={})
     assert result.exit_code == 0, result.output
-    assert "10 records, 4 denied, 1 reading PII in clear; chain OK" in result.output
+    assert "10 calls, 5 denied, 1 reading PII in clear; chain OK" in result.output
     return output
 
 
@@ -201,17 +203,18 @@ def test_the_page_shows_the_counts_of_the_log(page: Path) -> None:
 
 def test_denials_by_principal_and_by_rule(gate_log: tuple[Path, dict[str, Any]]) -> None:
     report = _report(gate_log[0])
-    assert report.denials_by_principal == (("analyst", 2), (HTML_PRINCIPAL, 1), ("data_steward", 1))
+    assert report.denials_by_principal == (("analyst", 3), (HTML_PRINCIPAL, 1), ("data_steward", 1))
     rules = {rule.rule: (rule.denials, rule.principals) for rule in report.denial_rules}
     default = "no allow rule matched (deny by default)"
     assert rules == {
         "role:data_steward, support.tickets.body, read, deny": (1, ("data_steward",)),
         f"{default}: tool:append_rows": (1, ("analyst",)),
+        f"{default}: support.tickets": (1, ("analyst",)),
         f"{default}: tool:list_datasets": (1, (HTML_PRINCIPAL,)),
         f"{default}: tool:{HTML_TOOL}": (1, ("analyst",)),
     }
     _, labels, by_decision = report.timeline
-    assert {d: sum(v) for d, v in by_decision.items()} == {"allow": 3, "partial": 3, "deny": 4}
+    assert {d: sum(v) for d, v in by_decision.items()} == {"allow": 3, "partial": 2, "deny": 5}
     assert len(labels) in (1, 2)  # the calls took seconds, perhaps across an hour
 
 
@@ -293,7 +296,7 @@ def test_filters_title_and_a_tampered_chain(gate_log: tuple[Path, dict[str, Any]
     assert "chain FAILED (1 problems)" in result.output
     parsed = _parse(output.read_text(encoding="utf-8"))
     assert parsed.text["report-title"] == "Q4 <review>" and parsed.text["filters"] == "principal = analyst"
-    assert parsed.text["count-calls"] == "5" and parsed.text["count-denials"] == "2"
+    assert parsed.text["count-calls"] == "5" and parsed.text["count-denials"] == "3"
     problems = parsed.text["chain-problems"]
     assert parsed.text["chain-status"] == "FAILED" and "seq 3" in problems and "edited" in problems
 
@@ -311,11 +314,59 @@ def test_an_empty_or_missing_log_still_gives_a_page(tmp_path: Path) -> None:
 
 def test_the_raw_table_keeps_the_newest_records_and_counts_them_all(gate_log: tuple[Path, dict[str, Any]]) -> None:
     report = _report(gate_log[0], Filters(decision="deny"), max_raw_rows=3)
-    assert report.counts.calls == report.raw_total == report.counts.denials == 4
-    assert [r.seq for r in report.raw] == ["9", "8", "5"]  # newest first
+    assert report.counts.calls == report.raw_total == report.counts.denials == 5
+    assert [r.seq for r in report.raw] == ["9", "8", "6"]  # newest first
     parsed = _parse(render_html(report))
-    assert parsed.text["records-shown"] == "3" and parsed.text["records-total"] == "4"
+    assert parsed.text["records-shown"] == "3" and parsed.text["records-total"] == "5"
     assert parsed.text["filters"] == "decision = deny"
+
+
+def test_listings_are_counted_apart_and_a_grouped_refusal_by_its_count(tmp_path: Path) -> None:
+    """What an HTTP server writes besides calls: a client's tools/list, and a refused request that
+    `RefusalLog` wrote once, then grouped with three more into one record with `count: 3`."""
+    listing = listing_record(
+        method="tools/list",
+        request_id="1",
+        session_id="s-1",
+        principal="analyst",
+        roles=["role:analyst"],
+        authenticated_by="token",
+        transport="http",
+        client={"name": "agent", "version": "1"},
+        policy_version="v1",
+        listed=8,
+        payload_bytes=900,
+        duration_s=0.001,
+    )
+    refused = refused_request_record(
+        request_id="2",
+        session_id=None,
+        principal="anonymous",
+        roles=[],
+        authenticated_by="none",
+        transport="http",
+        policy_version="v1",
+        duration_s=0.0005,
+        outcome="unauthenticated",
+        error="invalid_token",
+        details={"reason": "expired"},
+    )
+    log = tmp_path / "audit.jsonl"
+    with AuditLog(log, fsync=False) as writer:
+        for record in (listing, {**refused, "count": 1}, {**refused, "count": 3}):
+            writer.append(record)
+    report = _report(log)
+    counts = report.counts
+    assert (counts.calls, counts.listings, counts.denials, counts.allowed, counts.principals) == (4, 1, 4, 0, 2)
+    assert {d: sum(v) for d, v in report.timeline[2].items()} == {"deny": 4}
+    assert report.denials_by_principal == (("anonymous", 4),)
+    assert [(rule.rule, rule.denials) for rule in report.denial_rules] == [
+        ("no allow rule matched (deny by default)", 4)
+    ]
+    assert [(row.tool, row.count) for row in report.raw] == [("", 3), ("", 1), ("tools/list", 1)]  # every record
+    parsed = _parse(render_html(report))
+    assert parsed.text["count-calls"] == "4" and parsed.text["count-listings"] == "1"
+    assert "unauthenticated \u00d73" in parsed.rows["table-records"][1][5]
 
 
 # -- in a real browser --------------------------------------------------------------------------
@@ -415,7 +466,7 @@ def test_the_records_filter_hides_rows(driver: Any) -> None:
     principal.send_keys("ANALYST")
     assert visible() == ["analyst"] * 5 and _text(driver, "records-shown") == "5"
     decision.send_keys("deny")
-    assert len(visible()) == 2 and _text(driver, "records-shown") == "2"
+    assert len(visible()) == 3 and _text(driver, "records-shown") == "3"
     tool = driver.find_element("id", "filter-tool")
     tool.send_keys("<img")
     assert len(visible()) == 1

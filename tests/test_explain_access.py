@@ -16,6 +16,7 @@ from server.app import Runtime, open_runtime
 from server.audit import read_records
 from server.errors import ClientError, InvalidArgument, NotFound, PolicyDenied
 from server.gate import GateOutcome
+from server.refusals import is_listing
 from server.settings import load_settings
 from tests.conftest import gate_call
 
@@ -211,4 +212,6 @@ def test_explain_access_over_stdio(demo_home: Path, tmp_path: Path) -> None:
     assert "keyed hash" in text_of(result)
     assert other.is_error and other.structured_content is None
     assert "may not explain the access of another principal" in text_of(other)
-    assert [r["outcome"] for r in read_records(tmp_path / "a.jsonl")] == ["ok", "denied"]
+    records = list(read_records(tmp_path / "a.jsonl"))
+    assert [r["tool"] for r in records if is_listing(r)] == ["tools/list"]
+    assert [r["outcome"] for r in records if not is_listing(r)] == ["ok", "denied"]

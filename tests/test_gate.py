@@ -14,8 +14,11 @@ from catalog.warehouse import Warehouse
 from evals.mcp_client import connect, text_of
 from server.app import Runtime
 from server.audit import read_records, verify
+from server.errors import NotFound
 from server.gate import redact_arguments
 from server.identity import CallOrigin, stdio_principal
+from server.refusals import is_listing
+from tests.conftest import gate_call
 from tools import ALL_TOOLS, ToolName
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +95,13 @@ def test_every_tool_denies_an_unauthorised_principal_and_audits_both_outcomes(
     for name, (is_error, text) in allowed.items():
         assert not is_error, f"{name}: {text}"
 
-    records = list(read_records(audit_path))
+    # mallory's tools/list (empty); admin's client lists the tools once, to check its first result.
+    listings = [r for r in read_records(audit_path) if is_listing(r)]
+    assert [(r["principal"], r["tool"], r["rows"]) for r in listings] == [
+        ("mallory", "tools/list", 0),
+        ("admin", "tools/list", len(ToolName)),
+    ]
+    records = [r for r in read_records(audit_path) if not is_listing(r)]
     count = len(VALID_ARGUMENTS)
     assert len(records) == 2 * count
     for record, name in zip(records[:count], VALID_ARGUMENTS, strict=True):
@@ -142,6 +151,38 @@ def test_in_process_gate_fails_closed_and_redacts(runtime: Runtime, tmp_path: Pa
     arguments = {"query": "x", "api_key": "s3cret", "nested": {"password": "p"}}
     cleaned = redact_arguments(arguments, ("api_key", "password"))
     assert cleaned == {"query": "x", "api_key": "[redacted]", "nested": {"password": "[redacted]"}}
+
+
+@pytest.mark.parametrize(
+    ("principal", "tool", "hidden", "missing"),
+    [
+        ("analyst", "describe_dataset", {"name": "support.tickets"}, {"name": "support.nothing"}),
+        ("analyst", "query", {"sql": "SELECT * FROM support.tickets"}, {"sql": "SELECT * FROM support.nothing"}),
+        ("support_agent", "describe_metric", {"name": "refunds"}, {"name": "no_such_metric"}),
+    ],
+)
+def test_a_hidden_resource_is_audited_as_denied_and_answered_as_missing(
+    runtime: Runtime, principal: str, tool: str, hidden: dict[str, Any], missing: dict[str, Any]
+) -> None:
+    refused = gate_call(runtime, principal, tool, hidden)
+    absent = gate_call(runtime, principal, tool, missing)
+    assert isinstance(refused.error, NotFound) and isinstance(absent.error, NotFound)
+    # What the agent reads: the same answer for a hidden resource and a missing one.
+    name, other = (next(iter(arguments.values())).split()[-1] for arguments in (hidden, missing))
+    assert "available to you" in str(refused.error)
+    assert str(refused.error).replace(name, "X") == str(absent.error).replace(other, "X")
+    # What the reviewer reads: the policy refused it.
+    assert refused.record is not None
+    assert (refused.record["decision"], refused.record["outcome"]) == ("deny", "denied")
+    assert any(r["access"] == "denied" and r["type"] != "tool" for r in refused.record["resources"])
+    assert refused.record["error"] == str(refused.error)
+    assert verify(runtime.audit.path).ok
+
+
+def test_a_missing_resource_the_caller_may_read_stays_not_found(runtime: Runtime) -> None:
+    outcome = gate_call(runtime, "analyst", "describe_dataset", {"name": "sales.nothing"})
+    assert isinstance(outcome.error, NotFound) and outcome.record is not None
+    assert (outcome.record["decision"], outcome.record["outcome"]) == ("allow", "not_found")
 
 
 def test_tools_reach_data_only_through_the_scope() -> None:

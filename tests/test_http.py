@@ -3,6 +3,7 @@ with real JWTs: HS256 from the shared secret, RS256 and ES256 from a JWKS file m
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import os
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from server.cli import cli
 from server.http_app import create_http_app
 from server.http_auth import JwtVerifier
 from server.identity import Principal, granted_roles
+from server.refusals import REFUSAL_WINDOW_S, is_listing
 from server.role_grants import acting_as, granting
 from server.settings import Settings, load_settings
 
@@ -113,7 +116,14 @@ def _wait_until_up(base: str, seconds: float = 60) -> None:
 
 @pytest.fixture(scope="module")
 def served(demo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    folder = tmp_path_factory.mktemp("http")
+    with _serving(demo_home, tmp_path_factory.mktemp("http")) as serving:
+        yield serving
+
+
+@contextlib.contextmanager
+def _serving(demo_home: Path, folder: Path, refusal_window_s: float = REFUSAL_WINDOW_S) -> Iterator[Served]:
+    """A real server on a loopback port of its own, stopped (lifespan shutdown included) on exit."""
+    folder.mkdir(parents=True, exist_ok=True)
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ec_key = ec.generate_private_key(ec.SECP256R1())
     (folder / "jwks.json").write_text(json.dumps(_jwks(rsa_key, ec_key)))
@@ -137,7 +147,8 @@ def served(demo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         },
     )
     runtime = open_runtime(settings)
-    server = uvicorn.Server(uvicorn.Config(create_http_app(runtime), log_level="warning", lifespan="on"))
+    app = create_http_app(runtime, refusal_window_s=refusal_window_s)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -166,6 +177,10 @@ async def _as(url: str, token: str, *calls: tuple[str, dict[str, Any]], mode: st
         for name, arguments in calls:
             if name == "tools/list":
                 results.append(await client.list_tools())
+            elif name == "resources/list":
+                results.append(await client.list_resources())
+            elif name == "resources/templates/list":
+                results.append(await client.list_resource_templates())
             else:
                 results.append(await client.call_tool(name, arguments))
     return results
@@ -178,16 +193,31 @@ def await_(coroutine: Coroutine[Any, Any, Any]) -> Any:
     return anyio.run(run)
 
 
-def _post(served: Served, body: Any = INITIALIZE, token: str | None = None, **headers: str) -> httpx2.Response:
+def _post(
+    served: Served, body: Any = INITIALIZE, token: str | None = None, *, source: str | None = None, **headers: str
+) -> httpx2.Response:
+    """POST to /mcp; from the loopback address `source` (127.0.0.x) when given, so that a test's
+    refusals are not counted into the window of another test's (refusals aggregate per address)."""
     sent = {**MCP_HEADERS, **headers}
     if token is not None:
         sent["Authorization"] = f"Bearer {token}"
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx2.post(served.url, content=content, headers=sent, timeout=30)
+    with _client(source) as client:
+        return client.post(served.url, content=content, headers=sent)
+
+
+def _client(source: str | None) -> httpx2.Client:
+    return httpx2.Client(transport=httpx2.HTTPTransport(local_address=source), timeout=30)
 
 
 def _new_records(served: Served, before: int) -> list[dict[str, Any]]:
     return served.records()[before:]
+
+
+def _calls(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of tool calls. The SDK client lists the tools to check the first result of a
+    tool it has not listed yet against its output schema: that listing is audited too."""
+    return [record for record in records if not is_listing(record)]
 
 
 # -- authenticated calls ---------------------------------------------------------------------------
@@ -203,7 +233,9 @@ def test_hs256_token_calls_a_tool_as_its_subject(served: Served, mode: str) -> N
     assert not result.is_error, text_of(result)
     names = {d["name"] for d in result.structured_content["datasets"]}
     assert {"sales.orders", "finance.payments"} <= names and not any(n.startswith("support.") for n in names)
-    [record] = _new_records(served, before)
+    listing, record = _new_records(served, before)
+    assert (listing["principal"], listing["tool"], listing["rows"]) == ("alice", "tools/list", len(listed.tools))
+    assert listing["session_id"] == record["session_id"] and listing["transport"] == "http"
     assert (record["principal"], record["tool"], record["decision"]) == ("alice", "list_datasets", "allow")
     assert record["transport"] == "http" and record["authenticated_by"] == "bearer"
     assert "role:analyst" in record["roles"]
@@ -216,7 +248,7 @@ def test_each_http_session_is_audited_under_its_own_session_id(served: Served) -
     token = served.token("alice", ["analyst"])
     for _ in range(2):
         await_(_as(served.url, token, ("list_datasets", {}), ("list_metrics", {})))
-    records = _new_records(served, before)
+    records = _calls(_new_records(served, before))
     assert len(records) == 4
     first, second = {r["session_id"] for r in records[:2]}, {r["session_id"] for r in records[2:]}
     assert len(first) == 1 and len(second) == 1 and first != second, records
@@ -230,7 +262,7 @@ def test_asymmetric_tokens_verify_against_the_jwks_file(served: Served, algorith
     [result] = anyio.run(_as, served.url, token, ("list_datasets", {}))
     assert not result.is_error, text_of(result)
     assert "support.tickets" in {d["name"] for d in result.structured_content["datasets"]}  # data_steward sees it
-    [record] = _new_records(served, before)
+    [record] = _calls(_new_records(served, before))
     assert record["principal"] == "dana" and "role:data_steward" in record["roles"]
 
 
@@ -262,6 +294,32 @@ def test_token_roles_add_to_the_policy_and_unknown_roles_count_for_nothing(serve
     assert records[-1]["decision"] == "partial"  # rows filtered
 
 
+def test_listings_over_http_are_audited_as_the_token_subject(served: Served) -> None:
+    before = len(served.records())
+    tools, resources, templates = anyio.run(
+        _as,
+        served.url,
+        served.token("alice", ["analyst"]),
+        ("tools/list", {}),
+        ("resources/list", {}),
+        ("resources/templates/list", {}),
+    )
+    records = _new_records(served, before)
+    assert [(r["tool"], r["rows"]) for r in records] == [
+        ("tools/list", len(tools.tools)),
+        ("resources/list", len(resources.resources)),
+        ("resources/templates/list", 1),
+    ]
+    assert len(tools.tools) > 0 and len(resources.resources) > 0
+    for record in records:
+        assert is_listing(record) and record["details"] == {"listing": record["tool"]}
+        assert (record["principal"], record["transport"], record["authenticated_by"]) == ("alice", "http", "bearer")
+        assert (record["decision"], record["outcome"]) == ("allow", "ok") and "role:analyst" in record["roles"]
+        assert record["client"] == {"name": "http-tests", "version": "1.0"}
+    assert len({r["session_id"] for r in records}) == 1 and records[0]["session_id"]
+    assert verify(served.audit_path).ok
+
+
 def test_granted_roles_decide_together_with_deny_overriding(runtime: Runtime) -> None:
     _, grants = granting(runtime.enforcer)
     assert {"role:analyst", "role:support_agent", "role:data_steward", "role:agent"} <= grants.known_roles()
@@ -288,8 +346,24 @@ def test_a_session_answers_only_the_identity_that_opened_it(served: Served) -> N
     assert opened.status_code == 200, opened.text
     session = opened.headers["mcp-session-id"]
     listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
-    stolen = _post(served, listing, token=served.token("bob", ["admin"]), **{"mcp-session-id": session})
+    before = len(served.records())
+    bob = served.token("bob", ["support_agent"])
+    stolen = _post(served, listing, token=bob, source="127.0.0.11", **{"mcp-session-id": session})
     assert stolen.status_code == 404
+    [record] = _new_records(served, before)
+    assert (record["decision"], record["outcome"], record["principal"]) == ("deny", "session_not_found", "bob")
+    assert record["session_id"] == session and record["authenticated_by"] == "bearer"
+    assert "role:support_agent" in record["roles"] and record["tool"] is None and record["count"] == 1
+    assert record["details"]["reason"] == "other_principal" and record["details"]["status"] == 404
+    assert record["details"]["http"]["remote"] == "127.0.0.11"
+    assert bob not in served.audit_path.read_text()
+
+    before = len(served.records())
+    unknown = _post(served, listing, token=bob, source="127.0.0.12", **{"mcp-session-id": "f" * 32})
+    assert unknown.status_code == 404
+    [record] = _new_records(served, before)
+    assert record["outcome"] == "session_not_found" and record["details"]["reason"] == "unknown_session"
+    assert verify(served.audit_path).ok
 
 
 # -- refusals --------------------------------------------------------------------------------------
@@ -309,13 +383,15 @@ def _bad_tokens(served: Served) -> dict[str, str | None]:
     }
 
 
-@pytest.mark.parametrize(
-    "reason", ["missing", "expired", "audience", "signature", "issuer", "malformed", "unknown_key"]
-)
+REASONS = ["missing", "expired", "audience", "signature", "issuer", "malformed", "unknown_key"]
+
+
+@pytest.mark.parametrize("reason", REASONS)
 def test_refused_tokens_get_a_401_challenge_and_an_audit_record(served: Served, reason: str) -> None:
     token = _bad_tokens(served)[reason]
     before = len(served.records())
-    response = _post(served, token=token, **{"User-Agent": "refusal-test"})
+    source = f"127.0.0.{20 + REASONS.index(reason)}"
+    response = _post(served, token=token, source=source, **{"User-Agent": "refusal-test"})
     assert response.status_code == 401
     challenge = response.headers["www-authenticate"]
     assert challenge.startswith("Bearer ")
@@ -328,6 +404,7 @@ def test_refused_tokens_get_a_401_challenge_and_an_audit_record(served: Served, 
     assert (record["decision"], record["outcome"], record["principal"]) == ("deny", "unauthenticated", "anonymous")
     assert record["details"]["reason"] == reason and record["error"]
     assert record["details"]["http"]["user_agent"] == "refusal-test"
+    assert record["details"]["http"]["remote"] == source and record["details"]["status"] == 401
     if token is not None:
         assert token not in served.audit_path.read_text()
 
@@ -345,20 +422,107 @@ def test_a_subject_named_like_a_role_is_refused(served: Served) -> None:
 
 def test_foreign_browser_origin_is_refused_and_loopback_origin_is_not(served: Served) -> None:
     token = served.token("alice", ["analyst"])
-    assert _post(served, token=token, Origin="http://evil.example").status_code == 403
+    before = len(served.records())
+    assert _post(served, token=token, source="127.0.0.31", Origin="http://evil.example").status_code == 403
+    [record] = _new_records(served, before)
+    assert (record["decision"], record["outcome"], record["principal"]) == ("deny", "foreign_origin", "anonymous")
+    assert record["details"]["status"] == 403 and record["count"] == 1 and record["transport"] == "http"
+    assert record["details"]["http"] | {"user_agent": None} == {
+        "method": "POST",
+        "path": "/mcp",
+        "remote": "127.0.0.31",
+        "user_agent": None,
+        "origin": "http://evil.example",
+        "host": served.base.removeprefix("http://"),
+    }
+    assert token not in served.audit_path.read_text()
+
+    before = len(served.records())
     assert _post(served, token=token, Origin="http://localhost:6274").status_code == 200
-    assert httpx2.get(served.base + "/healthz", headers={"Origin": "http://evil.example"}).status_code == 403
+    assert not any(r["decision"] == "deny" for r in _new_records(served, before))
+    with _client("127.0.0.32") as client:
+        assert client.get(served.base + "/healthz", headers={"Origin": "http://evil.example"}).status_code == 403
+    [record] = _new_records(served, before)
+    assert record["outcome"] == "foreign_origin" and record["details"]["http"]["path"] == "/healthz"
 
 
 def test_foreign_host_header_is_refused(served: Served) -> None:
-    response = _post(served, token=served.token("alice"), Host="rebound.example:80")
+    before = len(served.records())
+    response = _post(served, token=served.token("alice"), source="127.0.0.33", Host="rebound.example:80")
     assert response.status_code == 421
+    [record] = _new_records(served, before)
+    assert (record["decision"], record["outcome"], record["details"]["status"]) == ("deny", "foreign_host", 421)
+    assert record["details"]["http"]["host"] == "rebound.example:80"
+    assert record["details"]["http"]["remote"] == "127.0.0.33"
 
 
 def test_oversized_body_gets_413(served: Served) -> None:
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"pad": "x" * (MAX_BODY + 1)}}
-    response = _post(served, body, token=served.token("alice", ["analyst"]))
+    before = len(served.records())
+    response = _post(served, body, token=served.token("alice", ["analyst"]), source="127.0.0.34")
     assert response.status_code == 413
+    [record] = _new_records(served, before)
+    assert (record["decision"], record["outcome"], record["principal"]) == ("deny", "body_too_large", "alice")
+    assert record["details"]["status"] == 413 and record["details"]["http"]["remote"] == "127.0.0.34"
+    assert "role:analyst" in record["roles"]
+    assert verify(served.audit_path).ok
+
+
+def test_a_flood_of_refusals_is_counted_into_few_records(demo_home: Path, tmp_path: Path) -> None:
+    """Per kind of refusal and client address: the first at once, the rest of the window as one
+    record with its count, and what is still counted when the server stops."""
+    flood, window = 48, 2.0
+
+    def send(served: Served, source: str, kinds: list[tuple[dict[str, str], int]], times: int) -> None:
+        with _client(source) as client:
+            for _ in range(times):
+                for headers, expected in kinds:
+                    assert client.post(served.url, headers=headers).status_code == expected
+
+    def flood_from(served: Served, source: str, *kinds: tuple[dict[str, str], int]) -> float:
+        """Send `flood` requests of each kind from 8 clients at once; the seconds it took."""
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for done in [pool.submit(send, served, source, list(kinds), flood // 8) for _ in range(8)]:
+                done.result()
+        return time.monotonic() - started
+
+    foreign, bad_token = ({"Origin": "http://evil.example"}, 403), ({"Authorization": "Bearer not-a-jwt"}, 401)
+    with _serving(demo_home, tmp_path / "short", refusal_window_s=window) as served:
+        elapsed = flood_from(served, "127.0.0.41", foreign, bad_token)
+        send(served, "127.0.0.42", [foreign], 1)
+        # Served as usual meanwhile.
+        [result] = anyio.run(_as, served.url, served.token("alice", ["analyst"]), ("list_datasets", {}))
+        assert not result.is_error
+
+        def of(outcome: str, remote: str) -> list[dict[str, Any]]:
+            return [r for r in served.records() if r["outcome"] == outcome and r["details"]["http"]["remote"] == remote]
+
+        def counted(outcome: str) -> int:
+            return sum(r["count"] for r in of(outcome, "127.0.0.41"))
+
+        deadline = time.monotonic() + 10 * window
+        while min(counted("foreign_origin"), counted("unauthenticated")) < flood and time.monotonic() < deadline:
+            time.sleep(0.1)  # the window's record is written when the window ends, not on the next request
+        for outcome in ("foreign_origin", "unauthenticated"):
+            records = of(outcome, "127.0.0.41")
+            assert sum(r["count"] for r in records) == flood, (outcome, [r["count"] for r in records])
+            # One at once, then one per window while the flood lasted (and one for its last window).
+            assert 2 <= len(records) <= 2 + elapsed / window < flood, (outcome, [r["count"] for r in records])
+            first, *rest = records
+            assert first["count"] == 1 and "aggregated" not in first["details"]
+            for record in rest:
+                assert record["decision"] == "deny" and record["details"]["aggregated"]["window_s"] == window
+                assert record["details"]["aggregated"]["first_at"] <= record["details"]["aggregated"]["last_at"]
+        assert [r["count"] for r in of("foreign_origin", "127.0.0.42")] == [1]  # an address of its own
+        assert verify(served.audit_path).ok
+
+    with _serving(demo_home, tmp_path / "long", refusal_window_s=3600) as served:
+        flood_from(served, "127.0.0.43", foreign)
+        assert [r["count"] for r in served.records()] == [1]
+    # Stopping the server wrote what the window still counted.
+    assert [r["count"] for r in served.records()] == [1, flood - 1]
+    assert verify(served.audit_path).ok
 
 
 # -- companions ------------------------------------------------------------------------------------
@@ -397,7 +561,16 @@ def _sample(text: str, name: str, **labels: str) -> float:
 
 
 def test_metrics_need_a_token_and_count_calls_denials_and_refusals(served: Served) -> None:
-    assert httpx2.get(served.base + "/metrics").status_code == 401
+    before_refusal = len(served.records())
+    with _client("127.0.0.51") as client:
+        assert client.get(served.base + "/metrics").status_code == 401
+    [refused] = _new_records(served, before_refusal)
+    assert (refused["decision"], refused["outcome"], refused["details"]["reason"]) == (
+        "deny",
+        "unauthenticated",
+        "missing",
+    )
+    assert refused["details"]["http"]["path"] == "/metrics" and refused["details"]["http"]["remote"] == "127.0.0.51"
     token = served.token("alice", ["analyst"])
     auth = {"Authorization": f"Bearer {token}"}
 
@@ -427,6 +600,11 @@ def test_metrics_need_a_token_and_count_calls_denials_and_refusals(served: Serve
         == _sample(before, "lakegate_denials_total", tool="restore_table") + 1
     )
     assert _sample(after, "lakegate_tool_call_duration_seconds_count", tool="list_datasets") >= 1
+    # The client listed the tools (to check results against their schemas): a listing is no tool call.
+    unknown = dict(tool="(unknown)", decision="allow", outcome="ok")
+    assert _sample(after, "lakegate_tool_calls_total", **unknown) == _sample(
+        before, "lakegate_tool_calls_total", **unknown
+    )
     assert (
         _sample(after, "lakegate_auth_failures_total", reason="malformed")
         == _sample(before, "lakegate_auth_failures_total", reason="malformed") + 1
@@ -486,7 +664,7 @@ def test_lakegate_serve_http_end_to_end(demo_home: Path, tmp_path: Path) -> None
         process.terminate()
         _, stderr = process.communicate(timeout=30)
     assert f"Streamable HTTP at {base}/mcp" in stderr
-    [record] = read_records(audit_path)
+    [record] = _calls(list(read_records(audit_path)))
     assert record["principal"] == "sam" and record["roles"] == ["role:agent", "role:support_agent"]
 
 
@@ -495,3 +673,31 @@ def test_serve_http_without_keys_says_what_to_set(tmp_path: Path, monkeypatch: p
     monkeypatch.delenv("LAKEGATE_AUTH__JWKS_FILE", raising=False)
     result = CliRunner().invoke(cli, ["--project", str(tmp_path), "serve", "--http"])
     assert result.exit_code != 0 and "LAKEGATE_AUTH__JWKS_FILE" in str(result.exception)
+
+
+def test_a_token_with_only_the_agent_role_reads_no_table_through_a_recursive_cte(served: Served) -> None:
+    """The red-team review's HTTP case: `agent` may call the tools but read no dataset; a recursive
+    CTE named after the warehouse's files read them all. Now the guard refuses the name and the
+    engine could not read the files anyway."""
+    data = served.settings.state_dir / "iceberg" / "warehouse" / "sales" / "customers" / "data"
+    token = served.token("bob", ["agent"])
+    calls = [
+        (
+            "query",
+            {
+                "sql": f'WITH RECURSIVE "{name}" AS (SELECT NULL AS d {operation} SELECT * FROM "{name}") '
+                f'SELECT to_json(t) FROM "{name}" t'
+            },
+        )
+        for name in (f"{data}/*.parquet", "sales/customers/data/*.parquet")
+        for operation in ("UNION ALL BY NAME", "INTERSECT", "EXCEPT")
+    ]
+    calls.append(("query", {"sql": "SELECT count(*) FROM sales.customers"}))
+    before = len(served.records())
+    answers = anyio.run(_as, served.url, token, *calls)
+    assert all(answer.is_error for answer in answers), [text_of(a)[:200] for a in answers if not a.is_error]
+    assert all("There is no table named" in text_of(answer) for answer in answers[:-1])
+    assert "is available to you" in text_of(answers[-1])
+    records = _calls(_new_records(served, before))
+    assert len(records) == len(calls) and all(r["rows"] == 0 and r["principal"] == "bob" for r in records)
+    assert records[-1]["decision"] == "deny"

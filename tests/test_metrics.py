@@ -749,11 +749,12 @@ def test_every_query_metrics_call_leaves_an_audit_record(runtime: Runtime, audit
     gate(runtime, "query_metrics", "support_agent", {"metrics": ["net_revenue"]})
     gate(runtime, "query_metrics", "analyst", {"metrics": ["units_sold"], "group_by": ["metric_time__month"]})
     records = list(read_records(audit_path))
-    assert [(r["tool"], r["outcome"]) for r in records] == [
-        ("query_metrics", "ok"),
-        ("query_metrics", "ok"),
-        ("query_metrics", "not_found"),
-        ("query_metrics", "invalid"),
+    # net_revenue is hidden from the support agent: told it is not found, recorded as denied.
+    assert [(r["tool"], r["decision"], r["outcome"]) for r in records] == [
+        ("query_metrics", "allow", "ok"),
+        ("query_metrics", "partial", "ok"),
+        ("query_metrics", "deny", "denied"),
+        ("query_metrics", "allow", "invalid"),
     ]
     growth, aov = records[0]["details"], records[1]["details"]
     assert growth["metrics"] == {"revenue_growth_mom": 1, "revenue": 2}

@@ -9,9 +9,11 @@ from typing import Any
 import anyio
 import jsonschema
 import pytest
+from mcp.shared.exceptions import MCPError
 
 from evals.mcp_client import connect, text_of
 from server.audit import read_records, verify
+from server.refusals import is_listing
 
 
 def run(fn: Any, *args: Any) -> Any:
@@ -40,12 +42,13 @@ def test_analyst_sees_catalog_tools_and_its_datasets(demo_home: Path, audit_path
             assert orders["row_count"] > 1000 and orders["owner"]
 
     run(scenario)
-    records = list(read_records(audit_path))
-    assert [r["tool"] for r in records] == ["list_datasets"]
-    assert records[0]["decision"] == "allow" and records[0]["principal"] == "analyst"
-    assert records[0]["client"] == {"name": "lakegate-tests", "version": "1.0"}
-    assert records[0]["transport"] == "stdio" and records[0]["rows"] == len(
-        [r for r in records[0]["resources"] if r["type"] == "dataset"]
+    listing, call = read_records(audit_path)
+    assert (listing["tool"], listing["principal"], listing["rows"]) == ("tools/list", "analyst", 8)
+    assert call["tool"] == "list_datasets"
+    assert call["decision"] == "allow" and call["principal"] == "analyst"
+    assert call["client"] == {"name": "lakegate-tests", "version": "1.0"}
+    assert call["transport"] == "stdio" and call["rows"] == len(
+        [r for r in call["resources"] if r["type"] == "dataset"]
     )
     assert verify(audit_path).ok
 
@@ -87,6 +90,8 @@ def test_denials_and_bad_arguments_are_clear_errors_and_the_server_keeps_serving
         async with connect("analyst", demo_home, LAKEGATE_AUDIT__PATH=str(audit_path)) as client:
             calls: list[tuple[str, dict[str, Any]]] = [
                 ("describe_dataset", {"name": "support.tickets"}),  # not readable by analyst
+                ("describe_dataset", {"name": "support.nothing"}),  # not readable, and there is none
+                ("describe_dataset", {"name": "sales.nothing"}),  # readable, but there is none
                 ("describe_dataset", {}),  # missing argument
                 ("describe_dataset", {"name": "sales.orders", "principal": "admin"}),  # unknown argument
                 ("list_datasets", {"limit": "many"}),  # wrong type
@@ -100,22 +105,32 @@ def test_denials_and_bad_arguments_are_clear_errors_and_the_server_keeps_serving
         return outcomes
 
     outcomes = run(scenario)
-    errors = [text for is_error, text in outcomes[:-1]]
+    hidden, missing, _, *errors = [text for is_error, text in outcomes[:-1]]
     assert all(is_error for is_error, _ in outcomes[:-1])
-    assert "No dataset named 'support.tickets'" in errors[0] and "list_datasets" in errors[0]
-    assert "Invalid arguments for describe_dataset" in errors[1] and "name" in errors[1]
-    assert "principal" in errors[2]
-    assert "limit" in errors[3]
-    assert "cursor" in errors[4].lower()
-    assert "drop_everything" in errors[5]
+    assert "No dataset named 'support.tickets'" in hidden and "list_datasets" in hidden
+    # The agent cannot tell a dataset it may not read from one that does not exist...
+    assert hidden.replace("support.tickets", "T") == missing.replace("support.nothing", "T")
+    assert "Invalid arguments for describe_dataset" in errors[0] and "name" in errors[0]
+    assert "principal" in errors[1]
+    assert "limit" in errors[2]
+    assert "cursor" in errors[3].lower()
+    assert "drop_everything" in errors[4]
     assert outcomes[-1][0] is False and "sales.orders" in outcomes[-1][1]
 
-    records = list(read_records(audit_path))
-    assert len(records) == 7
-    assert [r["outcome"] for r in records] == [
-        "not_found", "invalid", "invalid", "invalid", "invalid", "not_found", "ok"
+    # (the client lists the tools once to check the first result it gets against its schema)
+    records = [r for r in read_records(audit_path) if not is_listing(r)]
+    assert len(records) == 9
+    assert [(r["decision"], r["outcome"]) for r in records] == [
+        ("deny", "denied"),  # ... but the audit log says what the policy did
+        ("deny", "denied"),
+        ("allow", "not_found"),
+        *[("allow", "invalid")] * 4,
+        ("deny", "not_found"),  # an unknown tool is really missing
+        ("allow", "ok"),
     ]
-    assert records[5]["decision"] == "deny"
+    assert {"type": "dataset", "name": "support.tickets", "access": "denied", "version": None} in records[0][
+        "resources"
+    ]
     assert verify(audit_path).ok
 
 
@@ -130,8 +145,55 @@ def test_unknown_principal_sees_nothing_and_is_denied(demo_home: Path, audit_pat
     tools, is_error, text, resources = run(scenario)
     assert tools == [] and resources == 0
     assert is_error and "may not call list_datasets" in text
-    (record,) = read_records(audit_path)
+    tools_listed, resources_listed, record = read_records(audit_path)
+    assert [(r["tool"], r["rows"], r["decision"]) for r in (tools_listed, resources_listed)] == [
+        ("tools/list", 0, "allow"),
+        ("resources/list", 0, "allow"),
+    ]
     assert record["decision"] == "deny" and record["outcome"] == "denied" and record["rows"] == 0
+
+
+def test_every_listing_leaves_an_audit_record(demo_home: Path, audit_path: Path) -> None:
+    async def scenario() -> tuple[int, list[str], int]:
+        async with connect("analyst", demo_home, LAKEGATE_AUDIT__PATH=str(audit_path)) as client:
+            tools = (await client.list_tools()).tools
+            resources = (await client.list_resources()).resources
+            templates = (await client.list_resource_templates()).resource_templates
+            return len(tools), [str(r.uri) for r in resources], len(templates)
+
+    tools, uris, templates = run(scenario)
+    records = list(read_records(audit_path))
+    assert [r["tool"] for r in records] == ["tools/list", "resources/list", "resources/templates/list"]
+    assert [r["rows"] for r in records] == [tools, len(uris), templates] and tools > 0 and templates == 1
+    assert "lakegate://datasets/sales.orders" in uris
+    for record in records:
+        assert is_listing(record) and record["details"] == {"listing": record["tool"]}
+        assert (record["principal"], record["transport"]) == ("analyst", "stdio")
+        assert (record["decision"], record["outcome"]) == ("allow", "ok")
+        assert "role:analyst" in record["roles"] and record["authenticated_by"] == "config"
+        assert record["client"] == {"name": "lakegate-tests", "version": "1.0"}
+        assert record["bytes"] > 0 and record["policy_version"] and record["request_id"]
+    assert len({r["session_id"] for r in records}) == 1 and records[0]["session_id"]
+    assert verify(audit_path).ok
+
+
+def test_a_listing_that_cannot_be_audited_is_not_answered(demo_home: Path, tmp_path: Path) -> None:
+    """Fail closed, as for calls: the audit log path is a directory, so no record can be written."""
+    blocked = tmp_path / "not-a-file"
+    blocked.mkdir()
+
+    async def scenario() -> list[str]:
+        refused = []
+        async with connect("admin", demo_home, LAKEGATE_AUDIT__PATH=str(blocked)) as client:
+            for listing in (client.list_tools, client.list_resources, client.list_resource_templates):
+                with pytest.raises(MCPError) as caught:
+                    await listing()
+                refused.append(str(caught.value))
+        return refused
+
+    refused = run(scenario)
+    assert len(refused) == 3
+    assert all("could not write the audit record" in message for message in refused), refused
 
 
 def test_pagination_has_a_cursor_and_no_silent_cut(demo_home: Path, audit_path: Path) -> None:

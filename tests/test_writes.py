@@ -36,6 +36,7 @@ from server.audit import read_records, verify
 from server.errors import LimitExceeded
 from server.gate import GateOutcome
 from server.identity import CallOrigin, stdio_principal
+from server.refusals import is_listing
 from server.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -411,14 +412,17 @@ def test_append_denial_and_restore_over_stdio(home: Path, tmp_path: Path) -> Non
     assert [row["ticket_id"] for row in read_rows(home, TICKETS)] == [1]
 
     records = list(read_records(audit))
-    assert [(r["principal"], r["tool"], r["outcome"]) for r in records] == [
+    listings = [(r["principal"], r["rows"]) for r in records if is_listing(r)]
+    assert listings == [("support_agent", len(tools)), ("data_steward", len(steward_tools))]
+    calls = [r for r in records if not is_listing(r)]
+    assert [(r["principal"], r["tool"], r["outcome"]) for r in calls] == [
         ("support_agent", "append_rows", "ok"),
         ("support_agent", "append_rows", "denied"),
         ("data_steward", "restore_table", "ok"),
     ]
-    assert records[0]["details"]["snapshot_after"] == new_snapshot
-    assert records[2]["details"]["snapshot_before"] == new_snapshot
-    assert records[2]["details"]["snapshot_after"] == seeded
+    assert calls[0]["details"]["snapshot_after"] == new_snapshot
+    assert calls[2]["details"]["snapshot_before"] == new_snapshot
+    assert calls[2]["details"]["snapshot_after"] == seeded
     assert verify(audit).ok
 
 
