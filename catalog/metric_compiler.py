@@ -218,9 +218,7 @@ class _Compiler:
         assert dimension is not None
         return self._on(dimension.sql, alias, model)
 
-    def _dimension_sql(
-        self, ref: DimensionRef, model: SemanticModel, metric: Metric, joins: dict[str, str]
-    ) -> str:
+    def _dimension_sql(self, ref: DimensionRef, model: SemanticModel, metric: Metric, joins: dict[str, str]) -> str:
         """SQL for a dimension on a metric's model (alias m), adding the join it needs to `joins`."""
         if ref.is_metric_time:
             raw = self._time_sql(model, "m", metric)
@@ -486,7 +484,6 @@ class _Compiler:
         with_clause = "WITH " + ", ".join(f"{name} AS ({body})" for name, body in ctes)
         return CompiledQuery(f"{with_clause} {sql}", dict(self.used), self.columns)
 
-
     def _period_condition(self, ref: DimensionRef, spec: DimensionFilter) -> str:
         """A metric_time filter on the result's periods: a period stays when some instant in it passes.
 
@@ -540,6 +537,7 @@ class _Compiler:
 def _derived_expression(metric: Metric, values: dict[str, str]) -> str:
     """The derived metric's expression with each input name replaced by its value; `/` never divides by 0."""
     assert metric.expr is not None
+
     def substitute(node: exp.Expr) -> exp.Expr:
         if not isinstance(node, exp.Column):
             return node

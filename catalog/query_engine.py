@@ -21,7 +21,6 @@ import itertools
 import json
 import os
 import pickle
-import queue
 import shutil
 import signal
 import socket
@@ -164,10 +163,12 @@ class QueryEngine:
             memory_bytes=parse_bytes(settings.worker_memory_limit) if settings.worker_memory_limit else None,
             filesystem=filesystem,
         )
-        self._idle: queue.LifoQueue[_WorkerProcess] = queue.LifoQueue()
+        self._idle: list[_WorkerProcess] = []  # most recently used last: its caches are warm
         self._all: list[_WorkerProcess] = []
         self._starting = 0
-        self._lock = threading.Lock()
+        # Woken when a worker is released, discarded or fails to start: a waiting query may then
+        # take it, or start one in the room it left.
+        self._available = threading.Condition()
         self._requests = itertools.count(1)
         self._closed = False
 
@@ -183,37 +184,46 @@ class QueryEngine:
         threading.Thread(target=start, name="lakegate-query-warm", daemon=True).start()
 
     def _acquire(self) -> _WorkerProcess:
-        with self._lock:
-            if self._closed:
-                raise BackendError("the query engine is closed")
-            start = self._idle.empty() and len(self._all) + self._starting < self.settings.concurrency
-            if start:
-                self._starting += 1
-        if start:
-            try:
-                worker = _WorkerProcess(self._init)
-            finally:
-                with self._lock:
-                    self._starting -= 1
-            with self._lock:
-                self._all.append(worker)
-            return worker
+        deadline = time.monotonic() + self.settings.timeout_s
+        with self._available:
+            while True:
+                if self._closed:
+                    raise BackendError("the query engine is closed")
+                if self._idle:
+                    return self._idle.pop()
+                if len(self._all) + self._starting < self.settings.concurrency:
+                    self._starting += 1
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise LimitExceeded(
+                        f"lakegate is already running {self.settings.concurrency} queries and none finished in time.",
+                        hint="Try again in a moment, or make the query cheaper (filter, aggregate, fewer columns).",
+                    )
+                self._available.wait(remaining)
         try:
-            return self._idle.get(timeout=self.settings.timeout_s)
-        except queue.Empty:
-            raise LimitExceeded(
-                f"lakegate is already running {self.settings.concurrency} queries and none finished in time.",
-                hint="Try again in a moment, or make the query cheaper (filter, aggregate, fewer columns).",
-            ) from None
+            worker = _WorkerProcess(self._init)
+        except BaseException:
+            with self._available:
+                self._starting -= 1
+                self._available.notify()
+            raise
+        with self._available:
+            self._starting -= 1
+            self._all.append(worker)
+        return worker
 
     def _release(self, worker: _WorkerProcess) -> None:
-        self._idle.put(worker)
+        with self._available:
+            self._idle.append(worker)
+            self._available.notify()
 
     def _discard(self, worker: _WorkerProcess) -> int | None:
         status = worker.kill()
-        with self._lock:
+        with self._available:
             if worker in self._all:
                 self._all.remove(worker)
+            self._available.notify()
         return status
 
     def run_page(
@@ -281,7 +291,9 @@ class QueryEngine:
                         except Exception:  # progress is best effort; the query goes on
                             log.warning("query.progress_failed", exc_info=True)
                     continue
-                healthy = True
+                # A worker that ran out of memory may hold on to what it could not free (or fail to
+                # start the threads of its next query): it is replaced.
+                healthy = header.get("kind") != "memory"
                 if header["type"] == "error":
                     raise self._translate(header)
                 return header, payload
@@ -341,11 +353,12 @@ class QueryEngine:
         return BackendError(f"DuckDB failed: {message}")
 
     def close(self) -> None:
-        with self._lock:
+        with self._available:
             self._closed = True
             workers = list(self._all)
             self._all.clear()
-            self._idle = queue.LifoQueue()
+            self._idle.clear()
+            self._available.notify_all()
         for worker in workers:
             worker.kill()
 

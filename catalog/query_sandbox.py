@@ -17,13 +17,18 @@ between the SQL guard's parser and DuckDB's can never run a statement that chang
 from __future__ import annotations
 
 import re
+import secrets
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from policies.masks import KEYED_HASH_FUNCTION, keyed_hash, mask_macros
+from policies.masks import KEYED_HASH_FUNCTION, MACRO_PREFIX, keyed_hash, mask_macros
+from policies.sql_functions import TABLE_FUNCTIONS, function_allowed
 
 if TYPE_CHECKING:
     import duckdb
+
+MASK_PREFIX = f"{MACRO_PREFIX}mask_"
 
 __all__ = [
     "ErrorKind",
@@ -31,6 +36,7 @@ __all__ = [
     "SandboxRefusal",
     "classify_error",
     "open_sandbox",
+    "require_allowed",
     "require_one_select",
     "without_values",
 ]
@@ -69,15 +75,17 @@ def open_sandbox(config: SandboxConfig) -> duckdb.DuckDBPyConnection:
     def hash_values(values: Any) -> Any:
         return pa.array(keyed_hash(key, values.to_pylist()), pa.string())
 
+    # A name of its own per sandbox: SQL that got past both checks still could not call it.
+    hash_function = f"{KEYED_HASH_FUNCTION}_{secrets.token_hex(8)}"
     connection.create_function(
-        KEYED_HASH_FUNCTION,
+        hash_function,
         hash_values,
         ["VARCHAR"],
         "VARCHAR",
         type=PythonUDFType.ARROW,
         null_handling=FunctionNullHandling.SPECIAL,
     )
-    for statement in mask_macros():
+    for statement in mask_macros(hash_function):
         connection.execute(statement)
     for setting in (
         "SET TimeZone = 'UTC'",
@@ -111,6 +119,65 @@ def require_one_select(connection: duckdb.DuckDBPyConnection, sql: str) -> None:
     if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
         kinds = ", ".join(str(statement.type) for statement in statements)
         raise SandboxRefusal(f"refused to run SQL that DuckDB reads as [{kinds}], not one SELECT")
+
+
+def require_allowed(connection: duckdb.DuckDBPyConnection, sql: str, relations: Collection[str]) -> None:
+    """Check DuckDB's own parse of `sql` against what governed SQL may hold, before it runs.
+
+    The SQL guard decided on sqlglot's reading of the agent's query; this is DuckDB's reading of the
+    statement that will run, so that text the two parsers read differently cannot call what the
+    guard refuses. Every function must be one an agent may call (policies/sql_functions.py); a mask
+    macro may only be applied to a column (a literal would make it a hash oracle); table functions
+    only generate rows; and every table named must be a relation registered for this call or a CTE.
+
+    Raises:
+        SandboxRefusal: the statement holds something else (the message says what).
+    """
+    import json
+
+    rows = connection.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()  # all: no result left open
+    tree = json.loads(rows[0][0]) if rows else {"error": True}
+    if tree.get("error"):
+        raise SandboxRefusal("DuckDB cannot parse the statement to check it")
+    known = {name.lower() for name in (*relations, *_cte_names(tree))}
+    for node in _nodes(tree):
+        kind = node.get("class") or node.get("type")
+        if kind == "FUNCTION":
+            name = str(node.get("function_name", "")).lower()
+            if name.startswith(MASK_PREFIX):
+                arguments = node.get("arguments", [])
+                if len(arguments) != 1 or (arguments[0].get("expression") or {}).get("class") != "COLUMN_REF":
+                    raise SandboxRefusal(f"a mask may only be applied to a column, not as {name}(...)")
+            elif not node.get("is_operator") and not function_allowed(name):
+                raise SandboxRefusal(f"the statement calls {name}(), which governed SQL may not call")
+        elif kind == "TABLE_FUNCTION":
+            name = str((node.get("function") or {}).get("function_name", "")).lower()
+            if name not in TABLE_FUNCTIONS:
+                raise SandboxRefusal(f"the statement reads the table function {name}(), which governed SQL may not")
+        elif kind == "BASE_TABLE":
+            name = str(node.get("table_name", "")).lower()
+            if node.get("schema_name") or node.get("catalog_name") or name not in known:
+                raise SandboxRefusal("the statement names a table that is neither a relation of this call nor a CTE")
+
+
+def _nodes(tree: Any) -> Iterator[dict[str, Any]]:
+    """Every JSON object in DuckDB's serialised parse tree."""
+    stack = [tree]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            yield item
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _cte_names(tree: Any) -> Iterator[str]:
+    for node in _nodes(tree):
+        cte_map = node.get("cte_map")
+        if isinstance(cte_map, dict):
+            for entry in cte_map.get("map", []):
+                yield str(entry.get("key", ""))
 
 
 #: What went wrong in a worker, as the engine tells its caller.
@@ -152,7 +219,14 @@ def classify_error(exc: BaseException, sql: str = "") -> tuple[ErrorKind, str]:
         return "refused", str(exc)
     if isinstance(exc, duckdb.InterruptException):
         return "timeout", str(exc)
-    if isinstance(exc, duckdb.OutOfMemoryException | MemoryError):
+    if isinstance(exc, duckdb.OutOfMemoryException | MemoryError) or (
+        # pyarrow reports a failed allocation (building a huge result) as an OSError; a thread's
+        # stack that does not fit under the worker's limit fails to start.
+        isinstance(exc, OSError)
+        and "memory" in str(exc).lower()
+        or isinstance(exc, RuntimeError)
+        and "can't start new thread" in str(exc)
+    ):
         return "memory", str(exc)
     message = _LINE.sub("", str(exc)).strip()
     # Raised before any row is read: they name the SQL's own parts, never a value of the data.

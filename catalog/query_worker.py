@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from catalog.arrow_relations import FragmentCache, TableSource, build_relation
-from catalog.query_sandbox import SandboxConfig, classify_error, open_sandbox, require_one_select
+from catalog.query_sandbox import SandboxConfig, classify_error, open_sandbox, require_allowed, require_one_select
 
 if TYPE_CHECKING:
     import duckdb
@@ -138,6 +138,7 @@ class Worker:
                 relation = build_relation(source, self._cache, register, placeholder, on_scan)
                 sql = sql.replace(f'"{placeholder}"', relation)
             require_one_select(self._sandbox, sql)
+            require_allowed(self._sandbox, sql, registered)
             timer.start()
             if job.explain:
                 rows = self._sandbox.execute(f"EXPLAIN {sql}").fetchall()

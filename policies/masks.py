@@ -52,11 +52,12 @@ def keyed_hash(key: str, values: list[str | None]) -> list[str | None]:
     return hashed
 
 
-def mask_macros() -> list[str]:
-    """CREATE MACRO statements for every mask (the hash mask calls `KEYED_HASH_FUNCTION`)."""
+def mask_macros(hash_function: str = KEYED_HASH_FUNCTION) -> list[str]:
+    """CREATE MACRO statements for every mask; the hash mask calls `hash_function` (VARCHAR -> VARCHAR,
+    registered by the sandbox with its key: `keyed_hash`)."""
     text = "CAST(x AS VARCHAR)"
     bodies = {
-        "hash": f"{KEYED_HASH_FUNCTION}({text})",
+        "hash": f"{hash_function}({text})",
         # Keep the last four characters: enough to confirm a phone or card with a customer.
         "partial": f"CASE WHEN x IS NULL THEN NULL ELSE repeat('*', greatest(length({text}) - 4, 0)) "
         f"|| right({text}, 4) END",

@@ -35,6 +35,7 @@ from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import traverse_scope
 
 from policies.masks import MACRO_PREFIX
+from policies.sql_functions import TABLE_FUNCTIONS, function_allowed
 from server.errors import InvalidQuery, PolicyDenied
 
 __all__ = [
@@ -60,6 +61,7 @@ MAX_TABLE_REFERENCES = 32
 # sqlglot warns on stderr when it falls back to a raw Command; those are refused anyway.
 logging.getLogger("sqlglot").setLevel(logging.ERROR)
 
+MASK_MACRO_PREFIX = f"{MACRO_PREFIX}mask_"
 QUERY_HINT = "Send one SELECT (or WITH ... SELECT) over tables named namespace.table; list_datasets shows them."
 
 _FORBIDDEN_NODES: tuple[type[exp.Expression], ...] = (
@@ -70,34 +72,6 @@ _FORBIDDEN_NODES: tuple[type[exp.Expression], ...] = (
     exp.Kill, exp.Declare, exp.Execute,
 )  # fmt: skip
 
-#: Functions that read files or URLs, reveal the engine's state, or run SQL given as a string.
-_FORBIDDEN_FUNCTIONS = frozenset(
-    {
-        "getenv", "current_setting", "glob", "query", "query_table", "sniff_csv", "which_secret",
-        "checkpoint", "force_checkpoint", "install", "load", "sql_auto_complete", "json_execute_serialized_sql",
-        "json_serialize_sql", "json_deserialize_sql", "json_serialize_plan",
-        "from_substrait", "get_substrait", "get_substrait_json", "test_all_types", "test_vector_types",
-        "enable_logging", "disable_logging", "truncate_duckdb_logs", "write_log",
-        "version", "duckdb_api", "read_text", "read_blob", "list_files", "set_variable", "getvariable",
-        # Parquet statistics are taken before row filters: min/max would show filtered rows.
-        "stats",
-        # State that would outlive the query in a pooled sandbox, or reveal other callers' queries.
-        "setseed", "nextval", "currval", "setval", "get_block_size", "txid_current",
-        "user", "session_user", "in_search_path", "obj_description", "col_description", "shobj_description",
-        "format_pg_type", "format_type", "pg_typeof",
-    }
-)  # fmt: skip
-_FORBIDDEN_PREFIXES = (
-    "read_", "duckdb_", "pragma_", "parquet_", "iceberg_", "delta_", "sqlite_", "postgres_", "mysql_",
-    "http", "s3_", "lance_", "arrow_scan", "arrow_", "pandas_", "python_", "ducklake_", "__internal", "pg_",
-    "has_", "current_", "icu_", MACRO_PREFIX,
-)  # fmt: skip
-#: Functions under a forbidden prefix that are plain values.
-_ALLOWED_FUNCTIONS = frozenset(
-    {"current_date", "current_time", "current_timestamp", "current_localtime", "current_localtimestamp"}
-)
-#: The only table functions a query may use: they generate rows and read nothing.
-_TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest"})
 _TABLE_ARGS = frozenset({"this", "db", "catalog", "alias", "pivots"})
 _GENERATED_NAME = re.compile(r'^"?([A-Za-z_][\w$]*)"?\s*(?:\(|$)')
 _UNRESOLVED = re.compile(r"""(?:Column '|Unknown column: )"?([^"'\s.]+)"?""")
@@ -121,14 +95,6 @@ def _function_name(node: exp.Func) -> str:
     if isinstance(node, exp.Anonymous):
         return str(node.name).lower()
     return node.sql_name().lower()
-
-
-def function_allowed(name: str) -> bool:
-    """Whether a function of this (DuckDB) name may appear in an agent's query."""
-    name = name.lower()
-    if name in _ALLOWED_FUNCTIONS:
-        return True
-    return not (name in _FORBIDDEN_FUNCTIONS or name.startswith(_FORBIDDEN_PREFIXES))
 
 
 def _check_function(node: exp.Func) -> None:
@@ -258,6 +224,12 @@ def parse_query(sql: str, *, max_chars: int) -> GuardedQuery:
             raise _invalid(f"{type(node).__name__.upper()} is not allowed inside a query: lakegate runs read-only SQL.")
         if isinstance(node, exp.Placeholder | exp.Parameter):
             raise _invalid("Query parameters (?, $1, :name) are not supported.", "Write the values into the SQL.")
+        if isinstance(node, exp.DataType) and node.this == exp.DataType.Type.USERDEFINED:
+            # sqlglot writes a type it does not know back as raw text: a quoted "type" would run as SQL.
+            raise _invalid(
+                f"The type {node.sql(DIALECT)[:60]} is not one lakegate knows.",
+                "Cast to a built-in DuckDB type (INTEGER, BIGINT, DOUBLE, DECIMAL(p, s), VARCHAR, DATE, ...).",
+            )
         if isinstance(node, exp.Func):
             _check_function(node)
         if isinstance(node, exp.Table):
@@ -275,7 +247,7 @@ def parse_query(sql: str, *, max_chars: int) -> GuardedQuery:
 def _check_table(node: exp.Table) -> set[str]:
     if not isinstance(node.this, exp.Identifier):
         name = _function_name(node.this) if isinstance(node.this, exp.Func) else node.this.sql(DIALECT)
-        if name in _TABLE_FUNCTIONS:
+        if name in TABLE_FUNCTIONS:
             return set()
         raise _invalid(
             f"The table function {name}() is not allowed: lakegate queries read governed tables only.",
@@ -436,7 +408,58 @@ def rewrite(query: GuardedQuery, scans: Mapping[str, str]) -> str:
             column.set("catalog", None)
     # Without comments: what runs is exactly the tree that was checked (the original, comments
     # included, is in the audit record).
-    return tree.sql(DIALECT, comments=False)
+    text = tree.sql(DIALECT, comments=False)
+    sources = {table.name for scan in parsed.values() for table in scan.find_all(exp.Table)}
+    _require_same_checks(text, sources)
+    return text
+
+
+def _require_same_checks(text: str, sources: set[str]) -> None:
+    """Read the generated SQL again and check it as the agent's query was checked.
+
+    sqlglot writes a few names back verbatim (an unknown type, an EXTRACT unit, a DECIMAL
+    argument): a quoted name holding SQL would become SQL in the statement that runs, with
+    functions and tables the guard never saw. So what runs must pass the same checks on its own:
+    no forbidden statement or function (a mask only on a column: on a literal it would be a hash
+    oracle), and no table but the governed scans' sources and CTEs. DuckDB's own reading is
+    checked again in the query worker.
+
+    Raises:
+        InvalidQuery: the text reads as something the guard refuses.
+    """
+    refusal = _invalid(
+        "lakegate cannot run this query safely: part of it (a quoted type, unit or argument) does not read "
+        "back as written.",
+        "Use built-in type names, plain EXTRACT units (year, month, ...) and numeric type arguments.",
+    )
+    try:
+        tree = sqlglot.parse_one(text, dialect=DIALECT)
+    except (SqlglotError, RecursionError):
+        raise refusal from None
+    ctes = {str(cte.alias_or_name).lower() for cte in tree.find_all(exp.CTE)}
+    for node in tree.walk():
+        if isinstance(node, _FORBIDDEN_NODES) or (
+            isinstance(node, exp.DataType) and node.this == exp.DataType.Type.USERDEFINED
+        ):
+            raise refusal
+        if isinstance(node, exp.Func) and _function_name(node).startswith(MASK_MACRO_PREFIX):
+            if not (
+                isinstance(node, exp.Anonymous)
+                and len(node.expressions) == 1
+                and isinstance(node.expressions[0], exp.Column)
+            ):
+                raise refusal
+        elif isinstance(node, exp.Func):
+            try:
+                _check_function(node)
+            except InvalidQuery:
+                raise refusal from None
+        if (
+            isinstance(node, exp.Table)
+            and isinstance(node.this, exp.Identifier)
+            and (node.db or node.catalog or (node.name not in sources and node.name.lower() not in ctes))
+        ):
+            raise refusal
 
 
 def _name_subquery_columns(tree: exp.Expr) -> None:

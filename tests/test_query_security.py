@@ -30,7 +30,7 @@ from evals.leaks import Forbidden
 from policies.sql_guard import InvalidQuery, parse_query
 from server.app import Runtime, open_runtime
 from server.audit import read_records, verify
-from server.errors import ClientError, InvalidArgument, LakegateError, LimitExceeded
+from server.errors import BackendError, ClientError, InvalidArgument, LakegateError, LimitExceeded
 from server.gate import GateOutcome
 from server.identity import CallOrigin, stdio_principal
 from server.refusals import is_listing
@@ -283,6 +283,19 @@ NO_TABLE = "There is no table named"
 NOT_AVAILABLE = "is available to you"
 READ_ONLY = "Only read-only queries (SELECT) are allowed"
 
+
+def _injection(table: str, replaces: list[tuple[str, str]]) -> str:
+    """The red-team's bypass: a quoted type name that sqlglot wrote back as SQL opened a dollar-quoted
+    string (tag with a no-break space, which sqlglot does not read as one) around the governed
+    scan and ran it through query(replace(...)) without its mask or row filter."""
+    tag = "$q\u00a0$"
+    opens = "replace(" * len(replaces)
+    closes = "".join(f", '{old}', '{new}')" for old, new in replaces)
+    first = f"integral) AS a, q.* FROM query({opens}{tag}SELECT c.*, CAST(1 AS integral"
+    second = f"integral) = 1{tag}{closes}) AS q WHERE CAST(1 AS integral"
+    return f'SELECT CAST(1 AS "{first}") AS a FROM {table} AS c WHERE CAST(1 AS "{second}") = 1'
+
+
 CORPUS: list[tuple[str, str, str | dict[str, Any], Refused | Answers]] = [
     # files and table functions
     ("read_csv", "analyst", "SELECT * FROM read_csv('/etc/passwd')", Refused(f"read_csv() {FILE_FUNCTION}")),
@@ -388,6 +401,49 @@ CORPUS: list[tuple[str, str, str | dict[str, Any], Refused | Answers]] = [
         "WITH RECURSIVE r AS (SELECT 1 AS n UNION ALL SELECT n + 1 FROM r WHERE n < 3) SELECT count(*) FROM r",
         Answers(_value([[3]]), "allow"),
     ),
+    # names sqlglot writes back verbatim: a quoted type, EXTRACT unit or DECIMAL argument holding SQL
+    ("quoted_type", "analyst", 'SELECT 1::"varint) AS a --"', Refused("is not one lakegate knows")),
+    (
+        "quoted_try_cast",
+        "analyst",
+        'SELECT TRY_CAST(1 AS "oid) AS a, 1 AS b --")',
+        Refused("is not one lakegate knows"),
+    ),
+    (
+        "quoted_struct_field_type",
+        "analyst",
+        'SELECT STRUCT_PACK(a := 1)::STRUCT(a "integral) AS x, 1 AS y --")',
+        Refused("is not one lakegate knows"),
+    ),
+    (
+        "quoted_extract_unit",
+        "analyst",
+        """SELECT EXTRACT("year FROM current_date) AS a, current_setting('temp_directory') AS t, """
+        """EXTRACT(year" FROM current_date)""",
+        Refused("does not read back as written"),
+    ),
+    (
+        "quoted_decimal_argument",
+        "analyst",
+        """SELECT CAST(1 AS DECIMAL("1)) AS a, lakegate_keyed_hash('1234') AS h, CAST(1 AS DECIMAL(1")) AS b""",
+        Refused("does not read back as written"),
+    ),
+    (
+        "quoted_type_unmasks_cards",
+        "analyst",
+        _injection("finance.payments", [("LAKEGATE_MASK_HASH", "")]),
+        Refused("is not one lakegate knows"),
+    ),
+    (
+        "quoted_type_lifts_the_row_filter",
+        "support_agent",
+        _injection(
+            "sales.customers",
+            [("LAKEGATE_MASK_PARTIAL", ""), ("WHERE (region = ''EMEA'')", "WHERE region <> ''EMEA''")],
+        ),
+        Refused("is not one lakegate knows"),
+    ),
+    ("error_channel", "analyst", "SELECT error(email) FROM sales.customers", Refused("error() is not allowed")),
     # the mask macros
     (
         "mask_macro",
@@ -835,6 +891,20 @@ def test_with_the_guard_off_the_engine_reads_nothing_it_was_not_handed(runtime: 
     engine = runtime.warehouse.query_engine(runtime.settings.query)
     for sql in _attacks(runtime, outside):
         with pytest.raises(LakegateError):
+            engine.run_page(sql, {})
+    # DuckDB's own reading of what runs is checked too: what the guard refuses, DuckDB may not run.
+    for sql in (
+        "SELECT current_setting('temp_directory')",
+        "SELECT * FROM query('SELECT 1')",
+        "SELECT lakegate_mask_hash('1234')",
+        "SELECT lakegate_keyed_hash('1234')",
+        "SELECT * FROM duckdb_views()",
+        "SELECT * FROM information_schema.tables",
+        "SELECT * FROM pg_catalog.pg_settings",
+        "SELECT * FROM lakegate_rel_0123456789abcdef",
+        "SELECT * FROM glob('*')",
+    ):
+        with pytest.raises(BackendError, match="refused"):
             engine.run_page(sql, {})
     # A table handed with some of its columns: the others do not exist for the engine.
     plan = runtime.warehouse.scans.plan("sales.customers")
