@@ -5,10 +5,10 @@ Importing this package imports neither torch nor lancedb; they load on first use
 
 from __future__ import annotations
 
-from catalog.definitions import CatalogDefinitions, ColumnDoc, DatasetDoc, load_definitions
-from catalog.demo import DemoSummary, build_demo
-from catalog.embedder import Embedder, get_embedder
-from catalog.warehouse import ColumnInfo, DatasetInfo, VersionInfo, Warehouse
+from lakegate.catalog.definitions import CatalogDefinitions, ColumnDoc, DatasetDoc, load_definitions
+from lakegate.catalog.demo import DemoSummary, build_demo
+from lakegate.catalog.embedder import Embedder, get_embedder
+from lakegate.catalog.warehouse import ColumnInfo, DatasetInfo, VersionInfo, Warehouse
 
 __all__ = [
     "CatalogDefinitions",

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 
-from catalog.demo import _SENTENCE_END, _chunk
-from server.errors import InvalidArgument
+from lakegate.catalog.demo import _SENTENCE_END, _chunk
+from lakegate.errors import InvalidArgument
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "DEFAULT_OVERLAP", "chunk_text", "paragraphs"]
 

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from lakegate.errors import ConfigurationError
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
-
-from server.errors import ConfigurationError
 
 __all__ = [
     "DEFINITIONS_FILE",
@@ -127,7 +126,7 @@ class CatalogDefinitions(BaseModel):
 
 def default_definitions_text() -> str:
     """The YAML text shipped with lakegate (documents the demo warehouse)."""
-    return resources.files("catalog").joinpath("datasets.yaml").read_text(encoding="utf-8")
+    return resources.files("lakegate.catalog").joinpath("datasets.yaml").read_text(encoding="utf-8")
 
 
 def load_definitions(project: Path) -> CatalogDefinitions:

@@ -23,15 +23,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
-
-from catalog.definitions import CatalogDefinitions
-from catalog.warehouse import LANCE_DOC_KEY, Warehouse, translate_errors
-from server.errors import InvalidArgument
+from lakegate.catalog.definitions import CatalogDefinitions
+from lakegate.catalog.warehouse import LANCE_DOC_KEY, Warehouse, translate_errors
+from lakegate.errors import InvalidArgument
 
 if TYPE_CHECKING:
+    from lakegate.catalog.embedder import Embedder
     from pyiceberg.schema import Schema
-
-    from catalog.embedder import Embedder
 
 __all__ = [
     "DEMO_NAMESPACES",
@@ -1197,7 +1195,7 @@ def _write_kb(
     with translate_errors(f"index {KB_DATASET}", KB_DATASET):
         _index_kb_text(connection.open_table(KB_DATASET))
     # Large scale only (this branch): an ANN index plus ACL scalar indices, ~2-3 minutes on 2 cores.
-    from catalog.vector_index import build_vector_index
+    from lakegate.catalog.vector_index import build_vector_index
 
     with translate_errors(f"index {KB_DATASET} vectors", KB_DATASET):
         build_vector_index(connection.open_table(KB_DATASET))
@@ -1270,7 +1268,7 @@ def build_demo(
         step(f"wrote {(number * sizes.order_batch + count):,} of {sizes.orders:,} orders")
 
     if embedder is None:
-        from catalog.embedder import get_embedder
+        from lakegate.catalog.embedder import get_embedder
 
         embedder = get_embedder()
     step("loaded the embedding model")

@@ -23,15 +23,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from catalog.vector_index import has_vector_index, with_search_params
-from catalog.warehouse import translate_errors
-from server.errors import InvalidArgument, NotFound
+from lakegate.catalog.vector_index import has_vector_index, with_search_params
+from lakegate.catalog.warehouse import translate_errors
+from lakegate.errors import InvalidArgument, NotFound
 
 if TYPE_CHECKING:
+    from lakegate.catalog.embedder import Embedder
+    from lakegate.catalog.warehouse import Warehouse
     from lancedb.table import Table as LanceTable
-
-    from catalog.embedder import Embedder
-    from catalog.warehouse import Warehouse
 
 __all__ = [
     "CLASSIFICATIONS",
@@ -216,7 +215,7 @@ def _has_fulltext_index(table: LanceTable) -> bool:
 
 
 def _query_vector(table: LanceTable, name: str, query: str) -> Any:
-    from catalog.embedder import get_embedder
+    from lakegate.catalog.embedder import get_embedder
 
     embedder = get_embedder()
     check_embedding_model(table.schema.metadata, embedder, name)

@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import structlog
-
-from catalog.embedding_pipeline import EmbeddingPipeline
-from catalog.query_encoder import OnnxQueryEncoder, onnx_available
-from server.errors import ConfigurationError
+from lakegate.catalog.embedding_pipeline import EmbeddingPipeline
+from lakegate.catalog.query_encoder import OnnxQueryEncoder, onnx_available
+from lakegate.errors import ConfigurationError
 
 __all__ = [
     "DIMENSION",

@@ -22,9 +22,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
-from catalog.arrow_relations import SourceColumn, TableSource
-from catalog.warehouse import Warehouse, translate_errors
-from server.errors import BackendError, InvalidArgument, NotFound
+from lakegate.catalog.arrow_relations import SourceColumn, TableSource
+from lakegate.catalog.warehouse import Warehouse, translate_errors
+from lakegate.errors import BackendError, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
     from pyiceberg.table import FileScanTask

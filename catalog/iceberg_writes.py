@@ -24,9 +24,8 @@ from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
 import structlog
-
-from catalog.warehouse import Warehouse, translate_errors
-from server.errors import BackendError, InvalidArgument, LimitExceeded, NotFound
+from lakegate.catalog.warehouse import Warehouse, translate_errors
+from lakegate.errors import BackendError, InvalidArgument, LimitExceeded, NotFound
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -27,16 +27,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import structlog
-
-from catalog.chunking import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP, chunk_text
-from catalog.document_search import CLASSIFICATIONS, VECTOR_COLUMN, recorded_model, sql_string
-from catalog.vector_index import INDEX_MIN_ROWS, ensure_vector_index
-from catalog.warehouse import translate_errors
-from server.errors import InvalidArgument
+from lakegate.catalog.chunking import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP, chunk_text
+from lakegate.catalog.document_search import CLASSIFICATIONS, VECTOR_COLUMN, recorded_model, sql_string
+from lakegate.catalog.vector_index import INDEX_MIN_ROWS, ensure_vector_index
+from lakegate.catalog.warehouse import translate_errors
+from lakegate.errors import InvalidArgument
 
 if TYPE_CHECKING:
-    from catalog.embedder import Embedder
-    from catalog.warehouse import Warehouse
+    from lakegate.catalog.embedder import Embedder
+    from lakegate.catalog.warehouse import Warehouse
 
 __all__ = [
     "MAX_DOCUMENTS",
@@ -310,7 +309,7 @@ def ingest_documents(
         )
     table = warehouse.lance_table(name)
     if embedder is None:
-        from catalog.embedder import get_embedder
+        from lakegate.catalog.embedder import get_embedder
 
         embedder = get_embedder()
     with translate_errors(f"read the schema of {name}", name):

@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import sqlglot
+from lakegate.catalog.metric_definitions import GRAINS, Measure, Metric, MetricInput, SemanticCatalog, SemanticModel
+from lakegate.errors import InvalidArgument
 from sqlglot import exp
-
-from catalog.metric_definitions import GRAINS, Measure, Metric, MetricInput, SemanticCatalog, SemanticModel
-from server.errors import InvalidArgument
 
 __all__ = [
     "CompiledQuery",

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from lakegate.errors import ConfigurationError, NotFound
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from server.errors import ConfigurationError, NotFound
 
 __all__ = [
     "GRAINS",
@@ -297,7 +296,7 @@ def load_semantic_catalog(project: Path) -> SemanticCatalog:
         source, text = str(path), path.read_text(encoding="utf-8")
     else:
         source = "package catalog/metrics.yaml"
-        text = resources.files("catalog").joinpath("metrics.yaml").read_text(encoding="utf-8")
+        text = resources.files("lakegate.catalog").joinpath("metrics.yaml").read_text(encoding="utf-8")
     return parse_semantic_catalog(text, source=source)
 
 

@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import sqlglot
+from lakegate.catalog.iceberg_scan import duckdb_type
+from lakegate.catalog.metric_compiler import MetricQuery, available_dimensions, compile_query
+from lakegate.catalog.metric_definitions import METRICS_FILE, Metric, MetricInput, SemanticCatalog, SemanticModel
+from lakegate.errors import ConfigurationError, InvalidArgument, LakegateError
 from sqlglot import exp
 from sqlglot.optimizer.annotate_types import annotate_types
-
-from catalog.iceberg_scan import duckdb_type
-from catalog.metric_compiler import MetricQuery, available_dimensions, compile_query
-from catalog.metric_definitions import METRICS_FILE, Metric, MetricInput, SemanticCatalog, SemanticModel
-from server.errors import ConfigurationError, InvalidArgument, LakegateError
 
 __all__ = [
     "LOCK_FILE",
@@ -98,7 +97,7 @@ def locate_metrics(project: Path) -> MetricsFiles:
         lock_path = project / LOCK_FILE
         lock = lock_path.read_text(encoding="utf-8") if lock_path.is_file() else None
         return MetricsFiles(str(path), path.read_text(encoding="utf-8"), str(lock_path), lock, lock_path)
-    package = resources.files("catalog")
+    package = resources.files("lakegate.catalog")
     packaged_lock = package.joinpath("metrics.lock.json")
     return MetricsFiles(
         f"package {METRICS_FILE}",

@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from server.errors import BackendError, ConfigurationError
+from lakegate.errors import BackendError, ConfigurationError
 
 if TYPE_CHECKING:
+    from lakegate.server.settings import StorageSettings
     from pyarrow.fs import S3FileSystem
-
-    from server.settings import StorageSettings
 
 __all__ = ["ObjectStore"]
 

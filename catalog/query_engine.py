@@ -35,12 +35,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
-
-from catalog.arrow_relations import TableSource
-from catalog.query_sandbox import SandboxConfig
-from catalog.query_worker import Job, WorkerInit
-from server.errors import BackendError, InvalidArgument, LakegateError, LimitExceeded
-from server.settings import QuerySettings, parse_bytes
+from lakegate.catalog.arrow_relations import TableSource
+from lakegate.catalog.query_sandbox import SandboxConfig
+from lakegate.catalog.query_worker import Job, WorkerInit
+from lakegate.errors import BackendError, InvalidArgument, LakegateError, LimitExceeded
+from lakegate.server.settings import QuerySettings, parse_bytes
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -22,8 +22,8 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from policies.masks import KEYED_HASH_FUNCTION, MACRO_PREFIX, keyed_hash, mask_macros
-from policies.sql_functions import TABLE_FUNCTIONS, function_allowed
+from lakegate.policies.masks import KEYED_HASH_FUNCTION, MACRO_PREFIX, keyed_hash, mask_macros
+from lakegate.policies.sql_functions import TABLE_FUNCTIONS, function_allowed
 
 if TYPE_CHECKING:
     import duckdb

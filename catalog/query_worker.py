@@ -36,8 +36,14 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from catalog.arrow_relations import FragmentCache, TableSource, build_relation
-from catalog.query_sandbox import SandboxConfig, classify_error, open_sandbox, require_allowed, require_one_select
+from lakegate.catalog.arrow_relations import FragmentCache, TableSource, build_relation
+from lakegate.catalog.query_sandbox import (
+    SandboxConfig,
+    classify_error,
+    open_sandbox,
+    require_allowed,
+    require_one_select,
+)
 
 if TYPE_CHECKING:
     import duckdb

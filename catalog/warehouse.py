@@ -1,7 +1,7 @@
 """The storage behind lakegate: Iceberg tables in a SQL catalog and Lance datasets in a directory.
 
 Everything else in lakegate reaches pyiceberg and lancedb through `Warehouse`, and every error
-they raise is translated by `translate_errors`, so callers only ever see `server.errors` types.
+they raise is translated by `translate_errors`, so callers only ever see `lakegate.errors` types.
 
 Layout under the state directory::
 
@@ -26,13 +26,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from server.errors import BackendError, LakegateError, NotFound
+from lakegate.errors import BackendError, LakegateError, NotFound
 
 if TYPE_CHECKING:
-    from catalog.iceberg_scan import ScanPlanner
-    from catalog.object_store import ObjectStore
-    from catalog.query_engine import QueryEngine
-    from server.settings import QuerySettings
+    from lakegate.catalog.iceberg_scan import ScanPlanner
+    from lakegate.catalog.object_store import ObjectStore
+    from lakegate.catalog.query_engine import QueryEngine
+    from lakegate.server.settings import QuerySettings
 
 if TYPE_CHECKING:
     from lancedb.db import LanceDBConnection
@@ -178,7 +178,7 @@ class Warehouse:
         The workers' sandboxes may read no file by name: the planned files of each call reach them
         as Arrow datasets over this file system (the object store's, or the local one).
         """
-        from catalog.query_engine import QueryEngine
+        from lakegate.catalog.query_engine import QueryEngine
 
         with self._lock:
             if self._engine is None:
@@ -193,7 +193,7 @@ class Warehouse:
     @property
     def scans(self) -> ScanPlanner:
         """Plans reads of Iceberg tables for the query engine (cached by table and snapshot)."""
-        from catalog.iceberg_scan import ScanPlanner
+        from lakegate.catalog.iceberg_scan import ScanPlanner
 
         with self._lock:
             if self._planner is None:

@@ -7,7 +7,7 @@ whose message says something.
 
 Besides what each step expects, every step is checked for what must always hold: the audit log
 grew by exactly one call record per tool call, naming the tool and the principal, and by none for
-a step without one (listing records, `server.refusals.is_listing`, are not calls: a `list_tools`
+a step without one (listing records, `lakegate.server.audit.refusals.is_listing`, are not calls: a `list_tools`
 step must leave one, and the MCP client lists the tools by itself after its first call of a tool
 it has not listed); no new record carries a key or a server path; and nothing lakegate says
 itself, outside the data fields (tool descriptions, the initialize instructions, error messages,
@@ -28,15 +28,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
-from mcp import Client
-from mcp.client.stdio import stdio_client
-from mcp.types import Implementation
-from pydantic import BaseModel, ConfigDict, Field
-
-from evals.agent_scenarios import SCENARIOS_DIR, Expect, Scenario, Step, load_scenarios, select, substitute
-from evals.leaks import Forbidden
-from evals.mcp_client import REPO, server_params, text_of
-from evals.scenario_checks import (
+from lakegate.evals.agent_scenarios import SCENARIOS_DIR, Expect, Scenario, Step, load_scenarios, select, substitute
+from lakegate.evals.leaks import Forbidden
+from lakegate.evals.mcp_client import REPO, server_params, text_of
+from lakegate.evals.scenario_checks import (
     all_strings,
     check_planted,
     check_value,
@@ -44,8 +39,12 @@ from evals.scenario_checks import (
     non_data_problem,
     resolve,
 )
-from server.audit import read_all_records, verify
-from server.refusals import is_listing
+from lakegate.server.audit.log import read_all_records, verify
+from lakegate.server.audit.refusals import is_listing
+from mcp import Client
+from mcp.client.stdio import stdio_client
+from mcp.types import Implementation
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "RESULTS_PATH",

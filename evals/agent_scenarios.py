@@ -36,10 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from lakegate.errors import InvalidArgument
+from lakegate.evals.scenario_checks import ValueCheck
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from evals.scenario_checks import ValueCheck
-from server.errors import InvalidArgument
 
 __all__ = ["SCENARIOS_DIR", "Expect", "Scenario", "Step", "load_scenarios", "select", "substitute"]
 

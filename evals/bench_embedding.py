@@ -1,13 +1,13 @@
 """Embedding speed on this machine: ingest throughput and single-query latency, torch vs ONNX Runtime.
 
-    python -m evals.bench_embedding [--passages 2000] [--queries 200] [--device cpu]
+    python -m lakegate.evals.bench_embedding [--passages 2000] [--queries 200] [--device cpu]
                                     [--out evals/results/bench_embedding.json]
 
 - Ingest: the demo's passages (catalog.demo builds them deterministically, ~180 tokens each), three
   ways in interleaved rounds: the model's forward pass alone over pre-tokenised batches already on
   the device (the ceiling), `Embedder.embed` (lakegate's pipeline, catalog/embedding_pipeline.py)
   end to end, and a plain `SentenceTransformer.encode`; passages/s and the ratios to the ceiling.
-  On a GPU: `python -m evals.bench_embedding --device cuda --passages 100000`.
+  On a GPU: `python -m lakegate.evals.bench_embedding --device cuda --passages 100000`.
 - Query: `--queries` short questions from the labelled retrieval set, each embedded alone, through
   the torch path (`embed([q])`) and the ONNX path (`embed_query(q)`), interleaved so that machine
   noise hits both alike; p50/p99 per path, their ratio, and the largest difference between the two
@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from evals.bench_gate import percentiles
-from evals.bench_retrieval import load_queries
+from lakegate.evals.bench_gate import percentiles
+from lakegate.evals.bench_retrieval import load_queries
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,8 +67,8 @@ def _ingest_throughput(embedder: Any, texts: list[str], rounds: int) -> dict[str
 
 
 def run(passages: int, queries: int, device: str | None, rounds: int = 3) -> dict[str, Any]:
-    from catalog.demo import sample_passages
-    from catalog.embedder import get_embedder
+    from lakegate.catalog.demo import sample_passages
+    from lakegate.catalog.embedder import get_embedder
 
     embedder = get_embedder(device)
     texts = sample_passages(passages)

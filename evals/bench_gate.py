@@ -1,6 +1,6 @@
 """Benchmark: catalog tool latency over stdio, and the gate's own cost per call.
 
-    python -m evals.bench_gate [--calls 300] [--out evals/results/bench_gate.json]
+    python -m lakegate.evals.bench_gate [--calls 300] [--out evals/results/bench_gate.json]
 
 1. Starts `lakegate serve` as a subprocess and drives it with the MCP SDK client over stdio:
    p50/p99 round-trip latency of list_datasets and describe_dataset.
@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-
-from catalog.definitions import load_definitions
-from catalog.demo import build_demo
-from catalog.warehouse import Warehouse
-from server.app import open_runtime
-from server.identity import CallOrigin, stdio_principal
-from server.settings import load_settings
+from lakegate.catalog.definitions import load_definitions
+from lakegate.catalog.demo import build_demo
+from lakegate.catalog.warehouse import Warehouse
+from lakegate.server.app import open_runtime
+from lakegate.server.gate.identity import CallOrigin, stdio_principal
+from lakegate.server.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 CALLS: dict[str, dict[str, Any]] = {
@@ -60,13 +59,14 @@ async def timed(fn: Callable[[], Awaitable[Any]], n: int) -> list[float]:
 
 
 async def bench_stdio(home: Path, calls: int, audit: Path) -> dict[str, Any]:
-    from evals.mcp_client import connect
+    from lakegate.evals.mcp_client import connect
 
     results: dict[str, Any] = {}
     async with connect("analyst", home, LAKEGATE_AUDIT__PATH=str(audit), LAKEGATE_AUDIT__FSYNC="true") as client:
         for name, arguments in CALLS.items():
             for _ in range(10):  # warm caches
                 await client.call_tool(name, arguments)
+
             async def call(n: str = name, a: dict[str, Any] = arguments) -> None:
                 await client.call_tool(n, a)
 

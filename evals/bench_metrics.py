@@ -1,6 +1,6 @@
 """Benchmark: metric queries through the query_metrics tool versus hand-written SQL in plain DuckDB.
 
-    python -m evals.bench_metrics --home DIR [--runs 10] [--out evals/results/bench_metrics.json]
+    python -m lakegate.evals.bench_metrics --home DIR [--runs 10] [--out evals/results/bench_metrics.json]
 
 DIR holds the large demo warehouse (`LAKEGATE_HOME=DIR lakegate demo --scale large`). In one run,
 interleaved: each metric query through `Gate.call("query_metrics", ...)` as `analyst` (metric
@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-
-from catalog.metric_compiler import MetricQuery, compile_query
-from evals.bench_gate import percentiles
-from evals.bench_query import _raw_connection
-from server.app import open_runtime
-from server.identity import CallOrigin, stdio_principal
-from server.settings import load_settings
+from lakegate.catalog.metric_compiler import MetricQuery, compile_query
+from lakegate.evals.bench_gate import percentiles
+from lakegate.evals.bench_query import _raw_connection
+from lakegate.server.app import open_runtime
+from lakegate.server.gate.identity import CallOrigin, stdio_principal
+from lakegate.server.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_CANCELLED = "status <> 'cancelled'"

@@ -1,6 +1,6 @@
 """Benchmark: governed SQL through the query tool versus the same SQL run directly in DuckDB.
 
-    python -m evals.bench_query --home DIR [--runs 15] [--out evals/results/bench_query.json]
+    python -m lakegate.evals.bench_query --home DIR [--runs 15] [--out evals/results/bench_query.json]
 
 DIR is a state directory holding the large demo warehouse (10M orders):
     LAKEGATE_HOME=DIR lakegate demo --scale large
@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-
-from evals.bench_gate import percentiles
-from server.app import open_runtime
-from server.identity import CallOrigin, stdio_principal
-from server.settings import load_settings
+from lakegate.evals.bench_gate import percentiles
+from lakegate.server.app import open_runtime
+from lakegate.server.gate.identity import CallOrigin, stdio_principal
+from lakegate.server.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 TABLES = ("sales.orders", "sales.customers", "sales.order_items", "sales.products")
@@ -67,8 +66,7 @@ def _raw_connection(runtime: Any, *, arrow: bool = False) -> Any:
     query worker registers, which is the only way the sandbox may read them."""
     import duckdb
     import pyarrow.fs
-
-    from catalog.arrow_relations import FragmentCache, build_relation
+    from lakegate.catalog.arrow_relations import FragmentCache, build_relation
 
     connection = duckdb.connect(config={"threads": runtime.settings.query.threads})
     connection.execute("SET TimeZone = 'UTC'")
@@ -144,8 +142,7 @@ async def bench_in_process(home: Path, runs: int, tmp: Path) -> dict[str, Any]:
 def bench_read_paths(home: Path, runs: int) -> dict[str, Any]:
     """The two ways to read Iceberg from DuckDB 2.0 without its extension, on one filtered aggregate."""
     import duckdb
-
-    from catalog.warehouse import Warehouse
+    from lakegate.catalog.warehouse import Warehouse
 
     warehouse = Warehouse(home)
     table = warehouse.iceberg_table("sales.orders")
@@ -185,7 +182,7 @@ def bench_read_paths(home: Path, runs: int) -> dict[str, Any]:
 
 
 async def bench_stdio(home: Path, runs: int, tmp: Path) -> dict[str, Any]:
-    from evals.mcp_client import connect
+    from lakegate.evals.mcp_client import connect
 
     results: dict[str, Any] = {}
     audit = tmp / "stdio.jsonl"

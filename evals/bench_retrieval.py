@@ -1,6 +1,6 @@
 """Retrieval quality: recall@10 and MRR of search_documents per mode, on labelled queries.
 
-    python -m evals.bench_retrieval [--home DIR] [--queries evals/retrieval_queries.yaml]
+    python -m lakegate.evals.bench_retrieval [--home DIR] [--queries evals/retrieval_queries.yaml]
                                     [--out evals/results/bench_retrieval.json]
 
 Builds the small demo warehouse in a temporary directory unless --home points at one. Every query
@@ -30,8 +30,7 @@ from typing import Any
 
 import anyio
 import yaml
-
-from evals.bench_gate import percentiles
+from lakegate.evals.bench_gate import percentiles
 
 REPO = Path(__file__).resolve().parents[1]
 QUERIES = REPO / "evals" / "retrieval_queries.yaml"
@@ -101,7 +100,7 @@ def summarise(per_query: list[dict[str, Any]], mode: str) -> dict[str, Any]:
 
 
 async def _run(runtime: Any, queries: Sequence[LabelledQuery], modes: Sequence[str], k: int) -> list[dict[str, Any]]:
-    from server.identity import CallOrigin, stdio_principal
+    from lakegate.server.gate.identity import CallOrigin, stdio_principal
 
     principal = stdio_principal("admin", runtime.enforcer)
     origin = CallOrigin(transport="bench", session_id="bench-retrieval")
@@ -139,8 +138,8 @@ def evaluate(
     home: Path, queries: Sequence[LabelledQuery], *, audit: Path, modes: Sequence[str] = MODES, k: int = K
 ) -> dict[str, Any]:
     """Run `queries` through search_documents on the warehouse in `home`; metrics per mode and per query."""
-    from server.app import open_runtime
-    from server.settings import load_settings
+    from lakegate.server.app import open_runtime
+    from lakegate.server.settings import load_settings
 
     runtime = open_runtime(load_settings(REPO, home=home, audit={"path": audit, "fsync": False}, principal=None))
     try:
@@ -162,9 +161,9 @@ def evaluate(
 
 
 def _build_small(home: Path) -> None:
-    from catalog.definitions import load_definitions
-    from catalog.demo import build_demo
-    from catalog.warehouse import Warehouse
+    from lakegate.catalog.definitions import load_definitions
+    from lakegate.catalog.demo import build_demo
+    from lakegate.catalog.warehouse import Warehouse
 
     warehouse = Warehouse(home)
     try:

@@ -1,6 +1,6 @@
 """Benchmark: recall@10 and latency of Lance vector indexes at 1M distinct passages, policy prefilter on.
 
-    python -m evals.bench_vector_index [--rows 1000000] [--index-types IVF_RQ IVF_PQ IVF_HNSW_SQ]
+    python -m lakegate.evals.bench_vector_index [--rows 1000000] [--index-types IVF_RQ IVF_PQ IVF_HNSW_SQ]
                                        [--queries 200] [--work .tmp/vector-corpus]
                                        [--out evals/results/bench_vector_index.json]
 
@@ -39,8 +39,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
-from evals.bench_gate import percentiles
+from lakegate.evals.bench_gate import percentiles
 
 REPO = Path(__file__).resolve().parents[1]
 K = 10
@@ -76,9 +75,9 @@ def _predicate(who: str) -> str:
     """search_documents' prefilter for `who`, from the live policy (as in CallScope.search_documents)."""
     import tempfile
 
-    from catalog.document_search import CLASSIFICATIONS, access_predicate
-    from server.app import open_runtime
-    from server.settings import load_settings
+    from lakegate.catalog.document_search import CLASSIFICATIONS, access_predicate
+    from lakegate.server.app import open_runtime
+    from lakegate.server.settings import load_settings
 
     with tempfile.TemporaryDirectory() as home:
         settings = load_settings(REPO, home=Path(home), audit={"path": Path(home) / "audit.jsonl"}, principal=None)
@@ -102,8 +101,7 @@ def _open_table(work: Path, vectors: Vectors, seed: int) -> Any:
 
     import lancedb
     import pyarrow as pa
-
-    from catalog.demo import kb_access_columns
+    from lakegate.catalog.demo import kb_access_columns
 
     digest = hashlib.sha256(vectors.tobytes()).hexdigest()[:12]
     name = f"passages_{digest}_{seed}"
@@ -142,7 +140,7 @@ def _open_table(work: Path, vectors: Vectors, seed: int) -> Any:
 
 def _search(table: Any, vector: Vectors, predicate: str, setting: dict[str, int] | None) -> list[int]:
     """search_documents' vector search: the index searched with `setting`, or exact when None."""
-    from catalog.vector_index import SearchParams, with_search_params
+    from lakegate.catalog.vector_index import SearchParams, with_search_params
 
     builder: Any = table.search(vector, vector_column_name="vector").distance_type("cosine")
     builder = builder.where(predicate, prefilter=True).select(["id", "_distance"]).limit(K)
@@ -200,9 +198,15 @@ def _exact_gpu(readable: Vectors, queries: Vectors, truth: list[set[int]], ids: 
 def run(
     *, rows: int, sentences: int, index_types: Sequence[str], queries: int, calls: int, who: str, work: Path, seed: int
 ) -> dict[str, Any]:
-    from catalog.embedder import get_embedder
-    from catalog.vector_index import build_vector_index, index_params
-    from evals.vector_corpus import load_corpus, passage_vectors, proxy_fidelity, sample_passages, sentence_vectors
+    from lakegate.catalog.embedder import get_embedder
+    from lakegate.catalog.vector_index import build_vector_index, index_params
+    from lakegate.evals.vector_corpus import (
+        load_corpus,
+        passage_vectors,
+        proxy_fidelity,
+        sample_passages,
+        sentence_vectors,
+    )
 
     corpus = load_corpus(work, sentences, seed)
     sentence_vecs = sentence_vectors(corpus, work)

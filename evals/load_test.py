@@ -1,6 +1,6 @@
 """Bounded load test of the production profile: two replicas, one PostgreSQL, one killed mid-run.
 
-    python -m evals.load_test [--sessions 50] [--duration 60] [--postgres URL]
+    python -m lakegate.evals.load_test [--sessions 50] [--duration 60] [--postgres URL]
                               [--out evals/results/load_test.json]
 
 What it does, all on loopback with real processes:
@@ -137,7 +137,7 @@ def _environment(home: Path, url: str) -> dict[str, str]:
 
 
 def _lakegate(env: dict[str, str], *args: str) -> None:
-    subprocess.run([sys.executable, "-m", "server", "--project", str(REPO), *args], env=env, check=True, cwd=REPO)
+    subprocess.run([sys.executable, "-m", "lakegate", "--project", str(REPO), *args], env=env, check=True, cwd=REPO)
 
 
 def _start(replica: Replica, env: dict[str, str]) -> None:
@@ -146,7 +146,7 @@ def _start(replica: Replica, env: dict[str, str]) -> None:
         "LAKEGATE_AUDIT__PATH": str(replica.audit),
         "LAKEGATE_POSTGRES__REPLICA_ID": replica.name,
     }
-    args = ["-m", "server", "--project", str(REPO), "serve", "--http", "--port", str(replica.port)]
+    args = ["-m", "lakegate", "--project", str(REPO), "serve", "--http", "--port", str(replica.port)]
     log = replica.audit.with_suffix(".log").open("wb")
     replica.process = subprocess.Popen([sys.executable, *args], env=replica_env, cwd=REPO, stdout=log, stderr=log)
 
@@ -343,10 +343,10 @@ async def _load(replicas: list[Replica], url: str, sessions: int, duration: floa
 
 
 def _audit_check(url: str, replicas: list[Replica], load: dict[str, Any]) -> dict[str, Any]:
-    from server.audit import verify
-    from server.audit_pg import verify_chain
-    from server.audit_review import request_count
-    from server.refusals import is_listing
+    from lakegate.server.audit.log import verify
+    from lakegate.server.audit.pg import verify_chain
+    from lakegate.server.audit.refusals import is_listing
+    from lakegate.server.audit.review import request_count
 
     chain = verify_chain(url)
     rows: Counter[str] = Counter()

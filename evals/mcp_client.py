@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]  # the repository is itself a lakegat
 
 
 def server_params(principal: str | None, home: Path, *, project: Path = REPO, **env: str) -> StdioServerParameters:
-    args = ["-m", "server", "--project", str(project), "serve"]
+    args = ["-m", "lakegate", "--project", str(project), "serve"]
     if principal is not None:
         args += ["--principal", principal]
     environment = {

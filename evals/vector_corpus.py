@@ -100,9 +100,8 @@ def load_corpus(cache_dir: Path, max_sentences: int, seed: int = 0, site_package
 
 def sentence_vectors(corpus: Corpus, cache_dir: Path) -> npt.NDArray[np.float32]:
     """The embedder's vector for every sentence of `corpus`, cached in `cache_dir` by content hash."""
+    from lakegate.catalog.embedder import get_embedder
     from rich.progress import Progress
-
-    from catalog.embedder import get_embedder
 
     digest = hashlib.sha256("\n".join(corpus.sentences).encode()).hexdigest()[:16]
     cached = cache_dir / f"sentences-{digest}.npy"
@@ -162,7 +161,7 @@ def proxy_fidelity(
     corpus: Corpus, passages: list[tuple[int, ...]], vectors: npt.NDArray[np.float32], sample: int, seed: int = 0
 ) -> dict[str, float]:
     """Cosine between the model's embedding of a passage's text and its proxy vector, over `sample` passages."""
-    from catalog.embedder import get_embedder
+    from lakegate.catalog.embedder import get_embedder
 
     picks = np.random.default_rng(seed).choice(len(passages), size=min(sample, len(passages)), replace=False)
     real = get_embedder().embed([corpus.passage_text(passages[int(i)]) for i in picks])

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from policies.enforcer import Decision, PolicyEnforcer
+from lakegate.policies.enforcer import Decision, PolicyEnforcer
 
 __all__ = ["MASK_METHODS", "ColumnAccess", "column_access"]
 

@@ -26,9 +26,8 @@ from typing import Any, Protocol
 
 import casbin
 import structlog
-
-from policies.redaction import REDACTION_FILE, RedactionRules, load_redaction
-from policies.row_filters import ROW_FILTER_FILE, RowFilter, RowFilterSet, load_row_filters
+from lakegate.policies.redaction import REDACTION_FILE, RedactionRules, load_redaction
+from lakegate.policies.row_filters import ROW_FILTER_FILE, RowFilter, RowFilterSet, load_row_filters
 
 __all__ = ["Decision", "PolicyEnforcer", "PolicyFiles", "RuleSource", "policy_files"]
 
@@ -86,7 +85,7 @@ class PolicyFiles:
 
 def policy_files(project: Path) -> PolicyFiles:
     """The policy files for a project: `<project>/policies/*` when present, else the packaged defaults."""
-    packaged = Path(str(resources.files("policies")))
+    packaged = Path(str(resources.files("lakegate.policies")))
     local = project / "policies"
     # A project with its own policy.csv owns its row filters too: the packaged demo filters must
     # not narrow someone else's data.

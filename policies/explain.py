@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from policies.columns import AccessLevel, column_access
-from policies.enforcer import Decision, PolicyEnforcer
-from policies.row_filters import RowFilter
+from lakegate.policies.columns import AccessLevel, column_access
+from lakegate.policies.enforcer import Decision, PolicyEnforcer
+from lakegate.policies.row_filters import RowFilter
 
 __all__ = ["EXPLAIN_OTHERS", "MASK_USES", "ColumnRuling", "SubjectPolicy"]
 

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from policies.columns import column_access
-from policies.enforcer import PolicyEnforcer
-from policies.explain import EXPLAIN_OTHERS
+from lakegate.policies.columns import column_access
+from lakegate.policies.enforcer import PolicyEnforcer
+from lakegate.policies.explain import EXPLAIN_OTHERS
 
 __all__ = ["INTENT_FILE", "IntentCheck", "check_intents", "load_intents"]
 
@@ -47,7 +46,7 @@ def load_intents(project: Path, policy_dir: Path | None = None) -> list[dict[str
     """
     candidates = [*([policy_dir / INTENT_FILE] if policy_dir else []), project / "policies" / INTENT_FILE]
     local = next((path for path in candidates if path.is_file()), None)
-    text = local.read_text() if local else resources.files("policies").joinpath(INTENT_FILE).read_text()
+    text = local.read_text() if local else resources.files("lakegate.policies").joinpath(INTENT_FILE).read_text()
     try:
         loaded = yaml.safe_load(text) or []
     except yaml.YAMLError as exc:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 
-from policies.columns import MASK_METHODS
+from lakegate.policies.columns import MASK_METHODS
 
 __all__ = ["KEYED_HASH_FUNCTION", "MACRO_PREFIX", "keyed_hash", "mask_macro_name", "mask_macros"]
 

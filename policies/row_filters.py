@@ -73,7 +73,7 @@ def predicate_of(where: str) -> exp.Expr:
     Raises:
         ValueError: not one predicate, or it holds a subquery, a table or a qualified column.
     """
-    from policies.sql_guard import InvalidQuery, check_functions
+    from lakegate.policies.sql_guard import InvalidQuery, check_functions
 
     try:
         parsed = sqlglot.parse_one(where, dialect=DIALECT)

@@ -6,7 +6,7 @@ Kept free of sqlglot and DuckDB so that the worker imports it cheaply.
 
 from __future__ import annotations
 
-from policies.masks import MACRO_PREFIX
+from lakegate.policies.masks import MACRO_PREFIX
 
 __all__ = ["TABLE_FUNCTIONS", "function_allowed"]
 

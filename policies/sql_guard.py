@@ -29,14 +29,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlglot
+from lakegate.errors import InvalidQuery, PolicyDenied
+from lakegate.policies.masks import MACRO_PREFIX
+from lakegate.policies.sql_functions import TABLE_FUNCTIONS, function_allowed
 from sqlglot import exp
 from sqlglot.errors import OptimizeError, ParseError, SqlglotError
 from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import traverse_scope
-
-from policies.masks import MACRO_PREFIX
-from policies.sql_functions import TABLE_FUNCTIONS, function_allowed
-from server.errors import InvalidQuery, PolicyDenied
 
 __all__ = [
     "DIALECT",

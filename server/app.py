@@ -18,6 +18,20 @@ from functools import partial
 from typing import Any
 
 import anyio.from_thread
+from lakegate.catalog.definitions import CatalogDefinitions, load_definitions
+from lakegate.catalog.metric_definitions import load_semantic_catalog
+from lakegate.catalog.warehouse import Warehouse
+from lakegate.errors import AuditWriteError, ClientError
+from lakegate.policies.enforcer import PolicyEnforcer
+from lakegate.server.audit.log import AuditLog
+from lakegate.server.gate.gate import Gate, to_call_result
+from lakegate.server.gate.identity import CallOrigin, Principal
+from lakegate.server.gate.scope import ProgressFn
+from lakegate.server.profile import open_audit, open_enforcer, open_warehouse
+from lakegate.server.settings import Settings
+from lakegate.tools import tools_by_name
+from lakegate.tools.base import ToolSpec
+from lakegate.tools.names import ToolName
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.shared.exceptions import MCPError
@@ -39,21 +53,6 @@ from mcp.types import (
     ToolAnnotations,
 )
 from pydantic import BaseModel
-
-from catalog.definitions import CatalogDefinitions, load_definitions
-from catalog.metric_definitions import load_semantic_catalog
-from catalog.warehouse import Warehouse
-from policies.enforcer import PolicyEnforcer
-from server.audit import AuditLog
-from server.errors import AuditWriteError, ClientError
-from server.gate import Gate, to_call_result
-from server.identity import CallOrigin, Principal
-from server.profile import open_audit, open_enforcer, open_warehouse
-from server.scope import ProgressFn
-from server.settings import Settings
-from tools import tools_by_name
-from tools.base import ToolSpec
-from tools.names import ToolName
 
 __all__ = ["INSTRUCTIONS", "Runtime", "create_server", "open_runtime"]
 

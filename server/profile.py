@@ -36,14 +36,14 @@ from urllib.parse import urlsplit
 
 import psycopg
 import structlog
-
-from catalog.object_store import ObjectStore
-from catalog.warehouse import Warehouse
-from policies.enforcer import PolicyEnforcer, policy_files
-from policies.pg_policies import PostgresRules, connect, create_policy_schema, open_rules
-from server.audit import AuditLog, VerifyReport
-from server.audit_checkpoints import CHECKPOINT_KEY_FILE, Checkpoint
-from server.audit_pg import (
+from lakegate.catalog.object_store import ObjectStore
+from lakegate.catalog.warehouse import Warehouse
+from lakegate.errors import AuditWriteError, BackendError, ConfigurationError
+from lakegate.policies.enforcer import PolicyEnforcer, policy_files
+from lakegate.policies.pg_policies import PostgresRules, connect, create_policy_schema, open_rules
+from lakegate.server.audit.checkpoints import CHECKPOINT_KEY_FILE, Checkpoint
+from lakegate.server.audit.log import AuditLog, VerifyReport
+from lakegate.server.audit.pg import (
     MirroredAuditLog,
     PostgresAuditChain,
     PostgresCheckpointStore,
@@ -51,8 +51,7 @@ from server.audit_pg import (
     load_checkpoint,
     verify_chain,
 )
-from server.errors import AuditWriteError, BackendError, ConfigurationError
-from server.settings import Settings
+from lakegate.server.settings import Settings
 
 __all__ = [
     "catalog_uri",

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from lakegate.catalog.vector_index import INDEX_MIN_ROWS
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -20,8 +21,6 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
-
-from catalog.vector_index import INDEX_MIN_ROWS
 
 __all__ = [
     "AuditSettings",
@@ -97,8 +96,7 @@ class AuditSettings(BaseModel):
     )
     fsync: bool = Field(
         default=True,
-        description="fsync the log after every record, so a record survives a machine crash, not only "
-        "a process crash.",
+        description="fsync the log after every record, so a record survives a machine crash, not only a process crash.",
     )
     sensitive_arguments: tuple[str, ...] = Field(
         default=(),
@@ -153,9 +151,7 @@ class LimitSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_rows: int = Field(default=200, ge=1, description="Most rows (or items) one tool call returns.")
-    max_bytes: int = Field(
-        default=64 * 1024, ge=1024, description="Most bytes of JSON one tool call returns."
-    )
+    max_bytes: int = Field(default=64 * 1024, ge=1024, description="Most bytes of JSON one tool call returns.")
 
 
 class QuerySettings(BaseModel):
@@ -173,8 +169,10 @@ class QuerySettings(BaseModel):
         description="Most disk one query may spill to when it outgrows its memory (under <home>/spill).",
     )
     concurrency: int = Field(
-        default=4, ge=1, description="Queries that run at once, each in a worker process of its own; further "
-        "queries wait for a free worker."
+        default=4,
+        ge=1,
+        description="Queries that run at once, each in a worker process of its own; further "
+        "queries wait for a free worker.",
     )
     worker_memory_limit: str | None = Field(
         default="3GB",
@@ -273,8 +271,7 @@ class StorageSettings(BaseModel):
     )
     access_key_id: str | None = Field(
         default=None,
-        description="S3 access key id. Default: the AWS default chain (AWS_ACCESS_KEY_ID, profiles, instance "
-        "role).",
+        description="S3 access key id. Default: the AWS default chain (AWS_ACCESS_KEY_ID, profiles, instance role).",
     )
     secret_access_key: SecretStr | None = Field(
         default=None, description="S3 secret access key, with access_key_id; never printed."
@@ -379,9 +376,7 @@ class AuthSettings(BaseModel):
 class Settings(BaseSettings):
     """Validated settings; build them with `load_settings`."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="LAKEGATE_", env_nested_delimiter="__", extra="forbid", frozen=True
-    )
+    model_config = SettingsConfigDict(env_prefix="LAKEGATE_", env_nested_delimiter="__", extra="forbid", frozen=True)
 
     project: Path = Field(
         default=Path("."),

@@ -10,14 +10,13 @@ from typing import Any
 import anyio
 import pytest
 import structlog
-
-from catalog.definitions import load_definitions
-from catalog.demo import build_demo
-from catalog.warehouse import Warehouse
-from server.app import Runtime, open_runtime
-from server.gate import GateOutcome
-from server.identity import CallOrigin, stdio_principal
-from server.settings import Settings, load_settings
+from lakegate.catalog.definitions import load_definitions
+from lakegate.catalog.demo import build_demo
+from lakegate.catalog.warehouse import Warehouse
+from lakegate.server.app import Runtime, open_runtime
+from lakegate.server.gate.gate import GateOutcome
+from lakegate.server.gate.identity import CallOrigin, stdio_principal
+from lakegate.server.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 

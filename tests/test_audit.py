@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from server.audit import (
+from lakegate.errors import AuditWriteError
+from lakegate.server.audit.log import (
     GENESIS_HASH,
     AuditFormatError,
     AuditLog,
@@ -22,7 +22,6 @@ from server.audit import (
     record_hash,
     verify,
 )
-from server.errors import AuditWriteError
 
 
 def call(i: int, **extra: Any) -> dict[str, Any]:

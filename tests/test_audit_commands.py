@@ -11,15 +11,14 @@ import pytest
 from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from server.audit import AuditLog, Checkpointing, Rotation, log_files, read_records
-from server.audit_checkpoints import key_id, signing_public_key
-from server.audit_commands import audit
-from server.audit_review import Filters, parse_dimensions, parse_when, select, summarise
-from server.cli import cli
-from server.profile import checkpoint_key_path
-from server.refusals import listing_record, refused_request_record
-from server.settings import load_settings
+from lakegate.server.audit.checkpoints import key_id, signing_public_key
+from lakegate.server.audit.log import AuditLog, Checkpointing, Rotation, log_files, read_records
+from lakegate.server.audit.refusals import listing_record, refused_request_record
+from lakegate.server.audit.review import Filters, parse_dimensions, parse_when, select, summarise
+from lakegate.server.cli.audit_commands import audit
+from lakegate.server.cli.main import cli
+from lakegate.server.profile import checkpoint_key_path
+from lakegate.server.settings import load_settings
 
 NOW = datetime.now(UTC)
 

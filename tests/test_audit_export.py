@@ -14,15 +14,11 @@ from typing import Any
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner, Result
-from pyiceberg.schema import Schema
-from pyiceberg.types import LongType, NestedField, StringType
-
-from catalog.definitions import load_definitions
-from catalog.warehouse import Warehouse
-from server.app import Runtime, open_runtime
-from server.audit import AuditLog, Rotation, log_files, read_all_records, read_records
-from server.audit_commands import audit
-from server.audit_export import (
+from lakegate.catalog.definitions import load_definitions
+from lakegate.catalog.warehouse import Warehouse
+from lakegate.errors import BackendError, NotFound, PolicyDenied
+from lakegate.server.app import Runtime, open_runtime
+from lakegate.server.audit.export import (
     AUDIT_TABLE,
     LAST_SEQ_PROPERTY,
     AuditExportRefused,
@@ -30,9 +26,13 @@ from server.audit_export import (
     export_audit_log,
     record_row,
 )
-from server.cli import cli
-from server.errors import BackendError, NotFound, PolicyDenied
-from server.settings import load_settings
+from lakegate.server.audit.log import AuditLog, Rotation, log_files, read_all_records, read_records
+from lakegate.server.cli.audit_commands import audit
+from lakegate.server.cli.main import cli
+from lakegate.server.settings import load_settings
+from pyiceberg.schema import Schema
+from pyiceberg.types import LongType, NestedField, StringType
+
 from tests.conftest import gate_call
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,18 +13,18 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from lakegate.catalog.definitions import load_definitions
+from lakegate.catalog.metric_definitions import parse_semantic_catalog
+from lakegate.catalog.warehouse import Warehouse
+from lakegate.errors import AuditWriteError
+from lakegate.policies.redaction import RedactionRules, load_redaction
+from lakegate.server.app import Runtime, open_runtime
+from lakegate.server.audit.log import read_records, verify
+from lakegate.server.audit.redaction import REDACTED, AuditKey, audit_arguments, redact_arguments
+from lakegate.server.settings import load_settings
 from pyiceberg.schema import Schema
 from pyiceberg.types import LongType, NestedField, StringType
 
-from catalog.definitions import load_definitions
-from catalog.metric_definitions import parse_semantic_catalog
-from catalog.warehouse import Warehouse
-from policies.redaction import RedactionRules, load_redaction
-from server.app import Runtime, open_runtime
-from server.audit import read_records, verify
-from server.errors import AuditWriteError
-from server.redaction import REDACTED, AuditKey, audit_arguments, redact_arguments
-from server.settings import load_settings
 from tests.conftest import gate_call
 
 REPO = Path(__file__).resolve().parents[1]

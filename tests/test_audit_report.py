@@ -25,19 +25,19 @@ from typing import Any
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
+from lakegate.catalog.definitions import load_definitions
+from lakegate.catalog.warehouse import Warehouse
+from lakegate.server.app import Runtime, open_runtime
+from lakegate.server.audit.log import AuditLog, read_records, verify
+from lakegate.server.audit.refusals import listing_record, refused_request_record
+from lakegate.server.audit.report import AuditReport, build_report, render_html
+from lakegate.server.audit.review import Filters, select
+from lakegate.server.cli.audit_commands import audit
+from lakegate.server.gate.gate import GateOutcome
+from lakegate.server.settings import load_settings
 from pyiceberg.schema import Schema
 from pyiceberg.types import LongType, NestedField, StringType
 
-from catalog.definitions import load_definitions
-from catalog.warehouse import Warehouse
-from server.app import Runtime, open_runtime
-from server.audit import AuditLog, read_records, verify
-from server.audit_commands import audit
-from server.audit_report import AuditReport, build_report, render_html
-from server.audit_review import Filters, select
-from server.gate import GateOutcome
-from server.refusals import listing_record, refused_request_record
-from server.settings import load_settings
 from tests.conftest import REPO, gate_call
 
 INJECTED = "<script>alert(1)</script>"

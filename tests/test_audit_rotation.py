@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
-from structlog.testing import capture_logs
-
-from server.audit import (
+from lakegate.errors import AuditWriteError
+from lakegate.server.audit.files import LogNames, load_manifest
+from lakegate.server.audit.log import (
     GENESIS_HASH,
     AuditLog,
     Rotation,
@@ -24,9 +23,10 @@ from server.audit import (
     record_hash,
     verify,
 )
-from server.audit_files import LogNames, load_manifest
-from server.errors import AuditWriteError
-from server.settings import AuditSettings, load_settings
+from lakegate.server.settings import AuditSettings, load_settings
+from pydantic import ValidationError
+from structlog.testing import capture_logs
+
 from tests.test_audit import call  # a record shaped like the ones the gate writes
 
 SMALL = Rotation(max_bytes=2048)  # a record of `call` is ~600 bytes: a file every 4 records

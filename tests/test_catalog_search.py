@@ -8,11 +8,10 @@ from typing import Any
 
 import anyio
 import pytest
-
-from catalog.catalog_search import CatalogEntry, rank_entries
-from server.app import Runtime, open_runtime
-from server.identity import CallOrigin, stdio_principal
-from server.settings import load_settings
+from lakegate.catalog.catalog_search import CatalogEntry, rank_entries
+from lakegate.server.app import Runtime, open_runtime
+from lakegate.server.gate.identity import CallOrigin, stdio_principal
+from lakegate.server.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 

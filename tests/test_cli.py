@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from click.testing import CliRunner
-
-from catalog.definitions import load_definitions
-from server.cli import cli
+from lakegate.catalog.definitions import load_definitions
+from lakegate.server.cli.main import cli
 
 
 def test_init_writes_a_project_that_loads(tmp_path: Path) -> None:

@@ -14,11 +14,9 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
-from lancedb.query import LanceVectorQueryBuilder
-
-from catalog.definitions import CatalogDefinitions, load_definitions
-from catalog.demo import DEMO_NAMESPACES, DemoSummary, build_demo
-from catalog.embedder import (
+from lakegate.catalog.definitions import CatalogDefinitions, load_definitions
+from lakegate.catalog.demo import DEMO_NAMESPACES, DemoSummary, build_demo
+from lakegate.catalog.embedder import (
     DIMENSION,
     MODEL_NAME,
     MODEL_SHA256,
@@ -28,8 +26,9 @@ from catalog.embedder import (
     get_embedder,
     verify_model,
 )
-from catalog.warehouse import Warehouse
-from server.errors import InvalidArgument, NotFound
+from lakegate.catalog.warehouse import Warehouse
+from lakegate.errors import InvalidArgument, NotFound
+from lancedb.query import LanceVectorQueryBuilder
 
 REPO = Path(__file__).resolve().parents[1]
 ICEBERG_TABLES = (

@@ -7,9 +7,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from catalog.demo import sample_passages
-from catalog.embedder import Embedder, get_embedder
+from lakegate.catalog.demo import sample_passages
+from lakegate.catalog.embedder import Embedder, get_embedder
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,14 @@ from typing import Any
 import anyio
 import jsonschema
 import pytest
+from lakegate.errors import ClientError, InvalidArgument, NotFound, PolicyDenied
+from lakegate.evals.mcp_client import connect, text_of
+from lakegate.server.app import Runtime, open_runtime
+from lakegate.server.audit.log import read_records
+from lakegate.server.audit.refusals import is_listing
+from lakegate.server.gate.gate import GateOutcome
+from lakegate.server.settings import load_settings
 
-from evals.mcp_client import connect, text_of
-from server.app import Runtime, open_runtime
-from server.audit import read_records
-from server.errors import ClientError, InvalidArgument, NotFound, PolicyDenied
-from server.gate import GateOutcome
-from server.refusals import is_listing
-from server.settings import load_settings
 from tests.conftest import gate_call
 
 REPO = Path(__file__).resolve().parents[1]

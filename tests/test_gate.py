@@ -9,17 +9,17 @@ from typing import Any
 
 import anyio
 import pytest
+from lakegate.catalog.warehouse import Warehouse
+from lakegate.errors import NotFound
+from lakegate.evals.mcp_client import connect, text_of
+from lakegate.server.app import Runtime
+from lakegate.server.audit.log import read_records, verify
+from lakegate.server.audit.refusals import is_listing
+from lakegate.server.gate.gate import redact_arguments
+from lakegate.server.gate.identity import CallOrigin, stdio_principal
+from lakegate.tools import ALL_TOOLS, ToolName
 
-from catalog.warehouse import Warehouse
-from evals.mcp_client import connect, text_of
-from server.app import Runtime
-from server.audit import read_records, verify
-from server.errors import NotFound
-from server.gate import redact_arguments
-from server.identity import CallOrigin, stdio_principal
-from server.refusals import is_listing
 from tests.conftest import gate_call
-from tools import ALL_TOOLS, ToolName
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,8 +38,13 @@ VALID_ARGUMENTS: dict[ToolName, dict[str, Any]] = {
         "table": "support.tickets",
         "rows": [
             {
-                "ticket_id": 999_999_999, "customer_id": 1, "opened_ts": "2025-12-30T12:00:00Z",
-                "priority": "low", "status": "open", "subject": "gate test", "body": "written by test_gate",
+                "ticket_id": 999_999_999,
+                "customer_id": 1,
+                "opened_ts": "2025-12-30T12:00:00Z",
+                "priority": "low",
+                "status": "open",
+                "subject": "gate test",
+                "body": "written by test_gate",
             }
         ],
     },
@@ -50,8 +55,11 @@ VALID_ARGUMENTS: dict[ToolName, dict[str, Any]] = {
     ToolName.ADD_DOCUMENTS: {
         "documents": [
             {
-                "doc_id": "test-gate-note", "title": "Gate test note", "text": "Written by test_gate.",
-                "classification": "restricted", "allowed_roles": ["role:admin"],
+                "doc_id": "test-gate-note",
+                "title": "Gate test note",
+                "text": "Written by test_gate.",
+                "classification": "restricted",
+                "allowed_roles": ["role:admin"],
             }
         ],
     },
@@ -106,7 +114,10 @@ def test_every_tool_denies_an_unauthorised_principal_and_audits_both_outcomes(
     assert len(records) == 2 * count
     for record, name in zip(records[:count], VALID_ARGUMENTS, strict=True):
         assert (record["tool"], record["principal"], record["decision"], record["outcome"]) == (
-            name.value, "mallory", "deny", "denied"
+            name.value,
+            "mallory",
+            "deny",
+            "denied",
         )
         assert record["rows"] == 0 and record["bytes"] == 0
     for record, name in zip(records[count:], VALID_ARGUMENTS, strict=True):
@@ -187,7 +198,16 @@ def test_a_missing_resource_the_caller_may_read_stays_not_found(runtime: Runtime
 
 def test_tools_reach_data_only_through_the_scope() -> None:
     """Tool modules import no engine, no audit log and no transport: the gate is the only way in."""
-    forbidden = ("pyiceberg", "lancedb", "duckdb", "pyarrow", "catalog.warehouse", "server.audit", "server.app", "mcp")
+    forbidden = (
+        "pyiceberg",
+        "lancedb",
+        "duckdb",
+        "pyarrow",
+        "catalog.warehouse",
+        "lakegate.server.audit.log",
+        "server.app",
+        "mcp",
+    )
     for path in (REPO / "tools").glob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):

@@ -26,21 +26,20 @@ import pytest
 import uvicorn
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from lakegate.evals.mcp_client import text_of
+from lakegate.server.app import Runtime, open_runtime
+from lakegate.server.audit.log import read_records, verify
+from lakegate.server.audit.refusals import REFUSAL_WINDOW_S, is_listing
+from lakegate.server.cli.main import cli
+from lakegate.server.gate.identity import Principal, granted_roles
+from lakegate.server.gate.role_grants import acting_as, granting
+from lakegate.server.settings import Settings, load_settings
+from lakegate.server.transports.http_app import create_http_app
+from lakegate.server.transports.http_auth import JwtVerifier
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.types import Implementation
-
-from evals.mcp_client import text_of
-from server.app import Runtime, open_runtime
-from server.audit import read_records, verify
-from server.cli import cli
-from server.http_app import create_http_app
-from server.http_auth import JwtVerifier
-from server.identity import Principal, granted_roles
-from server.refusals import REFUSAL_WINDOW_S, is_listing
-from server.role_grants import acting_as, granting
-from server.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
@@ -648,7 +647,7 @@ def test_lakegate_serve_http_end_to_end(demo_home: Path, tmp_path: Path) -> None
         "LAKEGATE_HTTP__PORT": str(port),  # the token's audience names the port
         "HF_HUB_OFFLINE": "1",
     }
-    command = [sys.executable, "-m", "server", "--project", str(REPO)]
+    command = [sys.executable, "-m", "lakegate", "--project", str(REPO)]
     minted = subprocess.run(
         [*command, "token", "--subject", "sam", "--ttl", "10m"], env=env, capture_output=True, text=True, check=True
     )

@@ -15,18 +15,18 @@ from typing import Any
 import anyio
 import pytest
 from click.testing import CliRunner
+from lakegate.catalog.chunking import chunk_text, paragraphs
+from lakegate.catalog.ingest import Document, parse_file
+from lakegate.catalog.warehouse import Warehouse
+from lakegate.errors import InvalidArgument, NotFound, PolicyDenied
+from lakegate.evals.mcp_client import connect
+from lakegate.server.app import Runtime, open_runtime
+from lakegate.server.audit.log import read_records
+from lakegate.server.cli.main import cli
+from lakegate.server.gate.gate import GateOutcome
+from lakegate.server.gate.identity import stdio_principal
+from lakegate.server.settings import load_settings
 
-from catalog.chunking import chunk_text, paragraphs
-from catalog.ingest import Document, parse_file
-from catalog.warehouse import Warehouse
-from evals.mcp_client import connect
-from server.app import Runtime, open_runtime
-from server.audit import read_records
-from server.cli import cli
-from server.errors import InvalidArgument, NotFound, PolicyDenied
-from server.gate import GateOutcome
-from server.identity import stdio_principal
-from server.settings import load_settings
 from tests.conftest import build_small_demo, gate_call, gate_ok
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +83,7 @@ def rows_of(home: Path, doc_id: str) -> list[dict[str, Any]]:
 
 def indexed(home: Path) -> bool:
     """Whether kb.articles has a vector index now."""
-    from catalog.vector_index import has_vector_index
+    from lakegate.catalog.vector_index import has_vector_index
 
     warehouse = Warehouse(home)
     try:

@@ -1,6 +1,6 @@
 """The load test's machinery, small enough for CI: two replicas on PostgreSQL, a kill, a policy change.
 
-The real figures come from `python -m evals.load_test` (50 sessions, 60 s; README "Running for a
+The real figures come from `python -m lakegate.evals.load_test` (50 sessions, 60 s; README "Running for a
 team"); this runs the same code with a few sessions so that a change that breaks reconnecting,
 policy propagation or one-record-per-call fails the suite.
 """
@@ -13,8 +13,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-
-from evals import load_test
+from lakegate.evals import load_test
 
 URL = os.environ.get("LAKEGATE_TEST_POSTGRES_URL")
 

@@ -16,14 +16,13 @@ from typing import Any
 
 import anyio
 import pytest
-
-from evals.mcp_client import connect, text_of
-from server.app import Runtime, open_runtime
-from server.audit import read_records
-from server.errors import ClientError
-from server.gate import GateOutcome
-from server.identity import CallOrigin, stdio_principal
-from server.settings import load_settings
+from lakegate.errors import ClientError
+from lakegate.evals.mcp_client import connect, text_of
+from lakegate.server.app import Runtime, open_runtime
+from lakegate.server.audit.log import read_records
+from lakegate.server.gate.gate import GateOutcome
+from lakegate.server.gate.identity import CallOrigin, stdio_principal
+from lakegate.server.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -800,8 +799,8 @@ def test_simple_metrics_of_one_model_share_one_scan_and_an_offset_is_a_shift() -
     """Revenue, orders, their ratio and growth against last month read sales.orders once."""
     from pathlib import Path
 
-    from catalog.metric_compiler import MetricQuery, compile_query
-    from catalog.metric_definitions import load_semantic_catalog
+    from lakegate.catalog.metric_compiler import MetricQuery, compile_query
+    from lakegate.catalog.metric_definitions import load_semantic_catalog
 
     catalog = load_semantic_catalog(Path(__file__).resolve().parents[1])
     query = MetricQuery(("revenue", "orders", "average_order_value", "revenue_growth_mom"), ("metric_time__month",))

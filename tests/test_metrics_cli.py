@@ -15,12 +15,11 @@ import anyio
 import pytest
 import yaml
 from click.testing import CliRunner, Result
-
-from catalog.metric_definitions import load_semantic_catalog
-from catalog.metric_validation import definition_hash, locate_metrics, parse_lock
-from server.app import Runtime
-from server.cli import cli
-from server.identity import CallOrigin, stdio_principal
+from lakegate.catalog.metric_definitions import load_semantic_catalog
+from lakegate.catalog.metric_validation import definition_hash, locate_metrics, parse_lock
+from lakegate.server.app import Runtime
+from lakegate.server.cli.main import cli
+from lakegate.server.gate.identity import CallOrigin, stdio_principal
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = REPO / "catalog" / "metrics.yaml"

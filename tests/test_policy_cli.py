@@ -8,12 +8,11 @@ import shutil
 from pathlib import Path
 
 from click.testing import CliRunner, Result
-
-from catalog.definitions import load_definitions
-from policies.enforcer import PolicyEnforcer, policy_files
-from policies.intent import check_intents, load_intents
-from server.app import resource_groups
-from server.cli import cli
+from lakegate.catalog.definitions import load_definitions
+from lakegate.policies.enforcer import PolicyEnforcer, policy_files
+from lakegate.policies.intent import check_intents, load_intents
+from lakegate.server.app import resource_groups
+from lakegate.server.cli.main import cli
 
 REPO = Path(__file__).resolve().parents[1]
 MASK_HASH = "p, role:analyst, tag:pii, mask:hash, allow"

@@ -7,11 +7,10 @@ from typing import Any
 
 import casbin
 import pytest
-
-from catalog.definitions import load_definitions
-from policies.enforcer import PolicyEnforcer, policy_files
-from policies.intent import check_intents, load_intents
-from server.app import resource_groups
+from lakegate.catalog.definitions import load_definitions
+from lakegate.policies.enforcer import PolicyEnforcer, policy_files
+from lakegate.policies.intent import check_intents, load_intents
+from lakegate.server.app import resource_groups
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,21 +21,21 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 from click.testing import CliRunner
+from lakegate.errors import AuditWriteError, PolicyDenied
+from lakegate.policies.pg_policies import PostgresRules
+from lakegate.server.app import Runtime, open_runtime, resource_groups
+from lakegate.server.audit.checkpoints import Checkpoint, signing_public_key
+from lakegate.server.audit.files import LogNames
+from lakegate.server.audit.log import AuditLog, read_records, record_hash, verify
+from lakegate.server.audit.pg import MirroredAuditLog, PostgresAuditChain, create_audit_schema, verify_chain
+from lakegate.server.cli.main import cli
+from lakegate.server.gate.gate import GateOutcome
+from lakegate.server.profile import checkpoint_anchor, checkpoint_chain, checkpoint_key_path, open_audit, sync_policies
+from lakegate.server.settings import Settings, load_settings
 from psycopg import sql
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
-from policies.pg_policies import PostgresRules
-from server.app import Runtime, open_runtime, resource_groups
-from server.audit import AuditLog, read_records, record_hash, verify
-from server.audit_checkpoints import Checkpoint, signing_public_key
-from server.audit_files import LogNames
-from server.audit_pg import MirroredAuditLog, PostgresAuditChain, create_audit_schema, verify_chain
-from server.cli import cli
-from server.errors import AuditWriteError, PolicyDenied
-from server.gate import GateOutcome
-from server.profile import checkpoint_anchor, checkpoint_chain, checkpoint_key_path, open_audit, sync_policies
-from server.settings import Settings, load_settings
 from tests.conftest import gate_call
 
 REPO = Path(__file__).resolve().parents[1]

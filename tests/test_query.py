@@ -11,14 +11,13 @@ from typing import Any
 
 import anyio
 import pytest
-
-from evals.mcp_client import connect, text_of
-from server.app import Runtime, open_runtime
-from server.audit import read_records, verify
-from server.gate import GateOutcome
-from server.identity import CallOrigin, stdio_principal
-from server.refusals import is_listing
-from server.settings import Settings, load_settings
+from lakegate.evals.mcp_client import connect, text_of
+from lakegate.server.app import Runtime, open_runtime
+from lakegate.server.audit.log import read_records, verify
+from lakegate.server.audit.refusals import is_listing
+from lakegate.server.gate.gate import GateOutcome
+from lakegate.server.gate.identity import CallOrigin, stdio_principal
+from lakegate.server.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -291,11 +290,10 @@ def test_lance_datasets_are_pointed_away_from_sql(runtime: Runtime) -> None:
 def test_a_scan_with_row_level_deletes_is_refused_not_read_wrongly() -> None:
     """pyiceberg writes no delete files, so the planned task is built from pyiceberg's own classes,
     as plan_files returns it for a table another engine wrote position deletes into."""
+    from lakegate.catalog.iceberg_scan import refuse_row_deletes
+    from lakegate.errors import InvalidArgument
     from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
     from pyiceberg.table import FileScanTask
-
-    from catalog.iceberg_scan import refuse_row_deletes
-    from server.errors import InvalidArgument
 
     def data_file(content: DataFileContent, path: str) -> DataFile:
         return DataFile.from_args(
@@ -315,7 +313,7 @@ def test_a_scan_with_row_level_deletes_is_refused_not_read_wrongly() -> None:
 def test_the_engine_runs_only_what_duckdb_itself_reads_as_one_select(runtime: Runtime) -> None:
     """Behind the guard: a statement that would change a pooled sandbox never runs, even if handed
     to the engine directly (as a guard bug would)."""
-    from server.errors import BackendError
+    from lakegate.errors import BackendError
 
     engine = runtime.warehouse.query_engine(runtime.settings.query)
     for sql in (
@@ -335,10 +333,9 @@ def test_the_engine_runs_only_what_duckdb_itself_reads_as_one_select(runtime: Ru
 def test_schema_evolution_reads_columns_by_field_id(tmp_path: Path) -> None:
     """A rename, an added column and a dropped-then-re-added name: old files still read right."""
     import pyarrow as pa
+    from lakegate.catalog.warehouse import Warehouse
     from pyiceberg.schema import Schema
     from pyiceberg.types import LongType, NestedField, StringType
-
-    from catalog.warehouse import Warehouse
 
     home = tmp_path / "home"
     warehouse = Warehouse(home)
@@ -373,8 +370,8 @@ def test_a_failing_progress_report_neither_frees_a_busy_sandbox_nor_loses_the_qu
     """The client went away mid-query: reporting fails, the query still ends, the sandbox is reusable."""
     import threading
 
-    from catalog.query_engine import QueryEngine
-    from server.settings import QuerySettings
+    from lakegate.catalog.query_engine import QueryEngine
+    from lakegate.server.settings import QuerySettings
 
     engine = QueryEngine(QuerySettings(concurrency=1, timeout_s=20), "abc123", tmp_path / "spill")
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from catalog.embedder import get_embedder
+from lakegate.catalog.embedder import get_embedder
 
 QUERIES = [
     "How do I reset my password?",

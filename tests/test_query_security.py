@@ -23,18 +23,17 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from catalog.arrow_relations import SourceColumn, TableSource
-from catalog.query_sandbox import SandboxConfig, open_sandbox
-from evals.leaks import Forbidden
-from policies.sql_guard import InvalidQuery, parse_query
-from server.app import Runtime, open_runtime
-from server.audit import read_records, verify
-from server.errors import BackendError, ClientError, InvalidArgument, LakegateError, LimitExceeded
-from server.gate import GateOutcome
-from server.identity import CallOrigin, stdio_principal
-from server.refusals import is_listing
-from server.settings import load_settings
+from lakegate.catalog.arrow_relations import SourceColumn, TableSource
+from lakegate.catalog.query_sandbox import SandboxConfig, open_sandbox
+from lakegate.errors import BackendError, ClientError, InvalidArgument, LakegateError, LimitExceeded
+from lakegate.evals.leaks import Forbidden
+from lakegate.policies.sql_guard import InvalidQuery, parse_query
+from lakegate.server.app import Runtime, open_runtime
+from lakegate.server.audit.log import read_records, verify
+from lakegate.server.audit.refusals import is_listing
+from lakegate.server.gate.gate import GateOutcome
+from lakegate.server.gate.identity import CallOrigin, stdio_principal
+from lakegate.server.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 HASHED = re.compile(r"^[0-9a-f]{16}$")
@@ -1128,7 +1127,7 @@ def test_a_query_naming_hundreds_of_tables_is_refused_before_duckdb_plans_it(run
 def test_the_corpus_through_the_real_mcp_client_over_stdio(demo_home: Path, audit_path: Path, clear: Clear) -> None:
     """The same attempts, sent by the MCP SDK client to a `lakegate serve` subprocess: what an agent
     sees over the wire is the same refusal or the same governed answer, and every call is audited."""
-    from evals.mcp_client import connect, text_of
+    from lakegate.evals.mcp_client import connect, text_of
 
     by_principal: dict[str, list[tuple[str, dict[str, Any], Refused | Answers]]] = {}
     for case_id, principal, arguments, expected in CORPUS:

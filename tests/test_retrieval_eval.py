@@ -9,9 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from catalog.warehouse import Warehouse
-from evals.bench_retrieval import LabelledQuery, evaluate, load_queries, mrr, recall_at_k
+from lakegate.catalog.warehouse import Warehouse
+from lakegate.evals.bench_retrieval import LabelledQuery, evaluate, load_queries, mrr, recall_at_k
 
 DATASET = "kb.articles"
 

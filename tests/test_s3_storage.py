@@ -23,18 +23,18 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 import pytest
+from lakegate.catalog.arrow_relations import RELATION_PREFIX
+from lakegate.catalog.definitions import load_definitions
+from lakegate.catalog.demo import build_demo
+from lakegate.catalog.object_store import ObjectStore
+from lakegate.catalog.warehouse import Warehouse
+from lakegate.errors import InvalidQuery, LakegateError, NotFound
+from lakegate.server.app import Runtime, open_runtime
+from lakegate.server.gate.gate import GateOutcome
+from lakegate.server.profile import open_warehouse, sync_policies
+from lakegate.server.settings import Settings, load_settings
 from psycopg import sql
 
-from catalog.arrow_relations import RELATION_PREFIX
-from catalog.definitions import load_definitions
-from catalog.demo import build_demo
-from catalog.object_store import ObjectStore
-from catalog.warehouse import Warehouse
-from server.app import Runtime, open_runtime
-from server.errors import InvalidQuery, LakegateError, NotFound
-from server.gate import GateOutcome
-from server.profile import open_warehouse, sync_policies
-from server.settings import Settings, load_settings
 from tests.conftest import gate_call, gate_ok
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,15 +13,14 @@ from typing import Any
 
 import anyio
 import pytest
-
-from catalog.document_search import CLASSIFICATIONS, RRF_K, rrf_fuse, sql_string
-from catalog.warehouse import Warehouse
-from evals.mcp_client import connect, text_of
-from server.app import Runtime, open_runtime
-from server.errors import InvalidArgument, NotFound, PolicyDenied
-from server.gate import GateOutcome
-from server.identity import CallOrigin, stdio_principal
-from server.settings import load_settings
+from lakegate.catalog.document_search import CLASSIFICATIONS, RRF_K, rrf_fuse, sql_string
+from lakegate.catalog.warehouse import Warehouse
+from lakegate.errors import InvalidArgument, NotFound, PolicyDenied
+from lakegate.evals.mcp_client import connect, text_of
+from lakegate.server.app import Runtime, open_runtime
+from lakegate.server.gate.gate import GateOutcome
+from lakegate.server.gate.identity import CallOrigin, stdio_principal
+from lakegate.server.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "kb.articles"

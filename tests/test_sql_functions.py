@@ -14,8 +14,7 @@ import os
 from pathlib import Path
 
 import duckdb
-
-from policies.sql_guard import function_allowed
+from lakegate.policies.sql_guard import function_allowed
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "sql_functions.txt"
 

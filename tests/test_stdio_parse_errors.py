@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from lakegate.evals.mcp_client import REPO, server_params
+from lakegate.server.audit.log import read_records, verify
+from lakegate.server.transports.stdio_guard import MAX_LOGGED_LINE, check_line, logged_prefix, scan_envelope
 from mcp.types import INVALID_REQUEST, LATEST_PROTOCOL_VERSION, PARSE_ERROR
-
-from evals.mcp_client import REPO, server_params
-from server.audit import read_records, verify
-from server.stdio_guard import MAX_LOGGED_LINE, check_line, logged_prefix, scan_envelope
 
 
 def nested(levels: int) -> str:
@@ -109,7 +108,7 @@ def test_logged_prefix_is_short_and_stops_before_arguments_and_sensitive_keys() 
 def test_claimed_stdin_serves_the_wire_and_gives_fd_0_eof() -> None:
     script = (
         "import os\n"
-        "from server.stdio_guard import claimed_stdin\n"
+        "from lakegate.server.transports.stdio_guard import claimed_stdin\n"
         "with claimed_stdin() as wire:\n"
         "    print(repr(os.read(0, 10)), repr(wire.readline()))\n"
     )

@@ -9,11 +9,10 @@ from typing import Any
 import anyio
 import jsonschema
 import pytest
+from lakegate.evals.mcp_client import connect, text_of
+from lakegate.server.audit.log import read_records, verify
+from lakegate.server.audit.refusals import is_listing
 from mcp.shared.exceptions import MCPError
-
-from evals.mcp_client import connect, text_of
-from server.audit import read_records, verify
-from server.refusals import is_listing
 
 
 def run(fn: Any, *args: Any) -> Any:
@@ -26,8 +25,14 @@ def test_analyst_sees_catalog_tools_and_its_datasets(demo_home: Path, audit_path
             assert client.instructions and "list_datasets" in client.instructions
             tools = {tool.name: tool for tool in (await client.list_tools()).tools}
             assert set(tools) == {
-                "list_datasets", "describe_dataset", "search_catalog", "query", "list_metrics", "describe_metric",
-                "query_metrics", "explain_access",
+                "list_datasets",
+                "describe_dataset",
+                "search_catalog",
+                "query",
+                "list_metrics",
+                "describe_metric",
+                "query_metrics",
+                "explain_access",
             }
             assert all(tool.annotations and tool.annotations.read_only_hint for tool in tools.values())
 

@@ -14,10 +14,9 @@ from typing import Any
 
 import anyio
 import pytest
-
-from evals.mcp_client import connect
-from server.app import INSTRUCTIONS, mcp_tool
-from tools import ALL_TOOLS, ToolName
+from lakegate.evals.mcp_client import connect
+from lakegate.server.app import INSTRUCTIONS, mcp_tool
+from lakegate.tools import ALL_TOOLS, ToolName
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "tools.json"
 #: Rough token count (4 characters a token) an agent pays per description, every conversation.

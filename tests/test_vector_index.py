@@ -12,8 +12,13 @@ from pathlib import Path
 import lancedb
 import numpy as np
 import pyarrow as pa
-
-from catalog.vector_index import SearchParams, build_vector_index, has_vector_index, index_params, with_search_params
+from lakegate.catalog.vector_index import (
+    SearchParams,
+    build_vector_index,
+    has_vector_index,
+    index_params,
+    with_search_params,
+)
 
 ROWS = 20_000
 DIM = 384

@@ -16,6 +16,16 @@ from typing import Any
 import anyio
 import pyarrow as pa
 import pytest
+from lakegate.catalog.iceberg_writes import PreparedAppend, commit_append, prepare_append
+from lakegate.catalog.warehouse import Warehouse
+from lakegate.errors import LimitExceeded
+from lakegate.evals.mcp_client import connect, text_of
+from lakegate.server.app import Runtime, open_runtime
+from lakegate.server.audit.log import read_records, verify
+from lakegate.server.audit.refusals import is_listing
+from lakegate.server.gate.gate import GateOutcome
+from lakegate.server.gate.identity import CallOrigin, stdio_principal
+from lakegate.server.settings import load_settings
 from pyiceberg.schema import Schema
 from pyiceberg.types import (
     BooleanType,
@@ -27,17 +37,6 @@ from pyiceberg.types import (
     StringType,
     TimestamptzType,
 )
-
-from catalog.iceberg_writes import PreparedAppend, commit_append, prepare_append
-from catalog.warehouse import Warehouse
-from evals.mcp_client import connect, text_of
-from server.app import Runtime, open_runtime
-from server.audit import read_records, verify
-from server.errors import LimitExceeded
-from server.gate import GateOutcome
-from server.identity import CallOrigin, stdio_principal
-from server.refusals import is_listing
-from server.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 TICKETS = "support.tickets"

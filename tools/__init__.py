@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from tools.access import ACCESS_TOOLS
-from tools.base import ToolSpec
-from tools.catalog import CATALOG_TOOLS
-from tools.documents import DOCUMENT_TOOLS
-from tools.metrics import METRIC_TOOLS
-from tools.names import ToolName
-from tools.query import QUERY_TOOLS
-from tools.write import WRITE_TOOLS
+from lakegate.tools.access import ACCESS_TOOLS
+from lakegate.tools.base import ToolSpec
+from lakegate.tools.catalog import CATALOG_TOOLS
+from lakegate.tools.documents import DOCUMENT_TOOLS
+from lakegate.tools.metrics import METRIC_TOOLS
+from lakegate.tools.names import ToolName
+from lakegate.tools.query import QUERY_TOOLS
+from lakegate.tools.write import WRITE_TOOLS
 
 __all__ = ["ALL_TOOLS", "ToolName", "ToolSpec", "tools_by_name"]
 

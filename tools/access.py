@@ -13,17 +13,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from lakegate.catalog.document_search import CLASSIFICATIONS
+from lakegate.catalog.metric_compiler import CompiledQuery, MetricQuery, available_dimensions
+from lakegate.catalog.metric_definitions import SemanticCatalog
+from lakegate.errors import InvalidArgument, NotFound
+from lakegate.policies.explain import MASK_USES, ColumnRuling, SubjectPolicy
+from lakegate.policies.row_filters import RowFilter
+from lakegate.server.gate.scope import CallScope
+from lakegate.tools.base import ToolArgs, ToolResult, ToolSpec
+from lakegate.tools.names import ToolName
 from pydantic import Field
-
-from catalog.document_search import CLASSIFICATIONS
-from catalog.metric_compiler import CompiledQuery, MetricQuery, available_dimensions
-from catalog.metric_definitions import SemanticCatalog
-from policies.explain import MASK_USES, ColumnRuling, SubjectPolicy
-from policies.row_filters import RowFilter
-from server.errors import InvalidArgument, NotFound
-from server.scope import CallScope
-from tools.base import ToolArgs, ToolResult, ToolSpec
-from tools.names import ToolName
 
 __all__ = [
     "ACCESS_TOOLS",

@@ -21,11 +21,10 @@ from functools import cached_property
 from importlib import resources
 from typing import Annotated, Any, Generic, TypeVar
 
+from lakegate.errors import InvalidArgument
+from lakegate.server.gate.scope import CallScope
+from lakegate.tools.names import ToolName
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
-
-from server.errors import InvalidArgument
-from server.scope import CallScope
-from tools.names import ToolName
 
 __all__ = [
     "Page",
@@ -98,7 +97,7 @@ class ToolSpec(Generic[ArgsT, ResultT]):
 
     @cached_property
     def description(self) -> str:
-        text = resources.files("tools").joinpath("descriptions", f"{self.name.value}.md").read_text()
+        text = resources.files("lakegate.tools").joinpath("descriptions", f"{self.name.value}.md").read_text()
         return text.strip()
 
 
@@ -140,9 +139,7 @@ def decode_cursor(cursor: str, args: BaseModel) -> tuple[int, dict[str, Any]]:
     return offset, pinned
 
 
-def paginate(
-    items: Sequence[ItemT], args: PageArgs, scope: CallScope
-) -> tuple[list[ItemT], bool, str | None]:
+def paginate(items: Sequence[ItemT], args: PageArgs, scope: CallScope) -> tuple[list[ItemT], bool, str | None]:
     """Cut one page from `items` within the row and byte budgets; returns (page, truncated, cursor)."""
     start = decode_cursor(args.cursor, args)[0] if args.cursor else 0
     row_budget = min(args.limit, scope.limits.max_rows)

@@ -6,13 +6,12 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import structlog
+from lakegate.catalog.catalog_search import CatalogEntry, rank_entries
+from lakegate.errors import ConfigurationError
+from lakegate.server.gate.scope import CallScope
+from lakegate.tools.base import Page, PageArgs, SnapshotId, ToolArgs, ToolResult, ToolSpec, paginate
+from lakegate.tools.names import ToolName
 from pydantic import Field
-
-from catalog.catalog_search import CatalogEntry, rank_entries
-from server.errors import ConfigurationError
-from server.scope import CallScope
-from tools.base import Page, PageArgs, SnapshotId, ToolArgs, ToolResult, ToolSpec, paginate
-from tools.names import ToolName
 
 log = structlog.get_logger(__name__)
 
@@ -253,7 +252,7 @@ def _candidates(scope: CallScope) -> list[tuple[CatalogMatch, CatalogEntry]]:
 def search_catalog(scope: CallScope, args: SearchCatalogArgs) -> CatalogMatches:
     candidates = _candidates(scope)
     try:
-        from catalog.embedder import get_embedder
+        from lakegate.catalog.embedder import get_embedder
 
         embedder = get_embedder()
         model, embed, embed_query = embedder.model_hash, embedder.embed, embedder.embed_query

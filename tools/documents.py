@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from lakegate.catalog.chunking import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
+from lakegate.catalog.ingest import MAX_DOCUMENT_CHARS, MAX_DOCUMENTS, Document
+from lakegate.server.gate.scope import CallScope
+from lakegate.tools.base import ToolArgs, ToolResult, ToolSpec
+from lakegate.tools.names import ToolName
 from pydantic import Field
-
-from catalog.chunking import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
-from catalog.ingest import MAX_DOCUMENT_CHARS, MAX_DOCUMENTS, Document
-from server.scope import CallScope
-from tools.base import ToolArgs, ToolResult, ToolSpec
-from tools.names import ToolName
 
 __all__ = ["DOCUMENT_TOOLS", "DocumentResults", "render_documents"]
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
+from lakegate.catalog.metric_compiler import DimensionFilter, MetricQuery, available_dimensions
+from lakegate.catalog.metric_definitions import Metric, MetricInput, SemanticCatalog
+from lakegate.server.gate.scope import CallScope
+from lakegate.tools.base import Page, PageArgs, ToolArgs, ToolResult, ToolSpec, paginate
+from lakegate.tools.names import ToolName
+from lakegate.tools.query import GovernedReadArgs, QueryResult, render_query, run_governed
 from pydantic import Field
-
-from catalog.metric_compiler import DimensionFilter, MetricQuery, available_dimensions
-from catalog.metric_definitions import Metric, MetricInput, SemanticCatalog
-from server.scope import CallScope
-from tools.base import Page, PageArgs, ToolArgs, ToolResult, ToolSpec, paginate
-from tools.names import ToolName
-from tools.query import GovernedReadArgs, QueryResult, render_query, run_governed
 
 __all__ = ["METRIC_TOOLS"]
 
@@ -264,7 +263,5 @@ METRIC_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
         describe_metric,
         render_metric_description,
     ),
-    ToolSpec(
-        ToolName.QUERY_METRICS, "Query metrics", QueryMetricsArgs, MetricsResult, query_metrics, render_metrics
-    ),
+    ToolSpec(ToolName.QUERY_METRICS, "Query metrics", QueryMetricsArgs, MetricsResult, query_metrics, render_metrics),
 )

@@ -5,12 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from lakegate.errors import InvalidArgument
+from lakegate.server.gate.scope import CallScope
+from lakegate.tools.base import Page, SnapshotId, ToolArgs, ToolResult, ToolSpec, decode_cursor, encode_cursor
+from lakegate.tools.names import ToolName
 from pydantic import Field
-
-from server.errors import InvalidArgument
-from server.scope import CallScope
-from tools.base import Page, SnapshotId, ToolArgs, ToolResult, ToolSpec, decode_cursor, encode_cursor
-from tools.names import ToolName
 
 __all__ = ["QUERY_TOOLS", "GovernedReadArgs", "QueryResult", "render_query", "run_governed"]
 
@@ -38,7 +37,7 @@ class QueryArgs(GovernedReadArgs):
         min_length=1,
         max_length=100_000,
         description="One read-only SELECT in DuckDB SQL over tables named namespace.table, e.g. "
-        "\"SELECT region, sum(total_amount) FROM sales.orders GROUP BY region\".",
+        '"SELECT region, sum(total_amount) FROM sales.orders GROUP BY region".',
     )
 
 
@@ -78,9 +77,7 @@ def _as_of(table: str, value: int | str) -> int | datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def run_governed(
-    scope: CallScope, sql: str, args: GovernedReadArgs, *, show_rewritten: bool = False
-) -> dict[str, Any]:
+def run_governed(scope: CallScope, sql: str, args: GovernedReadArgs, *, show_rewritten: bool = False) -> dict[str, Any]:
     """Run SQL through the governed path for one page of a tool's result; returns QueryResult fields.
 
     The policy-rewritten SQL is in the result with explain, or always with `show_rewritten`.

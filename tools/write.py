@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from lakegate.server.gate.scope import CallScope
+from lakegate.tools.base import SnapshotId, ToolArgs, ToolResult, ToolSpec
+from lakegate.tools.names import ToolName
 from pydantic import Field
-
-from server.scope import CallScope
-from tools.base import SnapshotId, ToolArgs, ToolResult, ToolSpec
-from tools.names import ToolName
 
 __all__ = ["WRITE_TOOLS"]
 

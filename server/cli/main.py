@@ -1,0 +1,213 @@
+"""The `lakegate` command line: init, demo, serve, audit, metrics, ingest."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import anyio
+import click
+from lakegate.errors import LakegateError
+from lakegate.server.cli.audit_commands import audit
+from lakegate.server.cli.context import command_settings as _settings
+from lakegate.server.cli.eval_commands import eval_command
+from lakegate.server.cli.ingest_commands import ingest
+from lakegate.server.cli.metrics_commands import metrics
+from lakegate.server.cli.policy_commands import policy
+from lakegate.server.cli.profile_commands import profile
+from lakegate.server.cli.token_command import token
+from lakegate.server.settings import CONFIG_FILE, Settings
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+__all__ = ["main"]
+
+err = Console(stderr=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--project",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="LAKEGATE_PROJECT",
+    default=None,
+    help="Project directory (lakegate.toml, policies/, catalog/). Default: $LAKEGATE_PROJECT or the current directory.",
+)
+@click.version_option(package_name="lakegate")
+@click.pass_context
+def cli(ctx: click.Context, project: Path | None) -> None:
+    """lakegate: a governed MCP server over Iceberg tables and Lance datasets.
+
+    \b
+    Quick start (embedded, nothing to install beyond this package):
+      lakegate demo                      build the demo warehouse in ./.lakegate
+      lakegate serve --principal analyst serve MCP over stdio as 'analyst'
+      lakegate audit verify              check the audit log's hash chain
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["project"] = project
+
+    if ctx.invoked_subcommand == "audit":
+        ctx.obj["audit_path"] = _settings(ctx).audit_path
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite files that already exist.")
+def init(directory: Path, force: bool) -> None:
+    """Write the default policies, catalog definitions and lakegate.toml into DIRECTORY to edit."""
+    files = {
+        Path(CONFIG_FILE): resources.files("lakegate.server").joinpath("default_lakegate.toml"),
+        Path("policies/model.conf"): resources.files("lakegate.policies").joinpath("model.conf"),
+        Path("policies/policy.csv"): resources.files("lakegate.policies").joinpath("policy.csv"),
+        Path("policies/row_filters.yaml"): resources.files("lakegate.policies").joinpath("row_filters.yaml"),
+        Path("catalog/datasets.yaml"): resources.files("lakegate.catalog").joinpath("datasets.yaml"),
+    }
+    for relative, source in files.items():
+        target = directory / relative
+        if target.exists() and not force:
+            err.print(f"kept   {target} (exists; --force overwrites)")
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with resources.as_file(source) as path:
+            shutil.copyfile(path, target)
+        err.print(f"wrote  {target}")
+    gitignore = directory / ".gitignore"
+    if not gitignore.exists():
+        gitignore.write_text(".lakegate/\n")
+    err.print(f"Next: cd {directory} && lakegate serve --principal analyst")
+
+
+def _build_demo(settings: Settings, scale: str) -> None:
+    from lakegate.catalog.definitions import load_definitions
+    from lakegate.catalog.demo import build_demo
+    from lakegate.server.profile import open_warehouse
+
+    warehouse = open_warehouse(settings)  # in the production profile, the catalog is in PostgreSQL
+    try:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=False,
+        ) as progress:
+            tasks: dict[str, Any] = {}
+
+            def report(step: str, done: int, total: int) -> None:
+                if step not in tasks:
+                    tasks[step] = progress.add_task(step, total=total)
+                progress.update(tasks[step], completed=done, total=total)
+
+            summary = build_demo(warehouse, load_definitions(settings.project), scale, progress=report)  # type: ignore[arg-type]
+    finally:
+        warehouse.close()
+    total = sum(summary.tables.values())
+    datasets = len(summary.tables)
+    err.print(f"demo warehouse ({scale}) built in {summary.seconds:.1f}s: {total:,} rows in {datasets} datasets")
+    err.print(f"state directory: {settings.state_dir}")
+
+
+@cli.command()
+@click.option(
+    "--scale",
+    type=click.Choice(["small", "large"]),
+    default=None,
+    help="small (default, seconds to build) or large (>= 10M orders, for benchmarks).",
+)
+@click.pass_context
+def demo(ctx: click.Context, scale: str | None) -> None:
+    """Build (or rebuild) the demo warehouse in the state directory."""
+    settings = _settings(ctx)
+    _build_demo(settings, scale or settings.demo_scale)
+
+
+@cli.command()
+@click.option(
+    "--principal", default=None, help="Who is calling (stdio). Default: $LAKEGATE_PRINCIPAL or lakegate.toml."
+)
+@click.option("--http", is_flag=True, help="Serve MCP Streamable HTTP at /mcp (bearer tokens) instead of stdio.")
+@click.option("--host", default=None, help="HTTP listen address. Default: $LAKEGATE_HTTP__HOST or 127.0.0.1.")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=None, help="HTTP port. Default: $LAKEGATE_HTTP__PORT or 8765."
+)
+@click.pass_context
+def serve(ctx: click.Context, principal: str | None, http: bool, host: str | None, port: int | None) -> None:
+    """Serve MCP over stdio (or HTTP with --http), building the demo warehouse first if the state
+    directory is empty."""
+    from lakegate.server.app import open_runtime
+    from lakegate.server.logs import configure_logging
+    from lakegate.server.transports.serve import serve_stdio
+
+    if http:
+        if principal is not None:
+            raise click.UsageError("--principal is for stdio; over HTTP each request's bearer token names it.")
+        listen = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
+        _serve_http(_settings(ctx, http=listen or None))
+        return
+    if host is not None or port is not None:
+        raise click.UsageError("--host and --port go with --http.")
+    settings = _settings(ctx, principal=principal)
+    configure_logging(settings.log_level)
+    _ensure_warehouse(settings)
+    runtime = open_runtime(settings)
+    who = settings.principal or "anonymous (no --principal: every call will be denied)"
+    err.print(f"lakegate serving MCP over stdio as {who}; project {settings.project}.")
+    err.print("Connect an MCP client to this process's stdin/stdout; Ctrl-D or closing the client stops it.")
+    try:
+        anyio.run(serve_stdio, runtime, settings.principal)
+    finally:
+        runtime.close()
+
+
+def _ensure_warehouse(settings: Settings) -> None:
+    from lakegate.server.profile import open_warehouse
+
+    probe = open_warehouse(settings)
+    empty = probe.is_empty()
+    probe.close()
+    if empty:
+        err.print("The state directory is empty: building the demo warehouse first.")
+        _build_demo(settings, settings.demo_scale)
+
+
+def _serve_http(settings: Settings) -> None:
+    from lakegate.server.app import open_runtime
+    from lakegate.server.logs import configure_logging
+    from lakegate.server.transports.http_auth import JwtVerifier, resource_url
+    from lakegate.server.transports.serve import serve_http
+
+    configure_logging(settings.log_level)
+    verifier = JwtVerifier(settings)  # refuse to start without keys, before building anything
+    _ensure_warehouse(settings)
+    runtime = open_runtime(settings)
+    err.print(f"lakegate serving MCP Streamable HTTP at {resource_url(settings)}; project {settings.project}.")
+    err.print(
+        f"Bearer tokens: {', '.join(verifier.algorithms)}, issuer {verifier.issuer}, audience {verifier.audience}. "
+        "Ctrl-C stops it."
+    )
+    try:
+        serve_http(runtime)
+    finally:
+        runtime.close()
+
+
+cli.add_command(audit)
+cli.add_command(metrics)
+cli.add_command(policy)
+cli.add_command(profile)
+cli.add_command(ingest)
+cli.add_command(token)
+cli.add_command(eval_command)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except LakegateError as exc:
+        err.print(f"error: {exc}")
+        sys.exit(1)

@@ -1,0 +1,320 @@
+"""The one choke point: principal -> Casbin decision -> run -> audit record -> result.
+
+Every tool call, whatever the transport, goes through `Gate.call`:
+1. the tool-level decision (`tool:<name>`, action `call`); deny by default;
+2. argument validation against the tool's model (bad arguments are audited too);
+3. the handler, in a worker thread, with a `CallScope` that takes a decision on every resource;
+4. the audit record, written before anything is returned; if it cannot be written, the call fails
+   and no data leaves the server (fail closed);
+5. the result, or an MCP tool error whose text tells the agent what to do instead.
+
+A listing (`tools/list`, `resources/list`, ...) is audited too, through `Gate.audit_listing`, and
+fails closed the same way: no record, no list.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import structlog
+from lakegate.catalog.definitions import CatalogDefinitions
+from lakegate.catalog.metric_definitions import SemanticCatalog
+from lakegate.catalog.warehouse import Warehouse
+from lakegate.errors import (
+    AuditWriteError,
+    Cancelled,
+    ClientError,
+    InvalidArgument,
+    LakegateError,
+    NotFound,
+    PolicyDenied,
+    ServerError,
+)
+from lakegate.policies.enforcer import PolicyEnforcer
+from lakegate.server.audit.log import AuditLog
+from lakegate.server.audit.redaction import KEY_FILE, AuditKey, audit_arguments, loggable, redact_arguments
+from lakegate.server.audit.refusals import listing_record
+from lakegate.server.gate.identity import CallOrigin, Principal
+from lakegate.server.gate.scope import CallScope, ProgressFn
+from lakegate.server.settings import Settings
+from lakegate.tools.base import ToolSpec
+from mcp.types import CallToolResult, TextContent
+from pydantic import BaseModel, ValidationError
+
+__all__ = ["Gate", "GateOutcome", "redact_arguments", "to_call_result"]
+
+log = structlog.get_logger(__name__)
+
+MAX_TOOL_NAME = 64
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    """What a call produced, before it is turned into an MCP result."""
+
+    result: BaseModel | None
+    text: str
+    error: LakegateError | None
+    record: dict[str, Any] | None
+    #: The result as JSON, serialised once: its size goes to the audit record, its content to the client.
+    payload: str = ""
+
+
+def _validation_message(tool: str, exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(part) for part in error["loc"]) or "arguments"
+        problems.append(f"{where}: {error['msg']}")
+    return f"Invalid arguments for {tool}: " + "; ".join(problems) + "."
+
+
+class Gate:
+    def __init__(
+        self,
+        settings: Settings,
+        enforcer: PolicyEnforcer,
+        warehouse: Warehouse,
+        definitions: CatalogDefinitions,
+        audit: AuditLog,
+        tools: Mapping[str, ToolSpec[Any, Any]],
+        semantic: SemanticCatalog | None = None,
+    ) -> None:
+        self.settings = settings
+        self.enforcer = enforcer
+        self.warehouse = warehouse
+        self.definitions = definitions
+        self.audit = audit
+        self.tools = dict(tools)
+        self.semantic = semantic
+        # Keys the hashes of redacted argument values; read (or created) when first needed.
+        self.audit_key = AuditKey(settings.state_dir / KEY_FILE)
+
+    def visible_tools(self, principal: Principal) -> list[ToolSpec[Any, Any]]:
+        """The tools this principal may call: an agent is not shown what it cannot use."""
+        return [
+            spec
+            for name, spec in self.tools.items()
+            if self.enforcer.decide(principal.name, f"tool:{name}", "call").allowed
+        ]
+
+    async def audit_listing(
+        self, method: str, principal: Principal, origin: CallOrigin, *, listed: int, payload_bytes: int, started: float
+    ) -> dict[str, Any]:
+        """Write the audit record of one listing (`tools/list`, ...) and return it as written.
+
+        The listing must not be answered when this raises: no record, no list (fail closed).
+
+        Raises:
+            AuditWriteError: the record could not be written.
+        """
+        record = listing_record(
+            method=method,
+            request_id=origin.request_id,
+            session_id=origin.session_id,
+            principal=principal.name,
+            roles=principal.roles,
+            authenticated_by=principal.authenticated_by,
+            transport=origin.transport,
+            client={"name": origin.client_name, "version": origin.client_version},
+            policy_version=self.enforcer.version,
+            listed=listed,
+            payload_bytes=payload_bytes,
+            duration_s=time.perf_counter() - started,
+        )
+        try:
+            # As for a call: off the event loop, and a cancel does not separate a listing from its record.
+            with anyio.CancelScope(shield=True):
+                written: dict[str, Any] = await anyio.to_thread.run_sync(self.audit.append, record)
+        except AuditWriteError as exc:
+            log.error("audit.write_failed", tool=method, error=repr(exc.__cause__))
+            raise
+        return written
+
+    def scope(self, principal: Principal, progress: ProgressFn | None = None) -> CallScope:
+        return CallScope(
+            principal, self.enforcer, self.warehouse, self.definitions, self.settings, progress, self.semantic
+        )
+
+    async def call(
+        self,
+        tool_name: str,
+        arguments: Mapping[str, Any] | None,
+        principal: Principal,
+        origin: CallOrigin,
+        progress: ProgressFn | None = None,
+    ) -> GateOutcome:
+        """Run one tool call through the gate. Never raises: failures become the outcome's error."""
+        started = time.perf_counter()
+        arguments = dict(arguments or {})
+        scope = self.scope(principal, progress)
+        result: BaseModel | None = None
+        text = ""
+        payload = ""
+        error: LakegateError | None = None
+        tool_name = loggable(tool_name)
+        tool_decision = scope.decide(f"tool:{tool_name[:MAX_TOOL_NAME]}", "call")
+        scope.record("tool", tool_name[:MAX_TOOL_NAME], "call" if tool_decision.allowed else "denied")
+        try:
+            spec = self.tools.get(tool_name)
+            if not tool_decision.allowed:
+                if spec is None:
+                    raise NotFound(
+                        f"There is no tool named '{tool_name[:MAX_TOOL_NAME]}'.",
+                        hint="List the tools to see the ones you can use.",
+                    )
+                raise PolicyDenied(
+                    f"Principal '{principal.name}' may not call {tool_name} ({tool_decision.rule_text}).",
+                    hint="Use one of the tools you were listed, or ask a data steward for access.",
+                    rule=list(tool_decision.rule),
+                )
+            if spec is None:
+                raise NotFound(f"There is no tool named '{tool_name[:MAX_TOOL_NAME]}'.")
+            try:
+                args = spec.args.model_validate(arguments)
+            except ValidationError as exc:
+                raise InvalidArgument(
+                    _validation_message(tool_name, exc),
+                    hint="Check the tool's input schema and call it again.",
+                ) from exc
+            produced = await _run_handler(spec, scope, args)
+            text = spec.render(produced)
+            payload = produced.model_dump_json()
+            result = produced
+        except anyio.get_cancelled_exc_class():
+            # The client cancelled: the handler was interrupted; the call is still audited.
+            with anyio.CancelScope(shield=True):
+                try:
+                    record = self._record(
+                        tool_name, arguments, principal, origin, scope, tool_decision.allowed, 0, Cancelled(), started
+                    )
+                    await anyio.to_thread.run_sync(self.audit.append, record)
+                except AuditWriteError as exc:
+                    log.error("audit.write_failed", tool=tool_name, error=repr(exc.__cause__))
+            raise
+        except ClientError as exc:
+            error = exc
+        except ServerError as exc:
+            log.error("tool.server_error", tool=tool_name, error=repr(exc), cause=repr(exc.__cause__))
+            error = exc
+        except Exception as exc:
+            log.exception("tool.unexpected_error", tool=tool_name)
+            error = ServerError(f"{type(exc).__name__}: {exc}")
+
+        try:
+            # Building the record may fail too (the redaction key cannot be read): fail closed as well.
+            record = self._record(
+                tool_name, arguments, principal, origin, scope, tool_decision.allowed, len(payload), error, started
+            )
+            # Off the event loop: an fsync, or a round trip to PostgreSQL in the production profile,
+            # must not stall the other sessions this process serves. Shielded: once the call has
+            # run, a cancel must not separate it from its record.
+            with anyio.CancelScope(shield=True):
+                written = await anyio.to_thread.run_sync(self.audit.append, record)
+        except AuditWriteError as exc:
+            log.error("audit.write_failed", tool=tool_name, error=repr(exc.__cause__))
+            return GateOutcome(None, "", exc, None)
+        if error is not None:
+            return GateOutcome(None, text, error, written)
+        return GateOutcome(result, text, None, written, payload)
+
+    def _record(
+        self,
+        tool_name: str,
+        arguments: Mapping[str, Any],
+        principal: Principal,
+        origin: CallOrigin,
+        scope: CallScope,
+        tool_allowed: bool,
+        payload_bytes: int,
+        error: LakegateError | None,
+        started: float,
+    ) -> dict[str, Any]:
+        accesses = {touched.access for touched in scope.touched}
+        # A dataset (or metric) the caller may not read is refused with NotFound, so that the agent
+        # cannot tell it from a missing one; the record, read by reviewers and never by the agent,
+        # says what the policy did. The tool's own entry is left out: an unknown tool is really missing.
+        refused_resource = any(t.access == "denied" and t.type != "tool" for t in scope.touched)
+        if not tool_allowed or isinstance(error, PolicyDenied) or refused_resource:
+            decision = "deny"
+        elif accesses & {"masked", "hidden", "filtered"}:
+            decision = "partial"
+        else:
+            decision = "allow"
+        if error is None:
+            outcome = "ok"
+        elif refused_resource and isinstance(error, NotFound):
+            outcome = PolicyDenied.outcome
+        else:
+            outcome = error.outcome
+        return {
+            "request_id": origin.request_id,
+            "session_id": origin.session_id,
+            "principal": principal.name,
+            "roles": list(principal.roles),
+            "authenticated_by": principal.authenticated_by,
+            "transport": origin.transport,
+            "client": {"name": origin.client_name, "version": origin.client_version},
+            "tool": tool_name[:MAX_TOOL_NAME],
+            "arguments": audit_arguments(
+                tool_name,
+                arguments,
+                self.enforcer.redaction,
+                self.audit_key,
+                definitions=self.definitions,
+                semantic=self.semantic,
+                extra_names=self.settings.audit.sensitive_arguments,
+            ),
+            "decision": decision,
+            "rules": [list(rule) for rule in scope.rules],
+            "policy_version": self.enforcer.version,
+            "resources": [touched.as_record() for touched in scope.touched],
+            "rows": scope.rows if error is None else 0,
+            "bytes": payload_bytes if error is None else 0,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            "outcome": outcome,
+            "error": None if error is None else _public_message(error),
+            **({"details": scope.details} if scope.details else {}),
+        }
+
+
+async def _run_handler(spec: ToolSpec[Any, Any], scope: CallScope, args: BaseModel) -> BaseModel:
+    """Run a handler in a worker thread.
+
+    A read-only call that the client cancels stops at once: the scope interrupts its query, and the
+    gate audits the call as cancelled. A write is never abandoned half-way: it runs to its end
+    shielded from cancellation, so that its audit record says what really happened to the table.
+    """
+    if not spec.read_only:
+        with anyio.CancelScope(shield=True):
+            written: BaseModel = await anyio.to_thread.run_sync(spec.handler, scope, args)
+        return written
+    try:
+        # abandon_on_cancel: cancellation reaches this await at once, instead of after the thread.
+        produced: BaseModel = await anyio.to_thread.run_sync(spec.handler, scope, args, abandon_on_cancel=True)
+    except anyio.get_cancelled_exc_class():
+        scope.cancel()
+        raise
+    return produced
+
+
+def _public_message(error: LakegateError) -> str:
+    if isinstance(error, ServerError):
+        return type(error).public_message
+    return str(error)
+
+
+def to_call_result(outcome: GateOutcome) -> CallToolResult:
+    """The MCP result for a gate outcome: structured content plus its compact text, or a tool error."""
+    if outcome.error is not None:
+        message = _public_message(outcome.error)
+        if isinstance(outcome.error, ServerError) and outcome.record is not None:
+            message += f" Reference: request {outcome.record['request_id']}."
+        return CallToolResult(content=[TextContent(type="text", text=message)], is_error=True)
+    structured = json.loads(outcome.payload)
+    return CallToolResult(content=[TextContent(type="text", text=outcome.text)], structured_content=structured)

@@ -1,0 +1,320 @@
+"""One governed SQL query, from the agent's text to a page of rows.
+
+    parse (guard) -> decide each table -> plan each scan (snapshot) -> decide each column
+    -> resolve the columns read (refuse hidden ones) -> build governed scans (masks, row filters)
+    -> rewrite -> run in a query worker's sandbox -> a page of JSON rows
+
+Every decision goes through the caller's `CallScope`, and everything the audit record needs (the
+original and rewritten SQL, the snapshot of each table read, the columns read with their access,
+the row filters applied) is noted on it.
+
+The engine gets the rewritten SQL with a placeholder for each table and, for each placeholder, the
+planned files and the columns its governed scan needs (visible and row-filter columns, never a
+hidden one): nothing else is readable in its sandbox. The tables the audit record says were read
+are the ones the engine reports it scanned; a scan the guard did not expect fails the call.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import secrets
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from lakegate.catalog.arrow_relations import TableSource
+from lakegate.catalog.iceberg_scan import ScanPlan
+from lakegate.errors import ConfigurationError, GovernanceViolation, LimitExceeded, NotFound
+from lakegate.policies.columns import ColumnAccess
+from lakegate.policies.masks import mask_macro_name
+from lakegate.policies.row_filters import RowFilter
+from lakegate.policies.sql_guard import (
+    GuardedQuery,
+    InvalidQuery,
+    TableColumns,
+    page,
+    parse_query,
+    resolve_columns,
+    rewrite,
+)
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from lakegate.server.gate.scope import CallScope
+
+__all__ = ["QueryPage", "json_value", "run_query"]
+
+MAX_SAFE_INTEGER = 2**53 - 1
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class QueryPage:
+    """One page of a governed query's result (or its plan, for explain)."""
+
+    columns: list[tuple[str, str]]  # (name, type)
+    rows: list[list[Any]]  # JSON-ready values
+    offset: int
+    more: bool  # rows exist past this page
+    snapshots: dict[str, int | None]  # table -> snapshot id read
+    rewritten_sql: str
+    masked: dict[str, str]  # "table.column" -> mask method, for the columns the query read
+    row_filters: dict[str, list[str]]  # table -> predicates applied
+    ordered: bool
+    plan: str | None = None
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def governed_scan(plan: ScanPlan, accesses: Mapping[str, ColumnAccess], filters: list[RowFilter], source: str) -> str:
+    """The SELECT a table reference becomes: visible columns (masked where policy says), filtered rows.
+
+    `source` is what the scan reads from: a placeholder name, replaced by `scan_source(plan)` in the
+    rewritten SQL.
+
+    Raises:
+        ConfigurationError: a row filter names a column the table does not have (fail closed).
+    """
+    names = {column.name.lower() for column in plan.columns}
+    for row_filter in filters:
+        unknown = row_filter.columns() - names
+        if unknown:
+            raise ConfigurationError(
+                f"row filter {row_filter.where!r} on {plan.table} for {row_filter.subject} names unknown "
+                f"column(s) {sorted(unknown)}; every query of {plan.table} is refused until it is fixed"
+            )
+    selected = []
+    for column in plan.columns:
+        access = accesses[column.name]
+        if access.access == "hidden":
+            continue
+        if access.access == "masked" and access.mask is not None:
+            selected.append(f"{mask_macro_name(access.mask)}({_quote(column.name)}) AS {_quote(column.name)}")
+        else:
+            selected.append(_quote(column.name))
+    if not selected:
+        raise NotFound(f"No column of {plan.table} is visible to you.", hint="Call list_datasets.")
+    where = " AND ".join(f"({row_filter.sql()})" for row_filter in filters)
+    return f"SELECT {', '.join(selected)} FROM {_quote(source)}" + (f" WHERE {where}" if where else "")
+
+
+def table_source(plan: ScanPlan, accesses: Mapping[str, ColumnAccess], filters: list[RowFilter]) -> TableSource:
+    """What the engine may read of a table for one call: its planned files, and of its columns only
+    those the governed scan needs (the visible ones, and those a row filter reads)."""
+    filtered = {column for row_filter in filters for column in row_filter.columns()}
+    return plan.source({c.name for c in plan.columns if accesses[c.name].visible or c.name.lower() in filtered})
+
+
+def _substitute(template: str, sources: Mapping[str, str]) -> str:
+    for placeholder, source in sources.items():
+        template = template.replace(f'"{placeholder}"', source)
+    return template
+
+
+_ESTIMATE = re.compile(r"~[\d,.]+\s*rows?", re.IGNORECASE)
+
+
+def _without_estimates(plan: str) -> str:
+    """DuckDB's plan without its row estimates: those are made before row filters apply."""
+    return _ESTIMATE.sub("", plan)
+
+
+def _lance_refusal(name: str) -> InvalidQuery:
+    return InvalidQuery(
+        f"{name} is a Lance dataset of documents, not a table SQL can read.",
+        hint="Query Iceberg tables with SQL; list_datasets shows each dataset's kind.",
+    )
+
+
+def run_query(
+    scope: CallScope,
+    sql: str,
+    *,
+    as_of: Mapping[str, int | datetime],
+    offset: int,
+    count: int,
+    explain: bool = False,
+) -> QueryPage:
+    """Run one governed query as the scope's principal and return one page of it.
+
+    Raises:
+        InvalidQuery: the SQL is not an acceptable read-only query, or DuckDB rejects it.
+        NotFound: a table or snapshot does not exist or is not visible to the caller.
+        PolicyDenied: the query reads a column hidden from the caller.
+        LimitExceeded: the query ran out of time or memory, or one row exceeds the byte budget.
+        ConfigurationError, BackendError: lakegate's own failures (details go to the log).
+    """
+    settings = scope.settings.query
+    query = parse_query(sql, max_chars=settings.max_sql_chars)
+    unknown = sorted(set(as_of) - set(query.tables))
+    if unknown:
+        raise InvalidQuery(
+            f"as_of names {', '.join(unknown)}, which the query does not read.",
+            hint="Key as_of by the tables named in the SQL (namespace.table).",
+        )
+    plans: dict[str, ScanPlan] = {}
+    accesses: dict[str, dict[str, ColumnAccess]] = {}
+    for name in query.tables:
+        scope.require_dataset(name)
+        try:
+            plans[name] = scope.plan_scan(name, as_of.get(name))
+        except NotFound:
+            # Not an Iceberg table: say so if it is a Lance dataset (the caller may read it).
+            if scope.dataset_kind(name) == "lance":
+                raise _lance_refusal(name) from None
+            raise
+        columns = [column.name for column in plans[name].columns]
+        accesses[name] = dict(zip(columns, scope.columns(name, columns), strict=True))
+
+    tables = {
+        name: TableColumns(
+            types={c.name.lower(): c.duckdb_type for c in plans[name].columns if accesses[name][c.name].visible},
+            hidden=frozenset(c.name.lower() for c in plans[name].columns if not accesses[name][c.name].visible),
+        )
+        for name in query.tables
+    }
+    read = resolve_columns(query, tables)
+    masked: dict[str, str] = {}
+    filters: dict[str, list[RowFilter]] = {}
+    scans: dict[str, str] = {}
+    # Placeholders for the tables' relations, unguessable so that no agent text can collide with one.
+    placeholders = {f"lakegate_source_{secrets.token_hex(8)}": name for name in query.tables}
+    sources: dict[str, TableSource] = {}
+    for placeholder, name in placeholders.items():
+        by_lower = {column.lower(): access for column, access in accesses[name].items()}
+        for column in sorted(read[name]):
+            access = by_lower[column]
+            scope.record("column", access.column, "masked" if access.access == "masked" else "read")
+            if access.mask:
+                masked[access.column] = access.mask
+        filters[name] = scope.row_filters(name)
+        scans[name] = governed_scan(plans[name], accesses[name], filters[name], placeholder)
+        sources[placeholder] = table_source(plans[name], accesses[name], filters[name])
+    template = rewrite(query, scans)
+    # What the audit record and explain show: each table's relation named by the snapshot it is,
+    # so that records stay small and nothing of the server's files reaches the agent.
+    labels = {p: f'"{name}@{plans[name].snapshot_id}"' for p, name in placeholders.items()}
+    rewritten = _substitute(template, labels)
+    snapshots = {name: plan.snapshot_id for name, plan in plans.items()}
+    applied = {name: [f.sql() for f in found] for name, found in filters.items() if found}
+    scope.details.update(rewritten_sql=rewritten, snapshots=snapshots, row_filters=applied, masked_columns=masked)
+    engine = scope.query_engine()
+    if explain:
+        for name in query.tables:
+            scope.record("dataset", name, "planned", plans[name].snapshot_id)
+        plan = _without_estimates(engine.explain(template, sources))
+        return QueryPage([], [], 0, False, snapshots, rewritten, masked, applied, query.ordered, plan)
+
+    def progress(done: float) -> None:
+        scope.report_progress(round(done, 1), 100.0, "query running (percent done, as DuckDB estimates it)")
+
+    scanned: dict[str, list[str]] = {}
+    try:
+        result = engine.run_page(
+            page(template, offset, count + 1), sources, scope.on_cancel, progress, max_bytes=scope.limits.max_bytes
+        )
+        scanned = _scanned_tables(result.scanned, placeholders, sources)
+    finally:
+        # What the engine says it read; a table it did not scan (the call failed, or the optimiser
+        # dropped it) was only planned.
+        for name in query.tables:
+            read_as = ("filtered" if filters[name] else "read") if name in scanned else "planned"
+            scope.record("dataset", name, read_as, plans[name].snapshot_id)
+        scope.details["scanned"] = scanned
+    assert result.table is not None
+    shown = _page(query, result.table, offset, count, scope.limits.max_bytes, snapshots, rewritten, masked, applied)
+    return shown if result.complete else replace(shown, more=True)
+
+
+def _scanned_tables(
+    scanned: Mapping[str, list[str]], placeholders: Mapping[str, str], sources: Mapping[str, TableSource]
+) -> dict[str, list[str]]:
+    """The engine's own account of what it read, by table: the columns each scan projected.
+
+    Raises:
+        GovernanceViolation: the engine read a relation or a column it was not handed for this
+            call (the guard's analysis and the engine disagree: no data leaves the call).
+    """
+    tables: dict[str, list[str]] = {}
+    for placeholder, columns in scanned.items():
+        if placeholder not in placeholders:
+            raise GovernanceViolation(f"the engine scanned relation {placeholder!r}, which no governed scan names")
+        handed = {column.name for column in sources[placeholder].columns}
+        name = placeholders[placeholder]
+        if not set(columns) <= handed:
+            raise GovernanceViolation(
+                f"the engine read columns of {name} it was not handed: {sorted(set(columns) - handed)}"
+            )
+        tables[name] = sorted(set(tables.get(name, [])) | set(columns))
+    return tables
+
+
+def _page(
+    query: GuardedQuery,
+    table: pa.Table,
+    offset: int,
+    count: int,
+    max_bytes: int,
+    snapshots: dict[str, int | None],
+    rewritten: str,
+    masked: dict[str, str],
+    applied: dict[str, list[str]],
+) -> QueryPage:
+    columns = [(field.name, str(field.type)) for field in table.schema]
+    shown = table.slice(0, count)
+    # Column by column: output names may repeat (SELECT a.id, b.id), which a dict per row would merge.
+    values = [shown.column(i).to_pylist() for i in range(shown.num_columns)]
+    rows: list[list[Any]] = []
+    used = 0
+    for raw in zip(*values, strict=True):
+        row = [json_value(value) for value in raw]
+        size = len(json.dumps(row, separators=(",", ":")))
+        if rows and used + size > max_bytes:
+            break
+        if not rows and size > max_bytes:
+            raise LimitExceeded(
+                f"One row of the result is {size:,} bytes, more than the {max_bytes:,}-byte budget of a call.",
+                hint="Select fewer or shorter columns (e.g. left(text, 200)).",
+            )
+        rows.append(row)
+        used += size
+    more = table.num_rows > len(rows)
+    return QueryPage(columns, rows, offset, more, snapshots, rewritten, masked, applied, query.ordered)
+
+
+def json_value(value: Any) -> Any:
+    """A result value as JSON: exact decimals and huge integers as strings, ISO 8601 times, base64 bytes."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        # Beyond 2^53 a JSON number is rounded by JavaScript clients: send those as strings.
+        return value if abs(value) <= MAX_SAFE_INTEGER else str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return str(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_value(v) for v in value]
+    return str(value)

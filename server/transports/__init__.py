@@ -1,0 +1,1 @@
+"""Transports: stdio (with its parse guard) and Streamable HTTP (auth, metrics)."""
