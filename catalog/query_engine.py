@@ -35,11 +35,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
+
 from lakegate.catalog.arrow_relations import TableSource
 from lakegate.catalog.query_sandbox import SandboxConfig
 from lakegate.catalog.query_worker import Job, WorkerInit
+from lakegate.catalog.settings import QuerySettings, parse_bytes
 from lakegate.errors import BackendError, InvalidArgument, LakegateError, LimitExceeded
-from lakegate.server.settings import QuerySettings, parse_bytes
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -232,9 +233,11 @@ class QueryEngine:
         on_cancel: OnCancel | None = None,
         on_progress: OnProgress | None = None,
         max_bytes: int | None = None,
+        masks: Mapping[str, str] | None = None,
     ) -> EngineResult:
         """Run one statement and return its result as Arrow (with `max_bytes`, reading stops once the
-        rows read hold more than that many bytes: the caller can only return so much).
+        rows read hold more than that many bytes: the caller can only return so much). `masks` maps
+        the statement's name of each mask function to its method (see governed_scan).
 
         Raises:
             LimitExceeded: the query ran past the time limit or out of memory, or one row is far
@@ -242,7 +245,9 @@ class QueryEngine:
             InvalidArgument: DuckDB rejected the SQL (binder, type or conversion errors: the message says why).
             BackendError: anything else went wrong in DuckDB or the worker.
         """
-        job = Job(sql, dict(sources), False, self.settings.timeout_s, max_bytes, on_progress is not None)
+        job = Job(
+            sql, dict(sources), False, self.settings.timeout_s, max_bytes, on_progress is not None, dict(masks or {})
+        )
         header, payload = self._call(job, on_cancel, on_progress)
         import pyarrow as pa
 
@@ -250,14 +255,15 @@ class QueryEngine:
         scanned = {str(tag): [str(c) for c in columns] for tag, columns in header.get("scanned", {}).items()}
         return EngineResult(table, bool(header["complete"]), scanned)
 
-    def explain(self, sql: str, sources: Mapping[str, TableSource]) -> str:
+    def explain(self, sql: str, sources: Mapping[str, TableSource], masks: Mapping[str, str] | None = None) -> str:
         """DuckDB's physical plan for `sql`, without running it.
 
         Raises:
             InvalidArgument: DuckDB cannot plan the SQL.
             BackendError: anything else went wrong in DuckDB or the worker.
         """
-        header, _ = self._call(Job(sql, dict(sources), True, self.settings.timeout_s, None, False), None, None)
+        job = Job(sql, dict(sources), True, self.settings.timeout_s, None, False, dict(masks or {}))
+        header, _ = self._call(job, None, None)
         return str(header["plan"])
 
     def _call(

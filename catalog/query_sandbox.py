@@ -22,7 +22,8 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lakegate.policies.masks import KEYED_HASH_FUNCTION, MACRO_PREFIX, keyed_hash, mask_macros
+from lakegate.policies.columns import MASK_METHODS
+from lakegate.policies.masks import KEYED_HASH_FUNCTION, MACRO_PREFIX, keyed_hash, mask_macro_name, mask_macros
 from lakegate.policies.sql_functions import TABLE_FUNCTIONS, function_allowed
 
 if TYPE_CHECKING:
@@ -51,6 +52,13 @@ class SandboxConfig:
     spill_dir: str
     spill_limit: str
     hash_key: str  # keys the hash mask; never leaves the worker's Python side
+    # Appended to the mask macros' names: each worker draws its own, so that no text of a query
+    # can name a mask (the governed scans name them by per-call names the worker maps to these).
+    mask_suffix: str = ""
+
+    def mask_functions(self) -> dict[str, str]:
+        """The name of each mask method's macro in this sandbox."""
+        return {method: f"{mask_macro_name(method)}{self.mask_suffix}" for method in MASK_METHODS}
 
 
 class SandboxRefusal(Exception):
@@ -85,7 +93,7 @@ def open_sandbox(config: SandboxConfig) -> duckdb.DuckDBPyConnection:
         type=PythonUDFType.ARROW,
         null_handling=FunctionNullHandling.SPECIAL,
     )
-    for statement in mask_macros(hash_function):
+    for statement in mask_macros(hash_function, config.mask_suffix):
         connection.execute(statement)
     for setting in (
         "SET TimeZone = 'UTC'",
@@ -121,14 +129,17 @@ def require_one_select(connection: duckdb.DuckDBPyConnection, sql: str) -> None:
         raise SandboxRefusal(f"refused to run SQL that DuckDB reads as [{kinds}], not one SELECT")
 
 
-def require_allowed(connection: duckdb.DuckDBPyConnection, sql: str, relations: Collection[str]) -> None:
+def require_allowed(
+    connection: duckdb.DuckDBPyConnection, sql: str, relations: Collection[str], masks: Collection[str]
+) -> None:
     """Check DuckDB's own parse of `sql` against what governed SQL may hold, before it runs.
 
     The SQL guard decided on sqlglot's reading of the agent's query; this is DuckDB's reading of the
     statement that will run, so that text the two parsers read differently cannot call what the
     guard refuses. Every function must be one an agent may call (policies/sql_functions.py); a mask
-    macro may only be applied to a column (a literal would make it a hash oracle); table functions
-    only generate rows; and every table named must be a relation registered for this call or a CTE.
+    must be one of this sandbox's `masks`, applied to a column; table functions only generate rows;
+    and every table named must be a relation registered for this call or a CTE in scope where it
+    is named (DuckDB looks any other name up in its catalog: pg_settings, duckdb_views, ...).
 
     Raises:
         SandboxRefusal: the statement holds something else (the message says what).
@@ -139,15 +150,17 @@ def require_allowed(connection: duckdb.DuckDBPyConnection, sql: str, relations: 
     tree = json.loads(rows[0][0]) if rows else {"error": True}
     if tree.get("error"):
         raise SandboxRefusal("DuckDB cannot parse the statement to check it")
-    known = {name.lower() for name in (*relations, *_cte_names(tree))}
-    for node in _nodes(tree):
+    registered = {name.lower() for name in relations}
+    own_masks = {name.lower() for name in masks}
+    for node, ctes in _nodes_in_scope(tree):
         kind = node.get("class") or node.get("type")
         if kind == "FUNCTION":
             name = str(node.get("function_name", "")).lower()
             if name.startswith(MASK_PREFIX):
                 arguments = node.get("arguments", [])
-                if len(arguments) != 1 or (arguments[0].get("expression") or {}).get("class") != "COLUMN_REF":
-                    raise SandboxRefusal(f"a mask may only be applied to a column, not as {name}(...)")
+                on_column = len(arguments) == 1 and (arguments[0].get("expression") or {}).get("class") == "COLUMN_REF"
+                if name not in own_masks or not on_column:
+                    raise SandboxRefusal(f"{name}(...) is not a mask of a governed scan")
             elif not node.get("is_operator") and not function_allowed(name):
                 raise SandboxRefusal(f"the statement calls {name}(), which governed SQL may not call")
         elif kind == "TABLE_FUNCTION":
@@ -156,28 +169,25 @@ def require_allowed(connection: duckdb.DuckDBPyConnection, sql: str, relations: 
                 raise SandboxRefusal(f"the statement reads the table function {name}(), which governed SQL may not")
         elif kind == "BASE_TABLE":
             name = str(node.get("table_name", "")).lower()
-            if node.get("schema_name") or node.get("catalog_name") or name not in known:
+            if node.get("schema_name") or node.get("catalog_name") or name not in registered | ctes:
                 raise SandboxRefusal("the statement names a table that is neither a relation of this call nor a CTE")
 
 
-def _nodes(tree: Any) -> Iterator[dict[str, Any]]:
-    """Every JSON object in DuckDB's serialised parse tree."""
-    stack = [tree]
+def _nodes_in_scope(tree: Any) -> Iterator[tuple[dict[str, Any], frozenset[str]]]:
+    """Every JSON object of DuckDB's serialised parse tree, with the CTE names in scope there: those
+    of the WITH of every enclosing query node (a superset of DuckDB's scoping within one WITH, never
+    a name defined elsewhere in the statement)."""
+    stack: list[tuple[Any, frozenset[str]]] = [(tree, frozenset())]
     while stack:
-        item = stack.pop()
+        item, ctes = stack.pop()
         if isinstance(item, dict):
-            yield item
-            stack.extend(item.values())
+            cte_map = item.get("cte_map")
+            if isinstance(cte_map, dict):
+                ctes = ctes | {str(entry.get("key", "")).lower() for entry in cte_map.get("map", [])}
+            yield item, ctes
+            stack.extend((value, ctes) for value in item.values())
         elif isinstance(item, list):
-            stack.extend(item)
-
-
-def _cte_names(tree: Any) -> Iterator[str]:
-    for node in _nodes(tree):
-        cte_map = node.get("cte_map")
-        if isinstance(cte_map, dict):
-            for entry in cte_map.get("map", []):
-                yield str(entry.get("key", ""))
+            stack.extend((value, ctes) for value in item)
 
 
 #: What went wrong in a worker, as the engine tells its caller.

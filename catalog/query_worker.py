@@ -26,7 +26,9 @@ import json
 import os
 import pickle
 import queue
+import re
 import resource
+import secrets
 import socket
 import sys
 import threading
@@ -76,6 +78,8 @@ class Job:
     timeout_s: float
     max_bytes: int | None
     progress: bool
+    # The call's name for each mask function -> its method: the worker renames them to its macros.
+    masks: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,10 +90,17 @@ class _Running:
 
 
 class Worker:
-    def __init__(self, channel: Connection, sandbox: duckdb.DuckDBPyConnection, cache: FragmentCache) -> None:
+    def __init__(
+        self,
+        channel: Connection,
+        sandbox: duckdb.DuckDBPyConnection,
+        cache: FragmentCache,
+        mask_functions: Mapping[str, str],
+    ) -> None:
         self._channel = channel
         self._sandbox = sandbox
         self._cache = cache
+        self._mask_functions = dict(mask_functions)  # method -> this sandbox's macro
         self._jobs: queue.SimpleQueue[tuple[int, Job] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._running: _Running | None = None
@@ -143,8 +154,10 @@ class Worker:
             for placeholder, source in job.sources.items():
                 relation = build_relation(source, self._cache, register, placeholder, on_scan)
                 sql = sql.replace(f'"{placeholder}"', relation)
+            for name, method in job.masks.items():
+                sql = re.sub(re.escape(name), self._mask_functions[method], sql, flags=re.IGNORECASE)
             require_one_select(self._sandbox, sql)
-            require_allowed(self._sandbox, sql, registered)
+            require_allowed(self._sandbox, sql, registered, self._mask_functions.values())
             timer.start()
             if job.explain:
                 rows = self._sandbox.execute(f"EXPLAIN {sql}").fetchall()
@@ -258,8 +271,9 @@ def run_worker(channel: Connection) -> None:
     # files hold another call's rows.
     spill = Path(init.sandbox.spill_dir) / f"worker-{os.getpid()}"
     spill.mkdir(parents=True, exist_ok=True)
-    sandbox = open_sandbox(replace(init.sandbox, spill_dir=str(spill)))
-    worker = Worker(channel, sandbox, FragmentCache(init.filesystem or LocalFileSystem()))
+    config = replace(init.sandbox, spill_dir=str(spill), mask_suffix=f"_{secrets.token_hex(8)}")
+    sandbox = open_sandbox(config)
+    worker = Worker(channel, sandbox, FragmentCache(init.filesystem or LocalFileSystem()), config.mask_functions())
     channel.send_bytes(json.dumps({"type": "ready", "pid": os.getpid()}).encode())
     threading.Thread(target=worker.listen, name="lakegate-worker-listen", daemon=True).start()
     worker.serve()

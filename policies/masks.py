@@ -52,9 +52,10 @@ def keyed_hash(key: str, values: list[str | None]) -> list[str | None]:
     return hashed
 
 
-def mask_macros(hash_function: str = KEYED_HASH_FUNCTION) -> list[str]:
-    """CREATE MACRO statements for every mask; the hash mask calls `hash_function` (VARCHAR -> VARCHAR,
-    registered by the sandbox with its key: `keyed_hash`)."""
+def mask_macros(hash_function: str = KEYED_HASH_FUNCTION, suffix: str = "") -> list[str]:
+    """CREATE MACRO statements for every mask, named `mask_macro_name(method) + suffix`; the hash
+    mask calls `hash_function` (VARCHAR -> VARCHAR, registered by the sandbox with its key:
+    `keyed_hash`)."""
     text = "CAST(x AS VARCHAR)"
     bodies = {
         "hash": f"{hash_function}({text})",
@@ -65,4 +66,4 @@ def mask_macros(hash_function: str = KEYED_HASH_FUNCTION) -> list[str]:
         # NULL of the column's own type, so that the result's schema does not change.
         "null": "CASE WHEN false THEN x END",
     }
-    return [f"CREATE MACRO {mask_macro_name(method)}(x) AS {bodies[method]}" for method in MASK_METHODS]
+    return [f"CREATE MACRO {mask_macro_name(method)}{suffix}(x) AS {bodies[method]}" for method in MASK_METHODS]

@@ -24,18 +24,20 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import sqlglot
-from lakegate.errors import InvalidQuery, PolicyDenied
-from lakegate.policies.masks import MACRO_PREFIX
-from lakegate.policies.sql_functions import TABLE_FUNCTIONS, function_allowed
 from sqlglot import exp
 from sqlglot.errors import OptimizeError, ParseError, SqlglotError
 from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import traverse_scope
+
+from lakegate.errors import InvalidQuery, PolicyDenied
+from lakegate.policies.masks import MACRO_PREFIX
+from lakegate.policies.sql_functions import TABLE_FUNCTIONS, function_allowed
 
 __all__ = [
     "DIALECT",
@@ -60,7 +62,6 @@ MAX_TABLE_REFERENCES = 32
 # sqlglot warns on stderr when it falls back to a raw Command; those are refused anyway.
 logging.getLogger("sqlglot").setLevel(logging.ERROR)
 
-MASK_MACRO_PREFIX = f"{MACRO_PREFIX}mask_"
 QUERY_HINT = "Send one SELECT (or WITH ... SELECT) over tables named namespace.table; list_datasets shows them."
 
 _FORBIDDEN_NODES: tuple[type[exp.Expression], ...] = (
@@ -240,7 +241,52 @@ def parse_query(sql: str, *, max_chars: int) -> GuardedQuery:
             f"The query reads tables {references} times; lakegate plans at most {MAX_TABLE_REFERENCES}.",
             "Aggregate in a CTE once and join its result, instead of joining a table to itself many times.",
         )
+    _require_round_trip(tree)
     return GuardedQuery(sql, tree, tuple(sorted(tables)), ordered=tree.args.get("order") is not None)
+
+
+_ROUND_TRIP = (
+    "lakegate cannot run this query safely: part of it (a quoted type, unit, collation or argument) does not "
+    "read back as written.",
+    "Use built-in type names, plain EXTRACT units (year, month, ...), numeric type arguments and collation "
+    "names without quotes (COLLATE nocase).",
+)
+
+
+def _require_round_trip(tree: exp.Expr) -> None:
+    """Refuse a tree whose SQL, as generated for DuckDB, reads back as another tree.
+
+    sqlglot writes some names back verbatim (an unknown type, an EXTRACT unit, a type's argument,
+    a COLLATE string): a quoted name holding SQL would become SQL in the statement that runs,
+    outside what the guard checked. What runs is generated from the tree, so it must be the tree.
+
+    Raises:
+        InvalidQuery: the generated SQL parses into something else.
+    """
+    try:
+        same = _signature(sqlglot.parse_one(tree.sql(DIALECT, comments=False), dialect=DIALECT)) == _signature(tree)
+    except (SqlglotError, RecursionError):
+        same = False
+    if not same:
+        raise _invalid(*_ROUND_TRIP)
+
+
+def _signature(tree: exp.Expr) -> Counter[tuple[str, str]]:
+    """What a query reads and calls, as a multiset: unknown functions (by name), tables, queries and
+    columns. sqlglot may rewrite the shape of a known construct when it writes it out (a struct_pack
+    as a {...} literal), never what it reads or calls: text smuggled in through a name it writes
+    back verbatim changes this."""
+    found: Counter[tuple[str, str]] = Counter()
+    for node in tree.walk():
+        if isinstance(node, exp.Anonymous):
+            found["function", str(node.name).lower()] += 1
+        elif isinstance(node, exp.Table):
+            found["table", node.sql(DIALECT).lower()] += 1
+        elif isinstance(node, exp.Column):
+            found["column", str(node.name).lower()] += 1
+        elif isinstance(node, exp.Select | exp.Subquery | exp.SetOperation | exp.CTE):
+            found["query", type(node).__name__] += 1
+    return found
 
 
 def _check_table(node: exp.Table) -> set[str]:
@@ -373,7 +419,7 @@ def _column_error(message: str, query: GuardedQuery, tables: Mapping[str, TableC
 # -- rewriting -----------------------------------------------------------------------------------
 
 
-def rewrite(query: GuardedQuery, scans: Mapping[str, str]) -> str:
+def rewrite(query: GuardedQuery, scans: Mapping[str, str], *, masks: Collection[str] = ()) -> str:
     """The query with every governed table replaced by its governed scan (SQL of a SELECT).
 
     The scans read from placeholder names that the caller replaces afterwards by the SQL they stand
@@ -409,41 +455,38 @@ def rewrite(query: GuardedQuery, scans: Mapping[str, str]) -> str:
     # included, is in the audit record).
     text = tree.sql(DIALECT, comments=False)
     sources = {table.name for scan in parsed.values() for table in scan.find_all(exp.Table)}
-    _require_same_checks(text, sources)
+    _require_same_checks(tree, text, sources, {name.lower() for name in masks})
     return text
 
 
-def _require_same_checks(text: str, sources: set[str]) -> None:
-    """Read the generated SQL again and check it as the agent's query was checked.
+def _require_same_checks(tree: exp.Expr, text: str, sources: set[str], masks: set[str]) -> None:
+    """Read the generated SQL again: it must be the tree it was generated from, and pass the checks
+    the agent's query passed.
 
-    sqlglot writes a few names back verbatim (an unknown type, an EXTRACT unit, a DECIMAL
-    argument): a quoted name holding SQL would become SQL in the statement that runs, with
-    functions and tables the guard never saw. So what runs must pass the same checks on its own:
-    no forbidden statement or function (a mask only on a column: on a literal it would be a hash
-    oracle), and no table but the governed scans' sources and CTEs. DuckDB's own reading is
-    checked again in the query worker.
+    So what runs holds no forbidden statement or function, calls masks only by this call's names
+    (`masks`) and only on a column (on anything else a mask is a hash oracle), and names no table
+    but the governed scans' sources and the CTEs in scope where they are named. DuckDB's own
+    reading is checked again in the query worker.
 
     Raises:
-        InvalidQuery: the text reads as something the guard refuses.
+        InvalidQuery: the text reads as something else, or as something the guard refuses.
     """
-    refusal = _invalid(
-        "lakegate cannot run this query safely: part of it (a quoted type, unit or argument) does not read "
-        "back as written.",
-        "Use built-in type names, plain EXTRACT units (year, month, ...) and numeric type arguments.",
-    )
+    refusal = _invalid(*_ROUND_TRIP)
     try:
-        tree = sqlglot.parse_one(text, dialect=DIALECT)
+        again = sqlglot.parse_one(text, dialect=DIALECT)
     except (SqlglotError, RecursionError):
         raise refusal from None
-    ctes = {str(cte.alias_or_name).lower() for cte in tree.find_all(exp.CTE)}
-    for node in tree.walk():
+    if _signature(again) != _signature(tree):
+        raise refusal
+    for node in again.walk():
         if isinstance(node, _FORBIDDEN_NODES) or (
             isinstance(node, exp.DataType) and node.this == exp.DataType.Type.USERDEFINED
         ):
             raise refusal
-        if isinstance(node, exp.Func) and _function_name(node).startswith(MASK_MACRO_PREFIX):
+        if isinstance(node, exp.Func) and _function_name(node).startswith(MACRO_PREFIX):
             if not (
-                isinstance(node, exp.Anonymous)
+                _function_name(node) in masks
+                and isinstance(node, exp.Anonymous)
                 and len(node.expressions) == 1
                 and isinstance(node.expressions[0], exp.Column)
             ):
@@ -456,7 +499,7 @@ def _require_same_checks(text: str, sources: set[str]) -> None:
         if (
             isinstance(node, exp.Table)
             and isinstance(node.this, exp.Identifier)
-            and (node.db or node.catalog or (node.name not in sources and node.name.lower() not in ctes))
+            and (node.db or node.catalog or (node.name not in sources and not _names_cte(node)))
         ):
             raise refusal
 

@@ -23,7 +23,7 @@ import re
 import secrets
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from lakegate.catalog.arrow_relations import TableSource
 from lakegate.catalog.iceberg_scan import ScanPlan
 from lakegate.errors import ConfigurationError, GovernanceViolation, LimitExceeded, NotFound
-from lakegate.policies.columns import ColumnAccess
+from lakegate.policies.columns import MASK_METHODS, ColumnAccess
 from lakegate.policies.masks import mask_macro_name
 from lakegate.policies.row_filters import RowFilter
 from lakegate.policies.sql_guard import (
@@ -43,31 +43,17 @@ from lakegate.policies.sql_guard import (
     resolve_columns,
     rewrite,
 )
+from lakegate.tools.scope import QueryPage
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
     from lakegate.server.gate.scope import CallScope
 
 __all__ = ["QueryPage", "json_value", "run_query"]
 
 MAX_SAFE_INTEGER = 2**53 - 1
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class QueryPage:
-    """One page of a governed query's result (or its plan, for explain)."""
-
-    columns: list[tuple[str, str]]  # (name, type)
-    rows: list[list[Any]]  # JSON-ready values
-    offset: int
-    more: bool  # rows exist past this page
-    snapshots: dict[str, int | None]  # table -> snapshot id read
-    rewritten_sql: str
-    masked: dict[str, str]  # "table.column" -> mask method, for the columns the query read
-    row_filters: dict[str, list[str]]  # table -> predicates applied
-    ordered: bool
-    plan: str | None = None
 
 
 def _quote(name: str) -> str:
@@ -78,11 +64,19 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def governed_scan(plan: ScanPlan, accesses: Mapping[str, ColumnAccess], filters: list[RowFilter], source: str) -> str:
+def governed_scan(
+    plan: ScanPlan,
+    accesses: Mapping[str, ColumnAccess],
+    filters: list[RowFilter],
+    source: str,
+    masks: Mapping[str, str] | None = None,
+) -> str:
     """The SELECT a table reference becomes: visible columns (masked where policy says), filtered rows.
 
-    `source` is what the scan reads from: a placeholder name, replaced by `scan_source(plan)` in the
-    rewritten SQL.
+    `source` is what the scan reads from: a placeholder name, replaced by the table's relation in
+    the query worker. `masks` names the function of each mask method for this call (default: the
+    masks' own names): per-call names that no agent text can know, which the worker maps to its
+    mask macros, so that SQL the guard and DuckDB read differently cannot call a mask as an oracle.
 
     Raises:
         ConfigurationError: a row filter names a column the table does not have (fail closed).
@@ -101,7 +95,8 @@ def governed_scan(plan: ScanPlan, accesses: Mapping[str, ColumnAccess], filters:
         if access.access == "hidden":
             continue
         if access.access == "masked" and access.mask is not None:
-            selected.append(f"{mask_macro_name(access.mask)}({_quote(column.name)}) AS {_quote(column.name)}")
+            function = (masks or {}).get(access.mask) or mask_macro_name(access.mask)
+            selected.append(f"{function}({_quote(column.name)}) AS {_quote(column.name)}")
         else:
             selected.append(_quote(column.name))
     if not selected:
@@ -191,6 +186,8 @@ def run_query(
     scans: dict[str, str] = {}
     # Placeholders for the tables' relations, unguessable so that no agent text can collide with one.
     placeholders = {f"lakegate_source_{secrets.token_hex(8)}": name for name in query.tables}
+    token = secrets.token_hex(8)
+    masks = {method: f"{mask_macro_name(method)}_{token}" for method in MASK_METHODS}
     sources: dict[str, TableSource] = {}
     for placeholder, name in placeholders.items():
         by_lower = {column.lower(): access for column, access in accesses[name].items()}
@@ -200,13 +197,15 @@ def run_query(
             if access.mask:
                 masked[access.column] = access.mask
         filters[name] = scope.row_filters(name)
-        scans[name] = governed_scan(plans[name], accesses[name], filters[name], placeholder)
+        scans[name] = governed_scan(plans[name], accesses[name], filters[name], placeholder, masks)
         sources[placeholder] = table_source(plans[name], accesses[name], filters[name])
-    template = rewrite(query, scans)
+    template = rewrite(query, scans, masks=set(masks.values()))
     # What the audit record and explain show: each table's relation named by the snapshot it is,
     # so that records stay small and nothing of the server's files reaches the agent.
     labels = {p: f'"{name}@{plans[name].snapshot_id}"' for p, name in placeholders.items()}
     rewritten = _substitute(template, labels)
+    for method, function in masks.items():  # shown under the masks' own names (sqlglot upper-cases them)
+        rewritten = re.sub(re.escape(function), mask_macro_name(method).upper(), rewritten, flags=re.IGNORECASE)
     snapshots = {name: plan.snapshot_id for name, plan in plans.items()}
     applied = {name: [f.sql() for f in found] for name, found in filters.items() if found}
     scope.details.update(rewritten_sql=rewritten, snapshots=snapshots, row_filters=applied, masked_columns=masked)
@@ -214,7 +213,7 @@ def run_query(
     if explain:
         for name in query.tables:
             scope.record("dataset", name, "planned", plans[name].snapshot_id)
-        plan = _without_estimates(engine.explain(template, sources))
+        plan = _without_estimates(engine.explain(template, sources, masks=_by_function(masks)))
         return QueryPage([], [], 0, False, snapshots, rewritten, masked, applied, query.ordered, plan)
 
     def progress(done: float) -> None:
@@ -223,7 +222,12 @@ def run_query(
     scanned: dict[str, list[str]] = {}
     try:
         result = engine.run_page(
-            page(template, offset, count + 1), sources, scope.on_cancel, progress, max_bytes=scope.limits.max_bytes
+            page(template, offset, count + 1),
+            sources,
+            scope.on_cancel,
+            progress,
+            max_bytes=scope.limits.max_bytes,
+            masks=_by_function(masks),
         )
         scanned = _scanned_tables(result.scanned, placeholders, sources)
     finally:
@@ -232,10 +236,18 @@ def run_query(
         for name in query.tables:
             read_as = ("filtered" if filters[name] else "read") if name in scanned else "planned"
             scope.record("dataset", name, read_as, plans[name].snapshot_id)
+            # Columns the engine read that the guard did not count as read by the query (a row
+            # filter's, one counted rows by, or SQL the guard misread): recorded all the same.
+            for column in sorted(set(scanned.get(name, ())) - {c.lower() for c in read[name]}):
+                scope.record("column", f"{name}.{column}", "scanned")
         scope.details["scanned"] = scanned
     assert result.table is not None
     shown = _page(query, result.table, offset, count, scope.limits.max_bytes, snapshots, rewritten, masked, applied)
     return shown if result.complete else replace(shown, more=True)
+
+
+def _by_function(masks: Mapping[str, str]) -> dict[str, str]:
+    return {function: method for method, function in masks.items()}
 
 
 def _scanned_tables(
