@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from lakegate.errors import ConfigurationError
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from lakegate.errors import ConfigurationError
 
 __all__ = [
     "DEFINITIONS_FILE",

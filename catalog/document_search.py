@@ -28,9 +28,10 @@ from lakegate.catalog.warehouse import translate_errors
 from lakegate.errors import InvalidArgument, NotFound
 
 if TYPE_CHECKING:
+    from lancedb.table import Table as LanceTable
+
     from lakegate.catalog.embedder import Embedder
     from lakegate.catalog.warehouse import Warehouse
-    from lancedb.table import Table as LanceTable
 
 __all__ = [
     "CLASSIFICATIONS",

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import structlog
+
 from lakegate.catalog.embedding_pipeline import EmbeddingPipeline
 from lakegate.catalog.query_encoder import OnnxQueryEncoder, onnx_available
 from lakegate.errors import ConfigurationError

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import structlog
+
 from lakegate.catalog.chunking import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP, chunk_text
 from lakegate.catalog.document_search import CLASSIFICATIONS, VECTOR_COLUMN, recorded_model, sql_string
 from lakegate.catalog.vector_index import INDEX_MIN_ROWS, ensure_vector_index

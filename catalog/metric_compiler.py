@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import sqlglot
+from sqlglot import exp
+
 from lakegate.catalog.metric_definitions import GRAINS, Measure, Metric, MetricInput, SemanticCatalog, SemanticModel
 from lakegate.errors import InvalidArgument
-from sqlglot import exp
 
 __all__ = [
     "CompiledQuery",

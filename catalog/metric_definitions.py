@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from lakegate.errors import ConfigurationError, NotFound
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lakegate.errors import ConfigurationError, NotFound
 
 __all__ = [
     "GRAINS",

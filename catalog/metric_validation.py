@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import sqlglot
+from sqlglot import exp
+from sqlglot.optimizer.annotate_types import annotate_types
+
 from lakegate.catalog.iceberg_scan import duckdb_type
 from lakegate.catalog.metric_compiler import MetricQuery, available_dimensions, compile_query
 from lakegate.catalog.metric_definitions import METRICS_FILE, Metric, MetricInput, SemanticCatalog, SemanticModel
 from lakegate.errors import ConfigurationError, InvalidArgument, LakegateError
-from sqlglot import exp
-from sqlglot.optimizer.annotate_types import annotate_types
 
 __all__ = [
     "LOCK_FILE",

@@ -23,8 +23,9 @@ from urllib.parse import urlsplit
 from lakegate.errors import BackendError, ConfigurationError
 
 if TYPE_CHECKING:
-    from lakegate.server.settings import StorageSettings
     from pyarrow.fs import S3FileSystem
+
+    from lakegate.catalog.settings import StorageSettings
 
 __all__ = ["ObjectStore"]
 

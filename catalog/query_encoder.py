@@ -28,10 +28,13 @@ OPSET = 17
 
 
 def onnx_available() -> bool:
-    """Whether ONNX Runtime is importable (it is an optional speed-up, never required)."""
+    """Whether ONNX Runtime and the ONNX exporter are importable (the onnx extra: an optional
+    speed-up, never required; without it queries embed through torch)."""
+    from lakegate.extras import MissingExtra, require_extra
+
     try:
-        import onnxruntime  # type: ignore[import-untyped]  # noqa: F401
-    except ImportError:
+        require_extra("onnx", "query embedding on ONNX Runtime")
+    except MissingExtra:
         return False
     return True
 

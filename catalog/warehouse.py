@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from lakegate.catalog.iceberg_scan import ScanPlanner
     from lakegate.catalog.object_store import ObjectStore
     from lakegate.catalog.query_engine import QueryEngine
-    from lakegate.server.settings import QuerySettings
+    from lakegate.catalog.settings import QuerySettings
 
 if TYPE_CHECKING:
     from lancedb.db import LanceDBConnection

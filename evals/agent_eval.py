@@ -7,7 +7,7 @@ whose message says something.
 
 Besides what each step expects, every step is checked for what must always hold: the audit log
 grew by exactly one call record per tool call, naming the tool and the principal, and by none for
-a step without one (listing records, `lakegate.server.audit.refusals.is_listing`, are not calls: a `list_tools`
+a step without one (listing records, `AuditRecord.is_listing`, are not calls: a `list_tools`
 step must leave one, and the MCP client lists the tools by itself after its first call of a tool
 it has not listed); no new record carries a key or a server path; and nothing lakegate says
 itself, outside the data fields (tool descriptions, the initialize instructions, error messages,
@@ -28,6 +28,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
+from mcp import Client
+from mcp.client.stdio import stdio_client
+from mcp.types import Implementation
+from pydantic import BaseModel, ConfigDict, Field
+
 from lakegate.evals.agent_scenarios import SCENARIOS_DIR, Expect, Scenario, Step, load_scenarios, select, substitute
 from lakegate.evals.leaks import Forbidden
 from lakegate.evals.mcp_client import REPO, server_params, text_of
@@ -39,12 +44,8 @@ from lakegate.evals.scenario_checks import (
     non_data_problem,
     resolve,
 )
-from lakegate.server.audit.log import read_all_records, verify
-from lakegate.server.audit.refusals import is_listing
-from mcp import Client
-from mcp.client.stdio import stdio_client
-from mcp.types import Implementation
-from pydantic import BaseModel, ConfigDict, Field
+from lakegate.server.audit.log import verify
+from lakegate.server.audit.record_model import audit_record, read_audit_records
 
 __all__ = [
     "RESULTS_PATH",
@@ -254,7 +255,7 @@ class _Session:
         # The listing the client may have sent after the call's result is a reviewer's reading too.
         if leaks := self.forbidden.found(records, sent=args):
             return f"the audit record carries {', '.join(leaks)}"
-        calls = [record for record in records if not is_listing(record)]
+        calls = [record for record in records if not audit_record(record).is_listing]
         if len(calls) != 1:
             return f"the audit log grew by {len(calls)} call record(s) for one call (expected exactly 1)"
         record = calls[0]
@@ -270,7 +271,7 @@ class _Session:
         records = self.audit.new_records()
         if leaks := self.forbidden.found(records):
             return f"the audit record carries {', '.join(leaks)}"
-        if calls := [record for record in records if not is_listing(record)]:
+        if calls := [record for record in records if not audit_record(record).is_listing]:
             return f"the audit log grew by {len(calls)} call record(s) without a tool call"
         listings = [r for r in records if r.get("tool") == "tools/list" and r.get("principal") == self.principal]
         if listed and len(listings) != 1:
@@ -439,7 +440,7 @@ async def run_eval(
             records += report.records
             problems += [f"{principal}: {problem.message}" for problem in report.problems[:3]]
             if report.ok:
-                listings += sum(is_listing(record) for record in read_all_records(audit_path))
+                listings += sum(record.is_listing for record in read_audit_records(audit_path))
     failed = sum(1 for result in results if not result.passed)
     return EvalReport(
         generated_at=datetime.now(UTC).isoformat(timespec="seconds"),

@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
 from lakegate.errors import InvalidArgument
 from lakegate.evals.scenario_checks import ValueCheck
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = ["SCENARIOS_DIR", "Expect", "Scenario", "Step", "load_scenarios", "select", "substitute"]
 

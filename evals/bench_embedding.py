@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from lakegate.evals.bench_gate import percentiles
 from lakegate.evals.bench_retrieval import load_queries
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+
 from lakegate.catalog.definitions import load_definitions
 from lakegate.catalog.demo import build_demo
 from lakegate.catalog.warehouse import Warehouse

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+
 from lakegate.catalog.metric_compiler import MetricQuery, compile_query
 from lakegate.evals.bench_gate import percentiles
 from lakegate.evals.bench_query import _raw_connection

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+
 from lakegate.evals.bench_gate import percentiles
 from lakegate.server.app import open_runtime
 from lakegate.server.gate.identity import CallOrigin, stdio_principal
@@ -66,6 +67,7 @@ def _raw_connection(runtime: Any, *, arrow: bool = False) -> Any:
     query worker registers, which is the only way the sandbox may read them."""
     import duckdb
     import pyarrow.fs
+
     from lakegate.catalog.arrow_relations import FragmentCache, build_relation
 
     connection = duckdb.connect(config={"threads": runtime.settings.query.threads})
@@ -142,6 +144,7 @@ async def bench_in_process(home: Path, runs: int, tmp: Path) -> dict[str, Any]:
 def bench_read_paths(home: Path, runs: int) -> dict[str, Any]:
     """The two ways to read Iceberg from DuckDB 2.0 without its extension, on one filtered aggregate."""
     import duckdb
+
     from lakegate.catalog.warehouse import Warehouse
 
     warehouse = Warehouse(home)

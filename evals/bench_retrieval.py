@@ -30,6 +30,7 @@ from typing import Any
 
 import anyio
 import yaml
+
 from lakegate.evals.bench_gate import percentiles
 
 REPO = Path(__file__).resolve().parents[1]

@@ -39,7 +39,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
 from lakegate.evals.bench_gate import percentiles
+from lakegate.policies.resources import classification_resource
 
 REPO = Path(__file__).resolve().parents[1]
 K = 10
@@ -85,7 +87,9 @@ def _predicate(who: str) -> str:
         try:
             enforcer = runtime.enforcer
             readable = [
-                c for c in CLASSIFICATIONS if enforcer.decide(who, f"kb.articles.classification:{c}", "read").allowed
+                c
+                for c in CLASSIFICATIONS
+                if enforcer.decide(who, classification_resource("kb.articles", c), "read").allowed
             ]
             predicate = access_predicate(readable, enforcer.roles_for(who))
         finally:
@@ -101,6 +105,7 @@ def _open_table(work: Path, vectors: Vectors, seed: int) -> Any:
 
     import lancedb
     import pyarrow as pa
+
     from lakegate.catalog.demo import kb_access_columns
 
     digest = hashlib.sha256(vectors.tobytes()).hexdigest()[:12]

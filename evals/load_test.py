@@ -345,8 +345,7 @@ async def _load(replicas: list[Replica], url: str, sessions: int, duration: floa
 def _audit_check(url: str, replicas: list[Replica], load: dict[str, Any]) -> dict[str, Any]:
     from lakegate.server.audit.log import verify
     from lakegate.server.audit.pg import verify_chain
-    from lakegate.server.audit.refusals import is_listing
-    from lakegate.server.audit.review import request_count
+    from lakegate.server.audit.record_model import audit_record
 
     chain = verify_chain(url)
     rows: Counter[str] = Counter()
@@ -355,12 +354,12 @@ def _audit_check(url: str, replicas: list[Replica], load: dict[str, Any]) -> dic
     refused: Counter[str] = Counter()
     with psycopg.connect(url) as conn:
         for replica, text in conn.execute("SELECT replica, record FROM lakegate_audit"):
-            record = json.loads(text)
+            record = audit_record(json.loads(text))
             rows[replica] += 1
-            if is_listing(record):
+            if record.is_listing:
                 listings[replica] += 1
-            elif record.get("tool") is None:  # a request refused before it reached the gate
-                refused[replica] += request_count(record)
+            elif record.tool is None:  # a request refused before it reached the gate
+                refused[replica] += record.requests
             else:
                 calls[replica] += 1
     answered = load["answered_per_replica"]

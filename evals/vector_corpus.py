@@ -100,8 +100,9 @@ def load_corpus(cache_dir: Path, max_sentences: int, seed: int = 0, site_package
 
 def sentence_vectors(corpus: Corpus, cache_dir: Path) -> npt.NDArray[np.float32]:
     """The embedder's vector for every sentence of `corpus`, cached in `cache_dir` by content hash."""
-    from lakegate.catalog.embedder import get_embedder
     from rich.progress import Progress
+
+    from lakegate.catalog.embedder import get_embedder
 
     digest = hashlib.sha256("\n".join(corpus.sentences).encode()).hexdigest()[:16]
     cached = cache_dir / f"sentences-{digest}.npy"

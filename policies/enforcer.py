@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import casbin
 import structlog
+
 from lakegate.policies.redaction import REDACTION_FILE, RedactionRules, load_redaction
 from lakegate.policies.row_filters import ROW_FILTER_FILE, RowFilter, RowFilterSet, load_row_filters
 

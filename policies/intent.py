@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from lakegate.policies.columns import column_access
 from lakegate.policies.enforcer import PolicyEnforcer
 from lakegate.policies.explain import EXPLAIN_OTHERS
+from lakegate.policies.resources import tool_resource
 
 __all__ = ["INTENT_FILE", "IntentCheck", "check_intents", "load_intents"]
 
@@ -66,7 +68,7 @@ def check_intents(enforcer: PolicyEnforcer, intents: list[dict[str, Any]]) -> li
             actual = "allow" if decision.allowed else "deny"
             checks.append(IntentCheck(who, "dataset", dataset, str(expected), actual, decision.rule_text))
         for tool, expected in (intent.get("tools") or {}).items():
-            decision = enforcer.decide(who, f"tool:{tool}", "call")
+            decision = enforcer.decide(who, tool_resource(tool), "call")
             actual = "allow" if decision.allowed else "deny"
             checks.append(IntentCheck(who, "tool", tool, str(expected), actual, decision.rule_text))
         # writes: action write on datasets and columns; restores: action restore on datasets.

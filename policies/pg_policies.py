@@ -39,11 +39,12 @@ import psycopg
 import structlog
 from casbin import persist
 from casbin_sqlalchemy_adapter import Adapter, CasbinRule
-from lakegate.errors import ConfigurationError
 from sqlalchemy import Engine, create_engine, select
 from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.orm import Session
 from sqlalchemy.schema import CreateTable
+
+from lakegate.errors import ConfigurationError
 
 __all__ = ["CHANNEL", "PostgresRules", "connect", "create_policy_schema", "open_rules"]
 

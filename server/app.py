@@ -18,20 +18,6 @@ from functools import partial
 from typing import Any
 
 import anyio.from_thread
-from lakegate.catalog.definitions import CatalogDefinitions, load_definitions
-from lakegate.catalog.metric_definitions import load_semantic_catalog
-from lakegate.catalog.warehouse import Warehouse
-from lakegate.errors import AuditWriteError, ClientError
-from lakegate.policies.enforcer import PolicyEnforcer
-from lakegate.server.audit.log import AuditLog
-from lakegate.server.gate.gate import Gate, to_call_result
-from lakegate.server.gate.identity import CallOrigin, Principal
-from lakegate.server.gate.scope import ProgressFn
-from lakegate.server.profile import open_audit, open_enforcer, open_warehouse
-from lakegate.server.settings import Settings
-from lakegate.tools import tools_by_name
-from lakegate.tools.base import ToolSpec
-from lakegate.tools.names import ToolName
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.shared.exceptions import MCPError
@@ -53,6 +39,22 @@ from mcp.types import (
     ToolAnnotations,
 )
 from pydantic import BaseModel
+
+from lakegate.catalog.definitions import CatalogDefinitions, load_definitions
+from lakegate.catalog.metric_definitions import load_semantic_catalog
+from lakegate.catalog.warehouse import Warehouse
+from lakegate.errors import AuditWriteError, ClientError
+from lakegate.policies.enforcer import PolicyEnforcer
+from lakegate.policies.resources import tool_resource
+from lakegate.server.audit.log import AuditLog
+from lakegate.server.gate.gate import Gate, to_call_result
+from lakegate.server.gate.identity import CallOrigin, Principal
+from lakegate.server.gate.scope import ProgressFn
+from lakegate.server.profile import open_audit, open_enforcer, open_warehouse
+from lakegate.server.settings import Settings
+from lakegate.tools import tools_by_name
+from lakegate.tools.base import ToolSpec
+from lakegate.tools.names import ToolName
 
 __all__ = ["INSTRUCTIONS", "Runtime", "create_server", "open_runtime"]
 
@@ -205,7 +207,7 @@ def create_server(runtime: Runtime, principal_of: PrincipalOf, transport: str) -
         started = time.perf_counter()
         principal = principal_of(ctx)
         scope = gate.scope(principal)
-        may_describe = scope.decide(f"tool:{ToolName.DESCRIBE_DATASET.value}", "call").allowed
+        may_describe = scope.decide(tool_resource(ToolName.DESCRIBE_DATASET.value), "call").allowed
         resources = []
         # A dataset resource is describe_dataset's answer: none for a caller who may not call it.
         for name in scope.readable_datasets() if may_describe else []:

@@ -31,27 +31,22 @@ import os
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import psycopg
 import structlog
+
 from lakegate.catalog.object_store import ObjectStore
 from lakegate.catalog.warehouse import Warehouse
 from lakegate.errors import AuditWriteError, BackendError, ConfigurationError
+from lakegate.extras import require_extra
 from lakegate.policies.enforcer import PolicyEnforcer, policy_files
-from lakegate.policies.pg_policies import PostgresRules, connect, create_policy_schema, open_rules
 from lakegate.server.audit.checkpoints import CHECKPOINT_KEY_FILE, Checkpoint
 from lakegate.server.audit.log import AuditLog, VerifyReport
-from lakegate.server.audit.pg import (
-    MirroredAuditLog,
-    PostgresAuditChain,
-    PostgresCheckpointStore,
-    create_audit_schema,
-    load_checkpoint,
-    verify_chain,
-)
 from lakegate.server.settings import Settings
+
+if TYPE_CHECKING:
+    import psycopg
 
 __all__ = [
     "catalog_uri",
@@ -78,7 +73,9 @@ def postgres_url(settings: Settings) -> str:
 
     Raises:
         ConfigurationError: the profile is not production, or the URL is not a postgresql:// URL.
+        MissingExtra: the postgres extra is not installed (the message says how to install it).
     """
+    require_extra("postgres", "The production profile")
     if settings.profile != "production" or settings.postgres.url is None:
         raise ConfigurationError(
             "this needs the production profile: set LAKEGATE_PROFILE=production and LAKEGATE_POSTGRES__URL"
@@ -107,6 +104,10 @@ def replica_id(settings: Settings) -> str:
 
 
 def _prepare(url: str, create: Callable[[psycopg.Connection[Any]], None]) -> None:
+    import psycopg
+
+    from lakegate.policies.pg_policies import connect
+
     try:
         with connect(url) as conn:
             create(conn)
@@ -151,6 +152,8 @@ def open_enforcer(settings: Settings, resource_groups: Mapping[str, Iterable[str
     if settings.profile == "embedded":
         return PolicyEnforcer(files, resource_groups, reload_interval_s=interval)
     url = postgres_url(settings)
+    from lakegate.policies.pg_policies import PostgresRules, create_policy_schema
+
     _prepare(url, create_policy_schema)
     rules = PostgresRules(
         url,
@@ -186,6 +189,13 @@ def open_audit(settings: Settings) -> AuditLog:
     if settings.profile == "embedded":
         return AuditLog.from_settings(settings.audit_path, settings.audit, signing_key=key)
     url = postgres_url(settings)
+    from lakegate.server.audit.pg import (
+        MirroredAuditLog,
+        PostgresAuditChain,
+        PostgresCheckpointStore,
+        create_audit_schema,
+    )
+
     _prepare(url, create_audit_schema)
     local = MirroredAuditLog.from_settings(settings.audit_path, settings.audit, signing_key=key)
     assert isinstance(local, MirroredAuditLog)
@@ -201,6 +211,10 @@ def checkpoint_anchor(settings: Settings) -> Checkpoint | None:
         BackendError: it cannot be read.
     """
     url = postgres_url(settings)
+    import psycopg
+
+    from lakegate.server.audit.pg import load_checkpoint
+
     try:
         return load_checkpoint(url, checkpoint_chain(settings))
     except (psycopg.Error, AuditWriteError) as exc:
@@ -218,6 +232,8 @@ def sync_policies(settings: Settings) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     url = postgres_url(settings)
+    from lakegate.policies.pg_policies import create_policy_schema, open_rules
+
     files = policy_files(settings.project)
     _prepare(url, create_policy_schema)
     with open_rules(url) as rules:
@@ -237,6 +253,10 @@ def verify_audit(settings: Settings) -> VerifyReport:
         BackendError: the chain cannot be read.
     """
     url = postgres_url(settings)
+    import psycopg
+
+    from lakegate.server.audit.pg import verify_chain
+
     try:
         return verify_chain(url)
     except psycopg.Error as exc:

@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 import pytest
 import structlog
+
 from lakegate.catalog.definitions import load_definitions
 from lakegate.catalog.demo import build_demo
 from lakegate.catalog.warehouse import Warehouse
@@ -79,3 +80,9 @@ def runtime(settings: Settings) -> Iterator[Runtime]:
 def _reset_structlog() -> Iterator[None]:
     yield
     structlog.reset_defaults()
+
+
+# The security corpus's view of admin's clear values, for the query security and sandbox tests.
+# The metric tests' runtime and hand-written baselines.
+from tests.metrics_support import monthly, monthly_refunds, revenue_by_month, rt  # noqa: E402, F401
+from tests.query_security_corpus import clear  # noqa: E402, F401

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+
 from lakegate.errors import InvalidArgument
 from lakegate.evals.agent_eval import EvalReport, load_scenarios, run
 from lakegate.evals.agent_scenarios import Scenario, substitute
 from lakegate.evals.scenario_checks import ValueCheck, check_planted, check_value, non_data_problem, resolve
 from lakegate.server.cli.main import cli
-
 from tests.conftest import build_small_demo
 
 DEMO_ROLES = ("analyst", "support_agent", "data_steward", "admin", "kate")

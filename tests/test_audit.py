@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from lakegate.errors import AuditWriteError
 from lakegate.server.audit.log import (
     GENESIS_HASH,

@@ -15,14 +15,14 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from structlog.testing import capture_logs
+
 from lakegate.errors import AuditWriteError
 from lakegate.server.audit.checkpoint_verify import CheckpointTrust
 from lakegate.server.audit.checkpoints import Checkpoint, key_id, signing_public_key
 from lakegate.server.audit.files import LogNames
 from lakegate.server.audit.log import AuditLog, Checkpointing, Rotation, log_files, verify
 from lakegate.server.settings import AuditSettings
-from structlog.testing import capture_logs
-
 from tests.test_audit import call  # a record shaped like the ones the gate writes
 
 

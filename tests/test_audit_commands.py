@@ -11,9 +11,11 @@ import pytest
 from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from lakegate.server.audit.checkpoints import key_id, signing_public_key
 from lakegate.server.audit.log import AuditLog, Checkpointing, Rotation, log_files, read_records
-from lakegate.server.audit.refusals import listing_record, refused_request_record
+from lakegate.server.audit.record_builders import listing_record, refused_request_record
+from lakegate.server.audit.record_model import AuditRecord
 from lakegate.server.audit.review import Filters, parse_dimensions, parse_when, select, summarise
 from lakegate.server.cli.audit_commands import audit
 from lakegate.server.cli.main import cli
@@ -27,8 +29,24 @@ def at(hours_ago: float) -> str:
     return (NOW - timedelta(hours=hours_ago)).isoformat(timespec="microseconds")
 
 
+#: What a call's record holds besides the fields these tests look at.
+GATE_FIELDS: dict[str, Any] = {
+    "request_id": "1",
+    "session_id": "s-1",
+    "roles": [],
+    "authenticated_by": "config",
+    "transport": "stdio",
+    "client": {"name": "agent", "version": "1"},
+    "arguments": {},
+    "rules": [],
+    "policy_version": "v1",
+    "bytes": 0,
+    "error": None,
+}
+
 CALLS: list[dict[str, Any]] = [
-    {
+    GATE_FIELDS
+    | {
         "time": at(72),
         "principal": "alice",
         "tool": "query",
@@ -38,7 +56,8 @@ CALLS: list[dict[str, Any]] = [
         "duration_ms": 12.0,
         "resources": [{"type": "dataset", "name": "sales.orders", "version": 3, "access": "read"}],
     },
-    {
+    GATE_FIELDS
+    | {
         "time": at(30),
         "principal": "bob",
         "tool": "query",
@@ -48,7 +67,8 @@ CALLS: list[dict[str, Any]] = [
         "duration_ms": 1.0,
         "resources": [{"type": "dataset", "name": "hr.salaries", "version": 1, "access": "denied"}],
     },
-    {
+    GATE_FIELDS
+    | {
         "time": at(5),
         "principal": "alice",
         "tool": "describe",
@@ -59,7 +79,8 @@ CALLS: list[dict[str, Any]] = [
         "error": "no such dataset",
         "resources": [],
     },
-    {
+    GATE_FIELDS
+    | {
         "time": at(1),
         "principal": "alice",
         "tool": "query",
@@ -85,7 +106,8 @@ LISTING = listing_record(
     roles=["role:analyst"],
     authenticated_by="token",
     transport="http",
-    client={"name": "agent", "version": "1"},
+    client_name="agent",
+    client_version="1",
     policy_version="v1",
     listed=8,
     payload_bytes=900,
@@ -105,9 +127,10 @@ REFUSED = refused_request_record(
     details={"reason": "expired"},
 )
 NOT_CALLS: list[dict[str, Any]] = [
-    {**LISTING, "time": at(2)},
-    {**REFUSED, "time": at(2), "count": 1},
-    {**REFUSED, "time": at(2), "count": 3, "details": {"reason": "expired", "aggregated": {"window_s": 10.0}}},
+    LISTING.model_dump() | {"time": at(2)},
+    REFUSED.model_dump() | {"time": at(2), "count": 1},
+    REFUSED.model_dump()
+    | {"time": at(2), "count": 3, "details": {"reason": "expired", "aggregated": {"window_s": 10.0}}},
 ]
 
 
@@ -439,7 +462,8 @@ def test_parse_when() -> None:
 
 
 def test_select_and_summarise_without_dimensions() -> None:
-    assert select(CALLS, Filters(limit=0)) == []
-    (row,) = summarise(CALLS, ())
+    calls = [AuditRecord.model_validate(record) for record in CALLS]
+    assert select(calls, Filters(limit=0)) == []
+    (row,) = summarise(calls, ())
     assert (row.calls, row.denials, row.errors, row.rows) == (4, 1, 1, 17)
     assert parse_dimensions(["tool, day", "tool"]) == ("tool", "day")

@@ -14,25 +14,21 @@ from typing import Any
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner, Result
+from pyiceberg.schema import Schema
+from pyiceberg.types import LongType, NestedField, StringType
+
+from lakegate.catalog.audit_table import AUDIT_TABLE, LAST_SEQ_PROPERTY, audit_schema
 from lakegate.catalog.definitions import load_definitions
 from lakegate.catalog.warehouse import Warehouse
 from lakegate.errors import BackendError, NotFound, PolicyDenied
 from lakegate.server.app import Runtime, open_runtime
-from lakegate.server.audit.export import (
-    AUDIT_TABLE,
-    LAST_SEQ_PROPERTY,
-    AuditExportRefused,
-    audit_schema,
-    export_audit_log,
-    record_row,
-)
+from lakegate.server.audit.export import AuditExportRefused, export_audit_log, record_row
 from lakegate.server.audit.log import AuditLog, Rotation, log_files, read_all_records, read_records
+from lakegate.server.audit.record_builders import call_record, refused_request_record
+from lakegate.server.audit.record_model import audit_record
 from lakegate.server.cli.audit_commands import audit
 from lakegate.server.cli.main import cli
 from lakegate.server.settings import load_settings
-from pyiceberg.schema import Schema
-from pyiceberg.types import LongType, NestedField, StringType
-
 from tests.conftest import gate_call
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +43,30 @@ CALLS: list[tuple[str, str, dict[str, Any]]] = [
     ("analyst", "describe_dataset", {"name": "nope.nope"}),
     ("analyst", "append_rows", {"table": ORDERS, "rows": [{"order_id": 9, "region": "NA"}]}),
 ]
+
+#: A record as the gate writes it, for logs written here directly.
+RECORD = call_record(
+    request_id="1",
+    session_id="s-1",
+    principal="alice",
+    roles=["role:analyst"],
+    authenticated_by="config",
+    transport="stdio",
+    client_name=None,
+    client_version=None,
+    tool="query",
+    arguments={},
+    decision="allow",
+    rules=[],
+    policy_version="v1",
+    resources=[],
+    rows=0,
+    payload_bytes=0,
+    duration_s=0.001,
+    outcome="ok",
+    error=None,
+    details=None,
+)
 
 
 @pytest.fixture
@@ -232,7 +252,9 @@ def test_a_snapshot_without_the_export_summary_is_continued_from_max_seq(
         catalog = warehouse.iceberg
         catalog.create_namespace("audit")
         table = catalog.create_table(AUDIT_TABLE, audit_schema(load_definitions(REPO)))
-        table.append(pa.Table.from_pylist([record_row(r) for r in records[:2]], schema=table.schema().as_arrow()))
+        table.append(
+            pa.Table.from_pylist([record_row(audit_record(r)) for r in records[:2]], schema=table.schema().as_arrow())
+        )
         assert LAST_SEQ_PROPERTY not in table.current_snapshot().summary.additional_properties  # type: ignore[union-attr]
         result = export_audit_log(log_path, warehouse)
     finally:
@@ -295,7 +317,7 @@ def test_retention_pruning_exported_records_is_followed_and_pruning_unexported_o
 
     def append(count: int) -> None:
         for _ in range(count):
-            log.append({"principal": "alice", "tool": "query", "decision": "allow", "roles": ["role:analyst"]})
+            log.append(RECORD.model_dump())
 
     def seqs() -> list[int]:
         return [row["seq"] for row in table_state(home)[0]]
@@ -316,6 +338,45 @@ def test_retention_pruning_exported_records_is_followed_and_pruning_unexported_o
     finally:
         warehouse.close()
         log.close()
+
+
+def test_fields_the_model_does_not_know_land_in_extra_and_a_line_that_is_no_record_is_refused(
+    home: Path, tmp_path: Path
+) -> None:
+    """A later version's field, the production mirror's, and a grouped refusal's count: kept in
+    `extra`. A line that verifies but is not an audit record (a field missing) stops the export."""
+    log_path = tmp_path / "extra" / "audit.jsonl"
+    refused = refused_request_record(
+        request_id="2",
+        session_id=None,
+        principal="anonymous",
+        roles=[],
+        authenticated_by=None,
+        transport="http",
+        policy_version="v1",
+        duration_s=0.0005,
+        outcome="unauthenticated",
+        error="invalid_token",
+        details={"reason": "expired"},
+    )
+    with AuditLog(log_path, fsync=False) as log:
+        log.append(RECORD.model_dump() | {"replica": "r-1", "global_seq": 7, "later": {"field": True}})
+        log.append(refused.model_copy(update={"count": 3}).model_dump())
+    warehouse = Warehouse(home)
+    try:
+        assert export_audit_log(log_path, warehouse).exported == 2
+        with AuditLog(log_path, fsync=False) as log:
+            log.append({key: value for key, value in RECORD.model_dump().items() if key != "principal"})
+        with pytest.raises(AuditExportRefused, match=r"seq 3 .* is not an audit record \(principal: Field required"):
+            export_audit_log(log_path, warehouse)
+    finally:
+        warehouse.close()
+    rows, snapshots = table_state(home)
+    assert [json.loads(row["extra"]) for row in rows] == [
+        {"replica": "r-1", "global_seq": 7, "later": {"field": True}},
+        {"count": 3},
+    ]
+    assert rows[1]["tool"] is None and rows[1]["client_name"] is None and len(snapshots) == 1
 
 
 # --- refusing -------------------------------------------------------------------------------------

@@ -13,6 +13,9 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from pyiceberg.schema import Schema
+from pyiceberg.types import LongType, NestedField, StringType
+
 from lakegate.catalog.definitions import load_definitions
 from lakegate.catalog.metric_definitions import parse_semantic_catalog
 from lakegate.catalog.warehouse import Warehouse
@@ -22,9 +25,6 @@ from lakegate.server.app import Runtime, open_runtime
 from lakegate.server.audit.log import read_records, verify
 from lakegate.server.audit.redaction import REDACTED, AuditKey, audit_arguments, redact_arguments
 from lakegate.server.settings import load_settings
-from pyiceberg.schema import Schema
-from pyiceberg.types import LongType, NestedField, StringType
-
 from tests.conftest import gate_call
 
 REPO = Path(__file__).resolve().parents[1]

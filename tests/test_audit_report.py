@@ -25,19 +25,20 @@ from typing import Any
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
+from pyiceberg.schema import Schema
+from pyiceberg.types import LongType, NestedField, StringType
+
 from lakegate.catalog.definitions import load_definitions
 from lakegate.catalog.warehouse import Warehouse
 from lakegate.server.app import Runtime, open_runtime
-from lakegate.server.audit.log import AuditLog, read_records, verify
-from lakegate.server.audit.refusals import listing_record, refused_request_record
+from lakegate.server.audit.log import AuditLog, verify
+from lakegate.server.audit.record_builders import listing_record, refused_request_record
+from lakegate.server.audit.record_model import read_audit_records
 from lakegate.server.audit.report import AuditReport, build_report, render_html
 from lakegate.server.audit.review import Filters, select
 from lakegate.server.cli.audit_commands import audit
 from lakegate.server.gate.gate import GateOutcome
 from lakegate.server.settings import load_settings
-from pyiceberg.schema import Schema
-from pyiceberg.types import LongType, NestedField, StringType
-
 from tests.conftest import REPO, gate_call
 
 INJECTED = "<script>alert(1)</script>"
@@ -116,7 +117,7 @@ def gate_log(demo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 
 
 def _report(log: Path, filters: Filters | None = None, **kw: Any) -> AuditReport:
-    records = select(read_records(log), filters or Filters())
+    records = select(read_audit_records(log), filters or Filters())
     return build_report(
         records, chain=verify(log), sensitive_columns=PII_COLUMNS, source=str(log), filters=filters, **kw
     )
@@ -332,7 +333,8 @@ def test_listings_are_counted_apart_and_a_grouped_refusal_by_its_count(tmp_path:
         roles=["role:analyst"],
         authenticated_by="token",
         transport="http",
-        client={"name": "agent", "version": "1"},
+        client_name="agent",
+        client_version="1",
         policy_version="v1",
         listed=8,
         payload_bytes=900,
@@ -353,8 +355,8 @@ def test_listings_are_counted_apart_and_a_grouped_refusal_by_its_count(tmp_path:
     )
     log = tmp_path / "audit.jsonl"
     with AuditLog(log, fsync=False) as writer:
-        for record in (listing, {**refused, "count": 1}, {**refused, "count": 3}):
-            writer.append(record)
+        for record in (listing, refused.model_copy(update={"count": 1}), refused.model_copy(update={"count": 3})):
+            writer.append(record.model_dump())
     report = _report(log)
     counts = report.counts
     assert (counts.calls, counts.listings, counts.denials, counts.allowed, counts.principals) == (4, 1, 4, 0, 2)

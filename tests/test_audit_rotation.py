@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
+from structlog.testing import capture_logs
+
 from lakegate.errors import AuditWriteError
 from lakegate.server.audit.files import LogNames, load_manifest
 from lakegate.server.audit.log import (
@@ -24,9 +27,6 @@ from lakegate.server.audit.log import (
     verify,
 )
 from lakegate.server.settings import AuditSettings, load_settings
-from pydantic import ValidationError
-from structlog.testing import capture_logs
-
 from tests.test_audit import call  # a record shaped like the ones the gate writes
 
 SMALL = Rotation(max_bytes=2048)  # a record of `call` is ~600 bytes: a file every 4 records

@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
+
 from lakegate.catalog.catalog_search import CatalogEntry, rank_entries
 from lakegate.server.app import Runtime, open_runtime
 from lakegate.server.gate.identity import CallOrigin, stdio_principal

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from click.testing import CliRunner
+
 from lakegate.catalog.definitions import load_definitions
 from lakegate.server.cli.main import cli
 

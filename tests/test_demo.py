@@ -5,8 +5,10 @@ The small demo is built once for the module; tests only read it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +16,21 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
+from lancedb.query import LanceVectorQueryBuilder
+from pydantic import BaseModel
+
 from lakegate.catalog.definitions import CatalogDefinitions, load_definitions
-from lakegate.catalog.demo import DEMO_NAMESPACES, DemoSummary, build_demo
+from lakegate.catalog.demo import (
+    DEMO_NAMESPACES,
+    INJECTED_ARTICLE_ID,
+    INJECTED_PRODUCT_NAME,
+    INJECTED_TICKET_BODY,
+    DemoSummary,
+    build_demo,
+)
+from lakegate.catalog.demo_data import KnowledgeBase, TicketTemplates, Vocabulary, parse_demo_file, vocabulary
+from lakegate.catalog.demo_kb import kb_readers
+from lakegate.catalog.document_search import CLASSIFICATIONS
 from lakegate.catalog.embedder import (
     DIMENSION,
     MODEL_NAME,
@@ -27,8 +42,8 @@ from lakegate.catalog.embedder import (
     verify_model,
 )
 from lakegate.catalog.warehouse import Warehouse
-from lakegate.errors import InvalidArgument, NotFound
-from lancedb.query import LanceVectorQueryBuilder
+from lakegate.errors import ConfigurationError, InvalidArgument, NotFound
+from lakegate.policies.document_readers import load_document_readers, parse_document_readers
 
 REPO = Path(__file__).resolve().parents[1]
 ICEBERG_TABLES = (
@@ -206,6 +221,95 @@ def test_same_seed_same_data_and_rebuilding_replaces(demo: Demo, tmp_path: Path)
 def test_unknown_scale_is_refused(demo: Demo, tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument):
         build_demo(Warehouse(tmp_path), demo.definitions, "huge")  # type: ignore[arg-type]
+
+
+#: Each table's sort key, for a digest of its rows that does not depend on file or batch order.
+SORT_KEYS = {
+    "sales.customers": ("customer_id",),
+    "sales.products": ("product_id",),
+    "sales.orders": ("order_id",),
+    "sales.order_items": ("order_id", "line_number"),
+    "finance.payments": ("payment_id",),
+    "finance.refunds": ("refund_id",),
+    "support.tickets": ("ticket_id",),
+    "kb.articles": ("doc_id", "chunk_index"),
+}
+#: The small demo's rows (seed 7), pinned when its prose moved from catalog/demo.py into package
+#: data: the move changed no row. kb.articles without its vectors (the embedder's floats may differ
+#: in the last bits between CPUs). A change here is a change of the demo's data: make it on purpose.
+SMALL_DEMO_DIGESTS = {
+    "sales.customers": "65fe2db093a73c3a",
+    "sales.products": "93771798cdda2fae",
+    "sales.orders": "0293a6824e20fa4f",
+    "sales.order_items": "5e91c6e9e9d170e2",
+    "finance.payments": "c036f4c3e6bf35b1",
+    "finance.refunds": "71ea17f56b391ee1",
+    "support.tickets": "e85fedc6f17fd162",
+    "kb.articles": "c89c284c89fba811",
+}
+
+
+def _rows_digest(table: pa.Table, keys: Sequence[str]) -> str:
+    """sha256 of the column names and types and the rows in key order (decimals, times as text)."""
+    ordered = table.sort_by([(key, "ascending") for key in keys])
+    columns = [(f.name, str(f.type)) for f in ordered.schema]
+    payload = json.dumps([columns, ordered.to_pylist()], default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def test_small_demo_rows_are_pinned(demo: Demo) -> None:
+    found = {}
+    for name, keys in SORT_KEYS.items():
+        if name == "kb.articles":
+            table = demo.warehouse.lance_table(name).to_arrow().drop_columns(["vector"])
+        else:
+            table = demo.warehouse.iceberg_table(name).scan().to_arrow()
+        found[name] = _rows_digest(table, keys)
+    assert found == SMALL_DEMO_DIGESTS
+
+
+def test_the_planted_injection_is_where_the_evals_look(demo: Demo, db: duckdb.DuckDBPyConnection) -> None:
+    assert _scalar(db, "select name from products where product_id = 1") == INJECTED_PRODUCT_NAME
+    assert _scalar(db, "select body from tickets where ticket_id = 1") == INJECTED_TICKET_BODY
+    articles = demo.warehouse.lance_table("kb.articles").to_arrow()
+    assert INJECTED_ARTICLE_ID in articles["doc_id"].to_pylist()
+    assert not any("|" in text for text in (INJECTED_PRODUCT_NAME, INJECTED_TICKET_BODY))
+
+
+def test_document_readers_cover_every_classification() -> None:
+    readers = load_document_readers()
+    assert readers.classifications == CLASSIFICATIONS
+    assert set(kb_readers()) <= set(CLASSIFICATIONS)
+    assert readers.roles("restricted") == ("role:admin",)
+    with pytest.raises(ConfigurationError, match="no readers for classification 'secret'"):
+        readers.roles("secret")
+
+
+@pytest.mark.parametrize(
+    ("model", "text", "message"),
+    [
+        (TicketTemplates, "returned: [{subject: 'Order {order_id}', body: b}]\ncancelled: []\nother: []", "order_id"),
+        (Vocabulary, "first_names: [Ann]\nlast_names: [Lee]\nbrands: [Acme]\ncategories: nope", "categories"),
+        (KnowledgeBase, "regions: [{region: NA, key: na}]\ntopics: []\npool_contexts: []", "area"),
+        (KnowledgeBase, "regions: [", "expected"),
+    ],
+)
+def test_a_malformed_demo_data_file_is_refused(model: type[BaseModel], text: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message) as refused:
+        parse_demo_file(text, "catalog/demo_x.yaml", model)
+    assert str(refused.value).startswith("catalog/demo_x.yaml (demo package data) is malformed")
+
+
+def test_demo_data_is_frozen_and_readers_are_checked() -> None:
+    words = vocabulary()
+    with pytest.raises(ValueError, match="frozen"):
+        words.brands = ("Other",)
+    with pytest.raises(ConfigurationError, match="role:<name>"):
+        parse_document_readers("readers: [{classification: public, roles: [support_agent]}]")
+    with pytest.raises(ConfigurationError, match="listed twice"):
+        parse_document_readers(
+            "readers: [{classification: public, roles: [role:a]}, {classification: public, roles: [role:b]}]"
+        )
 
 
 # -- knowledge base and embedder ---------------------------------------------------------------

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from lakegate.catalog.warehouse import Warehouse
 from lakegate.errors import PolicyDenied
 from lakegate.server.app import Runtime, open_runtime
 from lakegate.server.audit.log import read_records
 from lakegate.server.settings import load_settings
-
 from tests.conftest import build_small_demo, gate_call, gate_ok
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from lakegate.catalog.demo import sample_passages
 from lakegate.catalog.embedder import Embedder, get_embedder
 

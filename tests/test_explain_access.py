@@ -10,14 +10,14 @@ from typing import Any
 import anyio
 import jsonschema
 import pytest
+
 from lakegate.errors import ClientError, InvalidArgument, NotFound, PolicyDenied
 from lakegate.evals.mcp_client import connect, text_of
 from lakegate.server.app import Runtime, open_runtime
 from lakegate.server.audit.log import read_records
-from lakegate.server.audit.refusals import is_listing
+from lakegate.server.audit.record_model import audit_record
 from lakegate.server.gate.gate import GateOutcome
 from lakegate.server.settings import load_settings
-
 from tests.conftest import gate_call
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,5 +213,5 @@ def test_explain_access_over_stdio(demo_home: Path, tmp_path: Path) -> None:
     assert other.is_error and other.structured_content is None
     assert "may not explain the access of another principal" in text_of(other)
     records = list(read_records(tmp_path / "a.jsonl"))
-    assert [r["tool"] for r in records if is_listing(r)] == ["tools/list"]
-    assert [r["outcome"] for r in records if not is_listing(r)] == ["ok", "denied"]
+    assert [r["tool"] for r in records if audit_record(r).is_listing] == ["tools/list"]
+    assert [r["outcome"] for r in records if not audit_record(r).is_listing] == ["ok", "denied"]

@@ -9,16 +9,16 @@ from typing import Any
 
 import anyio
 import pytest
+
 from lakegate.catalog.warehouse import Warehouse
 from lakegate.errors import NotFound
 from lakegate.evals.mcp_client import connect, text_of
 from lakegate.server.app import Runtime
 from lakegate.server.audit.log import read_records, verify
-from lakegate.server.audit.refusals import is_listing
+from lakegate.server.audit.record_model import audit_record
 from lakegate.server.gate.gate import redact_arguments
 from lakegate.server.gate.identity import CallOrigin, stdio_principal
 from lakegate.tools import ALL_TOOLS, ToolName
-
 from tests.conftest import gate_call
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,12 +104,12 @@ def test_every_tool_denies_an_unauthorised_principal_and_audits_both_outcomes(
         assert not is_error, f"{name}: {text}"
 
     # mallory's tools/list (empty); admin's client lists the tools once, to check its first result.
-    listings = [r for r in read_records(audit_path) if is_listing(r)]
+    listings = [r for r in read_records(audit_path) if audit_record(r).is_listing]
     assert [(r["principal"], r["tool"], r["rows"]) for r in listings] == [
         ("mallory", "tools/list", 0),
         ("admin", "tools/list", len(ToolName)),
     ]
-    records = [r for r in read_records(audit_path) if not is_listing(r)]
+    records = [r for r in read_records(audit_path) if not audit_record(r).is_listing]
     count = len(VALID_ARGUMENTS)
     assert len(records) == 2 * count
     for record, name in zip(records[:count], VALID_ARGUMENTS, strict=True):

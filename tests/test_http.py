@@ -26,20 +26,22 @@ import pytest
 import uvicorn
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+from mcp.types import Implementation
+
 from lakegate.evals.mcp_client import text_of
 from lakegate.server.app import Runtime, open_runtime
 from lakegate.server.audit.log import read_records, verify
-from lakegate.server.audit.refusals import REFUSAL_WINDOW_S, is_listing
+from lakegate.server.audit.record_model import audit_record
+from lakegate.server.audit.refusals import REFUSAL_WINDOW_S
 from lakegate.server.cli.main import cli
 from lakegate.server.gate.identity import Principal, granted_roles
 from lakegate.server.gate.role_grants import acting_as, granting
 from lakegate.server.settings import Settings, load_settings
 from lakegate.server.transports.http_app import create_http_app
 from lakegate.server.transports.http_auth import JwtVerifier
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
-from mcp.types import Implementation
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "test-secret-that-is-long-enough-for-hs256-0123456789"
@@ -216,7 +218,7 @@ def _new_records(served: Served, before: int) -> list[dict[str, Any]]:
 def _calls(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The records of tool calls. The SDK client lists the tools to check the first result of a
     tool it has not listed yet against its output schema: that listing is audited too."""
-    return [record for record in records if not is_listing(record)]
+    return [record for record in records if not audit_record(record).is_listing]
 
 
 # -- authenticated calls ---------------------------------------------------------------------------
@@ -311,7 +313,7 @@ def test_listings_over_http_are_audited_as_the_token_subject(served: Served) -> 
     ]
     assert len(tools.tools) > 0 and len(resources.resources) > 0
     for record in records:
-        assert is_listing(record) and record["details"] == {"listing": record["tool"]}
+        assert audit_record(record).is_listing and record["details"] == {"listing": record["tool"]}
         assert (record["principal"], record["transport"], record["authenticated_by"]) == ("alice", "http", "bearer")
         assert (record["decision"], record["outcome"]) == ("allow", "ok") and "role:analyst" in record["roles"]
         assert record["client"] == {"name": "http-tests", "version": "1.0"}

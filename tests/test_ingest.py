@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import pytest
 from click.testing import CliRunner
+
 from lakegate.catalog.chunking import chunk_text, paragraphs
 from lakegate.catalog.ingest import Document, parse_file
 from lakegate.catalog.warehouse import Warehouse
@@ -26,7 +27,6 @@ from lakegate.server.cli.main import cli
 from lakegate.server.gate.gate import GateOutcome
 from lakegate.server.gate.identity import stdio_principal
 from lakegate.server.settings import load_settings
-
 from tests.conftest import build_small_demo, gate_call, gate_ok
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+
 from lakegate.evals import load_test
 
 URL = os.environ.get("LAKEGATE_TEST_POSTGRES_URL")

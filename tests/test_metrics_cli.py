@@ -15,6 +15,7 @@ import anyio
 import pytest
 import yaml
 from click.testing import CliRunner, Result
+
 from lakegate.catalog.metric_definitions import load_semantic_catalog
 from lakegate.catalog.metric_validation import definition_hash, locate_metrics, parse_lock
 from lakegate.server.app import Runtime

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from click.testing import CliRunner, Result
+
 from lakegate.catalog.definitions import load_definitions
 from lakegate.policies.enforcer import PolicyEnforcer, policy_files
 from lakegate.policies.intent import check_intents, load_intents

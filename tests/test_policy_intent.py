@@ -7,6 +7,7 @@ from typing import Any
 
 import casbin
 import pytest
+
 from lakegate.catalog.definitions import load_definitions
 from lakegate.policies.enforcer import PolicyEnforcer, policy_files
 from lakegate.policies.intent import check_intents, load_intents

@@ -21,6 +21,10 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 from click.testing import CliRunner
+from psycopg import sql
+from pydantic import ValidationError
+from structlog.testing import capture_logs
+
 from lakegate.errors import AuditWriteError, PolicyDenied
 from lakegate.policies.pg_policies import PostgresRules
 from lakegate.server.app import Runtime, open_runtime, resource_groups
@@ -32,10 +36,6 @@ from lakegate.server.cli.main import cli
 from lakegate.server.gate.gate import GateOutcome
 from lakegate.server.profile import checkpoint_anchor, checkpoint_chain, checkpoint_key_path, open_audit, sync_policies
 from lakegate.server.settings import Settings, load_settings
-from psycopg import sql
-from pydantic import ValidationError
-from structlog.testing import capture_logs
-
 from tests.conftest import gate_call
 
 REPO = Path(__file__).resolve().parents[1]

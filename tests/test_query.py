@@ -11,10 +11,11 @@ from typing import Any
 
 import anyio
 import pytest
+
 from lakegate.evals.mcp_client import connect, text_of
 from lakegate.server.app import Runtime, open_runtime
 from lakegate.server.audit.log import read_records, verify
-from lakegate.server.audit.refusals import is_listing
+from lakegate.server.audit.record_model import audit_record
 from lakegate.server.gate.gate import GateOutcome
 from lakegate.server.gate.identity import CallOrigin, stdio_principal
 from lakegate.server.settings import Settings, load_settings
@@ -258,7 +259,7 @@ def test_query_over_stdio_with_a_denial_progress_and_cancellation(demo_home: Pat
     # MCP progress notifications while the query ran: percent done, rising.
     assert progress and all(total == 100.0 and message and "query running" in message for _, total, message in progress)
     assert [done for done, _, _ in progress] == sorted(done for done, _, _ in progress)
-    records = [record for record in read_records(audit_path) if not is_listing(record)]
+    records = [record for record in read_records(audit_path) if not audit_record(record).is_listing]
     outcomes = [r["outcome"] for r in records]
     assert outcomes[:2] == ["ok", "invalid"] and outcomes[-1] == "ok"
     assert "cancelled" in outcomes, outcomes
@@ -290,10 +291,11 @@ def test_lance_datasets_are_pointed_away_from_sql(runtime: Runtime) -> None:
 def test_a_scan_with_row_level_deletes_is_refused_not_read_wrongly() -> None:
     """pyiceberg writes no delete files, so the planned task is built from pyiceberg's own classes,
     as plan_files returns it for a table another engine wrote position deletes into."""
-    from lakegate.catalog.iceberg_scan import refuse_row_deletes
-    from lakegate.errors import InvalidArgument
     from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
     from pyiceberg.table import FileScanTask
+
+    from lakegate.catalog.iceberg_scan import refuse_row_deletes
+    from lakegate.errors import InvalidArgument
 
     def data_file(content: DataFileContent, path: str) -> DataFile:
         return DataFile.from_args(
@@ -333,9 +335,10 @@ def test_the_engine_runs_only_what_duckdb_itself_reads_as_one_select(runtime: Ru
 def test_schema_evolution_reads_columns_by_field_id(tmp_path: Path) -> None:
     """A rename, an added column and a dropped-then-re-added name: old files still read right."""
     import pyarrow as pa
-    from lakegate.catalog.warehouse import Warehouse
     from pyiceberg.schema import Schema
     from pyiceberg.types import LongType, NestedField, StringType
+
+    from lakegate.catalog.warehouse import Warehouse
 
     home = tmp_path / "home"
     warehouse = Warehouse(home)

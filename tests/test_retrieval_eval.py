@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from lakegate.catalog.warehouse import Warehouse
 from lakegate.evals.bench_retrieval import LabelledQuery, evaluate, load_queries, mrr, recall_at_k
 

@@ -23,6 +23,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 import pytest
+from psycopg import sql
+
 from lakegate.catalog.arrow_relations import RELATION_PREFIX
 from lakegate.catalog.definitions import load_definitions
 from lakegate.catalog.demo import build_demo
@@ -33,8 +35,6 @@ from lakegate.server.app import Runtime, open_runtime
 from lakegate.server.gate.gate import GateOutcome
 from lakegate.server.profile import open_warehouse, sync_policies
 from lakegate.server.settings import Settings, load_settings
-from psycopg import sql
-
 from tests.conftest import gate_call, gate_ok
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import pytest
+
 from lakegate.catalog.document_search import CLASSIFICATIONS, RRF_K, rrf_fuse, sql_string
 from lakegate.catalog.warehouse import Warehouse
 from lakegate.errors import InvalidArgument, NotFound, PolicyDenied

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from lakegate.server.settings import Settings, load_settings
 from pydantic import BaseModel, ValidationError
+
+from lakegate.server.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 

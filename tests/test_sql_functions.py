@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import duckdb
+
 from lakegate.policies.sql_guard import function_allowed
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "sql_functions.txt"

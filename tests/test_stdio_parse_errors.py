@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from mcp.types import INVALID_REQUEST, LATEST_PROTOCOL_VERSION, PARSE_ERROR
+
 from lakegate.evals.mcp_client import REPO, server_params
 from lakegate.server.audit.log import read_records, verify
 from lakegate.server.transports.stdio_guard import MAX_LOGGED_LINE, check_line, logged_prefix, scan_envelope
-from mcp.types import INVALID_REQUEST, LATEST_PROTOCOL_VERSION, PARSE_ERROR
 
 
 def nested(levels: int) -> str:

@@ -9,10 +9,11 @@ from typing import Any
 import anyio
 import jsonschema
 import pytest
+from mcp.shared.exceptions import MCPError
+
 from lakegate.evals.mcp_client import connect, text_of
 from lakegate.server.audit.log import read_records, verify
-from lakegate.server.audit.refusals import is_listing
-from mcp.shared.exceptions import MCPError
+from lakegate.server.audit.record_model import audit_record
 
 
 def run(fn: Any, *args: Any) -> Any:
@@ -123,7 +124,7 @@ def test_denials_and_bad_arguments_are_clear_errors_and_the_server_keeps_serving
     assert outcomes[-1][0] is False and "sales.orders" in outcomes[-1][1]
 
     # (the client lists the tools once to check the first result it gets against its schema)
-    records = [r for r in read_records(audit_path) if not is_listing(r)]
+    records = [r for r in read_records(audit_path) if not audit_record(r).is_listing]
     assert len(records) == 9
     assert [(r["decision"], r["outcome"]) for r in records] == [
         ("deny", "denied"),  # ... but the audit log says what the policy did
@@ -172,7 +173,7 @@ def test_every_listing_leaves_an_audit_record(demo_home: Path, audit_path: Path)
     assert [r["rows"] for r in records] == [tools, len(uris), templates] and tools > 0 and templates == 1
     assert "lakegate://datasets/sales.orders" in uris
     for record in records:
-        assert is_listing(record) and record["details"] == {"listing": record["tool"]}
+        assert audit_record(record).is_listing and record["details"] == {"listing": record["tool"]}
         assert (record["principal"], record["transport"]) == ("analyst", "stdio")
         assert (record["decision"], record["outcome"]) == ("allow", "ok")
         assert "role:analyst" in record["roles"] and record["authenticated_by"] == "config"

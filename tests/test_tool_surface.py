@@ -14,9 +14,11 @@ from typing import Any
 
 import anyio
 import pytest
+
 from lakegate.evals.mcp_client import connect
 from lakegate.server.app import INSTRUCTIONS, mcp_tool
 from lakegate.tools import ALL_TOOLS, ToolName
+from lakegate.tools.base import ToolArgs, ToolResult, ToolSpec
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "tools.json"
 #: Rough token count (4 characters a token) an agent pays per description, every conversation.
@@ -25,12 +27,21 @@ DESCRIPTION_TOKEN_BUDGET = 120
 TOOL_LIST_TOKEN_BUDGET = 8000
 
 
-#: What each writing tool does to its environment (MCP: destructive = may replace or remove what
-#: exists; additive = only adds). Every tool not named here must be read-only.
-WRITE_EFFECTS = {
-    ToolName.APPEND_ROWS: "additive",
-    ToolName.RESTORE_TABLE: "destructive",  # moves the table's current snapshot back
-    ToolName.ADD_DOCUMENTS: "destructive",  # re-adding a doc_id replaces its passages
+#: The three MCP hints of every tool, pinned: (read-only, destructive = may replace or remove what
+#: exists, idempotent = calling twice with the same arguments is the same as calling once).
+HINTS = {
+    ToolName.LIST_DATASETS: (True, False, True),
+    ToolName.DESCRIBE_DATASET: (True, False, True),
+    ToolName.SEARCH_CATALOG: (True, False, True),
+    ToolName.QUERY: (True, False, True),
+    ToolName.LIST_METRICS: (True, False, True),
+    ToolName.DESCRIBE_METRIC: (True, False, True),
+    ToolName.QUERY_METRICS: (True, False, True),
+    ToolName.APPEND_ROWS: (False, False, False),  # only adds, and twice adds twice
+    ToolName.RESTORE_TABLE: (False, True, True),  # moves the table's current snapshot back
+    ToolName.SEARCH_DOCUMENTS: (True, False, True),
+    ToolName.ADD_DOCUMENTS: (False, True, True),  # re-adding a doc_id replaces its passages
+    ToolName.EXPLAIN_ACCESS: (True, False, True),
 }
 
 
@@ -67,11 +78,16 @@ def test_tool_meets_surface_rules(spec: Any) -> None:
     assert tool.output_schema and tool.output_schema["type"] == "object"
     annotations = tool.annotations
     assert annotations is not None
-    assert annotations.read_only_hint is spec.read_only
-    assert annotations.destructive_hint is spec.destructive
-    effect = WRITE_EFFECTS.get(spec.name)
-    assert spec.read_only is (effect is None), f"{spec.name} read-only hint is wrong"
-    assert spec.destructive is (effect == "destructive"), f"{spec.name} destructive hint is wrong"
+    assert (annotations.read_only_hint, annotations.destructive_hint, annotations.idempotent_hint) == HINTS[spec.name]
+    assert (spec.read_only, spec.destructive, spec.idempotent) == HINTS[spec.name]
+
+
+def test_every_tool_is_pinned_and_declares_its_hints() -> None:
+    assert set(HINTS) == set(ToolName)
+    with pytest.raises(TypeError):
+        ToolSpec(  # type: ignore[call-arg]  # the hints have no defaults
+            name=ToolName.QUERY, title="t", args=ToolArgs, result=ToolResult, handler=lambda s, a: a, render=str
+        )
 
 
 def test_tool_list_stays_small() -> None:

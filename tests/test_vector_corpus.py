@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from lakegate.evals.vector_corpus import Corpus, build_corpus, load_corpus, passage_vectors, sample_passages
 
 MODULE = '''"""Tools for shipping parcels. Parcels are weighed before labels are printed."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import lancedb
 import numpy as np
 import pyarrow as pa
+
 from lakegate.catalog.vector_index import (
     SearchParams,
     build_vector_index,

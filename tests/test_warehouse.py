@@ -6,17 +6,18 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import lakegate.catalog as catalog
 import pyarrow as pa
 import pytest
-from lakegate.catalog.definitions import DEFINITIONS_FILE, default_definitions_text, load_definitions
-from lakegate.catalog.warehouse import LIST_DATASETS_HINT, Warehouse, translate_errors
-from lakegate.errors import BackendError, ConfigurationError, NotFound
 from pyiceberg.exceptions import NoSuchTableError
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
 from pyiceberg.transforms import BucketTransform, IdentityTransform
 from pyiceberg.types import LongType, NestedField, StringType
+
+import lakegate.catalog as catalog
+from lakegate.catalog.definitions import DEFINITIONS_FILE, default_definitions_text, load_definitions
+from lakegate.catalog.warehouse import LIST_DATASETS_HINT, Warehouse, translate_errors
+from lakegate.errors import BackendError, ConfigurationError, NotFound
 
 DEMO_DATASETS = {
     "sales.customers",

@@ -16,16 +16,6 @@ from typing import Any
 import anyio
 import pyarrow as pa
 import pytest
-from lakegate.catalog.iceberg_writes import PreparedAppend, commit_append, prepare_append
-from lakegate.catalog.warehouse import Warehouse
-from lakegate.errors import LimitExceeded
-from lakegate.evals.mcp_client import connect, text_of
-from lakegate.server.app import Runtime, open_runtime
-from lakegate.server.audit.log import read_records, verify
-from lakegate.server.audit.refusals import is_listing
-from lakegate.server.gate.gate import GateOutcome
-from lakegate.server.gate.identity import CallOrigin, stdio_principal
-from lakegate.server.settings import load_settings
 from pyiceberg.schema import Schema
 from pyiceberg.types import (
     BooleanType,
@@ -37,6 +27,17 @@ from pyiceberg.types import (
     StringType,
     TimestamptzType,
 )
+
+from lakegate.catalog.iceberg_writes import PreparedAppend, commit_append, prepare_append
+from lakegate.catalog.warehouse import Warehouse
+from lakegate.errors import LimitExceeded
+from lakegate.evals.mcp_client import connect, text_of
+from lakegate.server.app import Runtime, open_runtime
+from lakegate.server.audit.log import read_records, verify
+from lakegate.server.audit.record_model import audit_record
+from lakegate.server.gate.gate import GateOutcome
+from lakegate.server.gate.identity import CallOrigin, stdio_principal
+from lakegate.server.settings import load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 TICKETS = "support.tickets"
@@ -411,9 +412,9 @@ def test_append_denial_and_restore_over_stdio(home: Path, tmp_path: Path) -> Non
     assert [row["ticket_id"] for row in read_rows(home, TICKETS)] == [1]
 
     records = list(read_records(audit))
-    listings = [(r["principal"], r["rows"]) for r in records if is_listing(r)]
+    listings = [(r["principal"], r["rows"]) for r in records if audit_record(r).is_listing]
     assert listings == [("support_agent", len(tools)), ("data_steward", len(steward_tools))]
-    calls = [r for r in records if not is_listing(r)]
+    calls = [r for r in records if not audit_record(r).is_listing]
     assert [(r["principal"], r["tool"], r["outcome"]) for r in calls] == [
         ("support_agent", "append_rows", "ok"),
         ("support_agent", "append_rows", "denied"),

@@ -13,16 +13,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from pydantic import Field
+
 from lakegate.catalog.document_search import CLASSIFICATIONS
 from lakegate.catalog.metric_compiler import CompiledQuery, MetricQuery, available_dimensions
 from lakegate.catalog.metric_definitions import SemanticCatalog
 from lakegate.errors import InvalidArgument, NotFound
 from lakegate.policies.explain import MASK_USES, ColumnRuling, SubjectPolicy
+from lakegate.policies.resources import (
+    CLASSIFICATION_MARK,
+    METRIC_PREFIX,
+    TOOL_PREFIX,
+    column_resource,
+    metric_resource,
+)
 from lakegate.policies.row_filters import RowFilter
-from lakegate.server.gate.scope import CallScope
 from lakegate.tools.base import ToolArgs, ToolResult, ToolSpec
 from lakegate.tools.names import ToolName
-from pydantic import Field
+from lakegate.tools.scope import ToolScope
 
 __all__ = [
     "ACCESS_TOOLS",
@@ -46,7 +54,7 @@ ACTIONS: dict[Kind, tuple[Action, ...]] = {
     "classification": ("read",),
     "tool": ("call",),
 }
-CLASSIFICATION = ".classification:"
+CLASSIFICATION = CLASSIFICATION_MARK
 RESOURCE_FORMS = (
     "a dataset 'sales.orders', a column 'sales.orders.region', 'metric:revenue', "
     "'kb.articles.classification:internal' or 'tool:query'"
@@ -104,10 +112,10 @@ class _Target:
 def _parse(resource: str) -> _Target:
     """Raises: InvalidArgument: not one of the resource forms."""
     resource = resource.strip()
-    if resource.startswith("metric:") and resource.removeprefix("metric:"):
-        return _Target("metric", resource, name=resource.removeprefix("metric:"))
-    if resource.startswith("tool:") and resource.removeprefix("tool:"):
-        return _Target("tool", resource, name=resource.removeprefix("tool:"))
+    if resource.startswith(METRIC_PREFIX) and resource.removeprefix(METRIC_PREFIX):
+        return _Target("metric", resource, name=resource.removeprefix(METRIC_PREFIX))
+    if resource.startswith(TOOL_PREFIX) and resource.removeprefix(TOOL_PREFIX):
+        return _Target("tool", resource, name=resource.removeprefix(TOOL_PREFIX))
     if CLASSIFICATION in resource:
         dataset, value = resource.split(CLASSIFICATION, 1)
         if dataset.count(".") == 1 and value:
@@ -180,7 +188,7 @@ def _read_dataset(policy: SubjectPolicy, dataset: str, names: Sequence[str], who
     decision = policy.decide(dataset, "read")
     if not decision.allowed:
         return _denied(decision.rule_text, f"list_datasets shows the datasets {who} may read; or {ASK}.")
-    rulings = [policy.column(f"{dataset}.{name}") for name in names]
+    rulings = [policy.column(column_resource(dataset, name)) for name in names]
     filters = policy.row_filters(dataset)
     advice = _column_advice(rulings, who) + _filter_advice(filters)
     if not advice:
@@ -214,7 +222,7 @@ def _write(policy: SubjectPolicy, target: _Target, names: Sequence[str], who: st
         return _Answer(True, "allow", f"{dataset.rule_text}; {column.rule_text}", [], [], [])
     columns = []
     for name in names:
-        decision = policy.decide(f"{target.dataset}.{name}", "write")
+        decision = policy.decide(column_resource(target.dataset, name), "write")
         columns.append(ColumnRule(name=name, access="allow" if decision.allowed else "deny", rule=decision.rule_text))
     denied = [c.name for c in columns if c.access == "deny"]
     advice = [f"A row may not set {', '.join(denied)}: omit {'it' if len(denied) == 1 else 'them'} or send null."]
@@ -225,11 +233,11 @@ def _write(policy: SubjectPolicy, target: _Target, names: Sequence[str], who: st
 def _read_metric(policy: SubjectPolicy, name: str, compiled: CompiledQuery, who: str) -> _Answer:
     instead = f"list_metrics shows the metrics {who} may read."
     for metric in [name, *sorted(set(compiled.metrics) - {name})]:
-        decision = policy.decide(f"metric:{metric}", "read")
+        decision = policy.decide(metric_resource(metric), "read")
         if not decision.allowed:
             why = "" if metric == name else f"It is built on metric {metric}, which {who} may not read. "
             return _denied(decision.rule_text, why + instead)
-    metric_rule = policy.decide(f"metric:{name}", "read").rule_text
+    metric_rule = policy.decide(metric_resource(name), "read").rule_text
     columns: list[ColumnRule] = []
     filters: list[RowFilter] = []
     blocked: list[str] = []
@@ -237,14 +245,15 @@ def _read_metric(policy: SubjectPolicy, name: str, compiled: CompiledQuery, who:
         table_decision = policy.decide(table, "read")
         if not table_decision.allowed:
             denied = [
-                ColumnRule(name=f"{table}.{c}", access="deny", rule=table_decision.rule_text) for c in sorted(names)
+                ColumnRule(name=column_resource(table, c), access="deny", rule=table_decision.rule_text)
+                for c in sorted(names)
             ]
             columns += denied
             blocked.append(f"{who} may not read {table}")
             continue
         filters += policy.row_filters(table)
         for column in sorted(names):
-            ruling = policy.column(f"{table}.{column}")
+            ruling = policy.column(column_resource(table, column))
             columns.append(ColumnRule(name=ruling.column, access=ruling.label, rule=ruling.rule_text))
             if ruling.access == "hidden":
                 blocked.append(f"{ruling.column} is hidden from {who}")
@@ -375,7 +384,7 @@ class _ScopeCatalog:
     """Resources as the caller of this tool call may see them: the same NotFound as describe_dataset
     and describe_metric for what it may not read, so that explaining never reveals a hidden name."""
 
-    def __init__(self, scope: CallScope) -> None:
+    def __init__(self, scope: ToolScope) -> None:
         self._scope = scope
 
     def columns(self, dataset: str) -> list[str]:
@@ -387,7 +396,7 @@ class _ScopeCatalog:
         return self._scope.compile_metrics(metric_query(self._scope.semantic, name))
 
 
-def explain_access(scope: CallScope, args: ExplainAccessArgs) -> AccessExplanation:
+def explain_access(scope: ToolScope, args: ExplainAccessArgs) -> AccessExplanation:
     policy = scope.policy_for(args.principal.strip() or None)
     own = policy.subject == scope.principal.name
     result = explain(policy, _ScopeCatalog(scope), args.resource, args.action, own=own)
@@ -405,11 +414,14 @@ def explain_access(scope: CallScope, args: ExplainAccessArgs) -> AccessExplanati
 
 ACCESS_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
     ToolSpec(
-        ToolName.EXPLAIN_ACCESS,
-        "Explain access",
-        ExplainAccessArgs,
-        AccessExplanation,
-        explain_access,
-        render_explanation,
+        name=ToolName.EXPLAIN_ACCESS,
+        title="Explain access",
+        args=ExplainAccessArgs,
+        result=AccessExplanation,
+        handler=explain_access,
+        render=render_explanation,
+        read_only=True,
+        destructive=False,
+        idempotent=True,
     ),
 )

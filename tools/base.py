@@ -1,7 +1,7 @@
 """What every lakegate tool is made of, and the one result-size convention they all follow.
 
 A tool is a `ToolSpec`: a name, a description (markdown beside this module), a pydantic model of
-its arguments, a pydantic model of its result, a handler that gets a `CallScope` and the validated
+its arguments, a pydantic model of its result, a handler that gets a `ToolScope` and the validated
 arguments, and a compact text rendering of the result. The server registers specs; it alone calls
 handlers, and only through the gate.
 
@@ -21,10 +21,11 @@ from functools import cached_property
 from importlib import resources
 from typing import Annotated, Any, Generic, TypeVar
 
-from lakegate.errors import InvalidArgument
-from lakegate.server.gate.scope import CallScope
-from lakegate.tools.names import ToolName
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
+
+from lakegate.errors import InvalidArgument
+from lakegate.tools.names import ToolName
+from lakegate.tools.scope import ToolScope
 
 __all__ = [
     "Page",
@@ -83,17 +84,29 @@ class Page(ToolResult):
     next_cursor: str | None = Field(default=None, description="Cursor for the next page, if truncated.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ToolSpec(Generic[ArgsT, ResultT]):
+    """One tool: what the agent sees (name, title, argument and result schemas, the description in
+    descriptions/<name>.md, the three MCP hints) and what runs (handler, compact text rendering).
+
+    The hints have no defaults: every tool says whether it only reads, whether it may destroy
+    (replace or roll back) data, and whether calling it twice with the same arguments is the same
+    as calling it once, so that a client can decide what to confirm with a person.
+    """
+
     name: ToolName
     title: str
     args: type[ArgsT]
     result: type[ResultT]
-    handler: Callable[[CallScope, ArgsT], ResultT]
+    handler: Callable[[ToolScope, ArgsT], ResultT]
     render: Callable[[ResultT], str]
-    read_only: bool = True
-    destructive: bool = False
-    idempotent: bool = True
+    read_only: bool
+    destructive: bool
+    idempotent: bool
+
+    def __post_init__(self) -> None:
+        if self.read_only and (self.destructive or not self.idempotent):
+            raise ValueError(f"tool {self.name.value}: a read-only tool is neither destructive nor non-idempotent")
 
     @cached_property
     def description(self) -> str:
@@ -139,7 +152,7 @@ def decode_cursor(cursor: str, args: BaseModel) -> tuple[int, dict[str, Any]]:
     return offset, pinned
 
 
-def paginate(items: Sequence[ItemT], args: PageArgs, scope: CallScope) -> tuple[list[ItemT], bool, str | None]:
+def paginate(items: Sequence[ItemT], args: PageArgs, scope: ToolScope) -> tuple[list[ItemT], bool, str | None]:
     """Cut one page from `items` within the row and byte budgets; returns (page, truncated, cursor)."""
     start = decode_cursor(args.cursor, args)[0] if args.cursor else 0
     row_budget = min(args.limit, scope.limits.max_rows)

@@ -6,12 +6,13 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import structlog
+from pydantic import Field
+
 from lakegate.catalog.catalog_search import CatalogEntry, rank_entries
 from lakegate.errors import ConfigurationError
-from lakegate.server.gate.scope import CallScope
 from lakegate.tools.base import Page, PageArgs, SnapshotId, ToolArgs, ToolResult, ToolSpec, paginate
 from lakegate.tools.names import ToolName
-from pydantic import Field
+from lakegate.tools.scope import ToolScope
 
 log = structlog.get_logger(__name__)
 
@@ -43,7 +44,7 @@ class DatasetList(Page):
     datasets: list[DatasetSummary]
 
 
-def list_datasets(scope: CallScope, args: ListDatasetsArgs) -> DatasetList:
+def list_datasets(scope: ToolScope, args: ListDatasetsArgs) -> DatasetList:
     names = scope.readable_datasets()
     if args.namespace:
         names = [name for name in names if name.split(".", 1)[0] == args.namespace]
@@ -117,7 +118,7 @@ class DatasetDescription(ToolResult):
     versions: list[VersionView] = Field(description="Most recent snapshots/versions, newest first.")
 
 
-def describe_dataset(scope: CallScope, args: DescribeDatasetArgs) -> DatasetDescription:
+def describe_dataset(scope: ToolScope, args: DescribeDatasetArgs) -> DatasetDescription:
     info, doc = scope.dataset(args.name)
     names = [column.name for column in info.columns]
     columns = []
@@ -210,7 +211,7 @@ class CatalogMatches(Page):
     matches: list[CatalogMatch]
 
 
-def _candidates(scope: CallScope) -> list[tuple[CatalogMatch, CatalogEntry]]:
+def _candidates(scope: ToolScope) -> list[tuple[CatalogMatch, CatalogEntry]]:
     """Everything the caller may read, as matches-to-be and the entries search ranks."""
     found: list[tuple[CatalogMatch, CatalogEntry]] = []
     for name in scope.readable_datasets():
@@ -249,7 +250,7 @@ def _candidates(scope: CallScope) -> list[tuple[CatalogMatch, CatalogEntry]]:
     return found
 
 
-def search_catalog(scope: CallScope, args: SearchCatalogArgs) -> CatalogMatches:
+def search_catalog(scope: ToolScope, args: SearchCatalogArgs) -> CatalogMatches:
     candidates = _candidates(scope)
     try:
         from lakegate.catalog.embedder import get_embedder
@@ -282,17 +283,36 @@ def render_matches(result: CatalogMatches) -> str:
 
 CATALOG_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
     ToolSpec(
-        ToolName.LIST_DATASETS, "List datasets", ListDatasetsArgs, DatasetList, list_datasets, render_dataset_list
+        name=ToolName.LIST_DATASETS,
+        title="List datasets",
+        args=ListDatasetsArgs,
+        result=DatasetList,
+        handler=list_datasets,
+        render=render_dataset_list,
+        read_only=True,
+        destructive=False,
+        idempotent=True,
     ),
     ToolSpec(
-        ToolName.DESCRIBE_DATASET,
-        "Describe a dataset",
-        DescribeDatasetArgs,
-        DatasetDescription,
-        describe_dataset,
-        render_description,
+        name=ToolName.DESCRIBE_DATASET,
+        title="Describe a dataset",
+        args=DescribeDatasetArgs,
+        result=DatasetDescription,
+        handler=describe_dataset,
+        render=render_description,
+        read_only=True,
+        destructive=False,
+        idempotent=True,
     ),
     ToolSpec(
-        ToolName.SEARCH_CATALOG, "Search the catalog", SearchCatalogArgs, CatalogMatches, search_catalog, render_matches
+        name=ToolName.SEARCH_CATALOG,
+        title="Search the catalog",
+        args=SearchCatalogArgs,
+        result=CatalogMatches,
+        handler=search_catalog,
+        render=render_matches,
+        read_only=True,
+        destructive=False,
+        idempotent=True,
     ),
 )

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from pydantic import Field
+
 from lakegate.catalog.chunking import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from lakegate.catalog.ingest import MAX_DOCUMENT_CHARS, MAX_DOCUMENTS, Document
-from lakegate.server.gate.scope import CallScope
 from lakegate.tools.base import ToolArgs, ToolResult, ToolSpec
 from lakegate.tools.names import ToolName
-from pydantic import Field
+from lakegate.tools.scope import ToolScope
 
 __all__ = ["DOCUMENT_TOOLS", "DocumentResults", "render_documents"]
 
@@ -53,7 +54,7 @@ class DocumentResults(ToolResult):
     passages: list[Passage]
 
 
-def search_documents(scope: CallScope, args: SearchDocumentsArgs) -> DocumentResults:
+def search_documents(scope: ToolScope, args: SearchDocumentsArgs) -> DocumentResults:
     wanted = args.filter or DocumentFilter()
     found = scope.search_documents(
         args.dataset,
@@ -131,7 +132,7 @@ class AddDocumentsResult(ToolResult):
     chunks: dict[str, int] = Field(description="Passages written per doc_id.")
 
 
-def add_documents(scope: CallScope, args: AddDocumentsArgs) -> AddDocumentsResult:
+def add_documents(scope: ToolScope, args: AddDocumentsArgs) -> AddDocumentsResult:
     documents = [
         Document(
             doc_id=d.doc_id,
@@ -158,22 +159,25 @@ def render_added(result: AddDocumentsResult) -> str:
 
 DOCUMENT_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
     ToolSpec(
-        ToolName.SEARCH_DOCUMENTS,
-        "Search documents",
-        SearchDocumentsArgs,
-        DocumentResults,
-        search_documents,
-        render_documents,
+        name=ToolName.SEARCH_DOCUMENTS,
+        title="Search documents",
+        args=SearchDocumentsArgs,
+        result=DocumentResults,
+        handler=search_documents,
+        render=render_documents,
+        read_only=True,
+        destructive=False,
+        idempotent=True,
     ),
     ToolSpec(
-        ToolName.ADD_DOCUMENTS,
-        "Add or replace documents",
-        AddDocumentsArgs,
-        AddDocumentsResult,
-        add_documents,
-        render_added,
+        name=ToolName.ADD_DOCUMENTS,
+        title="Add or replace documents",
+        args=AddDocumentsArgs,
+        result=AddDocumentsResult,
+        handler=add_documents,
+        render=render_added,
         read_only=False,
-        destructive=True,  # re-adding a doc_id replaces its passages (older versions stay readable)
+        destructive=True,
         idempotent=True,
     ),
 )

@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
+from pydantic import Field
+
 from lakegate.catalog.metric_compiler import DimensionFilter, MetricQuery, available_dimensions
 from lakegate.catalog.metric_definitions import Metric, MetricInput, SemanticCatalog
-from lakegate.server.gate.scope import CallScope
 from lakegate.tools.base import Page, PageArgs, ToolArgs, ToolResult, ToolSpec, paginate
 from lakegate.tools.names import ToolName
 from lakegate.tools.query import GovernedReadArgs, QueryResult, render_query, run_governed
-from pydantic import Field
+from lakegate.tools.scope import ToolScope
 
 __all__ = ["METRIC_TOOLS"]
 
@@ -44,7 +45,7 @@ def _words(text: str) -> set[str]:
     return set(_WORD.findall(text.lower()))
 
 
-def list_metrics(scope: CallScope, args: ListMetricsArgs) -> MetricList:
+def list_metrics(scope: ToolScope, args: ListMetricsArgs) -> MetricList:
     semantic = scope.semantic
     wanted = _words(args.search or "")
     found: list[tuple[float, MetricSummary]] = []
@@ -151,7 +152,7 @@ def _definition(semantic: SemanticCatalog, metric: Metric) -> dict[str, Any]:
     return {"expression": metric.expr, "inputs": [used(i) for i in metric.inputs]}
 
 
-def describe_metric(scope: CallScope, args: DescribeMetricArgs) -> MetricDescription:
+def describe_metric(scope: ToolScope, args: DescribeMetricArgs) -> MetricDescription:
     scope.require_metric(args.name)
     semantic = scope.semantic
     metric = semantic.metric(args.name, args.version)
@@ -234,7 +235,7 @@ class MetricsResult(QueryResult):
     )
 
 
-def query_metrics(scope: CallScope, args: QueryMetricsArgs) -> MetricsResult:
+def query_metrics(scope: ToolScope, args: QueryMetricsArgs) -> MetricsResult:
     query = MetricQuery(
         metrics=tuple(args.metrics),
         group_by=tuple(args.group_by),
@@ -254,14 +255,37 @@ def render_metrics(result: MetricsResult) -> str:
 
 
 METRIC_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
-    ToolSpec(ToolName.LIST_METRICS, "List metrics", ListMetricsArgs, MetricList, list_metrics, render_metric_list),
     ToolSpec(
-        ToolName.DESCRIBE_METRIC,
-        "Describe a metric",
-        DescribeMetricArgs,
-        MetricDescription,
-        describe_metric,
-        render_metric_description,
+        name=ToolName.LIST_METRICS,
+        title="List metrics",
+        args=ListMetricsArgs,
+        result=MetricList,
+        handler=list_metrics,
+        render=render_metric_list,
+        read_only=True,
+        destructive=False,
+        idempotent=True,
     ),
-    ToolSpec(ToolName.QUERY_METRICS, "Query metrics", QueryMetricsArgs, MetricsResult, query_metrics, render_metrics),
+    ToolSpec(
+        name=ToolName.DESCRIBE_METRIC,
+        title="Describe a metric",
+        args=DescribeMetricArgs,
+        result=MetricDescription,
+        handler=describe_metric,
+        render=render_metric_description,
+        read_only=True,
+        destructive=False,
+        idempotent=True,
+    ),
+    ToolSpec(
+        name=ToolName.QUERY_METRICS,
+        title="Query metrics",
+        args=QueryMetricsArgs,
+        result=MetricsResult,
+        handler=query_metrics,
+        render=render_metrics,
+        read_only=True,
+        destructive=False,
+        idempotent=True,
+    ),
 )

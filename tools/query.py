@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import Field
+
 from lakegate.errors import InvalidArgument
-from lakegate.server.gate.scope import CallScope
 from lakegate.tools.base import Page, SnapshotId, ToolArgs, ToolResult, ToolSpec, decode_cursor, encode_cursor
 from lakegate.tools.names import ToolName
-from pydantic import Field
+from lakegate.tools.scope import ToolScope
 
 __all__ = ["QUERY_TOOLS", "GovernedReadArgs", "QueryResult", "render_query", "run_governed"]
 
@@ -77,7 +78,7 @@ def _as_of(table: str, value: int | str) -> int | datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def run_governed(scope: CallScope, sql: str, args: GovernedReadArgs, *, show_rewritten: bool = False) -> dict[str, Any]:
+def run_governed(scope: ToolScope, sql: str, args: GovernedReadArgs, *, show_rewritten: bool = False) -> dict[str, Any]:
     """Run SQL through the governed path for one page of a tool's result; returns QueryResult fields.
 
     The policy-rewritten SQL is in the result with explain, or always with `show_rewritten`.
@@ -120,7 +121,7 @@ def run_governed(scope: CallScope, sql: str, args: GovernedReadArgs, *, show_rew
     }
 
 
-def query(scope: CallScope, args: QueryArgs) -> QueryResult:
+def query(scope: ToolScope, args: QueryArgs) -> QueryResult:
     return QueryResult(**run_governed(scope, args.sql, args))
 
 
@@ -153,5 +154,15 @@ def render_query(result: QueryResult) -> str:
 
 
 QUERY_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
-    ToolSpec(ToolName.QUERY, "Query tables with SQL", QueryArgs, QueryResult, query, render_query),
+    ToolSpec(
+        name=ToolName.QUERY,
+        title="Query tables with SQL",
+        args=QueryArgs,
+        result=QueryResult,
+        handler=query,
+        render=render_query,
+        read_only=True,
+        destructive=False,
+        idempotent=True,
+    ),
 )

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from lakegate.server.gate.scope import CallScope
+from pydantic import Field
+
 from lakegate.tools.base import SnapshotId, ToolArgs, ToolResult, ToolSpec
 from lakegate.tools.names import ToolName
-from pydantic import Field
+from lakegate.tools.scope import ToolScope
 
 __all__ = ["WRITE_TOOLS"]
 
@@ -39,7 +40,7 @@ class AppendResult(ToolResult):
     )
 
 
-def append_rows(scope: CallScope, args: AppendRowsArgs) -> AppendResult:
+def append_rows(scope: ToolScope, args: AppendRowsArgs) -> AppendResult:
     outcome = scope.append_rows(args.table, args.rows)
     return AppendResult(
         table=args.table,
@@ -71,7 +72,7 @@ class RestoreResult(ToolResult):
     changed: bool = Field(description="False when the snapshot was already current.")
 
 
-def restore_table(scope: CallScope, args: RestoreTableArgs) -> RestoreResult:
+def restore_table(scope: ToolScope, args: RestoreTableArgs) -> RestoreResult:
     outcome = scope.restore_table(args.table, args.snapshot_id)
     return RestoreResult(
         table=args.table,
@@ -92,23 +93,23 @@ def render_restore(result: RestoreResult) -> str:
 
 WRITE_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
     ToolSpec(
-        ToolName.APPEND_ROWS,
-        "Append rows to a table",
-        AppendRowsArgs,
-        AppendResult,
-        append_rows,
-        render_append,
+        name=ToolName.APPEND_ROWS,
+        title="Append rows to a table",
+        args=AppendRowsArgs,
+        result=AppendResult,
+        handler=append_rows,
+        render=render_append,
         read_only=False,
         destructive=False,
         idempotent=False,
     ),
     ToolSpec(
-        ToolName.RESTORE_TABLE,
-        "Restore a table to a snapshot",
-        RestoreTableArgs,
-        RestoreResult,
-        restore_table,
-        render_restore,
+        name=ToolName.RESTORE_TABLE,
+        title="Restore a table to a snapshot",
+        args=RestoreTableArgs,
+        result=RestoreResult,
+        handler=restore_table,
+        render=render_restore,
         read_only=False,
         destructive=True,
         idempotent=True,

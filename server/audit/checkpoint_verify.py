@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import ValidationError
+
 from lakegate.server.audit.checkpoints import Checkpoint, key_id, parse_public_keys
 from lakegate.server.audit.files import LogNames
 from lakegate.server.audit.records import GENESIS_HASH
-from pydantic import ValidationError
 
 __all__ = [
     "CheckpointFile",

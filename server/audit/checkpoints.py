@@ -39,10 +39,11 @@ import structlog
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from lakegate.errors import AuditWriteError, ConfigurationError
 from lakegate.server.audit.files import LogNames, create_private_file, fsync_dir
 from lakegate.server.audit.records import GENESIS_HASH, AuditFormatError, canonical_json, read_last_line
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
     "CHECKPOINT_KEY_FILE",

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from lakegate.errors import ServerError
 from lakegate.server.audit.records import GENESIS_HASH, AuditFormatError, chain_point, read_last_line, read_records
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
     "LogNames",

@@ -51,6 +51,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
+
 from lakegate.errors import AuditWriteError
 from lakegate.server.audit.checkpoints import Checkpoint, Checkpointing, CheckpointStore, CheckpointWriter, SigningKey
 from lakegate.server.audit.files import (
@@ -76,7 +78,6 @@ from lakegate.server.audit.records import (
     record_hash,
 )
 from lakegate.server.audit.verify import FileReport, Problem, ProblemKind, VerifyReport, verify
-from structlog.typing import EventDict, WrappedLogger
 
 if TYPE_CHECKING:
     from lakegate.server.settings import AuditSettings

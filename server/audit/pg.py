@@ -52,6 +52,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from pydantic import ValidationError
+
 from lakegate.errors import AuditWriteError
 from lakegate.server.audit.checkpoints import Checkpoint
 from lakegate.server.audit.log import (
@@ -63,7 +65,6 @@ from lakegate.server.audit.log import (
     record_hash,
     utc_now,
 )
-from pydantic import ValidationError
 
 __all__ = [
     "MirroredAuditLog",

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import sqlglot
+from sqlglot import exp
+
 from lakegate.catalog.definitions import CatalogDefinitions
 from lakegate.catalog.metric_compiler import parse_dimension
 from lakegate.catalog.metric_definitions import SemanticCatalog
@@ -31,7 +33,6 @@ from lakegate.policies.redaction import RedactionRules
 from lakegate.server.audit.files import create_private_file
 from lakegate.server.audit.log import canonical_json
 from lakegate.tools.names import ToolName
-from sqlglot import exp
 
 __all__ = [
     "KEY_FILE",

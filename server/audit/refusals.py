@@ -1,14 +1,7 @@
-"""Audit records of requests that are not tool calls, in the gate's record shape.
+"""Writing the records of requests refused before the gate, without letting a flood grow the log.
 
-- A listing (`tools/list`, `resources/list`, `resources/templates/list`): `tool` is the MCP method,
-  `details.listing` names it too (the agent can call a tool named "tools/list", but cannot set
-  `details`, so `is_listing` is what tells the two apart), decision `allow`, `rows` the number of
-  items listed.
-- A request refused before it reached the gate (a bad token, a line that is not JSON-RPC, a foreign
-  Host or Origin, a body over the limit, a session that is not the caller's): no tool, decision
-  `deny`, the refusal as `outcome`, nothing read.
-
-`RefusalLog` writes refusals without letting a client that floods the server grow the log without
+The records themselves are built by `lakegate.server.audit.record_builders.refused_request_record`.
+`RefusalLog` writes them so that a client that floods the server cannot grow the log without
 bound: per (kind of refusal, client address), the first refusal is written at once and the others
 within `REFUSAL_WINDOW_S` are counted, then written as one record whose `count` says how many
 requests it stands for (a record without `count` stands for one).
@@ -18,30 +11,20 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import anyio
 import anyio.to_thread
 import structlog
+
 from lakegate.errors import AuditWriteError
 from lakegate.server.audit.log import AuditLog, utc_now
+from lakegate.server.audit.record_model import AuditRecord
 
-__all__ = [
-    "LISTING_METHODS",
-    "MAX_REFUSAL_SOURCES",
-    "REFUSAL_WINDOW_S",
-    "RefusalLog",
-    "is_listing",
-    "listing_record",
-    "refused_request_record",
-]
+__all__ = ["MAX_REFUSAL_SOURCES", "REFUSAL_WINDOW_S", "RefusalLog"]
 
 log = structlog.get_logger(__name__)
 
-#: The MCP listings that leave an audit record (lakegate serves no prompts, so no prompts/list).
-LISTING_METHODS = ("tools/list", "resources/list", "resources/templates/list")
 #: How long refusals of one kind from one client address are counted into one record.
 REFUSAL_WINDOW_S = 10.0
 #: Client addresses tracked at once; refusals from further addresses share one record per kind, so
@@ -51,100 +34,13 @@ MAX_REFUSAL_SOURCES = 256
 MANY_SOURCES = "(many)"
 
 
-def listing_record(
-    *,
-    method: str,
-    request_id: str,
-    session_id: str | None,
-    principal: str,
-    roles: Sequence[str],
-    authenticated_by: str | None,
-    transport: str,
-    client: Mapping[str, str | None],
-    policy_version: str,
-    listed: int,
-    payload_bytes: int,
-    duration_s: float,
-) -> dict[str, Any]:
-    """The record of one listing: `tool` and `details.listing` are the method, `rows` the items listed."""
-    return {
-        "request_id": request_id,
-        "session_id": session_id,
-        "principal": principal,
-        "roles": list(roles),
-        "authenticated_by": authenticated_by,
-        "transport": transport,
-        "client": dict(client),
-        "tool": method,
-        "arguments": {},
-        "decision": "allow",
-        "rules": [],
-        "policy_version": policy_version,
-        "resources": [],
-        "rows": listed,
-        "bytes": payload_bytes,
-        "duration_ms": round(duration_s * 1000, 3),
-        "outcome": "ok",
-        "error": None,
-        "details": {"listing": method},
-    }
-
-
-def is_listing(record: Mapping[str, Any]) -> bool:
-    """Whether a record is a listing's (and not a call of a tool named like one)."""
-    details = record.get("details")
-    return (
-        record.get("tool") in LISTING_METHODS
-        and isinstance(details, Mapping)
-        and details.get("listing") == record.get("tool")
-    )
-
-
-def refused_request_record(
-    *,
-    request_id: str,
-    session_id: str | None,
-    principal: str,
-    roles: Sequence[str],
-    authenticated_by: str | None,
-    transport: str,
-    policy_version: str,
-    duration_s: float,
-    outcome: str,
-    error: str,
-    details: Mapping[str, Any],
-) -> dict[str, Any]:
-    """A record `lakegate audit` counts as a denial, with what the transport knew in `details`."""
-    return {
-        "request_id": request_id,
-        "session_id": session_id,
-        "principal": principal,
-        "roles": list(roles),
-        "authenticated_by": authenticated_by,
-        "transport": transport,
-        "client": {"name": None, "version": None},
-        "tool": None,
-        "arguments": {},
-        "decision": "deny",
-        "rules": [],
-        "policy_version": policy_version,
-        "resources": [],
-        "rows": 0,
-        "bytes": 0,
-        "duration_ms": round(duration_s * 1000, 3),
-        "outcome": outcome,
-        "error": error,
-        "details": dict(details),
-    }
-
-
 @dataclass
 class _Window:
     """Refusals of one kind from one source since the last record written for them."""
 
     ends: float
     counted: int = 0
-    last: dict[str, Any] = field(default_factory=dict)
+    last: AuditRecord | None = None
     first_at: str = ""
     last_at: str = ""
 
@@ -175,13 +71,13 @@ class RefusalLog:
         # Once `run` has written what was left, nothing would write what is counted after.
         self._stopped = False
 
-    async def refuse(self, record: Mapping[str, Any], *, kind: str, source: str | None) -> None:
+    async def refuse(self, record: AuditRecord, *, kind: str, source: str | None) -> None:
         """Count one refused request, writing its record when it is the first of its window.
 
         Never raises for a record it cannot write (see the class).
         """
         if self._stopped:
-            await self._write({**record, "count": 1})
+            await self._write(record.model_copy(update={"count": 1}))
             return
         now = time.monotonic()
         key = (kind, source or "")
@@ -190,7 +86,7 @@ class RefusalLog:
         window = self._windows.get(key)
         if window is not None:
             window.counted += 1
-            window.last = dict(record)
+            window.last = record
             window.first_at = window.first_at or utc_now()
             window.last_at = utc_now()
             return
@@ -198,7 +94,7 @@ class RefusalLog:
         self._windows[key] = _Window(ends=now + self.window_s)
         if self._opened is not None:
             self._opened.set()
-        await self._write({**record, "count": 1})
+        await self._write(record.model_copy(update={"count": 1}))
 
     async def run(self) -> None:
         """Write the counted refusals as their windows end, until cancelled; then write the rest."""
@@ -232,21 +128,18 @@ class RefusalLog:
                 self._windows[key] = _Window(ends=now + self.window_s)
             await self._write(record)
 
-    async def _write(self, record: dict[str, Any]) -> None:
+    async def _write(self, record: AuditRecord) -> None:
         try:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self.audit.append, record)
+                await anyio.to_thread.run_sync(self.audit.append, record.model_dump())
         except AuditWriteError as exc:
-            log.error("audit.write_failed", tool=None, outcome=record.get("outcome"), error=repr(exc.__cause__))
+            log.error("audit.write_failed", tool=None, outcome=record.outcome, error=repr(exc.__cause__))
 
 
-def _aggregate(window: _Window, window_s: float) -> dict[str, Any]:
-    details = window.last.get("details")
-    return {
-        **window.last,
-        "count": window.counted,
-        "details": {
-            **(details if isinstance(details, Mapping) else {}),
-            "aggregated": {"first_at": window.first_at, "last_at": window.last_at, "window_s": window_s},
-        },
-    }
+def _aggregate(window: _Window, window_s: float) -> AuditRecord:
+    """The last refusal counted in `window`, standing for all of them."""
+    assert window.last is not None, "a window that counted refusals holds the last one"
+    aggregated = {"first_at": window.first_at, "last_at": window.last_at, "window_s": window_s}
+    return window.last.model_copy(
+        update={"count": window.counted, "details": {**(window.last.details or {}), "aggregated": aggregated}}
+    )

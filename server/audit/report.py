@@ -1,6 +1,6 @@
 """``lakegate audit report``: the audit log as one self-contained HTML page for governance reviewers.
 
-Two pure steps. `build_report` turns records (as `lakegate.server.audit.review.select` keeps them) into
+Two pure steps. `build_report` turns records (`AuditRecord`s, as `lakegate.server.audit.review.select` keeps them) into
 counts and tables: calls over time by decision, denials by principal and by rule, the most
 accessed datasets and columns, every access to a PII column, the writes with their snapshots, the
 chain's verification and the raw records. `render_html` turns that into the page: a jinja2
@@ -35,12 +35,12 @@ import jinja2
 import plotly.graph_objects as go
 import plotly.io as pio
 import plotly.offline
-from lakegate.server.audit import log as audit_log
-from lakegate.server.audit.log import VerifyReport
-from lakegate.server.audit.refusals import is_listing
-from lakegate.server.audit.review import Filters, is_denial, is_error, record_time, request_count, summarise
-from lakegate.tools.names import ToolName
 from markupsafe import Markup
+
+from lakegate.server.audit.log import VerifyReport
+from lakegate.server.audit.record_model import AuditRecord, read_audit_records
+from lakegate.server.audit.review import Filters, summarise
+from lakegate.tools.names import ToolName
 
 __all__ = [
     "DEFAULT_TITLE",
@@ -79,17 +79,16 @@ _OTHER_COLOUR = "#607d8b"
 _DEFAULT_DENY = "no allow rule matched (deny by default)"
 
 
-def read_log(path: Path) -> Iterator[dict[str, Any]]:
-    """Every record of the log in order, rotated files included where `lakegate.server.audit.log` can read
-    them (``read_all_records``); a missing log is an empty one.
+def read_log(path: Path) -> Iterator[AuditRecord]:
+    """Every record of the log in order, rotated files included (`read_audit_records`); a missing log
+    is an empty one.
 
     Raises:
         OSError: the log cannot be read.
         lakegate.server.audit.log.AuditFormatError: a line is not a record.
     """
-    reader = getattr(audit_log, "read_all_records", audit_log.read_records)
     try:
-        yield from reader(path)
+        yield from read_audit_records(path)
     except FileNotFoundError:
         return
 
@@ -215,26 +214,13 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _time(record: Mapping[str, Any]) -> str:
-    when = record_time(record)
-    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if when else _text(record.get("time"))
+def _time(record: AuditRecord) -> str:
+    when = record.written_at
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if when else _text(record.time)
 
 
-def _resources(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    raw = record.get("resources")
-    return [r for r in raw if isinstance(r, Mapping)] if isinstance(raw, list) else []
-
-
-def _details(record: Mapping[str, Any]) -> Mapping[str, Any]:
-    details = record.get("details")
-    return details if isinstance(details, Mapping) else {}
-
-
-def _rules(record: Mapping[str, Any]) -> list[list[str]]:
-    raw = record.get("rules")
-    if not isinstance(raw, list):
-        return []
-    return [[_text(part) for part in rule] for rule in raw if isinstance(rule, list)]
+def _details(record: AuditRecord) -> Mapping[str, Any]:
+    return record.details or {}
 
 
 def _rule_text(rule: Sequence[str]) -> str:
@@ -280,32 +266,32 @@ def _bucket(when: datetime, unit: str) -> str:
     return day.isoformat()
 
 
-def _timeline(calls: Sequence[Mapping[str, Any]]) -> tuple[str, tuple[str, ...], dict[str, tuple[int, ...]]]:
-    timed = [(when, _text(r.get("decision")) or "(none)", r) for r in calls if (when := record_time(r))]
+def _timeline(calls: Sequence[AuditRecord]) -> tuple[str, tuple[str, ...], dict[str, tuple[int, ...]]]:
+    timed = [(when, r.decision, r) for r in calls if (when := r.written_at)]
     unit = _bucket_unit([when for when, _, _ in timed])
     counts: Counter[tuple[str, str]] = Counter()
     for when, decision, record in timed:
-        counts[(_bucket(when, unit), decision)] += request_count(record)
+        counts[(_bucket(when, unit), decision)] += record.requests
     labels = tuple(sorted({label for label, _ in counts}))
     present = {decision for _, decision in counts}
     decisions = [d for d in _DECISION_ORDER if d in present] + sorted(present - set(_DECISION_ORDER))
     return unit, labels, {d: tuple(counts[(label, d)] for label in labels) for d in decisions}
 
 
-def _denial_rule(record: Mapping[str, Any]) -> str:
+def _denial_rule(record: AuditRecord) -> str:
     """The deny rule that decided, else the default deny with the object no rule allowed."""
-    denying = [rule for rule in _rules(record) if rule and rule[-1] == "deny"]
+    denying = [rule for rule in record.rules if rule and rule[-1] == "deny"]
     if denying:
         return _rule_text(denying[-1])
-    refused = [r for r in _resources(record) if r.get("access") == "denied"]
+    refused = [r for r in record.resources if r.access == "denied"]
     if refused:
-        kind, name = _text(refused[0].get("type")), _text(refused[0].get("name"))
+        kind, name = refused[0].type, refused[0].name
         return f"{_DEFAULT_DENY}: {kind}:{name}" if kind == "tool" else f"{_DEFAULT_DENY}: {name}"
     return _DEFAULT_DENY
 
 
 def _denials(
-    calls: Sequence[Mapping[str, Any]],
+    calls: Sequence[AuditRecord],
 ) -> tuple[tuple[tuple[str, int], ...], tuple[DenialRule, ...]]:
     by_principal = tuple(
         (row.key[0], row.denials)
@@ -314,29 +300,29 @@ def _denials(
     )
     rules: dict[str, tuple[int, set[str]]] = {}
     for record in calls:
-        if is_denial(record):
+        if record.is_denial:
             rule = _denial_rule(record)
             count, who = rules.get(rule, (0, set()))
-            who.add(_text(record.get("principal")))
-            rules[rule] = (count + request_count(record), who)
+            who.add(record.principal)
+            rules[rule] = (count + record.requests, who)
     ordered = sorted(rules.items(), key=lambda item: (-item[1][0], item[0]))
     return by_principal, tuple(DenialRule(rule, n, tuple(sorted(who))) for rule, (n, who) in ordered)
 
 
-def _most_accessed(records: Sequence[Mapping[str, Any]], kind: str) -> tuple[ResourceCount, ...]:
+def _most_accessed(records: Sequence[AuditRecord], kind: str) -> tuple[ResourceCount, ...]:
     calls: Counter[str] = Counter()
     principals: dict[str, set[str]] = {}
     accesses: dict[str, Counter[str]] = {}
     for record in records:
         seen: set[str] = set()
-        for resource in _resources(record):
-            name = _text(resource.get("name"))
-            if resource.get("type") != kind or name in seen:
+        for resource in record.resources:
+            name = resource.name
+            if resource.type != kind or name in seen:
                 continue
             seen.add(name)
             calls[name] += 1
-            principals.setdefault(name, set()).add(_text(record.get("principal")))
-            accesses.setdefault(name, Counter())[_text(resource.get("access")) or "?"] += 1
+            principals.setdefault(name, set()).add(record.principal)
+            accesses.setdefault(name, Counter())[resource.access or "?"] += 1
     top = sorted(calls, key=lambda name: (-calls[name], name))[:TOP]
     return tuple(
         ResourceCount(
@@ -349,38 +335,36 @@ def _most_accessed(records: Sequence[Mapping[str, Any]], kind: str) -> tuple[Res
     )
 
 
-def _pii_accesses(records: Sequence[Mapping[str, Any]], sensitive: Collection[str]) -> list[ColumnAccess]:
+def _pii_accesses(records: Sequence[AuditRecord], sensitive: Collection[str]) -> list[ColumnAccess]:
     out = []
     for record in records:
-        if record.get("tool") in _SCHEMA_TOOLS:
+        if record.tool in _SCHEMA_TOOLS:
             continue
         masks = _details(record).get("masked_columns")
         masks = masks if isinstance(masks, Mapping) else {}
         data_rules = tuple(
-            _rule_text(rule) for rule in _rules(record) if len(rule) > 1 and not rule[1].startswith("tool:")
+            _rule_text(rule) for rule in record.rules if len(rule) > 1 and not rule[1].startswith("tool:")
         )
-        for resource in _resources(record):
-            name = _text(resource.get("name"))
-            access = _text(resource.get("access"))
-            if resource.get("type") != "column" or name not in sensitive or access == "metadata":
+        for resource in record.resources:
+            name, access = resource.name, resource.access
+            if resource.type != "column" or name not in sensitive or access == "metadata":
                 continue
             label = {"read": "clear", "masked": f"masked ({masks[name]})" if name in masks else "masked"}.get(
                 access, access
             )
-            roles = record.get("roles")
             out.append(
                 ColumnAccess(
-                    seq=_text(record.get("seq")),
+                    seq=_text(record.seq),
                     time=_time(record),
-                    principal=_text(record.get("principal")),
-                    roles=", ".join(_text(r) for r in roles) if isinstance(roles, list) else "",
-                    tool=_text(record.get("tool")),
+                    principal=record.principal,
+                    roles=", ".join(record.roles),
+                    tool=_text(record.tool),
                     column=name,
                     access=label,
                     clear=access == "read",
-                    outcome=_text(record.get("outcome")),
+                    outcome=record.outcome,
                     rules=data_rules,
-                    policy_version=_text(record.get("policy_version")),
+                    policy_version=record.policy_version,
                 )
             )
     return out
@@ -402,48 +386,47 @@ def _pii_by_principal(accesses: Sequence[ColumnAccess]) -> tuple[tuple[str, int,
     )
 
 
-def _write(record: Mapping[str, Any]) -> WriteRow:
+def _write(record: AuditRecord) -> WriteRow:
     details = _details(record)
-    arguments = record.get("arguments")
-    arguments = arguments if isinstance(arguments, Mapping) else {}
+    arguments = record.arguments
     target = details.get("table") or details.get("dataset") or arguments.get("table") or arguments.get("dataset")
     before = details.get("snapshot_before", details.get("version_before"))
     after = details.get("snapshot_after", details.get("version_after"))
     rows = details.get("rows", details.get("chunks"))
     return WriteRow(
-        seq=_text(record.get("seq")),
+        seq=_text(record.seq),
         time=_time(record),
-        principal=_text(record.get("principal")),
-        tool=_text(record.get("tool")),
+        principal=record.principal,
+        tool=_text(record.tool),
         target=_text(target),
         operation=_text(details.get("operation")),
         rows=_text(rows),
         before=_text(before) if "operation" in details else "",
         after=_text(after),
-        outcome=_text(record.get("outcome")),
-        error=_text(record.get("error")),
+        outcome=record.outcome,
+        error=_text(record.error),
     )
 
 
-def _raw(record: Mapping[str, Any]) -> RawRow:
-    names = [_text(r.get("name")) for r in _resources(record) if r.get("type") != "tool"]
+def _raw(record: AuditRecord) -> RawRow:
+    names = [r.name for r in record.resources if r.type != "tool"]
     return RawRow(
-        seq=_text(record.get("seq")),
+        seq=_text(record.seq),
         time=_time(record),
-        principal=_text(record.get("principal")),
-        tool=_text(record.get("tool")),
-        decision=_text(record.get("decision")),
-        outcome=_text(record.get("outcome")),
+        principal=record.principal,
+        tool=_text(record.tool),
+        decision=record.decision,
+        outcome=record.outcome,
         resources=", ".join(names),
-        error=_text(record.get("error")),
-        record_json=json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False),
-        kind="denial" if is_denial(record) else "error" if is_error(record) else "",
-        count=request_count(record),
+        error=_text(record.error),
+        record_json=json.dumps(record.model_dump(), indent=2, sort_keys=True, ensure_ascii=False),
+        kind="denial" if record.is_denial else "error" if record.is_error else "",
+        count=record.requests,
     )
 
 
 def build_report(
-    records: Sequence[Mapping[str, Any]],
+    records: Sequence[AuditRecord],
     *,
     chain: VerifyReport,
     sensitive_columns: Collection[str],
@@ -458,20 +441,20 @@ def build_report(
     ``chain`` is `lakegate.server.audit.log.verify` of the whole log (not only the selected records);
     ``sensitive_columns`` are the "namespace.table.column" names tagged PII.
     """
-    times = [when for when in (record_time(r) for r in records) if when is not None]
-    calls = [r for r in records if not is_listing(r)]
+    times = [when for when in (r.written_at for r in records) if when is not None]
+    calls = [r for r in records if not r.is_listing]
     totals = summarise(records, ())
     total = totals[0] if totals else None
     pii = _pii_accesses(calls, frozenset(sensitive_columns))
-    writes = [_write(r) for r in calls if r.get("tool") in _WRITE_TOOLS]
+    writes = [_write(r) for r in calls if r.tool in _WRITE_TOOLS]
     by_principal, rules = _denials(calls)
     counts = Counts(
         calls=total.calls if total else 0,
-        allowed=sum(request_count(r) for r in calls if r.get("decision") == "allow"),
-        partial=sum(request_count(r) for r in calls if r.get("decision") == "partial"),
+        allowed=sum(r.requests for r in calls if r.decision == "allow"),
+        partial=sum(r.requests for r in calls if r.decision == "partial"),
         denials=total.denials if total else 0,
         errors=total.errors if total else 0,
-        principals=len({_text(r.get("principal")) for r in records}),
+        principals=len({r.principal for r in records}),
         pii_clear=len({a.seq for a in pii if a.clear}),
         pii_masked=len({a.seq for a in pii if a.access.startswith("masked")}),
         writes=sum(w.outcome == "ok" for w in writes),
@@ -497,7 +480,7 @@ def build_report(
         writes=tuple(writes),
         raw=tuple(_raw(r) for r in reversed(shown)),  # newest first: what a reviewer looks at first
         raw_total=len(records),
-        untimed=sum(record_time(r) is None for r in calls),
+        untimed=sum(r.written_at is None for r in calls),
     )
 
 

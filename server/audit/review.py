@@ -1,36 +1,33 @@
 """Reading the audit log as a reviewer: filters, the ``show`` table and the ``summary`` counts.
 
-Pure functions over record dicts (as `lakegate.server.audit.log.read_records` yields them); nothing here
-touches a file or a terminal, so the CLI stays thin and these are tested directly.
+Pure functions over records (as `lakegate.server.audit.record_model.read_audit_records` parses them);
+nothing here touches a file or a terminal, so the CLI stays thin and these are tested directly.
 
-Not every record is one tool call: a listing (`lakegate.server.audit.refusals.is_listing`) is counted apart from
-the calls, and a refused HTTP request grouped with others (`lakegate.server.audit.refusals.RefusalLog`) stands
-for as many requests as its ``count`` says (`request_count`).
+Not every record is one tool call: a listing (`AuditRecord.is_listing`) is counted apart from the
+calls, and a refused HTTP request grouped with others (`lakegate.server.audit.refusals.RefusalLog`)
+stands for as many requests as its ``count`` says (`AuditRecord.requests`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from lakegate.server.audit.refusals import is_listing
 from rich.table import Table
+
+from lakegate.server.audit.record_model import AuditRecord
 
 __all__ = [
     "DIMENSIONS",
     "Dimension",
     "Filters",
     "SummaryRow",
-    "is_denial",
-    "is_error",
     "matches",
     "parse_dimensions",
     "parse_when",
-    "record_time",
-    "request_count",
     "select",
     "show_table",
     "summarise",
@@ -63,43 +60,6 @@ def parse_when(text: str, *, now: datetime | None = None) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def record_time(record: Mapping[str, Any]) -> datetime | None:
-    """The record's ``time`` as an aware datetime, or None when absent or unreadable."""
-    raw = record.get("time")
-    if not isinstance(raw, str):
-        return None
-    try:
-        value = datetime.fromisoformat(raw)
-    except ValueError:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _resources(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    raw = record.get("resources")
-    if not isinstance(raw, list):
-        return []
-    return [r for r in raw if isinstance(r, Mapping)]
-
-
-def is_denial(record: Mapping[str, Any]) -> bool:
-    """A call the policy refused (the decision, or the outcome when the decision is missing)."""
-    return record.get("decision") == "deny" or record.get("outcome") == "denied"
-
-
-def is_error(record: Mapping[str, Any]) -> bool:
-    """A call that failed for any reason other than a denial."""
-    outcome = record.get("outcome")
-    return outcome not in (None, "ok") and not is_denial(record)
-
-
-def request_count(record: Mapping[str, Any]) -> int:
-    """How many requests a record stands for: a grouped refusal's ``count``, else one."""
-    count = record.get("count")
-    # Anything but a positive integer (an edited or foreign record) counts as the record itself.
-    return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 1
-
-
 @dataclass(frozen=True)
 class Filters:
     """What ``show`` and ``summary`` keep. Every given criterion must match; ``limit`` keeps the
@@ -114,24 +74,24 @@ class Filters:
     limit: int | None = None
 
 
-def matches(record: Mapping[str, Any], filters: Filters) -> bool:
+def matches(record: AuditRecord, filters: Filters) -> bool:
     """Whether one record passes every criterion (``limit`` aside).
 
     A record without a readable time fails a ``since``/``until`` filter: a reviewer asking for
     a time window should not get records that cannot be placed in it.
     """
-    if filters.principal is not None and record.get("principal") != filters.principal:
+    if filters.principal is not None and record.principal != filters.principal:
         return False
-    if filters.tool is not None and record.get("tool") != filters.tool:
+    if filters.tool is not None and record.tool != filters.tool:
         return False
-    if filters.decision is not None and record.get("decision") != filters.decision:
+    if filters.decision is not None and record.decision != filters.decision:
         return False
     if filters.resource is not None:
         needle = filters.resource.lower()
-        if not any(needle in str(r.get("name", "")).lower() for r in _resources(record)):
+        if not any(needle in r.name.lower() for r in record.resources):
             return False
     if filters.since is not None or filters.until is not None:
-        when = record_time(record)
+        when = record.written_at
         if when is None:
             return False
         if filters.since is not None and when < filters.since:
@@ -141,7 +101,7 @@ def matches(record: Mapping[str, Any], filters: Filters) -> bool:
     return True
 
 
-def select(records: Iterable[Mapping[str, Any]], filters: Filters) -> list[Mapping[str, Any]]:
+def select(records: Iterable[AuditRecord], filters: Filters) -> list[AuditRecord]:
     """The matching records in log order (newest last), the newest ``limit`` of them if set."""
     kept = [r for r in records if matches(r, filters)]
     if filters.limit is not None:
@@ -152,24 +112,24 @@ def select(records: Iterable[Mapping[str, Any]], filters: Filters) -> list[Mappi
 # -- show ---------------------------------------------------------------------------------------
 
 
-def _short_time(record: Mapping[str, Any]) -> str:
+def _short_time(record: AuditRecord) -> str:
     # Month to second, without the year: the table's title gives the years it spans, and the
     # saved width goes to names. --json keeps the full timestamp.
-    when = record_time(record)
-    return when.astimezone(UTC).strftime("%m-%d %H:%M:%S") if when else str(record.get("time", ""))[:14]
+    when = record.written_at
+    return when.astimezone(UTC).strftime("%m-%d %H:%M:%S") if when else (record.time or "")[:14]
 
 
-def _span(records: Sequence[Mapping[str, Any]]) -> str:
-    times = [t for t in (record_time(r) for r in records) if t is not None]
+def _span(records: Sequence[AuditRecord]) -> str:
+    times = [t for t in (r.written_at for r in records) if t is not None]
     if not times:
         return ""
     first, last = (t.astimezone(UTC).date().isoformat() for t in (min(times), max(times)))
     return f"{first} .. {last} UTC" if first != last else f"{first} UTC"
 
 
-def _short_resources(record: Mapping[str, Any], width: int = 20) -> str:
+def _short_resources(record: AuditRecord, width: int = 20) -> str:
     """Resource names joined until ``width``, then ``+N`` for the rest (never empty if any)."""
-    names = [str(r.get("name", "?")) for r in _resources(record)]
+    names = [r.name for r in record.resources]
     text = ""
     for shown, name in enumerate(names):
         candidate = f"{text}, {name}" if text else name
@@ -216,7 +176,7 @@ def _table(title: str | None = None) -> Table:
     )
 
 
-def show_table(records: Sequence[Mapping[str, Any]]) -> Table:
+def show_table(records: Sequence[AuditRecord]) -> Table:
     """One row per record, in the order given; fits an 80-column terminal by folding long names."""
     table = _table(_span(records))
     table.add_column("time", no_wrap=True)
@@ -230,18 +190,17 @@ def show_table(records: Sequence[Mapping[str, Any]]) -> Table:
     table.add_column("rows", justify="right", no_wrap=True)
     table.add_column("ms", justify="right", no_wrap=True)
     for r in records:
-        style = "red" if is_denial(r) else "yellow" if is_error(r) else None
-        count = request_count(r)
+        style = "red" if r.is_denial else "yellow" if r.is_error else None
         table.add_row(
             _short_time(r),
-            str(r.get("seq", "")),
-            str(r.get("principal", "")),
-            str(r.get("tool", "")),
-            str(r.get("decision", "")),
-            str(r.get("outcome", "")) + (f" \u00d7{count}" if count > 1 else ""),
+            str(r.seq) if r.seq is not None else "",
+            r.principal,
+            r.tool or "",
+            r.decision,
+            r.outcome + (f" \u00d7{r.requests}" if r.requests > 1 else ""),
             _short_resources(r),
-            _compact(r.get("rows")),
-            _duration(r.get("duration_ms")),
+            _compact(r.rows),
+            _duration(r.duration_ms),
             style=style,
         )
     return table
@@ -293,26 +252,26 @@ class SummaryRow:
         }
 
 
-def _values(record: Mapping[str, Any], dim: Dimension) -> list[str]:
+def _values(record: AuditRecord, dim: Dimension) -> list[str]:
     if dim == "resource":
         # A call touching several resources counts once under each of them.
-        names = sorted({str(r.get("name", "?")) for r in _resources(record)})
+        names = sorted({r.name for r in record.resources})
         return names or ["(none)"]
     if dim == "day":
-        when = record_time(record)
+        when = record.written_at
         return [when.astimezone(UTC).date().isoformat() if when else "(unknown)"]
-    value = record.get(dim)
-    return [str(value) if value is not None else "(none)"]
+    value = {"principal": record.principal, "tool": record.tool, "decision": record.decision}[dim]
+    return [value if value is not None else "(none)"]
 
 
-def _keys(record: Mapping[str, Any], by: Sequence[Dimension]) -> list[tuple[str, ...]]:
+def _keys(record: AuditRecord, by: Sequence[Dimension]) -> list[tuple[str, ...]]:
     keys: list[tuple[str, ...]] = [()]
     for dim in by:
         keys = [key + (value,) for key in keys for value in _values(record, dim)]
     return keys
 
 
-def summarise(records: Iterable[Mapping[str, Any]], by: Sequence[Dimension]) -> list[SummaryRow]:
+def summarise(records: Iterable[AuditRecord], by: Sequence[Dimension]) -> list[SummaryRow]:
     """Counts per group, sorted by group key. With no dimensions, one row for everything.
 
     Grouping by resource counts a call under each resource it touched, so those totals can
@@ -320,20 +279,18 @@ def summarise(records: Iterable[Mapping[str, Any]], by: Sequence[Dimension]) -> 
     """
     groups: dict[tuple[str, ...], SummaryRow] = {}
     for record in records:
-        if is_listing(record):
+        if record.is_listing:
             # A listing's `rows` are the items listed, not data returned: not added to `rows`.
             for key in _keys(record, by):
                 groups.setdefault(key, SummaryRow(key)).listings += 1
             continue
-        rows = record.get("rows")
-        returned = rows if isinstance(rows, int) and not isinstance(rows, bool) else 0
-        count = request_count(record)
+        count = record.requests
         for key in _keys(record, by):
             row = groups.setdefault(key, SummaryRow(key))
             row.calls += count
-            row.denials += count * is_denial(record)
-            row.errors += count * is_error(record)
-            row.rows += returned
+            row.denials += count * record.is_denial
+            row.errors += count * record.is_error
+            row.rows += record.rows
     return [groups[k] for k in sorted(groups)]
 
 

@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+from rich.console import Console
+
 from lakegate.server.audit.checkpoint_verify import CheckpointTrust
 from lakegate.server.audit.checkpoints import Checkpoint, load_public_keys, signing_public_key
-from lakegate.server.audit.log import AuditFormatError, VerifyReport, read_all_records, verify
+from lakegate.server.audit.log import AuditFormatError, VerifyReport, verify
+from lakegate.server.audit.record_model import AuditRecord, read_audit_records
 from lakegate.server.audit.review import (
     DIMENSIONS,
     Filters,
@@ -29,12 +32,12 @@ from lakegate.server.audit.review import (
     summarise,
     summary_table,
 )
-from rich.console import Console
 
 __all__ = ["audit"]
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     from lakegate.server.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -116,11 +119,12 @@ def _exit_if_unreadable(path: Path) -> Iterator[None]:
         raise SystemExit(EXIT_UNREADABLE) from None
 
 
-def _records(path: Path) -> Iterator[dict[str, Any]]:
-    """The log's records, rotated files included; a missing log is an empty one, an unreadable one exits 2."""
+def _records(path: Path) -> Iterator[AuditRecord]:
+    """The log's records, rotated files included; a missing log is an empty one, an unreadable one
+    (or one with a line that is not a record) exits 2."""
     with _exit_if_unreadable(path):
         try:
-            yield from read_all_records(path)
+            yield from read_audit_records(path)
         except FileNotFoundError:
             return
 
@@ -170,8 +174,9 @@ def verify_command(
 def _configured_settings(ctx: click.Context, path: Path) -> Settings | None:
     """The project's settings when ``path`` is the log they configure (else the signing key and the
     checkpoint in PostgreSQL belong to another log), or None."""
-    from lakegate.server.settings import load_settings
     from pydantic import ValidationError
+
+    from lakegate.server.settings import load_settings
 
     obj = ctx.obj if isinstance(ctx.obj, Mapping) else {}
     try:
@@ -338,7 +343,7 @@ def show_command(ctx: click.Context, /, log_path: Path | None, as_json: bool, **
     records = select(_records(path), _filters(kw))
     if as_json:
         for record in records:
-            click.echo(json.dumps(record, ensure_ascii=False, sort_keys=True))
+            click.echo(json.dumps(record.model_dump(), ensure_ascii=False, sort_keys=True))
         return
     if not records:
         click.echo("no matching records")
@@ -398,13 +403,14 @@ def export_command(ctx: click.Context, /, log_path: Path | None, home: Path | No
     Exports nothing (exit 1) when the log does not verify or does not continue the table.
     """
     # Imported here: pyiceberg and the settings are not needed by the other audit commands.
+    from pydantic import ValidationError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
     from lakegate.catalog.definitions import load_definitions
     from lakegate.errors import LakegateError
     from lakegate.server.audit.export import AuditExportRefused, describe_result, export_audit_log
     from lakegate.server.profile import open_warehouse
     from lakegate.server.settings import load_settings
-    from pydantic import ValidationError
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     obj = ctx.obj if isinstance(ctx.obj, Mapping) else {}
     try:
@@ -477,9 +483,15 @@ def report_command(ctx: click.Context, /, log_path: Path | None, output: Path, t
 
     Exit 1 when the chain does not verify (the page is written and says so).
     """
-    # Imported here: plotly and jinja2 are only needed by this command.
+    # Imported here: plotly and jinja2 (the report extra) are only needed by this command.
     from lakegate.catalog.definitions import load_definitions
     from lakegate.errors import ConfigurationError
+    from lakegate.extras import MissingExtra, require_extra
+
+    try:
+        require_extra("report", "lakegate audit report")
+    except MissingExtra as exc:
+        raise click.ClickException(str(exc)) from None
     from lakegate.server.audit.report import DEFAULT_TITLE, PII_TAG, build_report, read_log, render_html
     from lakegate.server.settings import project_dir
 

@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import click
-from lakegate.server.settings import Settings, load_settings
 from pydantic import ValidationError
+
+from lakegate.server.settings import Settings, load_settings
 
 __all__ = ["command_settings"]
 

@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING
 
 import anyio
 import click
-from lakegate.server.cli.context import command_settings
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from lakegate.server.cli.context import command_settings
 
 if TYPE_CHECKING:
     from lakegate.evals.agent_eval import EvalReport, ScenarioResult

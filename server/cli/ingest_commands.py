@@ -15,14 +15,15 @@ from typing import Any
 
 import anyio
 import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from lakegate.catalog.chunking import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP, chunk_text
 from lakegate.catalog.document_search import CLASSIFICATIONS
 from lakegate.catalog.ingest import MAX_DOCUMENT_CHARS, MAX_DOCUMENTS, SUPPORTED_SUFFIXES, parse_file
 from lakegate.errors import LakegateError
 from lakegate.server.cli.context import command_settings as _settings
 from lakegate.server.settings import Settings
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 __all__ = ["ingest"]
 

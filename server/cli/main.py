@@ -10,7 +10,11 @@ from typing import Any
 
 import anyio
 import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from lakegate.errors import LakegateError
+from lakegate.extras import require_extra
 from lakegate.server.cli.audit_commands import audit
 from lakegate.server.cli.context import command_settings as _settings
 from lakegate.server.cli.eval_commands import eval_command
@@ -20,8 +24,6 @@ from lakegate.server.cli.policy_commands import policy
 from lakegate.server.cli.profile_commands import profile
 from lakegate.server.cli.token_command import token
 from lakegate.server.settings import CONFIG_FILE, Settings
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 __all__ = ["main"]
 
@@ -176,6 +178,7 @@ def _ensure_warehouse(settings: Settings) -> None:
 
 
 def _serve_http(settings: Settings) -> None:
+    require_extra("http", "lakegate serve --http")  # before anything else: say what to install
     from lakegate.server.app import open_runtime
     from lakegate.server.logs import configure_logging
     from lakegate.server.transports.http_auth import JwtVerifier, resource_url

@@ -16,6 +16,9 @@ from typing import Any
 
 import anyio
 import click
+from rich.console import Console
+from rich.table import Table
+
 from lakegate.catalog.metric_definitions import SemanticCatalog, parse_semantic_catalog
 from lakegate.catalog.metric_validation import (
     MetricsFiles,
@@ -31,8 +34,6 @@ from lakegate.catalog.metric_validation import (
 from lakegate.errors import ConfigurationError, LakegateError
 from lakegate.server.cli.context import command_settings as _settings
 from lakegate.server.settings import Settings
-from rich.console import Console
-from rich.table import Table
 
 __all__ = ["metrics"]
 

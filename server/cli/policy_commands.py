@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
 from lakegate.catalog.definitions import CatalogDefinitions, load_definitions
 from lakegate.errors import LakegateError, NotFound
 from lakegate.policies.enforcer import MODEL_FILE, POLICY_FILE, PolicyEnforcer, PolicyFiles, policy_files
@@ -28,9 +32,6 @@ from lakegate.policies.intent import IntentCheck, check_intents, load_intents
 from lakegate.policies.row_filters import ROW_FILTER_FILE
 from lakegate.server.cli.context import command_settings as _settings
 from lakegate.server.settings import Settings
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 if TYPE_CHECKING:
     from lakegate.catalog.metric_compiler import CompiledQuery

@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import NoReturn
 
 import click
+from rich.console import Console
+
 from lakegate.errors import LakegateError
 from lakegate.server.cli.context import command_settings as _settings
-from rich.console import Console
 
 __all__ = ["profile"]
 

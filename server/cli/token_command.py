@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import click
+
 from lakegate.server.cli.context import command_settings
 from lakegate.server.gate.identity import ROLE_PREFIX
 from lakegate.server.transports.http_auth import mint_token, resource_url

@@ -23,6 +23,9 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import structlog
+from mcp.types import CallToolResult, TextContent
+from pydantic import BaseModel, ValidationError
+
 from lakegate.catalog.definitions import CatalogDefinitions
 from lakegate.catalog.metric_definitions import SemanticCatalog
 from lakegate.catalog.warehouse import Warehouse
@@ -37,15 +40,15 @@ from lakegate.errors import (
     ServerError,
 )
 from lakegate.policies.enforcer import PolicyEnforcer
+from lakegate.policies.resources import tool_resource
 from lakegate.server.audit.log import AuditLog
+from lakegate.server.audit.record_builders import call_record, listing_record
+from lakegate.server.audit.record_model import AuditRecord, Decision
 from lakegate.server.audit.redaction import KEY_FILE, AuditKey, audit_arguments, loggable, redact_arguments
-from lakegate.server.audit.refusals import listing_record
 from lakegate.server.gate.identity import CallOrigin, Principal
 from lakegate.server.gate.scope import CallScope, ProgressFn
 from lakegate.server.settings import Settings
 from lakegate.tools.base import ToolSpec
-from mcp.types import CallToolResult, TextContent
-from pydantic import BaseModel, ValidationError
 
 __all__ = ["Gate", "GateOutcome", "redact_arguments", "to_call_result"]
 
@@ -100,7 +103,7 @@ class Gate:
         return [
             spec
             for name, spec in self.tools.items()
-            if self.enforcer.decide(principal.name, f"tool:{name}", "call").allowed
+            if self.enforcer.decide(principal.name, tool_resource(name), "call").allowed
         ]
 
     async def audit_listing(
@@ -121,7 +124,8 @@ class Gate:
             roles=principal.roles,
             authenticated_by=principal.authenticated_by,
             transport=origin.transport,
-            client={"name": origin.client_name, "version": origin.client_version},
+            client_name=origin.client_name,
+            client_version=origin.client_version,
             policy_version=self.enforcer.version,
             listed=listed,
             payload_bytes=payload_bytes,
@@ -130,7 +134,7 @@ class Gate:
         try:
             # As for a call: off the event loop, and a cancel does not separate a listing from its record.
             with anyio.CancelScope(shield=True):
-                written: dict[str, Any] = await anyio.to_thread.run_sync(self.audit.append, record)
+                written: dict[str, Any] = await anyio.to_thread.run_sync(self.audit.append, record.model_dump())
         except AuditWriteError as exc:
             log.error("audit.write_failed", tool=method, error=repr(exc.__cause__))
             raise
@@ -158,7 +162,7 @@ class Gate:
         payload = ""
         error: LakegateError | None = None
         tool_name = loggable(tool_name)
-        tool_decision = scope.decide(f"tool:{tool_name[:MAX_TOOL_NAME]}", "call")
+        tool_decision = scope.decide(tool_resource(tool_name[:MAX_TOOL_NAME]), "call")
         scope.record("tool", tool_name[:MAX_TOOL_NAME], "call" if tool_decision.allowed else "denied")
         try:
             spec = self.tools.get(tool_name)
@@ -193,7 +197,7 @@ class Gate:
                     record = self._record(
                         tool_name, arguments, principal, origin, scope, tool_decision.allowed, 0, Cancelled(), started
                     )
-                    await anyio.to_thread.run_sync(self.audit.append, record)
+                    await anyio.to_thread.run_sync(self.audit.append, record.model_dump())
                 except AuditWriteError as exc:
                     log.error("audit.write_failed", tool=tool_name, error=repr(exc.__cause__))
             raise
@@ -215,7 +219,7 @@ class Gate:
             # must not stall the other sessions this process serves. Shielded: once the call has
             # run, a cancel must not separate it from its record.
             with anyio.CancelScope(shield=True):
-                written = await anyio.to_thread.run_sync(self.audit.append, record)
+                written = await anyio.to_thread.run_sync(self.audit.append, record.model_dump())
         except AuditWriteError as exc:
             log.error("audit.write_failed", tool=tool_name, error=repr(exc.__cause__))
             return GateOutcome(None, "", exc, None)
@@ -234,12 +238,18 @@ class Gate:
         payload_bytes: int,
         error: LakegateError | None,
         started: float,
-    ) -> dict[str, Any]:
+    ) -> AuditRecord:
+        """The call's audit record.
+
+        Raises:
+            AuditWriteError: it cannot be built (the redaction key cannot be read, a value does not fit).
+        """
         accesses = {touched.access for touched in scope.touched}
         # A dataset (or metric) the caller may not read is refused with NotFound, so that the agent
         # cannot tell it from a missing one; the record, read by reviewers and never by the agent,
         # says what the policy did. The tool's own entry is left out: an unknown tool is really missing.
         refused_resource = any(t.access == "denied" and t.type != "tool" for t in scope.touched)
+        decision: Decision
         if not tool_allowed or isinstance(error, PolicyDenied) or refused_resource:
             decision = "deny"
         elif accesses & {"masked", "hidden", "filtered"}:
@@ -252,16 +262,17 @@ class Gate:
             outcome = PolicyDenied.outcome
         else:
             outcome = error.outcome
-        return {
-            "request_id": origin.request_id,
-            "session_id": origin.session_id,
-            "principal": principal.name,
-            "roles": list(principal.roles),
-            "authenticated_by": principal.authenticated_by,
-            "transport": origin.transport,
-            "client": {"name": origin.client_name, "version": origin.client_version},
-            "tool": tool_name[:MAX_TOOL_NAME],
-            "arguments": audit_arguments(
+        return call_record(
+            request_id=origin.request_id,
+            session_id=origin.session_id,
+            principal=principal.name,
+            roles=principal.roles,
+            authenticated_by=principal.authenticated_by,
+            transport=origin.transport,
+            client_name=origin.client_name,
+            client_version=origin.client_version,
+            tool=tool_name[:MAX_TOOL_NAME],
+            arguments=audit_arguments(
                 tool_name,
                 arguments,
                 self.enforcer.redaction,
@@ -270,17 +281,17 @@ class Gate:
                 semantic=self.semantic,
                 extra_names=self.settings.audit.sensitive_arguments,
             ),
-            "decision": decision,
-            "rules": [list(rule) for rule in scope.rules],
-            "policy_version": self.enforcer.version,
-            "resources": [touched.as_record() for touched in scope.touched],
-            "rows": scope.rows if error is None else 0,
-            "bytes": payload_bytes if error is None else 0,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-            "outcome": outcome,
-            "error": None if error is None else _public_message(error),
-            **({"details": scope.details} if scope.details else {}),
-        }
+            decision=decision,
+            rules=scope.rules,
+            policy_version=self.enforcer.version,
+            resources=scope.touched,
+            rows=scope.rows if error is None else 0,
+            payload_bytes=payload_bytes if error is None else 0,
+            duration_s=time.perf_counter() - started,
+            outcome=outcome,
+            error=None if error is None else _public_message(error),
+            details=scope.details,
+        )
 
 
 async def _run_handler(spec: ToolSpec[Any, Any], scope: CallScope, args: BaseModel) -> BaseModel:

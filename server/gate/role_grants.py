@@ -21,6 +21,7 @@ from typing import Any, cast
 
 import casbin
 import structlog
+
 from lakegate.policies.enforcer import Decision, PolicyEnforcer
 from lakegate.policies.row_filters import RowFilter
 from lakegate.server.gate.identity import ROLE_PREFIX, Principal

@@ -25,6 +25,7 @@ from lakegate.errors import LimitExceeded, NotFound, PolicyDenied
 from lakegate.policies.columns import ColumnAccess, column_access
 from lakegate.policies.enforcer import Decision, PolicyEnforcer
 from lakegate.policies.explain import EXPLAIN_OTHERS, SubjectPolicy
+from lakegate.policies.resources import classification_resource, column_resource, metric_resource
 from lakegate.server.gate.identity import Principal
 from lakegate.server.settings import Settings
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from lakegate.catalog.metric_definitions import SemanticCatalog
     from lakegate.catalog.query_engine import QueryEngine
     from lakegate.policies.row_filters import RowFilter
-    from lakegate.server.gate.governed_query import QueryPage
+    from lakegate.tools.scope import QueryPage
 
 __all__ = ["CallScope", "ProgressFn", "Touched"]
 
@@ -51,9 +52,6 @@ class Touched:
     name: str
     access: str
     version: int | None = None
-
-    def as_record(self) -> dict[str, Any]:
-        return {"type": self.type, "name": self.name, "access": self.access, "version": self.version}
 
 
 class CallScope:
@@ -114,7 +112,7 @@ class CallScope:
         """Column-level access (clear, masked, hidden) for columns of a dataset."""
         accesses = []
         for name in names:
-            access = column_access(self._enforcer, self.principal.name, f"{dataset}.{name}")
+            access = column_access(self._enforcer, self.principal.name, column_resource(dataset, name))
             if access.decision.rule and access.decision.rule not in self.rules:
                 self.rules.append(access.decision.rule)
             accesses.append(access)
@@ -230,7 +228,7 @@ class CallScope:
 
     def may_read_metric(self, name: str) -> bool:
         """Whether the policy lets this principal read `metric:<name>`."""
-        return self.decide(f"metric:{name}", "read").allowed
+        return self.decide(metric_resource(name), "read").allowed
 
     def _inputs_of(self, name: str, version: int | None) -> set[str]:
         """Every metric a metric is built on, inputs of inputs included.
@@ -339,10 +337,10 @@ class CallScope:
         prepared = prepare_append(self._warehouse, name, rows)
         denied = []
         for column in prepared.columns_set:
-            decision = self.decide(f"{name}.{column}", "write")
+            decision = self.decide(column_resource(name, column), "write")
             if not decision.allowed:
                 denied.append((column, decision))
-                self.touched.append(Touched("column", f"{name}.{column}", "denied"))
+                self.touched.append(Touched("column", column_resource(name, column), "denied"))
         if denied:
             columns = ", ".join(column for column, _ in denied)
             raise PolicyDenied(
@@ -398,7 +396,7 @@ class CallScope:
         """The classifications of `name` the caller may read, and the roles it holds."""
         from lakegate.catalog.document_search import CLASSIFICATIONS
 
-        readable = [c for c in CLASSIFICATIONS if self.decide(f"{name}.classification:{c}", "read").allowed]
+        readable = [c for c in CLASSIFICATIONS if self.decide(classification_resource(name, c), "read").allowed]
         # The live role graph, the one every decision above was taken with.
         return readable, self._enforcer.roles_for(self.principal.name)
 
@@ -522,7 +520,7 @@ class CallScope:
                 f"{name} is a table, not a dataset of documents.", hint="Append rows to tables with append_rows."
             )
         for classification in sorted({d.classification for d in documents}):
-            obj = f"{name}.classification:{classification}"
+            obj = classification_resource(name, classification)
             decision = self.decide(obj, "read")
             if not decision.allowed:
                 self.touched.append(Touched("classification", obj, "denied"))

@@ -27,6 +27,17 @@ from urllib.parse import urlsplit
 
 import anyio
 import structlog
+from mcp.server.context import ServerRequestContext
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from lakegate.server.app import Runtime, create_server
 from lakegate.server.audit.refusals import REFUSAL_WINDOW_S, RefusalLog
 from lakegate.server.gate.identity import ANONYMOUS, Principal, granted_roles, token_principal
@@ -49,16 +60,6 @@ from lakegate.server.transports.http_auth import (
     resource_url,
 )
 from lakegate.server.transports.http_metrics import HttpMetrics, RequestMetrics, metered
-from mcp.server.context import ServerRequestContext
-from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
-from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
-from starlette.applications import Starlette
-from starlette.datastructures import Headers
-from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["create_http_app", "security_settings"]
 

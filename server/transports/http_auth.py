@@ -23,17 +23,20 @@ from typing import Any
 
 import jwt
 import structlog
-from lakegate.errors import ClientError, ConfigurationError
-from lakegate.server.audit.redaction import loggable
-from lakegate.server.audit.refusals import RefusalLog, refused_request_record
-from lakegate.server.gate.identity import ANONYMOUS, ROLE_PREFIX
-from lakegate.server.settings import Settings
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from starlette.authentication import AuthCredentials
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from lakegate.errors import ClientError, ConfigurationError
+from lakegate.server.audit.record_builders import refused_request_record
+from lakegate.server.audit.record_model import AuditRecord
+from lakegate.server.audit.redaction import loggable
+from lakegate.server.audit.refusals import RefusalLog
+from lakegate.server.gate.identity import ANONYMOUS, ROLE_PREFIX
+from lakegate.server.settings import Settings
 
 __all__ = [
     "TOKEN_SCOPE_KEY",
@@ -456,7 +459,7 @@ def http_refusal_record(
     principal: str = ANONYMOUS,
     roles: tuple[str, ...] = (),
     authenticated_by: str | None = None,
-) -> dict[str, Any]:
+) -> AuditRecord:
     """The audit record of an HTTP request refused before the MCP layer: the gate's record shape,
     decision `deny`, the refusal as `outcome`, the HTTP status and what the request said about
     itself in `details` (never its token; headers cut to `MAX_LOGGED_HEADER` characters)."""
@@ -488,7 +491,7 @@ def http_refusal_record(
 
 def refusal_record(
     scope: Scope, headers: Headers, error: InvalidToken, *, policy_version: str, duration_s: float
-) -> dict[str, Any]:
+) -> AuditRecord:
     """The audit record of a request refused for its token: `http_refusal_record` with status 401,
     outcome `unauthenticated` and the token's problem as `reason`."""
     return http_refusal_record(

@@ -11,12 +11,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
-from lakegate.server.audit.log import AuditLog
-from lakegate.server.audit.refusals import is_listing
+import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lakegate.server.audit.log import AuditFormatError, AuditLog
+from lakegate.server.audit.record_model import AuditRecord, audit_record
+
 __all__ = ["HttpMetrics", "MeteredAuditLog", "RequestMetrics", "metered"]
+
+log = structlog.get_logger(__name__)
 
 UNKNOWN = "(unknown)"
 OTHER = "(other)"
@@ -56,18 +60,14 @@ class HttpMetrics:
             "lakegate_http_requests", "HTTP requests by route and status.", ["route", "status"], registry=self.registry
         )
 
-    def observe_record(self, record: Mapping[str, Any]) -> None:
+    def observe_record(self, record: AuditRecord) -> None:
         """Count one audit record of a tool call (records of refusals and listings are not)."""
-        tool = record.get("tool")
-        if not isinstance(tool, str) or is_listing(record):
+        if record.tool is None or record.is_listing:
             return
-        label = tool if tool in self.tools else UNKNOWN
-        decision = str(record.get("decision"))
-        self.tool_calls.labels(label, decision, str(record.get("outcome"))).inc()
-        duration = record.get("duration_ms")
-        if isinstance(duration, int | float):
-            self.tool_latency.labels(label).observe(duration / 1000)
-        if decision == "deny":
+        label = record.tool if record.tool in self.tools else UNKNOWN
+        self.tool_calls.labels(label, record.decision, record.outcome).inc()
+        self.tool_latency.labels(label).observe(record.duration_ms / 1000)
+        if record.decision == "deny":
             self.denials.labels(label).inc()
 
     def auth_failure(self, reason: str) -> None:
@@ -105,7 +105,13 @@ class MeteredAuditLog:
             AuditWriteError: as the wrapped log's `append`.
         """
         written = self._inner.append(record)
-        self._metrics.observe_record(written)
+        try:
+            counted = audit_record(written)
+        except AuditFormatError as exc:
+            # Written, so no reason to fail the call: the metrics miss one record, the log says why.
+            log.error("metrics.unreadable_record", error=str(exc))
+        else:
+            self._metrics.observe_record(counted)
         return written
 
 

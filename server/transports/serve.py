@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from mcp.server.context import ServerRequestContext
+from mcp.server.stdio import stdio_server
+
+from lakegate.extras import require_extra
 from lakegate.server.app import Runtime, create_server
 from lakegate.server.gate.identity import Principal, stdio_principal
 from lakegate.server.transports.stdio_guard import GuardedStdin, claimed_stdin
-from mcp.server.context import ServerRequestContext
-from mcp.server.stdio import stdio_server
 
 __all__ = ["serve_http", "serve_stdio"]
 
@@ -40,8 +42,11 @@ def serve_http(runtime: Runtime) -> None:
 
     Raises:
         ConfigurationError: no token keys are configured, or they cannot be read.
+        MissingExtra: the http extra is not installed (the message says how to install it).
     """
+    require_extra("http", "lakegate serve --http")
     import uvicorn
+
     from lakegate.server.transports.http_app import create_http_app
 
     settings = runtime.settings

@@ -25,13 +25,15 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 import anyio
 import anyio.to_thread
 import structlog
-from lakegate.errors import AuditWriteError, ClientError
-from lakegate.server.audit.redaction import loggable
-from lakegate.server.audit.refusals import refused_request_record
-from lakegate.server.gate.identity import Principal, stdio_principal
 from mcp.shared.message import SessionMessage
 from mcp.types import INVALID_REQUEST, PARSE_ERROR, ErrorData, JSONRPCError, jsonrpc_message_adapter
 from pydantic import ValidationError
+
+from lakegate.errors import AuditWriteError, ClientError
+from lakegate.server.audit.record_builders import refused_request_record
+from lakegate.server.audit.record_model import AuditRecord
+from lakegate.server.audit.redaction import loggable
+from lakegate.server.gate.identity import Principal, stdio_principal
 
 if TYPE_CHECKING:
     from lakegate.server.app import Runtime
@@ -247,7 +249,7 @@ def refusal_record(
     policy_version: str,
     sensitive: Iterable[str] | None,
     duration_s: float,
-) -> dict[str, Any]:
+) -> AuditRecord:
     """The audit record of a refused line: the gate's record shape, decision `deny`, outcome
     `invalid_request`, with the line's id, method and start (none of it when ``sensitive`` is None:
     every value is sensitive then)."""
@@ -349,7 +351,7 @@ class GuardedStdin(anyio.AsyncFile[str]):
         )
         try:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(runtime.audit.append, record)
+                await anyio.to_thread.run_sync(runtime.audit.append, record.model_dump())
         except AuditWriteError as exc:
             log.error("audit.write_failed", tool=None, error=repr(exc.__cause__))
         log.warning("stdio.unreadable_line", reason=refused.error.reason, id=refused.envelope.id)

@@ -1,0 +1,139 @@
+"""The settings of lakegate's storage and query components, defined beside them.
+
+server/settings.py composes them into the one `Settings` object (environment `LAKEGATE_QUERY__*`,
+`LAKEGATE_WRITES__*`, `LAKEGATE_STORAGE__*`), and hands each component the part it needs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from lakegate.catalog.vector_index import INDEX_MIN_ROWS
+
+__all__ = ["QuerySettings", "StorageSettings", "WriteSettings", "parse_bytes"]
+
+_BYTE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+               "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}  # fmt: skip
+
+
+def parse_bytes(text: str) -> int:
+    """Bytes in "4GB", "512MiB" or "1000000" (DuckDB's spelling of sizes: GB is 1000^3, GiB 1024^3).
+
+    Raises:
+        ValueError: not a number with an optional unit.
+    """
+    spelled = text.strip().upper().replace(" ", "")
+    number = spelled.rstrip("KMGTIB")
+    unit = spelled[len(number) :]
+    if unit not in _BYTE_UNITS:
+        raise ValueError(f"{text!r} is not a size: use bytes, or a number with KB, MB, GB, KiB, MiB or GiB")
+    try:
+        return int(float(number) * _BYTE_UNITS[unit])
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size: use bytes, or a number with KB, MB, GB, KiB, MiB or GiB") from None
+
+
+class QuerySettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    timeout_s: float = Field(
+        default=30.0, gt=0, description="Longest a governed SQL query may run before it is interrupted."
+    )
+    memory_limit: str = Field(
+        default="1GB", description="DuckDB memory limit of one query (each query runs in its own sandbox)."
+    )
+    threads: int = Field(default=2, ge=1, description="DuckDB worker threads per query.")
+    spill_limit: str = Field(
+        default="2GB",
+        description="Most disk one query may spill to when it outgrows its memory (under <home>/spill).",
+    )
+    concurrency: int = Field(
+        default=4,
+        ge=1,
+        description="Queries that run at once, each in a worker process of its own; further "
+        "queries wait for a free worker.",
+    )
+    worker_memory_limit: str | None = Field(
+        default="3GB",
+        description="Operating-system limit on the memory of one query worker process (its data segment, "
+        "RLIMIT_DATA), DuckDB and Python together: a query that outgrows it is stopped with a clear error "
+        "and the server keeps serving. Must leave room above memory_limit. Null: no limit.",
+    )
+    max_sql_chars: int = Field(default=20_000, ge=100, description="Longest SQL text accepted by the query tool.")
+
+    @field_validator("worker_memory_limit")
+    @classmethod
+    def _check_size(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_bytes(value)
+        return value
+
+
+class WriteSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_rows: int = Field(default=10_000, ge=1, description="Most rows one append_rows call may write.")
+    commit_attempts: int = Field(
+        default=20,
+        ge=1,
+        description="How often lakegate retries an Iceberg commit that lost a race with another writer.",
+    )
+    vector_index_min_rows: int = Field(
+        default=INDEX_MIN_ROWS,
+        ge=256,
+        description="add_documents builds a dataset's vector index once it holds more passages than this; "
+        "below it, exact search is fast enough.",
+    )
+
+
+class StorageSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backend: Literal["local", "s3"] = Field(
+        default="local",
+        description="Where the Iceberg data and metadata files and the Lance datasets live: local (under the "
+        "state directory) or s3 (S3-compatible object storage, shared by replicas on different hosts).",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        description="S3 endpoint URL, e.g. http://minio:9000 (http:// allows plain HTTP). Default: AWS S3 of "
+        "the region.",
+    )
+    region: str = Field(default="us-east-1", min_length=1, description="S3 region of the buckets.")
+    iceberg_location: str = Field(
+        default="s3://warehouse/lakegate",
+        description="s3://bucket/prefix under which the Iceberg data and metadata files are written; the "
+        "only place governed SQL reads from.",
+    )
+    lance_location: str = Field(
+        default="s3://lance/lakegate",
+        description="s3://bucket/prefix holding one Lance dataset per namespace.table.",
+    )
+    access_key_id: str | None = Field(
+        default=None,
+        description="S3 access key id. Default: the AWS default chain (AWS_ACCESS_KEY_ID, profiles, instance role).",
+    )
+    secret_access_key: SecretStr | None = Field(
+        default=None, description="S3 secret access key, with access_key_id; never printed."
+    )
+    path_style: bool = Field(
+        default=True,
+        description="Path-style requests (endpoint/bucket/key), which MinIO, SeaweedFS and Ceph need; false "
+        "for virtual-hosted style (bucket.endpoint/key).",
+    )
+
+    @field_validator("iceberg_location", "lance_location")
+    @classmethod
+    def _s3_location(cls, value: str) -> str:
+        bucket = value.removeprefix("s3://").split("/", 1)[0]
+        if not value.startswith("s3://") or not bucket:
+            raise ValueError(f"{value!r} is not an S3 location: use s3://bucket/prefix")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _keys_in_pairs(self) -> StorageSettings:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("set both storage.access_key_id and storage.secret_access_key, or neither")
+        return self
