@@ -225,3 +225,22 @@ def test_no_module_is_over_800_lines(path: Path) -> None:
 
 def test_server_keeps_fewer_than_10_flat_modules() -> None:
     assert len(list((REPO / "server").glob("*.py"))) < 10
+
+
+@pytest.mark.parametrize(
+    "package",
+    [
+        "lakegate.server.gate",
+        "lakegate.server.audit",
+        "lakegate.server.transports",
+        "lakegate.server.cli",
+        "lakegate.tools",
+    ],
+)
+def test_each_sub_package_has_a_small_public_face(package: str) -> None:
+    """What other packages use of a sub-package, it exports (`__all__`), and every name resolves."""
+    import importlib
+
+    module = importlib.import_module(package)
+    exported = getattr(module, "__all__", [])
+    assert 0 < len(exported) <= 12 and all(hasattr(module, name) for name in exported), exported
