@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-__all__ = ["MIN_SIMILARITY", "RRF_K", "CatalogEntry", "rank_entries"]
+__all__ = ["MIN_SIMILARITY", "RRF_K", "CatalogEntry", "rank_entries", "warm_entries"]
 
 RRF_K = 60
 #: Cosine similarity below which a meaning-only match is noise for all-MiniLM-L6-v2.
@@ -86,6 +86,14 @@ def rank_entries(
         for rank, (index, _) in enumerate(ranking, start=1):
             fused[index] = fused.get(index, 0.0) + 1.0 / (RRF_K + rank)
     return sorted(fused.items(), key=lambda item: (-item[1], item[0]))
+
+
+def warm_entries(entries: Sequence[CatalogEntry], model: str, embed: Embed) -> int:
+    """Embed the entries not embedded yet (the server's warm-up does it before the first search);
+    returns how many the cache holds for `model`."""
+    _entry_vectors(entries, model, embed)
+    with _vectors_lock:
+        return sum(1 for key in _vectors if key[0] == model)
 
 
 def _entry_vectors(entries: Sequence[CatalogEntry], model: str, embed: Embed) -> npt.NDArray[np.float32]:

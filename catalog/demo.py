@@ -164,6 +164,10 @@ def build_demo(
         embedder = get_embedder()
     step("loaded the embedding model")
     kb_rows = write_kb(warehouse, definitions, embedder, sizes.kb, seed, step)
+    # torch is loaded now: export the query encoder's graph, so that serving never needs torch.
+    from lakegate.catalog.query_graph import ensure_query_graph
+
+    ensure_query_graph(warehouse.models_dir, embedder)
 
     tables = dict(writer.rows)
     tables[KB_DATASET] = kb_rows

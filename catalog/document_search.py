@@ -28,9 +28,12 @@ from lakegate.catalog.warehouse import translate_errors
 from lakegate.errors import InvalidArgument, NotFound
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from lancedb.table import Table as LanceTable
 
     from lakegate.catalog.embedder import Embedder
+    from lakegate.catalog.query_embedder import TextEncoder
     from lakegate.catalog.warehouse import Warehouse
 
 __all__ = [
@@ -164,7 +167,7 @@ def recorded_model(metadata: dict[bytes, bytes] | None) -> tuple[str | None, str
     return recorded.get(MODEL_KEY), recorded.get(MODEL_HASH_KEY)
 
 
-def check_embedding_model(metadata: dict[bytes, bytes] | None, embedder: Embedder, name: str) -> None:
+def check_embedding_model(metadata: dict[bytes, bytes] | None, embedder: TextEncoder | Embedder, name: str) -> None:
     """Refuse a vector search when the dataset's vectors come from another model than the query's.
 
     Raises:
@@ -215,12 +218,12 @@ def _has_fulltext_index(table: LanceTable) -> bool:
     )
 
 
-def _query_vector(table: LanceTable, name: str, query: str) -> Any:
-    from lakegate.catalog.embedder import get_embedder
+def _query_vector(table: LanceTable, name: str, query: str, models_dir: Path) -> Any:
+    from lakegate.catalog.query_embedder import get_query_embedder
 
-    embedder = get_embedder()
-    check_embedding_model(table.schema.metadata, embedder, name)
-    return embedder.embed_query(query)
+    encoder = get_query_embedder(models_dir)
+    check_embedding_model(table.schema.metadata, encoder, name)
+    return encoder.embed_query(query)
 
 
 def _rows(table: LanceTable, label: Literal["vector", "fulltext"], query: Any, predicate: str, k: int) -> list[Any]:
@@ -306,7 +309,8 @@ def search_passages(
             predicate = _without_hidden_now(warehouse, name, table, predicate, access)
         ranked: dict[str, list[Any]] = {}
         if mode != "fulltext":
-            ranked["vector"] = _rows(table, "vector", _query_vector(table, name, query), predicate, k)
+            vector = _query_vector(table, name, query, warehouse.models_dir)
+            ranked["vector"] = _rows(table, "vector", vector, predicate, k)
         if mode != "vector":
             ranked["fulltext"] = _rows(table, "fulltext", query, predicate, k)
     if mode == "vector":

@@ -21,7 +21,7 @@ import numpy.typing as npt
 import structlog
 
 from lakegate.catalog.embedding_pipeline import EmbeddingPipeline
-from lakegate.catalog.query_encoder import OnnxQueryEncoder, onnx_available
+from lakegate.catalog.query_encoder import OnnxQueryEncoder, export_graph, onnx_available
 from lakegate.errors import ConfigurationError
 
 __all__ = [
@@ -138,6 +138,11 @@ class Embedder:
         # ONNX Runtime speeds up single queries on the CPU only; on a GPU torch is already fast.
         self.query_backend = "onnx" if self.device == "cpu" and onnx_available() else "torch"
 
+    @property
+    def model(self) -> Any:
+        """The loaded SentenceTransformer (to export its graph)."""
+        return self._model
+
     def embed(self, texts: Sequence[str], *, batch_size: int | None = None) -> npt.NDArray[np.float32]:
         """Embed `texts`; returns an array of shape (len(texts), DIMENSION), rows of unit length.
 
@@ -165,7 +170,7 @@ class Embedder:
         with self._lock:
             if self._query_encoder is None and self.query_backend == "onnx":
                 try:
-                    self._query_encoder = OnnxQueryEncoder(self._model, self._model_dir)
+                    self._query_encoder = OnnxQueryEncoder(export_graph(self._model), self._model_dir)
                 except Exception as exc:  # an optional speed-up: never fail a search for it
                     _log.warning("onnx_query_encoder_unavailable", error=str(exc))
                     self.query_backend = "torch"

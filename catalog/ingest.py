@@ -30,6 +30,7 @@ import structlog
 
 from lakegate.catalog.chunking import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP, chunk_text
 from lakegate.catalog.document_search import CLASSIFICATIONS, VECTOR_COLUMN, recorded_model, sql_string
+from lakegate.catalog.query_graph import ensure_query_graph, graph_path
 from lakegate.catalog.vector_index import INDEX_MIN_ROWS, ensure_vector_index
 from lakegate.catalog.warehouse import translate_errors
 from lakegate.errors import InvalidArgument
@@ -318,6 +319,8 @@ def ingest_documents(
         before = int(table.version)
         rows_before = table.count_rows()
     _check_model(schema.metadata, embedder, name)
+    if not graph_path(warehouse.models_dir).exists():  # torch is loaded: make serving need it no more
+        ensure_query_graph(warehouse.models_dir, embedder)
     rows = _passages(documents, chunk_size, overlap)
     vectors = _embed(embedder, [text for _, _, text in rows], progress)
     batch = _batch(schema, name, rows, vectors)

@@ -1,18 +1,19 @@
 """Single-query embedding on the CPU with ONNX Runtime, the same vectors as the ingest path.
 
 Search embeds one short query per call, where torch's per-call overhead dominates (~25 ms here
-against ~6-9 ms for ONNX Runtime). The ONNX graph is exported in memory from the torch model the
-Embedder already loaded from verified weights, so there is no second model file to download, pin
-or tamper with; export takes ~2 s once per process. Tokenisation uses the model's own
-`tokenizer.json` with the same truncation as sentence-transformers, and pooling (attention-masked
-mean, then L2 norm) is the model's: vectors match the torch path within ~2e-7
-(tests/test_query_encoder.py checks 1e-6).
+against ~6-9 ms for ONNX Runtime). The ONNX graph is exported from the torch model the Embedder
+loaded from verified weights (`export_graph`, ~2 s), where torch is loaded anyway, and kept on disk
+with a hash of its own (catalog/query_graph.py), so that a serving process opens it without torch.
+Tokenisation uses the model's own `tokenizer.json` with the same truncation as
+sentence-transformers, and pooling (attention-masked mean, then L2 norm) is the model's: vectors
+match the torch path within ~2e-7 (tests/test_query_encoder.py checks 1e-6).
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import json
 import threading
 import warnings
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["OnnxQueryEncoder", "onnx_available"]
+__all__ = ["OPSET", "OnnxQueryEncoder", "export_graph", "onnx_available"]
 
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OPSET = 17
@@ -40,17 +41,19 @@ def onnx_available() -> bool:
 
 
 class OnnxQueryEncoder:
-    """Embeds one text at a time through an ONNX export of a loaded sentence-transformers model."""
+    """Embeds one text at a time through the ONNX graph of the sentence-transformers model."""
 
-    def __init__(self, model: Any, model_dir: Path, *, threads: int = 1) -> None:
-        """Export `model` (a CPU SentenceTransformer) to ONNX in memory and open a session on it.
+    def __init__(self, graph: bytes, model_dir: Path, *, threads: int = 1) -> None:
+        """Open an ONNX Runtime session on `graph` (from `export_graph`, or verified from disk) with the
+        model's own tokenizer and truncation, read from `model_dir`. Imports no torch.
 
         `threads` is ONNX Runtime's intra-op pool: one query is small, and the queries of several
         agents run side by side with DuckDB, so one thread each is the better default.
 
         Raises:
             ImportError: onnxruntime or tokenizers is missing.
-            RuntimeError: the export or the session fails.
+            RuntimeError: the session cannot be created on the graph.
+            OSError, ValueError: the tokenizer or the model's configuration cannot be read.
         """
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -58,11 +61,12 @@ class OnnxQueryEncoder:
         self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         # The shipped tokenizer.json pads every input to 128 tokens; one query needs no padding.
         self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(int(model.max_seq_length))
+        config = json.loads((model_dir / "sentence_bert_config.json").read_text(encoding="utf-8"))
+        self._tokenizer.enable_truncation(int(config["max_seq_length"]))  # as sentence-transformers does
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        self._session = ort.InferenceSession(_export(model), options, providers=["CPUExecutionProvider"])
+        self._session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         self._lock = threading.Lock()
 
     def encode(self, text: str) -> npt.NDArray[np.float32]:
@@ -81,7 +85,13 @@ class OnnxQueryEncoder:
         return np.asarray(vector, dtype=np.float32)
 
 
-def _export(model: Any) -> bytes:
+def export_graph(model: Any) -> bytes:
+    """The ONNX graph (opset `OPSET`) of a CPU SentenceTransformer's transformer: token ids in,
+    hidden states out (pooling is done by `OnnxQueryEncoder`). Loads torch.
+
+    Raises:
+        RuntimeError: the export fails.
+    """
     import torch
 
     # Export a copy: tracing the live module leaves state behind in transformers' attention code

@@ -173,15 +173,15 @@ class QueryEngine:
         self._closed = False
 
     def warm(self) -> None:
-        """Start one worker ahead of the first query (in the background: errors wait for that query)."""
+        """Start one worker ahead of the first query, if none is running yet.
 
-        def start() -> None:
-            try:
-                self._release(self._acquire())
-            except LakegateError:
-                log.warning("query.warm_failed", exc_info=True)
-
-        threading.Thread(target=start, name="lakegate-query-warm", daemon=True).start()
+        Raises:
+            BackendError: the worker cannot start (the first query would fail the same way).
+        """
+        with self._available:
+            running = bool(self._all) or self._starting > 0
+        if not running:
+            self._release(self._acquire())
 
     def _acquire(self) -> _WorkerProcess:
         deadline = time.monotonic() + self.settings.timeout_s

@@ -140,6 +140,11 @@ class Warehouse:
         return self.state_dir / "iceberg" / "warehouse"
 
     @property
+    def models_dir(self) -> Path:
+        """Where files made from the embedding model live (the query encoder's ONNX graph)."""
+        return self.state_dir / "models"
+
+    @property
     def iceberg_location(self) -> str:
         """The Iceberg warehouse location: an s3:// URI with an object store, else a file:// URI."""
         if self.object_store is not None:

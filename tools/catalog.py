@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 from pydantic import Field
@@ -13,6 +14,11 @@ from lakegate.errors import ConfigurationError
 from lakegate.tools.base import Page, PageArgs, SnapshotId, ToolArgs, ToolResult, ToolSpec, paginate
 from lakegate.tools.names import ToolName
 from lakegate.tools.scope import ToolScope
+
+if TYPE_CHECKING:
+    from lakegate.catalog.definitions import DatasetDoc
+    from lakegate.catalog.metric_definitions import Metric
+    from lakegate.catalog.warehouse import DatasetInfo
 
 log = structlog.get_logger(__name__)
 
@@ -211,52 +217,60 @@ class CatalogMatches(Page):
     matches: list[CatalogMatch]
 
 
-def _candidates(scope: ToolScope) -> list[tuple[CatalogMatch, CatalogEntry]]:
+Candidate = tuple[CatalogMatch, CatalogEntry]
+
+
+def dataset_candidates(
+    name: str, info: DatasetInfo, doc: DatasetDoc | None, visible: Collection[str]
+) -> list[Candidate]:
+    """A dataset and its `visible` columns as matches-to-be and the entries search ranks."""
+    description = doc.description if doc else ""
+    tags = list(doc.tags) if doc else []
+    found: list[Candidate] = [
+        (
+            CatalogMatch(kind="dataset", dataset=name, description=description, tags=tags, score=0),
+            CatalogEntry(name, description, tuple(tags)),
+        )
+    ]
+    for column in info.columns:
+        if column.name not in visible:
+            continue
+        column_doc = doc.column(column.name) if doc else None
+        text = column_doc.description if column_doc else (column.doc or "")
+        column_tags = list(column_doc.tags) if column_doc else []
+        match = CatalogMatch(
+            kind="column", dataset=name, column=column.name, description=text, tags=column_tags, score=0
+        )
+        found.append((match, CatalogEntry(column.name, text, tuple(column_tags))))
+    return found
+
+
+def metric_candidate(name: str, metric: Metric) -> Candidate:
+    synonyms = tuple(metric.synonyms)
+    match = CatalogMatch(kind="metric", metric=name, description=metric.description, tags=list(synonyms), score=0)
+    return match, CatalogEntry(name, metric.description, synonyms)
+
+
+def _candidates(scope: ToolScope) -> list[Candidate]:
     """Everything the caller may read, as matches-to-be and the entries search ranks."""
-    found: list[tuple[CatalogMatch, CatalogEntry]] = []
+    found: list[Candidate] = []
     for name in scope.readable_datasets():
         info, doc = scope.dataset(name)
-        description = doc.description if doc else ""
-        tags = list(doc.tags) if doc else []
-        found.append(
-            (
-                CatalogMatch(kind="dataset", dataset=name, description=description, tags=tags, score=0),
-                CatalogEntry(name, description, tuple(tags)),
-            )
-        )
         names = [column.name for column in info.columns]
-        for column, access in zip(info.columns, scope.columns(name, names), strict=True):
-            if not access.visible:
-                continue
-            column_doc = doc.column(column.name) if doc else None
-            text = column_doc.description if column_doc else (column.doc or "")
-            column_tags = list(column_doc.tags) if column_doc else []
-            match = CatalogMatch(
-                kind="column", dataset=name, column=column.name, description=text, tags=column_tags, score=0
-            )
-            found.append((match, CatalogEntry(column.name, text, tuple(column_tags))))
+        visible = {c for c, access in zip(names, scope.columns(name, names), strict=True) if access.visible}
+        found += dataset_candidates(name, info, doc, visible)
     semantic = scope.semantic
-    for name in semantic.metric_names():
-        if not scope.may_read_metric(name):
-            continue
-        metric = semantic.metric(name)
-        synonyms = tuple(metric.synonyms)
-        found.append(
-            (
-                CatalogMatch(kind="metric", metric=name, description=metric.description, tags=list(synonyms), score=0),
-                CatalogEntry(name, metric.description, synonyms),
-            )
-        )
+    found += [
+        metric_candidate(name, semantic.metric(name)) for name in semantic.metric_names() if scope.may_read_metric(name)
+    ]
     return found
 
 
 def search_catalog(scope: ToolScope, args: SearchCatalogArgs) -> CatalogMatches:
     candidates = _candidates(scope)
     try:
-        from lakegate.catalog.embedder import get_embedder
-
-        embedder = get_embedder()
-        model, embed, embed_query = embedder.model_hash, embedder.embed, embedder.embed_query
+        encoder = scope.text_encoder()
+        model, embed, embed_query = encoder.model_hash, encoder.embed, encoder.embed_query
     except ConfigurationError as exc:  # no model: words still work, and the log says why
         log.warning("catalog_search_words_only", error=str(exc))
         model, embed, embed_query = "", None, None

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from lakegate.catalog.ingest import Document, IngestOutcome
     from lakegate.catalog.metric_compiler import CompiledQuery, MetricQuery
     from lakegate.catalog.metric_definitions import SemanticCatalog
+    from lakegate.catalog.query_embedder import TextEncoder
     from lakegate.catalog.warehouse import DatasetInfo
     from lakegate.policies.columns import ColumnAccess
     from lakegate.policies.enforcer import Decision
@@ -72,6 +73,8 @@ class ToolScope(Protocol):
     def semantic(self) -> SemanticCatalog: ...
 
     def decide(self, obj: str, action: str) -> Decision: ...
+
+    def text_encoder(self) -> TextEncoder: ...
 
     def columns(self, dataset: str, names: list[str]) -> list[ColumnAccess]: ...
 

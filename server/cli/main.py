@@ -20,6 +20,7 @@ from lakegate.server.cli.context import command_settings as _settings
 from lakegate.server.cli.eval_commands import eval_command
 from lakegate.server.cli.ingest_commands import ingest
 from lakegate.server.cli.metrics_commands import metrics
+from lakegate.server.cli.models_command import models
 from lakegate.server.cli.policy_commands import policy
 from lakegate.server.cli.profile_commands import profile
 from lakegate.server.cli.token_command import token
@@ -144,6 +145,7 @@ def serve(ctx: click.Context, principal: str | None, http: bool, host: str | Non
     from lakegate.server.app import open_runtime
     from lakegate.server.logs import configure_logging
     from lakegate.server.transports.serve import serve_stdio
+    from lakegate.server.warm_up import start_warm_up
 
     if http:
         if principal is not None:
@@ -157,6 +159,7 @@ def serve(ctx: click.Context, principal: str | None, http: bool, host: str | Non
     configure_logging(settings.log_level)
     _ensure_warehouse(settings)
     runtime = open_runtime(settings)
+    start_warm_up(runtime)  # in the background: initialize is answered at once
     who = settings.principal or "anonymous (no --principal: every call will be denied)"
     err.print(f"lakegate serving MCP over stdio as {who}; project {settings.project}.")
     err.print("Connect an MCP client to this process's stdin/stdout; Ctrl-D or closing the client stops it.")
@@ -183,11 +186,13 @@ def _serve_http(settings: Settings) -> None:
     from lakegate.server.logs import configure_logging
     from lakegate.server.transports.http_auth import JwtVerifier, resource_url
     from lakegate.server.transports.serve import serve_http
+    from lakegate.server.warm_up import start_warm_up
 
     configure_logging(settings.log_level)
     verifier = JwtVerifier(settings)  # refuse to start without keys, before building anything
     _ensure_warehouse(settings)
     runtime = open_runtime(settings)
+    start_warm_up(runtime)
     err.print(f"lakegate serving MCP Streamable HTTP at {resource_url(settings)}; project {settings.project}.")
     err.print(
         f"Bearer tokens: {', '.join(verifier.algorithms)}, issuer {verifier.issuer}, audience {verifier.audience}. "
@@ -206,6 +211,7 @@ cli.add_command(profile)
 cli.add_command(ingest)
 cli.add_command(token)
 cli.add_command(eval_command)
+cli.add_command(models)
 
 
 def main() -> None:

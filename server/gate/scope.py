@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from lakegate.catalog.ingest import Document, IngestOutcome
     from lakegate.catalog.metric_compiler import CompiledQuery, MetricQuery
     from lakegate.catalog.metric_definitions import SemanticCatalog
+    from lakegate.catalog.query_embedder import TextEncoder
     from lakegate.catalog.query_engine import QueryEngine
     from lakegate.policies.row_filters import RowFilter
     from lakegate.tools.scope import QueryPage
@@ -196,6 +197,16 @@ class CallScope:
     def row_filters(self, dataset: str) -> list[RowFilter]:
         """The row filters the policy set attaches to this principal (and its roles) on `dataset`."""
         return self._enforcer.row_filters(self.principal.name, dataset)
+
+    def text_encoder(self) -> TextEncoder:
+        """The model search embeds with (its ONNX graph when it verifies: no torch).
+
+        Raises:
+            ConfigurationError: the model cannot be loaded.
+        """
+        from lakegate.catalog.query_embedder import get_query_embedder
+
+        return get_query_embedder(self._warehouse.models_dir)
 
     def query_engine(self) -> QueryEngine:
         return self._warehouse.query_engine(self.settings.query)
