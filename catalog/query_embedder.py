@@ -57,7 +57,7 @@ class QueryEmbedder:
     def embed(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         if not texts:
             return np.zeros((0, DIMENSION), dtype=np.float32)
-        return np.stack([self._encoder.encode(text) for text in texts])
+        return self._encoder.encode_many(texts)
 
 
 _encoders: dict[Path, TextEncoder] = {}

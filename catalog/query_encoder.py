@@ -16,6 +16,7 @@ import io
 import json
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,22 @@ class OnnxQueryEncoder:
         self._session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         self._lock = threading.Lock()
 
+    def encode_many(self, texts: Sequence[str], batch: int = 64) -> npt.NDArray[np.float32]:
+        """The unit-length vectors of `texts`, `batch` at a time (padded within a batch, which the
+        attention mask and the masked mean make invisible)."""
+        vectors = []
+        for start in range(0, len(texts), batch):
+            with self._lock:
+                encodings = self._tokenizer.encode_batch(list(texts[start : start + batch]))
+            width = max(len(encoding.ids) for encoding in encodings)
+            feed = {
+                "input_ids": _padded([e.ids for e in encodings], width),
+                "attention_mask": _padded([e.attention_mask for e in encodings], width),
+                "token_type_ids": _padded([e.type_ids for e in encodings], width),
+            }
+            vectors.append(_pool(self._session.run(None, feed)[0], feed["attention_mask"]))
+        return np.concatenate(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
+
     def encode(self, text: str) -> npt.NDArray[np.float32]:
         """The unit-length float32 vector of `text`."""
         with self._lock:  # the tokenizer's truncation state is shared; encoding is microseconds
@@ -78,11 +95,20 @@ class OnnxQueryEncoder:
             "attention_mask": np.asarray([encoding.attention_mask], dtype=np.int64),
             "token_type_ids": np.asarray([encoding.type_ids], dtype=np.int64),
         }
-        hidden = self._session.run(None, feed)[0]
-        mask = feed["attention_mask"][..., None].astype(np.float32)
-        pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
-        vector = pooled[0] / max(float(np.linalg.norm(pooled[0])), 1e-12)
-        return np.asarray(vector, dtype=np.float32)
+        vector: npt.NDArray[np.float32] = _pool(self._session.run(None, feed)[0], feed["attention_mask"])[0]
+        return vector
+
+
+def _padded(rows: list[list[int]], width: int) -> npt.NDArray[np.int64]:
+    return np.asarray([row + [0] * (width - len(row)) for row in rows], dtype=np.int64)
+
+
+def _pool(hidden: npt.NDArray[np.float32], attention: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+    """The model's pooling: the attention-masked mean of the hidden states, then unit length."""
+    mask = attention[..., None].astype(np.float32)
+    pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
+    norms = np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+    return np.asarray(pooled / norms, dtype=np.float32)
 
 
 def export_graph(model: Any) -> bytes:

@@ -42,11 +42,13 @@ def _catalog_search(runtime: Runtime) -> int:
 
 def warm_up(runtime: Runtime) -> dict[str, float]:
     """Run every step now; returns the seconds each took (-1 where it failed)."""
+    # In the order first calls need them: listing and describing, search, then queries (a worker
+    # process of its own, which competes least for the CPU once the rest is done).
     steps: dict[str, Callable[[], object]] = {
         "iceberg_catalog": runtime.warehouse.dataset_names,
-        "query_worker": runtime.warehouse.query_engine(runtime.settings.query).warm,
         "query_encoder": lambda: get_query_embedder(runtime.warehouse.models_dir),
         "catalog_search": lambda: _catalog_search(runtime),
+        "query_worker": runtime.warehouse.query_engine(runtime.settings.query).warm,
     }
     took: dict[str, float] = {}
     for name, step in steps.items():

@@ -29,6 +29,8 @@ from lakegate.server.settings import CONFIG_FILE, Settings
 __all__ = ["main"]
 
 err = Console(stderr=True)
+#: How long shutting down waits for a start-up warm-up still running.
+WARM_UP_JOIN_S = 60.0
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -159,19 +161,26 @@ def serve(ctx: click.Context, principal: str | None, http: bool, host: str | Non
     configure_logging(settings.log_level)
     _ensure_warehouse(settings)
     runtime = open_runtime(settings)
-    start_warm_up(runtime)  # in the background: initialize is answered at once
+    warming = start_warm_up(runtime)  # in the background: initialize is answered at once
     who = settings.principal or "anonymous (no --principal: every call will be denied)"
     err.print(f"lakegate serving MCP over stdio as {who}; project {settings.project}.")
     err.print("Connect an MCP client to this process's stdin/stdout; Ctrl-D or closing the client stops it.")
     try:
         anyio.run(serve_stdio, runtime, settings.principal)
     finally:
+        # Native libraries must not be torn down under a warm-up still loading them.
+        warming.join(timeout=WARM_UP_JOIN_S)
         runtime.close()
 
 
 def _ensure_warehouse(settings: Settings) -> None:
     from lakegate.server.profile import open_warehouse
 
+    embedded_catalog = settings.state_dir / "iceberg" / "catalog.db"
+    if settings.profile == "embedded" and settings.storage.backend == "local" and embedded_catalog.is_file():
+        # Not a new state directory: no probe (opening the catalog imports pyiceberg, ~0.5 s, which
+        # the start-up warm-up does in the background instead).
+        return
     probe = open_warehouse(settings)
     empty = probe.is_empty()
     probe.close()
@@ -192,7 +201,7 @@ def _serve_http(settings: Settings) -> None:
     verifier = JwtVerifier(settings)  # refuse to start without keys, before building anything
     _ensure_warehouse(settings)
     runtime = open_runtime(settings)
-    start_warm_up(runtime)
+    warming = start_warm_up(runtime)
     err.print(f"lakegate serving MCP Streamable HTTP at {resource_url(settings)}; project {settings.project}.")
     err.print(
         f"Bearer tokens: {', '.join(verifier.algorithms)}, issuer {verifier.issuer}, audience {verifier.audience}. "
@@ -201,6 +210,7 @@ def _serve_http(settings: Settings) -> None:
     try:
         serve_http(runtime)
     finally:
+        warming.join(timeout=WARM_UP_JOIN_S)
         runtime.close()
 
 
