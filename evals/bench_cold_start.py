@@ -68,6 +68,7 @@ def _env(home: Path, log: Path) -> dict[str, str]:
         "LAKEGATE_AUTH__SHARED_SECRET": SECRET,
         "LAKEGATE_AUTH__ISSUER": ISSUER,
         "HF_HUB_OFFLINE": "1",
+        "LAKEGATE_LOG_LEVEL": "INFO",  # the bench waits for warm_up.done, an info line
     }
 
 
