@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -20,7 +21,7 @@ from typing import Any
 import anyio.from_thread
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
-from mcp.shared.exceptions import MCPError
+from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp.types import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -52,6 +53,8 @@ from lakegate.server.gate.identity import CallOrigin, Principal
 from lakegate.server.gate.scope import ProgressFn
 from lakegate.server.profile import open_audit, open_enforcer, open_warehouse
 from lakegate.server.settings import Settings
+from lakegate.server.subscriptions import Subscriptions
+from lakegate.server.surface import DATASET_URI, dataset_of_uri, surface_handlers
 from lakegate.tools import tools_by_name
 from lakegate.tools.base import ToolSpec
 from lakegate.tools.names import ToolName
@@ -59,7 +62,6 @@ from lakegate.tools.names import ToolName
 __all__ = ["INSTRUCTIONS", "Runtime", "create_server", "open_runtime"]
 
 SERVER_NAME = "lakegate"
-DATASET_URI = "lakegate://datasets/{name}"
 
 INSTRUCTIONS = """\
 lakegate gives you governed access to an organisation's data catalog. You only see the datasets, \
@@ -151,6 +153,7 @@ def create_server(runtime: Runtime, principal_of: PrincipalOf, transport: str) -
     """The MCP server for one transport; `principal_of` says who sent each request."""
     gate = runtime.gate
     connection_session = uuid.uuid4().hex
+    subscriptions = Subscriptions()
 
     def origin_of(ctx: ServerRequestContext[Any, Any]) -> CallOrigin:
         client = ctx.session.client_params.client_info if ctx.session.client_params else None
@@ -199,7 +202,19 @@ def create_server(runtime: Runtime, principal_of: PrincipalOf, transport: str) -
 
     async def call_tool(ctx: ServerRequestContext[Any, Any], params: CallToolRequestParams) -> CallToolResult:
         outcome = await gate.call(params.name, params.arguments, principal_of(ctx), origin_of(ctx), progress_of(ctx))
+        if outcome.error is None and outcome.record is not None:
+            await notify_changed(outcome.record)
         return to_call_result(outcome)
+
+    async def notify_changed(record: dict[str, Any]) -> None:
+        """Tell the subscribers of each dataset this call changed (a new snapshot or version)."""
+        for resource in record.get("resources", ()):
+            if resource["type"] == "dataset" and resource["access"] in ("write", "restore"):
+                name = resource["name"]
+                await subscriptions.notify(DATASET_URI.format(name=name), partial(may_read, name))
+
+    def may_read(dataset: str, principal: Principal) -> bool:
+        return gate.scope(principal).decide(dataset, "read").allowed
 
     async def list_resources(
         ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None
@@ -244,12 +259,10 @@ def create_server(runtime: Runtime, principal_of: PrincipalOf, transport: str) -
         ctx: ServerRequestContext[Any, Any], params: ReadResourceRequestParams
     ) -> ReadResourceResult:
         uri = str(params.uri)
-        prefix = DATASET_URI.split("{", 1)[0]
-        if not uri.startswith(prefix):
+        name = dataset_of_uri(uri)
+        if name is None:
             raise MCPError(code=INVALID_PARAMS, message=f"Unknown resource {uri}; lakegate serves {DATASET_URI}.")
-        outcome = await gate.call(
-            ToolName.DESCRIBE_DATASET.value, {"name": uri[len(prefix) :]}, principal_of(ctx), origin_of(ctx)
-        )
+        outcome = await gate.call(ToolName.DESCRIBE_DATASET.value, {"name": name}, principal_of(ctx), origin_of(ctx))
         if outcome.error is not None or outcome.result is None:
             code = INVALID_PARAMS if isinstance(outcome.error, ClientError) else INTERNAL_ERROR
             message = to_call_result(outcome).content[0]
@@ -257,18 +270,26 @@ def create_server(runtime: Runtime, principal_of: PrincipalOf, transport: str) -
         text = json.dumps(json.loads(outcome.payload), indent=1)
         return ReadResourceResult(contents=[TextResourceContents(uri=uri, text=text, mime_type="application/json")])
 
-    return Server(
-        SERVER_NAME,
-        version=_version(),
-        title="lakegate",
-        description="Governed access to a data catalog, Iceberg tables and Lance datasets.",
-        instructions=INSTRUCTIONS,
-        on_list_tools=list_tools,
-        on_call_tool=call_tool,
-        on_list_resources=list_resources,
-        on_list_resource_templates=list_resource_templates,
-        on_read_resource=read_resource,
-    )
+    def caller_of(ctx: ServerRequestContext[Any, Any]) -> tuple[Principal, CallOrigin]:
+        return principal_of(ctx), origin_of(ctx)
+
+    with warnings.catch_warnings():
+        # The SDK warns that logging/setLevel is deprecated as of protocol 2026-07-28; clients that
+        # negotiate an earlier version (the conformance suite, today's desktop clients) still send it.
+        warnings.simplefilter("ignore", MCPDeprecationWarning)
+        return Server(
+            SERVER_NAME,
+            version=_version(),
+            title="lakegate",
+            description="Governed access to a data catalog, Iceberg tables and Lance datasets.",
+            instructions=INSTRUCTIONS,
+            on_list_tools=list_tools,
+            on_call_tool=call_tool,
+            on_list_resources=list_resources,
+            on_list_resource_templates=list_resource_templates,
+            on_read_resource=read_resource,
+            **surface_handlers(gate, caller_of, audited, subscriptions),
+        )
 
 
 def _version() -> str:

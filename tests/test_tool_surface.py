@@ -1,5 +1,5 @@
-"""What agents see is deliberate: tool names, descriptions, schemas and annotations are
-snapshot-tested, and each tool meets the surface rules.
+"""What agents see is deliberate: tool names, descriptions, schemas and annotations, and the
+prompts with their text, are snapshot-tested, and each tool meets the surface rules.
 
 After an intended change, refresh the snapshot with:
     LAKEGATE_UPDATE_SNAPSHOTS=1 python -m pytest tests/test_tool_surface.py
@@ -17,8 +17,10 @@ import pytest
 
 from lakegate.evals.mcp_client import connect
 from lakegate.server.app import INSTRUCTIONS, mcp_tool
+from lakegate.server.surface import mcp_prompt
 from lakegate.tools import ALL_TOOLS, ToolName
 from lakegate.tools.base import ToolArgs, ToolResult, ToolSpec
+from lakegate.tools.prompts import ALL_PROMPTS
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "tools.json"
 #: Rough token count (4 characters a token) an agent pays per description, every conversation.
@@ -47,7 +49,11 @@ HINTS = {
 
 def _surface() -> dict[str, Any]:
     tools = [mcp_tool(spec).model_dump(mode="json", by_alias=True, exclude_none=True) for spec in ALL_TOOLS]
-    return {"instructions": INSTRUCTIONS, "tools": tools}
+    prompts = [
+        {**mcp_prompt(spec).model_dump(mode="json", by_alias=True, exclude_none=True), "template": spec.template}
+        for spec in ALL_PROMPTS
+    ]
+    return {"instructions": INSTRUCTIONS, "tools": tools, "prompts": prompts}
 
 
 def test_tool_surface_matches_snapshot() -> None:
@@ -56,6 +62,14 @@ def test_tool_surface_matches_snapshot() -> None:
         SNAPSHOT.write_text(current)
     assert SNAPSHOT.exists(), "no snapshot yet: run with LAKEGATE_UPDATE_SNAPSHOTS=1"
     assert current == SNAPSHOT.read_text(), "the tool surface changed: review it, then refresh the snapshot"
+
+
+def test_prompts_teach_only_tools_that_exist_and_fill_every_argument() -> None:
+    for spec in ALL_PROMPTS:
+        assert spec.name.replace("_", "").isalnum() and spec.title and spec.description
+        assert spec.tools and all(tool in ToolName for tool in spec.tools)
+        assert all(f"{{{arg.name}}}" in spec.template for arg in spec.arguments), spec.name
+        assert all(tool.value in spec.template for tool in spec.tools), spec.name
 
 
 def test_tool_names_match_the_registry() -> None:

@@ -9,16 +9,18 @@ Every tool call, whatever the transport, goes through `Gate.call`:
 5. the result, or an MCP tool error whose text tells the agent what to do instead.
 
 A listing (`tools/list`, `resources/list`, ...) is audited too, through `Gate.audit_listing`, and
-fails closed the same way: no record, no list.
+fails closed the same way: no record, no list. Every other request that reads or decides anything
+(`prompts/get`, `completion/complete`, `resources/subscribe`) goes through `Gate.request`: the
+same scope, decisions and record as a call, with the MCP method in the record's `tool`.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -55,6 +57,7 @@ __all__ = ["Gate", "GateOutcome", "redact_arguments", "to_call_result"]
 log = structlog.get_logger(__name__)
 
 MAX_TOOL_NAME = 64
+AnswerT = TypeVar("AnswerT")
 
 
 @dataclass(frozen=True)
@@ -201,14 +204,8 @@ class Gate:
                 except AuditWriteError as exc:
                     log.error("audit.write_failed", tool=tool_name, error=repr(exc.__cause__))
             raise
-        except ClientError as exc:
-            error = exc
-        except ServerError as exc:
-            log.error("tool.server_error", tool=tool_name, error=repr(exc), cause=repr(exc.__cause__))
-            error = exc
         except Exception as exc:
-            log.exception("tool.unexpected_error", tool=tool_name)
-            error = ServerError(f"{type(exc).__name__}: {exc}")
+            error = _failure(exc, tool_name)
 
         try:
             # Building the record may fail too (the redaction key cannot be read): fail closed as well.
@@ -226,6 +223,47 @@ class Gate:
         if error is not None:
             return GateOutcome(None, text, error, written)
         return GateOutcome(result, text, None, written, payload)
+
+    async def request(
+        self,
+        method: str,
+        arguments: Mapping[str, Any],
+        principal: Principal,
+        origin: CallOrigin,
+        answer: Callable[[CallScope], AnswerT],
+        *,
+        size: Callable[[AnswerT], int] = lambda _: 0,
+    ) -> AnswerT:
+        """Answer one MCP request that is not a tool call through the gate.
+
+        `answer` runs in a worker thread with the caller's scope, which takes every decision and
+        notes what was touched; the audit record (tool = `method`, `rows` = scope.rows) is written
+        before the answer is returned, and on failure too.
+
+        Raises:
+            ClientError: what `answer` raised for the caller's mistake or a denial (recorded).
+            ServerError: lakegate failed (recorded; its message hides the details).
+            AuditWriteError: no record could be written (no answer leaves the server).
+        """
+        started = time.perf_counter()
+        scope = self.scope(principal)
+        error: LakegateError | None = None
+        payload = 0
+        try:
+            answered = await anyio.to_thread.run_sync(answer, scope)
+            payload = size(answered)
+        except Exception as exc:
+            error = _failure(exc, method)
+        try:
+            record = self._record(method, arguments, principal, origin, scope, True, payload, error, started)
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self.audit.append, record.model_dump())
+        except AuditWriteError as exc:
+            log.error("audit.write_failed", tool=method, error=repr(exc.__cause__))
+            raise
+        if error is not None:
+            raise error
+        return answered
 
     def _record(
         self,
@@ -312,6 +350,18 @@ async def _run_handler(spec: ToolSpec[Any, Any], scope: CallScope, args: BaseMod
         scope.cancel()
         raise
     return produced
+
+
+def _failure(exc: Exception, tool: str) -> LakegateError:
+    """What a failed handler raised, as the error the caller gets: the caller's own mistake as it
+    is, lakegate's failures logged here with their details (which the caller never sees)."""
+    if isinstance(exc, ClientError):
+        return exc
+    if isinstance(exc, ServerError):
+        log.error("tool.server_error", tool=tool, error=repr(exc), cause=repr(exc.__cause__))
+        return exc
+    log.error("tool.unexpected_error", tool=tool, exc_info=exc)
+    return ServerError(f"{type(exc).__name__}: {exc}")
 
 
 def _public_message(error: LakegateError) -> str:
