@@ -244,6 +244,36 @@ def test_hs256_token_calls_a_tool_as_its_subject(served: Served, mode: str) -> N
     assert verify(served.audit_path).ok
 
 
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+def test_a_long_query_reports_progress_over_http_and_is_cancelled(served: Served, mode: str) -> None:
+    """As over stdio (tests/test_query.py): progress notifications while a query runs, in both
+    protocol eras (the 2025 session and the 2026 session-less requests); the client's cancel stops
+    it, the call is audited as cancelled, and the server keeps answering."""
+    progress: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(done: float, total: float | None, message: str | None) -> None:
+        progress.append((done, total, message))
+
+    async def scenario() -> Any:
+        http = create_mcp_http_client(headers={"Authorization": f"Bearer {served.token('analyst')}"})
+        transport = streamable_http_client(served.url, http_client=http)
+        async with (
+            http,
+            Client(transport, client_info=Implementation(name="http-tests", version="1.0"), mode=mode) as c,
+        ):
+            slow = {"sql": "SELECT count(*) FROM range(100000000000) a WHERE a.range % 7 = 1"}
+            with anyio.move_on_after(3.5):
+                await c.call_tool("query", slow, progress_callback=on_progress)
+            return await c.call_tool("query", {"sql": "SELECT count(*) FROM sales.products"})
+
+    before = len(served.records())
+    after = await_(scenario())
+    assert not after.is_error and after.structured_content["rows"] == [[120]]
+    assert progress and all(total == 100.0 and message and "query running" in message for _, total, message in progress)
+    queries = [r for r in _new_records(served, before) if r["tool"] == "query"]
+    assert [r["outcome"] for r in queries] == ["cancelled", "ok"]
+
+
 def test_each_http_session_is_audited_under_its_own_session_id(served: Served) -> None:
     before = len(served.records())
     token = served.token("alice", ["analyst"])
