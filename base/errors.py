@@ -11,6 +11,7 @@
     └── ServerError            lakegate's own failure; the agent sees a short generic message
         ├── BackendError       a storage engine (pyiceberg, DuckDB, Lance) failed
         ├── AuditWriteError    the audit record could not be written (the call fails closed)
+        ├── PolicyUnavailable  the policy store cannot be confirmed current (fails closed; retry)
         ├── ConfigurationError settings or definition files are invalid
         └── GovernanceViolation the engine read something the gate did not hand it (fails closed)
 
@@ -33,6 +34,7 @@ __all__ = [
     "LimitExceeded",
     "NotFound",
     "PolicyDenied",
+    "PolicyUnavailable",
     "ServerError",
 ]
 
@@ -107,6 +109,17 @@ class BackendError(ServerError):
 class AuditWriteError(ServerError):
     outcome = "audit_error"
     public_message = "lakegate could not write the audit record for this call, so it returned no data."
+
+
+class PolicyUnavailable(ServerError):
+    """The policy store could not be confirmed current (production profile): nothing is answered
+    until it can, and the caller is told to retry, not that it was denied something."""
+
+    outcome = "policy_unavailable"
+    public_message = (
+        "lakegate could not confirm that its policy is current, so it answered nothing (it fails closed). "
+        "Retry in a few seconds."
+    )
 
 
 class ConfigurationError(ServerError):

@@ -180,6 +180,10 @@ class PolicyEnforcer:
     def load_error(self) -> str | None:
         return self._current().error
 
+    def stale_reason(self) -> str | None:
+        """Why the rules may be out of date (every decision is then denied), or None."""
+        return self._rules.stale_reason() if self._rules is not None else None
+
     def decide(self, subject: str, obj: str, action: str) -> Decision:
         """Decide one request. Never raises: any failure is a denial whose reason says why."""
         loaded = self._current()

@@ -25,7 +25,7 @@ from psycopg import sql
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
-from lakegate.errors import AuditWriteError, PolicyDenied
+from lakegate.errors import AuditWriteError, PolicyDenied, PolicyUnavailable
 from lakegate.policies.pg_policies import PostgresRules
 from lakegate.server.app import Runtime, open_runtime, resource_groups
 from lakegate.server.audit.checkpoints import Checkpoint, signing_public_key
@@ -33,7 +33,7 @@ from lakegate.server.audit.files import LogNames
 from lakegate.server.audit.log import AuditLog, read_records, record_hash, verify
 from lakegate.server.audit.pg import MirroredAuditLog, PostgresAuditChain, create_audit_schema, verify_chain
 from lakegate.server.cli.main import cli
-from lakegate.server.gate.gate import GateOutcome
+from lakegate.server.gate.gate import GateOutcome, to_call_result
 from lakegate.server.profile import checkpoint_anchor, checkpoint_chain, checkpoint_key_path, open_audit, sync_policies
 from lakegate.server.settings import Settings, load_settings
 from tests.conftest import gate_call
@@ -256,7 +256,12 @@ def test_a_replica_that_cannot_confirm_the_policy_version_denies_everything(
         seconds_until(lambda: not reader.enforcer.decide("alice", "tool:list_datasets", "call").allowed, 5)
         assert "could not be read" in reader.enforcer.decide("alice", "tool:list_datasets", "call").reason
         outcome = call(reader, "alice", "list_datasets")
-        assert isinstance(outcome.error, PolicyDenied) and outcome.result is None
+        # Refused for its real cause, with what to do: not "denied", not a hidden column.
+        assert isinstance(outcome.error, PolicyUnavailable) and outcome.result is None
+        assert "Retry in a few seconds" in to_call_result(outcome).content[0].text  # type: ignore[union-attr]
+        columns = call(reader, "analyst", "query", sql="SELECT region FROM sales.customers LIMIT 1")
+        assert isinstance(columns.error, PolicyUnavailable) and "hidden" not in str(columns.error)
+        assert outcome.record is not None and outcome.record["outcome"] == "policy_unavailable"
     finally:
         execute(pg_url, "ALTER TABLE lakegate_policy_version_away RENAME TO lakegate_policy_version")
     seconds_until(lambda: reader.enforcer.decide("alice", "tool:list_datasets", "call").allowed, BOUND_S)

@@ -39,6 +39,7 @@ from lakegate.errors import (
     LakegateError,
     NotFound,
     PolicyDenied,
+    PolicyUnavailable,
     ServerError,
 )
 from lakegate.policies.enforcer import PolicyEnforcer
@@ -168,6 +169,7 @@ class Gate:
         tool_decision = scope.decide(tool_resource(tool_name[:MAX_TOOL_NAME]), "call")
         scope.record("tool", tool_name[:MAX_TOOL_NAME], "call" if tool_decision.allowed else "denied")
         try:
+            self._require_current_policy()
             spec = self.tools.get(tool_name)
             if not tool_decision.allowed:
                 if spec is None:
@@ -190,6 +192,11 @@ class Gate:
                     hint="Check the tool's input schema and call it again.",
                 ) from exc
             produced = await _run_handler(spec, scope, args)
+            if spec.read_only:
+                # Decisions taken while the policy could not be confirmed were denials: a result
+                # built on them would blame the wrong cause (a "hidden" column). A write has landed
+                # by now and is reported as it is.
+                self._require_current_policy()
             text = spec.render(produced)
             payload = produced.model_dump_json()
             result = produced
@@ -250,7 +257,9 @@ class Gate:
         error: LakegateError | None = None
         payload = 0
         try:
+            self._require_current_policy()
             answered = await anyio.to_thread.run_sync(answer, scope)
+            self._require_current_policy()
             payload = size(answered)
         except Exception as exc:
             error = _failure(exc, method)
@@ -264,6 +273,12 @@ class Gate:
         if error is not None:
             raise error
         return answered
+
+    def _require_current_policy(self) -> None:
+        """Raises: PolicyUnavailable: the policy store cannot be confirmed current."""
+        stale = self.enforcer.stale_reason()
+        if stale is not None:
+            raise PolicyUnavailable(stale)
 
     def _record(
         self,
