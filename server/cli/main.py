@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import sys
 from importlib import resources
@@ -15,15 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lakegate.errors import LakegateError
 from lakegate.extras import require_extra
-from lakegate.server.cli.audit_commands import audit
 from lakegate.server.cli.context import command_settings as _settings
-from lakegate.server.cli.eval_commands import eval_command
-from lakegate.server.cli.ingest_commands import ingest
-from lakegate.server.cli.metrics_commands import metrics
-from lakegate.server.cli.models_command import models
-from lakegate.server.cli.policy_commands import policy
-from lakegate.server.cli.profile_commands import profile
-from lakegate.server.cli.token_command import token
 from lakegate.server.settings import CONFIG_FILE, Settings
 
 __all__ = ["main"]
@@ -33,7 +26,33 @@ err = Console(stderr=True)
 WARM_UP_JOIN_S = 60.0
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: The command groups kept in their own modules, imported only when one is run (or `--help` lists
+#: them), so that `serve` does not pay for the imports of the others before it answers a client.
+LAZY_COMMANDS = {
+    "audit": "lakegate.server.cli.audit_commands:audit",
+    "eval": "lakegate.server.cli.eval_commands:eval_command",
+    "ingest": "lakegate.server.cli.ingest_commands:ingest",
+    "metrics": "lakegate.server.cli.metrics_commands:metrics",
+    "models": "lakegate.server.cli.models_command:models",
+    "policy": "lakegate.server.cli.policy_commands:policy",
+    "profile": "lakegate.server.cli.profile_commands:profile",
+    "token": "lakegate.server.cli.token_command:token",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in LAZY_COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        module, name = LAZY_COMMANDS[cmd_name].split(":")
+        command: click.Command = getattr(importlib.import_module(module), name)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--project",
     type=click.Path(file_okay=False, path_type=Path),
@@ -212,16 +231,6 @@ def _serve_http(settings: Settings) -> None:
     finally:
         warming.join(timeout=WARM_UP_JOIN_S)
         runtime.close()
-
-
-cli.add_command(audit)
-cli.add_command(metrics)
-cli.add_command(policy)
-cli.add_command(profile)
-cli.add_command(ingest)
-cli.add_command(token)
-cli.add_command(eval_command)
-cli.add_command(models)
 
 
 def main() -> None:
