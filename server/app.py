@@ -9,6 +9,7 @@ a principal for each request.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import time
 import uuid
@@ -50,11 +51,12 @@ from lakegate.policies.resources import tool_resource
 from lakegate.server.audit.log import AuditLog
 from lakegate.server.gate.gate import Gate, to_call_result
 from lakegate.server.gate.identity import CallOrigin, Principal
+from lakegate.server.gate.role_grants import acting_as
 from lakegate.server.gate.scope import ProgressFn
 from lakegate.server.profile import open_audit, open_enforcer, open_warehouse
 from lakegate.server.settings import Settings
 from lakegate.server.subscriptions import Subscriptions
-from lakegate.server.surface import DATASET_URI, dataset_of_uri, surface_handlers
+from lakegate.server.surface import DATASET_URI, dataset_of_uri, subscribable, surface_handlers
 from lakegate.tools import tools_by_name
 from lakegate.tools.base import ToolSpec
 from lakegate.tools.names import ToolName
@@ -214,7 +216,14 @@ def create_server(runtime: Runtime, principal_of: PrincipalOf, transport: str) -
                 await subscriptions.notify(DATASET_URI.format(name=name), partial(may_read, name))
 
     def may_read(dataset: str, principal: Principal) -> bool:
-        return gate.scope(principal).decide(dataset, "read").allowed
+        """Whether a subscriber may still hear of `dataset`, decided as the subscriber (its token's
+        roles counted, not the writer's), in a context of its own."""
+
+        def decide() -> bool:
+            acting_as(principal)
+            return subscribable(gate.scope(principal), DATASET_URI.format(name=dataset)) is not None
+
+        return contextvars.copy_context().run(decide)
 
     async def list_resources(
         ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None

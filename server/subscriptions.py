@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import anyio.to_thread
 import structlog
 
 from lakegate.server.gate.identity import Principal
@@ -62,7 +63,7 @@ class Subscriptions:
             subscribers = list(self._by_uri.get(uri, {}).values())
         sent = 0
         for subscriber in subscribers:
-            if not may_read(subscriber.principal):
+            if not await anyio.to_thread.run_sync(may_read, subscriber.principal):  # policy and catalog reads
                 self.remove(uri, subscriber.key)
                 log.info("subscription.dropped", uri=uri, principal=subscriber.principal.name, reason="no read")
                 continue

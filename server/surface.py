@@ -16,6 +16,7 @@ only after the policy is asked again (server/subscriptions.py).
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -36,7 +37,6 @@ from mcp.shared.subscriptions import (
 from mcp.types import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
-    INVALID_REQUEST,
     CompleteRequestParams,
     CompleteResult,
     Completion,
@@ -61,7 +61,7 @@ from mcp.types import (
 )
 from pydantic import BaseModel
 
-from lakegate.errors import ClientError, LakegateError, NotFound, ServerError
+from lakegate.errors import ClientError, InvalidArgument, LakegateError, NotFound, ServerError
 from lakegate.policies.resources import prompt_resource, tool_resource
 from lakegate.server.gate.gate import Gate
 from lakegate.server.gate.identity import CallOrigin, Principal
@@ -70,7 +70,7 @@ from lakegate.server.subscriptions import Subscriptions
 from lakegate.tools.names import ToolName
 from lakegate.tools.prompts import ALL_PROMPTS, PromptSpec, complete_argument, prompts_by_name
 
-__all__ = ["DATASET_URI", "dataset_of_uri", "mcp_error", "surface_handlers"]
+__all__ = ["DATASET_URI", "dataset_of_uri", "mcp_error", "subscribable", "surface_handlers"]
 
 DATASET_URI = "lakegate://datasets/{name}"
 _DATASET_PREFIX = DATASET_URI.split("{", 1)[0]
@@ -84,6 +84,8 @@ MAX_TYPED = 200
 POLICY_CHECK_S = 2.0
 #: Dataset URIs one listen stream may name, and events it may hold unsent before it is ended.
 MAX_LISTEN_URIS = 100
+#: The longest URI a subscription takes (dataset names are short; a longer one names nothing).
+MAX_URI_CHARS = 300
 MAX_BUFFERED_EVENTS = 256
 #: Writes the audit record of a listing (method, principal, items listed, result, start time).
 AuditListing = Callable[[Context, str, Principal, int, BaseModel, float], Awaitable[None]]
@@ -183,26 +185,23 @@ def surface_handlers(
             return CompleteResult(completion=Completion(values=values, total=total, has_more=total > len(values)))
 
         target = ref.name if isinstance(ref, PromptReference) else ref.uri
-        arguments = {"ref": target, "argument": params.argument.name, "value": typed}
+        # Keyed by the argument's name, so that the redaction rules hash a sensitive one (api_key).
+        arguments = {"ref": target[:MAX_URI_CHARS], "argument": {params.argument.name[:64]: typed}}
         return await _answered(gate.request("completion/complete", arguments, principal, origin, answer, size=_size))
-
-    def _subscription_check(uri: str) -> Callable[[CallScope], str]:
-        def answer(scope: CallScope) -> str:
-            name = dataset_of_uri(uri)
-            if name is None:
-                raise NotFound(f"Unknown resource {uri[:200]}; lakegate serves {DATASET_URI}.")
-            if not scope.decide(tool_resource(ToolName.DESCRIBE_DATASET.value), "call").allowed:
-                raise NotFound(f"No dataset named '{name}' is available to you.", hint="List the resources.")
-            scope.require_dataset(name)
-            scope.record("dataset", name, "subscribe")
-            return name
-
-        return answer
 
     async def subscribe(ctx: Context, params: SubscribeRequestParams) -> EmptyResult:
         principal, origin = caller_of(ctx)
         uri = str(params.uri)
-        await _answered(gate.request("resources/subscribe", {"uri": uri}, principal, origin, _subscription_check(uri)))
+
+        def answer(scope: CallScope) -> str:
+            named = dataset_of_uri(uri)
+            if named is None:
+                raise NotFound(f"Unknown resource {uri[:200]}; lakegate serves {DATASET_URI}.")
+            if subscribable(scope, uri) is None:
+                raise NotFound(f"No dataset named '{named[:200]}' is available to you.", hint="List the resources.")
+            return named
+
+        await _answered(gate.request("resources/subscribe", {"uri": uri}, principal, origin, answer))
         subscriptions.add(uri, origin.session_id, ctx.session, principal)
         return EmptyResult()
 
@@ -219,16 +218,16 @@ def surface_handlers(
         return EmptyResult()
 
     async def listen(ctx: Context, params: SubscriptionsListenRequestParams) -> SubscriptionsListenResult:
-        if ctx.request_id is None:
-            raise MCPError(code=INVALID_REQUEST, message="subscriptions/listen needs a request id.")
         principal, origin = caller_of(ctx)
         wanted = params.notifications
         uris = [str(uri) for uri in (wanted.resource_subscriptions or ())]
-        if len(uris) > MAX_LISTEN_URIS:
-            raise MCPError(code=INVALID_PARAMS, message=f"Listen to at most {MAX_LISTEN_URIS} datasets per stream.")
 
         def answer(scope: CallScope) -> list[str]:
-            honored = [uri for uri in uris if _may_subscribe(scope, uri)]
+            if ctx.request_id is None:
+                raise InvalidArgument("subscriptions/listen needs a request id.")
+            if len(uris) > MAX_LISTEN_URIS:
+                raise InvalidArgument(f"Listen to at most {MAX_LISTEN_URIS} datasets per stream.")
+            honored = [uri for uri in dict.fromkeys(uris) if subscribable(scope, uri) is not None]
             scope.rows = len(honored)
             return honored
 
@@ -241,7 +240,7 @@ def surface_handlers(
             )
             if asked
         }
-        arguments = {"resource_subscriptions": uris, "list_changes": sorted(lists)}
+        arguments = {"resource_subscriptions": [uri[:MAX_URI_CHARS] for uri in uris], "list_changes": sorted(lists)}
         honored = await _answered(gate.request("subscriptions/listen", arguments, principal, origin, answer))
         meta: dict[str, Any] = {SUBSCRIPTION_ID_META_KEY: ctx.request_id}
         acknowledged = SubscriptionFilter(
@@ -252,7 +251,7 @@ def surface_handlers(
         )
         send, receive = anyio.create_memory_object_stream[ServerEvent](MAX_BUFFERED_EVENTS)
         sink = _StreamSink(send)
-        stream_key = f"{origin.session_id}/listen/{ctx.request_id}"
+        stream_key = f"listen/{uuid.uuid4().hex}"  # request ids repeat across clients and sessions
         for uri in honored:
             subscriptions.add(uri, stream_key, sink, principal)
         try:
@@ -276,7 +275,9 @@ def surface_handlers(
 
     async def set_logging_level(ctx: Context, params: SetLevelRequestParams) -> EmptyResult:
         # lakegate sends no log notifications (its diagnostics go to stderr and never carry data
-        # values), so any level is accepted and nothing changes.
+        # values), so any level is accepted and nothing changes; the request is audited all the same.
+        principal, origin = caller_of(ctx)
+        await _answered(gate.request("logging/setLevel", {"level": params.level}, principal, origin, lambda _: None))
         return EmptyResult()
 
     return {
@@ -290,14 +291,22 @@ def surface_handlers(
     }
 
 
-def _may_subscribe(scope: CallScope, uri: str) -> bool:
-    """Whether the caller may hear of changes to `uri`: a dataset it may describe and read."""
-    name = dataset_of_uri(uri)
+def subscribable(scope: CallScope, uri: str) -> str | None:
+    """The dataset `uri` names when the caller may hear of its changes (a dataset that exists and
+    that it may describe and read), else None: unknown and hidden datasets alike. A refused
+    existing dataset is recorded as denied."""
+    name = dataset_of_uri(uri) if len(uri) <= MAX_URI_CHARS else None
     if name is None or not scope.decide(tool_resource(ToolName.DESCRIBE_DATASET.value), "call").allowed:
-        return False
-    allowed = scope.decide(name, "read").allowed
-    scope.record("dataset", name, "subscribe" if allowed else "denied")
-    return allowed
+        return None
+    try:
+        scope.dataset_kind(name)  # before the policy: no decision is taken (or cached) on a made-up name
+    except NotFound:
+        return None
+    if not scope.decide(name, "read").allowed:
+        scope.record("dataset", name, "denied")
+        return None
+    scope.record("dataset", name, "subscribe")
+    return name
 
 
 class _StreamSink:
@@ -337,15 +346,16 @@ async def _watch_lists(
     def policy_version() -> str:  # may reload the policy files: off the event loop
         return gate.enforcer.version
 
-    version = await anyio.to_thread.run_sync(policy_version)
-    seen = await anyio.to_thread.run_sync(_views, gate, principal)
+    def versioned_views() -> tuple[str, dict[str, frozenset[str]]]:
+        # The version first: a reload between the two is then seen as a change at the next check.
+        return policy_version(), _views(gate, principal)
+
+    version, seen = await anyio.to_thread.run_sync(versioned_views)
     while True:
         await anyio.sleep(POLICY_CHECK_S)
-        latest = await anyio.to_thread.run_sync(policy_version)
-        if latest == version:
+        if await anyio.to_thread.run_sync(policy_version) == version:
             continue
-        version = latest
-        now = await anyio.to_thread.run_sync(_views, gate, principal)
+        version, now = await anyio.to_thread.run_sync(versioned_views)
         for kind in sorted(lists):
             if now[kind] != seen[kind]:
                 send.send_nowait(_LIST_EVENTS[kind])

@@ -8,6 +8,7 @@ import contextvars
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -272,6 +273,50 @@ def test_a_long_query_reports_progress_over_http_and_is_cancelled(served: Served
     assert progress and all(total == 100.0 and message and "query running" in message for _, total, message in progress)
     queries = [r for r in _new_records(served, before) if r["tool"] == "query"]
     assert [r["outcome"] for r in queries] == ["cancelled", "ok"]
+
+
+def test_listen_streams_of_two_principals_each_hear_of_a_third_ones_write(demo_home: Path, tmp_path: Path) -> None:
+    """Two 2026 listen streams (requests without a session id) on one dataset both hear of a third
+    principal's write; bob, whose role comes from his token, is judged by his own token's roles,
+    not by the writer's."""
+    home = tmp_path / "home"
+    shutil.copytree(demo_home, home)  # this test writes
+    uri = "lakegate://datasets/support.tickets"
+    row = {"ticket_id": 880_002, "customer_id": 7, "opened_ts": "2025-12-01T09:30:00+00:00", "priority": "low",
+           "status": "open", "subject": "Heard", "body": "Two listeners."}  # fmt: skip
+
+    async def listener(served: Served, token: str, heard: dict[str, list[str]], ready: anyio.Event) -> None:
+        http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
+        async with (
+            http,
+            Client(streamable_http_client(served.url, http_client=http)) as client,
+            client.listen(resource_subscriptions=[uri]) as stream,
+        ):
+            heard.setdefault(token, [])
+            if len(heard) == 2:
+                ready.set()
+            async for event in stream:
+                heard[token].append(event.uri)  # type: ignore[union-attr]
+                return
+
+    async def scenario(served: Served) -> dict[str, list[str]]:
+        heard: dict[str, list[str]] = {}
+        ready = anyio.Event()
+        tokens = [served.token("support_agent"), served.token("bob", ["support_agent"])]
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as listeners:
+                for token in tokens:
+                    listeners.start_soon(listener, served, token, heard, ready)
+                await ready.wait()
+                [written] = await _as(
+                    served.url, served.token("sam"), ("append_rows", {"table": "support.tickets", "rows": [row]})
+                )
+                assert not written.is_error, text_of(written)
+        return {("bob" if token == tokens[1] else "support_agent"): uris for token, uris in heard.items()}
+
+    with _serving(home, tmp_path / "http") as served:
+        heard = anyio.run(scenario, served)
+    assert heard == {"support_agent": [uri], "bob": [uri]}
 
 
 def test_each_http_session_is_audited_under_its_own_session_id(served: Served) -> None:

@@ -3,6 +3,7 @@ the MCP SDK client, each request decided by policy and audited."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,8 @@ def test_completions_offer_only_what_the_caller_may_see(demo_home: Path, audit_p
             found["inside"] = (await client.complete(explore, {"name": "dataset", "value": "order"})).completion
             metric = PromptReference(type="ref/prompt", name="answer_with_metric")
             found["metric"] = (await client.complete(metric, {"name": "metric", "value": "rev"})).completion
+            secret = await client.complete(explore, {"name": "api_key", "value": "sk-live-123"})
+            assert secret.completion.values == []
             hidden_prompt = PromptReference(type="ref/prompt", name="cite_documents")
             found["hidden"] = (await client.complete(hidden_prompt, {"name": "dataset", "value": ""})).completion
         return found
@@ -116,9 +119,14 @@ def test_completions_offer_only_what_the_caller_may_see(demo_home: Path, audit_p
     assert "revenue" in found["metric"].values
     assert found["hidden"].values == []
     completions = [r for r in read_records(audit_path) if r["tool"] == "completion/complete"]
-    assert len(completions) == 6 and all(r["outcome"] == "ok" for r in completions)
-    assert completions[1]["arguments"] == {"ref": "lakegate://datasets/{name}", "argument": "name", "value": "sales.c"}
+    assert len(completions) == 7 and all(r["outcome"] == "ok" for r in completions)
+    assert completions[1]["arguments"] == {"ref": "lakegate://datasets/{name}", "argument": {"name": "sales.c"}}
     assert completions[1]["rows"] == 1
+    # A value under a name the redaction rules list is hashed, as in a tool call's arguments.
+    assert (
+        "sk-live-123" not in json.dumps(completions[5])
+        and "redacted" in completions[5]["arguments"]["argument"]["api_key"]
+    )
 
 
 def _client(home: Path, audit: Path, **options: Any) -> Client:
@@ -156,7 +164,12 @@ def test_a_legacy_subscriber_hears_of_a_write_and_the_logging_level_is_accepted(
             assert caps and caps.resources and caps.resources.subscribe and caps.logging is not None
             await client.set_logging_level("info")
             await client.subscribe_resource(uri)
-            for refused in ("lakegate://datasets/finance.refunds", "test://watched-resource"):
+            await client.set_logging_level("debug")  # audited, though it changes nothing
+            for refused in (
+                "lakegate://datasets/finance.refunds",
+                "lakegate://datasets/sales.nope",
+                "test://watched-resource",
+            ):
                 with pytest.raises(MCPError) as caught:
                     await client.subscribe_resource(refused)
                 errors.append(caught.value.error.message)
@@ -174,13 +187,17 @@ def test_a_legacy_subscriber_hears_of_a_write_and_the_logging_level_is_accepted(
     heard, errors = run(scenario)
     assert heard == [uri]
     assert errors[0].startswith("No dataset named 'finance.refunds' is available to you.")
-    assert errors[1].startswith("Unknown resource test://watched-resource")
+    assert errors[1].startswith("No dataset named 'sales.nope' is available to you.")  # hidden and missing alike
+    assert errors[2].startswith("Unknown resource test://watched-resource")
     subscribes = [r for r in read_records(audit) if r["tool"] == "resources/subscribe"]
     assert [(r["decision"], r["outcome"]) for r in subscribes] == [
         ("allow", "ok"),
         ("deny", "denied"),
         ("allow", "not_found"),
+        ("allow", "not_found"),
     ]
+    levels = [r["arguments"] for r in read_records(audit) if r["tool"] == "logging/setLevel"]
+    assert levels == [{"level": "info"}, {"level": "debug"}]
     assert [r["rows"] for r in read_records(audit) if r["tool"] == "resources/unsubscribe"] == [1]
 
 
