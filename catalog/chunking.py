@@ -1,7 +1,7 @@
 """Text into passages for embedding: cut only between sentences, paragraph ends preferred, with overlap.
 
-The cutting itself is the demo knowledge base's (`catalog.demo._chunk`), so ingested documents and
-the demo articles are chunked alike. This module adds what arbitrary files need: paragraphs from
+`sentence_chunks` does the cutting, for ingested documents and the demo articles alike. On top of
+it, `chunk_text` adds what arbitrary files need: paragraphs from
 blank lines, a hard cut at word boundaries for a "sentence" longer than a chunk (a PDF table, text
 without punctuation), and an overlap of whole trailing sentences of the chunk before. Deterministic:
 the same text and settings always give the same passages.
@@ -10,11 +10,11 @@ the same text and settings always give the same passages.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
-from lakegate.catalog.demo import _SENTENCE_END, _chunk
 from lakegate.errors import InvalidArgument
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "DEFAULT_OVERLAP", "chunk_text", "paragraphs"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "DEFAULT_OVERLAP", "SENTENCE_END", "chunk_text", "paragraphs", "sentence_chunks"]
 
 #: Characters. all-MiniLM-L6-v2 reads 256 word pieces (~1,000 characters of English); longer is cut.
 DEFAULT_CHUNK_SIZE = 800
@@ -23,6 +23,34 @@ MIN_CHUNK_SIZE = 100
 MAX_CHUNK_SIZE = 4000
 
 _BLANK_LINES = re.compile(r"\n\s*\n")
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9])")
+
+
+def sentence_chunks(paragraphs: Sequence[str], *, low: int = 400, high: int = 800) -> list[str]:
+    """Split text into chunks of about low..high characters, only ever between sentences.
+
+    Paragraph ends are preferred cut points: a chunk is closed at a paragraph end once it reaches
+    `low`; inside a paragraph it is closed only when the next sentence would push it past `high`.
+    """
+    chunks: list[str] = []
+    current = ""
+    for paragraph in paragraphs:
+        for sentence in SENTENCE_END.split(paragraph.strip()):
+            if current and len(current) + 1 + len(sentence) > high and len(current) >= low:
+                chunks.append(current)
+                current = ""
+            current = f"{current} {sentence}" if current else sentence
+        if len(current) >= low:
+            chunks.append(current)
+            current = ""
+    if current:
+        # A short tail reads better joined to the chunk before it than standing alone.
+        if chunks and len(chunks[-1]) + len(current) < high + low // 2:
+            chunks[-1] = f"{chunks[-1]} {current}"
+        else:
+            chunks.append(current)
+    return chunks
 
 
 def paragraphs(text: str) -> list[str]:
@@ -53,7 +81,7 @@ def _hard_cut(sentence: str, size: int) -> list[str]:
 
 def _fitted(paragraph: str, size: int) -> list[str]:
     """The paragraph, or, when a sentence of it is longer than `size`, its pieces as paragraphs."""
-    sentences = _SENTENCE_END.split(paragraph)
+    sentences = SENTENCE_END.split(paragraph)
     if all(len(s) <= size for s in sentences):
         return [paragraph]
     out: list[str] = []
@@ -74,7 +102,7 @@ def _fitted(paragraph: str, size: int) -> list[str]:
 def _tail(chunk: str, overlap: int) -> str:
     """The longest run of whole trailing sentences of `chunk` within `overlap` characters."""
     tail = ""
-    for sentence in reversed(_SENTENCE_END.split(chunk)):
+    for sentence in reversed(SENTENCE_END.split(chunk)):
         candidate = f"{sentence} {tail}" if tail else sentence
         if len(candidate) > overlap:
             break
@@ -102,7 +130,7 @@ def chunk_text(text: str, *, size: int = DEFAULT_CHUNK_SIZE, overlap: int = DEFA
     fitted = [piece for paragraph in paragraphs(text) for piece in _fitted(paragraph, size)]
     if not fitted:
         return []
-    chunks = _chunk(fitted, low=size // 2, high=size)
+    chunks = sentence_chunks(fitted, low=size // 2, high=size)
     if overlap == 0:
         return chunks
     overlapped = [chunks[0]]

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from lakegate.catalog import demo_kb
 from lakegate.catalog.definitions import CatalogDefinitions
 from lakegate.catalog.demo_data import injections, ticket_templates, vocabulary
 from lakegate.catalog.demo_iceberg import IcebergWriter
@@ -67,10 +66,6 @@ INJECTED_TICKET_BODY = injections().ticket_body
 INJECTED_ARTICLE_ID = injections().article.doc_id
 
 Progress = Callable[[str, int, int], None]
-
-# catalog/chunking.py cuts ingested documents with the knowledge base's chunker, imported from here.
-_SENTENCE_END = demo_kb._SENTENCE_END
-_chunk = demo_kb._chunk
 
 
 @dataclass(frozen=True)

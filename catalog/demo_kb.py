@@ -8,7 +8,6 @@ catalog/demo_injections.yaml); which roles may read each classification is polic
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 
+from lakegate.catalog.chunking import sentence_chunks
 from lakegate.catalog.definitions import CatalogDefinitions
 from lakegate.catalog.demo_data import injections, knowledge_base, vocabulary
 from lakegate.catalog.demo_tables import CHANNELS, COUNTRIES, DAY_US, END_US, HOUR_US, timestamps
@@ -59,35 +59,6 @@ class _Passage:
     ingested_us: int
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9])")
-
-
-def _chunk(paragraphs: Sequence[str], *, low: int = 400, high: int = 800) -> list[str]:
-    """Split text into chunks of about low..high characters, only ever between sentences.
-
-    Paragraph ends are preferred cut points: a chunk is closed at a paragraph end once it reaches
-    `low`; inside a paragraph it is closed only when the next sentence would push it past `high`.
-    """
-    chunks: list[str] = []
-    current = ""
-    for paragraph in paragraphs:
-        for sentence in _SENTENCE_END.split(paragraph.strip()):
-            if current and len(current) + 1 + len(sentence) > high and len(current) >= low:
-                chunks.append(current)
-                current = ""
-            current = f"{current} {sentence}" if current else sentence
-        if len(current) >= low:
-            chunks.append(current)
-            current = ""
-    if current:
-        # A short tail reads better joined to the chunk before it than standing alone.
-        if chunks and len(chunks[-1]) + len(current) < high + low // 2:
-            chunks[-1] = f"{chunks[-1]} {current}"
-        else:
-            chunks.append(current)
-    return chunks
-
-
 def _articles(rng: Rng) -> list[_Passage]:
     """Chunks of the generated articles: each topic written for each region (40 articles)."""
     kb = knowledge_base()
@@ -98,7 +69,7 @@ def _articles(rng: Rng) -> list[_Passage]:
             doc_id = f"{topic.slug}-{region.key}"
             # Articles were last ingested on a (seeded) day of late 2025.
             ingested = END_US - int(rng.integers(1, 60)) * DAY_US + topic_no * HOUR_US
-            texts = _chunk([p.format(**values) for p in topic.paragraphs])
+            texts = sentence_chunks([p.format(**values) for p in topic.paragraphs])
             title = topic.title.format(**values)
             passages.extend(
                 _Passage(doc_id, i, text, f"kb://{doc_id}", title, topic.classification, ingested)
