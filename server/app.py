@@ -14,14 +14,17 @@ import json
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import anyio
 import anyio.from_thread
 from mcp.server.context import ServerRequestContext
-from mcp.server.lowlevel import Server
+from mcp.server.lowlevel import NotificationOptions, Server
+from mcp.server.models import InitializationOptions
 from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp.types import (
     INTERNAL_ERROR,
@@ -56,7 +59,7 @@ from lakegate.server.gate.scope import ProgressFn
 from lakegate.server.profile import open_audit, open_enforcer, open_warehouse
 from lakegate.server.settings import Settings
 from lakegate.server.subscriptions import Subscriptions
-from lakegate.server.surface import DATASET_URI, dataset_of_uri, subscribable, surface_handlers
+from lakegate.server.surface import DATASET_URI, ListWatchers, dataset_of_uri, subscribable, surface_handlers
 from lakegate.tools import tools_by_name
 from lakegate.tools.base import ToolSpec
 from lakegate.tools.names import ToolName
@@ -156,6 +159,15 @@ def create_server(runtime: Runtime, principal_of: PrincipalOf, transport: str) -
     gate = runtime.gate
     connection_session = uuid.uuid4().hex
     subscriptions = Subscriptions()
+    watchers = ListWatchers(gate)
+
+    @asynccontextmanager
+    async def lifespan(_: Server[Any]) -> AsyncIterator[dict[str, Any]]:
+        """While the server runs: the watcher that tells listing sessions of policy changes."""
+        async with anyio.create_task_group() as background:
+            background.start_soon(watchers.run)
+            yield {}
+            background.cancel_scope.cancel()
 
     def origin_of(ctx: ServerRequestContext[Any, Any]) -> CallOrigin:
         client = ctx.session.client_params.client_info if ctx.session.client_params else None
@@ -198,6 +210,7 @@ def create_server(runtime: Runtime, principal_of: PrincipalOf, transport: str) -
     async def list_tools(ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None) -> ListToolsResult:
         started = time.perf_counter()
         principal = principal_of(ctx)
+        await watchers.add(ctx, origin_of(ctx).session_id, principal)
         result = ListToolsResult(tools=[mcp_tool(spec) for spec in gate.visible_tools(principal)])
         await audited(ctx, "tools/list", principal, len(result.tools), result, started)
         return result
@@ -230,6 +243,7 @@ def create_server(runtime: Runtime, principal_of: PrincipalOf, transport: str) -
     ) -> ListResourcesResult:
         started = time.perf_counter()
         principal = principal_of(ctx)
+        await watchers.add(ctx, origin_of(ctx).session_id, principal)
         scope = gate.scope(principal)
         may_describe = scope.decide(tool_resource(ToolName.DESCRIBE_DATASET.value), "call").allowed
         resources = []
@@ -286,7 +300,7 @@ def create_server(runtime: Runtime, principal_of: PrincipalOf, transport: str) -
         # The SDK warns that logging/setLevel is deprecated as of protocol 2026-07-28; clients that
         # negotiate an earlier version (the conformance suite, today's desktop clients) still send it.
         warnings.simplefilter("ignore", MCPDeprecationWarning)
-        return Server(
+        return _Server(
             SERVER_NAME,
             version=_version(),
             title="lakegate",
@@ -297,7 +311,27 @@ def create_server(runtime: Runtime, principal_of: PrincipalOf, transport: str) -
             on_list_resources=list_resources,
             on_list_resource_templates=list_resource_templates,
             on_read_resource=read_resource,
-            **surface_handlers(gate, caller_of, audited, subscriptions),
+            lifespan=lifespan,
+            **surface_handlers(gate, caller_of, audited, subscriptions, watchers),
+        )
+
+
+#: Sessions of protocol 2025-11-25 and earlier are told of list changes (see ListWatchers).
+LIST_CHANGES = NotificationOptions(prompts_changed=True, resources_changed=True, tools_changed=True)
+
+
+class _Server(Server[Any]):
+    """The SDK's server, announcing `listChanged` for tools, prompts and resources by default (the
+    HTTP session manager asks for the initialisation options without any)."""
+
+    def create_initialization_options(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+    ) -> InitializationOptions:
+        return super().create_initialization_options(
+            notification_options or LIST_CHANGES, experimental_capabilities, extensions
         )
 
 

@@ -59,6 +59,7 @@ from mcp.types import (
     TextContent,
     UnsubscribeRequestParams,
 )
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel
 
 from lakegate.errors import ClientError, InvalidArgument, LakegateError, NotFound, ServerError
@@ -70,7 +71,7 @@ from lakegate.server.subscriptions import Subscriptions
 from lakegate.tools.names import ToolName
 from lakegate.tools.prompts import ALL_PROMPTS, PromptSpec, complete_argument, prompts_by_name
 
-__all__ = ["DATASET_URI", "dataset_of_uri", "mcp_error", "subscribable", "surface_handlers"]
+__all__ = ["DATASET_URI", "ListWatchers", "dataset_of_uri", "mcp_error", "subscribable", "surface_handlers"]
 
 DATASET_URI = "lakegate://datasets/{name}"
 _DATASET_PREFIX = DATASET_URI.split("{", 1)[0]
@@ -136,13 +137,14 @@ def mcp_prompt(spec: PromptSpec) -> Prompt:
 
 
 def surface_handlers(
-    gate: Gate, caller_of: CallerOf, audit_listing: AuditListing, subscriptions: Subscriptions
+    gate: Gate, caller_of: CallerOf, audit_listing: AuditListing, subscriptions: Subscriptions, watchers: ListWatchers
 ) -> dict[str, Any]:
     """The SDK `Server` keyword arguments for prompts, completions, subscriptions and logging."""
 
     async def list_prompts(ctx: Context, params: PaginatedRequestParams | None) -> ListPromptsResult:
         started = time.perf_counter()
-        principal, _ = caller_of(ctx)
+        principal, origin = caller_of(ctx)
+        await watchers.add(ctx, origin.session_id, principal)
         result = ListPromptsResult(prompts=[mcp_prompt(spec) for spec in visible_prompts(gate.scope(principal))])
         await audit_listing(ctx, "prompts/list", principal, len(result.prompts), result, started)
         return result
@@ -360,6 +362,47 @@ async def _watch_lists(
             if now[kind] != seen[kind]:
                 send.send_nowait(_LIST_EVENTS[kind])
         seen = now
+
+
+class ListWatchers:
+    """Sessions of protocol 2025-11-25 and earlier that listed tools, prompts or resources: each is
+    sent tools/prompts/resources `list_changed` when a policy change alters what its principal may
+    list (2026 clients ask for the same on a listen stream instead). `run` is the watcher loop, for
+    the server's lifespan; a session that cannot be reached any more is dropped."""
+
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
+        self._sessions: dict[str, tuple[Any, Principal, dict[str, frozenset[str]]]] = {}
+
+    async def add(self, ctx: Context, key: str, principal: Principal) -> None:
+        """Watch this session from its first listing on (what it may list now is the baseline)."""
+        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS or key in self._sessions:
+            return
+        self._sessions[key] = (ctx.session, principal, await anyio.to_thread.run_sync(_views, self._gate, principal))
+
+    def _version(self) -> str:  # may reload the policy files: called off the event loop
+        return self._gate.enforcer.version
+
+    async def run(self) -> None:
+        version = await anyio.to_thread.run_sync(self._version)
+        while True:
+            await anyio.sleep(POLICY_CHECK_S)
+            latest = await anyio.to_thread.run_sync(self._version)
+            if latest == version:
+                continue
+            version = latest
+            for key, (session, principal, seen) in list(self._sessions.items()):
+                now = await anyio.to_thread.run_sync(_views, self._gate, principal)
+                self._sessions[key] = (session, principal, now)
+                try:
+                    if now["tools"] != seen["tools"]:
+                        await session.send_tool_list_changed()
+                    if now["prompts"] != seen["prompts"]:
+                        await session.send_prompt_list_changed()
+                    if now["resources"] != seen["resources"]:
+                        await session.send_resource_list_changed()
+                except Exception:  # the client went away
+                    self._sessions.pop(key, None)
 
 
 async def _answered(pending: Awaitable[AnswerT]) -> AnswerT:

@@ -14,9 +14,11 @@ from mcp import Client
 from mcp.shared.exceptions import MCPError
 from mcp.types import (
     Implementation,
+    PromptListChangedNotification,
     PromptReference,
     ResourceTemplateReference,
     ResourceUpdatedNotification,
+    ToolListChangedNotification,
 )
 
 from lakegate.evals.mcp_client import REPO, connect, server_params
@@ -255,10 +257,20 @@ def test_a_subscriber_that_may_no_longer_read_is_dropped_not_notified() -> None:
     assert subscriptions.subscribers(uri) == 1
 
 
-def test_a_policy_change_tells_a_listener_that_its_tool_list_changed(demo_home: Path, tmp_path: Path) -> None:
+def _project(tmp_path: Path) -> Path:
+    """A copy of the repository's project, whose policy a test may change."""
     project = tmp_path / "project"
     shutil.copytree(REPO / "policies", project / "policies", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
     shutil.copytree(REPO / "catalog", project / "catalog", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    return project
+
+
+#: The analyst loses explain_access (and with it the explain_denial prompt).
+REVOKE = "p, role:analyst, tool:explain_access, call, deny\n"
+
+
+def test_a_policy_change_tells_a_listener_that_its_tool_list_changed(demo_home: Path, tmp_path: Path) -> None:
+    project = _project(tmp_path)
     policy = project / "policies" / "policy.csv"
     params = server_params("analyst", demo_home, project=project, LAKEGATE_AUDIT__PATH=str(tmp_path / "a.jsonl"))
 
@@ -269,8 +281,7 @@ def test_a_policy_change_tells_a_listener_that_its_tool_list_changed(demo_home: 
         )
         async with client, client.listen(tools_list_changed=True, prompts_list_changed=True) as stream:
             before = [tool.name for tool in (await client.list_tools()).tools]
-            # The analyst loses explain_access (and with it the explain_denial prompt).
-            policy.write_text(policy.read_text() + "p, role:analyst, tool:explain_access, call, deny\n")
+            policy.write_text(policy.read_text() + REVOKE)
             with anyio.fail_after(20):
                 async for event in stream:
                     events.append(type(event).__name__)
@@ -282,3 +293,30 @@ def test_a_policy_change_tells_a_listener_that_its_tool_list_changed(demo_home: 
     events, before, after = run(scenario)
     assert sorted(events) == ["PromptsListChanged", "ToolsListChanged"]
     assert "explain_access" in before and "explain_access" not in after
+
+
+def test_a_policy_change_tells_a_2025_session_that_listed_its_tools(demo_home: Path, tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    policy = project / "policies" / "policy.csv"
+    params = server_params("analyst", demo_home, project=project, LAKEGATE_AUDIT__PATH=str(tmp_path / "a.jsonl"))
+
+    async def scenario() -> set[str]:
+        changed: set[str] = set()
+
+        async def on_message(message: Any) -> None:
+            if isinstance(message, ToolListChangedNotification | PromptListChangedNotification):
+                changed.add(type(message).__name__)
+
+        info = Implementation(name="lakegate-tests", version="1.0")
+        client = Client(params, client_info=info, read_timeout_seconds=120, mode="legacy", message_handler=on_message)
+        async with client:
+            caps = client.server_capabilities
+            assert caps and caps.tools and caps.tools.list_changed and caps.prompts and caps.prompts.list_changed
+            await client.list_tools()
+            policy.write_text(policy.read_text() + REVOKE)
+            with anyio.fail_after(20):
+                while len(changed) < 2:
+                    await anyio.sleep(0.1)
+        return changed
+
+    assert run(scenario) == {"ToolListChangedNotification", "PromptListChangedNotification"}
