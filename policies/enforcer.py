@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -27,10 +29,11 @@ from typing import Any, Protocol
 import casbin
 import structlog
 
+from lakegate.errors import ConfigurationError
 from lakegate.policies.redaction import REDACTION_FILE, RedactionRules, load_redaction
 from lakegate.policies.row_filters import ROW_FILTER_FILE, RowFilter, RowFilterSet, load_row_filters
 
-__all__ = ["Decision", "PolicyEnforcer", "PolicyFiles", "RuleSource", "policy_files"]
+__all__ = ["Decision", "PolicyEnforcer", "PolicyFiles", "RuleSource", "noting_unavailable", "policy_files"]
 
 log = structlog.get_logger(__name__)
 
@@ -49,10 +52,36 @@ class Decision:
     action: str
     rule: tuple[str, ...] = ()
     reason: str = ""
+    #: Denied because the rules could not be confirmed current (a shared rule store unreachable or
+    #: unreadable), not because of any rule: the caller should retry, not ask for access.
+    unavailable: bool = False
 
     @property
     def rule_text(self) -> str:
         return ", ".join(self.rule) if self.rule else "no matching allow rule (deny by default)"
+
+
+#: Where the gate collects, for the call in progress, why decisions were denied as unavailable.
+_unavailable: ContextVar[list[str] | None] = ContextVar("lakegate_policy_unavailable", default=None)
+
+
+@contextmanager
+def noting_unavailable() -> Iterator[list[str]]:
+    """Collect the reasons of every decision denied as unavailable in this context (and the worker
+    threads it starts, which share the list), so that a call built on such a denial can be answered
+    "policy unavailable, retry" instead of blaming a rule, a column or a dataset."""
+    reasons: list[str] = []
+    token = _unavailable.set(reasons)
+    try:
+        yield reasons
+    finally:
+        _unavailable.reset(token)
+
+
+def _noted(decision: Decision) -> Decision:
+    if decision.unavailable and (reasons := _unavailable.get()) is not None:
+        reasons.append(decision.reason)
+    return decision
 
 
 @dataclass(frozen=True)
@@ -137,6 +166,9 @@ class _Loaded:
     redaction: RedactionRules = field(default_factory=RedactionRules.fail_closed)
     cache: dict[tuple[str, str, str], Decision] = field(default_factory=dict)
     stamp: int | None = None  # the rule source's stamp the rules were read at
+    #: The load failed because the shared rule store could not be read (retry), not because the
+    #: rules are wrong: its denials are "unavailable".
+    outage: bool = False
 
 
 class PolicyEnforcer:
@@ -180,22 +212,18 @@ class PolicyEnforcer:
     def load_error(self) -> str | None:
         return self._current().error
 
-    def stale_reason(self) -> str | None:
-        """Why the rules may be out of date (every decision is then denied), or None."""
-        return self._rules.stale_reason() if self._rules is not None else None
-
     def decide(self, subject: str, obj: str, action: str) -> Decision:
         """Decide one request. Never raises: any failure is a denial whose reason says why."""
         loaded = self._current()
         if self._rules is not None and (stale := self._rules.stale_reason()) is not None:
-            return Decision(False, subject, obj, action, reason=stale)
+            return _noted(Decision(False, subject, obj, action, reason=stale, unavailable=True))
         key = (subject, obj, action)
         cached = loaded.cache.get(key)
         if cached is not None:
-            return cached
+            return _noted(cached)
         decision = self._decide(loaded, subject, obj, action)
         loaded.cache[key] = decision
-        return decision
+        return _noted(decision)
 
     def row_filters(self, subject: str, dataset: str) -> list[RowFilter]:
         """The row filters on `dataset` for `subject`: its own and those of every role it holds."""
@@ -264,7 +292,8 @@ class PolicyEnforcer:
         except Exception as exc:
             # Fail closed: an unreadable or invalid policy set denies everything until it is fixed.
             log.error("policy.load_failed", error=str(exc), model=str(self._files.model))
-            return _Loaded(None, None, "invalid", (), error=f"{type(exc).__name__}: {exc}", stamp=stamp)
+            outage = self._rules is not None and not isinstance(exc, ConfigurationError)
+            return _Loaded(None, None, "invalid", (), error=f"{type(exc).__name__}: {exc}", stamp=stamp, outage=outage)
         log.info("policy.loaded", version=version)
         return _Loaded(decider, explainer, version, mtimes, row_filters, stamp=stamp, redaction=redaction)
 
@@ -281,7 +310,10 @@ class PolicyEnforcer:
 
     def _decide(self, loaded: _Loaded, subject: str, obj: str, action: str) -> Decision:
         if loaded.decider is None or loaded.explainer is None:
-            return Decision(False, subject, obj, action, reason=f"policy set failed to load: {loaded.error}")
+            # A shared rule store that could not be read is an outage (retry); a policy set that is
+            # wrong (files, or no rules in the store) is a denial until the governance team fixes it.
+            reason = f"policy set failed to load: {loaded.error}"
+            return Decision(False, subject, obj, action, reason=reason, unavailable=loaded.outage)
         if not loaded.decider.enabled:
             return Decision(False, subject, obj, action, reason="policy enforcement was disabled")
         try:

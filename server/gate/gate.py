@@ -42,7 +42,7 @@ from lakegate.errors import (
     PolicyUnavailable,
     ServerError,
 )
-from lakegate.policies.enforcer import PolicyEnforcer
+from lakegate.policies.enforcer import PolicyEnforcer, noting_unavailable
 from lakegate.policies.resources import tool_resource
 from lakegate.server.audit.log import AuditLog
 from lakegate.server.audit.record_builders import call_record, listing_record
@@ -158,6 +158,18 @@ class Gate:
         progress: ProgressFn | None = None,
     ) -> GateOutcome:
         """Run one tool call through the gate. Never raises: failures become the outcome's error."""
+        with noting_unavailable() as unavailable:
+            return await self._call(tool_name, arguments, principal, origin, progress, unavailable)
+
+    async def _call(
+        self,
+        tool_name: str,
+        arguments: Mapping[str, Any] | None,
+        principal: Principal,
+        origin: CallOrigin,
+        progress: ProgressFn | None,
+        unavailable: list[str],
+    ) -> GateOutcome:
         started = time.perf_counter()
         arguments = dict(arguments or {})
         scope = self.scope(principal, progress)
@@ -169,7 +181,7 @@ class Gate:
         tool_decision = scope.decide(tool_resource(tool_name[:MAX_TOOL_NAME]), "call")
         scope.record("tool", tool_name[:MAX_TOOL_NAME], "call" if tool_decision.allowed else "denied")
         try:
-            self._require_current_policy()
+            _require_available(unavailable)
             spec = self.tools.get(tool_name)
             if not tool_decision.allowed:
                 if spec is None:
@@ -193,10 +205,10 @@ class Gate:
                 ) from exc
             produced = await _run_handler(spec, scope, args)
             if spec.read_only:
-                # Decisions taken while the policy could not be confirmed were denials: a result
-                # built on them would blame the wrong cause (a "hidden" column). A write has landed
-                # by now and is reported as it is.
-                self._require_current_policy()
+                # A decision taken while the policy could not be confirmed was a denial: a result
+                # built on it would be incomplete without saying why. A write has landed by now
+                # and is reported as it is.
+                _require_available(unavailable)
             text = spec.render(produced)
             payload = produced.model_dump_json()
             result = produced
@@ -213,6 +225,10 @@ class Gate:
             raise
         except Exception as exc:
             error = _failure(exc, tool_name)
+            if unavailable and isinstance(error, ClientError):
+                # Refused on a decision the policy store could not back (a column "hidden", a
+                # dataset "not found"): say so, so that the agent retries instead of giving up.
+                error = PolicyUnavailable(unavailable[0])
 
         try:
             # Building the record may fail too (the redaction key cannot be read): fail closed as well.
@@ -256,13 +272,15 @@ class Gate:
         scope = self.scope(principal)
         error: LakegateError | None = None
         payload = 0
-        try:
-            self._require_current_policy()
-            answered = await anyio.to_thread.run_sync(answer, scope)
-            self._require_current_policy()
-            payload = size(answered)
-        except Exception as exc:
-            error = _failure(exc, method)
+        with noting_unavailable() as unavailable:
+            try:
+                answered = await anyio.to_thread.run_sync(answer, scope)
+                _require_available(unavailable)
+                payload = size(answered)
+            except Exception as exc:
+                error = _failure(exc, method)
+                if unavailable and isinstance(error, ClientError):
+                    error = PolicyUnavailable(unavailable[0])
         try:
             record = self._record(method, arguments, principal, origin, scope, True, payload, error, started)
             with anyio.CancelScope(shield=True):
@@ -273,12 +291,6 @@ class Gate:
         if error is not None:
             raise error
         return answered
-
-    def _require_current_policy(self) -> None:
-        """Raises: PolicyUnavailable: the policy store cannot be confirmed current."""
-        stale = self.enforcer.stale_reason()
-        if stale is not None:
-            raise PolicyUnavailable(stale)
 
     def _record(
         self,
@@ -365,6 +377,13 @@ async def _run_handler(spec: ToolSpec[Any, Any], scope: CallScope, args: BaseMod
         scope.cancel()
         raise
     return produced
+
+
+def _require_available(unavailable: list[str]) -> None:
+    """Raises: PolicyUnavailable: a decision of this call was denied because the policy store
+    could not be confirmed current (production profile)."""
+    if unavailable:
+        raise PolicyUnavailable(unavailable[0])
 
 
 def _failure(exc: Exception, tool: str) -> LakegateError:
