@@ -52,8 +52,8 @@ class Decision:
     action: str
     rule: tuple[str, ...] = ()
     reason: str = ""
-    #: Denied because the rules could not be confirmed current (a shared rule store unreachable or
-    #: unreadable), not because of any rule: the caller should retry, not ask for access.
+    #: Denied because no policy answer could be had (a shared rule store unreachable or unreadable,
+    #: or the evaluation failed), not because of any rule: the caller should retry, not ask for access.
     unavailable: bool = False
 
     @property
@@ -190,6 +190,7 @@ class PolicyEnforcer:
         self._files = files
         self._groups = [(obj, group) for obj, groups in (resource_groups or {}).items() for group in groups]
         self._reload_interval_s = reload_interval_s
+        self._evaluating = threading.Lock()  # pycasbin evaluations, one at a time
         self._rules = rules
         self._lock = threading.Lock()
         self._checked_at = time.monotonic()
@@ -222,7 +223,8 @@ class PolicyEnforcer:
         if cached is not None:
             return _noted(cached)
         decision = self._decide(loaded, subject, obj, action)
-        loaded.cache[key] = decision
+        if not decision.unavailable:  # a failure is not the policy's answer: ask again next time
+            loaded.cache[key] = decision
         return _noted(decision)
 
     def row_filters(self, subject: str, dataset: str) -> list[RowFilter]:
@@ -242,7 +244,8 @@ class PolicyEnforcer:
         if loaded.decider is None:
             return ()
         try:
-            return tuple(sorted(loaded.decider.get_implicit_roles_for_user(subject)))
+            with self._evaluating:
+                return tuple(sorted(loaded.decider.get_implicit_roles_for_user(subject)))
         except Exception:  # a broken role graph grants nothing
             log.exception("policy.roles_failed", subject=subject)
             return ()
@@ -317,12 +320,17 @@ class PolicyEnforcer:
         if not loaded.decider.enabled:
             return Decision(False, subject, obj, action, reason="policy enforcement was disabled")
         try:
-            allowed, rule = loaded.decider.enforce_ex(subject, obj, action)
-            if allowed and not rule:
-                _, rule = loaded.explainer.enforce_ex(subject, obj, action)
+            # pycasbin's evaluation is not safe in concurrent threads (measured: under load it
+            # raised from `ast.parse` and returned wrong answers), so one at a time; decisions are
+            # cached per policy version, so this lock is taken only on a cache miss.
+            with self._evaluating:
+                allowed, rule = loaded.decider.enforce_ex(subject, obj, action)
+                if allowed and not rule:
+                    _, rule = loaded.explainer.enforce_ex(subject, obj, action)
         except Exception as exc:
             log.exception("policy.decide_failed", subject=subject, obj=obj, action=action)
-            return Decision(False, subject, obj, action, reason=f"policy evaluation failed: {exc}")
+            reason = f"policy evaluation failed: {exc}"
+            return Decision(False, subject, obj, action, reason=reason, unavailable=True)
         reason = "allowed by rule" if allowed else ("denied by rule" if rule else "no rule allows it")
         return Decision(bool(allowed), subject, obj, action, tuple(str(part) for part in rule), reason)
 

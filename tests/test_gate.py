@@ -227,3 +227,48 @@ def test_each_demo_role_sees_only_tools_it_may_call(runtime: Runtime, principal:
     for spec in ALL_TOOLS:
         allowed = runtime.enforcer.decide(principal, f"tool:{spec.name.value}", "call").allowed
         assert (spec.name.value in visible) == allowed
+
+
+def test_concurrent_first_decisions_equal_sequential_ones() -> None:
+    """pycasbin's evaluation is not thread-safe: on a fresh policy set (a reload under load), eight
+    threads deciding at once got wrong answers, which the decision cache then kept for the whole
+    policy version (seen as "column hidden" refusals in the load test). Each decision must be the
+    one a lone caller gets. (Switching threads often makes the race show within a few rounds.)"""
+    import sys
+    from itertools import product
+    from threading import Barrier, Thread
+
+    from lakegate.catalog.definitions import load_definitions
+    from lakegate.policies.enforcer import PolicyEnforcer, policy_files
+    from lakegate.server.app import resource_groups
+
+    repo = Path(__file__).resolve().parents[1]
+    groups = resource_groups(load_definitions(repo))
+    subjects = ["role:support_agent", "role:analyst", "role:data_steward", "analyst", "support_agent"]
+    objects = [
+        f"{dataset}.{column}"
+        for dataset in ("kb.articles", "sales.orders", "sales.customers", "support.tickets")
+        for column in ("source", "text", "order_ts", "email", "region", "doc_id")
+    ]
+    keys = list(product(subjects, objects, ["read", "mask:partial", "mask:hash"]))
+    lone = PolicyEnforcer(policy_files(repo), groups)
+    truth = {key: lone.decide(*key).allowed for key in keys}
+
+    def decide(enforcer: PolicyEnforcer, part: list[tuple[str, str, str]], go: Barrier, into: dict[Any, bool]) -> None:
+        go.wait()
+        for key in part:
+            into[key] = enforcer.decide(*key).allowed
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(20):
+            shared, start, answers = PolicyEnforcer(policy_files(repo), groups), Barrier(8), {}
+            threads = [Thread(target=decide, args=(shared, keys[n::8], start, answers)) for n in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert answers == truth
+    finally:
+        sys.setswitchinterval(interval)
