@@ -426,6 +426,8 @@ def lock_text(entries: LockEntries) -> str:
 def check_lock(catalog: SemanticCatalog, lock: LockEntries | None, *, file: str, lock_file: str) -> list[Problem]:
     """Locked versions that changed or disappeared, and versions not locked yet."""
     if lock is None:
+        if not catalog.metrics:
+            return []  # nothing to lock yet (a new project)
         return [Problem("lock", lock_file, "", "", "there is no lock file: run `lakegate metrics lock` to write it.")]
     problems = []
     current = {(m.name, m.version): m for m in catalog.metrics}

@@ -264,6 +264,11 @@ class Settings(BaseSettings):
     demo_scale: Literal["small", "large"] = Field(
         default="small", description="Size of the demo warehouse built on first serve."
     )
+    build_demo: bool = Field(
+        default=True,
+        description="Build the demo warehouse when `serve` finds the state directory empty "
+        "(a project made by `lakegate init --empty` sets false: it serves its own data).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="WARNING", description="Level of the server's diagnostic log (stderr), not the audit log."
     )

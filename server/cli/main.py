@@ -81,15 +81,34 @@ def cli(ctx: click.Context, project: Path | None) -> None:
 @cli.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Overwrite files that already exist.")
-def init(directory: Path, force: bool) -> None:
-    """Write the default policies, catalog definitions and lakegate.toml into DIRECTORY to edit."""
-    files = {
-        Path(CONFIG_FILE): resources.files("lakegate.server").joinpath("default_lakegate.toml"),
-        Path("policies/model.conf"): resources.files("lakegate.policies").joinpath("model.conf"),
-        Path("policies/policy.csv"): resources.files("lakegate.policies").joinpath("policy.csv"),
-        Path("policies/row_filters.yaml"): resources.files("lakegate.policies").joinpath("row_filters.yaml"),
-        Path("catalog/datasets.yaml"): resources.files("lakegate.catalog").joinpath("datasets.yaml"),
-    }
+@click.option(
+    "--empty",
+    is_flag=True,
+    help="A project for your own data: no demo documentation, rules or metrics, never the demo "
+    "warehouse; each file explains itself in comments.",
+)
+def init(directory: Path, force: bool, empty: bool) -> None:
+    """Write lakegate.toml, the policies and the catalog definitions into DIRECTORY to edit
+    (the demo's, or with --empty a starting point for your own data)."""
+    policies = resources.files("lakegate.policies")
+    if empty:
+        starter = resources.files("lakegate.server").joinpath("empty_project")
+        files = {
+            Path(CONFIG_FILE): starter.joinpath("lakegate.toml"),
+            Path("policies/model.conf"): policies.joinpath("model.conf"),
+            Path("policies/policy.csv"): starter.joinpath("policy.csv"),
+            Path("policies/row_filters.yaml"): starter.joinpath("row_filters.yaml"),
+            Path("catalog/datasets.yaml"): starter.joinpath("datasets.yaml"),
+            Path("catalog/metrics.yaml"): starter.joinpath("metrics.yaml"),
+        }
+    else:
+        files = {
+            Path(CONFIG_FILE): resources.files("lakegate.server").joinpath("default_lakegate.toml"),
+            Path("policies/model.conf"): policies.joinpath("model.conf"),
+            Path("policies/policy.csv"): policies.joinpath("policy.csv"),
+            Path("policies/row_filters.yaml"): policies.joinpath("row_filters.yaml"),
+            Path("catalog/datasets.yaml"): resources.files("lakegate.catalog").joinpath("datasets.yaml"),
+        }
     for relative, source in files.items():
         target = directory / relative
         if target.exists() and not force:
@@ -102,7 +121,10 @@ def init(directory: Path, force: bool) -> None:
     gitignore = directory / ".gitignore"
     if not gitignore.exists():
         gitignore.write_text(".lakegate/\n")
-    err.print(f"Next: cd {directory} && lakegate serve --principal analyst")
+    if empty:
+        err.print(f"Next: cd {directory}, give roles read rules in policies/policy.csv, then `lakegate serve`.")
+    else:
+        err.print(f"Next: cd {directory} && lakegate serve --principal analyst")
 
 
 def _build_demo(settings: Settings, scale: str) -> None:
@@ -199,6 +221,8 @@ def _ensure_warehouse(settings: Settings) -> None:
     if settings.profile == "embedded" and settings.storage.backend == "local" and embedded_catalog.is_file():
         # Not a new state directory: no probe (opening the catalog imports pyiceberg, ~0.5 s, which
         # the start-up warm-up does in the background instead).
+        return
+    if not settings.build_demo:
         return
     probe = open_warehouse(settings)
     empty = probe.is_empty()

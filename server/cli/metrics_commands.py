@@ -75,6 +75,8 @@ def _live_schemas(settings: Settings, catalog: SemanticCatalog) -> dict[str, dic
     from lakegate.errors import NotFound
     from lakegate.server.profile import open_warehouse
 
+    if not catalog.semantic_models:
+        return {}  # nothing defined yet (a new project): nothing to check against the tables
     warehouse = open_warehouse(settings)  # the profile's catalog and storage, as serve reads them
     try:
         if warehouse.is_empty():
