@@ -210,7 +210,7 @@ def create_server(runtime: Runtime, principal_of: PrincipalOf, transport: str) -
     async def list_tools(ctx: ServerRequestContext[Any, Any], params: PaginatedRequestParams | None) -> ListToolsResult:
         started = time.perf_counter()
         principal = principal_of(ctx)
-        await watchers.add(ctx, origin_of(ctx).session_id, principal)
+        await watchers.watch_session(ctx, origin_of(ctx).session_id, principal)
         result = ListToolsResult(tools=[mcp_tool(spec) for spec in gate.visible_tools(principal)])
         await audited(ctx, "tools/list", principal, len(result.tools), result, started)
         return result
@@ -243,7 +243,7 @@ def create_server(runtime: Runtime, principal_of: PrincipalOf, transport: str) -
     ) -> ListResourcesResult:
         started = time.perf_counter()
         principal = principal_of(ctx)
-        await watchers.add(ctx, origin_of(ctx).session_id, principal)
+        await watchers.watch_session(ctx, origin_of(ctx).session_id, principal)
         scope = gate.scope(principal)
         may_describe = scope.decide(tool_resource(ToolName.DESCRIBE_DATASET.value), "call").allowed
         resources = []

@@ -18,6 +18,8 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import anyio
@@ -81,7 +83,7 @@ Context = ServerRequestContext[Any, Any]
 CallerOf = Callable[[Context], tuple[Principal, CallOrigin]]
 #: The longest typed text a completion looks at (and its audit record keeps).
 MAX_TYPED = 200
-#: How often a listen stream that asked for list changes checks the policy version.
+#: How often the list watchers (listen streams, 2025 sessions) check the policy version.
 POLICY_CHECK_S = 2.0
 #: Dataset URIs one listen stream may name, and events it may hold unsent before it is ended.
 MAX_LISTEN_URIS = 100
@@ -144,7 +146,7 @@ def surface_handlers(
     async def list_prompts(ctx: Context, params: PaginatedRequestParams | None) -> ListPromptsResult:
         started = time.perf_counter()
         principal, origin = caller_of(ctx)
-        await watchers.add(ctx, origin.session_id, principal)
+        await watchers.watch_session(ctx, origin.session_id, principal)
         result = ListPromptsResult(prompts=[mcp_prompt(spec) for spec in visible_prompts(gate.scope(principal))])
         await audit_listing(ctx, "prompts/list", principal, len(result.prompts), result, started)
         return result
@@ -257,18 +259,17 @@ def surface_handlers(
         for uri in honored:
             subscriptions.add(uri, stream_key, sink, principal)
         try:
+            if lists:
+                await watchers.watch(stream_key, principal, frozenset(lists), sink.list_changed)
             ack = SubscriptionsAcknowledgedNotificationParams(notifications=acknowledged, _meta=meta)
             await ctx.session.send_notification(
                 SubscriptionsAcknowledgedNotification(params=ack), related_request_id=ctx.request_id
             )
-            async with anyio.create_task_group() as watchers:
-                if lists:
-                    watchers.start_soon(_watch_lists, gate, principal, lists, send)
-                async for event in receive:
-                    notification = event_to_notification(event, meta)
-                    await ctx.session.send_notification(notification, related_request_id=ctx.request_id)
-                watchers.cancel_scope.cancel()
+            async for event in receive:
+                notification = event_to_notification(event, meta)
+                await ctx.session.send_notification(notification, related_request_id=ctx.request_id)
         finally:
+            watchers.unwatch(stream_key)
             for uri in honored:
                 subscriptions.remove(uri, stream_key)
             send.close()
@@ -321,6 +322,9 @@ class _StreamSink:
     async def send_resource_updated(self, uri: str) -> None:
         self._send.send_nowait(ResourceUpdated(uri=uri))
 
+    async def list_changed(self, kind: str) -> None:
+        self._send.send_nowait(_LIST_EVENTS[kind])
+
 
 def _views(gate: Gate, principal: Principal) -> dict[str, frozenset[str]]:
     """What this caller may list now: tool names, prompt names, dataset resources."""
@@ -340,69 +344,77 @@ _LIST_EVENTS: dict[str, ServerEvent] = {
 }
 
 
-async def _watch_lists(
-    gate: Gate, principal: Principal, lists: set[str], send: MemoryObjectSendStream[ServerEvent]
-) -> None:
-    """Send a list-changed event whenever a policy change alters what `principal` may list."""
+#: What a watcher may be told has changed, as `_views` names them.
+LIST_KINDS = frozenset(("tools", "prompts", "resources"))
 
-    def policy_version() -> str:  # may reload the policy files: off the event loop
-        return gate.enforcer.version
 
-    def versioned_views() -> tuple[str, dict[str, frozenset[str]]]:
-        # The version first: a reload between the two is then seen as a change at the next check.
-        return policy_version(), _views(gate, principal)
-
-    version, seen = await anyio.to_thread.run_sync(versioned_views)
-    while True:
-        await anyio.sleep(POLICY_CHECK_S)
-        if await anyio.to_thread.run_sync(policy_version) == version:
-            continue
-        version, now = await anyio.to_thread.run_sync(versioned_views)
-        for kind in sorted(lists):
-            if now[kind] != seen[kind]:
-                send.send_nowait(_LIST_EVENTS[kind])
-        seen = now
+@dataclass
+class _Watcher:
+    principal: Principal
+    kinds: frozenset[str]
+    tell: Callable[[str], Awaitable[None]]  # called with a kind whose list changed
+    version: str  # the policy version `seen` was taken at (read before it)
+    seen: dict[str, frozenset[str]]
 
 
 class ListWatchers:
-    """Sessions of protocol 2025-11-25 and earlier that listed tools, prompts or resources: each is
-    sent tools/prompts/resources `list_changed` when a policy change alters what its principal may
-    list (2026 clients ask for the same on a listen stream instead). `run` is the watcher loop, for
-    the server's lifespan; a session that cannot be reached any more is dropped."""
+    """Who is told when a policy change alters what its principal may list: 2026 listen streams
+    that asked for it (`watch`), and sessions of protocol 2025-11-25 and earlier that listed tools,
+    prompts or resources (`watch_session`). `run` is the one watcher loop, for the server's
+    lifespan: at each policy version it re-computes each watcher's lists and tells it what differs;
+    a watcher that cannot be told any more is dropped."""
 
     def __init__(self, gate: Gate) -> None:
         self._gate = gate
-        self._sessions: dict[str, tuple[Any, Principal, dict[str, frozenset[str]]]] = {}
+        self._watchers: dict[str, _Watcher] = {}
 
-    async def add(self, ctx: Context, key: str, principal: Principal) -> None:
-        """Watch this session from its first listing on (what it may list now is the baseline)."""
-        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS or key in self._sessions:
-            return
-        self._sessions[key] = (ctx.session, principal, await anyio.to_thread.run_sync(_views, self._gate, principal))
+    async def watch(
+        self, key: str, principal: Principal, kinds: frozenset[str], tell: Callable[[str], Awaitable[None]]
+    ) -> None:
+        """Watch from now on (what `principal` may list now is the baseline), once per key."""
+        if key not in self._watchers:
+            version, seen = await anyio.to_thread.run_sync(self._versioned_views, principal)
+            self._watchers[key] = _Watcher(principal, kinds, tell, version, seen)
+
+    async def watch_session(self, ctx: Context, key: str, principal: Principal) -> None:
+        """Watch a handshake-era session (2026 sessions listen instead)."""
+        if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            await self.watch(key, principal, LIST_KINDS, partial(_tell_session, ctx.session))
+
+    def unwatch(self, key: str) -> None:
+        self._watchers.pop(key, None)
 
     def _version(self) -> str:  # may reload the policy files: called off the event loop
         return self._gate.enforcer.version
 
+    def _versioned_views(self, principal: Principal) -> tuple[str, dict[str, frozenset[str]]]:
+        # The version first: a reload between the two is then seen as a change at the next check.
+        return self._version(), _views(self._gate, principal)
+
     async def run(self) -> None:
-        version = await anyio.to_thread.run_sync(self._version)
         while True:
             await anyio.sleep(POLICY_CHECK_S)
             latest = await anyio.to_thread.run_sync(self._version)
-            if latest == version:
-                continue
-            version = latest
-            for key, (session, principal, seen) in list(self._sessions.items()):
-                now = await anyio.to_thread.run_sync(_views, self._gate, principal)
-                self._sessions[key] = (session, principal, now)
+            for key, watcher in list(self._watchers.items()):
+                if watcher.version == latest:
+                    continue
+                version, now = await anyio.to_thread.run_sync(self._versioned_views, watcher.principal)
+                changed = sorted(kind for kind in watcher.kinds if now[kind] != watcher.seen[kind])
+                watcher.version, watcher.seen = version, now
                 try:
-                    if now["tools"] != seen["tools"]:
-                        await session.send_tool_list_changed()
-                    if now["prompts"] != seen["prompts"]:
-                        await session.send_prompt_list_changed()
-                    if now["resources"] != seen["resources"]:
-                        await session.send_resource_list_changed()
-                except Exception:  # the client went away
-                    self._sessions.pop(key, None)
+                    for kind in changed:
+                        await watcher.tell(kind)
+                except Exception:  # the client went away, or stopped reading
+                    self.unwatch(key)
+
+
+async def _tell_session(session: Any, kind: str) -> None:
+    if kind == "tools":
+        await session.send_tool_list_changed()
+    elif kind == "prompts":
+        await session.send_prompt_list_changed()
+    else:
+        await session.send_resource_list_changed()
 
 
 async def _answered(pending: Awaitable[AnswerT]) -> AnswerT:
