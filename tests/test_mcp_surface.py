@@ -23,8 +23,6 @@ from mcp.types import (
 
 from lakegate.evals.mcp_client import REPO, connect, server_params
 from lakegate.server.audit.log import read_records, verify
-from lakegate.server.gate.identity import Principal
-from lakegate.server.subscriptions import Subscriptions
 from lakegate.tools.prompts import ALL_PROMPTS
 
 TICKET = {
@@ -234,27 +232,41 @@ def test_a_listen_stream_is_told_only_of_datasets_the_caller_may_read(writable_h
     }
 
 
-class _Session:
-    """Stands in for an MCP session: records what it was sent."""
-
-    def __init__(self) -> None:
-        self.sent: list[str] = []
-
-    async def send_resource_updated(self, uri: str) -> None:
-        self.sent.append(uri)
+async def _listed(client: Client) -> set[str]:
+    listed = await client.call_tool("list_datasets", {})
+    return {d["name"] for d in (listed.structured_content or {}).get("datasets", [])}
 
 
-def test_a_subscriber_that_may_no_longer_read_is_dropped_not_notified() -> None:
-    subscriptions = Subscriptions()
-    reader, revoked = _Session(), _Session()
-    uri = "lakegate://datasets/sales.orders"
-    subscriptions.add(uri, "session-1", reader, Principal("analyst", ("analyst",)))
-    subscriptions.add(uri, "session-2", revoked, Principal("mallory", ()))
+@pytest.mark.filterwarnings("ignore::mcp.shared.exceptions.MCPDeprecationWarning")  # the 2025 methods, on purpose
+def test_a_subscriber_that_may_no_longer_read_is_dropped_not_notified(writable_home: Path, tmp_path: Path) -> None:
+    project = _project(tmp_path)
+    policy = project / "policies" / "policy.csv"
+    audit = tmp_path / "audit.jsonl"
+    uri = "lakegate://datasets/support.tickets"
+    params = server_params("support_agent", writable_home, project=project, LAKEGATE_AUDIT__PATH=str(audit))
 
-    sent = anyio.run(subscriptions.notify, uri, lambda who: who.name == "analyst")
+    async def scenario() -> list[str]:
+        heard: list[str] = []
 
-    assert sent == 1 and reader.sent == [uri] and revoked.sent == []
-    assert subscriptions.subscribers(uri) == 1
+        async def on_message(message: Any) -> None:
+            if isinstance(message, ResourceUpdatedNotification):
+                heard.append(str(message.params.uri))
+
+        info = Implementation(name="lakegate-tests", version="1.0")
+        client = Client(params, client_info=info, read_timeout_seconds=120, mode="legacy", message_handler=on_message)
+        async with client:
+            await client.subscribe_resource(uri)
+            # support_agent may still append to the tickets, but no longer read them.
+            policy.write_text(policy.read_text() + "p, role:support_agent, support.tickets, read, deny\n")
+            with anyio.fail_after(20):  # until the server has reloaded the policy
+                while "support.tickets" in await _listed(client):
+                    await anyio.sleep(0.5)
+            written = await client.call_tool("append_rows", {"table": "support.tickets", "rows": [TICKET]})
+            assert not written.is_error, written.content
+            await client.send_ping()  # a notification sent before the ping's answer would be here by now
+        return heard
+
+    assert run(scenario) == []
 
 
 def _project(tmp_path: Path) -> Path:
