@@ -131,33 +131,35 @@ def _layout(schema: pa.Schema) -> Layout:
 
 
 class FragmentCache:
-    """Parquet fragments with their footers read, by path (one per worker process)."""
+    """Parquet fragments with their footers read, and their column layouts, by path (one per worker
+    process)."""
 
     def __init__(self, filesystem: FileSystem) -> None:
         self.filesystem = filesystem
-        self._fragments: dict[str, ds.ParquetFileFragment] = {}
+        self._fragments: dict[str, tuple[ds.ParquetFileFragment, Layout]] = {}
         self._lock = threading.Lock()
 
-    def fragments(self, files: Sequence[tuple[str, int]]) -> list[ds.ParquetFileFragment]:
-        """The fragments of `files`, reading the footers not read before (several at once)."""
+    def fragments(self, files: Sequence[tuple[str, int]]) -> list[tuple[ds.ParquetFileFragment, Layout]]:
+        """The fragments of `files` with their layouts, reading the footers not read before (several
+        at once)."""
         with self._lock:
             found = {path: self._fragments[path] for path, _ in files if path in self._fragments}
         missing = [(path, size) for path, size in files if path not in found]
         if missing:
             parquet = _parquet()
 
-            def read_footer(file: tuple[str, int]) -> ds.ParquetFileFragment:
+            def read_footer(file: tuple[str, int]) -> tuple[ds.ParquetFileFragment, Layout]:
                 path, size = file
                 fragment = parquet.make_fragment(path, filesystem=self.filesystem, file_size=size)
                 fragment.ensure_complete_metadata()  # kept on the fragment: scans do not read it again
                 if dictionaries := _small_dictionaries(fragment):
                     fragment = _parquet(dictionaries).make_fragment(path, filesystem=self.filesystem, file_size=size)
                     fragment.ensure_complete_metadata()
-                return fragment
+                return fragment, _layout(fragment.physical_schema)
 
             with ThreadPoolExecutor(max_workers=min(FOOTER_READERS, len(missing))) as pool:
                 read = list(pool.map(read_footer, missing))
-            found.update((path, fragment) for (path, _), fragment in zip(missing, read, strict=True))
+            found.update((path, entry) for (path, _), entry in zip(missing, read, strict=True))
             with self._lock:
                 if len(self._fragments) + len(read) > MAX_CACHED_FRAGMENTS:
                     self._fragments.clear()
@@ -182,8 +184,8 @@ def build_relation(
         empty = ", ".join(f"CAST(NULL AS {c.duckdb_type}) AS {_quote(c.name)}" for c in source.columns)
         return f"(SELECT {empty} LIMIT 0)"
     groups: dict[Layout, list[ds.ParquetFileFragment]] = {}
-    for fragment in cache.fragments(source.files):
-        groups.setdefault(_layout(fragment.physical_schema), []).append(fragment)
+    for fragment, layout in cache.fragments(source.files):
+        groups.setdefault(layout, []).append(fragment)
     selects = []
     for layout, members in groups.items():
         physical = members[0].physical_schema
