@@ -40,6 +40,11 @@ log = structlog.get_logger(__name__)
 MODEL_FILE = "model.conf"
 POLICY_FILE = "policy.csv"
 _ALLOW_ONLY_EFFECT = "some(where (p_eft == allow))"
+#: pycasbin evaluations, one at a time in the whole process: they are not safe in concurrent
+#: threads (measured: under load they returned wrong answers), and they parse matchers with
+#: `ast.parse`, whose recursion check CPython 3.11 keeps per process, so two enforcers evaluating
+#: at once (two replicas in one test process) failed with "AST constructor recursion depth mismatch".
+_EVALUATING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -190,7 +195,6 @@ class PolicyEnforcer:
         self._files = files
         self._groups = [(obj, group) for obj, groups in (resource_groups or {}).items() for group in groups]
         self._reload_interval_s = reload_interval_s
-        self._evaluating = threading.Lock()  # pycasbin evaluations, one at a time
         self._rules = rules
         self._lock = threading.Lock()
         self._checked_at = time.monotonic()
@@ -244,7 +248,7 @@ class PolicyEnforcer:
         if loaded.decider is None:
             return ()
         try:
-            with self._evaluating:
+            with _EVALUATING:
                 return tuple(sorted(loaded.decider.get_implicit_roles_for_user(subject)))
         except Exception:  # a broken role graph grants nothing
             log.exception("policy.roles_failed", subject=subject)
@@ -320,10 +324,9 @@ class PolicyEnforcer:
         if not loaded.decider.enabled:
             return Decision(False, subject, obj, action, reason="policy enforcement was disabled")
         try:
-            # pycasbin's evaluation is not safe in concurrent threads (measured: under load it
-            # raised from `ast.parse` and returned wrong answers), so one at a time; decisions are
-            # cached per policy version, so this lock is taken only on a cache miss.
-            with self._evaluating:
+            # One at a time (see _EVALUATING); decisions are cached per policy version, so this
+            # lock is taken only on a cache miss.
+            with _EVALUATING:
                 allowed, rule = loaded.decider.enforce_ex(subject, obj, action)
                 if allowed and not rule:
                     _, rule = loaded.explainer.enforce_ex(subject, obj, action)
