@@ -130,6 +130,8 @@ class Warehouse:
         self._lock = threading.Lock()
         # describe() runs on every tool call; its result only changes with a new snapshot/version.
         self._described: dict[tuple[str, int | None, int], DatasetInfo] = {}
+        # Loaded tables, kept while the catalog still points at the metadata file they were read from.
+        self._tables: dict[str, IcebergTable] = {}
         self._engine: QueryEngine | None = None
         self._planner: ScanPlanner | None = None
 
@@ -345,7 +347,20 @@ class Warehouse:
         """
         catalog = self.iceberg
         with translate_errors(f"load Iceberg table {name}", name):
-            return catalog.load_table(name)
+            location = _metadata_location(catalog, name)
+            with self._lock:
+                known = self._tables.get(name)
+            if known is not None and location is not None and known.metadata_location == location:
+                return known  # unchanged since it was loaded: no metadata file to read and parse
+            try:
+                table = catalog.load_table(name)
+            except Exception:
+                with self._lock:
+                    self._tables.pop(name, None)
+                raise
+            with self._lock:
+                self._tables[name] = table
+            return table
 
     def lance_table(self, name: str) -> LanceTable:
         """Open Lance dataset `name`.
@@ -486,3 +501,23 @@ def _decode_metadata(metadata: dict[bytes, bytes] | None) -> dict[str, str]:
 
 def _field_doc(metadata: dict[bytes, bytes] | None) -> str | None:
     return _decode_metadata(metadata).get(LANCE_DOC_KEY)
+
+
+def _metadata_location(catalog: SqlCatalog, name: str) -> str | None:
+    """Where the catalog says table `name`'s current metadata file is (one indexed row read), or
+    None when it holds no such row."""
+    from pyiceberg.catalog import Catalog
+    from pyiceberg.catalog.sql import IcebergTables
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    namespace = Catalog.namespace_to_string(Catalog.namespace_from(name))
+    with Session(catalog.engine) as session:
+        location: str | None = session.scalar(
+            select(IcebergTables.metadata_location).where(
+                IcebergTables.catalog_name == catalog.name,
+                IcebergTables.table_namespace == namespace,
+                IcebergTables.table_name == Catalog.table_name_from(name),
+            )
+        )
+    return location
