@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
@@ -25,8 +25,10 @@ from urllib.parse import unquote, urlparse
 from lakegate.catalog.arrow_relations import SourceColumn, TableSource
 from lakegate.catalog.warehouse import Warehouse, translate_errors
 from lakegate.errors import BackendError, InvalidArgument, NotFound
+from lakegate.policies.sql_filters import ColumnFilter
 
 if TYPE_CHECKING:
+    from pyiceberg.expressions import BooleanExpression
     from pyiceberg.table import FileScanTask
 
 __all__ = ["ScanColumn", "ScanPlan", "ScanPlanner", "duckdb_type", "refuse_row_deletes"]
@@ -86,6 +88,13 @@ class ScanPlan:
     columns: tuple[ScanColumn, ...]
     files: tuple[tuple[str, int], ...]  # the Parquet data files (path, size in bytes): local paths, or
     # "bucket/key" paths on the object store
+    rows: int = 0  # rows in those files, from the manifests
+    unpruned_files: int | None = None  # with the query's filters applied (`ScanPlanner.prune`): the
+    # files of the whole snapshot
+
+    @property
+    def bytes(self) -> int:
+        return sum(size for _, size in self.files)
 
     def source(self, columns: Collection[str] | None = None) -> TableSource:
         """What the query worker may read of this plan: its files, and `columns` (default: all)."""
@@ -118,6 +127,20 @@ def _row_deletes_refusal(table: str, what: str) -> InvalidArgument:
     )
 
 
+def _expression(column: str, column_filter: ColumnFilter) -> BooleanExpression:
+    """pyiceberg's expression for one filter of the query."""
+    from pyiceberg.expressions import EqualTo, GreaterThan, GreaterThanOrEqual, In, LessThan, LessThanOrEqual
+
+    value = column_filter.value
+    if column_filter.op == "in":
+        assert isinstance(value, tuple)
+        return In(column, value)  # type: ignore[call-arg, arg-type]  # pydantic hides its __new__ from mypy
+    assert not isinstance(value, tuple)
+    operators = {"=": EqualTo, "<": LessThan, "<=": LessThanOrEqual, ">": GreaterThan, ">=": GreaterThanOrEqual}
+    expression: BooleanExpression = operators[column_filter.op](column, value)
+    return expression
+
+
 def _local_path(location: str) -> str:
     parsed = urlparse(location)
     if parsed.scheme in ("", "file"):
@@ -131,6 +154,7 @@ class ScanPlanner:
     def __init__(self, warehouse: Warehouse) -> None:
         self._warehouse = warehouse
         self._plans: dict[tuple[str, int | None, int | None], ScanPlan] = {}
+        self._pruned: dict[tuple[object, ...], ScanPlan] = {}
         self._lock = threading.Lock()
 
     def plan(self, name: str, as_of: int | datetime | None = None) -> ScanPlan:
@@ -175,6 +199,7 @@ class ScanPlanner:
                 for field in schema.fields
             )
             files: tuple[tuple[str, int], ...] = ()
+            rows = 0
             if snapshot_id is not None:
                 try:
                     tasks = list(table.scan(snapshot_id=snapshot_id).plan_files())
@@ -184,10 +209,49 @@ class ScanPlanner:
                     raise _row_deletes_refusal(name, "equality") from exc
                 refuse_row_deletes(name, tasks)
                 files = tuple((self._path(task.file.file_path), task.file.file_size_in_bytes) for task in tasks)
-        plan = ScanPlan(name, snapshot_id, columns, files)
+                rows = sum(task.file.record_count for task in tasks)
+        plan = ScanPlan(name, snapshot_id, columns, files, rows)
         with self._lock:
             self._plans[key] = plan
         return plan
+
+    def prune(self, plan: ScanPlan, filters: Sequence[ColumnFilter]) -> ScanPlan:
+        """`plan` (of the current snapshot) with only the files that may hold a row passing every
+        one of `filters` (policies/sql_filters.py), by the manifests' partition values and column
+        statistics; the same plan when a filter's column no longer has its planned name.
+
+        Raises:
+            InvalidArgument: the pruned scan has row-level deletes.
+            BackendError: the catalog, metadata or manifests cannot be read.
+        """
+        if not filters or plan.snapshot_id is None or not plan.files:
+            return plan
+        key = (plan.table, plan.snapshot_id, plan.columns, tuple(filters))
+        with self._lock:
+            if key in self._pruned:
+                return self._pruned[key]
+        table = self._warehouse.iceberg_table(plan.table)
+        with translate_errors(f"plan a scan of {plan.table}", plan.table):
+            from pyiceberg.expressions import And
+
+            schema = table.schema()
+            current = {field.field_id: field.name for field in schema.fields}
+            planned = {column.name.lower(): column for column in plan.columns}
+            terms = []
+            for column_filter in filters:
+                column = planned.get(column_filter.column)
+                if column is None or current.get(column.field_id) != column.name:
+                    return plan  # the schema changed since the plan was made: read the whole plan
+                terms.append(_expression(column.name, column_filter))
+            row_filter = terms[0] if len(terms) == 1 else And(*terms)
+            tasks = list(table.scan(snapshot_id=plan.snapshot_id, row_filter=row_filter).plan_files())
+            refuse_row_deletes(plan.table, tasks)
+            files = tuple((self._path(task.file.file_path), task.file.file_size_in_bytes) for task in tasks)
+            rows = sum(task.file.record_count for task in tasks)
+        pruned = replace(plan, files=files, rows=rows, unpruned_files=len(plan.files))
+        with self._lock:
+            self._pruned[key] = pruned
+        return pruned
 
     def _path(self, location: str) -> str:
         """Where the worker reads a planned file: a local path, or "bucket/key" under the warehouse.

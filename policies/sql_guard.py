@@ -33,7 +33,7 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import OptimizeError, ParseError, SqlglotError
 from sqlglot.optimizer.qualify import qualify
-from sqlglot.optimizer.scope import traverse_scope
+from sqlglot.optimizer.scope import Scope, traverse_scope
 
 from lakegate.errors import InvalidQuery, PolicyDenied
 from lakegate.policies.masks import MACRO_PREFIX
@@ -43,6 +43,7 @@ __all__ = [
     "DIALECT",
     "GuardedQuery",
     "InvalidQuery",
+    "ResolvedColumns",
     "TableColumns",
     "check_functions",
     "function_allowed",
@@ -334,7 +335,13 @@ def _schema(tables: Mapping[str, TableColumns]) -> dict[str, object]:
     return schema
 
 
-def resolve_columns(query: GuardedQuery, tables: Mapping[str, TableColumns]) -> dict[str, set[str]]:
+@dataclass(frozen=True)
+class ResolvedColumns:
+    read: dict[str, set[str]]  # "namespace.table" -> the visible columns the query reads
+    scopes: list[Scope]  # of the query with every column qualified by its source (sql_filters uses them)
+
+
+def resolve_columns(query: GuardedQuery, tables: Mapping[str, TableColumns]) -> ResolvedColumns:
     """The visible columns of each governed table the query reads (with `*` expanded).
 
     Raises:
@@ -375,7 +382,7 @@ def resolve_columns(query: GuardedQuery, tables: Mapping[str, TableColumns]) -> 
         for alias, source in sources.items():
             if (name := table_name(source)) in read and (pattern or alias in whole_rows or source.args.get("pivots")):
                 read[name].update(tables[name].types)
-    return read
+    return ResolvedColumns(read, scopes)
 
 
 def _source_column(source: exp.Table, column: str, columns: TableColumns) -> str:

@@ -29,7 +29,9 @@ class GovernedReadArgs(ToolArgs):
     limit: int = Field(default=100, ge=1, le=1000, description="Most rows to return in this page.")
     cursor: str | None = Field(default=None, description="next_cursor from the previous page, to get the next rows.")
     explain: bool = Field(
-        default=False, description="Return the policy-rewritten SQL and DuckDB's plan instead of running the query."
+        default=False,
+        description="Return the policy-rewritten SQL, the scan estimate (files, bytes, rows to read) and DuckDB's plan "
+        "instead of running the query.",
     )
 
 
@@ -61,7 +63,9 @@ class QueryResult(Page):
     rewritten_sql: str | None = Field(
         default=None, description="The SQL after policy rewriting (with explain; always for metrics)."
     )
-    plan: str | None = Field(default=None, description="With explain: DuckDB's physical plan.")
+    plan: str | None = Field(
+        default=None, description="With explain: the scan estimate per table, then DuckDB's physical plan."
+    )
 
 
 def _as_of(table: str, value: int | str) -> int | datetime:

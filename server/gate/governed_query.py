@@ -34,6 +34,7 @@ from lakegate.errors import ConfigurationError, GovernanceViolation, LimitExceed
 from lakegate.policies.columns import MASK_METHODS, ColumnAccess
 from lakegate.policies.masks import mask_macro_name
 from lakegate.policies.row_filters import RowFilter
+from lakegate.policies.sql_filters import pushable_filters
 from lakegate.policies.sql_guard import (
     GuardedQuery,
     InvalidQuery,
@@ -180,7 +181,16 @@ def run_query(
         )
         for name in query.tables
     }
-    read = resolve_columns(query, tables)
+    resolved = resolve_columns(query, tables)
+    read = resolved.read
+    # The query's own filters, where they provably cannot change an answer, prune the files read.
+    clear = {
+        name: {c.name.lower(): c.duckdb_type for c in plans[name].columns if accesses[name][c.name].access == "clear"}
+        for name in query.tables
+    }
+    for name, pushed in pushable_filters(query.tree, resolved.scopes, clear).items():
+        if name not in as_of:
+            plans[name] = scope.prune_scan(plans[name], pushed)
     masked: dict[str, str] = {}
     filters: dict[str, list[RowFilter]] = {}
     scans: dict[str, str] = {}
@@ -208,12 +218,19 @@ def run_query(
         rewritten = re.sub(re.escape(function), mask_macro_name(method).upper(), rewritten, flags=re.IGNORECASE)
     snapshots = {name: plan.snapshot_id for name, plan in plans.items()}
     applied = {name: [f.sql() for f in found] for name, found in filters.items() if found}
-    scope.details.update(rewritten_sql=rewritten, snapshots=snapshots, row_filters=applied, masked_columns=masked)
+    scope.details.update(
+        rewritten_sql=rewritten,
+        snapshots=snapshots,
+        row_filters=applied,
+        masked_columns=masked,
+        planned_scan={name: _scan_estimate(plan) for name, plan in plans.items()},
+    )
     engine = scope.query_engine()
     if explain:
         for name in query.tables:
             scope.record("dataset", name, "planned", plans[name].snapshot_id)
-        plan = _without_estimates(engine.explain(template, sources, masks=_by_function(masks)))
+        physical = _without_estimates(engine.explain(template, sources, masks=_by_function(masks)))
+        plan = f"{_scan_summary(plans, filters)}\n\n{physical}"
         return QueryPage([], [], 0, False, snapshots, rewritten, masked, applied, query.ordered, plan)
 
     def progress(done: float) -> None:
@@ -244,6 +261,28 @@ def run_query(
     assert result.table is not None
     shown = _page(query, result.table, offset, count, scope.limits.max_bytes, snapshots, rewritten, masked, applied)
     return shown if result.complete else replace(shown, more=True)
+
+
+def _scan_estimate(plan: ScanPlan) -> dict[str, int]:
+    """What the plan will read: files, bytes and rows (and the snapshot's files before the query's
+    filters pruned them)."""
+    estimate = {"files": len(plan.files), "bytes": plan.bytes, "rows": plan.rows}
+    if plan.unpruned_files is not None:
+        estimate["files_before_pruning"] = plan.unpruned_files
+    return estimate
+
+
+def _scan_summary(plans: Mapping[str, ScanPlan], filters: Mapping[str, list[RowFilter]]) -> str:
+    """The scan estimate as explain shows it, one line per table. Not for a table the caller reads
+    through a row filter: its files, bytes and rows count rows the caller may not see."""
+    lines = []
+    for name, plan in plans.items():
+        if filters.get(name):
+            lines.append(f"{name}: not shown (a row filter applies to you)")
+            continue
+        pruned = "" if plan.unpruned_files is None else f" of {plan.unpruned_files:,} (pruned by the query's filters)"
+        lines.append(f"{name}: {len(plan.files):,} files{pruned}, {plan.bytes:,} bytes, {plan.rows:,} rows")
+    return "Scan estimate:\n" + "\n".join(lines)
 
 
 def _by_function(masks: Mapping[str, str]) -> dict[str, str]:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from lakegate.catalog.query_embedder import TextEncoder
     from lakegate.catalog.query_engine import QueryEngine
     from lakegate.policies.row_filters import RowFilter
+    from lakegate.policies.sql_filters import ColumnFilter
     from lakegate.tools.scope import QueryPage
 
 __all__ = ["CallScope", "ProgressFn", "Touched"]
@@ -193,6 +194,14 @@ class CallScope:
             InvalidArgument: the table cannot be read correctly (row-level deletes).
         """
         return self._warehouse.scans.plan(name, as_of)
+
+    def prune_scan(self, plan: ScanPlan, filters: Sequence[ColumnFilter]) -> ScanPlan:
+        """`plan` narrowed to the files that may hold rows passing the query's `filters`.
+
+        Raises:
+            InvalidArgument: the table cannot be read correctly (row-level deletes).
+        """
+        return self._warehouse.scans.prune(plan, filters)
 
     def row_filters(self, dataset: str) -> list[RowFilter]:
         """The row filters the policy set attaches to this principal (and its roles) on `dataset`."""
