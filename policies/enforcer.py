@@ -32,6 +32,7 @@ import structlog
 from lakegate.errors import ConfigurationError
 from lakegate.policies.redaction import REDACTION_FILE, RedactionRules, load_redaction
 from lakegate.policies.row_filters import ROW_FILTER_FILE, RowFilter, RowFilterSet, load_row_filters
+from lakegate.policies.scan_limits import SCAN_LIMITS_FILE, ScanLimit, ScanLimitSet, load_scan_limits
 
 __all__ = ["Decision", "PolicyEnforcer", "PolicyFiles", "RuleSource", "noting_unavailable", "policy_files"]
 
@@ -93,17 +94,19 @@ def _noted(decision: Decision) -> Decision:
 class PolicyFiles:
     """Where the policy set comes from: the project's policies/, else the packaged defaults.
 
-    The Casbin model and policy, the row filters (optional: no file, no row filters) and the
-    redaction rules of the audit log (optional: no file, the default rules).
+    The Casbin model and policy, the row filters (optional: no file, no row filters), the
+    redaction rules of the audit log (optional: no file, the default rules) and the scan limits
+    (optional: no file, no limits).
     """
 
     model: Path
     policy: Path
     row_filters: Path | None = None
     redaction: Path | None = None
+    scan_limits: Path | None = None
 
     def _paths(self) -> list[Path]:
-        optional = [path for path in (self.row_filters, self.redaction) if path is not None]
+        optional = [path for path in (self.row_filters, self.redaction, self.scan_limits) if path is not None]
         return [self.model, self.policy, *optional]
 
     def content_hash(self, extra: Iterable[str] = ()) -> str:
@@ -132,6 +135,8 @@ def policy_files(project: Path) -> PolicyFiles:
         # Owning a policy.csv does not drop redaction: without a file of its own, a project gets
         # the packaged rules (the safe direction is to hide more, not less).
         redaction=local / REDACTION_FILE if (local / REDACTION_FILE).is_file() else packaged / REDACTION_FILE,
+        # Like the row filters: the demo's limits are for the demo's roles.
+        scan_limits=local / SCAN_LIMITS_FILE if own_policy else packaged / SCAN_LIMITS_FILE,
     )
 
 
@@ -166,6 +171,7 @@ class _Loaded:
     version: str
     mtimes: tuple[float, ...]
     row_filters: RowFilterSet = field(default_factory=RowFilterSet)
+    scan_limits: ScanLimitSet = field(default_factory=ScanLimitSet)
     error: str | None = None
     # Until a policy set loads, nothing is known to be safe to log in clear.
     redaction: RedactionRules = field(default_factory=RedactionRules.fail_closed)
@@ -237,6 +243,10 @@ class PolicyEnforcer:
         subjects = {subject, *self.roles_for(subject)}
         return loaded.row_filters.for_subjects(subjects, dataset)
 
+    def scan_limit(self, subject: str) -> ScanLimit | None:
+        """The most one query of `subject` may plan to read (see policies/scan_limits.py); None: no cap."""
+        return self._current().scan_limits.for_caller(subject, self.roles_for(subject))
+
     @property
     def redaction(self) -> RedactionRules:
         """Which argument values the audit log holds only hashed; every value while the set is invalid."""
@@ -295,6 +305,7 @@ class PolicyEnforcer:
             else:
                 version = _source_version(self._files, decider)
             row_filters = load_row_filters(self._files.row_filters)
+            scan_limits = load_scan_limits(self._files.scan_limits)
             redaction = load_redaction(self._files.redaction)
         except Exception as exc:
             # Fail closed: an unreadable or invalid policy set denies everything until it is fixed.
@@ -302,7 +313,7 @@ class PolicyEnforcer:
             outage = self._rules is not None and not isinstance(exc, ConfigurationError)
             return _Loaded(None, None, "invalid", (), error=f"{type(exc).__name__}: {exc}", stamp=stamp, outage=outage)
         log.info("policy.loaded", version=version)
-        return _Loaded(decider, explainer, version, mtimes, row_filters, stamp=stamp, redaction=redaction)
+        return _Loaded(decider, explainer, version, mtimes, row_filters, scan_limits, stamp=stamp, redaction=redaction)
 
     def _enforcer(self, adapter: Any, *, explain_allows: bool) -> casbin.Enforcer:
         model = casbin.Enforcer.new_model(path=str(self._files.model))
@@ -343,7 +354,7 @@ def _source_version(files: PolicyFiles, enforcer: casbin.Enforcer) -> str:
     row filters and every rule loaded (resource groups included), so that replicas that loaded the
     same rules report the same version, whenever they loaded them."""
     digest = hashlib.sha256()
-    for path in (files.model, files.row_filters, files.redaction):
+    for path in (files.model, files.row_filters, files.redaction, files.scan_limits):
         digest.update(path.read_bytes() if path is not None and path.is_file() else b"")
     model = enforcer.get_model().model
     for section in ("p", "g"):

@@ -14,7 +14,7 @@ default: ``<home>/iceberg/warehouse`` and ``<home>/lance``, shared by replicas o
 volume), or on S3-compatible object storage (``s3``: the Iceberg files under
 ``storage.iceberg_location``, the Lance datasets under ``storage.lance_location``; see
 catalog/object_store.py), which replicas on different hosts share. Still on each replica's disk:
-``mask.key`` and the policy files other than the rules (model.conf, row_filters.yaml).
+``mask.key`` and the policy files other than the rules (model.conf, row_filters.yaml, scan_limits.yaml).
 
 The tables are created on first use (idempotent, under advisory locks, so replicas may start
 together); the rules are copied from policy.csv only on request (`sync_policies`, the command

@@ -98,6 +98,7 @@ def init(directory: Path, force: bool, empty: bool) -> None:
             Path("policies/model.conf"): policies.joinpath("model.conf"),
             Path("policies/policy.csv"): starter.joinpath("policy.csv"),
             Path("policies/row_filters.yaml"): starter.joinpath("row_filters.yaml"),
+            Path("policies/scan_limits.yaml"): starter.joinpath("scan_limits.yaml"),
             Path("catalog/datasets.yaml"): starter.joinpath("datasets.yaml"),
             Path("catalog/metrics.yaml"): starter.joinpath("metrics.yaml"),
         }
@@ -107,6 +108,7 @@ def init(directory: Path, force: bool, empty: bool) -> None:
             Path("policies/model.conf"): policies.joinpath("model.conf"),
             Path("policies/policy.csv"): policies.joinpath("policy.csv"),
             Path("policies/row_filters.yaml"): policies.joinpath("row_filters.yaml"),
+            Path("policies/scan_limits.yaml"): policies.joinpath("scan_limits.yaml"),
             Path("catalog/datasets.yaml"): resources.files("lakegate.catalog").joinpath("datasets.yaml"),
         }
     for relative, source in files.items():

@@ -30,6 +30,7 @@ from lakegate.policies.enforcer import MODEL_FILE, POLICY_FILE, PolicyEnforcer, 
 from lakegate.policies.explain import SubjectPolicy
 from lakegate.policies.intent import IntentCheck, check_intents, load_intents
 from lakegate.policies.row_filters import ROW_FILTER_FILE
+from lakegate.policies.scan_limits import SCAN_LIMITS_FILE
 from lakegate.server.cli.context import command_settings as _settings
 from lakegate.server.settings import Settings
 
@@ -62,6 +63,7 @@ def _files(project: Path, policy_dir: Path | None) -> PolicyFiles:
         model=model if model.is_file() else in_force.model,
         policy=policy_dir / POLICY_FILE,
         row_filters=policy_dir / ROW_FILTER_FILE,
+        scan_limits=policy_dir / SCAN_LIMITS_FILE,
     )
 
 

@@ -34,6 +34,7 @@ from lakegate.errors import ConfigurationError, GovernanceViolation, LimitExceed
 from lakegate.policies.columns import MASK_METHODS, ColumnAccess
 from lakegate.policies.masks import mask_macro_name
 from lakegate.policies.row_filters import RowFilter
+from lakegate.policies.scan_limits import ScanLimit
 from lakegate.policies.sql_filters import pushable_filters
 from lakegate.policies.sql_guard import (
     GuardedQuery,
@@ -225,12 +226,20 @@ def run_query(
         masked_columns=masked,
         planned_scan={name: _scan_estimate(plan) for name, plan in plans.items()},
     )
+    limit = scope.scan_limit()
+    over = _over_limit(plans, filters, limit)
+    if over is not None and not explain:
+        scope.details["scan_limit"] = limit.max_scan_bytes if limit else None
+        raise over
     engine = scope.query_engine()
     if explain:
         for name in query.tables:
             scope.record("dataset", name, "planned", plans[name].snapshot_id)
         physical = _without_estimates(engine.explain(template, sources, masks=_by_function(masks)))
-        plan = f"{_scan_summary(plans, filters)}\n\n{physical}"
+        summary = _scan_summary(plans, filters)
+        if over is not None:
+            summary += f"\n{over.message}"
+        plan = f"{summary}\n\n{physical}"
         return QueryPage([], [], 0, False, snapshots, rewritten, masked, applied, query.ordered, plan)
 
     def progress(done: float) -> None:
@@ -283,6 +292,35 @@ def _scan_summary(plans: Mapping[str, ScanPlan], filters: Mapping[str, list[RowF
         pruned = "" if plan.unpruned_files is None else f" of {plan.unpruned_files:,} (pruned by the query's filters)"
         lines.append(f"{name}: {len(plan.files):,} files{pruned}, {plan.bytes:,} bytes, {plan.rows:,} rows")
     return "Scan estimate:\n" + "\n".join(lines)
+
+
+def _over_limit(
+    plans: Mapping[str, ScanPlan], filters: Mapping[str, list[RowFilter]], limit: ScanLimit | None
+) -> LimitExceeded | None:
+    """The refusal of a query whose plans read more bytes than the caller's scan limit, or None.
+
+    The message gives each table's files and bytes, unless the caller reads one of them through a
+    row filter (its files count rows the caller may not see): then only that the limit is exceeded.
+    """
+    if limit is None or sum(plan.bytes for plan in plans.values()) <= limit.max_scan_bytes:
+        return None
+    sizes = ""
+    if not any(filters.get(name) for name in plans):
+        sizes = " (" + "; ".join(f"{name}: {len(p.files):,} files, {_size(p.bytes)}" for name, p in plans.items()) + ")"
+    return LimitExceeded(
+        f"This query would read more than the {_size(limit.max_scan_bytes)} of data files one query of yours "
+        f"may read{sizes}: it was not run.",
+        hint="Narrow it with WHERE conditions comparing columns with values (a time range on the table's "
+        "partition column prunes the most; describe_dataset shows the partitioning), or ask for a metric. "
+        "query with explain: true shows the estimate.",
+    )
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
 
 
 def _by_function(masks: Mapping[str, str]) -> dict[str, str]:

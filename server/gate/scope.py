@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from lakegate.catalog.query_embedder import TextEncoder
     from lakegate.catalog.query_engine import QueryEngine
     from lakegate.policies.row_filters import RowFilter
+    from lakegate.policies.scan_limits import ScanLimit
     from lakegate.policies.sql_filters import ColumnFilter
     from lakegate.tools.scope import QueryPage
 
@@ -206,6 +207,10 @@ class CallScope:
     def row_filters(self, dataset: str) -> list[RowFilter]:
         """The row filters the policy set attaches to this principal (and its roles) on `dataset`."""
         return self._enforcer.row_filters(self.principal.name, dataset)
+
+    def scan_limit(self) -> ScanLimit | None:
+        """The most one query of this principal may plan to read; None: no cap."""
+        return self._enforcer.scan_limit(self.principal.name)
 
     def text_encoder(self) -> TextEncoder:
         """The model search embeds with (its ONNX graph when it verifies: no torch).

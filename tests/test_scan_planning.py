@@ -1,4 +1,5 @@
-"""The query's own filters prune the Iceberg plan, and never change an answer.
+"""The query's own filters prune the Iceberg plan, and never change an answer; the plan's bytes
+are checked against the caller's scan limit before anything runs.
 
 `pushable_filters` decides on sqlglot's tree which conditions the plan may apply; the planner
 drops the files whose partition values and column statistics rule them out. Checked here on the
@@ -8,18 +9,24 @@ hypothesis) that every generated filter gives the same rows with pruning as with
 
 from __future__ import annotations
 
+import json
+import shutil
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lakegate.errors import LimitExceeded, PolicyDenied
+from lakegate.policies.scan_limits import ScanLimit, ScanLimitSet
 from lakegate.policies.sql_filters import ColumnFilter, pushable_filters
 from lakegate.policies.sql_guard import TableColumns, parse_query, resolve_columns
-from lakegate.server.app import Runtime
-from tests.conftest import gate_ok
+from lakegate.server.app import Runtime, open_runtime
+from lakegate.server.settings import load_settings
+from tests.conftest import REPO, gate_call, gate_ok
 
 ORDERS = {
     "order_id": "BIGINT",
@@ -174,3 +181,76 @@ def test_pruning_never_changes_an_answer(runtime: Runtime, where: str, joined: b
     unpruned_sql = sql.replace(f"WHERE {where}", f"WHERE ({where}) OR false")
     whole = gate_ok(runtime, "analyst", "query", {"sql": unpruned_sql, "limit": 500})
     assert pruned["rows"] == whole["rows"], sql
+
+
+# -- scan limits (policies/scan_limits.yaml) ------------------------------------------------------
+
+
+def _limited_runtime(demo_home: Path, tmp_path: Path, limits: str) -> Runtime:
+    """A runtime over the demo warehouse whose project has its own policies with `limits`."""
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "policies", project / "policies", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    shutil.copytree(REPO / "catalog", project / "catalog", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    (project / "policies" / "scan_limits.yaml").write_text(limits)
+    audit = {"path": tmp_path / "audit.jsonl", "fsync": False}
+    return open_runtime(load_settings(project, home=demo_home, audit=audit, principal=None))
+
+
+MONTH = (
+    "SELECT status, count(*) AS n FROM sales.orders WHERE order_ts >= TIMESTAMPTZ '2025-11-01' "
+    "AND order_ts < TIMESTAMPTZ '2025-12-01' GROUP BY status ORDER BY status"
+)
+LIMITS = """
+limits:
+  - subject: role:analyst
+    max_scan_bytes: 30kB
+  - subject: role:data_steward
+    max_scan_bytes: 1MB
+  - subject: support_agent
+    max_scan_bytes: 1kB
+"""
+
+
+def test_a_query_over_the_callers_scan_limit_is_refused_before_it_runs(demo_home: Path, tmp_path: Path) -> None:
+    runtime = _limited_runtime(demo_home, tmp_path, LIMITS)
+    try:
+        # One month of orders fits in 30 kB; the whole table (about 260 kB) does not.
+        assert gate_ok(runtime, "analyst", "query", {"sql": MONTH})["rows"]
+        whole = gate_call(runtime, "analyst", "query", {"sql": "SELECT count(*) FROM sales.orders"})
+        assert isinstance(whole.error, LimitExceeded), whole.error
+        message = str(whole.error)
+        assert "30.0 kB" in message and "sales.orders: 48 files" in message and "not run" in message, message
+        assert "partition" in (whole.error.hint or "")
+        # explain is not refused: it shows the estimate and says the query is over the limit.
+        plan = gate_ok(runtime, "analyst", "query", {"sql": "SELECT count(*) FROM sales.orders", "explain": True})
+        assert "would read more than the 30.0 kB" in plan["plan"]
+        # support_agent's own entry (1 kB) is the most specific; it reads orders through a row
+        # filter, so the refusal gives no size of the table.
+        refused = gate_call(runtime, "support_agent", "query", {"sql": MONTH})
+        assert isinstance(refused.error, LimitExceeded) and "sales.orders" not in str(refused.error), refused.error
+        # A role without an entry is not capped.
+        assert gate_ok(runtime, "admin", "query", {"sql": "SELECT count(*) FROM sales.orders"})["rows"]
+    finally:
+        runtime.close()
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    limited = [r for r in records if r["outcome"] == "limit_exceeded"]
+    assert len(limited) == 2 and limited[0]["details"]["scan_limit"] == 30_000
+    assert limited[0]["details"]["planned_scan"]["sales.orders"]["files"] == 48
+
+
+def test_the_most_generous_role_limit_applies() -> None:
+    limits = ScanLimitSet(
+        (ScanLimit("role:a", 10, ""), ScanLimit("role:b", 1_000, ""), ScanLimit("carol", 5, "her own"))
+    )
+    assert limits.for_caller("bob", {"role:a", "role:b"}).max_scan_bytes == 1_000  # type: ignore[union-attr]
+    assert limits.for_caller("carol", {"role:b"}).reason == "her own"  # type: ignore[union-attr]
+    assert limits.for_caller("dave", {"role:c"}) is None
+
+
+def test_an_invalid_scan_limits_file_denies_everything(demo_home: Path, tmp_path: Path) -> None:
+    runtime = _limited_runtime(demo_home, tmp_path, "limits:\n  - subject: role:analyst\n    max_scan_bytes: lots\n")
+    try:
+        outcome = gate_call(runtime, "analyst", "query", {"sql": MONTH})
+        assert isinstance(outcome.error, PolicyDenied), outcome.error
+    finally:
+        runtime.close()
