@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from lakegate.policies.policy_file import read_policy_file
 
 __all__ = ["DEFAULT_ARGUMENTS", "DEFAULT_COLUMN_TAGS", "REDACTION_FILE", "RedactionRules", "load_redaction"]
 
@@ -70,11 +71,7 @@ def load_redaction(path: Path | None) -> RedactionRules:
     Raises:
         ValueError: the file is not YAML or does not match the schema (the message says where).
     """
-    if path is None or not path.is_file():
+    parsed = read_policy_file(path, RedactionFile)
+    if parsed is None:
         return RedactionRules()
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        parsed = RedactionFile.model_validate(data)
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise ValueError(f"{path}: {exc}") from exc
     return RedactionRules(frozenset(parsed.arguments), frozenset(parsed.column_tags))

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sqlglot
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlglot import exp
+
+from lakegate.policies.policy_file import read_policy_file
 
 __all__ = ["ROW_FILTER_FILE", "RowFilter", "RowFilterSet", "load_row_filters"]
 
@@ -109,11 +110,7 @@ def load_row_filters(path: Path | None) -> RowFilterSet:
     Raises:
         ValueError: the file is not YAML or does not match the schema (the message says where).
     """
-    if path is None or not path.is_file():
+    parsed = read_policy_file(path, RowFilterFile)
+    if parsed is None:
         return RowFilterSet()
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        parsed = RowFilterFile.model_validate(data)
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise ValueError(f"{path}: {exc}") from exc
     return RowFilterSet(tuple(RowFilter(e.subject, e.dataset, e.where, e.reason) for e in parsed.filters))

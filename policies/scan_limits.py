@@ -17,8 +17,9 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field
+
+from lakegate.policies.policy_file import read_policy_file
 
 __all__ = ["SCAN_LIMITS_FILE", "ScanLimit", "ScanLimitSet", "load_scan_limits"]
 
@@ -69,11 +70,7 @@ def load_scan_limits(path: Path | None) -> ScanLimitSet:
     Raises:
         ValueError: the file is not YAML or does not match the schema (the message says where).
     """
-    if path is None or not path.is_file():
+    parsed = read_policy_file(path, _File)
+    if parsed is None:
         return ScanLimitSet()
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        parsed = _File.model_validate(data)
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise ValueError(f"{path}: {exc}") from exc
     return ScanLimitSet(tuple(ScanLimit(e.subject, int(e.max_scan_bytes), e.reason) for e in parsed.limits))
