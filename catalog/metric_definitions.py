@@ -9,6 +9,7 @@ in catalog/metric_validation.py checks it against the live Iceberg schemas.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -20,18 +21,22 @@ from lakegate.errors import ConfigurationError, NotFound
 
 __all__ = [
     "GRAINS",
+    "LOCK_FILE",
     "METRICS_FILE",
     "Dimension",
     "Entity",
     "Measure",
     "Metric",
     "MetricInput",
+    "MetricsFiles",
     "SemanticCatalog",
     "SemanticModel",
     "load_semantic_catalog",
+    "locate_metrics",
     "parse_semantic_catalog",
 ]
 
+LOCK_FILE = "catalog/metrics.lock.json"
 METRICS_FILE = "catalog/metrics.yaml"
 GRAINS = ("day", "week", "month", "quarter", "year")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -286,19 +291,46 @@ class SemanticCatalog(_Frozen):
         return chosen
 
 
+# -- where the definitions live --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricsFiles:
+    """The metrics.yaml in use and its lock: the project's own, or the copies shipped in the package."""
+
+    source: str  # shown in messages: a path, or "package catalog/metrics.yaml"
+    text: str
+    lock_source: str
+    lock: str | None  # the lock's text; None when there is none yet
+    lock_path: Path | None  # where `lakegate metrics lock` writes; None for the packaged definitions
+
+
+def locate_metrics(project: Path) -> MetricsFiles:
+    """The definitions `load_semantic_catalog(project)` uses, with the lock beside them."""
+    path = project / METRICS_FILE
+    if path.is_file():
+        lock_path = project / LOCK_FILE
+        lock = lock_path.read_text(encoding="utf-8") if lock_path.is_file() else None
+        return MetricsFiles(str(path), path.read_text(encoding="utf-8"), str(lock_path), lock, lock_path)
+    package = resources.files("lakegate.catalog")
+    packaged_lock = package.joinpath("metrics.lock.json")
+    return MetricsFiles(
+        f"package {METRICS_FILE}",
+        package.joinpath("metrics.yaml").read_text(encoding="utf-8"),
+        f"package {LOCK_FILE}",
+        packaged_lock.read_text(encoding="utf-8") if packaged_lock.is_file() else None,
+        None,
+    )
+
+
 def load_semantic_catalog(project: Path) -> SemanticCatalog:
     """Load `<project>/catalog/metrics.yaml`, or the packaged demo metrics.
 
     Raises:
         ConfigurationError: the file cannot be read, is not YAML, or is not a valid semantic layer.
     """
-    path = project / METRICS_FILE
-    if path.is_file():
-        source, text = str(path), path.read_text(encoding="utf-8")
-    else:
-        source = "package catalog/metrics.yaml"
-        text = resources.files("lakegate.catalog").joinpath("metrics.yaml").read_text(encoding="utf-8")
-    return parse_semantic_catalog(text, source=source)
+    files = locate_metrics(project)
+    return parse_semantic_catalog(files.text, source=files.source)
 
 
 def parse_semantic_catalog(text: str, *, source: str) -> SemanticCatalog:

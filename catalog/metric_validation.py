@@ -22,8 +22,6 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any, Literal
 
 import sqlglot
@@ -32,7 +30,15 @@ from sqlglot.optimizer.annotate_types import annotate_types
 
 from lakegate.catalog.iceberg_scan import duckdb_type
 from lakegate.catalog.metric_compiler import MetricQuery, available_dimensions, compile_query
-from lakegate.catalog.metric_definitions import METRICS_FILE, Metric, MetricInput, SemanticCatalog, SemanticModel
+from lakegate.catalog.metric_definitions import (
+    LOCK_FILE,
+    Metric,
+    MetricInput,
+    MetricsFiles,
+    SemanticCatalog,
+    SemanticModel,
+    locate_metrics,
+)
 from lakegate.errors import ConfigurationError, InvalidArgument, LakegateError
 
 __all__ = [
@@ -50,7 +56,6 @@ __all__ = [
     "refresh_lock",
 ]
 
-LOCK_FILE = "catalog/metrics.lock.json"
 DIALECT = "duckdb"
 #: Aggregations that only make sense over numbers (count, count_distinct, min and max take anything).
 NUMERIC_AGGREGATIONS = frozenset({"sum", "avg", "median", "percentile"})
@@ -75,38 +80,6 @@ class Problem:
     def __str__(self) -> str:
         located = ": ".join(part for part in (self.file, self.where, self.field) if part)
         return f"{located}: {self.message}"
-
-
-# --- where the definitions live --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MetricsFiles:
-    """The metrics.yaml in use and its lock: the project's own, or the copies shipped in the package."""
-
-    source: str  # shown in messages: a path, or "package catalog/metrics.yaml"
-    text: str
-    lock_source: str
-    lock: str | None  # the lock's text; None when there is none yet
-    lock_path: Path | None  # where `lakegate metrics lock` writes; None for the packaged definitions
-
-
-def locate_metrics(project: Path) -> MetricsFiles:
-    """The definitions `load_semantic_catalog(project)` uses, with the lock beside them."""
-    path = project / METRICS_FILE
-    if path.is_file():
-        lock_path = project / LOCK_FILE
-        lock = lock_path.read_text(encoding="utf-8") if lock_path.is_file() else None
-        return MetricsFiles(str(path), path.read_text(encoding="utf-8"), str(lock_path), lock, lock_path)
-    package = resources.files("lakegate.catalog")
-    packaged_lock = package.joinpath("metrics.lock.json")
-    return MetricsFiles(
-        f"package {METRICS_FILE}",
-        package.joinpath("metrics.yaml").read_text(encoding="utf-8"),
-        f"package {LOCK_FILE}",
-        packaged_lock.read_text(encoding="utf-8") if packaged_lock.is_file() else None,
-        None,
-    )
 
 
 # --- against the live schemas ----------------------------------------------------------------------

@@ -46,7 +46,7 @@ from mcp.types import (
 from pydantic import BaseModel
 
 from lakegate.catalog.definitions import CatalogDefinitions, load_definitions
-from lakegate.catalog.metric_definitions import load_semantic_catalog
+from lakegate.catalog.live_metrics import LiveMetrics
 from lakegate.catalog.warehouse import Warehouse
 from lakegate.errors import AuditWriteError, ClientError
 from lakegate.policies.enforcer import PolicyEnforcer
@@ -105,19 +105,23 @@ def resource_groups(definitions: CatalogDefinitions) -> dict[str, tuple[str, ...
     return {column: tuple(f"tag:{tag}" for tag in tags) for column, tags in definitions.column_tags().items()}
 
 
-def open_runtime(settings: Settings) -> Runtime:
+def open_runtime(settings: Settings, *, draft_metrics: bool = False) -> Runtime:
     """Open the warehouse, load definitions and policies, open the audit log.
 
+    `draft_metrics` serves metric versions that are not locked yet (`lakegate metrics diff`
+    compares a new version before it is locked); a server never does.
+
     Raises:
-        ConfigurationError: a definitions file (datasets or metrics) is invalid.
+        ConfigurationError: a definitions file (datasets or metrics) is invalid, or the metrics do
+            not match their lock or do not compile (catalog/live_metrics.py).
     """
     definitions = load_definitions(settings.project)
     # The profile (settings.profile) decides where the catalog, the rules and the audit live.
     warehouse = open_warehouse(settings)
     enforcer = open_enforcer(settings, resource_groups(definitions))
     audit = open_audit(settings)
-    semantic = load_semantic_catalog(settings.project)
-    gate = Gate(settings, enforcer, warehouse, definitions, audit, tools_by_name(), semantic)
+    metrics = LiveMetrics.open(settings.project, settings.state_dir, drafts=draft_metrics)
+    gate = Gate(settings, enforcer, warehouse, definitions, audit, tools_by_name(), metrics)
     return Runtime(settings, warehouse, definitions, enforcer, audit, gate)
 
 

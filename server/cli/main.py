@@ -158,6 +158,13 @@ def _build_demo(settings: Settings, scale: str) -> None:
     datasets = len(summary.tables)
     err.print(f"demo warehouse ({scale}) built in {summary.seconds:.1f}s: {total:,} rows in {datasets} datasets")
     err.print(f"state directory: {settings.state_dir}")
+    from lakegate.catalog.live_metrics import LiveMetrics
+    from lakegate.errors import ConfigurationError
+
+    try:
+        LiveMetrics.open(settings.project, settings.state_dir)  # checked now, so that serve starts fast
+    except ConfigurationError as exc:
+        err.print(f"warning: {exc}", markup=False)
 
 
 @cli.command()

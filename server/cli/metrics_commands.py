@@ -381,7 +381,7 @@ def diff_command(
             totals = {}  # e.g. growth against the period before exists only by period
 
     configure_logging(settings.log_level)  # the diagnostic log goes to stderr, at WARNING by default
-    runtime = open_runtime(settings)
+    runtime = open_runtime(settings, draft_metrics=True)  # the new version may not be locked yet
     try:
         who = stdio_principal(principal, runtime.enforcer)
         scope = runtime.gate.scope(who)

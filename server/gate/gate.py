@@ -29,6 +29,7 @@ from mcp.types import CallToolResult, TextContent
 from pydantic import BaseModel, ValidationError
 
 from lakegate.catalog.definitions import CatalogDefinitions
+from lakegate.catalog.live_metrics import LiveMetrics
 from lakegate.catalog.metric_definitions import SemanticCatalog
 from lakegate.catalog.warehouse import Warehouse
 from lakegate.errors import (
@@ -90,7 +91,7 @@ class Gate:
         definitions: CatalogDefinitions,
         audit: AuditLog,
         tools: Mapping[str, ToolSpec[Any, Any]],
-        semantic: SemanticCatalog | None = None,
+        metrics: LiveMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.enforcer = enforcer
@@ -98,9 +99,14 @@ class Gate:
         self.definitions = definitions
         self.audit = audit
         self.tools = dict(tools)
-        self.semantic = semantic
+        self.metrics = metrics
         # Keys the hashes of redacted argument values; read (or created) when first needed.
         self.audit_key = AuditKey(settings.state_dir / KEY_FILE)
+
+    @property
+    def semantic(self) -> SemanticCatalog | None:
+        """The metric definitions in force (None: this server serves no metrics)."""
+        return self.metrics.catalog if self.metrics is not None else None
 
     def visible_tools(self, principal: Principal) -> list[ToolSpec[Any, Any]]:
         """The tools this principal may call: an agent is not shown what it cannot use."""
@@ -146,7 +152,7 @@ class Gate:
 
     def scope(self, principal: Principal, progress: ProgressFn | None = None) -> CallScope:
         return CallScope(
-            principal, self.enforcer, self.warehouse, self.definitions, self.settings, progress, self.semantic
+            principal, self.enforcer, self.warehouse, self.definitions, self.settings, progress, self.metrics
         )
 
     async def call(

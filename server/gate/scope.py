@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from lakegate.catalog.document_search import DocumentSearch, SearchMode
     from lakegate.catalog.iceberg_scan import ScanPlan
     from lakegate.catalog.ingest import Document, IngestOutcome
+    from lakegate.catalog.live_metrics import LiveMetrics
     from lakegate.catalog.metric_compiler import CompiledQuery, MetricQuery
     from lakegate.catalog.metric_definitions import SemanticCatalog
     from lakegate.catalog.query_embedder import TextEncoder
@@ -68,13 +69,13 @@ class CallScope:
         definitions: CatalogDefinitions,
         settings: Settings,
         progress: ProgressFn | None = None,
-        semantic: SemanticCatalog | None = None,
+        metrics: LiveMetrics | None = None,
     ) -> None:
         self.principal = principal
         self.settings = settings
         self.limits = settings.limits
         self.definitions = definitions
-        self._semantic = semantic
+        self._metrics = metrics
         self._enforcer = enforcer
         self._warehouse = warehouse
         self._progress = progress
@@ -247,9 +248,13 @@ class CallScope:
         Raises:
             NotFound: this server has no semantic layer.
         """
-        if self._semantic is None:
+        if self._metrics is None:
             raise NotFound("This lakegate serves no metrics.", hint="Query the tables with the query tool.")
-        return self._semantic
+        catalog = self._metrics.catalog
+        if self._metrics.rejected is not None:
+            # A changed file was refused: these are the last valid definitions, and the record says so.
+            self.details["metrics_reload_rejected"] = self._metrics.rejected
+        return catalog
 
     def may_read_metric(self, name: str) -> bool:
         """Whether the policy lets this principal read `metric:<name>`."""
