@@ -22,6 +22,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
+import structlog
+
 from lakegate.catalog.arrow_relations import SourceColumn, TableSource
 from lakegate.catalog.warehouse import Warehouse, translate_errors
 from lakegate.errors import BackendError, InvalidArgument, NotFound
@@ -30,6 +32,8 @@ from lakegate.policies.sql_filters import ColumnFilter
 if TYPE_CHECKING:
     from pyiceberg.expressions import BooleanExpression
     from pyiceberg.table import FileScanTask
+
+log = structlog.get_logger(__name__)
 
 __all__ = ["ScanColumn", "ScanPlan", "ScanPlanner", "duckdb_type", "refuse_row_deletes"]
 
@@ -218,11 +222,9 @@ class ScanPlanner:
     def prune(self, plan: ScanPlan, filters: Sequence[ColumnFilter]) -> ScanPlan:
         """`plan` (of the current snapshot) with only the files that may hold a row passing every
         one of `filters` (policies/sql_filters.py), by the manifests' partition values and column
-        statistics; the same plan when a filter's column no longer has its planned name.
-
-        Raises:
-            InvalidArgument: the pruned scan has row-level deletes.
-            BackendError: the catalog, metadata or manifests cannot be read.
+        statistics. Pruning only ever saves work: when it cannot be done (a filter's column no
+        longer has its planned name, pyiceberg cannot convert a value, the manifests cannot be
+        read), the whole plan is read.
         """
         if not filters or plan.snapshot_id is None or not plan.files:
             return plan
@@ -230,28 +232,33 @@ class ScanPlanner:
         with self._lock:
             if key in self._pruned:
                 return self._pruned[key]
-        table = self._warehouse.iceberg_table(plan.table)
-        with translate_errors(f"plan a scan of {plan.table}", plan.table):
-            from pyiceberg.expressions import And
-
-            schema = table.schema()
-            current = {field.field_id: field.name for field in schema.fields}
-            planned = {column.name.lower(): column for column in plan.columns}
-            terms = []
-            for column_filter in filters:
-                column = planned.get(column_filter.column)
-                if column is None or current.get(column.field_id) != column.name:
-                    return plan  # the schema changed since the plan was made: read the whole plan
-                terms.append(_expression(column.name, column_filter))
-            row_filter = terms[0] if len(terms) == 1 else And(*terms)
-            tasks = list(table.scan(snapshot_id=plan.snapshot_id, row_filter=row_filter).plan_files())
-            refuse_row_deletes(plan.table, tasks)
-            files = tuple((self._path(task.file.file_path), task.file.file_size_in_bytes) for task in tasks)
-            rows = sum(task.file.record_count for task in tasks)
-        pruned = replace(plan, files=files, rows=rows, unpruned_files=len(plan.files))
+        try:
+            pruned = self._pruned_plan(plan, filters)
+        except Exception:  # the unpruned plan answers the same, only slower
+            log.warning("scan.prune_failed", table=plan.table, exc_info=True)
+            return plan
         with self._lock:
             self._pruned[key] = pruned
         return pruned
+
+    def _pruned_plan(self, plan: ScanPlan, filters: Sequence[ColumnFilter]) -> ScanPlan:
+        from pyiceberg.expressions import And
+
+        table = self._warehouse.iceberg_table(plan.table)
+        current = {field.field_id: field.name for field in table.schema().fields}
+        planned = {column.name.lower(): column for column in plan.columns}
+        terms = []
+        for column_filter in filters:
+            column = planned.get(column_filter.column)
+            if column is None or current.get(column.field_id) != column.name:
+                return plan  # the schema changed since the plan was made: read the whole plan
+            terms.append(_expression(column.name, column_filter))
+        row_filter = terms[0] if len(terms) == 1 else And(*terms)
+        tasks = list(table.scan(snapshot_id=plan.snapshot_id, row_filter=row_filter).plan_files())
+        refuse_row_deletes(plan.table, tasks)  # the same snapshot's unpruned plan had none: never raises
+        files = tuple((self._path(task.file.file_path), task.file.file_size_in_bytes) for task in tasks)
+        rows = sum(task.file.record_count for task in tasks)
+        return replace(plan, files=files, rows=rows, unpruned_files=len(plan.files))
 
     def _path(self, location: str) -> str:
         """Where the worker reads a planned file: a local path, or "bucket/key" under the warehouse.

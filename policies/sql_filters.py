@@ -205,10 +205,14 @@ def _value(node: exp.Expr | None, duckdb_type: str) -> Value | None:
             value = Decimal(text)
         except InvalidOperation:
             return None
-        scale = int(decimal.group(2))
-        if -int(value.as_tuple().exponent) > scale:
-            return None  # more digits than the column keeps: compared exactly by DuckDB, not here
-        value = value.quantize(Decimal(1).scaleb(-scale))
+        precision, scale = int(decimal.group(1)), int(decimal.group(2))
+        digits = value.as_tuple()
+        if -int(digits.exponent) > scale or len(digits.digits) + int(digits.exponent) > precision - scale:
+            return None  # more digits than the column holds: compared exactly by DuckDB, not here
+        try:
+            value = value.quantize(Decimal(1).scaleb(-scale))
+        except InvalidOperation:
+            return None
         return -value if negative else value
     return None
 
@@ -238,8 +242,12 @@ def _text_value(text: str, kind: str) -> Value | None:
             return None
         if family == "TIMESTAMP":
             return value
-        # Without an offset, DuckDB reads the text in the sandbox's time zone, UTC.
-        return value.replace(tzinfo=_offset(offset) if offset else UTC)
+        if not offset:
+            return value.replace(tzinfo=UTC)  # without an offset, DuckDB reads the sandbox's time zone, UTC
+        try:
+            return value.replace(tzinfo=_offset(offset))
+        except ValueError:
+            return None  # an offset of a day or more: DuckDB takes it, Python's time zones do not
     return None
 
 

@@ -185,15 +185,23 @@ def run_query(
     resolved = resolve_columns(query, tables)
     read = resolved.read
     # The query's own filters, where they provably cannot change an answer, prune the files read.
+    # Not for a table the caller reads through a row filter: which files survive depends on rows
+    # the caller may not see, and explain's plan or a scan-limit refusal would show it. Nor for
+    # nanosecond timestamps, which pyiceberg cannot compare and DuckDB reads truncated.
+    filters: dict[str, list[RowFilter]] = {name: scope.row_filters(name) for name in query.tables}
     clear = {
-        name: {c.name.lower(): c.duckdb_type for c in plans[name].columns if accesses[name][c.name].access == "clear"}
+        name: {
+            c.name.lower(): c.duckdb_type
+            for c in plans[name].columns
+            if accesses[name][c.name].access == "clear" and not c.iceberg_type.endswith("_ns")
+        }
         for name in query.tables
+        if not filters[name]
     }
     for name, pushed in pushable_filters(query.tree, resolved.scopes, clear).items():
         if name not in as_of:
             plans[name] = scope.prune_scan(plans[name], pushed)
     masked: dict[str, str] = {}
-    filters: dict[str, list[RowFilter]] = {}
     scans: dict[str, str] = {}
     # Placeholders for the tables' relations, unguessable so that no agent text can collide with one.
     placeholders = {f"lakegate_source_{secrets.token_hex(8)}": name for name in query.tables}
@@ -207,7 +215,6 @@ def run_query(
             scope.record("column", access.column, "masked" if access.access == "masked" else "read")
             if access.mask:
                 masked[access.column] = access.mask
-        filters[name] = scope.row_filters(name)
         scans[name] = governed_scan(plans[name], accesses[name], filters[name], placeholder, masks)
         sources[placeholder] = table_source(plans[name], accesses[name], filters[name])
     template = rewrite(query, scans, masks=set(masks.values()))
