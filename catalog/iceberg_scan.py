@@ -27,11 +27,12 @@ import structlog
 from lakegate.catalog.arrow_relations import SourceColumn, TableSource
 from lakegate.catalog.warehouse import Warehouse, translate_errors
 from lakegate.errors import BackendError, InvalidArgument, NotFound
-from lakegate.policies.sql_filters import ColumnFilter
 
 if TYPE_CHECKING:
     from pyiceberg.expressions import BooleanExpression
     from pyiceberg.table import FileScanTask
+
+    from lakegate.policies.sql_filters import ColumnFilter
 
 log = structlog.get_logger(__name__)
 

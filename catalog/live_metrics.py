@@ -18,6 +18,7 @@ live tables stay with `validate`, which CI runs: a server starts before its tabl
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from pathlib import Path
@@ -135,15 +136,17 @@ class LiveMetrics:
         except OSError as exc:
             self._reject([f"the metric definitions cannot be read: {exc}"])
             return
-        if _content_hash(files) == self._hash:
+        content = _content_hash(files)
+        if content == self._hash:
             return  # touched, not changed
         catalog, problems = problems_of(files)
         if problems or catalog is None:
             self._reject(problems)
             return
-        self._catalog, self._hash, self.rejected = catalog, _content_hash(files), None
+        self._catalog, self._hash, self.rejected = catalog, content, None
         log.info("metrics.reloaded", metrics=len({m.name for m in catalog.metrics}), versions=len(catalog.metrics))
 
     def _reject(self, problems: list[str]) -> None:
-        self.rejected = "; ".join(problems)
         log.error("metrics.reload_rejected", problems=problems, kept="the last valid definitions")
+        # For audit records: files named relative to the project, never by a server path.
+        self.rejected = "; ".join(problems).replace(f"{self._project}{os.sep}", "")

@@ -90,3 +90,4 @@ def test_an_invalid_reload_keeps_the_last_valid_definitions(demo_home: Path, tmp
     metric_calls = [r for r in records if r["tool"] in ("query_metrics", "describe_metric")]
     assert [bool((r.get("details") or {}).get("metrics_reload_rejected")) for r in metric_calls] == [False, True, False]
     assert "revenue v2" in metric_calls[1]["details"]["metrics_reload_rejected"]
+    assert str(project) not in metric_calls[1]["details"]["metrics_reload_rejected"]  # no server path

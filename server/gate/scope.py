@@ -198,11 +198,8 @@ class CallScope:
         return self._warehouse.scans.plan(name, as_of)
 
     def prune_scan(self, plan: ScanPlan, filters: Sequence[ColumnFilter]) -> ScanPlan:
-        """`plan` narrowed to the files that may hold rows passing the query's `filters`.
-
-        Raises:
-            InvalidArgument: the table cannot be read correctly (row-level deletes).
-        """
+        """`plan` narrowed to the files that may hold rows passing the query's `filters` (the whole
+        plan when it cannot be narrowed)."""
         return self._warehouse.scans.prune(plan, filters)
 
     def row_filters(self, dataset: str) -> list[RowFilter]:
