@@ -32,7 +32,7 @@ import structlog
 from lakegate.errors import ConfigurationError
 from lakegate.policies.redaction import REDACTION_FILE, RedactionRules, load_redaction
 from lakegate.policies.row_filters import ROW_FILTER_FILE, RowFilter, RowFilterSet, load_row_filters
-from lakegate.policies.scan_limits import SCAN_LIMITS_FILE, ScanLimit, ScanLimitSet, load_scan_limits
+from lakegate.policies.scan_limits import SCAN_LIMITS_FILE, ScanLimitSet, load_scan_limits
 
 __all__ = ["Decision", "PolicyEnforcer", "PolicyFiles", "RuleSource", "noting_unavailable", "policy_files"]
 
@@ -176,6 +176,7 @@ class _Loaded:
     # Until a policy set loads, nothing is known to be safe to log in clear.
     redaction: RedactionRules = field(default_factory=RedactionRules.fail_closed)
     cache: dict[tuple[str, str, str], Decision] = field(default_factory=dict)
+    roles: dict[str, tuple[str, ...]] = field(default_factory=dict)  # subject -> roles, like `cache`
     stamp: int | None = None  # the rule source's stamp the rules were read at
     #: The load failed because the shared rule store could not be read (retry), not because the
     #: rules are wrong: its denials are "unavailable".
@@ -243,9 +244,10 @@ class PolicyEnforcer:
         subjects = {subject, *self.roles_for(subject)}
         return loaded.row_filters.for_subjects(subjects, dataset)
 
-    def scan_limit(self, subject: str) -> ScanLimit | None:
-        """The most one query of `subject` may plan to read (see policies/scan_limits.py); None: no cap."""
-        return self._current().scan_limits.for_caller(subject, self.roles_for(subject))
+    @property
+    def scan_limits(self) -> ScanLimitSet:
+        """The scan limits in force (policies/scan_limits.py); none while the set is invalid."""
+        return self._current().scan_limits
 
     @property
     def redaction(self) -> RedactionRules:
@@ -257,12 +259,16 @@ class PolicyEnforcer:
         loaded = self._current()
         if loaded.decider is None:
             return ()
+        if (known := loaded.roles.get(subject)) is not None:
+            return known
         try:
             with _EVALUATING:
-                return tuple(sorted(loaded.decider.get_implicit_roles_for_user(subject)))
-        except Exception:  # a broken role graph grants nothing
+                roles = tuple(sorted(loaded.decider.get_implicit_roles_for_user(subject)))
+        except Exception:  # a broken role graph grants nothing (and is asked again next time)
             log.exception("policy.roles_failed", subject=subject)
             return ()
+        loaded.roles[subject] = roles
+        return roles
 
     def reload_if_changed(self) -> bool:
         """Re-read the policy files if they changed; returns whether a new set was loaded."""

@@ -417,6 +417,20 @@ def test_granted_roles_decide_together_with_deny_overriding(runtime: Runtime) ->
     assert not grants.decide("bob", "support.tickets.body", "read").allowed  # no principal bound here
 
 
+def test_granted_roles_count_for_the_scan_limit(runtime: Runtime) -> None:
+    wrapped, _ = granting(runtime.enforcer)
+    runtime.gate.enforcer = wrapped  # as the HTTP app builds its gate
+
+    def limit(*granted: str) -> int | None:
+        bob = acting_as(Principal("bob", granted=granted))
+        found = runtime.gate.scope(bob).scan_limit()
+        return found.max_scan_bytes if found is not None else None
+
+    # The demo caps data_steward (policies/scan_limits.yaml); bob holds the role only through a token.
+    assert contextvars.copy_context().run(limit, "role:data_steward") == 128_000_000
+    assert contextvars.copy_context().run(limit) is None
+
+
 def test_a_session_answers_only_the_identity_that_opened_it(served: Served) -> None:
     opened = _post(served, token=served.token("alice", ["analyst"]))
     assert opened.status_code == 200, opened.text

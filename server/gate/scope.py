@@ -207,8 +207,10 @@ class CallScope:
         return self._enforcer.row_filters(self.principal.name, dataset)
 
     def scan_limit(self) -> ScanLimit | None:
-        """The most one query of this principal may plan to read; None: no cap."""
-        return self._enforcer.scan_limit(self.principal.name)
+        """The most one query of this principal may plan to read; None: no cap. Its roles are the
+        enforcer's, so a token's granted roles count (server/gate/role_grants.py)."""
+        name = self.principal.name
+        return self._enforcer.scan_limits.for_caller(name, self._enforcer.roles_for(name))
 
     def text_encoder(self) -> TextEncoder:
         """The model search embeds with (its ONNX graph when it verifies: no torch).
