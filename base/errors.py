@@ -7,6 +7,7 @@
     │   ├── InvalidArgument    an argument is malformed or out of range
     │   │   └── InvalidQuery   SQL that is not one read-only query lakegate can resolve
     │   ├── LimitExceeded      a row, byte, time or memory budget was exceeded
+    │   │   └── QuotaExceeded  the caller's quota (calls per minute, concurrent calls, daily budget) is used up
     │   └── Cancelled          the client cancelled the call (only ever in the audit record)
     └── ServerError            lakegate's own failure; the agent sees a short generic message
         ├── BackendError       a storage engine (pyiceberg, DuckDB, Lance) failed
@@ -35,6 +36,7 @@ __all__ = [
     "NotFound",
     "PolicyDenied",
     "PolicyUnavailable",
+    "QuotaExceeded",
     "ServerError",
 ]
 
@@ -84,6 +86,25 @@ class InvalidQuery(InvalidArgument):
 
 class LimitExceeded(ClientError):
     outcome = "limit_exceeded"
+
+
+class QuotaExceeded(LimitExceeded):
+    """The caller has used up one of its quotas (policies/quotas.py): the call was not run.
+
+    `limit` names the quota ("calls_per_minute.query", "concurrent_calls", "daily_scan_bytes",
+    "daily_rows"), `used` and `allowed` are in its unit, and `retry_after_s` says when it frees up.
+    """
+
+    outcome = "limited"
+
+    def __init__(
+        self, message: str, *, hint: str | None, limit: str, used: int, allowed: int, retry_after_s: int
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.limit = limit
+        self.used = used
+        self.allowed = allowed
+        self.retry_after_s = retry_after_s
 
 
 class Cancelled(ClientError):

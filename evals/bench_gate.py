@@ -8,6 +8,9 @@
    decision, argument validation, worker thread, audit record) and with the gate bypassed (the
    handler called directly with a scope), interleaved, reported as a ratio in one run, with the
    audit log's fsync on and off.
+3. What quotas and the scan estimate add to a call in the embedded profile: the quota check
+   before a call and its settling after (policies/quotas.py, in-process ledger), and the scan
+   limit lookup and the estimate's sum that a query adds to its Iceberg plan, as analyst.
 Builds the small demo warehouse in a temporary directory unless --home points at one.
 """
 
@@ -114,6 +117,45 @@ async def bench_gate(home: Path, calls: int, fsync: bool, tmp: Path) -> dict[str
     return results
 
 
+def bench_quota(home: Path, calls: int, tmp: Path) -> dict[str, Any]:
+    """The quota check and settle of one call, and the scan-limit lookup of one query, in process."""
+    settings = load_settings(REPO, home=home, audit={"path": tmp / "quota.jsonl", "fsync": False})
+    runtime = open_runtime(settings)
+    try:
+        principal = stdio_principal("analyst", runtime.enforcer)
+        quotas = runtime.gate.quotas
+        spec = runtime.gate.tools["query"]
+
+        def quota_check() -> None:
+            scope = runtime.gate.scope(principal)
+            admission = quotas.admit(scope.quotas(), principal.name, scope.roles(), spec.family)
+            quotas.settle(admission, scan_bytes=1_000, rows=10)
+
+        # The plan itself is made for every query anyway (it lists the files to read); what the
+        # estimate adds is its sum and the caller's limit.
+        plan = runtime.gate.scope(principal).plan_scan("sales.orders", None)
+
+        def scan_estimate() -> None:
+            scope = runtime.gate.scope(principal)
+            limit = scope.scan_limit()
+            over = limit is not None and plan.bytes > limit.max_scan_bytes
+            assert not over
+
+        results: dict[str, Any] = {}
+        for name, work in (("quota_check_and_settle", quota_check), ("scan_estimate_and_limit", scan_estimate)):
+            for _ in range(50):
+                work()
+            samples = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                work()
+                samples.append((time.perf_counter() - start) * 1000)
+            results[name] = percentiles(samples)
+        return results
+    finally:
+        runtime.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=300, help="timed calls per measurement")
@@ -136,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             "stdio_round_trip": anyio.run(bench_stdio, home, options.calls, tmp / "stdio.jsonl"),
             "in_process_fsync": anyio.run(bench_gate, home, options.calls, True, tmp),
             "in_process_no_fsync": anyio.run(bench_gate, home, options.calls, False, tmp),
+            "quota_and_estimate": bench_quota(home, options.calls * 10, tmp),
         }
     options.out.parent.mkdir(parents=True, exist_ok=True)
     options.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -30,6 +30,7 @@ import casbin
 import structlog
 
 from lakegate.errors import ConfigurationError
+from lakegate.policies.quotas import QUOTAS_FILE, QuotaSet, load_quotas
 from lakegate.policies.redaction import REDACTION_FILE, RedactionRules, load_redaction
 from lakegate.policies.row_filters import ROW_FILTER_FILE, RowFilter, RowFilterSet, load_row_filters
 from lakegate.policies.scan_limits import SCAN_LIMITS_FILE, ScanLimitSet, load_scan_limits
@@ -95,8 +96,8 @@ class PolicyFiles:
     """Where the policy set comes from: the project's policies/, else the packaged defaults.
 
     The Casbin model and policy, the row filters (optional: no file, no row filters), the
-    redaction rules of the audit log (optional: no file, the default rules) and the scan limits
-    (optional: no file, no limits).
+    redaction rules of the audit log (optional: no file, the default rules), the scan limits and
+    the quotas (optional: no file, no limits).
     """
 
     model: Path
@@ -104,9 +105,12 @@ class PolicyFiles:
     row_filters: Path | None = None
     redaction: Path | None = None
     scan_limits: Path | None = None
+    quotas: Path | None = None
 
     def _paths(self) -> list[Path]:
-        optional = [path for path in (self.row_filters, self.redaction, self.scan_limits) if path is not None]
+        optional = [
+            path for path in (self.row_filters, self.redaction, self.scan_limits, self.quotas) if path is not None
+        ]
         return [self.model, self.policy, *optional]
 
     def content_hash(self, extra: Iterable[str] = ()) -> str:
@@ -137,6 +141,7 @@ def policy_files(project: Path) -> PolicyFiles:
         redaction=local / REDACTION_FILE if (local / REDACTION_FILE).is_file() else packaged / REDACTION_FILE,
         # Like the row filters: the demo's limits are for the demo's roles.
         scan_limits=local / SCAN_LIMITS_FILE if own_policy else packaged / SCAN_LIMITS_FILE,
+        quotas=local / QUOTAS_FILE if own_policy else packaged / QUOTAS_FILE,
     )
 
 
@@ -172,6 +177,7 @@ class _Loaded:
     mtimes: tuple[float, ...]
     row_filters: RowFilterSet = field(default_factory=RowFilterSet)
     scan_limits: ScanLimitSet = field(default_factory=ScanLimitSet)
+    quotas: QuotaSet = field(default_factory=QuotaSet)
     error: str | None = None
     # Until a policy set loads, nothing is known to be safe to log in clear.
     redaction: RedactionRules = field(default_factory=RedactionRules.fail_closed)
@@ -250,6 +256,11 @@ class PolicyEnforcer:
         return self._current().scan_limits
 
     @property
+    def quotas(self) -> QuotaSet:
+        """The quotas in force (policies/quotas.py); none while the set is invalid (which denies every call)."""
+        return self._current().quotas
+
+    @property
     def redaction(self) -> RedactionRules:
         """Which argument values the audit log holds only hashed; every value while the set is invalid."""
         return self._current().redaction
@@ -312,6 +323,7 @@ class PolicyEnforcer:
                 version = _source_version(self._files, decider)
             row_filters = load_row_filters(self._files.row_filters)
             scan_limits = load_scan_limits(self._files.scan_limits)
+            quotas = load_quotas(self._files.quotas)
             redaction = load_redaction(self._files.redaction)
         except Exception as exc:
             # Fail closed: an unreadable or invalid policy set denies everything until it is fixed.
@@ -319,7 +331,9 @@ class PolicyEnforcer:
             outage = self._rules is not None and not isinstance(exc, ConfigurationError)
             return _Loaded(None, None, "invalid", (), error=f"{type(exc).__name__}: {exc}", stamp=stamp, outage=outage)
         log.info("policy.loaded", version=version)
-        return _Loaded(decider, explainer, version, mtimes, row_filters, scan_limits, stamp=stamp, redaction=redaction)
+        return _Loaded(
+            decider, explainer, version, mtimes, row_filters, scan_limits, quotas, stamp=stamp, redaction=redaction
+        )
 
     def _enforcer(self, adapter: Any, *, explain_allows: bool) -> casbin.Enforcer:
         model = casbin.Enforcer.new_model(path=str(self._files.model))
@@ -360,7 +374,7 @@ def _source_version(files: PolicyFiles, enforcer: casbin.Enforcer) -> str:
     row filters and every rule loaded (resource groups included), so that replicas that loaded the
     same rules report the same version, whenever they loaded them."""
     digest = hashlib.sha256()
-    for path in (files.model, files.row_filters, files.redaction, files.scan_limits):
+    for path in (files.model, files.row_filters, files.redaction, files.scan_limits, files.quotas):
         digest.update(path.read_bytes() if path is not None and path.is_file() else b"")
     model = enforcer.get_model().model
     for section in ("p", "g"):

@@ -56,7 +56,7 @@ from lakegate.server.gate.gate import Gate, to_call_result
 from lakegate.server.gate.identity import CallOrigin, Principal
 from lakegate.server.gate.role_grants import acting_as
 from lakegate.server.gate.scope import ProgressFn
-from lakegate.server.profile import open_audit, open_enforcer, open_warehouse
+from lakegate.server.profile import open_audit, open_enforcer, open_quota_ledger, open_warehouse
 from lakegate.server.settings import Settings
 from lakegate.server.subscriptions import Subscriptions
 from lakegate.server.surface import DATASET_URI, ListWatchers, dataset_of_uri, subscribable, surface_handlers
@@ -94,6 +94,7 @@ class Runtime:
         self.warehouse.close()
         self.enforcer.close()
         self.audit.close()
+        self.gate.quotas.ledger.close()
 
 
 def resource_groups(definitions: CatalogDefinitions) -> dict[str, tuple[str, ...]]:
@@ -121,7 +122,9 @@ def open_runtime(settings: Settings, *, draft_metrics: bool = False) -> Runtime:
     enforcer = open_enforcer(settings, resource_groups(definitions))
     audit = open_audit(settings)
     metrics = LiveMetrics.open(settings.project, settings.state_dir, drafts=draft_metrics)
-    gate = Gate(settings, enforcer, warehouse, definitions, audit, tools_by_name(), metrics)
+    gate = Gate(
+        settings, enforcer, warehouse, definitions, audit, tools_by_name(), metrics, open_quota_ledger(settings)
+    )
     return Runtime(settings, warehouse, definitions, enforcer, audit, gate)
 
 

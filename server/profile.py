@@ -14,7 +14,9 @@ default: ``<home>/iceberg/warehouse`` and ``<home>/lance``, shared by replicas o
 volume), or on S3-compatible object storage (``s3``: the Iceberg files under
 ``storage.iceberg_location``, the Lance datasets under ``storage.lance_location``; see
 catalog/object_store.py), which replicas on different hosts share. Still on each replica's disk:
-``mask.key`` and the policy files other than the rules (model.conf, row_filters.yaml, scan_limits.yaml).
+``mask.key`` and the policy files other than the rules (model.conf, row_filters.yaml, scan_limits.yaml,
+quotas.yaml). Quota use is counted in PostgreSQL in production (server/gate/quota_ledger_pg.py), so
+that replicas enforce one budget, and in the process in the embedded profile.
 
 The tables are created on first use (idempotent, under advisory locks, so replicas may start
 together); the rules are copied from policy.csv only on request (`sync_policies`, the command
@@ -43,6 +45,7 @@ from lakegate.extras import require_extra
 from lakegate.policies.enforcer import PolicyEnforcer, policy_files
 from lakegate.server.audit.checkpoints import CHECKPOINT_KEY_FILE, Checkpoint
 from lakegate.server.audit.log import AuditLog, VerifyReport
+from lakegate.server.gate.quota_ledger import InProcessLedger, QuotaLedger
 from lakegate.server.settings import Settings
 
 if TYPE_CHECKING:
@@ -55,6 +58,7 @@ __all__ = [
     "checkpoint_key_path",
     "open_audit",
     "open_enforcer",
+    "open_quota_ledger",
     "open_warehouse",
     "postgres_url",
     "replica_id",
@@ -161,6 +165,24 @@ def open_enforcer(settings: Settings, resource_groups: Mapping[str, Iterable[str
         stale_after_s=settings.postgres.policy_stale_after_s,
     )
     return PolicyEnforcer(files, resource_groups, reload_interval_s=interval, rules=rules)
+
+
+def open_quota_ledger(settings: Settings) -> QuotaLedger:
+    """Where quota use is counted: in this process, or in PostgreSQL (production) for all replicas.
+
+    Raises:
+        ConfigurationError: the PostgreSQL URL is invalid.
+        BackendError: the quota tables cannot be created.
+    """
+    if settings.profile == "embedded":
+        return InProcessLedger()
+    url = postgres_url(settings)
+    from lakegate.server.gate.quota_ledger_pg import PostgresLedger, create_quota_schema
+
+    _prepare(url, create_quota_schema)
+    # A running call's slot outlives the longest call (a query's timeout, plus the time to page
+    # and audit it) before a dead replica's slot frees itself.
+    return PostgresLedger(url, lease_s=2 * settings.query.timeout_s + 60)
 
 
 def checkpoint_key_path(settings: Settings) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,17 @@ def build_small_demo(home: Path) -> Path:
     finally:
         warehouse.close()
     return home
+
+
+def runtime_with_policy_file(demo_home: Path, tmp_path: Path, file: str, text: str) -> Runtime:
+    """A runtime over the demo warehouse whose project has its own copy of the demo's policies and
+    catalog, with policies/`file` holding `text`; audited to tmp_path/audit.jsonl."""
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "policies", project / "policies", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    shutil.copytree(REPO / "catalog", project / "catalog", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    (project / "policies" / file).write_text(text)
+    audit = {"path": tmp_path / "audit.jsonl", "fsync": False}
+    return open_runtime(load_settings(project, home=demo_home, audit=audit, principal=None))
 
 
 def gate_call(

@@ -10,7 +10,6 @@ hypothesis) that every generated filter gives the same rows with pruning as with
 from __future__ import annotations
 
 import json
-import shutil
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -24,9 +23,8 @@ from lakegate.errors import LimitExceeded, PolicyDenied
 from lakegate.policies.scan_limits import ScanLimit, ScanLimitSet
 from lakegate.policies.sql_filters import ColumnFilter, pushable_filters
 from lakegate.policies.sql_guard import TableColumns, parse_query, resolve_columns
-from lakegate.server.app import Runtime, open_runtime
-from lakegate.server.settings import load_settings
-from tests.conftest import REPO, gate_call, gate_ok
+from lakegate.server.app import Runtime
+from tests.conftest import gate_call, gate_ok, runtime_with_policy_file
 
 ORDERS = {
     "order_id": "BIGINT",
@@ -196,14 +194,8 @@ def test_pruning_never_changes_an_answer(runtime: Runtime, where: str, joined: b
 # -- scan limits (policies/scan_limits.yaml) ------------------------------------------------------
 
 
-def _limited_runtime(demo_home: Path, tmp_path: Path, limits: str) -> Runtime:
-    """A runtime over the demo warehouse whose project has its own policies with `limits`."""
-    project = tmp_path / "project"
-    shutil.copytree(REPO / "policies", project / "policies", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
-    shutil.copytree(REPO / "catalog", project / "catalog", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
-    (project / "policies" / "scan_limits.yaml").write_text(limits)
-    audit = {"path": tmp_path / "audit.jsonl", "fsync": False}
-    return open_runtime(load_settings(project, home=demo_home, audit=audit, principal=None))
+def _limited_runtime(demo_home: Path, tmp_path: Path, text: str) -> Runtime:
+    return runtime_with_policy_file(demo_home, tmp_path, "scan_limits.yaml", text)
 
 
 MONTH = (

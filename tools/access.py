@@ -423,5 +423,6 @@ ACCESS_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
         read_only=True,
         destructive=False,
         idempotent=True,
+        family="catalog",
     ),
 )

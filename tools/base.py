@@ -24,6 +24,7 @@ from typing import Annotated, Any, Generic, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
 
 from lakegate.errors import InvalidArgument
+from lakegate.policies.quotas import ToolFamily
 from lakegate.tools.names import ToolName
 from lakegate.tools.scope import ToolScope
 
@@ -103,6 +104,8 @@ class ToolSpec(Generic[ArgsT, ResultT]):
     read_only: bool
     destructive: bool
     idempotent: bool
+    #: What its calls count against in the caller's quotas (policies/quotas.py).
+    family: ToolFamily
 
     def __post_init__(self) -> None:
         if self.read_only and (self.destructive or not self.idempotent):

@@ -306,6 +306,7 @@ CATALOG_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
         read_only=True,
         destructive=False,
         idempotent=True,
+        family="catalog",
     ),
     ToolSpec(
         name=ToolName.DESCRIBE_DATASET,
@@ -317,6 +318,7 @@ CATALOG_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
         read_only=True,
         destructive=False,
         idempotent=True,
+        family="catalog",
     ),
     ToolSpec(
         name=ToolName.SEARCH_CATALOG,
@@ -328,5 +330,6 @@ CATALOG_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
         read_only=True,
         destructive=False,
         idempotent=True,
+        family="catalog",
     ),
 )

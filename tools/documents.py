@@ -168,6 +168,7 @@ DOCUMENT_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
         read_only=True,
         destructive=False,
         idempotent=True,
+        family="search",
     ),
     ToolSpec(
         name=ToolName.ADD_DOCUMENTS,
@@ -179,5 +180,6 @@ DOCUMENT_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
         read_only=False,
         destructive=True,
         idempotent=True,
+        family="write",
     ),
 )

@@ -265,6 +265,7 @@ METRIC_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
         read_only=True,
         destructive=False,
         idempotent=True,
+        family="catalog",
     ),
     ToolSpec(
         name=ToolName.DESCRIBE_METRIC,
@@ -276,6 +277,7 @@ METRIC_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
         read_only=True,
         destructive=False,
         idempotent=True,
+        family="catalog",
     ),
     ToolSpec(
         name=ToolName.QUERY_METRICS,
@@ -287,5 +289,6 @@ METRIC_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
         read_only=True,
         destructive=False,
         idempotent=True,
+        family="query",
     ),
 )

@@ -168,5 +168,6 @@ QUERY_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
         read_only=True,
         destructive=False,
         idempotent=True,
+        family="query",
     ),
 )

@@ -102,6 +102,7 @@ WRITE_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
         read_only=False,
         destructive=False,
         idempotent=False,
+        family="write",
     ),
     ToolSpec(
         name=ToolName.RESTORE_TABLE,
@@ -113,5 +114,6 @@ WRITE_TOOLS: tuple[ToolSpec[Any, Any], ...] = (
         read_only=False,
         destructive=True,
         idempotent=True,
+        family="write",
     ),
 )

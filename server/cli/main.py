@@ -99,6 +99,7 @@ def init(directory: Path, force: bool, empty: bool) -> None:
             Path("policies/policy.csv"): starter.joinpath("policy.csv"),
             Path("policies/row_filters.yaml"): starter.joinpath("row_filters.yaml"),
             Path("policies/scan_limits.yaml"): starter.joinpath("scan_limits.yaml"),
+            Path("policies/quotas.yaml"): starter.joinpath("quotas.yaml"),
             Path("catalog/datasets.yaml"): starter.joinpath("datasets.yaml"),
             Path("catalog/metrics.yaml"): starter.joinpath("metrics.yaml"),
         }
@@ -109,6 +110,7 @@ def init(directory: Path, force: bool, empty: bool) -> None:
             Path("policies/policy.csv"): policies.joinpath("policy.csv"),
             Path("policies/row_filters.yaml"): policies.joinpath("row_filters.yaml"),
             Path("policies/scan_limits.yaml"): policies.joinpath("scan_limits.yaml"),
+            Path("policies/quotas.yaml"): policies.joinpath("quotas.yaml"),
             Path("catalog/datasets.yaml"): resources.files("lakegate.catalog").joinpath("datasets.yaml"),
         }
     for relative, source in files.items():

@@ -29,6 +29,7 @@ from lakegate.errors import LakegateError, NotFound
 from lakegate.policies.enforcer import MODEL_FILE, POLICY_FILE, PolicyEnforcer, PolicyFiles, policy_files
 from lakegate.policies.explain import SubjectPolicy
 from lakegate.policies.intent import IntentCheck, check_intents, load_intents
+from lakegate.policies.quotas import QUOTAS_FILE
 from lakegate.policies.row_filters import ROW_FILTER_FILE
 from lakegate.policies.scan_limits import SCAN_LIMITS_FILE
 from lakegate.server.cli.context import command_settings as _settings
@@ -64,6 +65,7 @@ def _files(project: Path, policy_dir: Path | None) -> PolicyFiles:
         policy=policy_dir / POLICY_FILE,
         row_filters=policy_dir / ROW_FILTER_FILE,
         scan_limits=policy_dir / SCAN_LIMITS_FILE,
+        quotas=policy_dir / QUOTAS_FILE,
     )
 
 

@@ -41,6 +41,7 @@ from lakegate.errors import (
     NotFound,
     PolicyDenied,
     PolicyUnavailable,
+    QuotaExceeded,
     ServerError,
 )
 from lakegate.policies.enforcer import PolicyEnforcer, noting_unavailable
@@ -50,6 +51,8 @@ from lakegate.server.audit.record_builders import call_record, listing_record
 from lakegate.server.audit.record_model import AuditRecord, Decision
 from lakegate.server.audit.redaction import KEY_FILE, AuditKey, audit_arguments, loggable, redact_arguments
 from lakegate.server.gate.identity import CallOrigin, Principal
+from lakegate.server.gate.quota_ledger import InProcessLedger, QuotaLedger
+from lakegate.server.gate.quotas import Admission, Quotas
 from lakegate.server.gate.scope import CallScope, ProgressFn
 from lakegate.server.settings import Settings
 from lakegate.tools.base import ToolSpec
@@ -59,6 +62,8 @@ __all__ = ["Gate", "GateOutcome", "redact_arguments", "to_call_result"]
 log = structlog.get_logger(__name__)
 
 MAX_TOOL_NAME = 64
+#: In a refused call's `_meta`: seconds until the quota that refused it frees up.
+RETRY_AFTER_META = "io.lakegate/retry_after_s"
 AnswerT = TypeVar("AnswerT")
 
 
@@ -92,6 +97,7 @@ class Gate:
         audit: AuditLog,
         tools: Mapping[str, ToolSpec[Any, Any]],
         metrics: LiveMetrics | None = None,
+        ledger: QuotaLedger | None = None,
     ) -> None:
         self.settings = settings
         self.enforcer = enforcer
@@ -100,6 +106,8 @@ class Gate:
         self.audit = audit
         self.tools = dict(tools)
         self.metrics = metrics
+        #: Quota use is counted here: in process unless the profile gives a shared ledger.
+        self.quotas = Quotas(ledger or InProcessLedger())
         # Keys the hashes of redacted argument values; read (or created) when first needed.
         self.audit_key = AuditKey(settings.state_dir / KEY_FILE)
 
@@ -183,6 +191,7 @@ class Gate:
         text = ""
         payload = ""
         error: LakegateError | None = None
+        admission: Admission | None = None
         tool_name = loggable(tool_name)
         tool_decision = scope.decide(tool_resource(tool_name[:MAX_TOOL_NAME]), "call")
         scope.record("tool", tool_name[:MAX_TOOL_NAME], "call" if tool_decision.allowed else "denied")
@@ -202,6 +211,7 @@ class Gate:
                 )
             if spec is None:
                 raise NotFound(f"There is no tool named '{tool_name[:MAX_TOOL_NAME]}'.")
+            admission = await self._admit(scope, spec)
             try:
                 args = spec.args.model_validate(arguments)
             except ValidationError as exc:
@@ -235,6 +245,20 @@ class Gate:
                 # Refused on a decision the policy store could not back (a column "hidden", a
                 # dataset "not found"): say so, so that the agent retries instead of giving up.
                 error = PolicyUnavailable(unavailable[0])
+        finally:
+            if admission is not None:
+                with anyio.CancelScope(shield=True):
+                    # Rows count when a read returned them (a write's rows were sent, not returned).
+                    returned = error is None and result is not None and spec is not None and spec.read_only
+                    settled = await self._settle(admission, scope, returned=returned)
+                error = error or settled
+        if isinstance(error, QuotaExceeded):
+            scope.details["quota"] = {
+                "limit": error.limit,
+                "used": error.used,
+                "allowed": error.allowed,
+                "retry_after_s": error.retry_after_s,
+            }
 
         try:
             # Building the record may fail too (the redaction key cannot be read): fail closed as well.
@@ -252,6 +276,39 @@ class Gate:
         if error is not None:
             return GateOutcome(None, text, error, written)
         return GateOutcome(result, text, None, written, payload)
+
+    async def _admit(self, scope: CallScope, spec: ToolSpec[Any, Any]) -> Admission:
+        """Let the call in under its caller's quotas, and hand its query the scan budget left.
+
+        Raises:
+            QuotaExceeded: a quota is used up; the call does not run.
+            BackendError: the shared ledger cannot be reached (fail closed).
+        """
+        quotas, principal, roles = scope.quotas(), scope.principal.name, scope.roles()
+
+        def admit() -> Admission:
+            return self.quotas.admit(quotas, principal, roles, spec.family)
+
+        admission = admit() if self.quotas.ledger.in_process else await anyio.to_thread.run_sync(admit)
+        scope.scan_budget = admission.scan_budget
+        return admission
+
+    async def _settle(self, admission: Admission, scope: CallScope, *, returned: bool) -> LakegateError | None:
+        """Count the call's use against its quotas; a ledger failure is the call's error (no data
+        leaves a call whose use could not be counted)."""
+
+        def settle() -> None:
+            self.quotas.settle(admission, scan_bytes=scope.scan_bytes, rows=scope.rows if returned else 0)
+
+        try:
+            if self.quotas.ledger.in_process:
+                settle()
+            else:
+                await anyio.to_thread.run_sync(settle)
+        except LakegateError as exc:
+            log.error("quota.settle_failed", error=repr(exc))
+            return exc
+        return None
 
     async def request(
         self,
@@ -416,6 +473,7 @@ def to_call_result(outcome: GateOutcome) -> CallToolResult:
         message = _public_message(outcome.error)
         if isinstance(outcome.error, ServerError) and outcome.record is not None:
             message += f" Reference: request {outcome.record['request_id']}."
-        return CallToolResult(content=[TextContent(type="text", text=message)], is_error=True)
+        meta = {RETRY_AFTER_META: outcome.error.retry_after_s} if isinstance(outcome.error, QuotaExceeded) else None
+        return CallToolResult(content=[TextContent(type="text", text=message)], is_error=True, _meta=meta)
     structured = json.loads(outcome.payload)
     return CallToolResult(content=[TextContent(type="text", text=outcome.text)], structured_content=structured)

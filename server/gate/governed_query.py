@@ -45,6 +45,7 @@ from lakegate.policies.sql_guard import (
     resolve_columns,
     rewrite,
 )
+from lakegate.server.gate.quotas import human_size
 from lakegate.tools.scope import QueryPage
 
 if TYPE_CHECKING:
@@ -234,10 +235,16 @@ def run_query(
         planned_scan={name: _scan_estimate(plan) for name, plan in plans.items()},
     )
     limit = scope.scan_limit()
-    over = _over_limit(plans, filters, limit)
+    over: LimitExceeded | None = _over_limit(plans, filters, limit)
     if over is not None and not explain:
         scope.details["scan_limit"] = limit.max_scan_bytes if limit else None
         raise over
+    planned = sum(plan.bytes for plan in plans.values())
+    budget = scope.scan_budget
+    if over is None and budget is not None and scope.scan_bytes + planned > budget.left:
+        over = budget.refusal(scope.scan_bytes + planned)
+        if not explain:
+            raise over
     engine = scope.query_engine()
     if explain:
         for name in query.tables:
@@ -253,6 +260,7 @@ def run_query(
         scope.report_progress(round(done, 1), 100.0, "query running (percent done, as DuckDB estimates it)")
 
     scanned: dict[str, list[str]] = {}
+    scope.scan_bytes += planned  # counted against the daily scan quota, whatever happens next
     try:
         result = engine.run_page(
             page(template, offset, count + 1),
@@ -313,21 +321,18 @@ def _over_limit(
         return None
     sizes = ""
     if not any(filters.get(name) for name in plans):
-        sizes = " (" + "; ".join(f"{name}: {len(p.files):,} files, {_size(p.bytes)}" for name, p in plans.items()) + ")"
+        sizes = (
+            " ("
+            + "; ".join(f"{name}: {len(p.files):,} files, {human_size(p.bytes)}" for name, p in plans.items())
+            + ")"
+        )
     return LimitExceeded(
-        f"This query would read more than the {_size(limit.max_scan_bytes)} of data files one query of yours "
+        f"This query would read more than the {human_size(limit.max_scan_bytes)} of data files one query of yours "
         f"may read{sizes}: it was not run.",
         hint="Narrow it with WHERE conditions comparing columns with values (a time range on the table's "
         "partition column prunes the most; describe_dataset shows the partitioning), or ask for a metric. "
         "query with explain: true shows the estimate.",
     )
-
-
-def _size(count: int) -> str:
-    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if count >= scale:
-            return f"{count / scale:.1f} {unit}"
-    return f"{count} bytes"
 
 
 def _by_function(masks: Mapping[str, str]) -> dict[str, str]:

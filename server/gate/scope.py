@@ -38,9 +38,11 @@ if TYPE_CHECKING:
     from lakegate.catalog.metric_definitions import SemanticCatalog
     from lakegate.catalog.query_embedder import TextEncoder
     from lakegate.catalog.query_engine import QueryEngine
+    from lakegate.policies.quotas import QuotaSet
     from lakegate.policies.row_filters import RowFilter
     from lakegate.policies.scan_limits import ScanLimit
     from lakegate.policies.sql_filters import ColumnFilter
+    from lakegate.server.gate.quotas import ScanBudget
     from lakegate.tools.scope import QueryPage
 
 __all__ = ["CallScope", "ProgressFn", "Touched"]
@@ -86,6 +88,10 @@ class CallScope:
         self.details: dict[str, Any] = {}
         self._on_cancel: list[Callable[[], None]] = []
         self.cancelled = False
+        #: What is left of the caller's daily scan quota (server/gate/quotas.py); None: not limited.
+        self.scan_budget: ScanBudget | None = None
+        #: Bytes of data files planned by the queries this call ran (counted against that quota).
+        self.scan_bytes = 0
 
     # --- decisions -----------------------------------------------------------------------------
 
@@ -206,11 +212,18 @@ class CallScope:
         """The row filters the policy set attaches to this principal (and its roles) on `dataset`."""
         return self._enforcer.row_filters(self.principal.name, dataset)
 
+    def roles(self) -> tuple[str, ...]:
+        """Every role the caller holds; the enforcer's, so a token's granted roles count
+        (server/gate/role_grants.py)."""
+        return self._enforcer.roles_for(self.principal.name)
+
     def scan_limit(self) -> ScanLimit | None:
-        """The most one query of this principal may plan to read; None: no cap. Its roles are the
-        enforcer's, so a token's granted roles count (server/gate/role_grants.py)."""
-        name = self.principal.name
-        return self._enforcer.scan_limits.for_caller(name, self._enforcer.roles_for(name))
+        """The most one query of this principal may plan to read; None: no cap."""
+        return self._enforcer.scan_limits.for_caller(self.principal.name, self.roles())
+
+    def quotas(self) -> QuotaSet:
+        """The quotas in force (policies/quotas.py)."""
+        return self._enforcer.quotas
 
     def text_encoder(self) -> TextEncoder:
         """The model search embeds with (its ONNX graph when it verifies: no torch).

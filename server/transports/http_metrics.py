@@ -1,5 +1,5 @@
 """Prometheus metrics of the HTTP server: tool calls by tool and decision, their latency, denials,
-refused tokens and HTTP requests by route and status.
+calls refused by a quota (by quota), refused tokens and HTTP requests by route and status.
 
 Tool-call figures come from the audit records the gate writes (through `MeteredAuditLog`), so they
 count exactly what the audit log holds. Label values are bounded: a tool name that is not
@@ -15,6 +15,8 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lakegate.errors import QuotaExceeded
+from lakegate.policies.quotas import QUOTA_NAMES
 from lakegate.server.audit.log import AuditFormatError, AuditLog
 from lakegate.server.audit.record_model import AuditRecord, audit_record
 
@@ -50,6 +52,13 @@ class HttpMetrics:
         self.denials = Counter(
             "lakegate_denials", "Tool calls the policy denied, by tool.", ["tool"], registry=self.registry
         )
+        self.quota_refusals = Counter(
+            "lakegate_quota_refusals",
+            "Tool calls refused by a quota, by quota (calls_per_minute.<family>, concurrent_calls, "
+            "daily_scan_bytes, daily_rows).",
+            ["quota"],
+            registry=self.registry,
+        )
         self.auth_failures = Counter(
             "lakegate_auth_failures",
             "Requests refused for their bearer token, by reason (missing, expired, audience, signature, ...).",
@@ -69,6 +78,9 @@ class HttpMetrics:
         self.tool_latency.labels(label).observe(record.duration_ms / 1000)
         if record.decision == "deny":
             self.denials.labels(label).inc()
+        if record.outcome == QuotaExceeded.outcome:
+            quota = (record.details or {}).get("quota", {}).get("limit")
+            self.quota_refusals.labels(quota if quota in QUOTA_NAMES else UNKNOWN).inc()
 
     def auth_failure(self, reason: str) -> None:
         self.auth_failures.labels(reason).inc()
