@@ -1,8 +1,8 @@
 """The gate's quota check: before a call runs, its caller's quotas (policies/quotas.py) are looked
 up and counted in the ledger (server/gate/quota_ledger.py); after it, its use is added.
 
-Before: the daily budgets (nothing to undo when they refuse), then a running-call slot, then the
-call is counted in its minute. A refusal is a `QuotaExceeded` naming the quota, the use and when
+Before: a running-call slot, then the daily budgets, then the call is counted in its minute (a
+refusal gives the slot back and counts nothing). A refusal is a `QuotaExceeded` naming the quota, the use and when
 to retry; the call does not run. After (whatever the outcome, cancelled included): the rows the
 call returned and the bytes its queries planned are added to the day, and the slot is given back.
 
@@ -70,18 +70,8 @@ class Quotas:
         limits = quotas.for_call(principal, roles, family)
         if not limits.all():
             return Admission(limits, None, None)
-        now = self.ledger.clock()
-        budget: ScanBudget | None = None
-        if limits.daily_rows is not None:
-            used_rows = self.ledger.day_use(limits.daily_rows.counted_for).rows
-            if used_rows >= limits.daily_rows.allowed:
-                raise _used_up(limits.daily_rows, used_rows, seconds_to_midnight(now))
-        if limits.daily_scan_bytes is not None and family == "query":
-            used_bytes = self.ledger.day_use(limits.daily_scan_bytes.counted_for).scan_bytes
-            left = limits.daily_scan_bytes.allowed - used_bytes
-            budget = ScanBudget(limits.daily_scan_bytes, left, seconds_to_midnight(now))
-            if left <= 0:
-                raise budget.refusal(0)
+        # The slot first: a call reads the day's use only while it holds one, so calls that passed
+        # a daily budget's check together are at most `concurrent_calls` (the overshoot bound).
         slot: str | None = None
         if limits.concurrent_calls is not None:
             taken = self.ledger.enter(limits.concurrent_calls.counted_for, limits.concurrent_calls.allowed)
@@ -89,6 +79,7 @@ class Quotas:
                 raise _used_up(limits.concurrent_calls, taken.used, taken.retry_after_s)
             slot = taken
         try:
+            budget = self._daily_checks(limits, family)
             if limits.calls_per_minute is not None:
                 per_minute = limits.calls_per_minute
                 refused = self.ledger.count_call(per_minute.counted_for, per_minute.name, per_minute.allowed)
@@ -99,6 +90,27 @@ class Quotas:
                 self.ledger.leave(slot)
             raise
         return Admission(limits, slot, budget)
+
+    def _daily_checks(self, limits: CallLimits, family: ToolFamily) -> ScanBudget | None:
+        """Refuse a call whose daily budgets are used up; the scan budget left for a query.
+
+        Raises:
+            QuotaExceeded: daily_rows, or (for a query) daily_scan_bytes, is used up.
+        """
+        now = self.ledger.clock()
+        if limits.daily_rows is not None:
+            used_rows = self.ledger.day_use(limits.daily_rows.counted_for).rows
+            if used_rows >= limits.daily_rows.allowed:
+                raise _used_up(limits.daily_rows, used_rows, seconds_to_midnight(now))
+        if limits.daily_scan_bytes is None or family != "query":
+            return None
+        used_bytes = self.ledger.day_use(limits.daily_scan_bytes.counted_for).scan_bytes
+        budget = ScanBudget(
+            limits.daily_scan_bytes, limits.daily_scan_bytes.allowed - used_bytes, seconds_to_midnight(now)
+        )
+        if budget.left <= 0:
+            raise budget.refusal(0)
+        return budget
 
     def settle(self, admission: Admission, *, scan_bytes: int, rows: int) -> None:
         """Add a finished call's use to its day and give its slot back.
