@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlparse
 import structlog
 
 from lakegate.catalog.arrow_relations import SourceColumn, TableSource
+from lakegate.catalog.change_snapshots import unapproved_snapshots
 from lakegate.catalog.warehouse import Warehouse, translate_errors
 from lakegate.errors import BackendError, InvalidArgument, NotFound
 
@@ -184,6 +185,8 @@ class ScanPlanner:
                     )
             else:
                 snapshot = table.snapshot_by_id(as_of)
+                if snapshot is not None and as_of in unapproved_snapshots(metadata.snapshots, table.properties):
+                    snapshot = None  # rows staged for approval are not the table's until approved
                 if snapshot is None:
                     raise NotFound(
                         f"Table {name} has no snapshot {as_of}.",

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from lakegate.catalog.change_snapshots import unapproved_snapshots
 from lakegate.catalog.warehouse import Warehouse, translate_errors
 from lakegate.errors import BackendError, InvalidArgument, LimitExceeded, NotFound
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "WRITE_ID_PROPERTY",
+    "WRITTEN_BY_PROPERTY",
     "AppendOutcome",
     "PreparedAppend",
     "RestoreOutcome",
@@ -43,12 +45,16 @@ __all__ = [
     "commit_append",
     "prepare_append",
     "restore_snapshot",
+    "retryable_commit_error",
+    "rows_appended_since",
 ]
 
 log = structlog.get_logger(__name__)
 
 #: Snapshot summary property that carries the id of the lakegate write that made the snapshot.
 WRITE_ID_PROPERTY = "lakegate.write-id"
+#: Snapshot summary property naming the principal whose append made the snapshot.
+WRITTEN_BY_PROPERTY = "lakegate.written-by"
 #: Most row errors spelled out in one rejection; the rest are counted.
 MAX_REPORTED_ERRORS = 20
 BACKOFF_BASE_S = 0.02
@@ -93,6 +99,17 @@ class PreparedAppend:
             f"Nothing was written to {self.name}: {len(self.errors)} problem(s) in the batch: {shown}{extra}.",
             hint="Fix these rows and send the whole batch again; describe_dataset lists the columns and types.",
         )
+
+    def batch(self) -> pa.Table:
+        """The rows as one Arrow table.
+
+        Raises:
+            InvalidArgument: some rows do not fit the schema (each named), or there is nothing to write.
+        """
+        self.raise_if_invalid()
+        if self.data is None:
+            raise InvalidArgument(f"Nothing to write to {self.name}.")
+        return self.data
 
 
 @dataclass(frozen=True)
@@ -319,12 +336,19 @@ def _landed(table: IcebergTable, write_id: str) -> Any | None:
     return None
 
 
-def _retryable(exc: Exception) -> bool:
-    """A commit that lost a race (nothing landed), or a catalog too busy to answer (outcome unknown)."""
+def retryable_commit_error(exc: Exception) -> bool:
+    """A commit that lost a race (nothing landed), or a catalog too busy to answer (outcome unknown).
+
+    pyiceberg 0.12 reports some lost races as a ValueError: a commit built on metadata that another
+    writer's commit (to any branch of the table) moved on gets "Cannot add snapshot with sequence
+    number N older than last sequence number N" from the catalog, before anything is written.
+    """
     from pyiceberg.exceptions import CommitFailedException
     from sqlalchemy.exc import OperationalError
 
     if isinstance(exc, CommitFailedException):
+        return True
+    if isinstance(exc, ValueError) and "older than last sequence number" in str(exc):
         return True
     return isinstance(exc, OperationalError) and "locked" in str(exc).lower()
 
@@ -339,6 +363,7 @@ def commit_append(
     prepared: PreparedAppend,
     *,
     attempts: int,
+    written_by: str | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> AppendOutcome:
     """Append a prepared batch as one new snapshot, retrying commits that lose a race.
@@ -348,9 +373,7 @@ def commit_append(
         NotFound: the table was dropped meanwhile.
         BackendError: pyiceberg failed otherwise.
     """
-    if prepared.data is None:
-        prepared.raise_if_invalid()
-        raise InvalidArgument(f"Nothing to write to {prepared.name}.")
+    data = prepared.batch()
     name = prepared.name
     write_id = uuid.uuid4().hex
     last_error: Exception | None = None
@@ -359,9 +382,12 @@ def commit_append(
         if attempt > 1 and (snapshot := _landed(table, write_id)) is not None:
             return AppendOutcome(snapshot.snapshot_id, snapshot.parent_snapshot_id, prepared.rows, attempt - 1)
         try:
-            table.append(prepared.data, snapshot_properties={WRITE_ID_PROPERTY: write_id})
+            properties = {WRITE_ID_PROPERTY: write_id}
+            if written_by is not None:
+                properties[WRITTEN_BY_PROPERTY] = written_by
+            table.append(data, snapshot_properties=properties)
         except Exception as exc:
-            if not _retryable(exc):
+            if not retryable_commit_error(exc):
                 with translate_errors(f"append to {name}", name):
                     raise
             last_error = exc
@@ -383,6 +409,25 @@ def commit_append(
         f"Nothing was written to {name}: other writers committed first on all {attempts} attempts.",
         hint="Send the same rows again in a moment (none of them were written), or fewer, larger batches.",
     )
+
+
+def rows_appended_since(warehouse: Warehouse, name: str, principal: str, since: datetime) -> int:
+    """Rows that `principal`'s appends added to table `name` since `since` (main's history).
+
+    Raises:
+        NotFound: no such table.
+    """
+    table = warehouse.iceberg_table(name)
+    since_ms = int(since.timestamp() * 1000)
+    total = 0
+    snapshot = table.current_snapshot()
+    while snapshot is not None and snapshot.timestamp_ms >= since_ms:
+        summary = snapshot.summary
+        if summary is not None and summary.get(WRITTEN_BY_PROPERTY) == principal:
+            total += int(summary.get("added-records") or 0)
+        parent = snapshot.parent_snapshot_id
+        snapshot = table.metadata.snapshot_by_id(parent) if parent is not None else None
+    return total
 
 
 # --- restoring ---------------------------------------------------------------------------------
@@ -407,8 +452,10 @@ def restore_snapshot(warehouse: Warehouse, name: str, snapshot_id: int) -> Resto
         )
     table = warehouse.iceberg_table(name)
     current = table.metadata.current_snapshot_id
-    if table.metadata.snapshot_by_id(snapshot_id) is None:
-        recent = sorted(table.metadata.snapshots, key=lambda s: s.timestamp_ms, reverse=True)[:5]
+    staged = unapproved_snapshots(table.metadata.snapshots, table.properties)
+    if table.metadata.snapshot_by_id(snapshot_id) is None or snapshot_id in staged:
+        kept = (s for s in table.metadata.snapshots if s.snapshot_id not in staged)
+        recent = sorted(kept, key=lambda s: s.timestamp_ms, reverse=True)[:5]
         listed = ", ".join(str(s.snapshot_id) for s in recent) or "none"
         raise NotFound(
             f"Table {name} has no snapshot {snapshot_id} (its most recent snapshots: {listed}).",

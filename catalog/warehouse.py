@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from lakegate.catalog.change_snapshots import unapproved_snapshots
 from lakegate.errors import BackendError, LakegateError, NotFound
 
 if TYPE_CHECKING:
@@ -418,7 +419,12 @@ class Warehouse:
             summary = current.summary if current is not None else None
             # The snapshot summary carries the table's row count; no data file is opened.
             row_count = int(summary["total-records"] or 0) if summary is not None else 0
-            snapshots = sorted(metadata.snapshots, key=lambda s: s.timestamp_ms, reverse=True)
+            hidden = unapproved_snapshots(metadata.snapshots, table.properties)
+            snapshots = sorted(
+                (s for s in metadata.snapshots if s.snapshot_id not in hidden),
+                key=lambda s: s.timestamp_ms,
+                reverse=True,
+            )
             versions = tuple(
                 VersionInfo(
                     id=snapshot.snapshot_id,

@@ -30,6 +30,7 @@ import casbin
 import structlog
 
 from lakegate.errors import ConfigurationError
+from lakegate.policies.approvals import APPROVALS_FILE, ApprovalRules, load_approvals
 from lakegate.policies.quotas import QUOTAS_FILE, QuotaSet, load_quotas
 from lakegate.policies.redaction import REDACTION_FILE, RedactionRules, load_redaction
 from lakegate.policies.row_filters import ROW_FILTER_FILE, RowFilter, RowFilterSet, load_row_filters
@@ -97,7 +98,8 @@ class PolicyFiles:
 
     The Casbin model and policy, the row filters (optional: no file, no row filters), the
     redaction rules of the audit log (optional: no file, the default rules), the scan limits and
-    the quotas (optional: no file, no limits).
+    the quotas (optional: no file, no limits), and the approval rules (optional: no file, no write
+    needs approval).
     """
 
     model: Path
@@ -106,10 +108,13 @@ class PolicyFiles:
     redaction: Path | None = None
     scan_limits: Path | None = None
     quotas: Path | None = None
+    approvals: Path | None = None
 
     def _paths(self) -> list[Path]:
         optional = [
-            path for path in (self.row_filters, self.redaction, self.scan_limits, self.quotas) if path is not None
+            path
+            for path in (self.row_filters, self.redaction, self.scan_limits, self.quotas, self.approvals)
+            if path is not None
         ]
         return [self.model, self.policy, *optional]
 
@@ -142,6 +147,7 @@ def policy_files(project: Path) -> PolicyFiles:
         # Like the row filters: the demo's limits are for the demo's roles.
         scan_limits=local / SCAN_LIMITS_FILE if own_policy else packaged / SCAN_LIMITS_FILE,
         quotas=local / QUOTAS_FILE if own_policy else packaged / QUOTAS_FILE,
+        approvals=local / APPROVALS_FILE if own_policy else packaged / APPROVALS_FILE,
     )
 
 
@@ -178,6 +184,7 @@ class _Loaded:
     row_filters: RowFilterSet = field(default_factory=RowFilterSet)
     scan_limits: ScanLimitSet = field(default_factory=ScanLimitSet)
     quotas: QuotaSet = field(default_factory=QuotaSet)
+    approvals: ApprovalRules = field(default_factory=ApprovalRules)
     error: str | None = None
     # Until a policy set loads, nothing is known to be safe to log in clear.
     redaction: RedactionRules = field(default_factory=RedactionRules.fail_closed)
@@ -261,6 +268,12 @@ class PolicyEnforcer:
         return self._current().quotas
 
     @property
+    def approvals(self) -> ApprovalRules:
+        """Which writes a person must approve (policies/approvals.py); none while the set is invalid
+        (which denies every write)."""
+        return self._current().approvals
+
+    @property
     def redaction(self) -> RedactionRules:
         """Which argument values the audit log holds only hashed; every value while the set is invalid."""
         return self._current().redaction
@@ -324,6 +337,7 @@ class PolicyEnforcer:
             row_filters = load_row_filters(self._files.row_filters)
             scan_limits = load_scan_limits(self._files.scan_limits)
             quotas = load_quotas(self._files.quotas)
+            approvals = load_approvals(self._files.approvals)
             redaction = load_redaction(self._files.redaction)
         except Exception as exc:
             # Fail closed: an unreadable or invalid policy set denies everything until it is fixed.
@@ -332,7 +346,16 @@ class PolicyEnforcer:
             return _Loaded(None, None, "invalid", (), error=f"{type(exc).__name__}: {exc}", stamp=stamp, outage=outage)
         log.info("policy.loaded", version=version)
         return _Loaded(
-            decider, explainer, version, mtimes, row_filters, scan_limits, quotas, stamp=stamp, redaction=redaction
+            decider,
+            explainer,
+            version,
+            mtimes,
+            row_filters,
+            scan_limits,
+            quotas,
+            approvals,
+            stamp=stamp,
+            redaction=redaction,
         )
 
     def _enforcer(self, adapter: Any, *, explain_allows: bool) -> casbin.Enforcer:
@@ -374,7 +397,7 @@ def _source_version(files: PolicyFiles, enforcer: casbin.Enforcer) -> str:
     row filters and every rule loaded (resource groups included), so that replicas that loaded the
     same rules report the same version, whenever they loaded them."""
     digest = hashlib.sha256()
-    for path in (files.model, files.row_filters, files.redaction, files.scan_limits, files.quotas):
+    for path in (files.model, files.row_filters, files.redaction, files.scan_limits, files.quotas, files.approvals):
         digest.update(path.read_bytes() if path is not None and path.is_file() else b"")
     model = enforcer.get_model().model
     for section in ("p", "g"):

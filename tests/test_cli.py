@@ -18,7 +18,7 @@ def test_init_writes_a_project_that_loads(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["init", str(project)])
     assert result.exit_code == 0, result.output
     written = ("lakegate.toml", "policies/model.conf", "policies/policy.csv", "policies/row_filters.yaml")
-    written += ("policies/scan_limits.yaml", "policies/quotas.yaml")
+    written += ("policies/scan_limits.yaml", "policies/quotas.yaml", "policies/approvals.yaml")
     for relative in (*written, "catalog/datasets.yaml"):
         assert (project / relative).is_file(), relative
     assert load_definitions(project).dataset("sales.orders") is not None

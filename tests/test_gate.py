@@ -64,6 +64,7 @@ VALID_ARGUMENTS: dict[ToolName, dict[str, Any]] = {
         ],
     },
     ToolName.EXPLAIN_ACCESS: {"resource": "sales.customers.email", "principal": "analyst"},
+    ToolName.CHANGE_STATUS: {"change_id": "0123456789abcdef"},
 }
 
 
@@ -100,6 +101,9 @@ def test_every_tool_denies_an_unauthorised_principal_and_audits_both_outcomes(
     assert listed == []
     for name, (is_error, text) in denied.items():
         assert is_error and f"may not call {name}" in text
+    # The shared demo has no staged change: admin's call is let in and answers that there is none.
+    is_error, text = allowed.pop(ToolName.CHANGE_STATUS.value)
+    assert is_error and "There is no change 0123456789abcdef" in text
     for name, (is_error, text) in allowed.items():
         assert not is_error, f"{name}: {text}"
 
@@ -121,6 +125,9 @@ def test_every_tool_denies_an_unauthorised_principal_and_audits_both_outcomes(
         )
         assert record["rows"] == 0 and record["bytes"] == 0
     for record, name in zip(records[count:], VALID_ARGUMENTS, strict=True):
+        if name is ToolName.CHANGE_STATUS:
+            assert (record["outcome"], record["bytes"]) == ("not_found", 0)
+            continue
         assert (record["tool"], record["principal"], record["outcome"]) == (name.value, "admin", "ok")
         assert record["decision"] == "allow" and record["rules"] and record["policy_version"]
         assert record["bytes"] > 0

@@ -34,6 +34,7 @@ def test_analyst_sees_catalog_tools_and_its_datasets(demo_home: Path, audit_path
                 "describe_metric",
                 "query_metrics",
                 "explain_access",
+                "change_status",
             }
             assert all(tool.annotations and tool.annotations.read_only_hint for tool in tools.values())
 
@@ -49,7 +50,7 @@ def test_analyst_sees_catalog_tools_and_its_datasets(demo_home: Path, audit_path
 
     run(scenario)
     listing, call = read_records(audit_path)
-    assert (listing["tool"], listing["principal"], listing["rows"]) == ("tools/list", "analyst", 8)
+    assert (listing["tool"], listing["principal"], listing["rows"]) == ("tools/list", "analyst", 9)
     assert call["tool"] == "list_datasets"
     assert call["decision"] == "allow" and call["principal"] == "analyst"
     assert call["client"] == {"name": "lakegate-tests", "version": "1.0"}

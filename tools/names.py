@@ -17,6 +17,7 @@ class ToolName(StrEnum):
     QUERY_METRICS = "query_metrics"
     APPEND_ROWS = "append_rows"
     RESTORE_TABLE = "restore_table"
+    CHANGE_STATUS = "change_status"
     SEARCH_DOCUMENTS = "search_documents"
     ADD_DOCUMENTS = "add_documents"
     EXPLAIN_ACCESS = "explain_access"

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from lakegate.catalog.metric_compiler import CompiledQuery, MetricQuery
     from lakegate.catalog.metric_definitions import SemanticCatalog
     from lakegate.catalog.query_embedder import TextEncoder
+    from lakegate.catalog.staged_changes import StagedChange
     from lakegate.catalog.warehouse import DatasetInfo
     from lakegate.policies.columns import ColumnAccess
     from lakegate.policies.enforcer import Decision
@@ -98,7 +99,9 @@ class ToolScope(Protocol):
 
     def compile_metrics(self, query: MetricQuery) -> CompiledQuery: ...
 
-    def append_rows(self, name: str, rows: Sequence[Mapping[str, Any]]) -> AppendOutcome: ...
+    def append_rows(self, name: str, rows: Sequence[Mapping[str, Any]]) -> AppendOutcome | StagedChange: ...
+
+    def change(self, change_id: str) -> StagedChange: ...
 
     def restore_table(self, name: str, snapshot_id: int) -> RestoreOutcome: ...
 

@@ -30,6 +30,7 @@ WARM_UP_JOIN_S = 60.0
 #: them), so that `serve` does not pay for the imports of the others before it answers a client.
 LAZY_COMMANDS = {
     "audit": "lakegate.server.cli.audit_commands:audit",
+    "changes": "lakegate.server.cli.change_commands:changes",
     "eval": "lakegate.server.cli.eval_commands:eval_command",
     "ingest": "lakegate.server.cli.ingest_commands:ingest",
     "metrics": "lakegate.server.cli.metrics_commands:metrics",
@@ -100,6 +101,7 @@ def init(directory: Path, force: bool, empty: bool) -> None:
             Path("policies/row_filters.yaml"): starter.joinpath("row_filters.yaml"),
             Path("policies/scan_limits.yaml"): starter.joinpath("scan_limits.yaml"),
             Path("policies/quotas.yaml"): starter.joinpath("quotas.yaml"),
+            Path("policies/approvals.yaml"): starter.joinpath("approvals.yaml"),
             Path("catalog/datasets.yaml"): starter.joinpath("datasets.yaml"),
             Path("catalog/metrics.yaml"): starter.joinpath("metrics.yaml"),
         }
@@ -111,6 +113,7 @@ def init(directory: Path, force: bool, empty: bool) -> None:
             Path("policies/row_filters.yaml"): policies.joinpath("row_filters.yaml"),
             Path("policies/scan_limits.yaml"): policies.joinpath("scan_limits.yaml"),
             Path("policies/quotas.yaml"): policies.joinpath("quotas.yaml"),
+            Path("policies/approvals.yaml"): policies.joinpath("approvals.yaml"),
             Path("catalog/datasets.yaml"): resources.files("lakegate.catalog").joinpath("datasets.yaml"),
         }
     for relative, source in files.items():

@@ -26,6 +26,7 @@ from rich.table import Table
 
 from lakegate.catalog.definitions import CatalogDefinitions, load_definitions
 from lakegate.errors import LakegateError, NotFound
+from lakegate.policies.approvals import APPROVALS_FILE
 from lakegate.policies.enforcer import MODEL_FILE, POLICY_FILE, PolicyEnforcer, PolicyFiles, policy_files
 from lakegate.policies.explain import SubjectPolicy
 from lakegate.policies.intent import IntentCheck, check_intents, load_intents
@@ -66,6 +67,7 @@ def _files(project: Path, policy_dir: Path | None) -> PolicyFiles:
         row_filters=policy_dir / ROW_FILTER_FILE,
         scan_limits=policy_dir / SCAN_LIMITS_FILE,
         quotas=policy_dir / QUOTAS_FILE,
+        approvals=policy_dir / APPROVALS_FILE,
     )
 
 

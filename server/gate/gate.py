@@ -248,8 +248,10 @@ class Gate:
         finally:
             if admission is not None:
                 with anyio.CancelScope(shield=True):
-                    # Rows count when a read returned them (a write's rows were sent, not returned).
-                    returned = error is None and result is not None and spec is not None and spec.read_only
+                    # Rows count when a query or a search returned them (not a write's rows, nor the
+                    # items of a catalog listing).
+                    family = spec.family if spec is not None else None
+                    returned = error is None and result is not None and family in ("query", "search")
                     settled = await self._settle(admission, scope, returned=returned)
                 error = error or settled
         if isinstance(error, QuotaExceeded):

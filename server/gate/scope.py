@@ -8,17 +8,27 @@ so that the audit record built after the call lists each resource with its versi
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from lakegate.catalog.definitions import CatalogDefinitions, DatasetDoc
 from lakegate.catalog.iceberg_writes import (
     AppendOutcome,
+    PreparedAppend,
     RestoreOutcome,
     commit_append,
     prepare_append,
     restore_snapshot,
+    rows_appended_since,
+)
+from lakegate.catalog.staged_changes import (
+    StagedChange,
+    decide,
+    expire_due,
+    find_change,
+    list_changes,
+    stage_append,
 )
 from lakegate.catalog.warehouse import DatasetInfo, Warehouse
 from lakegate.errors import LimitExceeded, NotFound, PolicyDenied
@@ -38,6 +48,7 @@ if TYPE_CHECKING:
     from lakegate.catalog.metric_definitions import SemanticCatalog
     from lakegate.catalog.query_embedder import TextEncoder
     from lakegate.catalog.query_engine import QueryEngine
+    from lakegate.policies.approvals import ApprovalRule
     from lakegate.policies.quotas import QuotaSet
     from lakegate.policies.row_filters import RowFilter
     from lakegate.policies.scan_limits import ScanLimit
@@ -359,8 +370,9 @@ class CallScope:
             rule=list(decision.rule),
         )
 
-    def append_rows(self, name: str, rows: Sequence[Mapping[str, Any]]) -> AppendOutcome:
-        """Append `rows` to Iceberg table `name` as one snapshot, all or nothing.
+    def append_rows(self, name: str, rows: Sequence[Mapping[str, Any]]) -> AppendOutcome | StagedChange:
+        """Append `rows` to Iceberg table `name` as one snapshot, all or nothing; or, when an
+        approval rule applies (policies/approvals.py), stage them on a branch for a person to decide.
 
         Raises:
             NotFound: no such dataset, or not one this principal may write or read.
@@ -392,7 +404,16 @@ class CallScope:
                 rule=list(denied[0][1].rule),
             )
         prepared.raise_if_invalid()
-        outcome = commit_append(self._warehouse, prepared, attempts=self.settings.writes.commit_attempts)
+
+        def earlier(window_s: float) -> int:
+            since = datetime.now(UTC) - timedelta(seconds=window_s)
+            return rows_appended_since(self._warehouse, name, self.principal.name, since)
+
+        rule = self._enforcer.approvals.for_append(self.principal.name, self.roles(), name, prepared.rows, earlier)
+        if rule is not None:
+            return self._stage_append(prepared, rule)
+        attempts = self.settings.writes.commit_attempts
+        outcome = commit_append(self._warehouse, prepared, attempts=attempts, written_by=self.principal.name)
         self.record("dataset", name, "write", version=outcome.snapshot_id)
         self.rows = outcome.rows
         self.details.update(
@@ -405,6 +426,98 @@ class CallScope:
             commit_attempts=outcome.attempts,
         )
         return outcome
+
+    def _stage_append(self, prepared: PreparedAppend, rule: ApprovalRule) -> StagedChange:
+        change = stage_append(
+            self._warehouse,
+            prepared,
+            requested_by=self.principal.name,
+            reason=rule.reason,
+            expire_after_s=self._enforcer.approvals.expire_after_s,
+        )
+        self.record("dataset", change.table, "staged", version=change.staged_snapshot_id)
+        self.rows = change.rows
+        self.details.update(
+            operation="append_staged",
+            table=change.table,
+            change_id=change.change_id,
+            branch=change.branch,
+            snapshot_before=change.base_snapshot_id,
+            staged_snapshot=change.staged_snapshot_id,
+            rows=change.rows,
+            columns=list(prepared.columns_set),
+            approval_rule=rule.subject,
+        )
+        return change
+
+    # --- staged changes ---------------------------------------------------------------------------
+
+    def change(self, change_id: str) -> StagedChange:
+        """A staged change, for the principal that requested it or one that may decide it.
+
+        Raises:
+            NotFound: no such change, or one the caller may not see (the same answer).
+        """
+        try:
+            change = find_change(self._warehouse, change_id)
+        except NotFound:
+            change = None
+        if change is None or (
+            change.requested_by != self.principal.name and not self.decide(change.table, "approve").allowed
+        ):
+            self.touched.append(Touched("change", change_id, "denied" if change else "missing"))
+            raise NotFound(
+                f"There is no change {change_id} that you can see.",
+                hint="Use the change_id that append_rows returned when it staged your rows.",
+            )
+        if change.expired(datetime.now(UTC)):
+            change = replace(change, status="expired")  # past its time; removed at the next listing
+        self.record("change", change_id, "metadata")
+        self.details.update(change_id=change_id, table=change.table, status=change.status)
+        return change
+
+    def changes_to_decide(self, include_decided: bool = False) -> list[StagedChange]:
+        """The changes on datasets the caller may approve: pending ones (and decided ones when
+        asked). Pending changes past their time are expired first (their branches removed)."""
+        for change in expire_due(self._warehouse):
+            self.record("change", change.change_id, "expired")
+        found = [c for c in list_changes(self._warehouse) if include_decided or c.status == "pending"]
+        visible = [c for c in found if self.decide(c.table, "approve").allowed]
+        self.rows = len(visible)
+        return visible
+
+    def decide_change(self, change_id: str, *, approve: bool) -> StagedChange:
+        """Approve (apply to main) or reject a staged change, as a person with `approve` on its dataset.
+
+        Raises:
+            NotFound: no such change, or one on a dataset the caller may not read.
+            PolicyDenied: the caller may not approve changes to the dataset, or requested this one.
+            InvalidArgument: the change was already decided, or has expired.
+        """
+        change = find_change(self._warehouse, change_id)
+        self._require_on_dataset(change.table, "approve")
+        if change.requested_by == self.principal.name:
+            self.touched.append(Touched("change", change_id, "denied"))
+            raise PolicyDenied(
+                f"Principal '{self.principal.name}' requested change {change_id}, and nobody may decide "
+                "their own change.",
+                hint="Ask another person with approve on the dataset to decide it.",
+            )
+        decided = decide(self._warehouse, change.table, change_id, approve=approve, by=self.principal.name)
+        version = decided.applied_snapshot_id if approve else decided.staged_snapshot_id
+        self.record("dataset", change.table, "approved" if approve else "rejected", version=version)
+        self.details.update(
+            operation="change_decided",
+            change_id=change_id,
+            table=change.table,
+            decision=decided.status,
+            requested_by=change.requested_by,
+            requested_at=change.requested_at,
+            rows=change.rows,
+            snapshot_before=change.base_snapshot_id,
+            snapshot_after=decided.applied_snapshot_id,
+        )
+        return decided
 
     def restore_table(self, name: str, snapshot_id: int) -> RestoreOutcome:
         """Make one of the table's earlier snapshots its current one (action `restore`).

@@ -7,11 +7,14 @@ Routes:
   protected resource metadata, without authentication.
 - `/healthz`: version and policy version, without authentication.
 - `/metrics`: Prometheus text; who may read it is `http.metrics`.
+- `/changes` (GET) and `/changes/{id}/approve|reject` (POST): the changes staged for approval
+  (policies/approvals.yaml), decided by a person with their own bearer token, through the gate as
+  `lakegate changes` decides them (the same checks: `approve` on the dataset, never one's own change).
 
 Every request first passes the Host and Origin checks (DNS-rebinding protection: 421 for a Host,
 403 for a browser Origin, not in the allow lists); the body limit answers 413.
 
-Each of those refusals leaves an audit record, as do a 401 (at /mcp and /metrics) and a 404 for a
+Each of those refusals leaves an audit record, as do a 401 (at /mcp, /metrics, /changes) and a 404 for a
 session the caller did not open: through one `RefusalLog`, so that a client that floods the server
 gets one record per kind of refusal and window, with the count, instead of one per request.
 """
@@ -22,6 +25,7 @@ import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,9 +42,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lakegate.errors import ClientError, NotFound, PolicyDenied, ServerError
 from lakegate.server.app import Runtime, create_server
 from lakegate.server.audit.refusals import REFUSAL_WINDOW_S, RefusalLog
-from lakegate.server.gate.identity import ANONYMOUS, Principal, granted_roles, token_principal
+from lakegate.server.gate.identity import ANONYMOUS, CallOrigin, Principal, granted_roles, token_principal
 from lakegate.server.gate.role_grants import GrantingEnforcer, acting_as, granting
 from lakegate.server.settings import Settings
 from lakegate.server.transports.http_auth import (
@@ -66,6 +71,7 @@ __all__ = ["create_http_app", "security_settings"]
 log = structlog.get_logger(__name__)
 
 HEALTH_PATH = "/healthz"
+CHANGES_PATH = "/changes"
 METRICS_PATH = "/metrics"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 #: The SDK's Host/Origin refusals by status: (outcome, message).
@@ -235,7 +241,7 @@ def create_http_app(runtime: Runtime, *, refusal_window_s: float = REFUSAL_WINDO
     """
     settings = runtime.settings
     verifier = JwtVerifier(settings)
-    metrics = HttpMetrics(runtime.gate.tools, (MCP_PATH, METADATA_PATH, HEALTH_PATH, METRICS_PATH))
+    metrics = HttpMetrics(runtime.gate.tools, (MCP_PATH, METADATA_PATH, HEALTH_PATH, METRICS_PATH, CHANGES_PATH))
     enforcer = _instrument(runtime, metrics)
     security = security_settings(settings)
     refusals = RefusalLog(runtime.audit, window_s=refusal_window_s)
@@ -286,31 +292,70 @@ def create_http_app(runtime: Runtime, *, refusal_window_s: float = REFUSAL_WINDO
         }
         return JSONResponse(body, status_code=200 if problem is None else 503)
 
+    async def verified_or_401(request: Request, path: str) -> VerifiedToken | Response:
+        """The request's verified token, or the 401 to answer (its refusal audited)."""
+        started = time.perf_counter()
+        token = bearer_token(request.headers)
+        try:
+            if token is None:
+                raise InvalidToken("This endpoint needs a bearer token.", "missing")
+            return verifier.verify(token)
+        except InvalidToken as exc:
+            metrics.auth_failure(exc.reason)
+            record = refusal_record(
+                request.scope,
+                request.headers,
+                exc,
+                policy_version=policy_version(),
+                duration_s=time.perf_counter() - started,
+            )
+            await refusals.refuse(
+                record, kind=f"unauthenticated:{exc.reason}:{path}", source=client_address(request.scope)
+            )
+            www = challenge(settings, exc if token is not None else None)
+            return JSONResponse({"error": "invalid_token"}, status_code=401, headers={"WWW-Authenticate": www})
+
     async def metrics_endpoint(request: Request) -> Response:
         if settings.http.metrics == "off":
             return Response("Not Found", status_code=404)
         if settings.http.metrics == "token":
-            started = time.perf_counter()
-            token = bearer_token(request.headers)
-            try:
-                if token is None:
-                    raise InvalidToken("This endpoint needs a bearer token.", "missing")
-                verifier.verify(token)
-            except InvalidToken as exc:
-                metrics.auth_failure(exc.reason)
-                record = refusal_record(
-                    request.scope,
-                    request.headers,
-                    exc,
-                    policy_version=policy_version(),
-                    duration_s=time.perf_counter() - started,
-                )
-                kind = f"unauthenticated:{exc.reason}:{METRICS_PATH}"
-                await refusals.refuse(record, kind=kind, source=client_address(request.scope))
-                www = challenge(settings, exc if token is not None else None)
-                return JSONResponse({"error": "invalid_token"}, status_code=401, headers={"WWW-Authenticate": www})
+            verified = await verified_or_401(request, METRICS_PATH)
+            if isinstance(verified, Response):
+                return verified
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
+
+    async def changes_endpoint(request: Request) -> Response:
+        verified = await verified_or_401(request, CHANGES_PATH)
+        if isinstance(verified, Response):
+            return verified
+        person = acting_as(caller(verified))
+        origin = CallOrigin(
+            transport="http", session_id="changes", client_name=(request.headers.get("user-agent") or "")[:100] or None
+        )
+        change_id = request.path_params.get("change_id")
+        decision = request.path_params.get("decision")
+        try:
+            if change_id is None:
+                listed = await runtime.gate.request(
+                    "changes/list", {}, person, origin, lambda scope: scope.changes_to_decide()
+                )
+                return JSONResponse({"changes": [asdict(change) for change in listed]})
+            if decision not in ("approve", "reject"):
+                return JSONResponse({"error": "not_found"}, status_code=404)
+            decided = await runtime.gate.request(
+                f"changes/{decision}",
+                {"change_id": change_id},
+                person,
+                origin,
+                lambda scope: scope.decide_change(change_id, approve=decision == "approve"),
+            )
+            return JSONResponse({"change": asdict(decided)})
+        except ClientError as exc:
+            status = 403 if isinstance(exc, PolicyDenied) else 404 if isinstance(exc, NotFound) else 409
+            return JSONResponse({"error": exc.outcome, "message": str(exc)}, status_code=status)
+        except ServerError as exc:
+            return JSONResponse({"error": exc.outcome, "message": type(exc).public_message}, status_code=500)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -329,6 +374,8 @@ def create_http_app(runtime: Runtime, *, refusal_window_s: float = REFUSAL_WINDO
             Route(METADATA_PATH + MCP_PATH, endpoint=metadata_endpoint, methods=["GET"]),
             Route(HEALTH_PATH, endpoint=health_endpoint, methods=["GET"]),
             Route(METRICS_PATH, endpoint=metrics_endpoint, methods=["GET"]),
+            Route(CHANGES_PATH, endpoint=changes_endpoint, methods=["GET"]),
+            Route(CHANGES_PATH + "/{change_id}/{decision}", endpoint=changes_endpoint, methods=["POST"]),
         ],
         middleware=[
             Middleware(RequestMetrics, metrics=metrics),
