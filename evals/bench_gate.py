@@ -162,6 +162,17 @@ def bench_quota(home: Path, calls: int, tmp: Path) -> dict[str, Any]:
         runtime.close()
 
 
+def small_demo(home: Path | None, scratch: Path) -> Path:
+    """`home` when given; else the small demo warehouse, built into `scratch`."""
+    if home is not None:
+        return home
+    built = scratch / "home"
+    warehouse = Warehouse(built)
+    build_demo(warehouse, load_definitions(REPO), "small")
+    warehouse.close()
+    return built
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=300, help="timed calls per measurement")
@@ -171,12 +182,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(scratch)
-        home = options.home
-        if home is None:
-            home = tmp / "home"
-            warehouse = Warehouse(home)
-            build_demo(warehouse, load_definitions(REPO), "small")
-            warehouse.close()
+        home = small_demo(options.home, tmp)
         report = {
             "benchmark": "gate",
             "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": _cpus()},
