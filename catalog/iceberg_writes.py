@@ -44,6 +44,7 @@ __all__ = [
     "RowError",
     "commit_append",
     "prepare_append",
+    "register_table",
     "restore_snapshot",
     "retryable_commit_error",
     "rows_appended_since",
@@ -473,3 +474,31 @@ def restore_snapshot(warehouse: Warehouse, name: str, snapshot_id: int) -> Resto
                 hint=f"Call describe_dataset on {name} to see its new snapshots, then restore again.",
             ) from exc
     return RestoreOutcome(snapshot_id, current, changed=True)
+
+
+# --- registering -------------------------------------------------------------------------------
+
+
+def register_table(warehouse: Warehouse, name: str, metadata_location: str) -> int | None:
+    """Add an existing Iceberg table (its metadata file) to the catalog as `name`; returns its
+    current snapshot.
+
+    Raises:
+        InvalidArgument: `name` exists already, or the metadata file cannot be read.
+        BackendError: pyiceberg failed otherwise.
+    """
+    from pyiceberg.exceptions import TableAlreadyExistsError
+
+    if name in warehouse.iceberg_table_names():
+        raise InvalidArgument(f"{name} exists already.", hint="Register the table under another name.")
+    try:
+        warehouse.iceberg.create_namespace_if_not_exists(name.rsplit(".", 1)[0])
+        table = warehouse.iceberg.register_table(name, metadata_location)
+    except TableAlreadyExistsError as exc:
+        raise InvalidArgument(f"{name} exists already.", hint="Register the table under another name.") from exc
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        raise InvalidArgument(
+            f"The metadata file cannot be read: {type(exc).__name__}.",
+            hint="Give the table's current metadata file (…/metadata/NNNNN-….metadata.json), readable from here.",
+        ) from exc
+    return table.metadata.current_snapshot_id

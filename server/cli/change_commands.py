@@ -9,54 +9,15 @@ snapshot. No MCP tool decides a change: an agent cannot approve anything, its ow
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Callable
 from dataclasses import asdict
-from functools import partial
-from typing import TypeVar
 
-import anyio
 import click
 from rich.console import Console
 from rich.table import Table
 
-from lakegate.errors import LakegateError
-from lakegate.server.cli.context import command_settings
-from lakegate.server.gate.identity import CallOrigin, stdio_principal
-from lakegate.server.gate.scope import CallScope
+from lakegate.server.cli.context import as_principal, through_gate
 
 __all__ = ["changes"]
-
-T = TypeVar("T")
-
-
-def _as_option(func: Callable[..., None]) -> Callable[..., None]:
-    return click.option(
-        "--as",
-        "principal",
-        envvar="LAKEGATE_PRINCIPAL",
-        required=True,
-        help="The principal you act as (default: $LAKEGATE_PRINCIPAL); policy decides what it may see and decide.",
-    )(func)
-
-
-def _through_gate(
-    ctx: click.Context, principal: str, method: str, arguments: dict[str, str], answer: Callable[[CallScope], T]
-) -> T:
-    """Run `answer` through the gate as `principal`: decided, audited, or refused with the reason."""
-    from lakegate.server.app import open_runtime
-
-    runtime = open_runtime(command_settings(ctx))
-    try:
-        who = stdio_principal(principal, runtime.enforcer)
-        origin = CallOrigin(
-            transport="cli", session_id="cli", request_id=uuid.uuid4().hex, client_name="lakegate changes"
-        )
-        return anyio.run(partial(runtime.gate.request, method, arguments, who, origin, answer))
-    except LakegateError as exc:
-        raise click.ClickException(str(exc)) from exc
-    finally:
-        runtime.close()
 
 
 @click.group("changes")
@@ -65,14 +26,14 @@ def changes() -> None:
 
 
 @changes.command("list")
-@_as_option
+@as_principal
 @click.option("--all", "show_all", is_flag=True, help="Decided changes too, not only pending ones.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
 @click.pass_context
 def list_command(ctx: click.Context, principal: str, show_all: bool, as_json: bool) -> None:
     """The changes you may decide (pending ones; expired ones are removed first)."""
 
-    listed = _through_gate(
+    listed = through_gate(
         ctx, principal, "changes/list", {"all": str(show_all)}, lambda scope: scope.changes_to_decide(show_all)
     )
     if as_json:
@@ -98,21 +59,21 @@ def list_command(ctx: click.Context, principal: str, show_all: bool, as_json: bo
 
 @changes.command("show")
 @click.argument("change_id")
-@_as_option
+@as_principal
 @click.pass_context
 def show_command(ctx: click.Context, change_id: str, principal: str) -> None:
     """One change: its table, rows, requester, status, and the snapshots that hold it."""
-    change = _through_gate(ctx, principal, "changes/show", {"change_id": change_id}, lambda s: s.change(change_id))
+    change = through_gate(ctx, principal, "changes/show", {"change_id": change_id}, lambda s: s.change(change_id))
     click.echo(json.dumps(asdict(change), indent=2))
 
 
 @changes.command("approve")
 @click.argument("change_id")
-@_as_option
+@as_principal
 @click.pass_context
 def approve_command(ctx: click.Context, change_id: str, principal: str) -> None:
     """Apply a staged change to its table (exactly once), as a person allowed to approve it."""
-    decided = _through_gate(
+    decided = through_gate(
         ctx,
         principal,
         "changes/approve",
@@ -127,11 +88,11 @@ def approve_command(ctx: click.Context, change_id: str, principal: str) -> None:
 
 @changes.command("reject")
 @click.argument("change_id")
-@_as_option
+@as_principal
 @click.pass_context
 def reject_command(ctx: click.Context, change_id: str, principal: str) -> None:
     """Discard a staged change; nothing is written to its table."""
-    _through_gate(
+    through_gate(
         ctx,
         principal,
         "changes/reject",

@@ -13,12 +13,14 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from lakegate.catalog.definitions import CatalogDefinitions, DatasetDoc
+from lakegate.catalog.file_loader import LoadMode, LoadOutcome, ReadFiles, write_loaded
 from lakegate.catalog.iceberg_writes import (
     AppendOutcome,
     PreparedAppend,
     RestoreOutcome,
     commit_append,
     prepare_append,
+    register_table,
     restore_snapshot,
     rows_appended_since,
 )
@@ -389,20 +391,7 @@ class CallScope:
                 hint=f"Split the rows into batches of at most {limit} and send each batch in its own call.",
             )
         prepared = prepare_append(self._warehouse, name, rows)
-        denied = []
-        for column in prepared.columns_set:
-            decision = self.decide(column_resource(name, column), "write")
-            if not decision.allowed:
-                denied.append((column, decision))
-                self.touched.append(Touched("column", column_resource(name, column), "denied"))
-        if denied:
-            columns = ", ".join(column for column, _ in denied)
-            raise PolicyDenied(
-                f"Principal '{self.principal.name}' may not set column(s) {columns} of {name} "
-                f"({denied[0][1].rule_text}). Nothing was written.",
-                hint=f"Send the rows again without {columns} (omit them or send null), or ask a data steward.",
-                rule=list(denied[0][1].rule),
-            )
+        self._require_column_writes(name, prepared.columns_set)
         prepared.raise_if_invalid()
 
         def earlier(window_s: float) -> int:
@@ -426,6 +415,61 @@ class CallScope:
             commit_attempts=outcome.attempts,
         )
         return outcome
+
+    def _require_column_writes(self, name: str, columns: Sequence[str]) -> None:
+        """Raises: PolicyDenied naming every column of `name` the caller may not set."""
+        denied = []
+        for column in columns:
+            decision = self.decide(column_resource(name, column), "write")
+            if not decision.allowed:
+                denied.append((column, decision))
+                self.touched.append(Touched("column", column_resource(name, column), "denied"))
+        if denied:
+            listed = ", ".join(column for column, _ in denied)
+            raise PolicyDenied(
+                f"Principal '{self.principal.name}' may not set column(s) {listed} of {name} "
+                f"({denied[0][1].rule_text}). Nothing was written.",
+                hint=f"Send the rows again without {listed} (omit them or send null), or ask a data steward.",
+                rule=list(denied[0][1].rule),
+            )
+
+    def load_table(self, loaded: ReadFiles, name: str, *, mode: LoadMode, partition_by: Sequence[str]) -> LoadOutcome:
+        """Write rows read from files to Iceberg table `name` (create, append or replace), as a write
+        of the caller's: `write` on the table and on every column the files set.
+
+        Raises:
+            NotFound / PolicyDenied: as for append_rows.
+            InvalidArgument: the table exists (create) or not (append, replace), or the rows do not fit it.
+        """
+        self._require_on_dataset(name, "write")
+        self._require_column_writes(name, loaded.data.column_names)
+        outcome = write_loaded(self._warehouse, name, loaded.data, mode=mode, partition_by=partition_by)
+        self.record("dataset", name, "write", version=outcome.snapshot_id)
+        self.rows = outcome.rows
+        self.details.update(
+            operation=f"load_{mode}",
+            table=name,
+            files=list(loaded.files),
+            rejected_rows=len(loaded.rejected),
+            snapshot_before=outcome.previous_snapshot_id,
+            snapshot_after=outcome.snapshot_id,
+            rows=outcome.rows,
+            partition_by=list(partition_by),
+        )
+        return outcome
+
+    def register_table(self, name: str, metadata_location: str) -> int | None:
+        """Add an existing Iceberg table to the catalog as `name` (action `write` on it).
+
+        Raises:
+            NotFound / PolicyDenied: the caller may not write `name`.
+            InvalidArgument: `name` exists, or the metadata file cannot be read.
+        """
+        self._require_on_dataset(name, "write")
+        snapshot = register_table(self._warehouse, name, metadata_location)
+        self.record("dataset", name, "registered", version=snapshot)
+        self.details.update(operation="register", table=name, snapshot_after=snapshot)
+        return snapshot
 
     def _stage_append(self, prepared: PreparedAppend, rule: ApprovalRule) -> StagedChange:
         change = stage_append(

@@ -1,0 +1,210 @@
+"""`lakegate table load|register`: an organisation's own files and tables, brought in through the
+gate as a write of the person's principal, with the real DuckDB reader, pyiceberg catalog and policy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner, Result
+from pyiceberg.catalog.sql import SqlCatalog
+
+from lakegate.catalog.warehouse import Warehouse
+from lakegate.evals.mcp_client import connect
+from lakegate.server.cli.main import cli
+from tests.conftest import REPO, gate_call
+from tests.test_approvals import _open
+
+CSV = (
+    "order_id,customer,amount,ordered_at\n"
+    "1,ada,12.50,2025-01-03 10:00:00\n"
+    "2,bob,oops,2025-01-04 11:00:00\n"
+    "3,cy,7.25,2025-02-01 09:30:00\n"
+    "4,dee\n"
+    "5,eve,3,2025-02-11 00:00:00\n"
+)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+def _load(home: Path, *args: str) -> Result:
+    return CliRunner().invoke(cli, ["--project", str(REPO), "table", "load", *args], env={"LAKEGATE_HOME": str(home)})
+
+
+def _table(home: Path, name: str) -> Any:
+    warehouse = Warehouse(home)
+    try:
+        return warehouse.iceberg_table(name)
+    finally:
+        warehouse.close()
+
+
+def _records(home: Path) -> list[dict[str, Any]]:
+    path = home / "audit" / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_csv_is_loaded_with_its_bad_rows_set_aside_and_reported(home: Path, tmp_path: Path) -> None:
+    source = tmp_path / "in" / "orders.csv"
+    source.parent.mkdir()
+    source.write_text(CSV)
+    args = [str(source), "--table", "shop.orders", "--type", "amount=DECIMAL(10,2)", "--partition-by"]
+    result = _load(home, *args, "ordered_at:month", "--as", "admin")
+    assert result.exit_code == 0, result.output
+    assert "Created shop.orders: 3 rows" in result.output
+    # Each set-aside row is named by file and line, with the reason.
+    assert "orders.csv" in result.output and "oops" in result.output and "Expected Number of Columns" in result.output
+    table = _table(home, "shop.orders")
+    rows = table.scan().to_arrow().sort_by("order_id").to_pylist()
+    assert [(r["order_id"], str(r["amount"])) for r in rows] == [(1, "12.50"), (3, "7.25"), (5, "3.00")]
+    assert len(table.metadata.snapshots) == 1
+    assert [str(field.transform) for field in table.spec().fields] == ["month"]
+    (record,) = [r for r in _records(home) if r["tool"] == "table/load"]
+    details = record["details"]
+    assert (record["principal"], record["outcome"], details["rows"], details["rejected_rows"]) == ("admin", "ok", 3, 3)
+    assert details["files"] == ["orders.csv"] and details["snapshot_after"] == table.metadata.current_snapshot_id
+    assert str(tmp_path) not in json.dumps(record)  # no path of this machine in the audit record
+
+
+def test_the_loaded_table_is_served_governed_and_denied_by_default(home: Path, tmp_path: Path) -> None:
+    source = tmp_path / "orders.csv"
+    source.write_text(CSV)
+    assert _load(home, str(source), "--table", "shop.orders", "--as", "admin").exit_code == 0
+    runtime = _open(home, tmp_path / "audit.jsonl")
+    try:
+        ok = gate_call(runtime, "admin", "query", {"sql": "SELECT count(*) AS n FROM shop.orders"})
+        assert ok.error is None and ok.result.model_dump()["rows"] == [[4]]  # type: ignore[union-attr]
+        denied = gate_call(runtime, "analyst", "query", {"sql": "SELECT count(*) AS n FROM shop.orders"})
+        assert denied.error is not None and "No dataset named 'shop.orders'" in str(denied.error)
+    finally:
+        runtime.close()
+
+
+def test_parquet_and_json_lines_append_and_replace(home: Path, tmp_path: Path) -> None:
+    first = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"id": [1, 2], "label": ["x", "y"]}), first)
+    assert _load(home, str(first), "--table", "lab.items", "--as", "admin").exit_code == 0
+    more = tmp_path / "more"
+    more.mkdir()
+    (more / "b.jsonl").write_text('{"id": 3, "label": "z"}\n{"id": "four", "label": "w"}\n')
+    appended = _load(home, str(more), "--table", "lab.items", "--append", "--type", "id=BIGINT", "--as", "admin")
+    assert appended.exit_code == 0 and "Appended to lab.items: 1 rows" in appended.output, appended.output
+    assert "b.jsonl" in appended.output and "Could not convert the value of id" in appended.output
+    assert sorted(r["id"] for r in _table(home, "lab.items").scan().to_arrow().to_pylist()) == [1, 2, 3]
+    replaced = _load(home, str(first), "--table", "lab.items", "--replace", "--as", "admin")
+    assert replaced.exit_code == 0, replaced.output
+    table = _table(home, "lab.items")
+    assert sorted(r["id"] for r in table.scan().to_arrow().to_pylist()) == [1, 2]
+    # The history keeps every load: restore_table can go back.
+    assert len(table.metadata.snapshots) >= 3
+
+
+def test_mistakes_are_refused_with_what_to_do_instead(home: Path, tmp_path: Path) -> None:
+    source = tmp_path / "orders.csv"
+    source.write_text(CSV)
+    assert _load(home, str(source), "--table", "shop.orders", "--as", "admin").exit_code == 0
+    again = _load(home, str(source), "--table", "shop.orders", "--create", "--as", "admin")
+    assert again.exit_code == 1 and "exists already" in again.output and "--append" in again.output
+    (tmp_path / "x.parquet").write_bytes(pq_bytes())
+    mixed = _load(home, str(source), str(tmp_path / "x.parquet"), "--table", "shop.more", "--as", "admin")
+    assert mixed.exit_code == 1 and "mix formats" in mixed.output
+    unknown = _load(home, str(source), "--table", "shop.more", "--type", "price=DOUBLE", "--as", "admin")
+    assert unknown.exit_code == 1 and "--type names no column: price" in unknown.output
+    partition = _load(home, str(source), "--table", "shop.more", "--partition-by", "nope:month", "--as", "admin")
+    assert partition.exit_code == 1 and "--partition-by nope:month" in partition.output
+    dry = _load(home, str(source), "--table", "shop.dry", "--dry-run", "--as", "admin")
+    assert dry.exit_code == 0 and "nothing was written" in dry.output
+    warehouse = Warehouse(home)
+    try:
+        assert "shop.dry" not in warehouse.iceberg_table_names() and "shop.more" not in warehouse.iceberg_table_names()
+    finally:
+        warehouse.close()
+
+
+def pq_bytes() -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"a": [1]}), sink)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def test_a_principal_without_write_is_refused_and_audited(home: Path, tmp_path: Path) -> None:
+    source = tmp_path / "orders.csv"
+    source.write_text(CSV)
+    refused = _load(home, str(source), "--table", "sales.extra", "--as", "analyst")
+    assert refused.exit_code == 1 and "may not write dataset 'sales.extra'" in refused.output, refused.output
+    warehouse = Warehouse(home)
+    try:
+        assert "sales.extra" not in warehouse.iceberg_table_names()
+    finally:
+        warehouse.close()
+    (record,) = [r for r in _records(home) if r["tool"] == "table/load"]
+    assert (record["principal"], record["decision"], record["outcome"]) == ("analyst", "deny", "denied")
+
+
+def test_an_existing_table_is_registered_and_read_where_its_files_are(home: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    other = SqlCatalog("other", uri=f"sqlite:///{elsewhere}/catalog.db", warehouse=elsewhere.as_uri())
+    other.create_namespace("ext")
+    table = other.create_table("ext.events", schema=pa.schema([("id", pa.int64()), ("kind", pa.string())]))
+    table.append(pa.table({"id": [1, 2, 3], "kind": ["a", "b", "a"]}))
+    location = other.load_table("ext.events").metadata_location
+    env = {"LAKEGATE_HOME": str(home)}
+    registered = CliRunner().invoke(
+        cli, ["--project", str(REPO), "table", "register", "ext.events", location, "--as", "admin"], env=env
+    )
+    assert registered.exit_code == 0 and "Registered ext.events" in registered.output, registered.output
+    runtime = _open(home, tmp_path / "audit.jsonl")
+    try:
+        counted = gate_call(
+            runtime, "admin", "query", {"sql": "SELECT kind, count(*) AS n FROM ext.events GROUP BY 1 ORDER BY 1"}
+        )
+        assert counted.error is None and counted.result.model_dump()["rows"] == [["a", 2], ["b", 1]]  # type: ignore[union-attr]
+    finally:
+        runtime.close()
+    missing = CliRunner().invoke(
+        cli,
+        ["--project", str(REPO), "table", "register", "ext.gone", str(tmp_path / "no.metadata.json"), "--as", "admin"],
+        env=env,
+    )
+    assert missing.exit_code == 1 and "metadata file cannot be read" in missing.output
+
+
+def test_a_newcomer_goes_from_init_empty_to_an_agent_answering_over_their_csv(tmp_path: Path) -> None:
+    """The README's "Your own data" steps, with the real MCP client over stdio."""
+    project, home = tmp_path / "acme", tmp_path / "state"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["init", str(project), "--empty"]).exit_code == 0
+    source = tmp_path / "orders.csv"
+    source.write_text(CSV)
+    env = {"LAKEGATE_HOME": str(home)}
+    loaded = runner.invoke(
+        cli,
+        ["--project", str(project), "table", "load", str(source), "--table", "sales.orders", "--as", "owner"],
+        env=env,
+    )
+    assert loaded.exit_code == 0, loaded.output
+    policy = project / "policies" / "policy.csv"
+    audit = {"LAKEGATE_AUDIT__PATH": str(tmp_path / "a.jsonl")}
+
+    async def ask() -> tuple[list[Any], Any]:
+        async with connect("me", home, project=project, **audit) as client:
+            listed = (await client.call_tool("list_datasets", {})).structured_content or {}
+            counted = await client.call_tool("query", {"sql": "SELECT count(*) AS n FROM sales.orders"})
+            return listed["datasets"], counted
+
+    datasets, counted = anyio.run(ask)
+    assert datasets == [] and counted.is_error  # deny by default
+    policy.write_text(policy.read_text() + "\np, role:agent, sales.*, read, allow\n")
+    datasets, counted = anyio.run(ask)
+    assert [d["name"] for d in datasets] == ["sales.orders"]
+    assert not counted.is_error and counted.structured_content["rows"] == [[4]]
