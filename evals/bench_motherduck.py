@@ -44,15 +44,15 @@ REPO = Path(__file__).resolve().parents[1]
 QUERIES: dict[str, str] = {
     "count": "SELECT count(*) AS n FROM sales.orders",
     "group_by": (
-        "SELECT status, count(*) AS n, sum(amount) AS revenue FROM sales.orders GROUP BY status ORDER BY status"
+        "SELECT status, count(*) AS n, sum(total_amount) AS revenue FROM sales.orders GROUP BY status ORDER BY status"
     ),
     "join": (
         "SELECT c.region, count(*) AS orders FROM sales.orders o JOIN sales.customers c "
         "ON o.customer_id = c.customer_id GROUP BY c.region ORDER BY c.region"
     ),
     "window": (
-        "SELECT order_id, amount, rank() OVER (PARTITION BY status ORDER BY amount DESC) AS r "
-        "FROM sales.orders ORDER BY amount DESC, order_id LIMIT 20"
+        "SELECT order_id, total_amount, rank() OVER (PARTITION BY status ORDER BY total_amount DESC) AS r "
+        "FROM sales.orders ORDER BY total_amount DESC, order_id LIMIT 20"
     ),
 }
 TABLES = ("sales.orders", "sales.customers")
@@ -65,15 +65,18 @@ def export_to_duckdb(home: Path, target: Path) -> None:
     from lakegate.catalog.warehouse import Warehouse
 
     warehouse = Warehouse(home)
-    connection = duckdb.connect(str(target))
+    connection = duckdb.connect()
     try:
+        # In a storage format the older DuckDB that mcp-server-motherduck pins can open.
+        connection.execute(f"ATTACH '{target}' AS exported (STORAGE_VERSION 'v1.2.0')")
         for name in TABLES:
             schema, table = name.split(".")
             data = warehouse.iceberg_table(name).scan().to_arrow()
-            connection.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            connection.execute(f"CREATE SCHEMA IF NOT EXISTS exported.{schema}")
             connection.register("incoming", data)
-            connection.execute(f"CREATE TABLE {schema}.{table} AS SELECT * FROM incoming")
+            connection.execute(f"CREATE TABLE exported.{schema}.{table} AS SELECT * FROM incoming")
             connection.unregister("incoming")
+        connection.execute("DETACH exported")
     finally:
         connection.close()
         warehouse.close()
