@@ -46,6 +46,7 @@ __all__ = [
     "prepare_append",
     "register_table",
     "restore_snapshot",
+    "restore_target",
     "retryable_commit_error",
     "rows_appended_since",
 ]
@@ -434,6 +435,32 @@ def rows_appended_since(warehouse: Warehouse, name: str, principal: str, since: 
 # --- restoring ---------------------------------------------------------------------------------
 
 
+def restore_target(warehouse: Warehouse, name: str, snapshot_id: int) -> IcebergTable:
+    """Table `name`, loaded, once `snapshot_id` is known to be one of its snapshots a restore may
+    go to (not one that holds rows staged for approval).
+
+    Raises:
+        NotFound: no such table, or the snapshot is not one of this table's (the message lists recent ones).
+        InvalidArgument: a Lance dataset.
+    """
+    if warehouse.kind_of(name) != "iceberg":
+        raise InvalidArgument(
+            f"{name} is a Lance dataset; restore_table restores Iceberg tables only.",
+            hint="Call list_datasets to see which datasets are Iceberg tables.",
+        )
+    table = warehouse.iceberg_table(name)
+    staged = unapproved_snapshots(table.metadata.snapshots, table.properties)
+    if table.metadata.snapshot_by_id(snapshot_id) is None or snapshot_id in staged:
+        kept = (s for s in table.metadata.snapshots if s.snapshot_id not in staged)
+        recent = sorted(kept, key=lambda s: s.timestamp_ms, reverse=True)[:5]
+        listed = ", ".join(str(s.snapshot_id) for s in recent) or "none"
+        raise NotFound(
+            f"Table {name} has no snapshot {snapshot_id} (its most recent snapshots: {listed}).",
+            hint=f"Call describe_dataset on {name} to list its snapshots, and pass one of those ids.",
+        )
+    return table
+
+
 def restore_snapshot(warehouse: Warehouse, name: str, snapshot_id: int) -> RestoreOutcome:
     """Make `snapshot_id`, one of the table's own snapshots, its current snapshot again.
 
@@ -446,22 +473,8 @@ def restore_snapshot(warehouse: Warehouse, name: str, snapshot_id: int) -> Resto
     """
     from pyiceberg.exceptions import CommitFailedException
 
-    if warehouse.kind_of(name) != "iceberg":
-        raise InvalidArgument(
-            f"{name} is a Lance dataset; restore_table restores Iceberg tables only.",
-            hint="Call list_datasets to see which datasets are Iceberg tables.",
-        )
-    table = warehouse.iceberg_table(name)
+    table = restore_target(warehouse, name, snapshot_id)
     current = table.metadata.current_snapshot_id
-    staged = unapproved_snapshots(table.metadata.snapshots, table.properties)
-    if table.metadata.snapshot_by_id(snapshot_id) is None or snapshot_id in staged:
-        kept = (s for s in table.metadata.snapshots if s.snapshot_id not in staged)
-        recent = sorted(kept, key=lambda s: s.timestamp_ms, reverse=True)[:5]
-        listed = ", ".join(str(s.snapshot_id) for s in recent) or "none"
-        raise NotFound(
-            f"Table {name} has no snapshot {snapshot_id} (its most recent snapshots: {listed}).",
-            hint=f"Call describe_dataset on {name} to list its snapshots, and pass one of those ids.",
-        )
     if current == snapshot_id:
         return RestoreOutcome(snapshot_id, current, changed=False)
     # No retry on a lost race: restoring over a snapshot the caller has not seen would silently undo it.

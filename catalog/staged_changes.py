@@ -32,7 +32,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import structlog
 
 from lakegate.catalog.change_snapshots import CHANGE_PROPERTY_PREFIX, STAGED_CHANGE_PROPERTY
-from lakegate.catalog.iceberg_writes import WRITE_ID_PROPERTY, PreparedAppend, retryable_commit_error
+from lakegate.catalog.iceberg_writes import (
+    WRITE_ID_PROPERTY,
+    PreparedAppend,
+    restore_target,
+    retryable_commit_error,
+)
 from lakegate.catalog.warehouse import Warehouse, translate_errors
 from lakegate.errors import BackendError, InvalidArgument, LakegateError, LimitExceeded, NotFound
 
@@ -48,6 +53,7 @@ __all__ = [
     "find_change",
     "list_changes",
     "stage_append",
+    "stage_restore",
 ]
 
 log = structlog.get_logger(__name__)
@@ -77,6 +83,9 @@ class StagedChange:
     rows: int
     base_snapshot_id: int  # main's snapshot when it was staged
     reason: str = ""
+    kind: Literal["append", "restore"] = "append"
+    #: a restore's: the snapshot main is to be set to (the branch points at it meanwhile)
+    target_snapshot_id: int | None = None
     #: approved by moving main to the staged snapshot (main had not moved since it was staged)
     fast_forward: bool = False
     decided_by: str | None = None
@@ -118,7 +127,6 @@ def stage_append(
         NotFound: the table was dropped meanwhile.
         BackendError: pyiceberg failed otherwise.
     """
-    from pyiceberg.table.update.snapshot import ManageSnapshots
 
     data = prepared.batch()
     name = prepared.name
@@ -143,10 +151,7 @@ def stage_append(
             base_snapshot_id=base,
             reason=reason,
         )
-        with translate_errors(f"stage a change to {name}", name), _lost_race() as lost, table.transaction() as tx:
-            tx.set_properties({CHANGE_PROPERTY_PREFIX + change_id: change._stored()})
-            ManageSnapshots(tx).create_branch(base, change.branch).commit()
-        if not lost:
+        if _record(table, change, branch_at=base):
             break
     try:
         _append_to_branch(warehouse, change, data)
@@ -156,6 +161,62 @@ def stage_append(
     staged = warehouse.iceberg_table(name).metadata.refs[change.branch].snapshot_id
     log.info("change.staged", table=name, change_id=change_id, rows=prepared.rows)
     return replace(change, staged_snapshot_id=staged)
+
+
+def stage_restore(
+    warehouse: Warehouse,
+    name: str,
+    snapshot_id: int,
+    *,
+    requested_by: str,
+    reason: str,
+    expire_after_s: float,
+) -> StagedChange | None:
+    """Record a restore of table `name` to `snapshot_id` for approval (a branch points at the
+    target meanwhile); None when the snapshot is current already (nothing to approve).
+
+    Raises:
+        NotFound: no such table, or the snapshot is not one of this table's.
+        InvalidArgument: a Lance dataset.
+        LimitExceeded: other writers committed first on every attempt; nothing was staged.
+    """
+
+    now = _now()
+    change_id = uuid.uuid4().hex[:16]
+    for _ in _attempts(name):
+        table = restore_target(warehouse, name, snapshot_id)
+        base = table.metadata.current_snapshot_id
+        if base is None or base == snapshot_id:
+            return None
+        change = StagedChange(
+            change_id=change_id,
+            table=name,
+            status="pending",
+            requested_by=requested_by,
+            requested_at=now.isoformat(),
+            expires_at=(now + timedelta(seconds=expire_after_s)).isoformat(),
+            rows=0,
+            base_snapshot_id=base,
+            reason=reason,
+            kind="restore",
+            target_snapshot_id=snapshot_id,
+        )
+        if _record(table, change, branch_at=snapshot_id):
+            log.info("change.staged", table=name, change_id=change_id, restore_to=snapshot_id)
+            return replace(change, staged_snapshot_id=snapshot_id)
+    raise AssertionError("unreachable: _attempts raises when every attempt lost")
+
+
+def _record(table: IcebergTable, change: StagedChange, *, branch_at: int) -> bool:
+    """One commit: the change's record (a table property) and its branch at `branch_at`. False when
+    the commit lost a race with another writer (nothing was written)."""
+    from pyiceberg.table.update.snapshot import ManageSnapshots
+
+    action = f"stage change {change.change_id} to {change.table}"
+    with translate_errors(action, change.table), _lost_race() as lost, table.transaction() as tx:
+        tx.set_properties({CHANGE_PROPERTY_PREFIX + change.change_id: change._stored()})
+        ManageSnapshots(tx).create_branch(branch_at, change.branch).commit()
+    return not lost
 
 
 def _append_to_branch(warehouse: Warehouse, change: StagedChange, data: pa.Table) -> None:
@@ -212,6 +273,13 @@ def decide(
         expired = change.expired(now)
         status: ChangeStatus = "expired" if expired else ("approved" if approve else "rejected")
         fast_forward = status == "approved" and table.metadata.current_snapshot_id == change.base_snapshot_id
+        if status == "approved" and change.kind == "restore" and not fast_forward:
+            raise InvalidArgument(
+                f"{name} changed since the restore in change {change_id} was requested (it was at snapshot "
+                f"{change.base_snapshot_id}, now {table.metadata.current_snapshot_id}): approving it would undo "
+                "those later changes unseen. Nothing was changed.",
+                hint="Reject it; the requester may ask for the restore again.",
+            )
         decided = replace(
             change,
             status=status,
@@ -350,7 +418,9 @@ def _read(table: IcebergTable, name: str, change_id: str) -> StagedChange:
     change = StagedChange(**json.loads(stored))
     refs = table.metadata.refs
     ref = refs.get(change.branch) or refs.get(APPROVED_TAG_PREFIX + change_id)
-    applied = _applied_snapshot(table, change_id) if change.status == "approved" else None
+    applied = None
+    if change.status == "approved":
+        applied = change.target_snapshot_id if change.kind == "restore" else _applied_snapshot(table, change_id)
     return replace(change, staged_snapshot_id=ref.snapshot_id if ref else None, applied_snapshot_id=applied)
 
 

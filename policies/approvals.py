@@ -17,6 +17,7 @@ import fnmatch
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,6 +33,7 @@ class _Rule(BaseModel):
 
     subject: str = Field(min_length=1)
     datasets: tuple[str, ...] = ("*",)
+    operations: tuple[Literal["append", "restore"], ...] = ("append",)
     above_rows: int = Field(default=0, ge=0)  # appends of more rows than this need approval
     window_minutes: float = Field(default=60, ge=0, le=7 * 24 * 60)  # counting the principal's earlier appends
     reason: str = ""
@@ -53,6 +55,7 @@ class ApprovalRule:
     above_rows: int
     window_s: float
     reason: str
+    operations: tuple[str, ...] = ("append",)
 
     def covers(self, subjects: Collection[str], dataset: str) -> bool:
         return self.subject in subjects and any(fnmatch.fnmatchcase(dataset, pattern) for pattern in self.datasets)
@@ -76,11 +79,16 @@ class ApprovalRules:
         """
         subjects = {principal, *roles}
         for rule in self.rules:
-            if rule.covers(subjects, dataset):
+            if "append" in rule.operations and rule.covers(subjects, dataset):
                 before = earlier(rule.window_s) if rule.window_s and rows <= rule.above_rows else 0
                 if rows + before > rule.above_rows:
                     return rule
         return None
+
+    def for_restore(self, principal: str, roles: Collection[str], dataset: str) -> ApprovalRule | None:
+        """The first rule that sends a restore of `dataset` by this caller for approval, or None."""
+        subjects = {principal, *roles}
+        return next((r for r in self.rules if "restore" in r.operations and r.covers(subjects, dataset)), None)
 
 
 def load_approvals(path: Path | None) -> ApprovalRules:
@@ -93,6 +101,7 @@ def load_approvals(path: Path | None) -> ApprovalRules:
     if parsed is None:
         return ApprovalRules()
     rules = tuple(
-        ApprovalRule(r.subject, r.datasets, r.above_rows, r.window_minutes * 60, r.reason) for r in parsed.rules
+        ApprovalRule(r.subject, r.datasets, r.above_rows, r.window_minutes * 60, r.reason, r.operations)
+        for r in parsed.rules
     )
     return ApprovalRules(rules, parsed.expire_after_hours)

@@ -323,3 +323,45 @@ def test_a_person_decides_over_http_with_their_own_token(home: Path, tmp_path: P
         ("dana", "ok"),
         ("dana", "invalid"),
     ]
+
+
+RESTORE_RULES = """
+rules:
+  - subject: role:data_steward
+    operations: [restore]
+    datasets: ["support.*"]
+"""
+
+
+def test_a_restore_waits_for_a_person_and_is_refused_when_the_table_moved_meanwhile(home: Path, tmp_path: Path) -> None:
+    runtime = runtime_with_policy_file(home, tmp_path, "approvals.yaml", RESTORE_RULES)
+    try:
+        first, _ = snapshots(home, TICKETS)
+        assert gate_call(runtime, "admin", "append_rows", {"table": TICKETS, "rows": _tickets(700, 2)}).error is None
+        latest, _ = snapshots(home, TICKETS)
+        asked = gate_call(runtime, "data_steward", "restore_table", {"table": TICKETS, "snapshot_id": str(first)})
+        result = asked.result.model_dump()  # type: ignore[union-attr]
+        assert (result["status"], result["changed"], result["snapshot_id"]) == ("pending", False, latest)
+        assert "pending a person's approval" in asked.text
+        assert snapshots(home, TICKETS)[0] == latest  # unchanged until approved
+        change_id = result["change_id"]
+        with pytest.raises(PolicyDenied, match="nobody may decide their own change"):
+            _decide(runtime, "data_steward", change_id, approve=True)
+        decided = _decide(runtime, "admin", change_id, approve=True)
+        assert decided.status == "approved" and decided.applied_snapshot_id == first
+        assert snapshots(home, TICKETS)[0] == first and len(read_rows(home, TICKETS)) == 1
+        status = gate_call(runtime, "data_steward", "change_status", {"change_id": change_id}).result
+        assert status is not None and status.model_dump()["kind"] == "restore"
+        # Asked again, then the table moves: approving would undo the new rows unseen, so it is refused.
+        again = gate_call(runtime, "data_steward", "restore_table", {"table": TICKETS, "snapshot_id": str(latest)})
+        change = again.result.model_dump()["change_id"]  # type: ignore[union-attr]
+        assert gate_call(runtime, "admin", "append_rows", {"table": TICKETS, "rows": _tickets(800, 1)}).error is None
+        with pytest.raises(InvalidArgument, match="changed since the restore"):
+            _decide(runtime, "admin", change, approve=True)
+        assert _decide(runtime, "admin", change, approve=False).status == "rejected"
+        # A restore to the snapshot that is current already needs nobody.
+        current, _ = snapshots(home, TICKETS)
+        same = gate_call(runtime, "data_steward", "restore_table", {"table": TICKETS, "snapshot_id": str(current)})
+        assert same.result is not None and same.result.model_dump()["status"] == "applied"
+    finally:
+        runtime.close()

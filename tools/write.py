@@ -89,6 +89,7 @@ class ChangeStatusResult(ToolResult):
     change_id: str
     table: str
     status: Literal["pending", "approved", "rejected", "expired"]
+    kind: Literal["append", "restore"]
     rows: int
     requested_by: str
     requested_at: str
@@ -104,6 +105,7 @@ def change_status(scope: ToolScope, args: ChangeStatusArgs) -> ChangeStatusResul
         change_id=change.change_id,
         table=change.table,
         status=change.status,
+        kind=change.kind,
         rows=change.rows,
         requested_by=change.requested_by,
         requested_at=change.requested_at,
@@ -115,11 +117,15 @@ def change_status(scope: ToolScope, args: ChangeStatusArgs) -> ChangeStatusResul
 
 
 def render_change_status(result: ChangeStatusResult) -> str:
-    text = f"Change {result.change_id} to {result.table} ({result.rows} row(s)): {result.status}"
+    what = "a restore" if result.kind == "restore" else f"{result.rows} row(s)"
+    text = f"Change {result.change_id} to {result.table} ({what}): {result.status}"
     if result.status == "pending":
         return text + f", waiting for a person's approval until {result.expires_at}."
     if result.status == "approved":
-        return text + f" by {result.decided_by} at {result.decided_at}; the rows are in snapshot {result.snapshot_id}."
+        return (
+            text
+            + f" by {result.decided_by} at {result.decided_at}; the table holds it in snapshot {result.snapshot_id}."
+        )
     if result.status == "rejected":
         return text + f" by {result.decided_by} at {result.decided_at}; nothing was written."
     return text + f" at {result.decided_at}, undecided; nothing was written."
@@ -135,15 +141,27 @@ class RestoreTableArgs(ToolArgs):
 
 class RestoreResult(ToolResult):
     table: str
+    status: Literal["applied", "pending"] = Field(description="pending: waits for a person's approval.")
     snapshot_id: SnapshotId = Field(description="The table's current snapshot now.")
     previous_snapshot_id: SnapshotId | None = Field(description="The snapshot that was current before.")
-    changed: bool = Field(description="False when the snapshot was already current.")
+    changed: bool = Field(description="False when the snapshot was already current, or the restore is pending.")
+    change_id: str | None = Field(default=None, description="For change_status (pending only).")
 
 
 def restore_table(scope: ToolScope, args: RestoreTableArgs) -> RestoreResult:
     outcome = scope.restore_table(args.table, args.snapshot_id)
+    if isinstance(outcome, StagedChange):
+        return RestoreResult(
+            table=args.table,
+            status="pending",
+            snapshot_id=outcome.base_snapshot_id,
+            previous_snapshot_id=outcome.base_snapshot_id,
+            changed=False,
+            change_id=outcome.change_id,
+        )
     return RestoreResult(
         table=args.table,
+        status="applied",
         snapshot_id=outcome.snapshot_id,
         previous_snapshot_id=outcome.previous_snapshot_id,
         changed=outcome.changed,
@@ -151,6 +169,11 @@ def restore_table(scope: ToolScope, args: RestoreTableArgs) -> RestoreResult:
 
 
 def render_restore(result: RestoreResult) -> str:
+    if result.status == "pending":
+        return (
+            f"The restore of {result.table} is change {result.change_id}, pending a person's approval: the table "
+            f"is still at snapshot {result.snapshot_id}. Call change_status with this change_id to follow it."
+        )
     if not result.changed:
         return f"{result.table} is already at snapshot {result.snapshot_id}; nothing changed."
     return (

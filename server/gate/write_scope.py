@@ -32,6 +32,7 @@ from lakegate.catalog.staged_changes import (
     find_change,
     list_changes,
     stage_append,
+    stage_restore,
 )
 from lakegate.catalog.warehouse import Warehouse
 from lakegate.errors import LimitExceeded, NotFound, PolicyDenied
@@ -275,8 +276,9 @@ class WriteScope:
         )
         return decided
 
-    def restore_table(self, name: str, snapshot_id: int) -> RestoreOutcome:
-        """Make one of the table's earlier snapshots its current one (action `restore`).
+    def restore_table(self, name: str, snapshot_id: int) -> RestoreOutcome | StagedChange:
+        """Make one of the table's earlier snapshots its current one (action `restore`); or, when an
+        approval rule applies to the caller's restores of it, record the restore for a person to decide.
 
         Raises:
             NotFound: no such dataset or snapshot, or a dataset this principal may neither restore nor read.
@@ -285,6 +287,28 @@ class WriteScope:
             BackendError: pyiceberg failed.
         """
         self._require_on_dataset(name, "restore")
+        rule = self._enforcer.approvals.for_restore(self.principal.name, self.roles(), name)
+        if rule is not None:
+            staged = stage_restore(
+                self._warehouse,
+                name,
+                snapshot_id,
+                requested_by=self.principal.name,
+                reason=rule.reason,
+                expire_after_s=self._enforcer.approvals.expire_after_s,
+            )
+            if staged is not None:
+                self.record("dataset", name, "staged", version=snapshot_id)
+                self.details.update(
+                    operation="restore_staged",
+                    table=name,
+                    change_id=staged.change_id,
+                    branch=staged.branch,
+                    snapshot_before=staged.base_snapshot_id,
+                    restore_to=snapshot_id,
+                    approval_rule=rule.subject,
+                )
+                return staged
         outcome = restore_snapshot(self._warehouse, name, snapshot_id)
         self.record("dataset", name, "restore", version=outcome.snapshot_id)
         self.details.update(
