@@ -9,7 +9,8 @@ failing the load. The files of one load must share their columns. Types Iceberg 
 the `--type` that would fit it.
 
 Writing (`write_loaded`) creates the table (and its namespace) from the data's schema, partitioned
-as asked, appends to it, or replaces its rows; the data lands in one snapshot. Policy is not
+as asked, appends to it (one snapshot), or replaces its rows (pyiceberg's overwrite: a delete and an
+append snapshot, in one commit). Policy is not
 decided here: the gate's scope decides first (`write` on the table and on each column).
 """
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from lakegate.catalog.iceberg_writes import WRITTEN_BY_PROPERTY
 from lakegate.catalog.warehouse import Warehouse, translate_errors
 from lakegate.errors import InvalidArgument
 
@@ -29,7 +31,18 @@ if TYPE_CHECKING:
     import pyarrow as pa
     from pyiceberg.table import Table as IcebergTable
 
-__all__ = ["FORMATS", "LoadMode", "LoadOutcome", "ReadFiles", "Rejected", "expand_paths", "read_files", "write_loaded"]
+__all__ = [
+    "FORMATS",
+    "LoadMode",
+    "LoadOutcome",
+    "ReadFiles",
+    "Rejected",
+    "expand_paths",
+    "fit_to_table",
+    "read_files",
+    "table_columns",
+    "write_loaded",
+]
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".jsonl": "json", ".ndjson": "json", ".json": "json"}
 LoadMode = Literal["create", "append", "replace"]
@@ -76,16 +89,24 @@ def expand_paths(paths: Sequence[str]) -> list[Path]:
     found: list[Path] = []
     for text in paths:
         path = Path(text).expanduser()
-        if any(char in text for char in "*?["):
-            found += sorted(p for p in Path(path.anchor or ".").glob(str(path.relative_to(path.anchor))) if p.is_file())
+        if path.is_file():
+            found.append(path)
         elif path.is_dir():
             found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FORMATS)
-        elif path.is_file():
-            found.append(path)
+        elif any(char in text for char in "*?["):
+            found += sorted(p for p in Path(path.anchor or ".").glob(str(path.relative_to(path.anchor))) if p.is_file())
         else:
             raise InvalidArgument(f"{text}: no such file or folder.", hint="Name files, folders or globs to load.")
     if not found:
         raise InvalidArgument("No file to load was found.", hint="Name CSV, Parquet or JSON lines files.")
+    found = list(dict.fromkeys(p.resolve() for p in found))  # a file named twice is read once
+    globbed = sorted(p.name for p in found if any(char in p.name for char in "*?[]{}"))
+    if globbed:
+        # DuckDB reads such a name as a pattern: another file's rows would load instead of these.
+        raise InvalidArgument(
+            f"Cannot load {', '.join(globbed)}: the name holds a pattern character (* ? [ ] {{ }}).",
+            hint="Rename the file, then load it again.",
+        )
     unknown = sorted({p.suffix or p.name for p in found if p.suffix.lower() not in FORMATS})
     if unknown:
         raise InvalidArgument(
@@ -119,6 +140,7 @@ def read_files(
                 hint="Use DuckDB type names: BIGINT, DOUBLE, DATE, TIMESTAMP, DECIMAL(12,2), VARCHAR.",
             )
     connection = duckdb.connect()
+    connection.execute("SET TimeZone = 'UTC'")  # zoned timestamps load as UTC, whatever this host's zone
     tables: list[pa.Table] = []
     rejected: list[Rejected] = []
     try:
@@ -174,9 +196,8 @@ def _read_one(
         elif kind == "parquet":
             relation = _override(connection.sql(f"SELECT * FROM read_parquet({source})"), types)
         else:
-            relation = _override(
-                connection.sql(f"SELECT * FROM read_json({source}, format = 'newline_delimited')"), types
-            )
+            shape = "auto" if path.suffix.lower() == ".json" else "newline_delimited"  # .json: lines or an array
+            relation = _override(connection.sql(f"SELECT * FROM read_json({source}, format = '{shape}')"), types)
         for name, kind_of in zip(relation.columns, relation.types, strict=True):
             if str(kind_of).split("(")[0] in _UNSUPPORTED:
                 raise InvalidArgument(
@@ -195,8 +216,9 @@ def _read_one(
     except InvalidArgument:
         raise
     except duckdb.Error as exc:
+        first = str(exc).splitlines()[0].replace(str(path), path.name)  # the name, not where it lies
         raise InvalidArgument(
-            f"{path.name} cannot be read as {kind}: {str(exc).splitlines()[0]}", hint="Check the file's format."
+            f"{path.name} cannot be read as {kind}: {first}", hint="Check the file's format."
         ) from exc
     return table, problems
 
@@ -214,10 +236,15 @@ def _override(relation: duckdb.DuckDBPyRelation, types: dict[str, str]) -> duckd
         quoted = '"' + name.replace('"', '""') + '"'
         if name in types:
             selects.append(f"TRY_CAST({quoted} AS {types[name]}) AS {quoted}")
-            selects.append(f'{quoted} IS NOT NULL AS "lakegate_given_{name}"')
+            selects.append(f"{quoted} IS NOT NULL AS {_given(list(types).index(name))}")
         else:
             selects.append(quoted)
     return relation.project(", ".join(selects))
+
+
+def _given(index: int) -> str:
+    """The column that says whether the `index`th --type column had a value before its TRY_CAST."""
+    return f"lakegate_given_{index}"
 
 
 def _drop_unconverted(table: pa.Table, types: dict[str, str], file: str) -> tuple[pa.Table, list[Rejected]]:
@@ -227,18 +254,44 @@ def _drop_unconverted(table: pa.Table, types: dict[str, str], file: str) -> tupl
 
     problems: list[Rejected] = []
     keep = pa.array([True] * table.num_rows)
-    for name in types:
-        given = table.column(f"lakegate_given_{name}")
+    for index, name in enumerate(types):
+        given = table.column(_given(index))
         failed = pc.and_(given, pc.is_null(table.column(name)))
-        for index in pc.indices_nonzero(failed).to_pylist():
-            problems.append(Rejected(file, index + 1, name, f"Could not convert the value of {name} to {types[name]}"))
+        for row in pc.indices_nonzero(failed).to_pylist():
+            problems.append(Rejected(file, row + 1, name, f"Could not convert the value of {name} to {types[name]}"))
         keep = pc.and_(keep, pc.invert(failed))
-        table = table.drop_columns([f"lakegate_given_{name}"])
+        table = table.drop_columns([_given(index)])
     return table.filter(keep), problems
 
 
+def table_columns(warehouse: Warehouse, name: str) -> list[str]:
+    """The column names of existing table `name`.
+
+    Raises:
+        NotFound: no such table.
+    """
+    with translate_errors(f"read the schema of {name}", name):
+        return [field.name for field in warehouse.iceberg_table(name).schema().fields]
+
+
+def fit_to_table(warehouse: Warehouse, name: str, data: pa.Table) -> pa.Table:
+    """`data` in the layout of existing table `name` (see `_fit`).
+
+    Raises:
+        InvalidArgument: the rows do not fit the table.
+    """
+    with translate_errors(f"fit rows to {name}", name):
+        return _fit(data, warehouse.iceberg_table(name))
+
+
 def write_loaded(
-    warehouse: Warehouse, name: str, data: pa.Table, *, mode: LoadMode, partition_by: Sequence[str] = ()
+    warehouse: Warehouse,
+    name: str,
+    data: pa.Table,
+    *,
+    mode: LoadMode,
+    partition_by: Sequence[str] = (),
+    written_by: str | None = None,
 ) -> LoadOutcome:
     """Write loaded rows to table `name`: create it, append to it, or replace its rows; one snapshot.
 
@@ -260,10 +313,11 @@ def write_loaded(
             table = warehouse.iceberg_table(name)
             previous = table.metadata.current_snapshot_id
             data = _fit(data, table)
+        properties = {WRITTEN_BY_PROPERTY: written_by} if written_by else {}
         if mode == "replace":
-            table.overwrite(data)
+            table.overwrite(data, snapshot_properties=properties)
         else:
-            table.append(data)
+            table.append(data, snapshot_properties=properties)
         current = warehouse.iceberg_table(name).metadata.current_snapshot_id
     return LoadOutcome(name, mode == "create", data.num_rows, current, previous)
 
@@ -271,25 +325,61 @@ def write_loaded(
 def _create(warehouse: Warehouse, name: str, data: pa.Table, partition_by: Sequence[str]) -> IcebergTable:
     from pyiceberg.transforms import parse_transform
 
-    namespace = name.rsplit(".", 1)[0]
+    fields = [_partition_field(spec, data.schema) for spec in partition_by]
     catalog = warehouse.iceberg
-    catalog.create_namespace_if_not_exists(namespace)
-    fields = []
-    for spec in partition_by:
-        match = _TRANSFORM.match(spec)
-        if match is None or match["column"] not in data.column_names:
-            raise InvalidArgument(
-                f"--partition-by {spec}: not a column of the files with a transform.",
-                hint="Use COLUMN or COLUMN:year|month|day|hour|bucket[N]|truncate[N], e.g. order_ts:month.",
-            )
-        fields.append((match["column"], match["transform"] or "identity"))
+    catalog.create_namespace_if_not_exists(name.rsplit(".", 1)[0])
     table = catalog.create_table(name, schema=data.schema)
-    if fields:
-        with table.update_spec() as spec_update:
-            for column, transform in fields:
-                label = column if transform == "identity" else f"{column}_{transform.split('[')[0]}"
-                spec_update.add_field(column, parse_transform(transform), label)
+    try:
+        if fields:
+            with table.update_spec() as spec_update:
+                for column, transform in fields:
+                    label = column if transform == "identity" else f"{column}_{transform.split('[')[0]}"
+                    spec_update.add_field(column, parse_transform(transform), label)
+    except BaseException:  # pyiceberg's Rust transforms may panic: no half-made table stays behind
+        catalog.drop_table(name)
+        raise
     return warehouse.iceberg_table(name)
+
+
+def _partition_field(spec: str, schema: pa.Schema) -> tuple[str, str]:
+    """(column, transform) of a --partition-by value, checked against the files' columns before anything
+    is created.
+
+    Raises:
+        InvalidArgument: not COLUMN[:transform], not a top-level column, or a transform its type does not take.
+    """
+    import pyarrow as pa
+
+    match = _TRANSFORM.match(spec)
+    if match is None or match["column"] not in schema.names:
+        raise InvalidArgument(
+            f"--partition-by {spec}: not a column of the files with a transform.",
+            hint="Use COLUMN or COLUMN:year|month|day|hour|bucket[N]|truncate[N], e.g. order_ts:month.",
+        )
+    column, transform = match["column"], match["transform"] or "identity"
+    kind = schema.field(column).type
+    temporal = pa.types.is_timestamp(kind) or (pa.types.is_date(kind) and transform != "hour")
+    fits = {
+        "identity": not pa.types.is_nested(kind),
+        "bucket": pa.types.is_integer(kind)
+        or pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_decimal(kind)
+        or pa.types.is_date(kind)
+        or pa.types.is_timestamp(kind),
+        "truncate": pa.types.is_integer(kind)
+        or pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_decimal(kind),
+    }.get(transform.split("[")[0], temporal)
+    width = int(transform.split("[")[1].rstrip("]")) if "[" in transform else 1
+    if not fits or width < 1:
+        raise InvalidArgument(
+            f"--partition-by {spec}: {column} is {kind}, which the {transform} transform does not take.",
+            hint="year/month/day take dates and timestamps, hour timestamps, bucket[N>=1] and truncate[N>=1] "
+            "numbers and strings.",
+        )
+    return column, transform
 
 
 def _fit(data: pa.Table, table: IcebergTable) -> pa.Table:

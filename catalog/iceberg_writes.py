@@ -12,6 +12,7 @@ being written twice.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -501,17 +502,31 @@ def register_table(warehouse: Warehouse, name: str, metadata_location: str) -> i
         BackendError: pyiceberg failed otherwise.
     """
     from pyiceberg.exceptions import TableAlreadyExistsError
+    from pyiceberg.table import StaticTable
 
     if name in warehouse.iceberg_table_names():
         raise InvalidArgument(f"{name} exists already.", hint="Register the table under another name.")
+    try:  # read and check the metadata before the catalog holds anything of it
+        found = StaticTable.from_metadata(metadata_location, properties=dict(warehouse.iceberg.properties))
+    except Exception as exc:
+        raise InvalidArgument(
+            f"The metadata file cannot be read as Iceberg table metadata: {type(exc).__name__}.",
+            hint="Give the table's current metadata file (…/metadata/NNNNN-….metadata.json), readable from here.",
+        ) from exc
+    for other in warehouse.iceberg_table_names():
+        if warehouse.iceberg_table(other).metadata.table_uuid == found.metadata.table_uuid:
+            # Under a second name its data would escape the policy written for the first.
+            raise InvalidArgument(
+                f"That metadata is table {other}'s, which this catalog holds already.",
+                hint=f"Grant access to {other} instead of registering it again.",
+            )
     try:
         warehouse.iceberg.create_namespace_if_not_exists(name.rsplit(".", 1)[0])
         table = warehouse.iceberg.register_table(name, metadata_location)
     except TableAlreadyExistsError as exc:
         raise InvalidArgument(f"{name} exists already.", hint="Register the table under another name.") from exc
-    except (FileNotFoundError, OSError, ValueError) as exc:
-        raise InvalidArgument(
-            f"The metadata file cannot be read: {type(exc).__name__}.",
-            hint="Give the table's current metadata file (…/metadata/NNNNN-….metadata.json), readable from here.",
-        ) from exc
+    except Exception as exc:
+        with contextlib.suppress(Exception):  # no half-registered table stays behind
+            warehouse.iceberg.drop_table(name)
+        raise BackendError(f"register {name} failed: {type(exc).__name__}: {exc}") from exc
     return table.metadata.current_snapshot_id

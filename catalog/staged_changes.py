@@ -188,6 +188,16 @@ def stage_restore(
         base = table.metadata.current_snapshot_id
         if base is None or base == snapshot_id:
             return None
+        for key in table.properties:
+            if key.startswith(CHANGE_PROPERTY_PREFIX):
+                asked = _read(table, name, key.removeprefix(CHANGE_PROPERTY_PREFIX))
+                same = (asked.kind, asked.target_snapshot_id, asked.base_snapshot_id, asked.requested_by)
+                if (
+                    asked.status == "pending"
+                    and not asked.expired(now)
+                    and same == ("restore", snapshot_id, base, requested_by)
+                ):
+                    return asked  # asked again: the same change (restore_table is idempotent)
         change = StagedChange(
             change_id=change_id,
             table=name,

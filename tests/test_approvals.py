@@ -345,6 +345,11 @@ def test_a_restore_waits_for_a_person_and_is_refused_when_the_table_moved_meanwh
         assert "pending a person's approval" in asked.text
         assert snapshots(home, TICKETS)[0] == latest  # unchanged until approved
         change_id = result["change_id"]
+        repeated = gate_call(runtime, "data_steward", "restore_table", {"table": TICKETS, "snapshot_id": str(first)})
+        assert repeated.result.model_dump()["change_id"] == change_id  # type: ignore[union-attr]  # idempotent
+        # Who may not read the table learns nothing of the change, not even the table's name.
+        with pytest.raises(NotFound, match="no change .* that you can see"):
+            _decide(runtime, "analyst", change_id, approve=True)
         with pytest.raises(PolicyDenied, match="nobody may decide their own change"):
             _decide(runtime, "data_steward", change_id, approve=True)
         decided = _decide(runtime, "admin", change_id, approve=True)

@@ -20,6 +20,7 @@ from lakegate.evals.mcp_client import connect
 from lakegate.server.cli.main import cli
 from tests.conftest import REPO, gate_call
 from tests.test_approvals import _open
+from tests.test_writes import build_write_home
 
 CSV = (
     "order_id,customer,amount,ordered_at\n"
@@ -208,3 +209,71 @@ def test_a_newcomer_goes_from_init_empty_to_an_agent_answering_over_their_csv(tm
     datasets, counted = anyio.run(ask)
     assert [d["name"] for d in datasets] == ["sales.orders"]
     assert not counted.is_error and counted.structured_content["rows"] == [[4]]
+
+
+def test_what_the_review_found_stays_fixed(home: Path, tmp_path: Path) -> None:
+    files = tmp_path / "files"
+    files.mkdir()
+    # A column name with a quote, given a --type: no SQL of its own runs, bad values are set aside.
+    (files / "q.jsonl").write_text('{"a\\"b": "1"}\n{"a\\"b": "x"}\n')
+    quoted = _load(home, str(files / "q.jsonl"), "--table", "lab.quoted", "--type", 'a"b=BIGINT', "--as", "admin")
+    assert quoted.exit_code == 0 and "1 rows" in quoted.output, quoted.output
+    # A file whose name DuckDB would read as a pattern is refused; a file named twice is read once.
+    (files / "x[1].csv").write_text("id\n1\n")
+    assert "pattern character" in _load(home, str(files / "x[1].csv"), "--table", "lab.g", "--as", "admin").output
+    (files / "one.csv").write_text("id\n1\n2\n")
+    twice = _load(home, str(files / "one.csv"), str(files / "one.csv"), "--table", "lab.once", "--as", "admin")
+    assert "2 rows" in twice.output, twice.output
+    # A partition transform the column cannot take is refused before any table exists.
+    bad = _load(home, str(files / "one.csv"), "--table", "lab.part", "--partition-by", "id:month", "--as", "admin")
+    assert bad.exit_code == 1 and "does not take" in bad.output
+    zero = _load(home, str(files / "one.csv"), "--table", "lab.part", "--partition-by", "id:bucket[0]", "--as", "admin")
+    assert zero.exit_code == 1 and "does not take" in zero.output
+    warehouse = Warehouse(home)
+    try:
+        assert "lab.part" not in warehouse.iceberg_table_names() and "lab.g" not in warehouse.iceberg_table_names()
+    finally:
+        warehouse.close()
+    # A JSON array in a .json file is rows, not one row of one column.
+    (files / "arr.json").write_text('[{"id": 1}, {"id": 2}, {"id": 3}]')
+    array = _load(home, str(files / "arr.json"), "--table", "lab.arr", "--as", "admin")
+    assert array.exit_code == 0 and "3 rows" in array.output, array.output
+
+
+def test_loads_keep_to_the_approval_and_column_rules(tmp_path: Path) -> None:
+    home = build_write_home(tmp_path / "home")
+    rows = "ticket_id,customer_id,opened_ts,priority,status,subject,body\n" + "".join(
+        f"{100 + n},7,2025-03-01 09:30:00+00,normal,open,s,b\n" for n in range(25)
+    )
+    (tmp_path / "t.csv").write_text(rows)
+    # 25 rows from support_agent: over the demo's approval rule, so the append is staged.
+    staged = _load(home, str(tmp_path / "t.csv"), "--table", "support.tickets", "--append", "--as", "support_agent")
+    assert staged.exit_code == 0 and "Staged 25 rows" in staged.output, staged.output
+    assert _table(home, "support.tickets").scan().to_arrow().num_rows == 1
+    # Replacing needs approval here too, and it would remove closed_ts values support_agent may not set.
+    replaced = _load(home, str(tmp_path / "t.csv"), "--table", "support.tickets", "--replace", "--as", "support_agent")
+    assert replaced.exit_code == 1 and "closed_ts" in replaced.output, replaced.output
+    assert _table(home, "support.tickets").scan().to_arrow().num_rows == 1
+
+
+def test_register_refuses_bad_metadata_and_a_second_name_for_a_known_table(home: Path, tmp_path: Path) -> None:
+    source = tmp_path / "orders.csv"
+    source.write_text(CSV)
+    assert _load(home, str(source), "--table", "shop.orders", "--as", "admin").exit_code == 0
+    env = {"LAKEGATE_HOME": str(home)}
+    not_metadata = tmp_path / "x.metadata.json"
+    not_metadata.write_text('{"format-version": 2}')
+
+    def register(name: str, location: str) -> Result:
+        args = ["--project", str(REPO), "table", "register", name, location, "--as", "admin"]
+        return CliRunner().invoke(cli, args, env=env)
+
+    bad = register("shop.bad", str(not_metadata))
+    assert bad.exit_code == 1 and "cannot be read as Iceberg table metadata" in bad.output, bad.output
+    again = register("shop.copy", _table(home, "shop.orders").metadata_location)
+    assert again.exit_code == 1 and "shop.orders's" in again.output, again.output
+    warehouse = Warehouse(home)
+    try:
+        assert warehouse.dataset_names() == ["shop.orders"]  # nothing half-registered; listing works
+    finally:
+        warehouse.close()

@@ -408,9 +408,11 @@ def test_append_denial_and_restore_over_stdio(home: Path, tmp_path: Path) -> Non
     assert not restored.is_error, text_of(restored)
     assert restored.structured_content == {
         "table": TICKETS,
+        "status": "applied",
         "snapshot_id": str(seeded),
         "previous_snapshot_id": str(new_snapshot),
         "changed": True,
+        "change_id": None,
     }
     assert [row["ticket_id"] for row in read_rows(home, TICKETS)] == [1]
 

@@ -60,8 +60,11 @@ def through_gate(
     """
     from lakegate.server.app import open_runtime
     from lakegate.server.gate.identity import CallOrigin, stdio_principal
+    from lakegate.server.logs import configure_logging
 
-    runtime = open_runtime(command_settings(ctx))
+    settings = command_settings(ctx)
+    configure_logging(settings.log_level)  # the server's log format: plain, never rich's tracebacks
+    runtime = open_runtime(settings)
     try:
         who = stdio_principal(principal, runtime.enforcer)
         origin = CallOrigin(transport="cli", session_id="cli", request_id=uuid.uuid4().hex, client_name="lakegate")

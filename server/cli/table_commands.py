@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from lakegate.catalog.staged_changes import StagedChange
 from lakegate.errors import InvalidArgument
 from lakegate.server.cli.context import as_principal, through_gate
 
@@ -116,6 +117,12 @@ def load_command(
         arguments,
         lambda scope: scope.load_table(loaded, name, mode=chosen, partition_by=partition_by),  # type: ignore[arg-type]
     )
+    if isinstance(outcome, StagedChange):
+        click.echo(
+            f"Staged {outcome.rows:,} rows for {name} as change {outcome.change_id}: a person must approve it "
+            "(lakegate changes approve) before they are in the table."
+        )
+        return
     verb = {"create": "Created", "append": "Appended to", "replace": "Replaced the rows of"}[chosen]
     click.echo(f"{verb} {name}: {outcome.rows:,} rows in snapshot {outcome.snapshot_id}.")
 

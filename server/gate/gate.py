@@ -453,14 +453,18 @@ def _require_available(unavailable: list[str]) -> None:
 
 def _failure(exc: Exception, tool: str) -> LakegateError:
     """What a failed handler raised, as the error the caller gets: the caller's own mistake as it
-    is, lakegate's failures logged here with their details (which the caller never sees)."""
+    is, lakegate's failures logged here with their details (which the caller never sees). A log that
+    fails does not stop the call's audit record."""
     if isinstance(exc, ClientError):
         return exc
-    if isinstance(exc, ServerError):
-        log.error("tool.server_error", tool=tool, error=repr(exc), cause=repr(exc.__cause__))
-        return exc
-    log.error("tool.unexpected_error", tool=tool, exc_info=exc)
-    return ServerError(f"{type(exc).__name__}: {exc}")
+    try:
+        if isinstance(exc, ServerError):
+            log.error("tool.server_error", tool=tool, error=repr(exc), cause=repr(exc.__cause__))
+        else:
+            log.error("tool.unexpected_error", tool=tool, exc_info=exc)
+    except Exception:  # noqa: S110 - the record matters more than this log line
+        pass
+    return exc if isinstance(exc, ServerError) else ServerError(f"{type(exc).__name__}: {exc}")
 
 
 def _public_message(error: LakegateError) -> str:

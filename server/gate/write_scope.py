@@ -9,12 +9,19 @@ snapshots before and after.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from lakegate.catalog.file_loader import LoadMode, LoadOutcome, ReadFiles, write_loaded
+from lakegate.catalog.file_loader import (
+    LoadMode,
+    LoadOutcome,
+    ReadFiles,
+    fit_to_table,
+    table_columns,
+    write_loaded,
+)
 from lakegate.catalog.iceberg_writes import (
     AppendOutcome,
     PreparedAppend,
@@ -35,7 +42,7 @@ from lakegate.catalog.staged_changes import (
     stage_restore,
 )
 from lakegate.catalog.warehouse import Warehouse
-from lakegate.errors import LimitExceeded, NotFound, PolicyDenied
+from lakegate.errors import InvalidArgument, LimitExceeded, NotFound, PolicyDenied
 from lakegate.policies.enforcer import Decision, PolicyEnforcer
 from lakegate.policies.resources import column_resource
 from lakegate.server.gate.identity import Principal
@@ -107,10 +114,7 @@ class WriteScope:
         self._require_column_writes(name, prepared.columns_set)
         prepared.raise_if_invalid()
 
-        def earlier(window_s: float) -> int:
-            since = datetime.now(UTC) - timedelta(seconds=window_s)
-            return rows_appended_since(self._warehouse, name, self.principal.name, since)
-
+        earlier = self._appended_earlier(name)
         rule = self._enforcer.approvals.for_append(self.principal.name, self.roles(), name, prepared.rows, earlier)
         if rule is not None:
             return self._stage_append(prepared, rule)
@@ -146,17 +150,52 @@ class WriteScope:
                 rule=list(denied[0][1].rule),
             )
 
-    def load_table(self, loaded: ReadFiles, name: str, *, mode: LoadMode, partition_by: Sequence[str]) -> LoadOutcome:
+    def _appended_earlier(self, name: str) -> Callable[[float], int]:
+        """Rows the caller appended to `name` in a window before now (for approval rules)."""
+
+        def earlier(window_s: float) -> int:
+            since = datetime.now(UTC) - timedelta(seconds=window_s)
+            return rows_appended_since(self._warehouse, name, self.principal.name, since)
+
+        return earlier
+
+    def load_table(
+        self, loaded: ReadFiles, name: str, *, mode: LoadMode, partition_by: Sequence[str]
+    ) -> LoadOutcome | StagedChange:
         """Write rows read from files to Iceberg table `name` (create, append or replace), as a write
-        of the caller's: `write` on the table and on every column the files set.
+        of the caller's: `write` on the table and on every column the files set (replacing: on every
+        column of the table, whose values it removes). An append that an approval rule matches is
+        staged like append_rows'; a create or replace under such a rule is refused.
 
         Raises:
-            NotFound / PolicyDenied: as for append_rows.
-            InvalidArgument: the table exists (create) or not (append, replace), or the rows do not fit it.
+            NotFound / PolicyDenied: as for append_rows; a create or replace that needs approval.
+            InvalidArgument: a name without a namespace, the table exists (create) or not (append,
+                replace), or the rows do not fit it.
         """
+        if name.count(".") < 1 or "" in name.split("."):
+            raise InvalidArgument(f"{name!r} is not a table name.", hint="Name it namespace.table, e.g. sales.orders.")
         self._require_on_dataset(name, "write")
         self._require_column_writes(name, loaded.data.column_names)
-        outcome = write_loaded(self._warehouse, name, loaded.data, mode=mode, partition_by=partition_by)
+        exists = name in self._warehouse.iceberg_table_names()
+        if mode == "replace" and exists:
+            self._require_column_writes(name, table_columns(self._warehouse, name))
+        rows = loaded.data.num_rows
+        rule = self._enforcer.approvals.for_append(
+            self.principal.name, self.roles(), name, rows, self._appended_earlier(name)
+        )
+        if rule is not None:
+            if mode != "append" or not exists:
+                raise PolicyDenied(
+                    f"Writes by '{self.principal.name}' to {name} need a person's approval (policies/approvals.yaml, "
+                    f"rule for {rule.subject}), and only an append to an existing table can wait for one.",
+                    hint="Load with --append into an existing table (it is then staged for approval), or ask a "
+                    "person allowed to write without approval.",
+                )
+            fitted = fit_to_table(self._warehouse, name, loaded.data)
+            return self._stage_append(PreparedAppend(name, tuple(loaded.data.column_names), (), fitted, rows), rule)
+        outcome = write_loaded(
+            self._warehouse, name, loaded.data, mode=mode, partition_by=partition_by, written_by=self.principal.name
+        )
         self.record("dataset", name, "write", version=outcome.snapshot_id)
         self.rows = outcome.rows
         self.details.update(
@@ -251,7 +290,18 @@ class WriteScope:
             PolicyDenied: the caller may not approve changes to the dataset, or requested this one.
             InvalidArgument: the change was already decided, or has expired.
         """
-        change = find_change(self._warehouse, change_id)
+        hidden = NotFound(
+            f"There is no change {change_id} that you can see.",
+            hint="`lakegate changes list` shows the changes you may decide.",
+        )
+        try:
+            change = find_change(self._warehouse, change_id)
+        except NotFound:
+            raise hidden from None
+        if not self.decide(change.table, "read").allowed:
+            # The same answer as for a missing change: the table's name is not the caller's to learn.
+            self.touched.append(Touched("change", change_id, "denied"))
+            raise hidden
         self._require_on_dataset(change.table, "approve")
         if change.requested_by == self.principal.name:
             self.touched.append(Touched("change", change_id, "denied"))
@@ -297,18 +347,23 @@ class WriteScope:
                 reason=rule.reason,
                 expire_after_s=self._enforcer.approvals.expire_after_s,
             )
-            if staged is not None:
-                self.record("dataset", name, "staged", version=snapshot_id)
-                self.details.update(
-                    operation="restore_staged",
-                    table=name,
-                    change_id=staged.change_id,
-                    branch=staged.branch,
-                    snapshot_before=staged.base_snapshot_id,
-                    restore_to=snapshot_id,
-                    approval_rule=rule.subject,
-                )
-                return staged
+            if staged is None:
+                # Already the current snapshot: nothing to change (and no restore runs unapproved).
+                outcome = RestoreOutcome(snapshot_id, snapshot_id, changed=False)
+                self.record("dataset", name, "restore", version=snapshot_id)
+                self.details.update(operation="restore", table=name, snapshot_after=snapshot_id, changed=False)
+                return outcome
+            self.record("dataset", name, "staged", version=snapshot_id)
+            self.details.update(
+                operation="restore_staged",
+                table=name,
+                change_id=staged.change_id,
+                branch=staged.branch,
+                snapshot_before=staged.base_snapshot_id,
+                restore_to=snapshot_id,
+                approval_rule=rule.subject,
+            )
+            return staged
         outcome = restore_snapshot(self._warehouse, name, snapshot_id)
         self.record("dataset", name, "restore", version=outcome.snapshot_id)
         self.details.update(

@@ -42,7 +42,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lakegate.errors import ClientError, NotFound, PolicyDenied, ServerError
+from lakegate.errors import ClientError, NotFound, PolicyDenied, PolicyUnavailable, ServerError
 from lakegate.server.app import Runtime, create_server
 from lakegate.server.audit.refusals import REFUSAL_WINDOW_S, RefusalLog
 from lakegate.server.gate.identity import ANONYMOUS, CallOrigin, Principal, granted_roles, token_principal
@@ -355,7 +355,8 @@ def create_http_app(runtime: Runtime, *, refusal_window_s: float = REFUSAL_WINDO
             status = 403 if isinstance(exc, PolicyDenied) else 404 if isinstance(exc, NotFound) else 409
             return JSONResponse({"error": exc.outcome, "message": str(exc)}, status_code=status)
         except ServerError as exc:
-            return JSONResponse({"error": exc.outcome, "message": type(exc).public_message}, status_code=500)
+            status = 503 if isinstance(exc, PolicyUnavailable) else 500
+            return JSONResponse({"error": exc.outcome, "message": type(exc).public_message}, status_code=status)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
