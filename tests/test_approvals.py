@@ -27,6 +27,7 @@ from lakegate.server.cli.main import cli
 from lakegate.server.gate.identity import CallOrigin, stdio_principal
 from lakegate.server.settings import load_settings
 from tests.conftest import REPO, gate_call, runtime_with_policy_file
+from tests.test_audit_report import _parse
 from tests.test_http import _serving
 from tests.test_writes import TICKETS, build_write_home, read_rows, snapshots, ticket
 
@@ -370,3 +371,18 @@ def test_a_restore_waits_for_a_person_and_is_refused_when_the_table_moved_meanwh
         assert same.result is not None and same.result.model_dump()["status"] == "applied"
     finally:
         runtime.close()
+
+
+def test_the_audit_report_shows_changes_pending_and_decided(runtime: Runtime, home: Path, tmp_path: Path) -> None:
+    decided = _stage(runtime)
+    _decide(runtime, "data_steward", decided, approve=True)
+    pending = _stage(runtime, first=300)
+    page = tmp_path / "report.html"
+    args = ["--project", str(REPO), "audit", "report", "--log", str(tmp_path / "audit.jsonl"), "-o", str(page)]
+    made = CliRunner().invoke(cli, args, env={"LAKEGATE_HOME": str(home)})
+    assert made.exit_code == 0, made.output
+    rows = _parse(page.read_text(encoding="utf-8")).rows["table-changes"]
+    by_change = {row[0]: row for row in rows[1:]}
+    assert by_change[pending][5] == "pending" and by_change[pending][2] == "support_agent"
+    assert by_change[decided][5] == "approved" and by_change[decided][6] == "data_steward"
+    assert by_change[decided][4] == "25 rows" and by_change[decided][8]  # the snapshot that holds it

@@ -72,7 +72,19 @@ TOP = 15
 _SCHEMA_TOOLS = frozenset(
     {ToolName.LIST_DATASETS, ToolName.DESCRIBE_DATASET, ToolName.SEARCH_CATALOG, "explain_access"}
 )
-_WRITE_TOOLS = frozenset({ToolName.APPEND_ROWS, ToolName.RESTORE_TABLE, ToolName.ADD_DOCUMENTS})
+#: Calls that write, or decide a write: the tools, and what people do through the gate by command.
+_WRITE_TOOLS = frozenset(
+    {
+        ToolName.APPEND_ROWS,
+        ToolName.RESTORE_TABLE,
+        ToolName.ADD_DOCUMENTS,
+        "changes/approve",
+        "changes/reject",
+        "table/load",
+        "table/register",
+    }
+)
+_STAGED = ("append_staged", "restore_staged")
 _DECISION_ORDER = ("allow", "partial", "deny")
 _DECISION_COLOURS = {"allow": "#2e7d32", "partial": "#f9a825", "deny": "#c62828"}
 _OTHER_COLOUR = "#607d8b"
@@ -167,6 +179,21 @@ class WriteRow:
 
 
 @dataclass(frozen=True)
+class ChangeRow:
+    """One change staged for a person's approval, and its decision as far as the records show."""
+
+    change_id: str
+    requested: str  # time (UTC)
+    requested_by: str
+    table: str
+    what: str  # "21 rows" or "restore to <snapshot>"
+    status: str  # pending, approved, rejected
+    decided_by: str
+    decided: str  # time (UTC)
+    snapshot: str  # main's snapshot that holds an approved change
+
+
+@dataclass(frozen=True)
 class RawRow:
     """One record as the raw table shows it, with the whole record as indented JSON."""
 
@@ -205,6 +232,7 @@ class AuditReport:
     #: (principal, calls with a clear PII read, calls with a masked one, PII columns touched)
     pii_by_principal: tuple[tuple[str, int, int, str], ...]
     writes: tuple[WriteRow, ...]
+    changes: tuple[ChangeRow, ...]
     raw: tuple[RawRow, ...]
     raw_total: int
     untimed: int = 0
@@ -408,6 +436,38 @@ def _write(record: AuditRecord) -> WriteRow:
     )
 
 
+def _changes(calls: Sequence[AuditRecord]) -> tuple[ChangeRow, ...]:
+    """Every staged change in the records, newest first, with the decision that followed (if one
+    did: a change decided outside the selected records shows as pending)."""
+    decisions: dict[str, AuditRecord] = {}
+    for record in calls:
+        if record.tool in ("changes/approve", "changes/reject") and record.outcome == "ok":
+            decisions[str(_details(record).get("change_id"))] = record
+    rows = []
+    for record in calls:
+        details = _details(record)
+        if details.get("operation") not in _STAGED or record.outcome != "ok":
+            continue
+        change_id = str(details.get("change_id"))
+        decided = decisions.get(change_id)
+        outcome = _details(decided) if decided is not None else {}
+        restore = details.get("operation") == "restore_staged"
+        rows.append(
+            ChangeRow(
+                change_id=change_id,
+                requested=_time(record),
+                requested_by=record.principal,
+                table=_text(details.get("table")),
+                what=f"restore to {details.get('restore_to')}" if restore else f"{details.get('rows')} rows",
+                status=_text(outcome.get("decision")) if decided is not None else "pending",
+                decided_by=decided.principal if decided is not None else "",
+                decided=_time(decided) if decided is not None else "",
+                snapshot=_text(outcome.get("snapshot_after")) if decided is not None else "",
+            )
+        )
+    return tuple(reversed(rows))
+
+
 def _raw(record: AuditRecord) -> RawRow:
     names = [r.name for r in record.resources if r.type != "tool"]
     return RawRow(
@@ -478,6 +538,7 @@ def build_report(
         pii=tuple(pii),
         pii_by_principal=_pii_by_principal(pii),
         writes=tuple(writes),
+        changes=_changes(calls),
         raw=tuple(_raw(r) for r in reversed(shown)),  # newest first: what a reviewer looks at first
         raw_total=len(records),
         untimed=sum(r.written_at is None for r in calls),
