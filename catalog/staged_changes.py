@@ -20,10 +20,11 @@ Policy (who may stage, who may decide) is not decided here: the gate's scope doe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -130,8 +131,7 @@ def stage_append(
 
     data = prepared.batch()
     name = prepared.name
-    now = _now()
-    change_id = uuid.uuid4().hex[:16]
+    asked = _asked(name, requested_by, reason, expire_after_s)
     for _ in _attempts(name):
         table = warehouse.iceberg_table(name)
         base = table.metadata.current_snapshot_id
@@ -140,17 +140,7 @@ def stage_append(
                 f"{name} has no snapshot yet, so a change to it cannot be staged for approval.",
                 hint="Ask a data steward to load its first rows.",
             )
-        change = StagedChange(
-            change_id=change_id,
-            table=name,
-            status="pending",
-            requested_by=requested_by,
-            requested_at=now.isoformat(),
-            expires_at=(now + timedelta(seconds=expire_after_s)).isoformat(),
-            rows=prepared.rows,
-            base_snapshot_id=base,
-            reason=reason,
-        )
+        change = replace(asked, rows=prepared.rows, base_snapshot_id=base)
         if _record(table, change, branch_at=base):
             break
     try:
@@ -159,7 +149,7 @@ def stage_append(
         _discard(warehouse, name, change)
         raise
     staged = warehouse.iceberg_table(name).metadata.refs[change.branch].snapshot_id
-    log.info("change.staged", table=name, change_id=change_id, rows=prepared.rows)
+    log.info("change.staged", table=name, change_id=change.change_id, rows=prepared.rows)
     return replace(change, staged_snapshot_id=staged)
 
 
@@ -181,8 +171,8 @@ def stage_restore(
         LimitExceeded: other writers committed first on every attempt; nothing was staged.
     """
 
-    now = _now()
-    change_id = uuid.uuid4().hex[:16]
+    asked = _asked(name, requested_by, reason, expire_after_s)
+    now = datetime.fromisoformat(asked.requested_at)
     for _ in _attempts(name):
         table = restore_target(warehouse, name, snapshot_id)
         base = table.metadata.current_snapshot_id
@@ -190,31 +180,35 @@ def stage_restore(
             return None
         for key in table.properties:
             if key.startswith(CHANGE_PROPERTY_PREFIX):
-                asked = _read(table, name, key.removeprefix(CHANGE_PROPERTY_PREFIX))
-                same = (asked.kind, asked.target_snapshot_id, asked.base_snapshot_id, asked.requested_by)
+                earlier = _read(table, name, key.removeprefix(CHANGE_PROPERTY_PREFIX))
+                same = (earlier.kind, earlier.target_snapshot_id, earlier.base_snapshot_id, earlier.requested_by)
                 if (
-                    asked.status == "pending"
-                    and not asked.expired(now)
+                    earlier.status == "pending"
+                    and not earlier.expired(now)
                     and same == ("restore", snapshot_id, base, requested_by)
                 ):
-                    return asked  # asked again: the same change (restore_table is idempotent)
-        change = StagedChange(
-            change_id=change_id,
-            table=name,
-            status="pending",
-            requested_by=requested_by,
-            requested_at=now.isoformat(),
-            expires_at=(now + timedelta(seconds=expire_after_s)).isoformat(),
-            rows=0,
-            base_snapshot_id=base,
-            reason=reason,
-            kind="restore",
-            target_snapshot_id=snapshot_id,
-        )
+                    return earlier  # asked again: the same change (restore_table is idempotent)
+        change = replace(asked, base_snapshot_id=base, kind="restore", target_snapshot_id=snapshot_id)
         if _record(table, change, branch_at=snapshot_id):
-            log.info("change.staged", table=name, change_id=change_id, restore_to=snapshot_id)
+            log.info("change.staged", table=name, change_id=change.change_id, restore_to=snapshot_id)
             return replace(change, staged_snapshot_id=snapshot_id)
     raise AssertionError("unreachable: _attempts raises when every attempt lost")
+
+
+def _asked(table: str, requested_by: str, reason: str, expire_after_s: float) -> StagedChange:
+    """A new pending change to `table`, asked now; the caller sets what it holds and its base snapshot."""
+    now = _now()
+    return StagedChange(
+        change_id=uuid.uuid4().hex[:16],
+        table=table,
+        status="pending",
+        requested_by=requested_by,
+        requested_at=now.isoformat(),
+        expires_at=(now + timedelta(seconds=expire_after_s)).isoformat(),
+        rows=0,
+        base_snapshot_id=0,
+        reason=reason,
+    )
 
 
 def _record(table: IcebergTable, change: StagedChange, *, branch_at: int) -> bool:
@@ -377,17 +371,21 @@ def _staged_files(table: IcebergTable, snapshot_id: int) -> list[Any]:
     ]
 
 
-def expire_due(warehouse: Warehouse, now: datetime | None = None) -> list[StagedChange]:
-    """Expire every pending change past its time (their branches are removed); returns them."""
+def expire_due(
+    warehouse: Warehouse, changes: Sequence[StagedChange], now: datetime | None = None
+) -> list[StagedChange]:
+    """`changes` as they stand once every pending one past its time is expired (its branch removed)."""
     now = now or _now()
-    expired = []
-    for change in list_changes(warehouse):
+    current = []
+    for change in changes:
         if change.expired(now):
-            try:
+            # Expiring raises InvalidArgument by design (as it would to an approver); so does a
+            # decision someone made meanwhile. Reading the change again says which happened.
+            with contextlib.suppress(InvalidArgument):
                 decide(warehouse, change.table, change.change_id, approve=False, by="lakegate", now=now)
-            except InvalidArgument:
-                expired.append(replace(change, status="expired", decided_at=now.isoformat()))
-    return expired
+            change = _read(warehouse.iceberg_table(change.table), change.table, change.change_id)
+        current.append(change)
+    return current
 
 
 def list_changes(warehouse: Warehouse) -> list[StagedChange]:

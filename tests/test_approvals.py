@@ -246,6 +246,14 @@ def test_a_change_left_undecided_expires_and_is_removed(home: Path, tmp_path: Pa
     try:
         change_id = _stage(runtime, count=1)
         time.sleep(1.0)  # 0.72 s
+        # Listing what there is to decide expires it first: nothing is left to decide.
+        who = stdio_principal("data_steward", runtime.enforcer)
+        listed = anyio.run(
+            partial(
+                runtime.gate.request, "changes/list", {}, who, CallOrigin("cli", "cli"), lambda s: s.changes_to_decide()
+            )
+        )
+        assert listed == []
         with pytest.raises(InvalidArgument, match="expired"):
             _decide(runtime, "data_steward", change_id, approve=True)
         status = gate_call(runtime, "support_agent", "change_status", {"change_id": change_id})

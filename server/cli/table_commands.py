@@ -8,7 +8,7 @@ rows set aside and the snapshot written (never the files' full paths).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import click
 from rich.console import Console
@@ -23,7 +23,7 @@ from lakegate.server.cli.context import as_principal, through_gate
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from lakegate.catalog.file_loader import Rejected
+    from lakegate.catalog.file_loader import LoadMode, Rejected
 
 __all__ = ["table"]
 
@@ -108,14 +108,14 @@ def load_command(
         return
     if loaded.data.num_rows == 0:
         raise click.ClickException("No row of the files can be loaded; nothing was written.")
-    chosen = mode or "create"
+    chosen = cast("LoadMode", mode or "create")  # click's flag values are the three modes
     arguments = {"table": name, "mode": chosen, "files": str(len(files)), "partition_by": ",".join(partition_by)}
     outcome = through_gate(
         ctx,
         principal,
         "table/load",
         arguments,
-        lambda scope: scope.load_table(loaded, name, mode=chosen, partition_by=partition_by),  # type: ignore[arg-type]
+        lambda scope: scope.load_table(loaded, name, mode=chosen, partition_by=partition_by),
     )
     if isinstance(outcome, StagedChange):
         click.echo(

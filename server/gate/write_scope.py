@@ -275,9 +275,12 @@ class WriteScope:
     def changes_to_decide(self, include_decided: bool = False) -> list[StagedChange]:
         """The changes on datasets the caller may approve: pending ones (and decided ones when
         asked). Pending changes past their time are expired first (their branches removed)."""
-        for change in expire_due(self._warehouse):
-            self.record("change", change.change_id, "expired")
-        found = [c for c in list_changes(self._warehouse) if include_decided or c.status == "pending"]
+        listed = list_changes(self._warehouse)
+        current = expire_due(self._warehouse, listed)
+        for before, now in zip(listed, current, strict=True):
+            if now.status != before.status:
+                self.record("change", now.change_id, now.status)
+        found = [c for c in current if include_decided or c.status == "pending"]
         visible = [c for c in found if self.decide(c.table, "approve").allowed]
         self.rows = len(visible)
         return visible
