@@ -97,10 +97,22 @@ class ScanPlan:
     rows: int = 0  # rows in those files, from the manifests
     unpruned_files: int | None = None  # with the query's filters applied (`ScanPlanner.prune`): the
     # files of the whole snapshot
+    column_bytes: tuple[tuple[int, int], ...] = ()  # (field id, compressed bytes of its column chunks
+    # in those files, from the manifests' column sizes)
 
     @property
     def bytes(self) -> int:
         return sum(size for _, size in self.files)
+
+    def bytes_to_read(self, columns: Collection[str]) -> int:
+        """The bytes of data a read of `columns` (names, any case) scans: their column chunks in the
+        planned files. Footers are not counted: the worker reads each file's once and keeps it. Files
+        whose manifests leave out column sizes count whole."""
+        if self.files and not self.column_bytes:
+            return self.bytes
+        wanted = {column.lower() for column in columns}
+        ids = {c.field_id for c in self.columns if c.name.lower() in wanted}
+        return sum(size for field_id, size in self.column_bytes if field_id in ids)
 
     def source(self, columns: Collection[str] | None = None) -> TableSource:
         """What the query worker may read of this plan: its files, and `columns` (default: all)."""
@@ -112,6 +124,16 @@ class ScanPlan:
             ),
             files=self.files,
         )
+
+
+def _column_bytes(tasks: Sequence[FileScanTask]) -> tuple[tuple[int, int], ...]:
+    """Per field id, the compressed bytes of its column chunks in the tasks' files (manifests that
+    leave out column sizes count nothing)."""
+    sizes: dict[int, int] = {}
+    for task in tasks:
+        for field_id, size in (task.file.column_sizes or {}).items():
+            sizes[field_id] = sizes.get(field_id, 0) + size
+    return tuple(sorted(sizes.items()))
 
 
 def refuse_row_deletes(table: str, tasks: list[FileScanTask]) -> None:
@@ -208,6 +230,7 @@ class ScanPlanner:
             )
             files: tuple[tuple[str, int], ...] = ()
             rows = 0
+            column_bytes: tuple[tuple[int, int], ...] = ()
             if snapshot_id is not None:
                 try:
                     tasks = list(table.scan(snapshot_id=snapshot_id).plan_files())
@@ -218,7 +241,8 @@ class ScanPlanner:
                 refuse_row_deletes(name, tasks)
                 files = tuple((self._path(task.file.file_path), task.file.file_size_in_bytes) for task in tasks)
                 rows = sum(task.file.record_count for task in tasks)
-        plan = ScanPlan(name, snapshot_id, columns, files, rows)
+                column_bytes = _column_bytes(tasks)
+        plan = ScanPlan(name, snapshot_id, columns, files, rows, column_bytes=column_bytes)
         with self._lock:
             self._plans[key] = plan
         return plan
@@ -262,7 +286,7 @@ class ScanPlanner:
         refuse_row_deletes(plan.table, tasks)  # the same snapshot's unpruned plan had none: never raises
         files = tuple((self._path(task.file.file_path), task.file.file_size_in_bytes) for task in tasks)
         rows = sum(task.file.record_count for task in tasks)
-        return replace(plan, files=files, rows=rows, unpruned_files=len(plan.files))
+        return replace(plan, files=files, rows=rows, unpruned_files=len(plan.files), column_bytes=_column_bytes(tasks))
 
     def _path(self, location: str) -> str:
         """Where the worker reads a planned file: a local path, or "bucket/key" under the warehouse.

@@ -69,6 +69,7 @@ class EngineResult:
     complete: bool  # the rows were read to the end of the result
     scanned: dict[str, list[str]] = field(default_factory=dict)  # placeholder -> columns the engine read
     plan: str | None = None
+    bytes_read: int | None = None  # what the worker read from files while running it (local files only)
 
 
 class _WorkerDied(Exception):
@@ -253,7 +254,8 @@ class QueryEngine:
 
         table = pa.ipc.open_stream(payload).read_all()
         scanned = {str(tag): [str(c) for c in columns] for tag, columns in header.get("scanned", {}).items()}
-        return EngineResult(table, bool(header["complete"]), scanned)
+        read = header.get("bytes_read")
+        return EngineResult(table, bool(header["complete"]), scanned, bytes_read=None if read is None else int(read))
 
     def explain(self, sql: str, sources: Mapping[str, TableSource], masks: Mapping[str, str] | None = None) -> str:
         """DuckDB's physical plan for `sql`, without running it.

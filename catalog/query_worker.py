@@ -96,8 +96,11 @@ class Worker:
         sandbox: duckdb.DuckDBPyConnection,
         cache: FragmentCache,
         mask_functions: Mapping[str, str],
+        *,
+        count_reads: bool = False,
     ) -> None:
         self._channel = channel
+        self._count_reads = count_reads  # local files: the process's read counter measures what a query read
         self._sandbox = sandbox
         self._cache = cache
         self._mask_functions = dict(mask_functions)  # method -> this sandbox's macro
@@ -163,13 +166,16 @@ class Worker:
                 rows = self._sandbox.execute(f"EXPLAIN {sql}").fetchall()
                 self._send({"type": "plan", "plan": "\n".join(str(row[-1]) for row in rows)})
             else:
+                before = _bytes_read() if self._count_reads else None
                 table, complete = self._execute(sql, job)
+                read = _read_since(before)
                 table, complete, oversize = _trim(table, complete, job.max_bytes)
                 if oversize is not None:
                     self._send({"type": "error", "kind": "row_too_large", "message": "", "bytes": oversize})
                 else:
                     scanned = {tag: sorted(columns) for tag, columns in running.scanned.items()}
-                    self._send({"type": "result", "complete": complete, "scanned": scanned}, _ipc(table))
+                    header = {"type": "result", "complete": complete, "scanned": scanned, "bytes_read": read}
+                    self._send(header, _ipc(table))
         except BaseException as exc:  # every failure is answered; the worker goes on serving
             kind, message = classify_error(exc, job.sql)
             if running.interrupted is not None and kind in ("timeout", "backend", "invalid"):
@@ -256,6 +262,30 @@ def _ipc(table: pa.Table) -> bytes:
     return bytes(sink.getvalue().to_pybytes())
 
 
+def _bytes_read() -> tuple[int, int] | None:
+    """Linux's count of the bytes this process has read from files (`rchar`), and the size of this
+    read of it (counted only after it), or None where the counter does not exist. One query runs at
+    a time in a worker, so the difference over a query is what it read (with the few bytes of a
+    cancel message that may arrive meanwhile)."""
+    try:
+        with open("/proc/self/io", "rb", buffering=0) as counters:
+            text = counters.readall()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(b"rchar:"):
+            return int(line.split()[1]), len(text)
+    return None
+
+
+def _read_since(before: tuple[int, int] | None) -> int | None:
+    """The bytes read since `_bytes_read()` answered `before`."""
+    after = _bytes_read()
+    if before is None or after is None:
+        return None
+    return after[0] - before[0] - before[1]
+
+
 def _limit_memory(limit: int | None) -> None:
     if limit is not None:
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
@@ -273,7 +303,8 @@ def run_worker(channel: Connection) -> None:
     spill.mkdir(parents=True, exist_ok=True)
     config = replace(init.sandbox, spill_dir=str(spill), mask_suffix=f"_{secrets.token_hex(8)}")
     sandbox = open_sandbox(config)
-    worker = Worker(channel, sandbox, FragmentCache(init.filesystem or LocalFileSystem()), config.mask_functions())
+    cache = FragmentCache(init.filesystem or LocalFileSystem())
+    worker = Worker(channel, sandbox, cache, config.mask_functions(), count_reads=init.filesystem is None)
     channel.send_bytes(json.dumps({"type": "ready", "pid": os.getpid()}).encode())
     threading.Thread(target=worker.listen, name="lakegate-worker-listen", daemon=True).start()
     worker.serve()

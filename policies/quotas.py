@@ -4,8 +4,9 @@ Four kinds of limit, each checked by the gate before a tool call runs (server/ga
 
 - ``calls_per_minute``, per tool family (`TOOL_FAMILIES`): calls started in the current UTC minute;
 - ``concurrent_calls``: calls running at once;
-- ``daily_scan_bytes``: bytes of data files planned by governed and metric queries since 00:00 UTC
-  (a query whose estimate does not fit in what is left is refused before it runs);
+- ``daily_scan_bytes``: bytes of data (the columns read, in the planned files) planned by governed
+  and metric queries since 00:00 UTC (a query whose estimate does not fit in what is left is
+  refused before it runs);
 - ``daily_rows``: rows returned by queries and searches since 00:00 UTC.
 
 Which entry applies, limit by limit: the principal's own entry when it sets that limit (the most

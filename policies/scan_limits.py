@@ -42,7 +42,7 @@ class _File(BaseModel):
 
 @dataclass(frozen=True)
 class ScanLimit:
-    """The most one query of `subject`'s may plan to read, in bytes of data files."""
+    """The most one query of `subject`'s may plan to read, in bytes of the columns it reads."""
 
     subject: str
     max_scan_bytes: int

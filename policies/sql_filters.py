@@ -19,7 +19,10 @@ A condition is pushed for table T only when all of this holds:
   statistics hold the stored one), and the literal converts exactly to the column's type by the
   rules DuckDB uses (integers to integer columns, strings to VARCHAR, ISO dates and timestamps to
   DATE and TIMESTAMP columns, timestamps in the sandbox's UTC to TIMESTAMPTZ, decimals with no more
-  digits after the point than the column keeps). Floating point columns are never pushed (NaN).
+  digits after the point than the column keeps). Floating point columns are never pushed (NaN);
+- or it compares a period of such a time column, `date_trunc('unit', column)` (perhaps cast to DATE,
+  as the metric compiler writes `metric_time__month`), with a date or timestamp: then what is pushed
+  is a range on the column itself that every row of the period passes (`_period_filters`).
 """
 
 from __future__ import annotations
@@ -153,8 +156,15 @@ def _term_filters(term: exp.Expr, alias: str, columns: Mapping[str, str]) -> lis
             if (found := _column(column, alias, columns)) is not None:
                 value = _value(other, columns[found])
                 return [] if value is None else [ColumnFilter(found, op, value)]
+            if (truncated := _truncated(column, alias, columns)) is not None:
+                return _period_filters(truncated, op, other, columns[truncated.column])
         return []
     if isinstance(term, exp.Between) and not term.args.get("symmetric"):
+        if (truncated := _truncated(term.this, alias, columns)) is not None:
+            kind = columns[truncated.column]
+            since = _period_filters(truncated, ">=", term.args.get("low"), kind)
+            until = _period_filters(truncated, "<=", term.args.get("high"), kind)
+            return since + until if since and until else []
         if (found := _column(term.this, alias, columns)) is None:
             return []
         low, high = _value(term.args.get("low"), columns[found]), _value(term.args.get("high"), columns[found])
@@ -177,6 +187,126 @@ def _column(node: exp.Expr | None, alias: str, columns: Mapping[str, str]) -> st
         return None
     name = str(node.name).lower()
     return name if name in columns else None
+
+
+@dataclass(frozen=True)
+class _Truncated:
+    """`date_trunc(unit, column)`, perhaps read as a DATE: the period a row's time falls in."""
+
+    column: str
+    unit: str  # second, minute, hour, day, week, month, quarter or year
+
+
+_UNITS = ("second", "minute", "hour", "day", "week", "month", "quarter", "year")
+_TIMESTAMP_CASTS = frozenset({DType.TIMESTAMP, DType.TIMESTAMPNTZ})
+
+
+def _truncated(node: exp.Expr | None, alias: str, columns: Mapping[str, str]) -> _Truncated | None:
+    """What `node` truncates, when it is `date_trunc('unit', C)` of a time column C of the table
+    (C perhaps cast to TIMESTAMP, the whole perhaps cast to DATE): the shape the metric compiler
+    writes for `metric_time__month` and an agent for a period."""
+    as_date = isinstance(node, exp.Cast) and isinstance(node.to, exp.DataType) and node.to.this == DType.DATE
+    if as_date:
+        assert isinstance(node, exp.Cast)
+        node = node.this
+    if not isinstance(node, (exp.TimestampTrunc, exp.DateTrunc)) or node.args.get("zone") is not None:
+        return None
+    unit = str(node.args["unit"].name if node.args.get("unit") is not None else "").lower()
+    inner = node.this
+    if isinstance(inner, exp.Cast) and isinstance(inner.to, exp.DataType) and inner.to.this in _TIMESTAMP_CASTS:
+        inner = inner.this
+    if unit not in _UNITS or (found := _column(inner, alias, columns)) is None:
+        return None
+    family = _family(columns[found].upper())
+    if family not in ("DATE", "TIMESTAMP", "TIMESTAMPTZ"):
+        return None
+    if (as_date or family == "DATE") and _UNITS.index(unit) < _UNITS.index("day"):
+        return None  # a day's part of a date: left to DuckDB
+    return _Truncated(found, unit)
+
+
+def _period_filters(truncated: _Truncated, op: Operator, other: exp.Expr | None, kind: str) -> list[ColumnFilter]:
+    """Filters on the column itself that every row passing `date_trunc(unit, column) op other` also
+    passes (so dropping files by them loses none of its rows). A period starts at or before any time
+    in it, and ends before the next period starts:
+
+        trunc(c) >= L  =>  c >= L                      trunc(c) > L  =>  c > L
+        trunc(c) <= L or trunc(c) < L  =>  c < the start of the period after L's
+        trunc(c) = L   =>  both
+    """
+    if op == "in":
+        return []
+    bound = _time_literal(other)
+    if bound is None:
+        return []
+    family = _family(kind.upper())
+    if family == "DATE" and bound.time() != datetime.min.time():
+        return []
+    lower: list[ColumnFilter] = []
+    upper: list[ColumnFilter] = []
+    if op in (">=", ">", "="):
+        lower = [ColumnFilter(truncated.column, ">" if op == ">" else ">=", _as_column_value(bound, family))]
+    if op in ("<=", "<", "="):
+        after = _next_period(_period_start(bound, truncated.unit), truncated.unit)
+        upper = [ColumnFilter(truncated.column, "<", _as_column_value(after, family))]
+    return lower + upper
+
+
+def _time_literal(node: exp.Expr | None) -> datetime | None:
+    """A string literal (perhaps cast to DATE or TIMESTAMP) holding an ISO date or a timestamp
+    without an offset, as a naive datetime."""
+    if isinstance(node, exp.Cast) and isinstance(node.to, exp.DataType):
+        if node.to.this not in _TIMESTAMP_CASTS | {DType.DATE}:
+            return None
+        node = node.this
+    if not isinstance(node, exp.Literal) or not node.is_string:
+        return None
+    match = _TIMESTAMP_TEXT.match(str(node.this))
+    if match is None or match.group("offset"):
+        return None
+    try:
+        return datetime.fromisoformat(f"{match.group('date')}T{match.group('time') or '00:00'}")
+    except ValueError:
+        return None
+
+
+def _as_column_value(value: datetime, family: str) -> Value:
+    if family == "DATE":
+        return value.date()
+    if family == "TIMESTAMPTZ":
+        return value.replace(tzinfo=UTC)  # the sandbox truncates and casts in UTC
+    return value
+
+
+def _period_start(value: datetime, unit: str) -> datetime:
+    """DuckDB's date_trunc(unit, value)."""
+    if unit == "second":
+        return value.replace(microsecond=0)
+    if unit == "minute":
+        return value.replace(second=0, microsecond=0)
+    if unit == "hour":
+        return value.replace(minute=0, second=0, microsecond=0)
+    day = value.replace(hour=0, minute=0, second=0, microsecond=0)
+    if unit == "day":
+        return day
+    if unit == "week":
+        return day - timedelta(days=day.weekday())  # ISO weeks start on Monday
+    if unit == "month":
+        return day.replace(day=1)
+    if unit == "quarter":
+        return day.replace(month=(day.month - 1) // 3 * 3 + 1, day=1)
+    return day.replace(month=1, day=1)
+
+
+def _next_period(start: datetime, unit: str) -> datetime:
+    steps = {"second": timedelta(seconds=1), "minute": timedelta(minutes=1), "hour": timedelta(hours=1)}
+    if unit in steps:
+        return start + steps[unit]
+    if unit in ("day", "week"):
+        return start + timedelta(days=1 if unit == "day" else 7)
+    months = {"month": 1, "quarter": 3, "year": 12}[unit]
+    index = start.year * 12 + start.month - 1 + months
+    return start.replace(year=index // 12, month=index % 12 + 1)
 
 
 def _value(node: exp.Expr | None, duckdb_type: str) -> Value | None:

@@ -29,6 +29,7 @@ from lakegate.catalog.demo import (
     build_demo,
 )
 from lakegate.catalog.demo_data import KnowledgeBase, TicketTemplates, Vocabulary, parse_demo_file, vocabulary
+from lakegate.catalog.demo_iceberg import LAYOUTS
 from lakegate.catalog.demo_kb import kb_readers
 from lakegate.catalog.document_search import CLASSIFICATIONS
 from lakegate.catalog.embedder import (
@@ -46,15 +47,7 @@ from lakegate.errors import ConfigurationError, InvalidArgument, NotFound
 from lakegate.policies.document_readers import load_document_readers, parse_document_readers
 
 REPO = Path(__file__).resolve().parents[1]
-ICEBERG_TABLES = (
-    "sales.customers",
-    "sales.products",
-    "sales.orders",
-    "sales.order_items",
-    "finance.payments",
-    "finance.refunds",
-    "support.tickets",
-)
+ICEBERG_TABLES = tuple(LAYOUTS)  # the demo's Iceberg tables
 
 
 @dataclass(frozen=True)

@@ -210,8 +210,9 @@ def test_a_query_that_does_not_fit_in_the_daily_scan_budget_is_refused_before_it
 ) -> None:
     runtime = _runtime(demo_home, tmp_path, GATE_QUOTAS)
     try:
-        # One month of orders is a few kB of files; the whole table (about 260 kB) is more than 40 kB.
-        whole = "SELECT count(*) AS n FROM sales.orders"
+        # One month of orders is a few kB of columns; three columns of the whole table (about 87 kB)
+        # are more than 40 kB.
+        whole = "SELECT count(DISTINCT customer_id), sum(total_amount), max(order_ts) FROM sales.orders"
         refused = gate_call(runtime, "data_steward", "query", {"sql": whole})
         assert isinstance(refused.error, QuotaExceeded) and refused.error.limit == "daily_scan_bytes"
         assert "not run" in str(refused.error) and "40.0 kB" in str(refused.error)

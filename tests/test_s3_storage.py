@@ -28,6 +28,7 @@ from psycopg import sql
 from lakegate.catalog.arrow_relations import RELATION_PREFIX
 from lakegate.catalog.definitions import load_definitions
 from lakegate.catalog.demo import build_demo
+from lakegate.catalog.demo_iceberg import LAYOUTS
 from lakegate.catalog.object_store import ObjectStore
 from lakegate.catalog.warehouse import Warehouse
 from lakegate.errors import InvalidQuery, LakegateError, NotFound
@@ -39,15 +40,7 @@ from tests.conftest import gate_call, gate_ok
 
 REPO = Path(__file__).resolve().parents[1]
 ACCESS_KEY, SECRET_KEY = "lakegate-test", "lakegate-test-secret"
-DEMO_TABLES = (
-    "sales.customers",
-    "sales.products",
-    "sales.orders",
-    "sales.order_items",
-    "finance.payments",
-    "finance.refunds",
-    "support.tickets",
-)
+DEMO_TABLES = tuple(LAYOUTS)  # the demo's Iceberg tables
 
 
 # --- the S3 server ---------------------------------------------------------------------------

@@ -227,19 +227,25 @@ def run_query(
         rewritten = re.sub(re.escape(function), mask_macro_name(method).upper(), rewritten, flags=re.IGNORECASE)
     snapshots = {name: plan.snapshot_id for name, plan in plans.items()}
     applied = {name: [f.sql() for f in found] for name, found in filters.items() if found}
+    # The bytes each scan reads: the column chunks of the columns the query and its row filters read
+    # (a scan that needs none, as count(*), reads its source's first column).
+    to_read: dict[str, int] = {}
+    for placeholder, name in placeholders.items():
+        needed = set(read[name]) | {column for found in filters[name] for column in found.columns()}
+        to_read[name] = plans[name].bytes_to_read(needed or [c.name for c in sources[placeholder].columns[:1]])
     scope.details.update(
         rewritten_sql=rewritten,
         snapshots=snapshots,
         row_filters=applied,
         masked_columns=masked,
-        planned_scan={name: _scan_estimate(plan) for name, plan in plans.items()},
+        planned_scan={name: _scan_estimate(plan, to_read[name]) for name, plan in plans.items()},
     )
     limit = scope.scan_limit()
-    over: LimitExceeded | None = _over_limit(plans, filters, limit)
+    over: LimitExceeded | None = _over_limit(plans, to_read, filters, limit)
     if over is not None and not explain:
         scope.details["scan_limit"] = limit.max_scan_bytes if limit else None
         raise over
-    planned = sum(plan.bytes for plan in plans.values())
+    planned = sum(to_read.values())
     budget = scope.scan_budget
     # A query through a row filter is counted after it runs but not compared with what is left
     # first: the caller steers what is left to the byte (with queries of clear tables), so the
@@ -254,7 +260,7 @@ def run_query(
         for name in query.tables:
             scope.record("dataset", name, "planned", plans[name].snapshot_id)
         physical = _without_estimates(engine.explain(template, sources, masks=_by_function(masks)))
-        summary = _scan_summary(plans, filters)
+        summary = _scan_summary(plans, to_read, filters)
         if over is not None:
             summary += f"\n{over.message}"
         plan = f"{summary}\n\n{physical}"
@@ -275,6 +281,8 @@ def run_query(
             masks=_by_function(masks),
         )
         scanned = _scanned_tables(result.scanned, placeholders, sources)
+        if result.bytes_read is not None:
+            scope.details["bytes_read"] = result.bytes_read  # measured, beside planned_scan's estimate
     finally:
         # What the engine says it read; a table it did not scan (the call failed, or the optimiser
         # dropped it) was only planned.
@@ -291,16 +299,18 @@ def run_query(
     return shown if result.complete else replace(shown, more=True)
 
 
-def _scan_estimate(plan: ScanPlan) -> dict[str, int]:
-    """What the plan will read: files, bytes and rows (and the snapshot's files before the query's
-    filters pruned them)."""
-    estimate = {"files": len(plan.files), "bytes": plan.bytes, "rows": plan.rows}
+def _scan_estimate(plan: ScanPlan, to_read: int) -> dict[str, int]:
+    """What the plan will read: files, their bytes, the bytes of the columns read in them, and rows
+    (and the snapshot's files before the query's filters pruned them)."""
+    estimate = {"files": len(plan.files), "file_bytes": plan.bytes, "bytes": to_read, "rows": plan.rows}
     if plan.unpruned_files is not None:
         estimate["files_before_pruning"] = plan.unpruned_files
     return estimate
 
 
-def _scan_summary(plans: Mapping[str, ScanPlan], filters: Mapping[str, list[RowFilter]]) -> str:
+def _scan_summary(
+    plans: Mapping[str, ScanPlan], to_read: Mapping[str, int], filters: Mapping[str, list[RowFilter]]
+) -> str:
     """The scan estimate as explain shows it, one line per table. Not for a table the caller reads
     through a row filter: its files, bytes and rows count rows the caller may not see."""
     lines = []
@@ -309,32 +319,42 @@ def _scan_summary(plans: Mapping[str, ScanPlan], filters: Mapping[str, list[RowF
             lines.append(f"{name}: not shown (a row filter applies to you)")
             continue
         pruned = "" if plan.unpruned_files is None else f" of {plan.unpruned_files:,} (pruned by the query's filters)"
-        lines.append(f"{name}: {len(plan.files):,} files{pruned}, {plan.bytes:,} bytes, {plan.rows:,} rows")
+        lines.append(
+            f"{name}: {len(plan.files):,} files{pruned}, {to_read[name]:,} bytes to read (the columns read, "
+            f"of {plan.bytes:,} bytes in those files), {plan.rows:,} rows"
+        )
     return "Scan estimate:\n" + "\n".join(lines)
 
 
 def _over_limit(
-    plans: Mapping[str, ScanPlan], filters: Mapping[str, list[RowFilter]], limit: ScanLimit | None
+    plans: Mapping[str, ScanPlan],
+    to_read: Mapping[str, int],
+    filters: Mapping[str, list[RowFilter]],
+    limit: ScanLimit | None,
 ) -> LimitExceeded | None:
-    """The refusal of a query whose plans read more bytes than the caller's scan limit, or None.
+    """The refusal of a query whose scans read more bytes than the caller's scan limit, or None.
 
     The message gives each table's files and bytes, unless the caller reads one of them through a
     row filter (its files count rows the caller may not see): then only that the limit is exceeded.
     """
-    if limit is None or sum(plan.bytes for plan in plans.values()) <= limit.max_scan_bytes:
+    if limit is None or sum(to_read.values()) <= limit.max_scan_bytes:
         return None
     sizes = ""
     if not any(filters.get(name) for name in plans):
         sizes = (
             " ("
-            + "; ".join(f"{name}: {len(p.files):,} files, {human_size(p.bytes)}" for name, p in plans.items())
+            + "; ".join(
+                f"{name}: {len(p.files):,} files, {human_size(to_read[name])} of the columns read"
+                for name, p in plans.items()
+            )
             + ")"
         )
     return LimitExceeded(
         f"This query would read more than the {human_size(limit.max_scan_bytes)} of data files one query of yours "
         f"may read{sizes}: it was not run.",
-        hint="Narrow it with WHERE conditions comparing columns with values (a time range on the table's "
-        "partition column prunes the most; describe_dataset shows the partitioning), or ask for a metric. "
+        hint="Select only the columns you need, narrow it with WHERE conditions comparing columns with values "
+        "(a time range on the table's partition column prunes the most; describe_dataset shows the "
+        "partitioning), or ask for a metric. "
         "query with explain: true shows the estimate.",
     )
 

@@ -34,9 +34,9 @@ class ScanBudget:
     def refusal(self, planned: int) -> QuotaExceeded:
         return QuotaExceeded(
             f"This query would take {_whose(self.limit)} queries past the daily scan quota of "
-            f"{human_size(self.limit.allowed)} (bytes of data files planned since 00:00 UTC): it was not run.",
-            hint="Narrow it to read less (a time range on the table's partition column; query with explain: "
-            "true shows the estimate), ask for a metric, or retry after the quota resets in "
+            f"{human_size(self.limit.allowed)} (bytes of columns planned to be read since 00:00 UTC): it was not run.",
+            hint="Narrow it to read less (fewer columns, a time range on the table's partition column; query "
+            "with explain: true shows the estimate), ask for a metric, or retry after the quota resets in "
             f"{_wait(self.retry_after_s)}.",
             limit=self.limit.name,
             used=self.limit.allowed - self.left + planned,
