@@ -12,8 +12,9 @@ step must leave one, and the MCP client lists the tools by itself after its firs
 it has not listed); no new record carries a key or a server path; and nothing lakegate says
 itself, outside the data fields (tool descriptions, the initialize instructions, error messages,
 the text around the data), reads as an instruction to the agent (`evals.scenario_checks`). The
-runner starts one server per principal and runs that principal's scenarios in it, in file order;
-a scenario stops at its first failing step.
+runner starts one server per principal and runs that principal's scenarios in it, in file order
+(a scenario with `own_server: true` gets a server of its own); a scenario stops at its first
+failing step.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class StepResult(_Strict):
     passed: bool
     reason: str | None = None
     seconds: float
+    calls: int = Field(0, description="Tool calls the step made (more than one with until_error).")
 
 
 class ScenarioResult(_Strict):
@@ -109,7 +111,8 @@ class EvalReport(_Strict):
     audit_verified: bool
     audit_problem: str | None = None
     startup_seconds: dict[str, float] = Field(
-        description="Time to start each principal's server and answer its warm-up call, by principal."
+        description="Time to start each server and answer its warm-up call, by principal (or "
+        "principal-scenario for a scenario with a server of its own)."
     )
     cpus: int | None = Field(description="CPU cores of the machine that ran the eval.")
     load_average: float | None = Field(description="1-minute load average when the eval started (shared machines).")
@@ -146,6 +149,10 @@ class _AuditWatch:
 # --- running ----------------------------------------------------------------------------------------
 
 
+#: What `_call` answers for a call that succeeded where `until_error` waits for one that fails.
+_NOT_YET = "the call succeeded (not yet the expected error)"
+
+
 def _short(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -159,6 +166,7 @@ class _Session:
         self.principal = principal
         self.audit = audit
         self.forbidden = forbidden
+        self.calls = 0  # tool calls made so far
 
     async def run(self, scenario: Scenario) -> ScenarioResult:
         started = time.perf_counter()
@@ -166,7 +174,7 @@ class _Session:
         results: list[StepResult] = []
         reason = None
         for index, step in enumerate(scenario.steps, 1):
-            step_started = time.perf_counter()
+            step_started, calls_before = time.perf_counter(), self.calls
             try:
                 problem = await self._step(step, saved)
             except Exception as exc:  # the eval reports it; the next scenario still runs
@@ -178,6 +186,7 @@ class _Session:
                     passed=problem is None,
                     reason=problem,
                     seconds=round(time.perf_counter() - step_started, 3),
+                    calls=self.calls - calls_before,
                 )
             )
             if problem is not None:
@@ -198,7 +207,9 @@ class _Session:
 
     async def _step(self, step: Step, saved: dict[str, Any]) -> str | None:
         expect = Expect.model_validate(substitute(step.expect.model_dump(exclude_unset=True), saved))
-        if step.call is not None:
+        if step.call is not None and step.until_error is not None:
+            problem = await self._call_until_error(step.call, substitute(step.args, saved), expect, step.until_error)
+        elif step.call is not None:
             problem = await self._call(step.call, substitute(step.args, saved), expect, step.save, saved)
         elif step.list_tools:
             problem = await self._list_tools(expect)
@@ -208,9 +219,24 @@ class _Session:
             problem = self._no_call_audited(listed=step.list_tools)
         return problem
 
+    async def _call_until_error(self, tool: str, args: dict[str, Any], expect: Expect, most: int) -> str | None:
+        for _ in range(most):
+            problem = await self._call(tool, args, expect, {}, {}, success_is_not_yet=True)
+            if problem is not _NOT_YET:
+                return problem
+        return f"the call did not fail in {most} tries (expected an error containing {expect.error!r})"
+
     async def _call(
-        self, tool: str, args: dict[str, Any], expect: Expect, save: dict[str, str], saved: dict[str, Any]
+        self,
+        tool: str,
+        args: dict[str, Any],
+        expect: Expect,
+        save: dict[str, str],
+        saved: dict[str, Any],
+        *,
+        success_is_not_yet: bool = False,
     ) -> str | None:
+        self.calls += 1
         try:
             result = await self.client.call_tool(tool, args, read_timeout_seconds=STEP_TIMEOUT_S)
         except Exception as exc:
@@ -226,6 +252,8 @@ class _Session:
             return f"the answer carries {', '.join(leaks)}"
         if expect.error is not None:
             if not result.is_error:
+                if success_is_not_yet:
+                    return non_data_problem(structured, text) or _NOT_YET
                 return f"expected an error containing {expect.error!r}, but the call succeeded: {_short(text)}"
             if expect.error.lower() not in text.lower():
                 return f"expected an error containing {expect.error!r}, got: {_short(text)}"
@@ -363,7 +391,8 @@ async def run_eval(
     scenarios_dir: Path = SCENARIOS_DIR,
     on_result: Callable[[ScenarioResult], None] | None = None,
 ) -> EvalReport:
-    """Run `scenarios` against the warehouse in `home`, one server per principal, in order.
+    """Run `scenarios` against the warehouse in `home`, one server per principal (and one for each
+    scenario with `own_server`), in order.
 
     Principals take turns in the order they first appear, and only one runs scenarios at a time,
     so that a scenario's writes never race another's reads. The next principals' servers (up to
@@ -377,9 +406,12 @@ async def run_eval(
     started = time.perf_counter()
     load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     work.mkdir(parents=True, exist_ok=True)
+    # One server per principal, and one more for each scenario that asks for a server of its own;
+    # each named by its label: the principal, or "principal-scenario".
     by_principal: dict[str, list[Scenario]] = {}
     for scenario in scenarios:
-        by_principal.setdefault(scenario.principal, []).append(scenario)
+        label = f"{scenario.principal}-{scenario.name}" if scenario.own_server else scenario.principal
+        by_principal.setdefault(label, []).append(scenario)
     principals = list(by_principal)
     may_start = [anyio.Event() for _ in principals]
     turn = [anyio.Event() for _ in principals]
@@ -392,10 +424,11 @@ async def run_eval(
             on_result(result)
 
     async def session(index: int) -> None:
-        principal = principals[index]
-        pending = list(by_principal[principal])
-        log_path = work / f"server-{principal}.log"
-        audit_path = work / f"audit-{principal}.jsonl"
+        label = principals[index]
+        pending = list(by_principal[label])
+        principal = pending[0].principal
+        log_path = work / f"server-{label}.log"
+        audit_path = work / f"audit-{label}.jsonl"
         await may_start[index].wait()
         began = time.perf_counter()
         try:
@@ -403,7 +436,7 @@ async def run_eval(
                 async with _serve(principal, home, project, audit_path, errlog) as client:
                     if index > 0:  # started ahead of its turn: load the model meanwhile
                         await client.call_tool(*WARM_UP, read_timeout_seconds=STEP_TIMEOUT_S)
-                    startup[principal] = round(time.perf_counter() - began, 3)
+                    startup[label] = round(time.perf_counter() - began, 3)
                     await turn[index].wait()
                     allow_start(index + PREFETCH)
                     runner = _Session(client, principal, _AuditWatch(audit_path), Forbidden.of(home, project))
@@ -433,12 +466,12 @@ async def run_eval(
             group.start_soon(session, index)
 
     records, listings, problems = 0, 0, []
-    for principal in principals:
-        audit_path = work / f"audit-{principal}.jsonl"
+    for label in principals:
+        audit_path = work / f"audit-{label}.jsonl"
         if audit_path.exists():
             report = verify(audit_path)
             records += report.records
-            problems += [f"{principal}: {problem.message}" for problem in report.problems[:3]]
+            problems += [f"{label}: {problem.message}" for problem in report.problems[:3]]
             if report.ok:
                 listings += sum(record.is_listing for record in read_audit_records(audit_path))
     failed = sum(1 for result in results if not result.passed)
@@ -453,7 +486,7 @@ async def run_eval(
         audit_listings=listings,
         audit_verified=not problems,
         audit_problem="; ".join(problems) or None,
-        startup_seconds={principal: startup[principal] for principal in principals if principal in startup},
+        startup_seconds={label: startup[label] for label in principals if label in startup},
         cpus=os.cpu_count(),
         load_average=load,
         scenarios=results,

@@ -20,7 +20,10 @@
             expect: {text: ["never instructions"]}
 
 A step is a tool call (`call`), a tool listing (`list_tools: true`) or a look at the server's
-initialize instructions (`instructions: true`). Without `error`, a call must succeed. Paths and
+initialize instructions (`instructions: true`). Without `error`, a call must succeed. A call with
+`until_error: N` is made again until it fails (at most N times), and `expect` applies to the call
+that fails: an agent in a loop running into a quota. A scenario with `own_server: true` runs in a
+server of its own, so that what it uses up (a quota) is not taken from the principal's others. Paths and
 value checks are described in `evals.scenario_checks`.
 
 Arguments may be generated: `{$repeat: "x", times: 200000}` is a string of 200,000 x (optional
@@ -77,13 +80,21 @@ class Step(_Strict):
     instructions: bool = False
     expect: Expect = Field(default_factory=Expect)
     save: dict[str, str] = Field(default_factory=dict, description="Name -> path of a value for later steps.")
+    until_error: int | None = Field(
+        default=None,
+        ge=1,
+        description="Make the call again until it fails, at most this many times: the expectations apply to the "
+        "failing call (an agent in a loop running into a quota). Each call is checked as any other.",
+    )
 
     @model_validator(mode="after")
     def _one_action(self) -> Step:
         if [self.call is not None, self.list_tools, self.instructions].count(True) != 1:
             raise ValueError("a step has exactly one of call, list_tools: true or instructions: true")
-        if self.call is None and (self.args or self.save):
-            raise ValueError("args and save belong to a call step")
+        if self.call is None and (self.args or self.save or self.until_error):
+            raise ValueError("args, save and until_error belong to a call step")
+        if self.until_error is not None and self.expect.error is None:
+            raise ValueError("until_error needs expect.error: the error the repeated call ends with")
         return self
 
     @property
@@ -96,6 +107,11 @@ class Scenario(_Strict):
     principal: str = Field(min_length=1)
     description: str = Field(min_length=1)
     tags: list[str] = Field(default_factory=list)
+    own_server: bool = Field(
+        default=False,
+        description="Run in a server of its own, not the one the principal's other scenarios share: for a "
+        "scenario that uses up what they need (a quota).",
+    )
     steps: list[Step] = Field(min_length=1)
     file: str = Field(default="", description="Set by the loader: the file it came from.")
 

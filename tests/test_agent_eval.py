@@ -57,10 +57,12 @@ def test_every_scenario_passes_over_stdio(eval_home: Path, tmp_path: Path) -> No
     failures = [f"{r.name} ({r.principal}): {r.reason}" for r in report.scenarios if not r.passed]
     assert not failures, "\n".join(failures)
     assert report.ok and report.passed == len(scenarios) and report.audit_verified
-    # One audit record per tool call, plus one warm-up call per server started ahead of its turn.
-    calls = sum(1 for scenario in scenarios for step in scenario.steps if step.call)
-    principals = {scenario.principal for scenario in scenarios}
-    assert report.audit_records - report.audit_listings == calls + len(principals) - 1
+    # One audit record per tool call, plus one warm-up call per server started ahead of its turn
+    # (one per principal, and one per scenario with a server of its own).
+    calls = sum(step.calls for result in report.scenarios for step in result.step_results)
+    assert calls >= sum(1 for scenario in scenarios for step in scenario.steps if step.call)
+    servers = {scenario.principal for scenario in scenarios} | {s.name for s in scenarios if s.own_server}
+    assert report.audit_records - report.audit_listings == calls + len(servers) - 1
     # Listings are recorded too: each list_tools step's, and those the client sends by itself.
     assert report.audit_listings >= sum(1 for scenario in scenarios for step in scenario.steps if step.list_tools)
     assert all(result.steps_run == result.steps for result in report.scenarios)
@@ -227,6 +229,13 @@ def test_invalid_scenario_files_are_refused_with_the_file_and_field(tmp_path: Pa
         InvalidArgument, match=r"x\.yaml: not a valid scenario file: scenarios\.0\.steps\.0: .*exactly one"
     ):
         load_scenarios(bad)
+    loop = tmp_path / "loop"
+    loop.mkdir()
+    (loop / "x.yaml").write_text(
+        "scenarios:\n  - {name: x, principal: analyst, description: d, steps: [{call: query, until_error: 5}]}\n"
+    )
+    with pytest.raises(InvalidArgument, match=r"steps\.0: .*until_error needs expect\.error"):
+        load_scenarios(loop)
     twice = _write_scenarios(tmp_path / "twice", [WRONG[3], WRONG[3]])
     with pytest.raises(InvalidArgument, match="Two scenarios are named 'still-served-after-failures'"):
         load_scenarios(twice)
