@@ -17,7 +17,9 @@ column its current name, casts a promoted type (int read as long; a cast to the 
 and keeps the filter pushdown) and reads NULL for a column the group's files do not have.
 
 Each dataset records when DuckDB scans it (`TrackedDataset`): that record, not the SQL guard's
-analysis, is what the audit says the engine read.
+analysis, is what the audit says the engine read. A group of small files may be read from the
+worker's memory instead (catalog/column_cache.py): the same columns of the same files, held as one
+table (`TrackedMemoryDataset`).
 """
 
 from __future__ import annotations
@@ -32,10 +34,22 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.dataset as ds
 
+from lakegate.catalog.read_counter import bytes_read, read_since
+
 if TYPE_CHECKING:
     from pyarrow.fs import FileSystem
 
-__all__ = ["RELATION_PREFIX", "FragmentCache", "SourceColumn", "TableSource", "TrackedDataset", "build_relation"]
+    from lakegate.catalog.column_cache import ColumnCache
+
+__all__ = [
+    "RELATION_PREFIX",
+    "FragmentCache",
+    "SourceColumn",
+    "TableSource",
+    "TrackedDataset",
+    "TrackedMemoryDataset",
+    "build_relation",
+]
 
 #: Registered datasets are named this plus 16 random hex digits, new for every call.
 RELATION_PREFIX = "lakegate_rel_"
@@ -69,8 +83,8 @@ class TableSource:
     files: tuple[tuple[str, int], ...]  # (path on the worker's file system, size in bytes)
 
 
-class TrackedDataset(ds.FileSystemDataset):  # type: ignore[misc]  # pyarrow has no type stubs
-    """A FileSystemDataset that notes every scan DuckDB starts on it, with the columns projected.
+class _Tracked:
+    """Notes every scan DuckDB starts on a dataset, with the columns projected.
 
     DuckDB (through pyarrow's Scanner.from_dataset) asks the dataset for its scanner options
     whenever it scans it; that is the engine's own account of what it read.
@@ -79,12 +93,22 @@ class TrackedDataset(ds.FileSystemDataset):  # type: ignore[misc]  # pyarrow has
     source: str
     on_scan: Callable[[str, list[str]], None]
     current_names: dict[str, str]  # the file's name of a column -> its current name
+    schema: pa.Schema
 
     def _scanner_options(self, options: dict[str, Any]) -> Any:
         columns = options.get("columns")
         projected = list(columns) if columns is not None else list(self.schema.names)
         self.on_scan(self.source, [self.current_names[name] for name in projected])
-        return super()._scanner_options(options)
+        return super()._scanner_options(options)  # type: ignore[misc]  # the pyarrow dataset's
+
+
+class TrackedDataset(_Tracked, ds.FileSystemDataset):  # type: ignore[misc]  # pyarrow has no type stubs
+    """A dataset over data files that notes DuckDB's scans."""
+
+
+class TrackedMemoryDataset(_Tracked, ds.InMemoryDataset):  # type: ignore[misc]
+    """A dataset of data files' columns held in memory (catalog/column_cache.py) that notes DuckDB's
+    scans."""
 
 
 def _quote(name: str) -> str:
@@ -145,6 +169,7 @@ class FragmentCache:
 
         self.filesystem = filesystem
         self.local = isinstance(filesystem, LocalFileSystem)
+        self.footer_bytes = 0  # read from files for footers so far (local files: read_counter)
         self._fragments: dict[str, tuple[ds.ParquetFileFragment, Layout]] = {}
         self._lock = threading.Lock()
 
@@ -168,8 +193,10 @@ class FragmentCache:
                     fragment.ensure_complete_metadata()
                 return fragment, _layout(fragment.physical_schema)
 
+            before = bytes_read()
             with ThreadPoolExecutor(max_workers=min(FOOTER_READERS, len(missing))) as pool:
                 read = list(pool.map(read_footer, missing))
+            self.footer_bytes += read_since(before) or 0
             found.update((path, entry) for (path, _), entry in zip(missing, read, strict=True))
             with self._lock:
                 if len(self._fragments) + len(read) > MAX_CACHED_FRAGMENTS:
@@ -184,12 +211,15 @@ def build_relation(
     register: Callable[[str, ds.Dataset], object],
     tag: str,
     on_scan: Callable[[str, list[str]], None],
+    columns: ColumnCache | None = None,
 ) -> str:
     """SQL of a relation with the source's columns (current names, DuckDB types) over its files.
 
     Each dataset is handed to `register` under a new random name; its scans are reported to
-    `on_scan` as (`tag`, columns projected).
+    `on_scan` as (`tag`, columns projected). With `columns`, the files' data comes from memory
+    where the cache keeps it.
     """
+    sizes = dict(source.files)
     if not source.files:
         # An empty table has no file: an empty relation of the same columns and types.
         empty = ", ".join(f"CAST(NULL AS {c.duckdb_type}) AS {_quote(c.name)}" for c in source.columns)
@@ -219,7 +249,14 @@ def build_relation(
         # The dataset holds only the columns the governed scan needs: nothing else of the file can
         # be read through it.
         schema = pa.schema([physical.field(name) for name in physical.names if name in current])
-        dataset = TrackedDataset(members, schema, members[0].format, cache.filesystem)
+        kept = None
+        if columns is not None:
+            kept = columns.table(members, sum(sizes[fragment.path] for fragment in members), schema)
+        dataset: _Tracked
+        if kept is not None:
+            dataset = TrackedMemoryDataset(kept)
+        else:
+            dataset = TrackedDataset(members, schema, members[0].format, cache.filesystem)
         dataset.source, dataset.on_scan, dataset.current_names = tag, on_scan, current
         relation = RELATION_PREFIX + secrets.token_hex(8)
         register(relation, dataset)

@@ -163,6 +163,7 @@ class QueryEngine:
             ),
             memory_bytes=parse_bytes(settings.worker_memory_limit) if settings.worker_memory_limit else None,
             filesystem=filesystem,
+            cache_bytes=parse_bytes(settings.cache_bytes),
         )
         self._idle: list[_WorkerProcess] = []  # most recently used last: its caches are warm
         self._all: list[_WorkerProcess] = []

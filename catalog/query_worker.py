@@ -17,7 +17,9 @@ For each call the worker builds the relations of the `TableSource`s it was hande
 (catalog/arrow_relations.py), substitutes them for their placeholders in the governed SQL,
 registers their datasets under new random names, runs the statement with a time limit, and sends
 back the rows (at most about the byte budget of one page), with the engine's own account of which
-relations it scanned. Then it unregisters them.
+relations it scanned and (on local files) the bytes of data it read from files for the call. Then
+it unregisters them. Small tables are read from the worker's memory once they have been read
+(catalog/column_cache.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lakegate.catalog.arrow_relations import FragmentCache, TableSource, build_relation
+from lakegate.catalog.column_cache import ColumnCache
 from lakegate.catalog.query_sandbox import (
     SandboxConfig,
     classify_error,
@@ -46,6 +49,7 @@ from lakegate.catalog.query_sandbox import (
     require_allowed,
     require_one_select,
 )
+from lakegate.catalog.read_counter import bytes_read, read_since
 
 if TYPE_CHECKING:
     import duckdb
@@ -68,6 +72,7 @@ class WorkerInit:
     sandbox: SandboxConfig
     memory_bytes: int | None  # the operating-system limit of the whole worker
     filesystem: FileSystem | None  # None: the local file system
+    cache_bytes: int = 0  # decoded table data kept in memory (catalog/column_cache.py); 0: none
 
 
 @dataclass(frozen=True)
@@ -97,9 +102,11 @@ class Worker:
         cache: FragmentCache,
         mask_functions: Mapping[str, str],
         *,
+        columns: ColumnCache | None = None,
         count_reads: bool = False,
     ) -> None:
         self._channel = channel
+        self._columns = columns
         self._count_reads = count_reads  # local files: the process's read counter measures what a query read
         self._sandbox = sandbox
         self._cache = cache
@@ -152,10 +159,12 @@ class Worker:
         def on_scan(tag: str, columns: list[str]) -> None:
             running.scanned.setdefault(tag, set()).update(columns)
 
+        # What the call reads from files: its relations' data not held in memory, and its scan.
+        before, footers = (bytes_read() if self._count_reads else None), self._cache.footer_bytes
         try:
             sql = job.sql
             for placeholder, source in job.sources.items():
-                relation = build_relation(source, self._cache, register, placeholder, on_scan)
+                relation = build_relation(source, self._cache, register, placeholder, on_scan, self._columns)
                 sql = sql.replace(f'"{placeholder}"', relation)
             for name, method in job.masks.items():
                 sql = re.sub(re.escape(name), self._mask_functions[method], sql, flags=re.IGNORECASE)
@@ -166,9 +175,10 @@ class Worker:
                 rows = self._sandbox.execute(f"EXPLAIN {sql}").fetchall()
                 self._send({"type": "plan", "plan": "\n".join(str(row[-1]) for row in rows)})
             else:
-                before = _bytes_read() if self._count_reads else None
                 table, complete = self._execute(sql, job)
-                read = _read_since(before)
+                read = None if before is None else read_since(before)
+                if read is not None:
+                    read -= self._cache.footer_bytes - footers  # data only: footers are read once
                 table, complete, oversize = _trim(table, complete, job.max_bytes)
                 if oversize is not None:
                     self._send({"type": "error", "kind": "row_too_large", "message": "", "bytes": oversize})
@@ -262,30 +272,6 @@ def _ipc(table: pa.Table) -> bytes:
     return bytes(sink.getvalue().to_pybytes())
 
 
-def _bytes_read() -> tuple[int, int] | None:
-    """Linux's count of the bytes this process has read from files (`rchar`), and the size of this
-    read of it (counted only after it), or None where the counter does not exist. One query runs at
-    a time in a worker, so the difference over a query is what it read (with the few bytes of a
-    cancel message that may arrive meanwhile)."""
-    try:
-        with open("/proc/self/io", "rb", buffering=0) as counters:
-            text = counters.readall()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith(b"rchar:"):
-            return int(line.split()[1]), len(text)
-    return None
-
-
-def _read_since(before: tuple[int, int] | None) -> int | None:
-    """The bytes read since `_bytes_read()` answered `before`."""
-    after = _bytes_read()
-    if before is None or after is None:
-        return None
-    return after[0] - before[0] - before[1]
-
-
 def _limit_memory(limit: int | None) -> None:
     if limit is not None:
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
@@ -304,7 +290,10 @@ def run_worker(channel: Connection) -> None:
     config = replace(init.sandbox, spill_dir=str(spill), mask_suffix=f"_{secrets.token_hex(8)}")
     sandbox = open_sandbox(config)
     cache = FragmentCache(init.filesystem or LocalFileSystem())
-    worker = Worker(channel, sandbox, cache, config.mask_functions(), count_reads=init.filesystem is None)
+    columns = ColumnCache(init.cache_bytes) if init.cache_bytes else None
+    worker = Worker(
+        channel, sandbox, cache, config.mask_functions(), columns=columns, count_reads=init.filesystem is None
+    )
     channel.send_bytes(json.dumps({"type": "ready", "pid": os.getpid()}).encode())
     threading.Thread(target=worker.listen, name="lakegate-worker-listen", daemon=True).start()
     worker.serve()

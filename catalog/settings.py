@@ -62,8 +62,14 @@ class QuerySettings(BaseModel):
         "and the server keeps serving. Must leave room above memory_limit. Null: no limit.",
     )
     max_sql_chars: int = Field(default=20_000, ge=100, description="Longest SQL text accepted by the query tool.")
+    cache_bytes: str = Field(
+        default="256MB",
+        description="Table data each query worker keeps decoded in memory, so that a small table read again "
+        "is not read from its files again (a table is kept when its planned files are at most a quarter of "
+        "this). Counts within worker_memory_limit. 0: nothing is kept.",
+    )
 
-    @field_validator("worker_memory_limit")
+    @field_validator("worker_memory_limit", "cache_bytes")
     @classmethod
     def _check_size(cls, value: str | None) -> str | None:
         if value is not None:
