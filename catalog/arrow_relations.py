@@ -81,6 +81,7 @@ class TableSource:
 
     columns: tuple[SourceColumn, ...]  # only the columns the governed scan needs
     files: tuple[tuple[str, int], ...]  # (path on the worker's file system, size in bytes)
+    store: str | None = None  # which file system: None the warehouse's, else an attached catalog's
 
 
 class _Tracked:
@@ -251,7 +252,7 @@ def build_relation(
         schema = pa.schema([physical.field(name) for name in physical.names if name in current])
         kept = None
         if columns is not None:
-            kept = columns.table(members, sum(sizes[fragment.path] for fragment in members), schema)
+            kept = columns.table(members, sum(sizes[fragment.path] for fragment in members), schema, source.store or "")
         dataset: _Tracked
         if kept is not None:
             dataset = TrackedMemoryDataset(kept)

@@ -36,11 +36,12 @@ FILE_READERS = 8
 
 
 class ColumnCache:
-    """Decoded columns by (file path, name in the file), within `max_bytes` (one per worker)."""
+    """Decoded columns by (file system, file path, name in the file), within `max_bytes` (one per
+    worker)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._arrays: OrderedDict[tuple[str, str], pa.Array] = OrderedDict()
+        self._arrays: OrderedDict[tuple[str, str, str], pa.Array] = OrderedDict()
         self._held = 0
         self._lock = threading.Lock()
 
@@ -48,37 +49,40 @@ class ColumnCache:
     def held_bytes(self) -> int:
         return self._held
 
-    def table(self, fragments: Sequence[ds.ParquetFileFragment], file_bytes: int, schema: pa.Schema) -> pa.Table | None:
-        """The columns of `schema` in `fragments` (files of `file_bytes` in all) as one table in
-        memory, reading the files whose columns are not held yet; None when they are too big to keep.
+    def table(
+        self, fragments: Sequence[ds.ParquetFileFragment], file_bytes: int, schema: pa.Schema, store: str = ""
+    ) -> pa.Table | None:
+        """The columns of `schema` in `fragments` (files of `file_bytes` in all, on file system
+        `store`) as one table in memory, reading the files whose columns are not held yet; None when
+        they are too big to keep.
         """
         if file_bytes > self.max_bytes // 4:
             return None
         names = list(schema.names)
-        held = [self._get(fragment.path, names) for fragment in fragments]
+        held = [self._get((store, fragment.path), names) for fragment in fragments]
         missing = [index for index, arrays in enumerate(held) if arrays is None]
         if missing:
             with ThreadPoolExecutor(max_workers=min(FILE_READERS, len(missing))) as pool:
                 read = list(pool.map(lambda index: _read(fragments[index], names), missing))
             for index, arrays in zip(missing, read, strict=True):
                 held[index] = arrays
-                self._put(fragments[index].path, names, arrays)
+                self._put((store, fragments[index].path), names, arrays)
         tables = [pa.Table.from_arrays(arrays, schema=schema) for arrays in held if arrays is not None]
         return pa.concat_tables(tables).combine_chunks()
 
-    def _get(self, path: str, names: list[str]) -> list[pa.Array] | None:
+    def _get(self, file: tuple[str, str], names: list[str]) -> list[pa.Array] | None:
         with self._lock:
-            keys = [(path, name) for name in names]
+            keys = [(*file, name) for name in names]
             if not all(key in self._arrays for key in keys):
                 return None
             for key in keys:
                 self._arrays.move_to_end(key)
             return [self._arrays[key] for key in keys]
 
-    def _put(self, path: str, names: list[str], arrays: list[pa.Array]) -> None:
+    def _put(self, file: tuple[str, str], names: list[str], arrays: list[pa.Array]) -> None:
         with self._lock:
             for name, array in zip(names, arrays, strict=True):
-                key = (path, name)
+                key = (*file, name)
                 if key in self._arrays:
                     continue
                 self._arrays[key] = array

@@ -30,8 +30,9 @@ __all__ = [
 DEFINITIONS_FILE = "catalog/datasets.yaml"
 
 # One namespace level and one table name, both plain identifiers: the same spelling works as an
-# Iceberg identifier, a Lance table name and an unquoted SQL name.
-_DATASET_NAME = re.compile(r"^[a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*$")
+# Iceberg identifier, a Lance table name and an unquoted SQL name. A table of an attached catalog
+# has the catalog's name first, and may have nested namespace levels (catalog/attached_catalogs.py).
+_DATASET_NAME = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*){1,9}$")
 _TAG = re.compile(r"^[a-z0-9_:-]+$")
 
 
@@ -63,7 +64,7 @@ class DatasetDoc(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
-    kind: Literal["iceberg", "lance"]
+    kind: Literal["iceberg", "lance"] | None = None  # optional: the store says what a dataset is
     description: str
     owner: str
     tags: tuple[str, ...] = ()
@@ -73,7 +74,10 @@ class DatasetDoc(BaseModel):
     @classmethod
     def _valid_name(cls, name: str) -> str:
         if not _DATASET_NAME.match(name):
-            raise ValueError(f"dataset name {name!r} must look like 'namespace.table' (lower case)")
+            raise ValueError(
+                f"dataset name {name!r} must look like 'namespace.table', or 'catalog.namespace.table' for an "
+                "attached catalog (lower case)"
+            )
         return name
 
     @field_validator("tags")

@@ -99,6 +99,8 @@ class ScanPlan:
     # files of the whole snapshot
     column_bytes: tuple[tuple[int, int], ...] = ()  # (field id, compressed bytes of its column chunks
     # in those files, from the manifests' column sizes)
+    store: str | None = None  # the file system the files are on: None the warehouse's, else the
+    # attached catalog's of that name
 
     @property
     def bytes(self) -> int:
@@ -123,6 +125,7 @@ class ScanPlan:
                 if columns is None or c.name in columns
             ),
             files=self.files,
+            store=self.store,
         )
 
 
@@ -239,10 +242,12 @@ class ScanPlanner:
                         raise
                     raise _row_deletes_refusal(name, "equality") from exc
                 refuse_row_deletes(name, tasks)
-                files = tuple((self._path(task.file.file_path), task.file.file_size_in_bytes) for task in tasks)
+                files = tuple((self._path(name, task.file.file_path), task.file.file_size_in_bytes) for task in tasks)
                 rows = sum(task.file.record_count for task in tasks)
                 column_bytes = _column_bytes(tasks)
-        plan = ScanPlan(name, snapshot_id, columns, files, rows, column_bytes=column_bytes)
+        attached = self._warehouse.attached_catalog(name)
+        store = attached.name if attached is not None else None
+        plan = ScanPlan(name, snapshot_id, columns, files, rows, column_bytes=column_bytes, store=store)
         with self._lock:
             self._plans[key] = plan
         return plan
@@ -284,16 +289,23 @@ class ScanPlanner:
         row_filter = terms[0] if len(terms) == 1 else And(*terms)
         tasks = list(table.scan(snapshot_id=plan.snapshot_id, row_filter=row_filter).plan_files())
         refuse_row_deletes(plan.table, tasks)  # the same snapshot's unpruned plan had none: never raises
-        files = tuple((self._path(task.file.file_path), task.file.file_size_in_bytes) for task in tasks)
+        files = tuple((self._path(plan.table, task.file.file_path), task.file.file_size_in_bytes) for task in tasks)
         rows = sum(task.file.record_count for task in tasks)
         return replace(plan, files=files, rows=rows, unpruned_files=len(plan.files), column_bytes=_column_bytes(tasks))
 
-    def _path(self, location: str) -> str:
-        """Where the worker reads a planned file: a local path, or "bucket/key" under the warehouse.
+    def _path(self, name: str, location: str) -> str:
+        """Where the worker reads a planned file of table `name`: a local path, or "bucket/key" under
+        the warehouse, or on an attached catalog's object store.
 
         Raises:
             BackendError: a file outside the warehouse location on the object store, or not local.
         """
+        attached = self._warehouse.attached_catalog(name)
+        if attached is not None:
+            scheme = location.partition("://")[0] if "://" in location else ""
+            if scheme in ("s3", "s3a", "s3n"):
+                return location.partition("://")[2]
+            return _local_path(location)
         store = self._warehouse.object_store
         if store is None:
             return _local_path(location)

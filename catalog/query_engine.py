@@ -149,7 +149,12 @@ class QueryEngine:
     """A pool of query worker processes, each with one locked DuckDB sandbox."""
 
     def __init__(
-        self, settings: QuerySettings, hash_key: str, spill_dir: Path, filesystem: FileSystem | None = None
+        self,
+        settings: QuerySettings,
+        hash_key: str,
+        spill_dir: Path,
+        filesystem: FileSystem | None = None,
+        filesystems: Mapping[str, FileSystem] | None = None,
     ) -> None:
         self.settings = settings
         spill_dir.mkdir(parents=True, exist_ok=True)
@@ -164,6 +169,7 @@ class QueryEngine:
             memory_bytes=parse_bytes(settings.worker_memory_limit) if settings.worker_memory_limit else None,
             filesystem=filesystem,
             cache_bytes=parse_bytes(settings.cache_bytes),
+            filesystems=dict(filesystems or {}),
         )
         self._idle: list[_WorkerProcess] = []  # most recently used last: its caches are warm
         self._all: list[_WorkerProcess] = []

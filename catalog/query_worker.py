@@ -73,6 +73,7 @@ class WorkerInit:
     memory_bytes: int | None  # the operating-system limit of the whole worker
     filesystem: FileSystem | None  # None: the local file system
     cache_bytes: int = 0  # decoded table data kept in memory (catalog/column_cache.py); 0: none
+    filesystems: Mapping[str, FileSystem] = field(default_factory=dict)  # attached catalog -> its files
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,13 @@ class Worker:
         mask_functions: Mapping[str, str],
         *,
         columns: ColumnCache | None = None,
+        filesystems: Mapping[str, FileSystem] | None = None,
         count_reads: bool = False,
     ) -> None:
         self._channel = channel
         self._columns = columns
+        self._filesystems: Mapping[str, FileSystem] = dict(filesystems or {})
+        self._stores: dict[str, FragmentCache] = {}  # attached catalog -> the footers of its files
         self._count_reads = count_reads  # local files: the process's read counter measures what a query read
         self._sandbox = sandbox
         self._cache = cache
@@ -139,6 +143,23 @@ class Worker:
                 self._running.interrupted = reason
                 self._sandbox.interrupt()
 
+    def _footer_bytes(self) -> int:
+        return self._cache.footer_bytes + sum(cache.footer_bytes for cache in self._stores.values())
+
+    def _footers(self, store: str | None) -> FragmentCache:
+        """The footer cache of a file system: the warehouse's, or an attached catalog's.
+
+        Raises:
+            OSError: no file system was configured for that catalog (its settings are incomplete).
+        """
+        if store is None:
+            return self._cache
+        if store not in self._stores:
+            if store not in self._filesystems:
+                raise OSError(f"the data files of catalog {store} cannot be reached: check its settings")
+            self._stores[store] = FragmentCache(self._filesystems[store])
+        return self._stores[store]
+
     def serve(self) -> None:
         while (item := self._jobs.get()) is not None:
             request, job = item
@@ -160,11 +181,12 @@ class Worker:
             running.scanned.setdefault(tag, set()).update(columns)
 
         # What the call reads from files: its relations' data not held in memory, and its scan.
-        before, footers = (bytes_read() if self._count_reads else None), self._cache.footer_bytes
+        before, footers = (bytes_read() if self._count_reads else None), self._footer_bytes()
         try:
             sql = job.sql
             for placeholder, source in job.sources.items():
-                relation = build_relation(source, self._cache, register, placeholder, on_scan, self._columns)
+                cache = self._footers(source.store)
+                relation = build_relation(source, cache, register, placeholder, on_scan, self._columns)
                 sql = sql.replace(f'"{placeholder}"', relation)
             for name, method in job.masks.items():
                 sql = re.sub(re.escape(name), self._mask_functions[method], sql, flags=re.IGNORECASE)
@@ -178,7 +200,7 @@ class Worker:
                 table, complete = self._execute(sql, job)
                 read = None if before is None else read_since(before)
                 if read is not None:
-                    read -= self._cache.footer_bytes - footers  # data only: footers are read once
+                    read -= self._footer_bytes() - footers  # data only: footers are read once
                 table, complete, oversize = _trim(table, complete, job.max_bytes)
                 if oversize is not None:
                     self._send({"type": "error", "kind": "row_too_large", "message": "", "bytes": oversize})
@@ -292,7 +314,13 @@ def run_worker(channel: Connection) -> None:
     cache = FragmentCache(init.filesystem or LocalFileSystem())
     columns = ColumnCache(init.cache_bytes) if init.cache_bytes else None
     worker = Worker(
-        channel, sandbox, cache, config.mask_functions(), columns=columns, count_reads=init.filesystem is None
+        channel,
+        sandbox,
+        cache,
+        config.mask_functions(),
+        columns=columns,
+        filesystems=init.filesystems,
+        count_reads=init.filesystem is None,
     )
     channel.send_bytes(json.dumps({"type": "ready", "pid": os.getpid()}).encode())
     threading.Thread(target=worker.listen, name="lakegate-worker-listen", daemon=True).start()

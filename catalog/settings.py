@@ -6,13 +6,14 @@ server/settings.py composes them into the one `Settings` object (environment `LA
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from lakegate.catalog.vector_index import INDEX_MIN_ROWS
 
-__all__ = ["QuerySettings", "StorageSettings", "WriteSettings", "parse_bytes"]
+__all__ = ["CatalogSettings", "QuerySettings", "StorageSettings", "WriteSettings", "parse_bytes"]
 
 _BYTE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
                "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}  # fmt: skip
@@ -143,3 +144,44 @@ class StorageSettings(BaseModel):
         if (self.access_key_id is None) != (self.secret_access_key is None):
             raise ValueError("set both storage.access_key_id and storage.secret_access_key, or neither")
         return self
+
+
+#: Property names that hold credentials: lakegate.toml may only name an environment variable for
+#: them (`${NAME}`), so that no secret is written in a project file or shown with the settings.
+_SECRET_PROPERTY = re.compile(r"secret|password|token|credential|session", re.IGNORECASE)
+_REFERENCE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
+
+
+class CatalogSettings(BaseModel):
+    """An Iceberg catalog lakegate did not create, attached as `[catalogs.NAME]` (see
+    catalog/attached_catalogs.py): its tables are the datasets NAME.<namespace>.<table>."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    properties: dict[str, str] = Field(
+        description="pyiceberg's catalog properties, passed to load_catalog as they are: type (rest, sql, glue, "
+        "hive, ...), uri, warehouse, credentials, s3.* ... A value may name an environment variable as ${NAME}; "
+        "credentials (secret, password, token, credential) must.",
+    )
+    catalog_name: str | None = Field(
+        default=None,
+        description="The catalog's own name where it differs from the name it is attached as: a SQL catalog "
+        "keeps its tables under the name it was created with.",
+    )
+    writable: bool = Field(default=False, description="Whether lakegate may write to the catalog's tables.")
+    refresh_s: float = Field(default=60.0, gt=0, description="How long a listing of the catalog's tables is kept.")
+    table_refresh_s: float = Field(
+        default=5.0, ge=0, description="How long a loaded table is kept before its metadata is read again."
+    )
+
+    @field_validator("properties")
+    @classmethod
+    def _secrets_from_the_environment(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, text in value.items():
+            if _SECRET_PROPERTY.search(key) and not _REFERENCE.match(text):
+                raise ValueError(
+                    f"property {key!r} holds a credential: write it as ${{NAME}} and set the environment variable NAME"
+                )
+        if "type" not in value and "uri" not in value:
+            raise ValueError("give the catalog's type (rest, sql, glue, hive, ...) or uri, as pyiceberg expects")
+        return value

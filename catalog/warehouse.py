@@ -19,17 +19,20 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import structlog
+
 from lakegate.catalog.change_snapshots import unapproved_snapshots
 from lakegate.errors import BackendError, LakegateError, NotFound
 
 if TYPE_CHECKING:
+    from lakegate.catalog.attached_catalogs import AttachedCatalog
     from lakegate.catalog.iceberg_scan import ScanPlanner
     from lakegate.catalog.object_store import ObjectStore
     from lakegate.catalog.query_engine import QueryEngine
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
 if TYPE_CHECKING:
     from lancedb.db import LanceDBConnection
     from lancedb.table import Table as LanceTable
+    from pyarrow.fs import FileSystem
     from pyiceberg.catalog.sql import SqlCatalog
     from pyiceberg.table import Table as IcebergTable
 
@@ -49,6 +53,8 @@ __all__ = [
     "Warehouse",
     "translate_errors",
 ]
+
+log = structlog.get_logger(__name__)
 
 CATALOG_NAME = "lakegate"
 LIST_DATASETS_HINT = "Call list_datasets to see the datasets you can use."
@@ -121,16 +127,23 @@ class Warehouse:
     """
 
     def __init__(
-        self, state_dir: Path, *, catalog_uri: str | None = None, object_store: ObjectStore | None = None
+        self,
+        state_dir: Path,
+        *,
+        catalog_uri: str | None = None,
+        object_store: ObjectStore | None = None,
+        attached: Mapping[str, AttachedCatalog] | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.catalog_uri = catalog_uri
         self.object_store = object_store
+        # Catalogs lakegate did not create: their tables are the datasets "<catalog>.<namespace>.<table>".
+        self.attached: dict[str, AttachedCatalog] = dict(attached or {})
         self._iceberg: SqlCatalog | None = None
         self._lance: LanceDBConnection | None = None
         self._lock = threading.Lock()
         # describe() runs on every tool call; its result only changes with a new snapshot/version.
-        self._described: dict[tuple[str, int | None, int], DatasetInfo] = {}
+        self._described: dict[tuple[str, int | None, int, int], DatasetInfo] = {}
         # Loaded tables, kept while the catalog still points at the metadata file they were read from.
         self._tables: dict[str, IcebergTable] = {}
         self._engine: QueryEngine | None = None
@@ -195,8 +208,20 @@ class Warehouse:
                     self._mask_key(),
                     spill_dir=self.state_dir / "spill",
                     filesystem=self.object_store.filesystem if self.object_store else None,
+                    filesystems=self._attached_filesystems(),
                 )
             return self._engine
+
+    def _attached_filesystems(self) -> dict[str, FileSystem]:
+        """Each attached catalog's file system (one whose secrets or client are missing is left out:
+        its tables' queries fail, naming the catalog, and the others are served)."""
+        found: dict[str, FileSystem] = {}
+        for name, attached in self.attached.items():
+            try:
+                found[name] = attached.filesystem
+            except LakegateError as exc:
+                log.warning("catalog.files_unreachable", catalog=name, error=str(exc))
+        return found
 
     @property
     def scans(self) -> ScanPlanner:
@@ -272,10 +297,12 @@ class Warehouse:
     # -- listing -------------------------------------------------------------------------------
 
     def iceberg_table_names(self) -> list[str]:
-        """Sorted "namespace.table" names of the Iceberg tables.
+        """Sorted names of the Iceberg tables: "namespace.table" in the embedded catalog, and
+        "catalog.namespace.table" in each attached catalog that can be listed (one that cannot is
+        left out, and the log says why).
 
         Raises:
-            BackendError: the catalog cannot be read.
+            BackendError: the embedded catalog cannot be read.
         """
         catalog = self.iceberg
         with translate_errors("list Iceberg tables"):
@@ -284,7 +311,18 @@ class Warehouse:
                 for namespace in catalog.list_namespaces()
                 for identifier in catalog.list_tables(namespace)
             ]
+        for attached in self.attached.values():
+            try:
+                names += attached.table_names()
+            except LakegateError as exc:
+                log.warning("catalog.unavailable", catalog=attached.name, error=str(exc))
         return sorted(names)
+
+    def attached_catalog(self, name: str) -> AttachedCatalog | None:
+        """The attached catalog that dataset `name` (three parts or more) is in, if any."""
+        if name.count(".") < 2:
+            return None
+        return self.attached.get(name.partition(".")[0])
 
     def lance_dataset_names(self) -> list[str]:
         """Sorted names of the Lance datasets.
@@ -330,6 +368,12 @@ class Warehouse:
             NotFound: neither store has it.
             BackendError: a store cannot be read.
         """
+        if name.count(".") >= 2:
+            attached = self.attached_catalog(name)
+            if attached is None:
+                raise NotFound(f"No dataset named {name!r}.", hint=LIST_DATASETS_HINT)
+            attached.identifier(name)
+            return "iceberg"
         if name.count(".") != 1:
             raise NotFound(f"No dataset named {name!r}.", hint=LIST_DATASETS_HINT)
         with translate_errors(f"look up {name}", name):
@@ -346,6 +390,10 @@ class Warehouse:
             NotFound: no such table.
             BackendError: the catalog or the table metadata cannot be read.
         """
+        if (attached := self.attached_catalog(name)) is not None:
+            return attached.load_table(name)
+        if name.count(".") != 1:
+            raise NotFound(f"No dataset named {name!r}.", hint=LIST_DATASETS_HINT)
         catalog = self.iceberg
         with translate_errors(f"load Iceberg table {name}", name):
             location = _metadata_location(catalog, name)
@@ -391,11 +439,11 @@ class Warehouse:
             return self._describe_iceberg(name, max_versions)
         return self._describe_lance(name, max_versions)
 
-    def _cached(self, key: tuple[str, int | None, int]) -> DatasetInfo | None:
+    def _cached(self, key: tuple[str, int | None, int, int]) -> DatasetInfo | None:
         with self._lock:
             return self._described.get(key)
 
-    def _remember(self, key: tuple[str, int | None, int], info: DatasetInfo) -> DatasetInfo:
+    def _remember(self, key: tuple[str, int | None, int, int], info: DatasetInfo) -> DatasetInfo:
         with self._lock:
             self._described[key] = info
         return info
@@ -404,7 +452,7 @@ class Warehouse:
         table = self.iceberg_table(name)
         with translate_errors(f"describe {name}", name):
             metadata = table.metadata
-            key = (name, metadata.current_snapshot_id, max_versions)
+            key = (name, metadata.current_snapshot_id, metadata.current_schema_id, max_versions)
             if (cached := self._cached(key)) is not None:
                 return cached
             schema = table.schema()
@@ -451,7 +499,7 @@ class Warehouse:
         table = self.lance_table(name)
         with translate_errors(f"describe {name}", name):
             version = int(table.version)
-            key = (name, version, max_versions)
+            key = (name, version, 0, max_versions)
             if (cached := self._cached(key)) is not None:
                 return cached
             schema = table.schema

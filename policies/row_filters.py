@@ -30,7 +30,9 @@ class RowFilterEntry(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     subject: str = Field(min_length=1)
-    dataset: str = Field(pattern=r"^[a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*$")
+    dataset: str = Field(
+        pattern=r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*){1,9}$"
+    )  # namespace.table, or catalog.namespace.table
     where: str = Field(min_length=1)
     reason: str = ""
 

@@ -41,6 +41,7 @@ from lakegate.policies.sql_functions import TABLE_FUNCTIONS, function_allowed
 
 __all__ = [
     "DIALECT",
+    "EMBEDDED_CATALOG",
     "GuardedQuery",
     "InvalidQuery",
     "ResolvedColumns",
@@ -175,13 +176,31 @@ def _names_cte(table: exp.Table) -> bool:
     return False
 
 
+#: The embedded catalog's name where a table reference needs three parts (column resolution puts
+#: every table in a catalog). Not a name an attached catalog may have: those start with a letter.
+EMBEDDED_CATALOG = "_embedded"
+
+
 def table_name(table: exp.Table) -> str | None:
-    """ "namespace.table" for a reference to a governed table, None for a bare name (a CTE)."""
-    if table.args.get("catalog") is not None:
-        raise _invalid(f"Table {table.sql(DIALECT)} names a catalog; name tables as namespace.table.")
+    """The dataset a table reference names: "namespace.table" in the embedded catalog,
+    "catalog.namespace.table" in an attached one (a nested namespace is one quoted part:
+    lake."sales.emea".orders); None for a bare name (a CTE)."""
     if not table.db:
+        if table.args.get("catalog") is not None:
+            raise _invalid(f"Table {table.sql(DIALECT)} has no namespace; name tables as namespace.table.")
         return None
-    return f"{table.db}.{table.name}".lower()
+    catalog = table.catalog
+    if not catalog or catalog == EMBEDDED_CATALOG:
+        return f"{table.db}.{table.name}".lower()
+    return f"{catalog}.{table.db}.{table.name}".lower()
+
+
+def _name_parts(name: str) -> tuple[str, str, str]:
+    """(catalog, namespace, table) of a dataset name, the embedded catalog's for two parts."""
+    parts = name.split(".")
+    if len(parts) == 2:
+        return EMBEDDED_CATALOG, parts[0], parts[1]
+    return parts[0], ".".join(parts[1:-1]), parts[-1]
 
 
 def parse_query(sql: str, *, max_chars: int) -> GuardedQuery:
@@ -330,9 +349,18 @@ class TableColumns:
 def _schema(tables: Mapping[str, TableColumns]) -> dict[str, object]:
     schema: dict[str, Any] = {}
     for name, columns in tables.items():
-        namespace, table = name.split(".", 1)
-        schema.setdefault(namespace, {})[table] = dict(columns.types)
+        catalog, namespace, table = _name_parts(name)
+        schema.setdefault(catalog, {}).setdefault(namespace, {})[table] = dict(columns.types)
     return schema
+
+
+def _in_catalogs(tree: exp.Expr) -> exp.Expr:
+    """`tree` with every two-part table reference placed in the embedded catalog, so that it never
+    resolves to an attached catalog's table of the same namespace and name."""
+    for table in tree.find_all(exp.Table):
+        if table.db and not table.args.get("catalog") and isinstance(table.this, exp.Identifier):
+            table.set("catalog", exp.to_identifier(EMBEDDED_CATALOG, quoted=True))
+    return tree
 
 
 @dataclass(frozen=True)
@@ -349,7 +377,9 @@ def resolve_columns(query: GuardedQuery, tables: Mapping[str, TableColumns]) -> 
         InvalidQuery: a column does not exist, is ambiguous, or the query cannot be resolved.
     """
     try:
-        qualified = qualify(query.tree.copy(), schema=_schema(tables), dialect=DIALECT, validate_qualify_columns=True)
+        qualified = qualify(
+            _in_catalogs(query.tree.copy()), schema=_schema(tables), dialect=DIALECT, validate_qualify_columns=True
+        )
         scopes = traverse_scope(qualified)
     except OptimizeError as exc:
         raise _column_error(str(exc), query, tables) from exc
@@ -455,7 +485,10 @@ def rewrite(query: GuardedQuery, scans: Mapping[str, str], *, masks: Collection[
         table.replace(subquery)
     # "sales.orders.region" addressed the table by its full name; after the rewrite it is "orders".
     for column in tree.find_all(exp.Column):
-        if column.args.get("db") is not None and f"{column.db}.{column.table}".lower() in parsed:
+        if column.args.get("db") is None:
+            continue
+        full = f"{column.catalog}.{column.db}.{column.table}" if column.catalog else f"{column.db}.{column.table}"
+        if full.lower() in parsed:
             column.set("db", None)
             column.set("catalog", None)
     # Without comments: what runs is exactly the tree that was checked (the original, comments

@@ -51,6 +51,8 @@ from lakegate.server.settings import Settings
 if TYPE_CHECKING:
     import psycopg
 
+    from lakegate.catalog.attached_catalogs import AttachedCatalog
+
 __all__ = [
     "catalog_uri",
     "checkpoint_anchor",
@@ -119,6 +121,25 @@ def _prepare(url: str, create: Callable[[psycopg.Connection[Any]], None]) -> Non
         raise BackendError(f"cannot prepare the PostgreSQL tables at {_where(url)}: {exc}") from exc
 
 
+def attached_catalogs(settings: Settings) -> dict[str, AttachedCatalog]:
+    """The catalogs lakegate.toml attaches (`[catalogs.NAME]`), not yet opened."""
+    from lakegate.catalog.attached_catalogs import AttachedCatalog, CatalogSpec
+
+    return {
+        name: AttachedCatalog(
+            CatalogSpec(
+                name,
+                dict(entry.properties),
+                writable=entry.writable,
+                catalog_name=entry.catalog_name,
+                refresh_s=entry.refresh_s,
+                table_refresh_s=entry.table_refresh_s,
+            )
+        )
+        for name, entry in settings.catalogs.items()
+    }
+
+
 def open_warehouse(settings: Settings) -> Warehouse:
     """The warehouse of the profile, on the storage of the settings; in production its catalog
     tables exist when this returns.
@@ -128,10 +149,11 @@ def open_warehouse(settings: Settings) -> Warehouse:
         BackendError: PostgreSQL cannot be reached or the catalog cannot be opened.
     """
     store = ObjectStore.from_settings(settings.storage)
+    attached = attached_catalogs(settings)
     if settings.profile == "embedded":
-        return Warehouse(settings.state_dir, object_store=store)
+        return Warehouse(settings.state_dir, object_store=store, attached=attached)
     url = postgres_url(settings)
-    warehouse = Warehouse(settings.state_dir, catalog_uri=catalog_uri(url), object_store=store)
+    warehouse = Warehouse(settings.state_dir, catalog_uri=catalog_uri(url), object_store=store, attached=attached)
 
     def create_catalog_tables(conn: psycopg.Connection[Any]) -> None:
         # pyiceberg creates its tables when it first finds them missing; replicas starting at once

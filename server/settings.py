@@ -21,7 +21,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from lakegate.catalog.settings import QuerySettings, StorageSettings, WriteSettings
+from lakegate.catalog.attached_catalogs import CATALOG_NAME
+from lakegate.catalog.settings import CatalogSettings, QuerySettings, StorageSettings, WriteSettings
 from lakegate.tools.settings import LimitSettings
 
 __all__ = [
@@ -291,11 +292,22 @@ class Settings(BaseSettings):
         default_factory=StorageSettings,
         description="Where the data files live: the state directory, or S3 (catalog/object_store.py).",
     )
+    catalogs: dict[str, CatalogSettings] = Field(
+        default_factory=dict,
+        description="Iceberg catalogs lakegate did not create, attached by name ([catalogs.NAME] in lakegate.toml): "
+        "their tables are the datasets NAME.<namespace>.<table> (catalog/attached_catalogs.py).",
+    )
 
     @model_validator(mode="after")
     def _production_needs_postgres(self) -> Settings:
         if self.profile == "production" and self.postgres.url is None:
             raise ValueError("profile 'production' needs a PostgreSQL URL: set LAKEGATE_POSTGRES__URL")
+        for name in self.catalogs:
+            if not CATALOG_NAME.match(name):
+                raise ValueError(
+                    f"catalog name {name!r}: use a lower-case identifier (letters, digits, _; a letter first), "
+                    "it starts the names of the catalog's datasets"
+                )
         return self
 
     @classmethod

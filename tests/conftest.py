@@ -19,6 +19,7 @@ from lakegate.server.app import Runtime, open_runtime
 from lakegate.server.gate.gate import GateOutcome
 from lakegate.server.gate.identity import CallOrigin, stdio_principal
 from lakegate.server.settings import Settings, load_settings
+from tests.seaweed_support import Seaweed, start_seaweed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,6 +70,13 @@ def gate_ok(
 def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A state directory holding the small demo warehouse (read-only for tests that share it)."""
     return build_small_demo(tmp_path_factory.mktemp("lakegate-home"))
+
+
+@pytest.fixture(scope="session")
+def seaweed_started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
+    """SeaweedFS (S3 and an Iceberg REST catalog) started, not yet waited for: it boots (~10 s)
+    while other fixtures build."""
+    yield from start_seaweed(tmp_path_factory.mktemp("seaweed"))
 
 
 @pytest.fixture

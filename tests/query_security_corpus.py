@@ -354,7 +354,19 @@ CORPUS: list[tuple[str, str, str | dict[str, Any], Refused | Answers]] = [
     ),
     ("pg_proc_bare", "analyst", "SELECT * FROM pg_proc", Refused(f"{NO_TABLE} 'pg_proc'")),
     ("sqlite_master", "analyst", "SELECT * FROM sqlite_master", Refused(f"{NO_TABLE} 'sqlite_master'")),
-    ("catalog_name", "analyst", "SELECT * FROM system.main.duckdb_settings", Refused("names a catalog")),
+    # A three-part name is a table of an attached catalog: DuckDB's own catalogs are no such thing.
+    (
+        "catalog_name",
+        "analyst",
+        "SELECT * FROM system.main.duckdb_settings",
+        Refused(f"'system.main.duckdb_settings' {NOT_AVAILABLE}", "denied", "deny"),
+    ),
+    (
+        "embedded_catalog_name",
+        "analyst",
+        'SELECT * FROM "_embedded".pg_catalog.pg_proc',
+        Refused(f"'pg_catalog.pg_proc' {NOT_AVAILABLE}", "denied", "deny"),
+    ),
     # a CTE must not vouch for the same name outside its scope (pg_proc holds the hash key)
     (
         "cte_scope_sibling",

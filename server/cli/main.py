@@ -237,8 +237,8 @@ def _ensure_warehouse(settings: Settings) -> None:
         # Not a new state directory: no probe (opening the catalog imports pyiceberg, ~0.5 s, which
         # the start-up warm-up does in the background instead).
         return
-    if not settings.build_demo:
-        return
+    if not settings.build_demo or settings.catalogs:
+        return  # a project that serves its own data, or attaches catalogs, never gets the demo
     probe = open_warehouse(settings)
     empty = probe.is_empty()
     probe.close()

@@ -78,6 +78,13 @@ class WriteScope:
         """Raises: NotFound when the caller may neither do `action` on nor read `name`; else PolicyDenied."""
         decision = self.decide(name, action)
         if decision.allowed:
+            attached = self._warehouse.attached_catalog(name)
+            if attached is not None and not attached.spec.writable:
+                raise InvalidArgument(
+                    f"{name} is in catalog {attached.name}, which lakegate attaches read-only: nothing was changed.",
+                    hint="Change it with the tools of the system that owns that catalog, or ask the platform team "
+                    "to set writable = true for it in lakegate.toml.",
+                )
             return
         self.touched.append(Touched("dataset", name, "denied"))
         if not self.decide(name, "read").allowed:

@@ -1,0 +1,307 @@
+"""Iceberg catalogs lakegate did not create, attached by name in lakegate.toml.
+
+    [catalogs.lake]
+    writable = false
+    catalog_name = "prod"                 # its own name, where it differs (a SQL catalog's)
+    [catalogs.lake.properties]            # pyiceberg's own catalog properties, passed through
+    type = "rest"
+    uri = "https://iceberg.example.com"
+    "s3.access-key-id" = "${LAKE_S3_KEY}" # ${NAME}: read from the environment when attached
+
+Naming: a table of an attached catalog is the dataset `<catalog>.<namespace>.<table>`, with a
+nested namespace's levels joined by dots (`lake.sales.emea.orders`). The embedded catalog's tables
+keep their two-part `namespace.table` names, so the number of parts says which catalog a name is
+in. The same name is used in list_datasets, the policy files (`p, role:analyst, lake.sales.*,
+read, allow`), datasets.yaml, metrics and the audit record; in SQL it is `lake.sales.orders`
+(DuckDB's catalog.schema.table), a nested namespace quoted as one part: `lake."sales.emea".orders`.
+
+Discovery: every table the catalog lists is a dataset (denied until policy grants it). The listing
+walks the namespaces and is kept for `refresh_s`; `refresh()` lists again at once. A loaded table is
+kept for `table_refresh_s`, so that a table another engine commits to is seen within that time, and
+a table that is dropped or changes its schema is picked up without a restart.
+
+Secrets: properties may name environment variables (`${NAME}`); their values are read when the
+catalog is attached and never appear in a message, a log line or the settings.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from lakegate.errors import BackendError, ConfigurationError, NotFound
+
+if TYPE_CHECKING:
+    from pyarrow.fs import FileSystem
+    from pyiceberg.catalog import Catalog
+    from pyiceberg.table import Table as IcebergTable
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["AttachedCatalog", "CatalogSpec", "expand_secrets"]
+
+#: A catalog's name: one plain identifier (it is the first part of its datasets' names).
+CATALOG_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+#: A namespace level or table name lakegate serves: plain identifiers (others are skipped, logged).
+_PART = re.compile(r"^[a-z_][a-z0-9_]*$")
+#: Namespace levels walked at most (REST catalogs nest namespaces).
+MAX_NAMESPACE_DEPTH = 8
+_SECRET = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_secrets(catalog: str, properties: Mapping[str, str]) -> dict[str, str]:
+    """`properties` with each `${NAME}` replaced by the environment variable NAME.
+
+    Raises:
+        ConfigurationError: a variable is not set (the message names it, never a value).
+    """
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ConfigurationError(
+                f"catalog {catalog}: environment variable {name} is not set "
+                f"(lakegate.toml names it in the catalog's properties)"
+            )
+        return os.environ[name]
+
+    return {key: _SECRET.sub(value, text) for key, text in properties.items()}
+
+
+@dataclass(frozen=True)
+class CatalogSpec:
+    """An attached catalog as configured (properties still hold `${NAME}` references)."""
+
+    name: str
+    properties: Mapping[str, str]
+    writable: bool = False
+    catalog_name: str | None = None  # the catalog's own name, where it is not `name`
+    refresh_s: float = 60.0
+    table_refresh_s: float = 5.0
+
+
+@dataclass
+class _Listing:
+    names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # dataset name -> identifier
+    at: float = float("-inf")
+
+
+class AttachedCatalog:
+    """One attached catalog: its pyiceberg catalog (opened on first use), its discovered tables and
+    the file system its data files are read through."""
+
+    def __init__(self, spec: CatalogSpec, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if not CATALOG_NAME.match(spec.name):
+            raise ConfigurationError(
+                f"catalog name {spec.name!r} is not a plain lower-case identifier (it starts every dataset name "
+                "of the catalog)"
+            )
+        self.spec = spec
+        self._clock = clock
+        self._catalog: Catalog | None = None
+        self._properties: dict[str, str] | None = None
+        self._listing = _Listing()
+        self._tables: dict[str, tuple[float, IcebergTable]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def properties(self) -> dict[str, str]:
+        """The catalog's properties with their secrets read from the environment.
+
+        Raises:
+            ConfigurationError: a secret's environment variable is not set.
+        """
+        if self._properties is None:
+            self._properties = expand_secrets(self.name, self.spec.properties)
+        return self._properties
+
+    @property
+    def catalog(self) -> Catalog:
+        """The pyiceberg catalog (loaded on first use).
+
+        Raises:
+            ConfigurationError: a secret is missing, or pyiceberg rejects the properties.
+        """
+        with self._lock:
+            if self._catalog is None:
+                from pyiceberg.catalog import load_catalog
+
+                try:
+                    self._catalog = load_catalog(self.spec.catalog_name or self.name, **self.properties)
+                except ConfigurationError:
+                    raise
+                except Exception as exc:
+                    raise ConfigurationError(
+                        f"catalog {self.name}: pyiceberg cannot open it ({type(exc).__name__}); check its type, uri "
+                        "and credentials in lakegate.toml"
+                    ) from exc
+            return self._catalog
+
+    # -- discovery -----------------------------------------------------------------------------
+
+    def table_names(self) -> list[str]:
+        """The dataset names of the catalog's tables (listed at most every `refresh_s`).
+
+        Raises:
+            BackendError: the catalog cannot be listed (and was never listed before).
+        """
+        with self._lock:
+            fresh = self._clock() - self._listing.at < self.spec.refresh_s
+            if fresh:
+                return sorted(self._listing.names)
+        return self.refresh()
+
+    def refresh(self) -> list[str]:
+        """List the catalog's tables now.
+
+        Raises:
+            BackendError: the catalog cannot be listed and was never listed before (a later failure
+                keeps the last listing, and says so in the log).
+        """
+        try:
+            names = self._walk()
+        except Exception as exc:
+            with self._lock:
+                if self._listing.names:
+                    log.warning("catalog.refresh_failed", catalog=self.name, error=type(exc).__name__)
+                    self._listing.at = self._clock()  # retried after refresh_s, not on every call
+                    return sorted(self._listing.names)
+            raise BackendError(f"cannot list the tables of catalog {self.name}: {type(exc).__name__}") from exc
+        with self._lock:
+            self._listing = _Listing(names, self._clock())
+            for gone in set(self._tables) - set(names):
+                del self._tables[gone]
+        return sorted(names)
+
+    def _walk(self) -> dict[str, tuple[str, ...]]:
+        catalog = self.catalog
+        found: dict[str, tuple[str, ...]] = {}
+        pending: list[tuple[str, ...]] = [()]
+        seen: set[tuple[str, ...]] = set()
+        while pending:
+            parent = pending.pop()
+            for listed in catalog.list_namespaces(parent):
+                namespace = tuple(listed)
+                if namespace in seen or len(namespace) <= len(parent) or namespace[: len(parent)] != parent:
+                    continue  # listed before, or not below the parent (some catalogs list every namespace)
+                seen.add(namespace)
+                if len(namespace) < MAX_NAMESPACE_DEPTH:
+                    pending.append(namespace)
+                for identifier in catalog.list_tables(namespace):
+                    identifier = tuple(identifier)
+                    name = self.dataset_name(identifier)
+                    if name is None:
+                        log.warning("catalog.table_skipped", catalog=self.name, reason="not plain identifiers")
+                        continue
+                    found.setdefault(name, identifier)
+        return found
+
+    def dataset_name(self, identifier: tuple[str, ...]) -> str | None:
+        """`<catalog>.<namespace levels>.<table>` for an identifier, or None when a part is not a
+        plain identifier lakegate can serve."""
+        parts = [part.lower() for part in identifier]
+        if len(parts) < 2 or not all(_PART.match(part) for part in parts):
+            return None
+        return ".".join([self.name, *parts])
+
+    def identifier(self, name: str) -> tuple[str, ...]:
+        """The catalog's identifier of dataset `name`.
+
+        Raises:
+            NotFound: the catalog lists no such table (after listing again if it was not known).
+        """
+        with self._lock:
+            known = self._listing.names.get(name)
+        if known is None and name.partition(".")[0] == self.name:
+            known = dict(self._refresh_names()).get(name)
+        if known is None:
+            raise NotFound(f"No dataset named {name!r}.", hint="Call list_datasets to see the datasets you can use.")
+        return known
+
+    def _refresh_names(self) -> dict[str, tuple[str, ...]]:
+        self.refresh()
+        with self._lock:
+            return dict(self._listing.names)
+
+    def load_table(self, name: str) -> IcebergTable:
+        """Table `name`, loaded again when the last load is older than `table_refresh_s`.
+
+        Raises:
+            NotFound: no such table.
+            BackendError: its metadata cannot be read.
+        """
+        now = self._clock()
+        with self._lock:
+            cached = self._tables.get(name)
+        if cached is not None and now - cached[0] < self.spec.table_refresh_s:
+            return cached[1]
+        identifier = self.identifier(name)
+        from pyiceberg.exceptions import NoSuchTableError
+
+        try:
+            table = self.catalog.load_table(identifier)
+        except NoSuchTableError as exc:
+            with self._lock:
+                self._tables.pop(name, None)
+                self._listing.names.pop(name, None)
+            raise NotFound(
+                f"No dataset named {name!r}.", hint="Call list_datasets to see the datasets you can use."
+            ) from exc
+        except Exception as exc:
+            raise BackendError(f"cannot load table {name} from catalog {self.name}: {type(exc).__name__}") from exc
+        with self._lock:
+            self._tables[name] = (now, table)
+        return table
+
+    # -- reading files -------------------------------------------------------------------------
+
+    @property
+    def filesystem(self) -> FileSystem:
+        """The file system the catalog's data files are read through: S3 with the catalog's s3.*
+        properties, or the local one.
+
+        Raises:
+            BackendError: pyarrow cannot create the S3 client.
+        """
+        properties = self.properties
+        if not any(key.startswith("s3.") for key in properties) and not str(properties.get("warehouse", "")).startswith(
+            ("s3://", "s3a://")
+        ):
+            from pyarrow.fs import LocalFileSystem
+
+            return LocalFileSystem()
+        return _s3_filesystem(self.name, properties)
+
+
+def _s3_filesystem(catalog: str, properties: Mapping[str, str]) -> FileSystem:
+    from urllib.parse import urlsplit
+
+    from pyarrow.fs import S3FileSystem
+
+    options: dict[str, Any] = {"region": properties.get("s3.region") or properties.get("client.region") or "us-east-1"}
+    if endpoint := properties.get("s3.endpoint"):
+        parts = urlsplit(endpoint)
+        options["endpoint_override"] = parts.netloc or endpoint
+        options["scheme"] = parts.scheme or "https"
+    if properties.get("s3.force-virtual-addressing", "false").lower() != "true":
+        options["force_virtual_addressing"] = False
+    key, secret = properties.get("s3.access-key-id"), properties.get("s3.secret-access-key")
+    if key and secret:
+        options["access_key"], options["secret_key"] = key, secret
+        if token := properties.get("s3.session-token"):
+            options["session_token"] = token
+    try:
+        return S3FileSystem(**options)
+    except Exception as exc:
+        raise BackendError(f"cannot create the S3 client for catalog {catalog}: {type(exc).__name__}") from exc

@@ -1,0 +1,301 @@
+"""Catalogs lakegate did not create, attached in lakegate.toml (catalog/attached_catalogs.py).
+
+Two catalogs made by plain pyiceberg code outside lakegate, as another team's pipeline would:
+a real Iceberg REST catalog (SeaweedFS, signed with SigV4, data files on its S3) with a partitioned
+table written in three snapshots across a schema change and a nested namespace, and a SQL catalog
+(SQLite) whose files lie outside lakegate's state directory, with the same namespace and table
+name. lakegate attaches both and serves them through the gate: listed and described from the
+catalogs' own documentation, queried with masks and row filters, time travel, denied by default,
+and never written to while attached read-only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from lakegate.errors import ConfigurationError, InvalidArgument, NotFound
+from lakegate.server.app import Runtime, open_runtime
+from lakegate.server.settings import load_settings
+from tests.conftest import REPO, gate_call, gate_ok
+from tests.seaweed_support import ACCESS_KEY, SECRET_KEY, Seaweed
+
+#: The secrets reach lakegate through these environment variables, never through lakegate.toml.
+KEY_VARIABLE, SECRET_VARIABLE = "LAKEGATE_TEST_LAKE_KEY", "LAKEGATE_TEST_LAKE_SECRET"
+
+ORDERS = pa.schema(
+    [
+        pa.field("order_id", pa.int64(), nullable=False),
+        pa.field("order_ts", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("region", pa.string(), nullable=False),
+        pa.field("amount", pa.float64(), nullable=False),
+    ]
+)
+
+
+def _orders(first: int, month: int, regions: list[str]) -> pa.Table:
+    return pa.table(
+        {
+            "order_id": [first + index for index in range(len(regions))],
+            "order_ts": [datetime(2025, month, 1 + index, tzinfo=UTC) for index in range(len(regions))],
+            "region": regions,
+            "amount": [10.0 * (index + 1) for index in range(len(regions))],
+        },
+        schema=ORDERS,
+    )
+
+
+@dataclass
+class Lakehouse:
+    seaweed: Seaweed
+    rest: Any  # the pyiceberg catalog the outside pipeline writes through
+    first_snapshot: int
+    sql_warehouse: Path
+
+
+def _rest_catalog(seaweed: Seaweed, limit_s: float = 60.0) -> Any:
+    from pyiceberg.catalog import load_catalog
+
+    started = time.monotonic()
+    while True:  # the REST port answers a little after S3 does
+        try:
+            catalog = load_catalog("pipeline", **seaweed.rest_properties())
+            catalog.list_namespaces()
+            return catalog
+        except Exception:
+            if time.monotonic() - started > limit_s:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def lakehouse(seaweed_started: Seaweed, tmp_path_factory: pytest.TempPathFactory) -> Lakehouse:
+    """The two outside catalogs, written by plain pyiceberg."""
+    from pyiceberg.catalog.sql import SqlCatalog
+    from pyiceberg.transforms import MonthTransform
+    from pyiceberg.types import StringType
+
+    seaweed_started.wait_ready()
+    rest = _rest_catalog(seaweed_started)
+    rest.create_namespace("sales")
+    rest.create_namespace(("sales", "emea"))
+    orders = rest.create_table(("sales", "orders"), schema=ORDERS, properties={"comment": "Orders of the web shop."})
+    with orders.update_spec() as spec:
+        spec.add_field("order_ts", MonthTransform(), "order_month")
+    orders.append(_orders(1, 1, ["EMEA", "NA", "EMEA"]))
+    first = orders.current_snapshot().snapshot_id
+    orders.append(_orders(4, 2, ["NA", "APAC", "EMEA"]))
+    with orders.update_schema() as update:
+        update.add_column("note", StringType(), doc="What the customer wrote at checkout.")
+    orders = rest.load_table(("sales", "orders"))
+    third = _orders(7, 3, ["EMEA", "EMEA", "NA"]).append_column("note", pa.array(["gift", None, "fast"]))
+    orders.append(third)
+    customers = pa.table({"customer_id": pa.array([1, 2], pa.int64()), "email": ["ada@example.com", "bo@example.com"]})
+    rest.create_table(("sales", "customers"), schema=customers.schema).append(customers)
+    targets = pa.table({"month": pa.array([1, 2], pa.int32()), "goal": [100.0, 120.0]})
+    rest.create_table(("sales", "emea", "targets"), schema=targets.schema).append(targets)
+
+    # Another team's SQL catalog, its files in a directory of its own.
+    outside = tmp_path_factory.mktemp("outside-catalog")
+    sql = SqlCatalog("theirs", uri=f"sqlite:///{outside / 'catalog.db'}", warehouse=(outside / "files").as_uri())
+    sql.create_namespace("sales")
+    sql.create_table(("sales", "orders"), schema=ORDERS).append(_orders(100, 5, ["NA", "NA"]))
+    return Lakehouse(seaweed_started, rest, first, outside)
+
+
+RULES = """
+p, role:analyst, lake.sales.*, read, allow
+p, role:analyst, local.sales.*, read, allow
+p, role:support_agent, lake.sales.orders, read, allow
+p, role:support_agent, lake.sales.orders.*, read, allow
+"""
+OVERLAY = """
+  - name: lake.sales.customers
+    description: Customers of the web shop, one row each.
+    owner: shop-data@lakegate.example
+    tags: [pii]
+    columns:
+      - {name: email, description: "Contact email.", tags: [pii]}
+"""
+ROW_FILTER = """
+  - subject: role:support_agent
+    dataset: lake.sales.orders
+    where: "region = 'EMEA'"
+    reason: The support desk handles EMEA.
+"""
+
+
+def _project(root: Path, lakehouse: Lakehouse, *, extra: str = "") -> Path:
+    """A project that attaches the two catalogs, with the demo's policies plus RULES."""
+    project = root / "project"
+    shutil.copytree(REPO / "policies", project / "policies", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    shutil.copytree(REPO / "catalog", project / "catalog", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    with (project / "policies" / "policy.csv").open("a") as rules:
+        rules.write(RULES)
+    with (project / "catalog" / "datasets.yaml").open("a") as overlay:
+        overlay.write(OVERLAY)
+    with (project / "policies" / "row_filters.yaml").open("a") as filters:
+        filters.write(ROW_FILTER)
+    rest = lakehouse.seaweed.rest_properties()
+    for key in ("client.secret-access-key", "s3.secret-access-key"):
+        rest[key] = "${" + SECRET_VARIABLE + "}"
+    for key in ("client.access-key-id", "s3.access-key-id"):
+        rest[key] = "${" + KEY_VARIABLE + "}"
+    lines = ["build_demo = false", "", "[catalogs.lake]", "refresh_s = 0.5", "table_refresh_s = 0", ""]
+    lines += ["[catalogs.lake.properties]", *(f'"{key}" = "{value}"' for key, value in rest.items()), ""]
+    lines += ["[catalogs.local]", 'catalog_name = "theirs"', "", "[catalogs.local.properties]", 'type = "sql"']
+    lines += [f'uri = "sqlite:///{lakehouse.sql_warehouse / "catalog.db"}"']
+    lines += [f'warehouse = "{(lakehouse.sql_warehouse / "files").as_uri()}"', extra]
+    (project / "lakegate.toml").write_text("\n".join(lines) + "\n")
+    return project
+
+
+@pytest.fixture(scope="module")
+def attached(lakehouse: Lakehouse, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    root = tmp_path_factory.mktemp("attached")
+    project = _project(root, lakehouse)
+    saved = {name: os.environ.get(name) for name in (KEY_VARIABLE, SECRET_VARIABLE)}
+    os.environ[KEY_VARIABLE], os.environ[SECRET_VARIABLE] = ACCESS_KEY, SECRET_KEY
+    audit = {"path": root / "audit.jsonl", "fsync": False}
+    runtime = open_runtime(load_settings(project, home=root / "home", audit=audit, principal=None))
+    try:
+        yield runtime
+    finally:
+        runtime.close()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        # Nothing lakegate wrote names the secret: not the audit log, not the settings.
+        assert SECRET_KEY not in (root / "audit.jsonl").read_text()
+        assert SECRET_KEY not in (project / "lakegate.toml").read_text()
+
+
+def _rows(runtime: Runtime, principal: str, sql: str, **more: Any) -> list[list[Any]]:
+    rows: list[list[Any]] = gate_ok(runtime, principal, "query", {"sql": sql, **more})["rows"]
+    return rows
+
+
+def test_attached_tables_are_datasets_listed_and_denied_by_default(attached: Runtime) -> None:
+    names = {d["name"] for d in gate_ok(attached, "analyst", "list_datasets", {})["datasets"]}
+    assert {"lake.sales.orders", "lake.sales.customers", "lake.sales.emea.targets", "local.sales.orders"} <= names
+    support = {d["name"] for d in gate_ok(attached, "support_agent", "list_datasets", {})["datasets"]}
+    assert support == {"lake.sales.orders"}
+    # A table support may not read looks exactly like one that does not exist.
+    hidden = gate_call(attached, "support_agent", "describe_dataset", {"name": "lake.sales.customers"})
+    missing = gate_call(attached, "support_agent", "describe_dataset", {"name": "lake.sales.nothing"})
+    assert isinstance(hidden.error, NotFound) and isinstance(missing.error, NotFound)
+    assert str(hidden.error).replace("customers", "nothing") == str(missing.error)
+
+
+def test_documentation_comes_from_the_catalog_and_the_overlay(attached: Runtime) -> None:
+    orders = gate_ok(attached, "analyst", "describe_dataset", {"name": "lake.sales.orders"})
+    assert orders["description"] == "Orders of the web shop."  # the table's `comment` property
+    columns = {c["name"]: c for c in orders["columns"]}
+    assert list(columns) == ["order_id", "order_ts", "region", "amount", "note"]
+    assert columns["note"]["description"] == "What the customer wrote at checkout."  # the field's doc
+    assert orders["partitioning"] == ["month(order_ts)"]
+    assert len(orders["versions"]) == 3
+    customers = gate_ok(attached, "analyst", "describe_dataset", {"name": "lake.sales.customers"})
+    assert customers["description"] == "Customers of the web shop, one row each."  # datasets.yaml adds it
+    assert {c["name"]: c["access"] for c in customers["columns"]}["email"] == "masked"
+
+
+def test_attached_tables_are_queried_governed(attached: Runtime) -> None:
+    assert _rows(attached, "analyst", "SELECT count(*) FROM lake.sales.orders") == [[9]]
+    # The same namespace and table name in two catalogs, and in none of the embedded one.
+    both = "SELECT (SELECT count(*) FROM lake.sales.orders), (SELECT count(*) FROM local.sales.orders)"
+    assert _rows(attached, "analyst", both) == [[9, 2]]
+    assert isinstance(gate_call(attached, "analyst", "query", {"sql": "SELECT * FROM sales.orders"}).error, NotFound)
+    # A nested namespace is one quoted part in SQL.
+    assert _rows(attached, "analyst", 'SELECT sum(goal) FROM lake."sales.emea".targets') == [[220.0]]
+    # Masks and row filters hold: email hashed for the analyst, EMEA rows only for support.
+    emails = _rows(attached, "analyst", "SELECT email FROM lake.sales.customers ORDER BY customer_id")
+    assert emails and all("@" not in row[0] for row in emails)
+    regions = _rows(attached, "support_agent", "SELECT DISTINCT region FROM lake.sales.orders")
+    assert regions == [["EMEA"]]
+    notes = _rows(attached, "analyst", "SELECT order_id, note FROM lake.sales.orders WHERE note IS NOT NULL ORDER BY 1")
+    assert notes == [[7, "gift"], [9, "fast"]]
+
+
+def test_time_travel_reads_the_snapshot_before_the_column_was_added(attached: Runtime, lakehouse: Lakehouse) -> None:
+    sql = "SELECT count(*), count(DISTINCT region) FROM lake.sales.orders"
+    rows = _rows(attached, "analyst", sql, as_of={"lake.sales.orders": lakehouse.first_snapshot})
+    assert rows == [[3, 2]]
+
+
+def test_a_read_only_catalog_is_never_written(attached: Runtime) -> None:
+    row = {"order_id": 99, "order_ts": "2025-04-01T00:00:00Z", "region": "NA", "amount": 1.0, "note": None}
+    refused = gate_call(attached, "admin", "append_rows", {"table": "lake.sales.orders", "rows": [row]})
+    assert isinstance(refused.error, InvalidArgument) and "read-only" in str(refused.error)
+    assert _rows(attached, "analyst", "SELECT count(*) FROM lake.sales.orders") == [[9]]
+
+
+def test_tables_and_columns_added_upstream_are_picked_up_without_a_restart(
+    attached: Runtime, lakehouse: Lakehouse
+) -> None:
+    from pyiceberg.types import StringType
+
+    lakehouse.rest.create_table(("sales", "returns"), schema=ORDERS).append(_orders(50, 4, ["NA"]))
+    with lakehouse.rest.load_table(("sales", "customers")).update_schema() as update:
+        update.add_column("phone", StringType())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        names = {d["name"] for d in gate_ok(attached, "analyst", "list_datasets", {})["datasets"]}
+        if "lake.sales.returns" in names:
+            break
+        time.sleep(0.3)
+    assert "lake.sales.returns" in names
+    assert _rows(attached, "analyst", "SELECT count(*) FROM lake.sales.returns") == [[1]]
+    columns = [
+        c["name"] for c in gate_ok(attached, "analyst", "describe_dataset", {"name": "lake.sales.customers"})["columns"]
+    ]
+    assert columns == ["customer_id", "email", "phone"]
+
+
+def test_secrets_come_from_the_environment_only(lakehouse: Lakehouse, tmp_path: Path) -> None:
+    project = _project(tmp_path, lakehouse)
+    toml = (project / "lakegate.toml").read_text()
+    literal = project.parent / "literal"
+    shutil.copytree(project, literal)
+    (literal / "lakegate.toml").write_text(toml.replace("${" + SECRET_VARIABLE + "}", "plain-text", 1))
+    with pytest.raises(ValueError, match="holds a credential"):
+        load_settings(literal, home=tmp_path / "home", principal=None)
+    saved = os.environ.pop(SECRET_VARIABLE, None)
+    try:
+        runtime = open_runtime(
+            load_settings(
+                project,
+                home=tmp_path / "home",
+                principal=None,
+                audit={"path": tmp_path / "audit.jsonl", "fsync": False},
+            )
+        )
+        try:
+            outcome = gate_call(runtime, "analyst", "list_datasets", {})
+            names = (
+                {d["name"] for d in json.loads(outcome.result.model_dump_json())["datasets"]}
+                if outcome.result
+                else set()
+            )
+            assert "local.sales.orders" in names and not any(name.startswith("lake.") for name in names)
+        finally:
+            runtime.close()
+    finally:
+        if saved is not None:
+            os.environ[SECRET_VARIABLE] = saved
+    from lakegate.catalog.attached_catalogs import expand_secrets
+
+    with pytest.raises(ConfigurationError, match=SECRET_VARIABLE):
+        expand_secrets("lake", {"s3.secret-access-key": "${" + SECRET_VARIABLE + "_MISSING}"})
