@@ -13,10 +13,14 @@ What a query sees does not change: the worker still builds each relation from th
 memory instead of a file scan. A cached column of a file that this call was not handed, or a
 column it may not read, never reaches its relation.
 
-Only tables whose planned files are small next to the budget are kept (at most a quarter of it),
-so that one large scan cannot push everything else out; larger ones are scanned from their files as
-before. A table is kept whole (every permitted column of its files, read once), and the least
-recently used columns go first when the budget is full.
+Only tables whose planned files, and whose decoded data, are small next to the budget are kept (at
+most a quarter of it each: the files are decoded in small batches and given up on past that, since
+one long text repeated compresses to nothing), so that one large scan cannot push everything else
+out; others are scanned from their files as before. A table is kept whole (every permitted column
+of its files, read once), and the least recently used columns go first when the budget is full.
+So the first query of a table in a worker reads all the columns its caller may read (the audit
+record's `bytes_read` says so), and later ones read nothing from files; quotas and scan limits
+count, every time, the columns the query reads. `explain` neither fills nor uses the cache.
 """
 
 from __future__ import annotations
@@ -32,7 +36,10 @@ import pyarrow.dataset as ds
 __all__ = ["ColumnCache"]
 
 #: Files read at once when a table is first kept.
-FILE_READERS = 8
+FILE_READERS = 4
+#: Rows decoded at a time while a table is read into memory (the most held beyond the budget is
+#: about FILE_READERS batches).
+BATCH_ROWS = 512
 
 
 class ColumnCache:
@@ -56,14 +63,21 @@ class ColumnCache:
         `store`) as one table in memory, reading the files whose columns are not held yet; None when
         they are too big to keep.
         """
-        if file_bytes > self.max_bytes // 4:
+        share = self.max_bytes // 4
+        if file_bytes > share:
             return None
         names = list(schema.names)
         held = [self._get((store, fragment.path), names) for fragment in fragments]
         missing = [index for index, arrays in enumerate(held) if arrays is None]
         if missing:
-            with ThreadPoolExecutor(max_workers=min(FILE_READERS, len(missing))) as pool:
-                read = list(pool.map(lambda index: _read(fragments[index], names), missing))
+            # Decoded data can be far larger than its compressed files (one long text repeated):
+            # the files are read in small batches and given up on once they pass the share.
+            budget = _Budget(share - sum(array.nbytes for arrays in held if arrays is not None for array in arrays))
+            try:
+                with ThreadPoolExecutor(max_workers=min(FILE_READERS, len(missing))) as pool:
+                    read = list(pool.map(lambda index: _read(fragments[index], names, budget), missing))
+            except _TooBig:
+                return None
             for index, arrays in zip(missing, read, strict=True):
                 held[index] = arrays
                 self._put((store, fragments[index].path), names, arrays)
@@ -92,6 +106,29 @@ class ColumnCache:
                 self._held -= dropped.nbytes
 
 
-def _read(fragment: ds.ParquetFileFragment, names: list[str]) -> list[pa.Array]:
-    table = fragment.to_table(columns=names)
+class _TooBig(Exception):
+    pass
+
+
+class _Budget:
+    """Bytes left to decode for one table, shared by the threads reading its files."""
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+        self._lock = threading.Lock()
+
+    def take(self, count: int) -> None:
+        with self._lock:
+            self.left -= count
+            if self.left < 0:
+                raise _TooBig
+
+
+def _read(fragment: ds.ParquetFileFragment, names: list[str], budget: _Budget) -> list[pa.Array]:
+    batches = []
+    for batch in fragment.to_batches(columns=names, batch_size=BATCH_ROWS, use_threads=False):
+        budget.take(batch.nbytes)
+        batches.append(batch)
+    schema = batches[0].schema if batches else pa.schema([fragment.physical_schema.field(name) for name in names])
+    table = pa.Table.from_batches(batches, schema=schema)
     return [table.column(name).combine_chunks() for name in names]

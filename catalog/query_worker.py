@@ -186,7 +186,9 @@ class Worker:
             sql = job.sql
             for placeholder, source in job.sources.items():
                 cache = self._footers(source.store)
-                relation = build_relation(source, cache, register, placeholder, on_scan, self._columns)
+                # explain reads no data: it neither fills nor uses the memory of tables
+                columns = None if job.explain else self._columns
+                relation = build_relation(source, cache, register, placeholder, on_scan, columns)
                 sql = sql.replace(f'"{placeholder}"', relation)
             for name, method in job.masks.items():
                 sql = re.sub(re.escape(name), self._mask_functions[method], sql, flags=re.IGNORECASE)

@@ -164,7 +164,7 @@ def _term_filters(term: exp.Expr, alias: str, columns: Mapping[str, str]) -> lis
             kind = columns[truncated.column]
             since = _period_filters(truncated, ">=", term.args.get("low"), kind)
             until = _period_filters(truncated, "<=", term.args.get("high"), kind)
-            return since + until if since and until else []
+            return since + until  # each is implied on its own
         if (found := _column(term.this, alias, columns)) is None:
             return []
         low, high = _value(term.args.get("low"), columns[found]), _value(term.args.get("high"), columns[found])
@@ -195,6 +195,7 @@ class _Truncated:
 
     column: str
     unit: str  # second, minute, hour, day, week, month, quarter or year
+    as_date: bool = False  # cast to DATE: compared with a date, a literal's time of day is dropped
 
 
 _UNITS = ("second", "minute", "hour", "day", "week", "month", "quarter", "year")
@@ -222,7 +223,7 @@ def _truncated(node: exp.Expr | None, alias: str, columns: Mapping[str, str]) ->
         return None
     if (as_date or family == "DATE") and _UNITS.index(unit) < _UNITS.index("day"):
         return None  # a day's part of a date: left to DuckDB
-    return _Truncated(found, unit)
+    return _Truncated(found, unit, as_date)
 
 
 def _period_filters(truncated: _Truncated, op: Operator, other: exp.Expr | None, kind: str) -> list[ColumnFilter]:
@@ -236,10 +237,14 @@ def _period_filters(truncated: _Truncated, op: Operator, other: exp.Expr | None,
     """
     if op == "in":
         return []
-    bound = _time_literal(other)
-    if bound is None:
+    found = _time_literal(other)
+    if found is None:
         return []
+    bound, date_literal = found
     family = _family(kind.upper())
+    if truncated.as_date or date_literal:
+        # Compared as DATEs, DuckDB reads '2024-01-31 23:00' as 2024-01-31: so does the bound.
+        bound = bound.replace(hour=0, minute=0, second=0, microsecond=0)
     if family == "DATE" and bound.time() != datetime.min.time():
         return []
     lower: list[ColumnFilter] = []
@@ -247,17 +252,23 @@ def _period_filters(truncated: _Truncated, op: Operator, other: exp.Expr | None,
     if op in (">=", ">", "="):
         lower = [ColumnFilter(truncated.column, ">" if op == ">" else ">=", _as_column_value(bound, family))]
     if op in ("<=", "<", "="):
-        after = _next_period(_period_start(bound, truncated.unit), truncated.unit)
-        upper = [ColumnFilter(truncated.column, "<", _as_column_value(after, family))]
+        try:
+            after = _next_period(_period_start(bound, truncated.unit), truncated.unit)
+        except (ValueError, OverflowError):
+            after = None  # the period after the year 9999's: no upper bound is pushed
+        if after is not None:
+            upper = [ColumnFilter(truncated.column, "<", _as_column_value(after, family))]
     return lower + upper
 
 
-def _time_literal(node: exp.Expr | None) -> datetime | None:
+def _time_literal(node: exp.Expr | None) -> tuple[datetime, bool] | None:
     """A string literal (perhaps cast to DATE or TIMESTAMP) holding an ISO date or a timestamp
-    without an offset, as a naive datetime."""
+    without an offset, as a naive datetime, and whether it is cast to DATE."""
+    as_date = False
     if isinstance(node, exp.Cast) and isinstance(node.to, exp.DataType):
         if node.to.this not in _TIMESTAMP_CASTS | {DType.DATE}:
             return None
+        as_date = node.to.this == DType.DATE
         node = node.this
     if not isinstance(node, exp.Literal) or not node.is_string:
         return None
@@ -265,7 +276,7 @@ def _time_literal(node: exp.Expr | None) -> datetime | None:
     if match is None or match.group("offset"):
         return None
     try:
-        return datetime.fromisoformat(f"{match.group('date')}T{match.group('time') or '00:00'}")
+        return datetime.fromisoformat(f"{match.group('date')}T{match.group('time') or '00:00'}"), as_date
     except ValueError:
         return None
 

@@ -7,6 +7,7 @@ Real demo warehouse, real workers: the worker's own count of the bytes it read f
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +84,18 @@ def test_the_cache_holds_what_the_files_hold_within_its_budget(demo_home: Path) 
     small = ColumnCache(max_bytes=from_files.nbytes // 2 + 4 * size)
     assert small.table(fragments, size, schema) is not None
     assert small.held_bytes <= small.max_bytes
+
+
+def test_a_table_whose_data_decodes_past_its_share_is_scanned_from_its_files(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    # One long random text repeated: some 100 kB of Parquet, 80 MB once decoded (its dictionary is
+    # too big to be read as one).
+    text = secrets.token_hex(100_000)
+    pq.write_table(pa.table({"id": range(400), "body": [text] * 400}), tmp_path / "blob.parquet")
+    size = (tmp_path / "blob.parquet").stat().st_size
+    fragments = [f for f, _ in FragmentCache(LocalFileSystem()).fragments([(str(tmp_path / "blob.parquet"), size)])]
+    schema = fragments[0].physical_schema
+    cache = ColumnCache(max_bytes=4 * 1_000_000)
+    assert size < 1_000_000 and cache.table(fragments, size, schema) is None and cache.held_bytes == 0
+    assert ColumnCache(max_bytes=4 * 100_000_000).table(fragments, size, schema) is not None

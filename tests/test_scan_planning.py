@@ -9,6 +9,7 @@ hypothesis) that every generated filter gives the same rows with pruning as with
 
 from __future__ import annotations
 
+import calendar
 import json
 import re
 from collections.abc import Iterator
@@ -99,6 +100,18 @@ def test_a_period_of_a_time_column_is_pushed_as_the_range_of_times_in_it() -> No
     )
     hours = pushed("SELECT * FROM sales.orders WHERE date_trunc('hour', order_ts) > '2025-12-31 23:30'")
     assert hours["sales.orders"] == (ColumnFilter("order_ts", ">", datetime(2025, 12, 31, 23, 30, tzinfo=UTC)),)
+    # Compared as DATEs the literal's time of day is dropped, by DuckDB and by the bound.
+    as_dates = pushed(
+        "SELECT * FROM sales.orders WHERE CAST(date_trunc('day', order_ts) AS DATE) >= '2024-01-31 23:00' "
+        "AND date_trunc('hour', order_ts) < CAST('2024-03-01 10:00' AS DATE)"
+    )
+    assert as_dates["sales.orders"] == (
+        ColumnFilter("order_ts", ">=", datetime(2024, 1, 31, tzinfo=UTC)),
+        ColumnFilter("order_ts", "<", datetime(2024, 3, 1, 1, tzinfo=UTC)),
+    )
+    # The last period has no period after it: no upper bound, and no error.
+    last = pushed("SELECT * FROM sales.orders WHERE date_trunc('year', order_ts) BETWEEN '2024-01-01' AND '9999-06-01'")
+    assert last["sales.orders"] == (ColumnFilter("order_ts", ">=", datetime(2024, 1, 1, tzinfo=UTC)),)
 
 
 @pytest.mark.parametrize(
@@ -224,9 +237,18 @@ _PERIODS = [
     "CAST(date_trunc('{unit}', CAST(o.order_ts AS TIMESTAMP)) AS DATE)",
 ]
 _UNITS = ["hour", "day", "week", "month", "quarter", "year"]
-_PERIOD_VALUES = st.datetimes(datetime(2023, 6, 1), datetime(2026, 6, 1)).map(
-    lambda moment: f"'{moment.date().isoformat()}'" if moment.minute % 2 else f"'{moment.isoformat(sep=' ')}'"
-)
+_PERIOD_VALUES = st.one_of(
+    st.datetimes(datetime(2023, 6, 1), datetime(2026, 6, 1)),
+    # The last day of a month, late: the orders' files are monthly, so a bound a few hours off
+    # drops a whole file.
+    st.builds(
+        lambda year, month, hour: datetime(year, month, calendar.monthrange(year, month)[1], hour, 30),
+        st.integers(2023, 2025),
+        st.integers(1, 12),
+        st.integers(0, 23),
+    ),
+    st.datetimes(datetime(9999, 1, 1), datetime(9999, 12, 31, 23)),  # no period after the last one
+).map(lambda moment: f"'{moment.date().isoformat()}'" if moment.minute % 2 else f"'{moment.isoformat(sep=' ')}'")
 
 
 @st.composite
@@ -236,10 +258,11 @@ def period_condition(draw: Any) -> str:
     shape = draw(st.sampled_from(_PERIODS[:2] if unit == "hour" else _PERIODS))
     period = shape.format(unit=unit)
     kind = draw(st.sampled_from(["=", "<", "<=", ">", ">=", "between"]))
-    value = _PERIOD_VALUES if "AS DATE" not in period else _PERIOD_VALUES.map(lambda text: text[:11] + "'")
+    # A literal cast to DATE, or compared with a period cast to DATE, loses its time of day.
+    value = draw(st.one_of(_PERIOD_VALUES, _PERIOD_VALUES.map(lambda text: f"CAST({text} AS DATE)")))
     if kind == "between":
-        return f"{period} BETWEEN {draw(value)} AND {draw(value)}"
-    return f"{period} {kind} {draw(value)}"
+        return f"{period} BETWEEN {value} AND {draw(_PERIOD_VALUES)}"
+    return f"{period} {kind} {value}"
 
 
 @st.composite
@@ -287,6 +310,27 @@ def test_pruning_by_a_period_never_changes_an_answer(runtime: Runtime, where: st
     pruned = gate_ok(runtime, "analyst", "query", {"sql": sql, "limit": 500})
     whole = gate_ok(runtime, "analyst", "query", {"sql": sql.replace(f"WHERE {where}", f"WHERE ({where}) OR false")})
     assert pruned["rows"] == whole["rows"], sql
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        # Found by a red-team review: compared as DATEs the literal's time of day is dropped.
+        "CAST(date_trunc('day', order_ts) AS DATE) >= '2024-01-31 23:00'",
+        "CAST(date_trunc('day', CAST(order_ts AS TIMESTAMP)) AS DATE) >= '2024-01-31 21:00'",
+        "date_trunc('hour', order_ts) >= CAST('2024-01-31 23:00' AS DATE)",
+        "date_trunc('hour', order_ts) > CAST('2024-01-31 23:00' AS DATE)",
+        "CAST(date_trunc('day', order_ts) AS DATE) = '2024-01-31 23:00'",
+        "CAST(date_trunc('day', order_ts) AS DATE) BETWEEN '2024-01-31 23:00' AND '2024-02-01'",
+        # ... and the year 9999 has no year after it.
+        "date_trunc('year', order_ts) <= '9999-06-01'",
+        "date_trunc('day', order_ts) BETWEEN '2024-01-01' AND '9999-12-31 12:00'",
+    ],
+)
+def test_pruning_by_a_period_keeps_every_row_at_its_edges(runtime: Runtime, where: str) -> None:
+    sql = f"SELECT count(*) FROM sales.orders WHERE {where}"
+    pruned = gate_ok(runtime, "analyst", "query", {"sql": sql})["rows"]
+    assert pruned == gate_ok(runtime, "analyst", "query", {"sql": sql.replace(where, f"({where}) OR false")})["rows"]
 
 
 # -- scan limits (policies/scan_limits.yaml) ------------------------------------------------------
