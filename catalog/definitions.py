@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from lakegate.errors import ConfigurationError
+from lakegate.policies.column_review import check_tags
 
 __all__ = [
     "DEFINITIONS_FILE",
@@ -33,14 +34,6 @@ DEFINITIONS_FILE = "catalog/datasets.yaml"
 # Iceberg identifier, a Lance table name and an unquoted SQL name. A table of an attached catalog
 # has the catalog's name first, and may have nested namespace levels (catalog/attached_catalogs.py).
 _DATASET_NAME = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*){1,9}$")
-_TAG = re.compile(r"^[a-z0-9_:-]+$")
-
-
-def _check_tags(tags: tuple[str, ...]) -> tuple[str, ...]:
-    for tag in tags:
-        if not _TAG.match(tag):
-            raise ValueError(f"tag {tag!r} must be lower-case letters, digits, '_', ':' or '-'")
-    return tags
 
 
 class ColumnDoc(BaseModel):
@@ -55,7 +48,7 @@ class ColumnDoc(BaseModel):
     @field_validator("tags")
     @classmethod
     def _valid_tags(cls, tags: tuple[str, ...]) -> tuple[str, ...]:
-        return _check_tags(tags)
+        return check_tags(tags)
 
 
 class DatasetDoc(BaseModel):
@@ -83,7 +76,7 @@ class DatasetDoc(BaseModel):
     @field_validator("tags")
     @classmethod
     def _valid_tags(cls, tags: tuple[str, ...]) -> tuple[str, ...]:
-        return _check_tags(tags)
+        return check_tags(tags)
 
     @model_validator(mode="after")
     def _unique_columns(self) -> DatasetDoc:

@@ -31,6 +31,7 @@ import structlog
 
 from lakegate.errors import ConfigurationError
 from lakegate.policies.approvals import APPROVALS_FILE, ApprovalRules, load_approvals
+from lakegate.policies.column_review import COLUMN_REVIEW_FILE, ColumnReview, load_column_review
 from lakegate.policies.quotas import QUOTAS_FILE, QuotaSet, load_quotas
 from lakegate.policies.redaction import REDACTION_FILE, RedactionRules, load_redaction
 from lakegate.policies.row_filters import ROW_FILTER_FILE, RowFilter, RowFilterSet, load_row_filters
@@ -109,11 +110,19 @@ class PolicyFiles:
     scan_limits: Path | None = None
     quotas: Path | None = None
     approvals: Path | None = None
+    column_review: Path | None = None
 
     def _paths(self) -> list[Path]:
         optional = [
             path
-            for path in (self.row_filters, self.redaction, self.scan_limits, self.quotas, self.approvals)
+            for path in (
+                self.row_filters,
+                self.redaction,
+                self.scan_limits,
+                self.quotas,
+                self.approvals,
+                self.column_review,
+            )
             if path is not None
         ]
         return [self.model, self.policy, *optional]
@@ -148,6 +157,7 @@ def policy_files(project: Path) -> PolicyFiles:
         scan_limits=local / SCAN_LIMITS_FILE if own_policy else packaged / SCAN_LIMITS_FILE,
         quotas=local / QUOTAS_FILE if own_policy else packaged / QUOTAS_FILE,
         approvals=local / APPROVALS_FILE if own_policy else packaged / APPROVALS_FILE,
+        column_review=local / COLUMN_REVIEW_FILE if own_policy else packaged / COLUMN_REVIEW_FILE,
     )
 
 
@@ -185,6 +195,7 @@ class _Loaded:
     scan_limits: ScanLimitSet = field(default_factory=ScanLimitSet)
     quotas: QuotaSet = field(default_factory=QuotaSet)
     approvals: ApprovalRules = field(default_factory=ApprovalRules)
+    review: ColumnReview = field(default_factory=ColumnReview)
     error: str | None = None
     # Until a policy set loads, nothing is known to be safe to log in clear.
     redaction: RedactionRules = field(default_factory=RedactionRules.fail_closed)
@@ -223,6 +234,16 @@ class PolicyEnforcer:
     @property
     def files(self) -> PolicyFiles:
         return self._files
+
+    @property
+    def tagged_columns(self) -> frozenset[str]:
+        """The columns catalog/datasets.yaml tags (each counts as reviewed, policies/column_review.py)."""
+        return frozenset(obj for obj, _ in self._groups)
+
+    @property
+    def column_review(self) -> ColumnReview:
+        """Which columns are hidden until reviewed, and the reviewed ones (policies/column_review.py)."""
+        return self._current().review
 
     @property
     def rule_source(self) -> RuleSource | None:
@@ -327,9 +348,10 @@ class PolicyEnforcer:
         stamp = self._stamp()
         try:
             mtimes = self._files.mtimes()
+            review = load_column_review(self._files.column_review)
             adapter = self._rules.snapshot() if self._rules is not None else casbin.FileAdapter(str(self._files.policy))
-            decider = self._enforcer(adapter, explain_allows=False)
-            explainer = self._enforcer(adapter, explain_allows=True)
+            decider = self._enforcer(adapter, review, explain_allows=False)
+            explainer = self._enforcer(adapter, review, explain_allows=True)
             if self._rules is None:
                 version = self._files.content_hash(f"{obj}>{group}" for obj, group in self._groups)
             else:
@@ -356,16 +378,17 @@ class PolicyEnforcer:
             approvals,
             stamp=stamp,
             redaction=redaction,
+            review=review,
         )
 
-    def _enforcer(self, adapter: Any, *, explain_allows: bool) -> casbin.Enforcer:
+    def _enforcer(self, adapter: Any, review: ColumnReview, *, explain_allows: bool) -> casbin.Enforcer:
         model = casbin.Enforcer.new_model(path=str(self._files.model))
         if explain_allows:
             # Under deny-overrides, pycasbin names only the deny rule; an allow-only copy of the
             # model names the allow rule that matched, so every decision can say why.
             model["e"]["e"].value = _ALLOW_ONLY_EFFECT
         enforcer = casbin.Enforcer(model, adapter)
-        for obj, group in self._groups:
+        for obj, group in [*self._groups, *review.groups()]:
             enforcer.add_named_grouping_policy("g2", obj, group)
         return enforcer
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+import yaml
 
 from lakegate.errors import ConfigurationError, InvalidArgument, NotFound
 from lakegate.server.app import Runtime, open_runtime
@@ -299,3 +300,124 @@ def test_secrets_come_from_the_environment_only(lakehouse: Lakehouse, tmp_path: 
 
     with pytest.raises(ConfigurationError, match=SECRET_VARIABLE):
         expand_secrets("lake", {"s3.secret-access-key": "${" + SECRET_VARIABLE + "_MISSING}"})
+
+
+# -- columns nobody has reviewed (policies/column_review.yaml) --------------------------------------
+
+CONTACTS = pa.table(
+    {
+        "contact_id": pa.array(range(1, 7), pa.int64()),
+        "full_name": [
+            "Ada Lovelace",
+            "Grace Hopper",
+            "Alan Turing",
+            "Edsger Dijkstra",
+            "Barbara Liskov",
+            "Ken Thompson",
+        ],
+        "phone": [
+            "+44 20 7946 0018",
+            "+1 (202) 555-0143",
+            "+49 30 901820",
+            "+31 20 555 0192",
+            "+1 617 555 0100",
+            "+1-908-555-0155",
+        ],
+        "last_ip": ["10.0.0.1", "192.168.1.20", "2001:db8::1", "172.16.5.4", "10.1.2.3", "8.8.8.8"],
+        "card": [
+            "4111 1111 1111 1111",
+            "5500-0000-0000-0004",
+            "340000000000009",
+            "4012888888881881",
+            "6011000000000004",
+            "3530111333300000",
+        ],
+        "segment": ["smb", "enterprise", "smb", "smb", "consumer", "enterprise"],
+    }
+)
+REVIEW_RULES = """
+p, role:analyst, lake.crm.*, read, allow
+p, role:data_steward, lake.*, review, allow
+"""
+
+
+def _cli(project: Path, home: Path, *args: str) -> Any:
+    from click.testing import CliRunner
+
+    from lakegate.server.cli.main import cli
+
+    return CliRunner().invoke(cli, ["--project", str(project), *args], env={"LAKEGATE_HOME": str(home)})
+
+
+def test_columns_nobody_reviewed_stay_hidden_until_a_person_reviews_them(
+    lakehouse: Lakehouse, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyiceberg.types import StringType
+
+    monkeypatch.setenv(KEY_VARIABLE, ACCESS_KEY)
+    monkeypatch.setenv(SECRET_VARIABLE, SECRET_KEY)
+    lakehouse.rest.create_namespace_if_not_exists("crm")
+    contacts = lakehouse.rest.create_table(("crm", "contacts"), schema=CONTACTS.schema)
+    contacts.append(CONTACTS)
+    project = _project(tmp_path, lakehouse)
+    with (project / "policies" / "policy.csv").open("a") as rules:
+        rules.write(REVIEW_RULES)
+    review_file = project / "policies" / "column_review.yaml"
+    review_file.write_text(review_file.read_text().replace("hide_unreviewed: []", "hide_unreviewed: [lake.crm]"))
+    home = tmp_path / "home"
+    settings = load_settings(project, home=home, principal=None, audit={"path": home / "audit" / "audit.jsonl"})
+    runtime = open_runtime(settings)
+    try:
+        columns = gate_ok(runtime, "analyst", "describe_dataset", {"name": "lake.crm.contacts"})["columns"]
+        assert {c["name"]: c["access"] for c in columns}["segment"] == "hidden"
+        denied = gate_call(runtime, "analyst", "query", {"sql": "SELECT segment FROM lake.crm.contacts"})
+        assert denied.error is not None and "hidden" in str(denied.error)
+
+        # The reviewer sees what was found, and nothing is written without --accept.
+        before = review_file.read_text()
+        listed = _cli(project, home, "catalog", "review", "--as", "data_steward")
+        assert listed.exit_code == 0, listed.output
+        for column, kind in [
+            ("full_name", "person names"),
+            ("phone", "phone numbers"),
+            ("last_ip", "IP addresses"),
+            ("card", "payment card numbers"),
+        ]:
+            assert f"lake.crm.contacts.{column}" in listed.output and kind in listed.output
+        assert "nothing recognised" in listed.output and review_file.read_text() == before
+
+        wrong = _cli(project, home, "catalog", "review", "--as", "data_steward", "--accept", "--set", "x.y.z=Bad Tag")
+        assert wrong.exit_code != 0 and review_file.read_text() == before
+        accepted = _cli(
+            project,
+            home,
+            *("catalog", "review", "lake.crm", "--as", "data_steward", "--accept"),
+            *("--set", "lake.crm.contacts.full_name=pii,person"),
+        )
+        assert accepted.exit_code == 0, accepted.output
+        reviewed = yaml.safe_load(review_file.read_text())["reviewed"]
+        assert (
+            reviewed["lake.crm.contacts.phone"]["tags"] == ["pii"]
+            and reviewed["lake.crm.contacts.segment"]["tags"] == []
+        )
+        assert reviewed["lake.crm.contacts.phone"]["by"] == "data_steward"
+        assert reviewed["lake.crm.contacts.full_name"]["tags"] == ["pii", "person"]
+        assert review_file.read_text().startswith("# Columns nobody has reviewed")  # the comments are kept
+
+        runtime.enforcer.reload_if_changed()
+        access = {
+            c["name"]: c["access"]
+            for c in gate_ok(runtime, "analyst", "describe_dataset", {"name": "lake.crm.contacts"})["columns"]
+        }
+        assert access["segment"] == "clear" and access["phone"] == "masked"  # tagged pii: the analyst's hash
+
+        # A column added upstream afterwards is hidden again until someone reviews it.
+        with lakehouse.rest.load_table(("crm", "contacts")).update_schema() as update:
+            update.add_column("notes", StringType())
+        access = {
+            c["name"]: c["access"]
+            for c in gate_ok(runtime, "analyst", "describe_dataset", {"name": "lake.crm.contacts"})["columns"]
+        }
+        assert access["notes"] == "hidden" and access["segment"] == "clear"
+    finally:
+        runtime.close()

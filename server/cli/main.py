@@ -30,6 +30,7 @@ WARM_UP_JOIN_S = 60.0
 #: them), so that `serve` does not pay for the imports of the others before it answers a client.
 LAZY_COMMANDS = {
     "audit": "lakegate.server.cli.audit_commands:audit",
+    "catalog": "lakegate.server.cli.catalog_commands:catalog",
     "changes": "lakegate.server.cli.change_commands:changes",
     "eval": "lakegate.server.cli.eval_commands:eval_command",
     "ingest": "lakegate.server.cli.ingest_commands:ingest",
@@ -103,6 +104,7 @@ def init(directory: Path, force: bool, empty: bool) -> None:
             Path("policies/scan_limits.yaml"): starter.joinpath("scan_limits.yaml"),
             Path("policies/quotas.yaml"): starter.joinpath("quotas.yaml"),
             Path("policies/approvals.yaml"): starter.joinpath("approvals.yaml"),
+            Path("policies/column_review.yaml"): starter.joinpath("column_review.yaml"),
             Path("catalog/datasets.yaml"): starter.joinpath("datasets.yaml"),
             Path("catalog/metrics.yaml"): starter.joinpath("metrics.yaml"),
         }
@@ -115,6 +117,7 @@ def init(directory: Path, force: bool, empty: bool) -> None:
             Path("policies/scan_limits.yaml"): policies.joinpath("scan_limits.yaml"),
             Path("policies/quotas.yaml"): policies.joinpath("quotas.yaml"),
             Path("policies/approvals.yaml"): policies.joinpath("approvals.yaml"),
+            Path("policies/column_review.yaml"): policies.joinpath("column_review.yaml"),
             Path("catalog/datasets.yaml"): resources.files("lakegate.catalog").joinpath("datasets.yaml"),
         }
     for relative, source in files.items():

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from lakegate.catalog.arrow_relations import TableSource
 from lakegate.catalog.iceberg_scan import ScanPlan
-from lakegate.errors import ConfigurationError, GovernanceViolation, LimitExceeded, NotFound
+from lakegate.errors import ConfigurationError, GovernanceViolation, LimitExceeded, NotFound, PolicyDenied
 from lakegate.policies.columns import MASK_METHODS, ColumnAccess
 from lakegate.policies.masks import mask_macro_name
 from lakegate.policies.row_filters import RowFilter
@@ -183,6 +183,12 @@ def run_query(
         )
         for name in query.tables
     }
+    for name, seen in tables.items():
+        if not seen.types and seen.hidden:
+            raise PolicyDenied(
+                f"Every column of {name} is hidden from you by policy, so the query cannot read it.",
+                hint="describe_dataset shows each column's access; ask a data steward if you need one.",
+            )
     resolved = resolve_columns(query, tables)
     read = resolved.read
     # The query's own filters, where they provably cannot change an answer, prune the files read.

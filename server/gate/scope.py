@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from lakegate.catalog.metric_definitions import SemanticCatalog
     from lakegate.catalog.query_embedder import TextEncoder
     from lakegate.catalog.query_engine import QueryEngine
+    from lakegate.policies.column_review import ColumnReview
     from lakegate.policies.quotas import QuotaSet
     from lakegate.policies.row_filters import RowFilter
     from lakegate.policies.scan_limits import ScanLimit
@@ -135,6 +136,14 @@ class CallScope(WriteScope):
         return SubjectPolicy(self._enforcer, subject)
 
     # --- catalog reads -------------------------------------------------------------------------
+
+    def column_review(self) -> ColumnReview:
+        """Which columns are hidden until reviewed, and the reviewed ones (policies/column_review.py)."""
+        return self._enforcer.column_review
+
+    def tagged_columns(self) -> frozenset[str]:
+        """The columns catalog/datasets.yaml tags (reviewed by being tagged)."""
+        return self._enforcer.tagged_columns
 
     def readable_datasets(self) -> list[str]:
         """Names of the datasets this principal may read (and so may see)."""

@@ -1,0 +1,196 @@
+"""`lakegate catalog review`: the columns nobody has reviewed, what their values look like, and (with
+--accept) the reviewer's decision written into policies/column_review.yaml.
+
+The reviewer acts as a principal (`--as`) through the gate: it lists and describes the datasets it
+may read, and reads a small sample of each unreviewed column with a governed query (audited, masks
+and row filters applied: a principal allowed to `review` a dataset sees its unreviewed columns as
+its other rules say). Nothing is written until `--accept`; then each listed column is recorded as
+reviewed, with the suggested tags (or none), the reviewer, the date and the evidence, and the policy
+set reloads it like any other change to policies/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from lakegate.policies.column_detectors import Suggestion, suggest
+from lakegate.policies.column_review import COLUMN_REVIEW_FILE, ReviewedColumn
+from lakegate.server.cli.context import as_principal, command_settings, through_gate
+
+if TYPE_CHECKING:
+    from lakegate.server.gate.scope import CallScope
+
+__all__ = ["catalog"]
+
+err = Console(stderr=True)
+#: Values read of each column to suggest its tags.
+SAMPLE_ROWS = 50
+
+
+@dataclass(frozen=True)
+class Finding:
+    column: str  # dataset.column
+    type: str
+    suggestion: Suggestion | None
+    sampled: int
+    unreadable: str | None = None  # why no sample could be read
+
+
+@click.group("catalog")
+def catalog() -> None:
+    """Review what attached catalogs hold."""
+
+
+@catalog.command("review")
+@click.argument("scopes", nargs=-1)
+@click.option("--sample", default=SAMPLE_ROWS, show_default=True, help="Values read of each column.")
+@click.option("--accept", is_flag=True, help="Record every listed column as reviewed, with the suggested tags.")
+@click.option(
+    "--set",
+    "decided",
+    multiple=True,
+    metavar="COLUMN=TAGS",
+    help="With --accept: your tags for one column instead of the suggestion (comma-separated; empty for none), "
+    "e.g. --set lake.sales.products.name= . Repeatable.",
+)
+@as_principal
+@click.pass_context
+def review(
+    ctx: click.Context, scopes: tuple[str, ...], sample: int, accept: bool, decided: tuple[str, ...], principal: str
+) -> None:
+    """List the columns nobody has reviewed in SCOPES (catalogs or namespaces, e.g. `lake` or
+    `lake.sales`; default: those policies/column_review.yaml hides), with tags suggested from a
+    sample of their values. With --accept, write them to policies/column_review.yaml."""
+    overrides = _overrides(decided)
+    settings = command_settings(ctx)
+    path = settings.project / "policies" / COLUMN_REVIEW_FILE
+    arguments = {"scopes": ",".join(scopes), "sample": str(sample)}
+
+    def answer(scope: CallScope) -> list[Finding]:
+        return _findings(scope, scopes, sample)
+
+    findings = through_gate(ctx, principal, "catalog/review", arguments, answer)
+    _show(findings)
+    if not findings:
+        err.print("Every column in scope has been reviewed.")
+        return
+    if not accept:
+        err.print(f"Nothing was written. --accept records these {len(findings)} columns as reviewed in {path}.")
+        return
+    unknown = set(overrides) - {finding.column for finding in findings}
+    if unknown:
+        raise click.ClickException(f"--set names columns that are not listed above: {', '.join(sorted(unknown))}")
+    _record(path, findings, principal, overrides)
+    err.print(f"Recorded {len(findings)} columns as reviewed in {path}; the policy set reloads it.")
+
+
+def _findings(scope: CallScope, scopes: tuple[str, ...], sample: int) -> list[Finding]:
+    review = scope.column_review()
+    wanted = scopes or review.scopes
+    if not wanted:
+        raise click.ClickException(
+            f"Name the catalogs or namespaces to review, or list them under hide_unreviewed in {COLUMN_REVIEW_FILE}."
+        )
+    reviewed = set(review.reviewed) | scope.tagged_columns()
+    findings = []
+    for name in scope.readable_datasets():
+        if not any(name.startswith(prefix + ".") for prefix in wanted) or scope.dataset_kind(name) != "iceberg":
+            continue
+        info, _ = scope.dataset(name)
+        for column in info.columns:
+            full = f"{name}.{column.name}"
+            if full in reviewed:
+                continue
+            findings.append(_finding(scope, name, column.name, column.type, sample))
+    return findings
+
+
+def _finding(scope: CallScope, dataset: str, column: str, kind: str, sample: int) -> Finding:
+    full = f"{dataset}.{column}"
+    access = scope.columns(dataset, [column])[0]
+    if not access.visible:
+        return Finding(full, kind, None, 0, unreadable=f"hidden from you ({access.decision.rule_text})")
+    if access.access == "masked":
+        return Finding(full, kind, None, 0, unreadable=f"you read it masked ({access.mask}): its values say nothing")
+    quoted = '"' + column.replace('"', '""') + '"'
+    sql = f"SELECT {quoted} FROM {_sql_name(dataset)} WHERE {quoted} IS NOT NULL LIMIT {int(sample)}"
+    page = scope.query(sql, as_of={}, offset=0, count=sample)
+    values: list[Any] = [row[0] for row in page.rows]
+    return Finding(full, kind, suggest(column, values), len(values))
+
+
+def _sql_name(dataset: str) -> str:
+    """A dataset's name in SQL: a nested namespace is one quoted part."""
+    parts = dataset.split(".")
+    if len(parts) <= 3:
+        return ".".join(f'"{part}"' for part in parts)
+    return f'"{parts[0]}"."' + ".".join(parts[1:-1]) + f'"."{parts[-1]}"'
+
+
+def _show(findings: list[Finding]) -> None:
+    table = Table(title="Columns nobody has reviewed", title_justify="left")
+    for heading in ("column", "type", "suggested tags", "evidence"):
+        table.add_column(heading)
+    for finding in findings:
+        if finding.unreadable is not None:
+            tags, evidence = "?", finding.unreadable
+        elif finding.suggestion is not None:
+            tags, evidence = ", ".join(finding.suggestion.tags), finding.suggestion.evidence
+        else:
+            tags, evidence = "(none)", f"nothing recognised in {finding.sampled} sampled values"
+        table.add_row(escape(finding.column), escape(finding.type), escape(tags), escape(evidence))
+    console = Console()
+    if not console.is_terminal:  # piped or captured: whole column names, not wrapped at 80
+        console = Console(width=200)
+    console.print(table)
+
+
+def _overrides(decided: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    found: dict[str, tuple[str, ...]] = {}
+    for item in decided:
+        column, sep, tags = item.partition("=")
+        if not sep or column.count(".") < 2:
+            raise click.BadParameter(f"{item!r}: write COLUMN=TAGS, e.g. lake.sales.products.name=", param_hint="--set")
+        chosen = tuple(tag.strip() for tag in tags.split(",") if tag.strip())
+        try:
+            ReviewedColumn(tags=chosen)
+        except ValidationError as exc:
+            raise click.BadParameter(f"{item!r}: {exc.errors()[0]['msg']}", param_hint="--set") from None
+        found[column.strip().lower()] = chosen
+    return found
+
+
+def _record(path: Path, findings: list[Finding], principal: str, overrides: dict[str, tuple[str, ...]]) -> None:
+    """Add the findings to the `reviewed` entries of the review file, keeping its comments."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
+    data = yaml.safe_load(text) or {}
+    reviewed = dict(data.get("reviewed") or {})
+    today = datetime.now(UTC).date().isoformat()
+    for finding in findings:
+        if finding.unreadable is not None and finding.column not in overrides:
+            continue  # not seen: left for a reviewer who may read it
+        evidence = (
+            finding.suggestion.evidence if finding.suggestion else f"{finding.sampled} values, nothing recognised"
+        )
+        tags = finding.suggestion.tags if finding.suggestion else ()
+        if finding.column in overrides:
+            tags, evidence = overrides[finding.column], f"set by the reviewer ({evidence})"
+        entry = ReviewedColumn(tags=tags, by=principal, at=today, evidence=evidence)
+        reviewed[finding.column] = entry.model_dump(exclude_none=True) | {"tags": list(entry.tags)}
+    data = {"hide_unreviewed": list(data.get("hide_unreviewed") or []), "reviewed": reviewed}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=None, width=110)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(header + body, encoding="utf-8")
+    temporary.replace(path)  # the policy watcher never reads half a file
