@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import pytest
@@ -77,6 +79,63 @@ def seaweed_started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seawee
     """SeaweedFS (S3 and an Iceberg REST catalog) started, not yet waited for: it boots (~10 s)
     while other fixtures build."""
     yield from seaweed_or_skip(tmp_path_factory.mktemp("seaweed"))
+
+
+# The PostgreSQL of the production profile's tests: $LAKEGATE_TEST_POSTGRES_URL (.ci/run sets it:
+# then the tests must run, and fail if it does not answer), else the local default if one answers,
+# else they are skipped. Each test session (each xdist worker) works in a database of its own.
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> str:
+    psycopg = pytest.importorskip("psycopg", reason="the production profile's extra: pip install -e '.[dev]'")
+    url = os.environ.get("LAKEGATE_TEST_POSTGRES_URL")
+    if url:
+        return url  # set (as in CI): the tests must run, so an unreachable server fails them
+    try:
+        psycopg.connect(DEFAULT_POSTGRES_URL, connect_timeout=2).close()
+    except psycopg.OperationalError as exc:
+        pytest.skip(
+            f"no PostgreSQL: LAKEGATE_TEST_POSTGRES_URL is unset and nothing answers at {DEFAULT_POSTGRES_URL} "
+            f"({str(exc).strip()})"
+        )
+    return DEFAULT_POSTGRES_URL
+
+
+def _create_database(server: str) -> str:
+    import psycopg
+    from psycopg import sql
+
+    name = f"lakegate_test_{secrets.token_hex(6)}"
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
+
+
+def _drop_database(server: str, url: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    name = urlsplit(url).path.lstrip("/")
+    with psycopg.connect(server, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_server: str) -> Iterator[str]:
+    """A database of this test session's own (xdist workers and reruns never share one)."""
+    url = _create_database(pg_server)
+    yield url
+    _drop_database(pg_server, url)
+
+
+@pytest.fixture
+def fresh_pg_url(pg_server: str) -> Iterator[str]:
+    """A database of this test's own, for tests that tamper with what is in it."""
+    url = _create_database(pg_server)
+    yield url
+    _drop_database(pg_server, url)
 
 
 @pytest.fixture

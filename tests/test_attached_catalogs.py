@@ -421,3 +421,50 @@ def test_columns_nobody_reviewed_stay_hidden_until_a_person_reviews_them(
         assert access["notes"] == "hidden" and access["segment"] == "clear"
     finally:
         runtime.close()
+
+
+_OUTSIDE_PIPELINE = """
+import sys
+from datetime import datetime, timezone
+import pyarrow as pa
+from pyiceberg.catalog.sql import SqlCatalog
+
+catalog = SqlCatalog("theirs_pg", uri=sys.argv[1], warehouse=sys.argv[2])
+catalog.create_namespace("sales")
+orders = pa.table({"order_id": pa.array([1, 2, 3, 4], pa.int64()), "region": ["NA", "EMEA", "NA", "APAC"]})
+catalog.create_table(("sales", "orders"), schema=orders.schema).append(orders)
+"""
+
+
+def test_a_sql_catalog_in_postgresql_made_by_another_process(
+    lakehouse: Lakehouse, fresh_pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    uri = fresh_pg_url.replace("postgresql://", "postgresql+psycopg://", 1)
+    files = (tmp_path / "their-files").as_uri()
+    subprocess.run([sys.executable, "-c", _OUTSIDE_PIPELINE, uri, files], check=True, timeout=120)
+    monkeypatch.setenv(KEY_VARIABLE, ACCESS_KEY)
+    monkeypatch.setenv(SECRET_VARIABLE, SECRET_KEY)
+    extra = f'\n[catalogs.pg]\ncatalog_name = "theirs_pg"\n[catalogs.pg.properties]\ntype = "sql"\nuri = "{uri}"\n'
+    project = _project(tmp_path, lakehouse, extra=extra)
+    with (project / "policies" / "policy.csv").open("a") as rules:
+        rules.write("p, role:analyst, pg.sales.*, read, allow\n")
+    home = tmp_path / "home"
+    runtime = open_runtime(load_settings(project, home=home, principal=None, audit={"path": home / "audit.jsonl"}))
+    try:
+        assert "pg.sales.orders" in {d["name"] for d in gate_ok(runtime, "analyst", "list_datasets", {})["datasets"]}
+        # One namespace and table name in three catalogs at once, each its own.
+        three = (
+            "SELECT (SELECT count(*) FROM pg.sales.orders), (SELECT count(*) FROM local.sales.orders), "
+            "(SELECT count(*) FROM lake.sales.orders WHERE order_id < 100)"
+        )
+        assert _rows(runtime, "analyst", three) == [[4, 2, 9]]
+        by_region = "SELECT region, count(*) FROM pg.sales.orders GROUP BY region ORDER BY region"
+        assert _rows(runtime, "analyst", by_region) == [["APAC", 1], ["EMEA", 1], ["NA", 2]]
+        assert isinstance(
+            gate_call(runtime, "support_agent", "describe_dataset", {"name": "pg.sales.orders"}).error, NotFound
+        )
+    finally:
+        runtime.close()

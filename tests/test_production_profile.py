@@ -9,19 +9,16 @@ session (each xdist worker) works in a database of its own, created here and dro
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, LiteralString
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 from click.testing import CliRunner
-from psycopg import sql
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
@@ -43,56 +40,11 @@ from lakegate.server.settings import Settings, load_settings
 from tests.conftest import gate_call
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 #: The stated bound (policies/pg_policies.py): a change reaches every replica within 2 s.
 BOUND_S = 2.0
 
 
-# --- the database ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> str:
-    url = os.environ.get("LAKEGATE_TEST_POSTGRES_URL")
-    if url:
-        return url  # set (as in CI): the tests must run, so an unreachable server fails them
-    try:
-        psycopg.connect(DEFAULT_URL, connect_timeout=2).close()
-    except psycopg.OperationalError as exc:
-        pytest.skip(
-            f"no PostgreSQL: LAKEGATE_TEST_POSTGRES_URL is unset and nothing answers at {DEFAULT_URL} "
-            f"({str(exc).strip()})"
-        )
-    return DEFAULT_URL
-
-
-def _create_database(server: str) -> str:
-    name = f"lakegate_test_{secrets.token_hex(6)}"
-    with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
-
-
-def _drop_database(server: str, url: str) -> None:
-    name = urlsplit(url).path.lstrip("/")
-    with psycopg.connect(server, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-@pytest.fixture(scope="session")
-def pg_url(pg_server: str) -> Iterator[str]:
-    """A database of this test session's own (xdist workers and reruns never share one)."""
-    url = _create_database(pg_server)
-    yield url
-    _drop_database(pg_server, url)
-
-
-@pytest.fixture
-def fresh_pg_url(pg_server: str) -> Iterator[str]:
-    """A database of this test's own, for tests that tamper with what is in it."""
-    url = _create_database(pg_server)
-    yield url
-    _drop_database(pg_server, url)
+# --- the database (pg_server, pg_url and fresh_pg_url are in tests/conftest.py) --------------
 
 
 def execute(url: str, statement: LiteralString, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
