@@ -53,6 +53,8 @@ CATALOG_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _PART = re.compile(r"^[a-z_][a-z0-9_]*$")
 #: Namespace levels walked at most (REST catalogs nest namespaces).
 MAX_NAMESPACE_DEPTH = 8
+#: A name not in the listing lists the catalog again only when the listing is at least this old.
+MIN_RELIST_S = 1.0
 _SECRET = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -223,7 +225,10 @@ class AttachedCatalog:
         """
         with self._lock:
             known = self._listing.names.get(name)
-        if known is None and name.partition(".")[0] == self.name:
+            # A name not listed may be a table created since: list again, but at most once every
+            # MIN_RELIST_S, so that asking for made-up names cannot make lakegate walk the catalog.
+            stale = self._clock() - self._listing.at >= MIN_RELIST_S
+        if known is None and stale and name.partition(".")[0] == self.name:
             known = dict(self._refresh_names()).get(name)
         if known is None:
             raise NotFound(f"No dataset named {name!r}.", hint="Call list_datasets to see the datasets you can use.")

@@ -468,3 +468,33 @@ def test_a_sql_catalog_in_postgresql_made_by_another_process(
         )
     finally:
         runtime.close()
+
+
+def test_discovery_is_kept_and_made_up_names_do_not_walk_the_catalog(tmp_path: Path) -> None:
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    from lakegate.catalog.attached_catalogs import MIN_RELIST_S, AttachedCatalog, CatalogSpec
+
+    uri, files = f"sqlite:///{tmp_path / 'catalog.db'}", (tmp_path / "files").as_uri()
+    theirs = SqlCatalog("theirs", uri=uri, warehouse=files)
+    theirs.create_namespace("sales")
+    theirs.create_table(("sales", "orders"), schema=ORDERS)
+    now = [1000.0]
+    spec = CatalogSpec("lake", {"type": "sql", "uri": uri, "warehouse": files}, catalog_name="theirs", refresh_s=60)
+    attached = AttachedCatalog(spec, clock=lambda: now[0])
+    assert attached.table_names() == ["lake.sales.orders"]
+    theirs.create_table(("sales", "returns"), schema=ORDERS)
+    # Within the listing's life a new table is not listed, and asking for names does not list again
+    # more than once every MIN_RELIST_S.
+    now[0] += MIN_RELIST_S / 2
+    assert attached.table_names() == ["lake.sales.orders"]
+    with pytest.raises(NotFound):
+        attached.identifier("lake.sales.returns")
+    now[0] += MIN_RELIST_S
+    assert attached.identifier("lake.sales.returns") == ("sales", "returns")
+    # A dropped table disappears at the next listing.
+    theirs.drop_table(("sales", "orders"))
+    now[0] += 61
+    assert attached.table_names() == ["lake.sales.returns"]
+    with pytest.raises(NotFound):
+        attached.load_table("lake.sales.orders")
