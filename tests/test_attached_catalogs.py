@@ -498,3 +498,44 @@ def test_discovery_is_kept_and_made_up_names_do_not_walk_the_catalog(tmp_path: P
     assert attached.table_names() == ["lake.sales.returns"]
     with pytest.raises(NotFound):
         attached.load_table("lake.sales.orders")
+
+
+def test_a_newcomer_attaches_their_catalog_and_an_agent_answers_over_stdio(tmp_path: Path) -> None:
+    """The README's "Your own data" steps for a catalog that exists, with the real MCP client."""
+    import anyio
+    from click.testing import CliRunner
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    from lakegate.evals.mcp_client import connect
+    from lakegate.server.cli.main import cli
+
+    uri, files = f"sqlite:///{tmp_path / 'theirs.db'}", (tmp_path / "their-files").as_uri()
+    theirs = SqlCatalog("prod", uri=uri, warehouse=files)
+    theirs.create_namespace("crm")
+    theirs.create_table(("crm", "contacts"), schema=CONTACTS.schema, properties={"comment": "CRM contacts."}).append(
+        CONTACTS
+    )
+    project, home = tmp_path / "acme", tmp_path / "state"
+    assert CliRunner().invoke(cli, ["init", str(project), "--empty"]).exit_code == 0
+    with (project / "lakegate.toml").open("a") as toml:
+        toml.write('\n[catalogs.crm_lake]\ncatalog_name = "prod"\n[catalogs.crm_lake.properties]\n')
+        toml.write(f'type = "sql"\nuri = "{uri}"\nwarehouse = "{files}"\n')
+    policy = project / "policies" / "policy.csv"
+
+    async def ask() -> tuple[list[Any], Any]:
+        async with connect("me", home, project=project, LAKEGATE_AUDIT__PATH=str(tmp_path / "a.jsonl")) as client:
+            listed = (await client.call_tool("list_datasets", {})).structured_content or {}
+            sql = "SELECT segment, count(*) AS n FROM crm_lake.crm.contacts GROUP BY segment ORDER BY segment"
+            return listed["datasets"], await client.call_tool("query", {"sql": sql})
+
+    datasets, counted = anyio.run(ask)
+    assert datasets == [] and counted.is_error  # deny by default
+    policy.write_text(policy.read_text() + "\np, role:agent, crm_lake.crm.*, read, allow\n")
+    datasets, counted = anyio.run(ask)
+    assert [(d["name"], d["description"]) for d in datasets] == [("crm_lake.crm.contacts", "CRM contacts.")]
+    assert not counted.is_error and counted.structured_content["rows"] == [
+        ["consumer", 1],
+        ["enterprise", 2],
+        ["smb", 3],
+    ]
+    assert not (home / "iceberg" / "catalog.db").exists() or not list((home / "iceberg").rglob("*.parquet"))  # no demo
