@@ -350,13 +350,50 @@ def _check_words(what: str, text: str, expect: Expect) -> str | None:
 
 
 @asynccontextmanager
-async def _serve(principal: str, home: Path, project: Path, audit: Path, errlog: TextIO) -> AsyncIterator[Client]:
+async def _serve(
+    principal: str, home: Path, project: Path, audit: Path, errlog: TextIO, catalogs: str
+) -> AsyncIterator[Client]:
     # Embedded whatever the environment says: the scenarios expect the demo warehouse in `home`.
     params = server_params(
-        principal, home, project=project, LAKEGATE_AUDIT__PATH=str(audit), LAKEGATE_PROFILE="embedded"
+        principal,
+        home,
+        project=project,
+        LAKEGATE_AUDIT__PATH=str(audit),
+        LAKEGATE_PROFILE="embedded",
+        LAKEGATE_CATALOGS=catalogs,
     )
     async with Client(stdio_client(params, errlog=errlog), client_info=CLIENT, read_timeout_seconds=120) as client:
         yield client
+
+
+#: The name the servers attach the outside catalog under (scenarios in evals/scenarios/attached.yaml).
+ATTACHED = "crm_lake"
+
+
+def outside_catalog(root: Path) -> dict[str, Any]:
+    """An Iceberg catalog lakegate did not create, as another team's pipeline made it: a SQLite SQL
+    catalog "outside" under `root` (made once) with crm.contacts; its settings for `[catalogs.X]`."""
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    uri, files = f"sqlite:///{root / 'catalog.db'}", (root / "files").as_uri()
+    if not (root / "catalog.db").exists():
+        import pyarrow as pa
+
+        root.mkdir(parents=True, exist_ok=True)
+        catalog = SqlCatalog("outside", uri=uri, warehouse=files)
+        catalog.create_namespace("crm")
+        contacts = pa.table(
+            {
+                "contact_id": pa.array([1, 2, 3, 4], pa.int64()),
+                "company": ["Acme", "Globex", "Initech", "Umbrella"],
+                "segment": ["smb", "enterprise", "smb", "enterprise"],
+            }
+        )
+        table = catalog.create_table(
+            ("crm", "contacts"), schema=contacts.schema, properties={"comment": "CRM accounts."}
+        )
+        table.append(contacts)
+    return {"catalog_name": "outside", "properties": {"type": "sql", "uri": uri, "warehouse": files}}
 
 
 def _failed(scenario: Scenario, reason: str) -> ScenarioResult:
@@ -406,6 +443,8 @@ async def run_eval(
     started = time.perf_counter()
     load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     work.mkdir(parents=True, exist_ok=True)
+    outside = work / "outside-catalog"
+    catalogs = json.dumps({ATTACHED: outside_catalog(outside)})
     # One server per principal, and one more for each scenario that asks for a server of its own;
     # each named by its label: the principal, or "principal-scenario".
     by_principal: dict[str, list[Scenario]] = {}
@@ -433,13 +472,14 @@ async def run_eval(
         began = time.perf_counter()
         try:
             with log_path.open("w", encoding="utf-8") as errlog:
-                async with _serve(principal, home, project, audit_path, errlog) as client:
+                async with _serve(principal, home, project, audit_path, errlog, catalogs) as client:
                     if index > 0:  # started ahead of its turn: load the model meanwhile
                         await client.call_tool(*WARM_UP, read_timeout_seconds=STEP_TIMEOUT_S)
                     startup[label] = round(time.perf_counter() - began, 3)
                     await turn[index].wait()
                     allow_start(index + PREFETCH)
-                    runner = _Session(client, principal, _AuditWatch(audit_path), Forbidden.of(home, project))
+                    forbidden = Forbidden.of(home, project, outside)
+                    runner = _Session(client, principal, _AuditWatch(audit_path), forbidden)
                     while pending:
                         done(await runner.run(pending.pop(0)))
         except Exception as exc:
