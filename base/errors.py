@@ -38,6 +38,7 @@ __all__ = [
     "PolicyUnavailable",
     "QuotaExceeded",
     "ServerError",
+    "SourceUnavailable",
 ]
 
 
@@ -125,6 +126,23 @@ class ServerError(LakegateError):
 
 class BackendError(ServerError):
     outcome = "backend_error"
+
+
+class SourceUnavailable(BackendError):
+    """A table of an attached catalog (catalog/attached_catalogs.py) cannot be read: the catalog or
+    the table's files cannot be reached. The agent is told which table and that the server's
+    settings are at fault (never a path, a location or a credential); the details go to the log."""
+
+    outcome = "source_unavailable"
+
+    def __init__(self, detail: str, *, table: str, catalog: str) -> None:
+        super().__init__(detail)
+        self.public_message = (
+            f"lakegate could not read {table}: the catalog {catalog} or the table's files cannot be reached "
+            "right now. This is not your request's fault: retry later, or ask the platform team to check the "
+            f"settings of catalog {catalog} ([catalogs.{catalog}] in lakegate.toml: uri, warehouse, the s3.* "
+            "properties and their credentials)."
+        )
 
 
 class AuditWriteError(ServerError):

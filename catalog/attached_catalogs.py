@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from lakegate.errors import BackendError, ConfigurationError, NotFound
+from lakegate.errors import BackendError, ConfigurationError, NotFound, SourceUnavailable
 
 if TYPE_CHECKING:
     from pyarrow.fs import FileSystem
@@ -229,7 +229,10 @@ class AttachedCatalog:
             # MIN_RELIST_S, so that asking for made-up names cannot make lakegate walk the catalog.
             stale = self._clock() - self._listing.at >= MIN_RELIST_S
         if known is None and stale and name.partition(".")[0] == self.name:
-            known = dict(self._refresh_names()).get(name)
+            try:
+                known = dict(self._refresh_names()).get(name)
+            except (BackendError, ConfigurationError) as exc:
+                raise SourceUnavailable(str(exc), table=name, catalog=self.name) from exc
         if known is None:
             raise NotFound(f"No dataset named {name!r}.", hint="Call list_datasets to see the datasets you can use.")
         return known
@@ -255,7 +258,11 @@ class AttachedCatalog:
         from pyiceberg.exceptions import NoSuchTableError
 
         try:
-            table = self.catalog.load_table(identifier)
+            catalog = self.catalog
+        except ConfigurationError as exc:
+            raise SourceUnavailable(str(exc), table=name, catalog=self.name) from exc
+        try:
+            table = catalog.load_table(identifier)
         except NoSuchTableError as exc:
             with self._lock:
                 self._tables.pop(name, None)
@@ -264,7 +271,8 @@ class AttachedCatalog:
                 f"No dataset named {name!r}.", hint="Call list_datasets to see the datasets you can use."
             ) from exc
         except Exception as exc:
-            raise BackendError(f"cannot load table {name} from catalog {self.name}: {type(exc).__name__}") from exc
+            detail = f"cannot load table {name} from catalog {self.name}: {type(exc).__name__}: {exc}"
+            raise SourceUnavailable(detail, table=name, catalog=self.name) from exc
         with self._lock:
             self._tables[name] = (now, table)
         return table

@@ -220,6 +220,10 @@ def without_values(message: str, sql: str) -> str:
     return _VALUE.sub(hide, message)
 
 
+#: DuckDB's words when an Arrow dataset it reads fails on I/O (pyarrow's IOError inside).
+_STREAM_FAILED = re.compile(r"reading the stream registered as .* failed: IOError", re.DOTALL)
+
+
 def classify_error(exc: BaseException, sql: str = "") -> tuple[ErrorKind, str]:
     """The kind of a DuckDB failure and its message, without DuckDB's echo of the SQL text and, for
     an error raised while rows were read, without any value `sql` does not hold itself."""
@@ -249,6 +253,9 @@ def classify_error(exc: BaseException, sql: str = "") -> tuple[ErrorKind, str]:
         duckdb.NotImplementedException,
         duckdb.TypeMismatchException,
     )
+    if isinstance(exc, duckdb.InvalidInputException) and _STREAM_FAILED.search(message):
+        # Reading a registered dataset failed (a data file gone or unreachable): not the query's fault.
+        return "backend", f"{type(exc).__name__}: {without_values(message, sql)}"
     if isinstance(exc, data_errors):
         return "invalid", without_values(message, sql)
     return "backend", f"{type(exc).__name__}: {without_values(message, sql)}"

@@ -539,3 +539,39 @@ def test_a_newcomer_attaches_their_catalog_and_an_agent_answers_over_stdio(tmp_p
         ["smb", 3],
     ]
     assert not (home / "iceberg" / "catalog.db").exists() or not list((home / "iceberg").rglob("*.parquet"))  # no demo
+
+
+def test_a_table_whose_files_cannot_be_reached_says_which_and_what_to_check(tmp_path: Path) -> None:
+    import shutil
+
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    from lakegate.errors import SourceUnavailable
+    from lakegate.server.gate.gate import to_call_result
+
+    uri, files = f"sqlite:///{tmp_path / 'theirs.db'}", tmp_path / "their-files"
+    theirs = SqlCatalog("prod", uri=uri, warehouse=files.as_uri())
+    theirs.create_namespace("crm")
+    theirs.create_table(("crm", "contacts"), schema=CONTACTS.schema).append(CONTACTS)
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "policies", project / "policies", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    (project / "lakegate.toml").write_text(
+        f'build_demo = false\n[catalogs.crm_lake]\ncatalog_name = "prod"\n[catalogs.crm_lake.properties]\n'
+        f'type = "sql"\nuri = "{uri}"\nwarehouse = "{files.as_uri()}"\n'
+    )
+    home = tmp_path / "home"
+    audit = {"path": home / "audit.jsonl"}
+    # No table data kept in the workers' memory: the second query reads the files again.
+    runtime = open_runtime(load_settings(project, home=home, principal=None, audit=audit, query={"cache_bytes": "0"}))
+    try:
+        sql = "SELECT count(*) FROM crm_lake.crm.contacts"
+        assert _rows(runtime, "admin", sql) == [[6]]
+        for data in files.rglob("*.parquet"):
+            data.rename(tmp_path / data.name)  # the data files moved away, the metadata left
+        outcome = gate_call(runtime, "admin", "query", {"sql": sql.replace("count(*)", "sum(contact_id)")})
+        assert isinstance(outcome.error, SourceUnavailable), outcome.error
+        message = to_call_result(outcome).content[0].text  # type: ignore[union-attr]
+        assert "crm_lake.crm.contacts" in message and "[catalogs.crm_lake]" in message
+        assert str(tmp_path) not in message and "internal error" not in message
+    finally:
+        runtime.close()

@@ -469,7 +469,7 @@ def _failure(exc: Exception, tool: str) -> LakegateError:
 
 def _public_message(error: LakegateError) -> str:
     if isinstance(error, ServerError):
-        return type(error).public_message
+        return error.public_message
     return str(error)
 
 

@@ -30,7 +30,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from lakegate.catalog.arrow_relations import TableSource
 from lakegate.catalog.iceberg_scan import ScanPlan
-from lakegate.errors import ConfigurationError, GovernanceViolation, LimitExceeded, NotFound, PolicyDenied
+from lakegate.errors import (
+    BackendError,
+    ConfigurationError,
+    GovernanceViolation,
+    LimitExceeded,
+    NotFound,
+    PolicyDenied,
+    SourceUnavailable,
+)
 from lakegate.policies.columns import MASK_METHODS, ColumnAccess
 from lakegate.policies.masks import mask_macro_name
 from lakegate.policies.row_filters import RowFilter
@@ -278,14 +286,22 @@ def run_query(
     scanned: dict[str, list[str]] = {}
     scope.scan_bytes += planned  # counted against the daily scan quota, whatever happens next
     try:
-        result = engine.run_page(
-            page(template, offset, count + 1),
-            sources,
-            scope.on_cancel,
-            progress,
-            max_bytes=scope.limits.max_bytes,
-            masks=_by_function(masks),
-        )
+        try:
+            result = engine.run_page(
+                page(template, offset, count + 1),
+                sources,
+                scope.on_cancel,
+                progress,
+                max_bytes=scope.limits.max_bytes,
+                masks=_by_function(masks),
+            )
+        except BackendError as exc:
+            # The files of an attached catalog's table could not be read (moved, or the catalog's
+            # storage settings are wrong): say which table, and that the server's settings are at fault.
+            attached = [(name, plan.store) for name, plan in plans.items() if plan.store is not None]
+            if not attached or type(exc) is not BackendError:
+                raise
+            raise SourceUnavailable(str(exc), table=attached[0][0], catalog=str(attached[0][1])) from exc
         scanned = _scanned_tables(result.scanned, placeholders, sources)
         if result.bytes_read is not None:
             scope.details["bytes_read"] = result.bytes_read  # measured, beside planned_scan's estimate

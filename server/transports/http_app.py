@@ -356,7 +356,7 @@ def create_http_app(runtime: Runtime, *, refusal_window_s: float = REFUSAL_WINDO
             return JSONResponse({"error": exc.outcome, "message": str(exc)}, status_code=status)
         except ServerError as exc:
             status = 503 if isinstance(exc, PolicyUnavailable) else 500
-            return JSONResponse({"error": exc.outcome, "message": type(exc).public_message}, status_code=status)
+            return JSONResponse({"error": exc.outcome, "message": exc.public_message}, status_code=status)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
