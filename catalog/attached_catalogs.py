@@ -30,9 +30,10 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
 
 import structlog
 
@@ -279,6 +280,30 @@ class AttachedCatalog:
 
     # -- reading files -------------------------------------------------------------------------
 
+    def file_path(self, location: str, table_location: str, *, forbidden: Sequence[str]) -> str:
+        """Where the worker reads data file `location` of one of this catalog's tables: "bucket/key"
+        on the catalog's S3, or a local path.
+
+        Whoever commits to an attached catalog decides which files its tables name; lakegate reads
+        them with its own rights. So a file is read only when it lies under the catalog's
+        `warehouse` (or, without one, under the table's own location), and never in lakegate's own
+        storage (`forbidden`: its state directory and object store locations), whose files hold
+        other tables under other policies.
+
+        Raises:
+            BackendError: the file lies outside those places (the log names it, the agent never does).
+        """
+        normal = _normal_location(location)
+        root = self.properties.get("warehouse") or table_location
+        allowed = normal is not None and _under(normal, _normal_location(root))
+        if not allowed or any(_under(normal, _normal_location(place)) for place in forbidden):
+            raise BackendError(
+                f"a data file of catalog {self.name} lies outside its warehouse ({root}) or in lakegate's own "
+                f"storage: {location}"
+            )
+        assert normal is not None
+        return normal.partition("://")[2] if normal.startswith("s3://") else normal
+
     @property
     def filesystem(self) -> FileSystem:
         """The file system the catalog's data files are read through: S3 with the catalog's s3.*
@@ -295,6 +320,29 @@ class AttachedCatalog:
 
             return LocalFileSystem()
         return _s3_filesystem(self.name, properties)
+
+
+def _normal_location(location: str | None) -> str | None:
+    """ "s3://bucket/key" for an object store location, an absolute path with every link resolved
+    for a local one; None for what cannot be compared safely (other schemes, dot segments)."""
+    if not location:
+        return None
+    scheme, sep, rest = location.partition("://")
+    if sep and scheme in ("s3", "s3a", "s3n"):
+        if "/../" in f"/{rest}/" or "/./" in f"/{rest}/":
+            return None
+        return "s3://" + rest
+    if sep and scheme != "file":
+        return None
+    path = unquote(urlparse(location).path) if sep else location
+    return os.path.realpath(path)
+
+
+def _under(path: str | None, root: str | None) -> bool:
+    if path is None or root is None:
+        return False
+    root = root.rstrip("/")
+    return path == root or path.startswith(root + "/")
 
 
 def _s3_filesystem(catalog: str, properties: Mapping[str, str]) -> FileSystem:

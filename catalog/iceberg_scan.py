@@ -27,7 +27,7 @@ import structlog
 from lakegate.catalog.arrow_relations import SourceColumn, TableSource
 from lakegate.catalog.change_snapshots import unapproved_snapshots
 from lakegate.catalog.warehouse import Warehouse, translate_errors
-from lakegate.errors import BackendError, InvalidArgument, NotFound
+from lakegate.errors import BackendError, InvalidArgument, NotFound, SourceUnavailable
 
 if TYPE_CHECKING:
     from pyiceberg.expressions import BooleanExpression
@@ -57,6 +57,14 @@ _SIMPLE_TYPES = {
 }
 _DECIMAL = re.compile(r"^decimal\((\d+),\s*(\d+)\)$")
 _FIXED = re.compile(r"^fixed\[\d+\]$")
+
+
+def _readable(iceberg_type: str) -> bool:
+    try:
+        duckdb_type(iceberg_type)
+    except InvalidArgument:
+        return False
+    return True
 
 
 def duckdb_type(iceberg_type: str) -> str:
@@ -227,9 +235,12 @@ class ScanPlanner:
             schema = table.schema()
             if as_of is not None and snapshot is not None and snapshot.schema_id is not None:
                 schema = next((s for s in metadata.schemas if s.schema_id == snapshot.schema_id), schema)
+            # Columns of a type SQL cannot read here (struct, list, map) are left out of the scan: the
+            # table's other columns stay queryable (describe_dataset still lists them).
             columns = tuple(
                 ScanColumn(field.name, str(field.field_type), duckdb_type(str(field.field_type)), field.field_id)
                 for field in schema.fields
+                if _readable(str(field.field_type))
             )
             files: tuple[tuple[str, int], ...] = ()
             rows = 0
@@ -242,7 +253,10 @@ class ScanPlanner:
                         raise
                     raise _row_deletes_refusal(name, "equality") from exc
                 refuse_row_deletes(name, tasks)
-                files = tuple((self._path(name, task.file.file_path), task.file.file_size_in_bytes) for task in tasks)
+                files = tuple(
+                    (self._path(name, task.file.file_path, metadata.location), task.file.file_size_in_bytes)
+                    for task in tasks
+                )
                 rows = sum(task.file.record_count for task in tasks)
                 column_bytes = _column_bytes(tasks)
         attached = self._warehouse.attached_catalog(name)
@@ -289,23 +303,28 @@ class ScanPlanner:
         row_filter = terms[0] if len(terms) == 1 else And(*terms)
         tasks = list(table.scan(snapshot_id=plan.snapshot_id, row_filter=row_filter).plan_files())
         refuse_row_deletes(plan.table, tasks)  # the same snapshot's unpruned plan had none: never raises
-        files = tuple((self._path(plan.table, task.file.file_path), task.file.file_size_in_bytes) for task in tasks)
+        location = table.metadata.location
+        files = tuple(
+            (self._path(plan.table, task.file.file_path, location), task.file.file_size_in_bytes) for task in tasks
+        )
         rows = sum(task.file.record_count for task in tasks)
         return replace(plan, files=files, rows=rows, unpruned_files=len(plan.files), column_bytes=_column_bytes(tasks))
 
-    def _path(self, name: str, location: str) -> str:
+    def _path(self, name: str, location: str, table_location: str) -> str:
         """Where the worker reads a planned file of table `name`: a local path, or "bucket/key" under
-        the warehouse, or on an attached catalog's object store.
+        the warehouse, or on an attached catalog's object store (catalog/attached_catalogs.py says
+        which of its files may be read).
 
         Raises:
-            BackendError: a file outside the warehouse location on the object store, or not local.
+            BackendError: a file outside the warehouse location on the object store, or not local;
+                for an attached catalog, outside its warehouse or in lakegate's own storage.
         """
         attached = self._warehouse.attached_catalog(name)
         if attached is not None:
-            scheme = location.partition("://")[0] if "://" in location else ""
-            if scheme in ("s3", "s3a", "s3n"):
-                return location.partition("://")[2]
-            return _local_path(location)
+            try:
+                return attached.file_path(location, table_location, forbidden=self._warehouse.own_locations())
+            except BackendError as exc:
+                raise SourceUnavailable(str(exc), table=name, catalog=attached.name) from exc
         store = self._warehouse.object_store
         if store is None:
             return _local_path(location)

@@ -148,20 +148,26 @@ class StorageSettings(BaseModel):
 
 #: Property names that hold credentials: lakegate.toml may only name an environment variable for
 #: them (`${NAME}`), so that no secret is written in a project file or shown with the settings.
-_SECRET_PROPERTY = re.compile(r"secret|password|token|credential|session", re.IGNORECASE)
+_SECRET_PROPERTY = re.compile(
+    r"secret|password|token|credential|session|key|connection-string|authorization|^header\.|json", re.IGNORECASE
+)
 _REFERENCE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
+#: A URI with a password in it (scheme://user:password@host).
+_URI_PASSWORD = re.compile(r"://[^/@:]*:[^/@]*@")
 
 
 class CatalogSettings(BaseModel):
     """An Iceberg catalog lakegate did not create, attached as `[catalogs.NAME]` (see
     catalog/attached_catalogs.py): its tables are the datasets NAME.<namespace>.<table>."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # A refused value is never echoed in the error: it may be a credential.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     properties: dict[str, str] = Field(
         description="pyiceberg's catalog properties, passed to load_catalog as they are: type (rest, sql, glue, "
         "hive, ...), uri, warehouse, credentials, s3.* ... A value may name an environment variable as ${NAME}; "
-        "credentials (secret, password, token, credential) must.",
+        "credentials (any key, secret, password, token, credential, session, connection string, authorization "
+        "header or JSON, and a password in a URI) must.",
     )
     catalog_name: str | None = Field(
         default=None,
@@ -181,6 +187,11 @@ class CatalogSettings(BaseModel):
             if _SECRET_PROPERTY.search(key) and not _REFERENCE.match(text):
                 raise ValueError(
                     f"property {key!r} holds a credential: write it as ${{NAME}} and set the environment variable NAME"
+                )
+            if _URI_PASSWORD.search(text) and "${" not in text:
+                raise ValueError(
+                    f"property {key!r} holds a password in a URI: write it as ${{NAME}} (scheme://user:${{NAME}}@host) "
+                    "and set the environment variable NAME"
                 )
         if "type" not in value and "uri" not in value:
             raise ValueError("give the catalog's type (rest, sql, glue, hive, ...) or uri, as pyiceberg expects")

@@ -70,6 +70,7 @@ class ColumnInfo:
     type: str
     required: bool
     doc: str | None
+    field_id: int | None = None  # Iceberg's identity of the column (it survives renames); None for Lance
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,14 @@ class Warehouse:
                 )
             return self._engine
 
+    def own_locations(self) -> list[str]:
+        """Where lakegate keeps its own files (state directory, object store locations): no attached
+        catalog's table may name a file there."""
+        places = [str(self.state_dir.resolve())]
+        if self.object_store is not None:
+            places += [self.object_store.iceberg_location, self.object_store.lance_location]
+        return places
+
     def _attached_filesystems(self) -> dict[str, FileSystem]:
         """Each attached catalog's file system (one whose secrets or client are missing is left out:
         its tables' queries fail, naming the catalog, and the others are served)."""
@@ -311,12 +320,42 @@ class Warehouse:
                 for namespace in catalog.list_namespaces()
                 for identifier in catalog.list_tables(namespace)
             ]
+        if not self.attached:
+            return sorted(names)
+        embedded = {name.partition(".")[0] for name in [*names, *self.lance_dataset_names()]}
         for attached in self.attached.values():
+            if attached.name in embedded:
+                log.error("catalog.name_taken", catalog=attached.name, reason=_NAME_TAKEN)
+                continue
             try:
-                names += attached.table_names()
+                listed = attached.table_names()
             except LakegateError as exc:
                 log.warning("catalog.unavailable", catalog=attached.name, error=str(exc))
+                continue
+            names += [name for name in listed if not _shadowed(name, set(listed))]
         return sorted(names)
+
+    def _attached_dataset(self, name: str) -> AttachedCatalog:
+        """The attached catalog that serves dataset `name`.
+
+        A name is served only where it cannot be read as another resource's: its catalog is not
+        named like a namespace of the embedded catalog (a rule `sales.*` would grant it), and no
+        shorter part of it is a dataset (`lake.sales.orders.x` is also column x of
+        `lake.sales.orders`: that table's column rules would grant it).
+
+        Raises:
+            NotFound: no attached catalog serves that name.
+        """
+        attached = self.attached_catalog(name)
+        if attached is None:
+            raise NotFound(f"No dataset named {name!r}.", hint=LIST_DATASETS_HINT)
+        namespace = (attached.name,)
+        taken = namespace in {tuple(found)[:1] for found in self.iceberg.list_namespaces()} or any(
+            lance.partition(".")[0] == attached.name for lance in self.lance_dataset_names()
+        )
+        if taken or _shadowed(name, set(attached.table_names())):
+            raise NotFound(f"No dataset named {name!r}.", hint=LIST_DATASETS_HINT)
+        return attached
 
     def attached_catalog(self, name: str) -> AttachedCatalog | None:
         """The attached catalog that dataset `name` (three parts or more) is in, if any."""
@@ -369,10 +408,7 @@ class Warehouse:
             BackendError: a store cannot be read.
         """
         if name.count(".") >= 2:
-            attached = self.attached_catalog(name)
-            if attached is None:
-                raise NotFound(f"No dataset named {name!r}.", hint=LIST_DATASETS_HINT)
-            attached.identifier(name)
+            self._attached_dataset(name).identifier(name)
             return "iceberg"
         if name.count(".") != 1:
             raise NotFound(f"No dataset named {name!r}.", hint=LIST_DATASETS_HINT)
@@ -390,8 +426,8 @@ class Warehouse:
             NotFound: no such table.
             BackendError: the catalog or the table metadata cannot be read.
         """
-        if (attached := self.attached_catalog(name)) is not None:
-            return attached.load_table(name)
+        if name.count(".") >= 2:
+            return self._attached_dataset(name).load_table(name)
         if name.count(".") != 1:
             raise NotFound(f"No dataset named {name!r}.", hint=LIST_DATASETS_HINT)
         catalog = self.iceberg
@@ -457,7 +493,8 @@ class Warehouse:
                 return cached
             schema = table.schema()
             columns = tuple(
-                ColumnInfo(field.name, str(field.field_type), field.required, field.doc) for field in schema.fields
+                ColumnInfo(field.name, str(field.field_type), field.required, field.doc, field.field_id)
+                for field in schema.fields
             )
             partitioning = tuple(
                 _partition_label(str(part.transform), schema.find_column_name(part.source_id) or "?")
@@ -523,6 +560,18 @@ class Warehouse:
                 properties=_decode_metadata(schema.metadata),
             )
         return self._remember(key, info)
+
+
+_NAME_TAKEN = (
+    "the embedded catalog has a namespace of that name: the catalog's tables are not served (rename it in "
+    "lakegate.toml)"
+)
+
+
+def _shadowed(name: str, datasets: set[str]) -> bool:
+    """Whether a shorter part of `name` (three parts or more) is itself one of `datasets`."""
+    parts = name.split(".")
+    return any(".".join(parts[:end]) in datasets for end in range(3, len(parts)))
 
 
 def _partition_label(transform: str, column: str) -> str:

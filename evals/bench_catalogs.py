@@ -97,6 +97,8 @@ def _project(root: Path, seaweed: Seaweed) -> Path:
     properties = seaweed.rest_properties()
     for key in ("client.secret-access-key", "s3.secret-access-key"):
         properties[key] = "${BENCH_LAKE_SECRET}"
+    for key in ("client.access-key-id", "s3.access-key-id"):
+        properties[key] = "${BENCH_LAKE_KEY}"
     lines = ["build_demo = false", "", "[catalogs.lake]", "refresh_s = 5", "table_refresh_s = 60", ""]
     lines += ["[catalogs.lake.properties]", *(f'"{key}" = "{value}"' for key, value in properties.items())]
     (project / "lakegate.toml").write_text("\n".join(lines) + "\n")
@@ -196,6 +198,7 @@ def main() -> None:
             print(f"created {args.tables} tables and {args.rows:,} orders in {time.perf_counter() - started:.0f} s")
             project = _project(root, seaweed)
             os.environ["BENCH_LAKE_SECRET"] = seaweed.rest_properties()["s3.secret-access-key"]
+            os.environ["BENCH_LAKE_KEY"] = seaweed.rest_properties()["s3.access-key-id"]
             results = anyio.run(_bench, seaweed, project, root / "home", args.runs, catalog)
         finally:
             server.close()

@@ -35,6 +35,7 @@ __all__ = [
     "ReviewedColumn",
     "check_tags",
     "load_column_review",
+    "parse_column_review",
 ]
 
 COLUMN_REVIEW_FILE = "column_review.yaml"
@@ -64,6 +65,7 @@ class ReviewedColumn(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     tags: tuple[str, ...] = ()
+    field_id: int | None = None  # the Iceberg field reviewed; None: whatever field has the name
     by: str | None = None
     at: str | None = None
     evidence: str | None = None
@@ -108,9 +110,25 @@ class ColumnReview:
         """Whether `column` ("catalog.namespace.table.column") lies in a scope of hide_unreviewed."""
         return any(column.startswith(scope + ".") for scope in self.scopes)
 
+    def is_reviewed(self, column: str, field_id: int | None) -> bool:
+        """Whether `column` is reviewed: listed, and, where the review names a field, that field.
+        A field that cannot be told (None) is not the reviewed one."""
+        entry = self.reviewed.get(column)
+        return entry is not None and (entry.field_id is None or entry.field_id == field_id)
+
     def groups(self) -> list[tuple[str, str]]:
         """(column, "tag:<tag>") for each tag of each reviewed column: Casbin g2 lines."""
         return [(column, f"tag:{tag}") for column, entry in self.reviewed.items() for tag in entry.tags]
+
+
+def parse_column_review(data: Mapping[str, object]) -> ColumnReview:
+    """The review file's content, as parsed YAML.
+
+    Raises:
+        pydantic.ValidationError: it does not match the schema.
+    """
+    parsed = _File.model_validate(data)
+    return ColumnReview(parsed.hide_unreviewed, dict(parsed.reviewed))
 
 
 def load_column_review(path: Path | None) -> ColumnReview:

@@ -34,14 +34,16 @@ class ColumnAccess:
         return self.access != "hidden"
 
 
-def column_access(enforcer: PolicyEnforcer, subject: str, column: str) -> ColumnAccess:
+def column_access(enforcer: PolicyEnforcer, subject: str, column: str, *, field_id: int | None = None) -> ColumnAccess:
     """How `subject` may read the fully qualified `column` ("sales.customers.email").
 
     A column in a scope of policies/column_review.yaml that nobody has reviewed is hidden, whatever
-    the rules say, from all but the principals allowed to review its dataset.
+    the rules say, from all but the principals allowed to review its dataset. A review names the
+    Iceberg field it looked at (`field_id`): a column renamed upstream into a reviewed name is
+    another field, and is not reviewed.
     """
     review = enforcer.column_review
-    if review.in_scope(column) and column not in review.reviewed and column not in enforcer.tagged_columns:
+    if review.in_scope(column) and not review.is_reviewed(column, field_id) and column not in enforcer.tagged_columns:
         dataset = column.rsplit(".", 1)[0]
         if not enforcer.decide(subject, dataset, REVIEW_ACTION).allowed:
             unreviewed = Decision(

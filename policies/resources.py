@@ -49,8 +49,9 @@ def dataset_resource(name: str) -> str:
 
 
 def column_resource(dataset: str, column: str) -> str:
-    """`<dataset>.<column>`, decided with read, mask:<method> or write."""
-    return f"{dataset}.{column}"
+    """`<dataset>.<column>` in lower case, decided with read, mask:<method> or write. SQL names a
+    column in any case, so the rules must too: a column `SSN` upstream is the resource `...ssn`."""
+    return f"{dataset}.{column.lower()}"
 
 
 def classification_resource(dataset: str, classification: str) -> str:

@@ -247,7 +247,9 @@ class AuthSettings(BaseModel):
 class Settings(BaseSettings):
     """Validated settings; build them with `load_settings`."""
 
-    model_config = SettingsConfigDict(env_prefix="LAKEGATE_", env_nested_delimiter="__", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="LAKEGATE_", env_nested_delimiter="__", extra="forbid", frozen=True, hide_input_in_errors=True
+    )
 
     project: Path = Field(
         default=Path("."),

@@ -575,3 +575,143 @@ def test_a_table_whose_files_cannot_be_reached_says_which_and_what_to_check(tmp_
         assert str(tmp_path) not in message and "internal error" not in message
     finally:
         runtime.close()
+
+
+# -- what whoever commits upstream must not be able to do (found by a red-team review) ------------
+
+
+def _attach_local(tmp_path: Path, home: Path, toml: str, rules: str = "") -> Runtime:
+    """A runtime over `home` with the demo's policies plus `rules`, attaching what `toml` says."""
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "policies", project / "policies", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    shutil.copytree(REPO / "catalog", project / "catalog", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    with (project / "policies" / "policy.csv").open("a") as policy:
+        policy.write("\n" + rules)
+    (project / "lakegate.toml").write_text("build_demo = false\n" + toml)
+    audit = {"path": tmp_path / "audit.jsonl", "fsync": False}
+    return open_runtime(load_settings(project, home=home, principal=None, audit=audit))
+
+
+def _sql_catalog(tmp_path: Path, name: str = "theirs") -> tuple[Any, str]:
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    files = (tmp_path / f"{name}-files").as_uri()
+    catalog = SqlCatalog(name, uri=f"sqlite:///{tmp_path / (name + '.db')}", warehouse=files)
+    toml = (
+        f'[catalogs.{name}]\n[catalogs.{name}.properties]\ntype = "sql"\n'
+        f'uri = "sqlite:///{tmp_path / (name + ".db")}"\nwarehouse = "{files}"\n'
+    )
+    return catalog, toml
+
+
+def test_a_table_upstream_cannot_name_lakegates_own_files(demo_home: Path, tmp_path: Path) -> None:
+    from pyiceberg.io.pyarrow import parquet_file_to_data_file
+
+    from lakegate.catalog.warehouse import Warehouse
+    from lakegate.errors import SourceUnavailable
+
+    own = Warehouse(demo_home)
+    try:
+        customers = own.iceberg_table("sales.customers")
+        schema = customers.schema()
+        own_files = [task.file.file_path for task in customers.scan().plan_files()]
+    finally:
+        own.close()
+    catalog, toml = _sql_catalog(tmp_path)
+    catalog.create_namespace("sales")
+    leak = catalog.create_table(("sales", "leak"), schema=schema)
+    with leak.transaction() as transaction, transaction.update_snapshot().fast_append() as append:
+        for location in own_files:
+            append.append_data_file(parquet_file_to_data_file(leak.io, leak.metadata, location))
+    runtime = _attach_local(tmp_path, demo_home, toml, "p, role:analyst, theirs.*, read, allow\n")
+    try:
+        # lakegate's own sales.customers, unmasked and unfiltered, under another name: refused.
+        outcome = gate_call(runtime, "analyst", "query", {"sql": "SELECT email FROM theirs.sales.leak"})
+        assert isinstance(outcome.error, SourceUnavailable), outcome.error
+        assert "@" not in str(outcome.result)
+    finally:
+        runtime.close()
+
+
+def test_names_that_read_as_another_resource_are_not_served(demo_home: Path, tmp_path: Path) -> None:
+    catalog, toml = _sql_catalog(tmp_path, "sales")  # named like the embedded namespace `sales`
+    catalog.create_namespace("secure")
+    catalog.create_table(("secure", "vault"), schema=CONTACTS.schema).append(CONTACTS)
+    nested, nested_toml = _sql_catalog(tmp_path, "lake")
+    nested.create_namespace("crm")
+    nested.create_table(("crm", "contacts"), schema=CONTACTS.schema).append(CONTACTS)
+    nested.create_namespace(("crm", "contacts"))  # lake.crm.contacts.x is also a column of lake.crm.contacts
+    nested.create_table(("crm", "contacts", "x"), schema=CONTACTS.schema).append(CONTACTS)
+    rules = (
+        "p, role:support_agent, lake.crm.contacts, read, allow\n"
+        "p, role:support_agent, lake.crm.contacts.*, read, allow\n"
+    )
+    runtime = _attach_local(tmp_path, demo_home, toml + nested_toml, rules)
+    try:
+        names = {d["name"] for d in gate_ok(runtime, "admin", "list_datasets", {"limit": 200})["datasets"]}
+        assert "lake.crm.contacts" in names and "sales.secure.vault" not in names and "lake.crm.contacts.x" not in names
+        for sql in ("SELECT * FROM sales.secure.vault", 'SELECT * FROM lake."crm.contacts".x'):
+            for who in ("analyst", "support_agent", "admin"):
+                assert isinstance(gate_call(runtime, who, "query", {"sql": sql}).error, NotFound), (who, sql)
+    finally:
+        runtime.close()
+
+
+def test_column_rules_and_reviews_hold_whatever_the_case_or_a_rename(demo_home: Path, tmp_path: Path) -> None:
+
+    catalog, toml = _sql_catalog(tmp_path, "lake")
+    catalog.create_namespace("crm")
+    people = pa.table(
+        {"id": pa.array([1, 2], pa.int64()), "SSN": ["123-45-6789", "987-65-4321"], "card": ["4111", "5500"]}
+    )
+    table = catalog.create_table(("crm", "people"), schema=people.schema)
+    table.append(people)
+    rules = "p, role:analyst, lake.crm.*, read, allow\np, role:analyst, lake.crm.people.ssn, read, deny\n"
+    runtime = _attach_local(tmp_path, demo_home, toml, rules)
+    review = tmp_path / "project" / "policies" / "column_review.yaml"
+    field_ids = {field.name: field.field_id for field in table.schema().fields}
+    review.write_text(
+        "hide_unreviewed: [lake]\nreviewed:\n"
+        f"  lake.crm.people.id: {{tags: [], field_id: {field_ids['id']}}}\n"
+        f"  lake.crm.people.ssn: {{tags: [], field_id: {field_ids['SSN']}}}\n"
+        f"  lake.crm.people.segment: {{tags: [], field_id: 999}}\n"  # reviewed as another field
+    )
+    try:
+        runtime.enforcer.reload_if_changed()
+        # The rule on `ssn` holds for the column `SSN`, by any spelling and through *.
+        for sql in (
+            "SELECT ssn FROM lake.crm.people",
+            'SELECT "SSN" FROM lake.crm.people',
+            "SELECT * FROM lake.crm.people",
+        ):
+            outcome = gate_call(runtime, "analyst", "query", {"sql": sql})
+            assert outcome.error is not None or "123-45-6789" not in str(outcome.result), sql
+        assert _rows(runtime, "analyst", "SELECT * FROM lake.crm.people ORDER BY id") == [[1], [2]]  # card: unreviewed
+        # Upstream renames `card` to `segment`, a name reviewed for another field: still hidden.
+        with catalog.load_table(("crm", "people")).update_schema() as update:
+            update.rename_column("card", "segment")
+        assert _rows(runtime, "analyst", "SELECT * FROM lake.crm.people ORDER BY id") == [[1], [2]]
+    finally:
+        runtime.close()
+
+
+def test_one_broken_table_upstream_does_not_break_the_listing(demo_home: Path, tmp_path: Path) -> None:
+    catalog, toml = _sql_catalog(tmp_path, "lake")
+    catalog.create_namespace("crm")
+    for name in ("a", "b"):
+        catalog.create_table(("crm", name), schema=CONTACTS.schema).append(CONTACTS)
+    nested = pa.table({"id": pa.array([1], pa.int64()), "address": [{"city": "Oslo"}]})
+    catalog.create_table(("crm", "nested"), schema=nested.schema).append(nested)
+    broken = catalog.load_table(("crm", "b")).metadata_location
+    runtime = _attach_local(tmp_path, demo_home, toml, "p, role:analyst, lake.crm.*, read, allow\n")
+    try:
+        Path(broken.removeprefix("file://")).unlink()  # its metadata is gone
+        listed = {d["name"]: d for d in gate_ok(runtime, "analyst", "list_datasets", {"limit": 200})["datasets"]}
+        assert {"lake.crm.a", "lake.crm.b", "lake.crm.nested"} <= set(listed) and "cannot be read" in listed[
+            "lake.crm.b"
+        ]["description"]
+        assert gate_ok(runtime, "analyst", "search_catalog", {"query": "contacts segment"}) is not None
+        # A struct column leaves the table's other columns queryable.
+        assert _rows(runtime, "analyst", "SELECT id FROM lake.crm.nested") == [[1]]
+    finally:
+        runtime.close()

@@ -10,7 +10,7 @@ import structlog
 from pydantic import Field
 
 from lakegate.catalog.catalog_search import CatalogEntry, rank_entries
-from lakegate.errors import ConfigurationError
+from lakegate.errors import ConfigurationError, SourceUnavailable
 from lakegate.tools.base import Page, PageArgs, SnapshotId, ToolArgs, ToolResult, ToolSpec, paginate
 from lakegate.tools.names import ToolName
 from lakegate.tools.scope import ToolScope
@@ -81,7 +81,19 @@ class _Summaries(Sequence[DatasetSummary]):
         return self._summary(self._names[index])
 
     def _summary(self, name: str) -> DatasetSummary:
-        info, doc = self._scope.dataset(name)
+        try:
+            info, doc = self._scope.dataset(name)
+        except SourceUnavailable as exc:  # one broken table upstream must not break the listing
+            log.warning("list_datasets.dataset_unavailable", dataset=name, error=str(exc))
+            return DatasetSummary(
+                name=name,
+                kind="iceberg",
+                description="(cannot be read right now: its catalog or files cannot be reached)",
+                owner="",
+                tags=[],
+                row_count=0,
+                last_updated=None,
+            )
         return DatasetSummary(
             name=name,
             kind=info.kind,
@@ -276,7 +288,11 @@ def _candidates(scope: ToolScope) -> list[Candidate]:
     """Everything the caller may read, as matches-to-be and the entries search ranks."""
     found: list[Candidate] = []
     for name in scope.readable_datasets():
-        info, doc = scope.dataset(name)
+        try:
+            info, doc = scope.dataset(name)
+        except SourceUnavailable as exc:  # one broken table upstream must not break the search
+            log.warning("catalog_search.dataset_unavailable", dataset=name, error=str(exc))
+            continue
         names = [column.name for column in info.columns]
         visible = {c for c, access in zip(names, scope.columns(name, names), strict=True) if access.visible}
         found += dataset_candidates(name, info, doc, visible)

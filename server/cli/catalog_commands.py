@@ -23,11 +23,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lakegate.policies.column_detectors import Suggestion, suggest
-from lakegate.policies.column_review import COLUMN_REVIEW_FILE, ReviewedColumn
+from lakegate.policies.column_detectors import MIN_VALUES, Suggestion, suggest
+from lakegate.policies.column_review import COLUMN_REVIEW_FILE, ReviewedColumn, parse_column_review
 from lakegate.server.cli.context import as_principal, command_settings, through_gate
 
 if TYPE_CHECKING:
+    from lakegate.catalog.warehouse import ColumnInfo
     from lakegate.server.gate.scope import CallScope
 
 __all__ = ["catalog"]
@@ -41,9 +42,15 @@ SAMPLE_ROWS = 50
 class Finding:
     column: str  # dataset.column
     type: str
+    field_id: int | None
     suggestion: Suggestion | None
     sampled: int
     unreadable: str | None = None  # why no sample could be read
+
+    @property
+    def enough(self) -> bool:
+        """Whether the sample can back a decision: a suggestion, or enough values with none."""
+        return self.suggestion is not None or self.sampled >= MIN_VALUES
 
 
 @click.group("catalog")
@@ -101,32 +108,34 @@ def _findings(scope: CallScope, scopes: tuple[str, ...], sample: int) -> list[Fi
         raise click.ClickException(
             f"Name the catalogs or namespaces to review, or list them under hide_unreviewed in {COLUMN_REVIEW_FILE}."
         )
-    reviewed = set(review.reviewed) | scope.tagged_columns()
+    tagged = scope.tagged_columns()
     findings = []
     for name in scope.readable_datasets():
         if not any(name.startswith(prefix + ".") for prefix in wanted) or scope.dataset_kind(name) != "iceberg":
             continue
         info, _ = scope.dataset(name)
         for column in info.columns:
-            full = f"{name}.{column.name}"
-            if full in reviewed:
+            full = f"{name}.{column.name.lower()}"
+            if full in tagged or review.is_reviewed(full, column.field_id):
                 continue
-            findings.append(_finding(scope, name, column.name, column.type, sample))
+            findings.append(_finding(scope, name, column, sample))
     return findings
 
 
-def _finding(scope: CallScope, dataset: str, column: str, kind: str, sample: int) -> Finding:
-    full = f"{dataset}.{column}"
-    access = scope.columns(dataset, [column])[0]
+def _finding(scope: CallScope, dataset: str, column: ColumnInfo, sample: int) -> Finding:
+    full, kind, field_id = f"{dataset}.{column.name.lower()}", column.type, column.field_id
+    access = scope.columns(dataset, [column.name])[0]
     if not access.visible:
-        return Finding(full, kind, None, 0, unreadable=f"hidden from you ({access.decision.rule_text})")
+        reason = f"hidden from you ({access.decision.rule_text})"
+        return Finding(full, kind, field_id, None, 0, unreadable=reason)
     if access.access == "masked":
-        return Finding(full, kind, None, 0, unreadable=f"you read it masked ({access.mask}): its values say nothing")
-    quoted = '"' + column.replace('"', '""') + '"'
+        reason = f"you read it masked ({access.mask}): its values say nothing"
+        return Finding(full, kind, field_id, None, 0, unreadable=reason)
+    quoted = '"' + column.name.replace('"', '""') + '"'
     sql = f"SELECT {quoted} FROM {_sql_name(dataset)} WHERE {quoted} IS NOT NULL LIMIT {int(sample)}"
     page = scope.query(sql, as_of={}, offset=0, count=sample)
     values: list[Any] = [row[0] for row in page.rows]
-    return Finding(full, kind, suggest(column, values), len(values))
+    return Finding(full, kind, field_id, suggest(column.name, values), len(values))
 
 
 def _sql_name(dataset: str) -> str:
@@ -146,8 +155,10 @@ def _show(findings: list[Finding]) -> None:
             tags, evidence = "?", finding.unreadable
         elif finding.suggestion is not None:
             tags, evidence = ", ".join(finding.suggestion.tags), finding.suggestion.evidence
-        else:
+        elif finding.enough:
             tags, evidence = "(none)", f"nothing recognised in {finding.sampled} sampled values"
+        else:
+            tags, evidence = "?", f"only {finding.sampled} values: not recorded without --set"
         table.add_row(escape(finding.column), escape(finding.type), escape(tags), escape(evidence))
     console = Console()
     if not console.is_terminal:  # piped or captured: whole column names, not wrapped at 80
@@ -178,17 +189,23 @@ def _record(path: Path, findings: list[Finding], principal: str, overrides: dict
     reviewed = dict(data.get("reviewed") or {})
     today = datetime.now(UTC).date().isoformat()
     for finding in findings:
-        if finding.unreadable is not None and finding.column not in overrides:
-            continue  # not seen: left for a reviewer who may read it
+        if finding.column not in overrides and (finding.unreadable is not None or not finding.enough):
+            continue  # not seen, or too few values to judge: left for a later review
         evidence = (
             finding.suggestion.evidence if finding.suggestion else f"{finding.sampled} values, nothing recognised"
         )
         tags = finding.suggestion.tags if finding.suggestion else ()
         if finding.column in overrides:
             tags, evidence = overrides[finding.column], f"set by the reviewer ({evidence})"
-        entry = ReviewedColumn(tags=tags, by=principal, at=today, evidence=evidence)
-        reviewed[finding.column] = entry.model_dump(exclude_none=True) | {"tags": list(entry.tags)}
+        entry = ReviewedColumn(tags=tags, field_id=finding.field_id, by=principal, at=today, evidence=evidence)
+        reviewed[finding.column.lower()] = entry.model_dump(exclude_none=True) | {"tags": list(entry.tags)}
     data = {"hide_unreviewed": list(data.get("hide_unreviewed") or []), "reviewed": reviewed}
+    try:
+        parse_column_review(data)  # a file the policy set would refuse denies everything: never write one
+    except ValidationError as exc:
+        raise click.ClickException(
+            f"the review would not be valid, nothing was written: {exc.errors()[0]['msg']}"
+        ) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     body = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=None, width=110)
     temporary = path.with_suffix(".tmp")

@@ -182,7 +182,8 @@ def run_query(
                 raise _lance_refusal(name) from None
             raise
         columns = [column.name for column in plans[name].columns]
-        accesses[name] = dict(zip(columns, scope.columns(name, columns), strict=True))
+        field_ids = {column.name: column.field_id for column in plans[name].columns}
+        accesses[name] = dict(zip(columns, scope.columns(name, columns, field_ids), strict=True))
 
     tables = {
         name: TableColumns(

@@ -103,11 +103,19 @@ class CallScope(WriteScope):
             )
         return decision
 
-    def columns(self, dataset: str, names: list[str]) -> list[ColumnAccess]:
-        """Column-level access (clear, masked, hidden) for columns of a dataset."""
+    def columns(self, dataset: str, names: list[str], field_ids: Mapping[str, int] | None = None) -> list[ColumnAccess]:
+        """Column-level access (clear, masked, hidden) for columns of a dataset. `field_ids` names
+        each column's Iceberg field (a read of an earlier snapshot passes its own); by default the
+        dataset's current schema says, where a review needs to know (policies/column_review.py)."""
+        if field_ids is None and self._enforcer.column_review.scopes:
+            field_ids = {
+                c.name: c.field_id for c in self._warehouse.describe(dataset).columns if c.field_id is not None
+            }
         accesses = []
         for name in names:
-            access = column_access(self._enforcer, self.principal.name, column_resource(dataset, name))
+            field_id = (field_ids or {}).get(name)
+            resource = column_resource(dataset, name)
+            access = column_access(self._enforcer, self.principal.name, resource, field_id=field_id)
             if access.decision.rule and access.decision.rule not in self.rules:
                 self.rules.append(access.decision.rule)
             accesses.append(access)
