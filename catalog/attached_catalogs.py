@@ -165,6 +165,19 @@ class AttachedCatalog:
                 return sorted(self._listing.names)
         return self.refresh()
 
+    def listed(self) -> Mapping[str, tuple[str, ...]]:
+        """The listing (dataset name -> identifier), listed again when older than `refresh_s`.
+
+        Raises:
+            BackendError: the catalog cannot be listed (and was never listed before).
+        """
+        with self._lock:
+            if self._clock() - self._listing.at < self.spec.refresh_s:
+                return self._listing.names
+        self.refresh()
+        with self._lock:
+            return self._listing.names
+
     def refresh(self) -> list[str]:
         """List the catalog's tables now.
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Container, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -57,6 +58,8 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 CATALOG_NAME = "lakegate"
+#: How long the embedded catalog's namespaces are kept for the checks of attached datasets' names.
+NAMESPACES_KEPT_S = 1.0
 LIST_DATASETS_HINT = "Call list_datasets to see the datasets you can use."
 # Lance keeps the column documentation in the Arrow field metadata under this key.
 LANCE_DOC_KEY = "doc"
@@ -148,6 +151,7 @@ class Warehouse:
         # Loaded tables, kept while the catalog still points at the metadata file they were read from.
         self._tables: dict[str, IcebergTable] = {}
         self._engine: QueryEngine | None = None
+        self._namespaces: tuple[float, frozenset[str]] = (float("-inf"), frozenset())
         self._planner: ScanPlanner | None = None
 
     @property
@@ -332,7 +336,8 @@ class Warehouse:
             except LakegateError as exc:
                 log.warning("catalog.unavailable", catalog=attached.name, error=str(exc))
                 continue
-            names += [name for name in listed if not _shadowed(name, set(listed))]
+            known = set(listed)
+            names += [name for name in listed if not _shadowed(name, known)]
         return sorted(names)
 
     def _attached_dataset(self, name: str) -> AttachedCatalog:
@@ -349,13 +354,24 @@ class Warehouse:
         attached = self.attached_catalog(name)
         if attached is None:
             raise NotFound(f"No dataset named {name!r}.", hint=LIST_DATASETS_HINT)
-        namespace = (attached.name,)
-        taken = namespace in {tuple(found)[:1] for found in self.iceberg.list_namespaces()} or any(
-            lance.partition(".")[0] == attached.name for lance in self.lance_dataset_names()
-        )
-        if taken or _shadowed(name, set(attached.table_names())):
+        if attached.name in self._embedded_namespaces() or _shadowed(name, attached.listed()):
             raise NotFound(f"No dataset named {name!r}.", hint=LIST_DATASETS_HINT)
         return attached
+
+    def _embedded_namespaces(self) -> frozenset[str]:
+        """The first namespace levels of the embedded catalog's tables and Lance datasets, read at
+        most once a second (every lookup of an attached dataset asks)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._namespaces[0] < NAMESPACES_KEPT_S:
+                return self._namespaces[1]
+        found = frozenset(
+            [str(namespace[0]) for namespace in self.iceberg.list_namespaces() if namespace]
+            + [name.partition(".")[0] for name in self.lance_dataset_names()]
+        )
+        with self._lock:
+            self._namespaces = (now, found)
+        return found
 
     def attached_catalog(self, name: str) -> AttachedCatalog | None:
         """The attached catalog that dataset `name` (three parts or more) is in, if any."""
@@ -568,7 +584,7 @@ _NAME_TAKEN = (
 )
 
 
-def _shadowed(name: str, datasets: set[str]) -> bool:
+def _shadowed(name: str, datasets: Container[str]) -> bool:
     """Whether a shorter part of `name` (three parts or more) is itself one of `datasets`."""
     parts = name.split(".")
     return any(".".join(parts[:end]) in datasets for end in range(3, len(parts)))
