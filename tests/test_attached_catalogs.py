@@ -715,3 +715,14 @@ def test_one_broken_table_upstream_does_not_break_the_listing(demo_home: Path, t
         assert _rows(runtime, "analyst", "SELECT id FROM lake.crm.nested") == [[1]]
     finally:
         runtime.close()
+
+
+def test_explain_access_knows_attached_datasets_and_their_columns(attached: Runtime) -> None:
+    table = gate_ok(attached, "analyst", "explain_access", {"resource": "lake.sales.orders"})
+    assert table["allowed"] and {c["name"] for c in table["columns"]} >= {"order_id", "region"}
+    nested = gate_ok(attached, "analyst", "explain_access", {"resource": "lake.sales.emea.targets"})
+    assert nested["allowed"]
+    email = gate_ok(attached, "analyst", "explain_access", {"resource": "lake.sales.customers.email"})
+    assert email["access"].startswith("masked")
+    hidden = gate_call(attached, "support_agent", "explain_access", {"resource": "lake.sales.customers"})
+    assert isinstance(hidden.error, NotFound)

@@ -109,8 +109,11 @@ class _Target:
     name: str = ""  # the column, metric, classification or tool name
 
 
-def _parse(resource: str) -> _Target:
-    """Raises: InvalidArgument: not one of the resource forms."""
+def _parse(resource: str, catalog: AccessCatalog | None = None) -> _Target:
+    """A resource's kind and parts. Three parts or more name a dataset of an attached catalog when
+    `catalog` knows one of that name, else a column of the dataset the other parts name.
+
+    Raises: InvalidArgument: not one of the resource forms."""
     resource = resource.strip()
     if resource.startswith(METRIC_PREFIX) and resource.removeprefix(METRIC_PREFIX):
         return _Target("metric", resource, name=resource.removeprefix(METRIC_PREFIX))
@@ -121,12 +124,21 @@ def _parse(resource: str) -> _Target:
         if dataset.count(".") == 1 and value:
             return _Target("classification", resource, dataset, value)
     parts = resource.split(".")
-    if all(parts) and len(parts) in (2, 3):
-        dataset = ".".join(parts[:2])
-        return (
-            _Target("dataset", resource, dataset) if len(parts) == 2 else _Target("column", resource, dataset, parts[2])
-        )
+    if all(parts) and len(parts) == 2:
+        return _Target("dataset", resource, resource)
+    if all(parts) and len(parts) >= 3:
+        if catalog is not None and _is_dataset(catalog, resource):
+            return _Target("dataset", resource, resource)
+        return _Target("column", resource, ".".join(parts[:-1]), parts[-1])
     raise InvalidArgument(f"'{resource[:300]}' is not a resource lakegate knows.", hint=f"Name {RESOURCE_FORMS}.")
+
+
+def _is_dataset(catalog: AccessCatalog, name: str) -> bool:
+    try:
+        catalog.columns(name)
+    except NotFound:
+        return False
+    return True
 
 
 def _one_of(words: Sequence[str]) -> str:
@@ -316,7 +328,7 @@ def explain(
         InvalidArgument: the resource is not one of the forms, or the action does not apply to it.
         NotFound: the resource does not exist, or `catalog` hides it from the asker.
     """
-    target = _parse(resource)
+    target = _parse(resource, catalog)
     allowed_actions = ACTIONS[target.kind]
     chosen = action or allowed_actions[0]
     if target.kind == "tool" and chosen == "read":
