@@ -94,6 +94,7 @@ class CatalogSpec:
 class _Listing:
     names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # dataset name -> identifier
     at: float = float("-inf")
+    skipped: tuple[str, ...] = ()  # identifiers listed but not served (not plain identifiers)
 
 
 class AttachedCatalog:
@@ -186,7 +187,7 @@ class AttachedCatalog:
                 keeps the last listing, and says so in the log).
         """
         try:
-            names = self._walk()
+            names, skipped = self._walk()
         except Exception as exc:
             with self._lock:
                 if self._listing.names:
@@ -195,14 +196,15 @@ class AttachedCatalog:
                     return sorted(self._listing.names)
             raise BackendError(f"cannot list the tables of catalog {self.name}: {type(exc).__name__}") from exc
         with self._lock:
-            self._listing = _Listing(names, self._clock())
+            self._listing = _Listing(names, self._clock(), skipped)
             for gone in set(self._tables) - set(names):
                 del self._tables[gone]
         return sorted(names)
 
-    def _walk(self) -> dict[str, tuple[str, ...]]:
+    def _walk(self) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
         catalog = self.catalog
         found: dict[str, tuple[str, ...]] = {}
+        skipped: list[str] = []
         pending: list[tuple[str, ...]] = [()]
         seen: set[tuple[str, ...]] = set()
         while pending:
@@ -219,9 +221,15 @@ class AttachedCatalog:
                     name = self.dataset_name(identifier)
                     if name is None:
                         log.warning("catalog.table_skipped", catalog=self.name, reason="not plain identifiers")
+                        skipped.append(".".join(identifier))
                         continue
                     found.setdefault(name, identifier)
-        return found
+        return found, tuple(skipped)
+
+    def skipped(self) -> tuple[str, ...]:
+        """What the last listing found but does not serve: identifiers that are not plain names."""
+        with self._lock:
+            return self._listing.skipped
 
     def dataset_name(self, identifier: tuple[str, ...]) -> str | None:
         """`<catalog>.<namespace levels>.<table>` for an identifier, or None when a part is not a

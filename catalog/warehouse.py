@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LIST_DATASETS_HINT",
+    "AttachedReport",
     "ColumnInfo",
     "DatasetInfo",
     "VersionInfo",
@@ -373,6 +374,26 @@ class Warehouse:
             self._namespaces = (now, found)
         return found
 
+    def attached_report(self) -> list[AttachedReport]:
+        """What each attached catalog serves now, and what it does not and why (for operators:
+        `lakegate catalog list`). Lists every catalog again."""
+        embedded = self._embedded_namespaces()
+        reports = []
+        for attached in self.attached.values():
+            if attached.name in embedded:
+                reports.append(AttachedReport(attached.name, problem=_NAME_TAKEN))
+                continue
+            try:
+                listed = attached.refresh()
+            except LakegateError as exc:
+                reports.append(AttachedReport(attached.name, problem=str(exc)))
+                continue
+            known = set(listed)
+            served = tuple(name for name in listed if not _shadowed(name, known))
+            shadowed = tuple(name for name in listed if _shadowed(name, known))
+            reports.append(AttachedReport(attached.name, served, shadowed, attached.skipped()))
+        return reports
+
     def attached_catalog(self, name: str) -> AttachedCatalog | None:
         """The attached catalog that dataset `name` (three parts or more) is in, if any."""
         if name.count(".") < 2:
@@ -576,6 +597,17 @@ class Warehouse:
                 properties=_decode_metadata(schema.metadata),
             )
         return self._remember(key, info)
+
+
+@dataclass(frozen=True)
+class AttachedReport:
+    """One attached catalog as lakegate sees it."""
+
+    catalog: str
+    served: tuple[str, ...] = ()  # dataset names
+    shadowed: tuple[str, ...] = ()  # names inside another dataset's name: not served
+    skipped: tuple[str, ...] = ()  # identifiers that are not plain names: not served
+    problem: str | None = None  # why nothing of it is served
 
 
 _NAME_TAKEN = (

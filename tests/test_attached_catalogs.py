@@ -647,6 +647,11 @@ def test_names_that_read_as_another_resource_are_not_served(demo_home: Path, tmp
         "p, role:support_agent, lake.crm.contacts.*, read, allow\n"
     )
     runtime = _attach_local(tmp_path, demo_home, toml + nested_toml, rules)
+    # The operator sees what is served and what is not, and why.
+    listed = _cli(tmp_path / "project", demo_home, "catalog", "list", "--tables")
+    assert listed.exit_code == 1, listed.output  # a catalog serves nothing
+    assert "sales: nothing served: the embedded catalog has a namespace of that name" in listed.output
+    assert "lake: 1 tables served\n  lake.crm.contacts\n  not served: lake.crm.contacts.x" in listed.output
     try:
         names = {d["name"] for d in gate_ok(runtime, "admin", "list_datasets", {"limit": 200})["datasets"]}
         assert "lake.crm.contacts" in names and "sales.secure.vault" not in names and "lake.crm.contacts.x" not in names

@@ -55,7 +55,42 @@ class Finding:
 
 @click.group("catalog")
 def catalog() -> None:
-    """Review what attached catalogs hold."""
+    """See what attached catalogs serve, and review their columns."""
+
+
+@catalog.command("list")
+@click.option("--tables", is_flag=True, help="Name every table served, not only how many.")
+@click.pass_context
+def list_catalogs(ctx: click.Context, tables: bool) -> None:
+    """What each attached catalog ([catalogs.NAME] in lakegate.toml) serves now, listed afresh,
+    and what it does not serve and why. Names only: no data is read, no policy is applied (run it
+    where lakegate.toml and the catalogs' credentials are)."""
+    from lakegate.server.profile import open_warehouse
+
+    settings = command_settings(ctx)
+    if not settings.catalogs:
+        err.print("lakegate.toml attaches no catalog ([catalogs.NAME]).")
+        return
+    warehouse = open_warehouse(settings)
+    try:
+        reports = warehouse.attached_report()
+    finally:
+        warehouse.close()
+    failed = False
+    for report in reports:
+        if report.problem is not None:
+            failed = True
+            click.echo(f"{report.catalog}: nothing served: {report.problem}")
+            continue
+        click.echo(f"{report.catalog}: {len(report.served)} tables served")
+        for name in report.served if tables else ():
+            click.echo(f"  {name}")
+        for name in report.shadowed:
+            click.echo(f"  not served: {name} (its name holds another table's name, as a column would)")
+        for identifier in report.skipped:
+            click.echo(f"  not served: {identifier} (not plain lower-case names)")
+    if failed:
+        ctx.exit(1)
 
 
 @catalog.command("review")
