@@ -11,6 +11,7 @@ read `lake.*` and nothing else), driven by the MCP SDK client. Measured, p50/p99
 - the first `list_datasets` (discovery: the catalog's namespaces and tables listed), then
   `list_datasets` once discovery is kept (goal: p50 under 50 ms), and `describe_dataset` of tables
   already loaded;
+- `search_catalog`, first and then 5 calls (it describes every table the caller may read);
 - the time from a table's creation upstream to its first appearance in `list_datasets`;
 - a governed aggregate over the orders on S3 through `query`, and the same SQL in plain DuckDB over
   the same planned files as an Arrow dataset on the same S3 (raw over Arrow), interleaved: the ratio.
@@ -46,6 +47,7 @@ POLICY = """\
 p, role:agent, tool:list_datasets, call, allow
 p, role:agent, tool:describe_dataset, call, allow
 p, role:agent, tool:query, call, allow
+p, role:agent, tool:search_catalog, call, allow
 p, role:agent, lake.*, read, allow
 g, analyst, role:agent
 """
@@ -139,6 +141,17 @@ async def _bench(seaweed: Seaweed, project: Path, home: Path, runs: int, catalog
             described.append((time.perf_counter() - started) * 1000)
             assert not answer.is_error, answer
         results["describe_dataset"] = percentiles(described)
+        # search_catalog describes every table the caller may read (each loaded from the catalog).
+        started = time.perf_counter()
+        answer = await client.call_tool("search_catalog", {"query": "orders by region"})
+        results["first_search_catalog_ms"] = round((time.perf_counter() - started) * 1000, 1)
+        assert not answer.is_error, answer
+        searched: list[float] = []
+        for _ in range(5):
+            started = time.perf_counter()
+            await client.call_tool("search_catalog", {"query": "orders by region"})
+            searched.append((time.perf_counter() - started) * 1000)
+        results["search_catalog"] = percentiles(searched)
         # A table created upstream: how long until an agent sees it.
         catalog.create_table(("team00", "arrived"), schema=catalog.load_table(("team00", "table0000")).schema())
         created = time.perf_counter()
