@@ -184,15 +184,16 @@ class AttachedCatalog:
 
         Raises:
             BackendError: the catalog cannot be listed and was never listed before (a later failure
-                keeps the last listing, and says so in the log).
+                keeps the last listing, and says so in the log). Either way it is tried again after
+                `refresh_s`, not on every call: a catalog that is down must not slow every listing.
         """
         try:
             names, skipped = self._walk()
         except Exception as exc:
             with self._lock:
+                self._listing.at = self._clock()
                 if self._listing.names:
                     log.warning("catalog.refresh_failed", catalog=self.name, error=type(exc).__name__)
-                    self._listing.at = self._clock()  # retried after refresh_s, not on every call
                     return sorted(self._listing.names)
             raise BackendError(f"cannot list the tables of catalog {self.name}: {type(exc).__name__}") from exc
         with self._lock:

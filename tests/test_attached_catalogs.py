@@ -25,7 +25,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from lakegate.errors import ConfigurationError, InvalidArgument, NotFound
+from lakegate.errors import ConfigurationError, InvalidArgument, LakegateError, NotFound
 from lakegate.server.app import Runtime, open_runtime
 from lakegate.server.settings import load_settings
 from tests.conftest import REPO, gate_call, gate_ok
@@ -731,3 +731,19 @@ def test_explain_access_knows_attached_datasets_and_their_columns(attached: Runt
     assert email["access"].startswith("masked")
     hidden = gate_call(attached, "support_agent", "explain_access", {"resource": "lake.sales.customers"})
     assert isinstance(hidden.error, NotFound)
+
+
+def test_a_catalog_that_is_down_is_tried_again_after_refresh_s_not_on_every_call(tmp_path: Path) -> None:
+    from lakegate.catalog.attached_catalogs import AttachedCatalog, CatalogSpec
+    from lakegate.errors import BackendError
+
+    now = [0.0]
+    missing = tmp_path / "nowhere" / "catalog.db"  # SQLite cannot create a file in a missing directory
+    spec = CatalogSpec("down", {"type": "sql", "uri": f"sqlite:///{missing}"}, refresh_s=30)
+    attached = AttachedCatalog(spec, clock=lambda: now[0])
+    with pytest.raises(LakegateError):
+        attached.table_names()
+    assert attached.table_names() == []  # within refresh_s: not tried again
+    now[0] += 31
+    with pytest.raises((BackendError, ConfigurationError)):
+        attached.table_names()
