@@ -160,11 +160,7 @@ class AttachedCatalog:
         Raises:
             BackendError: the catalog cannot be listed (and was never listed before).
         """
-        with self._lock:
-            fresh = self._clock() - self._listing.at < self.spec.refresh_s
-            if fresh:
-                return sorted(self._listing.names)
-        return self.refresh()
+        return sorted(self.listed())
 
     def listed(self) -> Mapping[str, tuple[str, ...]]:
         """The listing (dataset name -> identifier), listed again when older than `refresh_s`.
@@ -251,19 +247,16 @@ class AttachedCatalog:
             # A name not listed may be a table created since: list again, but at most once every
             # MIN_RELIST_S, so that asking for made-up names cannot make lakegate walk the catalog.
             stale = self._clock() - self._listing.at >= MIN_RELIST_S
-        if known is None and stale and name.partition(".")[0] == self.name:
+        if known is None and stale:
             try:
-                known = dict(self._refresh_names()).get(name)
+                self.refresh()
             except (BackendError, ConfigurationError) as exc:
                 raise SourceUnavailable(str(exc), table=name, catalog=self.name) from exc
+            with self._lock:
+                known = self._listing.names.get(name)
         if known is None:
-            raise NotFound(f"No dataset named {name!r}.", hint="Call list_datasets to see the datasets you can use.")
+            raise _not_found(name)
         return known
-
-    def _refresh_names(self) -> dict[str, tuple[str, ...]]:
-        self.refresh()
-        with self._lock:
-            return dict(self._listing.names)
 
     def load_table(self, name: str) -> IcebergTable:
         """Table `name`, loaded again when the last load is older than `table_refresh_s`.
@@ -290,9 +283,7 @@ class AttachedCatalog:
             with self._lock:
                 self._tables.pop(name, None)
                 self._listing.names.pop(name, None)
-            raise NotFound(
-                f"No dataset named {name!r}.", hint="Call list_datasets to see the datasets you can use."
-            ) from exc
+            raise _not_found(name) from exc
         except Exception as exc:
             detail = f"cannot load table {name} from catalog {self.name}: {type(exc).__name__}: {exc}"
             raise SourceUnavailable(detail, table=name, catalog=self.name) from exc
@@ -342,6 +333,10 @@ class AttachedCatalog:
 
             return LocalFileSystem()
         return _s3_filesystem(self.name, properties)
+
+
+def _not_found(name: str) -> NotFound:
+    return NotFound(f"No dataset named {name!r}.", hint="Call list_datasets to see the datasets you can use.")
 
 
 def _normal_location(location: str | None) -> str | None:

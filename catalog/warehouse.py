@@ -325,20 +325,10 @@ class Warehouse:
                 for namespace in catalog.list_namespaces()
                 for identifier in catalog.list_tables(namespace)
             ]
-        if not self.attached:
-            return sorted(names)
-        embedded = {name.partition(".")[0] for name in [*names, *self.lance_dataset_names()]}
-        for attached in self.attached.values():
-            if attached.name in embedded:
-                log.error("catalog.name_taken", catalog=attached.name, reason=_NAME_TAKEN)
-                continue
-            try:
-                listed = attached.table_names()
-            except LakegateError as exc:
-                log.warning("catalog.unavailable", catalog=attached.name, error=str(exc))
-                continue
-            known = set(listed)
-            names += [name for name in listed if not _shadowed(name, known)]
+        for report in self._attached_reports(relist=False):
+            if report.problem is not None:
+                log.warning("catalog.unavailable", catalog=report.catalog, error=report.problem)
+            names += report.served
         return sorted(names)
 
     def _attached_dataset(self, name: str) -> AttachedCatalog:
@@ -377,6 +367,13 @@ class Warehouse:
     def attached_report(self) -> list[AttachedReport]:
         """What each attached catalog serves now, and what it does not and why (for operators:
         `lakegate catalog list`). Lists every catalog again."""
+        return self._attached_reports(relist=True)
+
+    def _attached_reports(self, *, relist: bool) -> list[AttachedReport]:
+        """Each attached catalog's listing (kept for its refresh_s, or listed again with `relist`),
+        split into what is served and what is not: the same rules as `_attached_dataset`."""
+        if not self.attached:
+            return []
         embedded = self._embedded_namespaces()
         reports = []
         for attached in self.attached.values():
@@ -384,7 +381,7 @@ class Warehouse:
                 reports.append(AttachedReport(attached.name, problem=_NAME_TAKEN))
                 continue
             try:
-                listed = attached.refresh()
+                listed = attached.refresh() if relist else attached.table_names()
             except LakegateError as exc:
                 reports.append(AttachedReport(attached.name, problem=str(exc)))
                 continue

@@ -225,6 +225,7 @@ class PolicyEnforcer:
     ) -> None:
         self._files = files
         self._groups = [(obj, group) for obj, groups in (resource_groups or {}).items() for group in groups]
+        self._tagged = frozenset(obj for obj, _ in self._groups)
         self._reload_interval_s = reload_interval_s
         self._rules = rules
         self._lock = threading.Lock()
@@ -238,7 +239,7 @@ class PolicyEnforcer:
     @property
     def tagged_columns(self) -> frozenset[str]:
         """The columns catalog/datasets.yaml tags (each counts as reviewed, policies/column_review.py)."""
-        return frozenset(obj for obj, _ in self._groups)
+        return self._tagged
 
     @property
     def column_review(self) -> ColumnReview:

@@ -38,12 +38,18 @@ def build_small_demo(home: Path) -> Path:
     return home
 
 
+def copy_demo_project(project: Path) -> Path:
+    """`project` made a copy of the demo's policies and catalog definitions (to edit); returns it."""
+    ignore = shutil.ignore_patterns("*.py", "__pycache__")
+    shutil.copytree(REPO / "policies", project / "policies", ignore=ignore)
+    shutil.copytree(REPO / "catalog", project / "catalog", ignore=ignore)
+    return project
+
+
 def runtime_with_policy_file(demo_home: Path, tmp_path: Path, file: str, text: str) -> Runtime:
     """A runtime over the demo warehouse whose project has its own copy of the demo's policies and
     catalog, with policies/`file` holding `text`; audited to tmp_path/audit.jsonl."""
-    project = tmp_path / "project"
-    shutil.copytree(REPO / "policies", project / "policies", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
-    shutil.copytree(REPO / "catalog", project / "catalog", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    project = copy_demo_project(tmp_path / "project")
     (project / "policies" / file).write_text(text)
     audit = {"path": tmp_path / "audit.jsonl", "fsync": False}
     return open_runtime(load_settings(project, home=demo_home, audit=audit, principal=None))

@@ -28,7 +28,7 @@ import yaml
 from lakegate.errors import ConfigurationError, InvalidArgument, LakegateError, NotFound
 from lakegate.server.app import Runtime, open_runtime
 from lakegate.server.settings import load_settings
-from tests.conftest import REPO, gate_call, gate_ok
+from tests.conftest import copy_demo_project, gate_call, gate_ok
 from tests.seaweed_support import ACCESS_KEY, SECRET_KEY, Seaweed
 
 #: The secrets reach lakegate through these environment variables, never through lakegate.toml.
@@ -139,8 +139,7 @@ ROW_FILTER = """
 def _project(root: Path, lakehouse: Lakehouse, *, extra: str = "") -> Path:
     """A project that attaches the two catalogs, with the demo's policies plus RULES."""
     project = root / "project"
-    shutil.copytree(REPO / "policies", project / "policies", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
-    shutil.copytree(REPO / "catalog", project / "catalog", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    copy_demo_project(project)
     with (project / "policies" / "policy.csv").open("a") as rules:
         rules.write(RULES)
     with (project / "catalog" / "datasets.yaml").open("a") as overlay:
@@ -542,7 +541,6 @@ def test_a_newcomer_attaches_their_catalog_and_an_agent_answers_over_stdio(tmp_p
 
 
 def test_a_table_whose_files_cannot_be_reached_says_which_and_what_to_check(tmp_path: Path) -> None:
-    import shutil
 
     from pyiceberg.catalog.sql import SqlCatalog
 
@@ -554,7 +552,7 @@ def test_a_table_whose_files_cannot_be_reached_says_which_and_what_to_check(tmp_
     theirs.create_namespace("crm")
     theirs.create_table(("crm", "contacts"), schema=CONTACTS.schema).append(CONTACTS)
     project = tmp_path / "project"
-    shutil.copytree(REPO / "policies", project / "policies", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    copy_demo_project(project)
     (project / "lakegate.toml").write_text(
         f'build_demo = false\n[catalogs.crm_lake]\ncatalog_name = "prod"\n[catalogs.crm_lake.properties]\n'
         f'type = "sql"\nuri = "{uri}"\nwarehouse = "{files.as_uri()}"\n'
@@ -583,8 +581,7 @@ def test_a_table_whose_files_cannot_be_reached_says_which_and_what_to_check(tmp_
 def _attach_local(tmp_path: Path, home: Path, toml: str, rules: str = "") -> Runtime:
     """A runtime over `home` with the demo's policies plus `rules`, attaching what `toml` says."""
     project = tmp_path / "project"
-    shutil.copytree(REPO / "policies", project / "policies", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
-    shutil.copytree(REPO / "catalog", project / "catalog", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    copy_demo_project(project)
     with (project / "policies" / "policy.csv").open("a") as policy:
         policy.write("\n" + rules)
     (project / "lakegate.toml").write_text("build_demo = false\n" + toml)

@@ -116,7 +116,10 @@ def review(
     overrides = _overrides(decided)
     settings = command_settings(ctx)
     path = settings.project / "policies" / COLUMN_REVIEW_FILE
-    arguments = {"scopes": ",".join(scopes), "sample": str(sample)}
+    # The audit record says whether the reviewer meant to record the review, and what it set by hand.
+    arguments = {"scopes": ",".join(scopes), "sample": str(sample), "accept": str(accept).lower()}
+    if decided:
+        arguments["set"] = ",".join(decided)
 
     def answer(scope: CallScope) -> list[Finding]:
         return _findings(scope, scopes, sample)
