@@ -255,6 +255,8 @@ def _drop_unconverted(table: pa.Table, types: dict[str, str], file: str) -> tupl
     problems: list[Rejected] = []
     keep = pa.array([True] * table.num_rows)
     for index, name in enumerate(types):
+        if _given(index) not in table.column_names:
+            continue  # the file lacks that column: read_files says so for the load as a whole
         given = table.column(_given(index))
         failed = pc.and_(given, pc.is_null(table.column(name)))
         for row in pc.indices_nonzero(failed).to_pylist():

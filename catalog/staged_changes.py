@@ -391,29 +391,34 @@ def expire_due(
 def list_changes(warehouse: Warehouse) -> list[StagedChange]:
     """Every change of every Iceberg table, oldest request first."""
     changes = []
-    for name in warehouse.dataset_names():
-        if warehouse.kind_of(name) != "iceberg":
-            continue
-        try:
-            table = warehouse.iceberg_table(name)
-        except LakegateError:
-            log.warning("change.table_unreadable", table=name)  # one broken table hides only its own changes
-            continue
+    for name, table in _writable_tables(warehouse):
         for key in table.properties:
             if key.startswith(CHANGE_PROPERTY_PREFIX):
                 changes.append(_read(table, name, key.removeprefix(CHANGE_PROPERTY_PREFIX)))
     return sorted(changes, key=lambda change: change.requested_at)
 
 
+def _writable_tables(warehouse: Warehouse) -> Iterator[tuple[str, IcebergTable]]:
+    """The Iceberg tables a change can be staged on: not those of catalogs attached read-only."""
+    for name in warehouse.iceberg_table_names():
+        attached = warehouse.attached_catalog(name)
+        if attached is not None and not attached.spec.writable:
+            continue
+        try:
+            yield name, warehouse.iceberg_table(name)
+        except LakegateError:
+            log.warning("change.table_unreadable", table=name)  # one broken table hides only its own changes
+
+
 def find_change(warehouse: Warehouse, change_id: str) -> StagedChange:
-    """The change with this id, on whichever table.
+    """The change with this id, on whichever table (read at the first table that holds it).
 
     Raises:
         NotFound: there is none.
     """
-    for change in list_changes(warehouse):
-        if change.change_id == change_id:
-            return change
+    for name, table in _writable_tables(warehouse):
+        if CHANGE_PROPERTY_PREFIX + change_id in table.properties:
+            return _read(table, name, change_id)
     raise NotFound(
         f"There is no change {change_id}.", hint="Use the change_id that append_rows returned when it staged the rows."
     )

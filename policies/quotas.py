@@ -1,6 +1,6 @@
 """Quotas: how much a principal (or a role's principals together) may use, from policies/quotas.yaml.
 
-Four kinds of limit, each checked by the gate before a tool call runs (server/gate/quota_check.py):
+Four kinds of limit, each checked by the gate before a tool call runs (server/gate/quotas.py):
 
 - ``calls_per_minute``, per tool family (`TOOL_FAMILIES`): calls started in the current UTC minute;
 - ``concurrent_calls``: calls running at once;
@@ -113,10 +113,6 @@ class QuotaSet:
     def __init__(self, defaults: _Limits | None = None, entries: tuple[_Entry, ...] = ()) -> None:
         self._defaults = defaults or _Limits()
         self._entries = entries
-
-    @property
-    def empty(self) -> bool:
-        return not self._entries and self._defaults == _Limits()
 
     def for_call(self, principal: str, roles: Collection[str], family: ToolFamily) -> CallLimits:
         """The limits that apply to one call of `family` by `principal` holding `roles`."""

@@ -16,9 +16,10 @@ from click.testing import CliRunner, Result
 from pyiceberg.catalog.sql import SqlCatalog
 
 from lakegate.catalog.warehouse import Warehouse
+from lakegate.errors import InvalidArgument
 from lakegate.evals.mcp_client import connect
 from lakegate.server.cli.main import cli
-from tests.conftest import REPO, gate_call
+from tests.conftest import REPO, copy_demo_project, gate_call
 from tests.test_approvals import _open
 from tests.test_writes import build_write_home
 
@@ -277,3 +278,36 @@ def test_register_refuses_bad_metadata_and_a_second_name_for_a_known_table(home:
         assert warehouse.dataset_names() == ["shop.orders"]  # nothing half-registered; listing works
     finally:
         warehouse.close()
+
+
+def test_a_small_new_table_under_an_approval_rule_is_created(home: Path, tmp_path: Path) -> None:
+    # The rule counts what was appended in its window: a table that does not exist yet has none.
+    project = copy_demo_project(tmp_path / "project")
+    (project / "policies" / "approvals.yaml").write_text(
+        'rules:\n  - subject: admin\n    datasets: ["lab.*"]\n    above_rows: 100\n    window_minutes: 60\n'
+    )
+    (tmp_path / "one.csv").write_text("id\n1\n2\n")
+    created = CliRunner().invoke(
+        cli,
+        [
+            "--project",
+            str(project),
+            "table",
+            "load",
+            str(tmp_path / "one.csv"),
+            "--table",
+            "lab.small",
+            "--as",
+            "admin",
+        ],
+        env={"LAKEGATE_HOME": str(home)},
+    )
+    assert created.exit_code == 0 and "2 rows" in created.output, created.output
+
+
+def test_a_type_for_a_column_a_json_file_lacks_is_refused_by_name(tmp_path: Path) -> None:
+    from lakegate.catalog.file_loader import read_files
+
+    (tmp_path / "a.jsonl").write_text('{"id": 1}\n')
+    with pytest.raises(InvalidArgument, match="--type names no column: price"):
+        read_files([tmp_path / "a.jsonl"], {"price": "DOUBLE"})

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from lakegate.errors import QuotaExceeded
 from lakegate.policies.quotas import CallLimits, Limit, QuotaSet, ToolFamily
-from lakegate.server.gate.quota_ledger import QuotaLedger, Refused, seconds_to_midnight
+from lakegate.server.gate.quota_ledger import DayUse, QuotaLedger, Refused, seconds_to_midnight
 
 __all__ = ["Admission", "Quotas", "ScanBudget", "human_size"]
 
@@ -98,13 +98,20 @@ class Quotas:
             QuotaExceeded: daily_rows, or (for a query) daily_scan_bytes, is used up.
         """
         now = self.ledger.clock()
+        read: dict[str, DayUse] = {}  # one read per key: rows and bytes are usually counted for the same
+
+        def day_use(key: str) -> DayUse:
+            if key not in read:
+                read[key] = self.ledger.day_use(key)
+            return read[key]
+
         if limits.daily_rows is not None:
-            used_rows = self.ledger.day_use(limits.daily_rows.counted_for).rows
+            used_rows = day_use(limits.daily_rows.counted_for).rows
             if used_rows >= limits.daily_rows.allowed:
                 raise _used_up(limits.daily_rows, used_rows, seconds_to_midnight(now))
         if limits.daily_scan_bytes is None or family != "query":
             return None
-        used_bytes = self.ledger.day_use(limits.daily_scan_bytes.counted_for).scan_bytes
+        used_bytes = day_use(limits.daily_scan_bytes.counted_for).scan_bytes
         budget = ScanBudget(
             limits.daily_scan_bytes, limits.daily_scan_bytes.allowed - used_bytes, seconds_to_midnight(now)
         )

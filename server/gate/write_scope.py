@@ -187,9 +187,9 @@ class WriteScope:
         if mode == "replace" and exists:
             self._require_column_writes(name, table_columns(self._warehouse, name))
         rows = loaded.data.num_rows
-        rule = self._enforcer.approvals.for_append(
-            self.principal.name, self.roles(), name, rows, self._appended_earlier(name)
-        )
+        # A table that does not exist yet has had nothing appended to it.
+        earlier = self._appended_earlier(name) if exists else (lambda _window_s: 0)
+        rule = self._enforcer.approvals.for_append(self.principal.name, self.roles(), name, rows, earlier)
         if rule is not None:
             if mode != "append" or not exists:
                 raise PolicyDenied(
