@@ -129,19 +129,27 @@ class BackendError(ServerError):
 
 
 class SourceUnavailable(BackendError):
-    """A table of an attached catalog (catalog/attached_catalogs.py) cannot be read: the catalog or
-    the table's files cannot be reached. The agent is told which table and that the server's
+    """A table of an attached catalog (catalog/attached_catalogs.py) or an attached dataset of
+    documents (catalog/attached_documents.py) cannot be read: the catalog or the files cannot be
+    reached, or do not hold what the settings say. The agent is told which table and that the server's
     settings are at fault (never a path, a location or a credential); the details go to the log."""
 
     outcome = "source_unavailable"
 
-    def __init__(self, detail: str, *, table: str, catalog: str) -> None:
+    def __init__(self, detail: str, *, table: str, catalog: str | None = None) -> None:
         super().__init__(detail)
+        if catalog is None:  # an attached dataset of documents (catalog/attached_documents.py)
+            what = "its files cannot be reached or read as configured"
+            check = f'[documents."{table}"] in lakegate.toml: uri, columns, storage_options and their credentials'
+        else:
+            what = f"the catalog {catalog} or the table's files cannot be reached"
+            check = (
+                f"the settings of catalog {catalog} ([catalogs.{catalog}] in lakegate.toml: uri, warehouse, "
+                "the s3.* properties and their credentials)"
+            )
         self.public_message = (
-            f"lakegate could not read {table}: the catalog {catalog} or the table's files cannot be reached "
-            "right now. This is not your request's fault: retry later, or ask the platform team to check the "
-            f"settings of catalog {catalog} ([catalogs.{catalog}] in lakegate.toml: uri, warehouse, the s3.* "
-            "properties and their credentials)."
+            f"lakegate could not read {table}: {what} right now. This is not your request's fault: retry later, "
+            f"or ask the platform team to check {check}."
         )
 
 

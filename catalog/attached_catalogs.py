@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["AttachedCatalog", "CatalogSpec", "expand_secrets"]
+__all__ = ["AttachedCatalog", "CatalogSpec", "expand_secrets", "location_under", "normal_location"]
 
 #: A catalog's name: one plain identifier (it is the first part of its datasets' names).
 CATALOG_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -59,8 +59,9 @@ MIN_RELIST_S = 1.0
 _SECRET = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def expand_secrets(catalog: str, properties: Mapping[str, str]) -> dict[str, str]:
-    """`properties` with each `${NAME}` replaced by the environment variable NAME.
+def expand_secrets(catalog: str, properties: Mapping[str, str], *, section: str | None = None) -> dict[str, str]:
+    """`properties` with each `${NAME}` replaced by the environment variable NAME; `section` is
+    where lakegate.toml names them (default: the catalog's properties).
 
     Raises:
         ConfigurationError: a variable is not set (the message names it, never a value).
@@ -69,10 +70,8 @@ def expand_secrets(catalog: str, properties: Mapping[str, str]) -> dict[str, str
     def value(match: re.Match[str]) -> str:
         name = match.group(1)
         if name not in os.environ:
-            raise ConfigurationError(
-                f"catalog {catalog}: environment variable {name} is not set "
-                f"(lakegate.toml names it in the catalog's properties)"
-            )
+            where = section or f"catalog {catalog}: lakegate.toml names it in the catalog's properties"
+            raise ConfigurationError(f"environment variable {name} is not set ({where})")
         return os.environ[name]
 
     return {key: _SECRET.sub(value, text) for key, text in properties.items()}
@@ -306,10 +305,10 @@ class AttachedCatalog:
         Raises:
             BackendError: the file lies outside those places (the log names it, the agent never does).
         """
-        normal = _normal_location(location)
+        normal = normal_location(location)
         root = self.properties.get("warehouse") or table_location
-        allowed = normal is not None and _under(normal, _normal_location(root))
-        if not allowed or any(_under(normal, _normal_location(place)) for place in forbidden):
+        allowed = normal is not None and location_under(normal, normal_location(root))
+        if not allowed or any(location_under(normal, normal_location(place)) for place in forbidden):
             raise BackendError(
                 f"a data file of catalog {self.name} lies outside its warehouse ({root}) or in lakegate's own "
                 f"storage: {location}"
@@ -339,7 +338,7 @@ def _not_found(name: str) -> NotFound:
     return NotFound(f"No dataset named {name!r}.", hint="Call list_datasets to see the datasets you can use.")
 
 
-def _normal_location(location: str | None) -> str | None:
+def normal_location(location: str | None) -> str | None:
     """ "s3://bucket/key" for an object store location, an absolute path with every link resolved
     for a local one; None for what cannot be compared safely (other schemes, dot segments)."""
     if not location:
@@ -355,7 +354,7 @@ def _normal_location(location: str | None) -> str | None:
     return os.path.realpath(path)
 
 
-def _under(path: str | None, root: str | None) -> bool:
+def location_under(path: str | None, root: str | None) -> bool:
     if path is None or root is None:
         return False
     root = root.rstrip("/")

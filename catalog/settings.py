@@ -13,7 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from lakegate.catalog.vector_index import INDEX_MIN_ROWS
 
-__all__ = ["CatalogSettings", "QuerySettings", "StorageSettings", "WriteSettings", "parse_bytes"]
+__all__ = [
+    "CatalogSettings",
+    "DocumentSettings",
+    "PassageColumns",
+    "QuerySettings",
+    "StorageSettings",
+    "WriteSettings",
+    "parse_bytes",
+]
 
 _BYTE_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
                "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}  # fmt: skip
@@ -156,6 +164,24 @@ _REFERENCE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
 _URI_PASSWORD = re.compile(r"://[^/@:]*:[^/@]*@")
 
 
+def _check_secret_references(values: dict[str, str], noun: str) -> None:
+    """Refuse a credential written as a value rather than as `${NAME}` (the message never holds it).
+
+    Raises:
+        ValueError: a credential's key with a literal value, or a URI with a literal password.
+    """
+    for key, text in values.items():
+        if _SECRET_PROPERTY.search(key) and not _REFERENCE.match(text):
+            raise ValueError(
+                f"{noun} {key!r} holds a credential: write it as ${{NAME}} and set the environment variable NAME"
+            )
+        if _URI_PASSWORD.search(text) and "${" not in text:
+            raise ValueError(
+                f"{noun} {key!r} holds a password in a URI: write it as ${{NAME}} (scheme://user:${{NAME}}@host) "
+                "and set the environment variable NAME"
+            )
+
+
 class CatalogSettings(BaseModel):
     """An Iceberg catalog lakegate did not create, attached as `[catalogs.NAME]` (see
     catalog/attached_catalogs.py): its tables are the datasets NAME.<namespace>.<table>."""
@@ -183,16 +209,93 @@ class CatalogSettings(BaseModel):
     @field_validator("properties")
     @classmethod
     def _secrets_from_the_environment(cls, value: dict[str, str]) -> dict[str, str]:
-        for key, text in value.items():
-            if _SECRET_PROPERTY.search(key) and not _REFERENCE.match(text):
-                raise ValueError(
-                    f"property {key!r} holds a credential: write it as ${{NAME}} and set the environment variable NAME"
-                )
-            if _URI_PASSWORD.search(text) and "${" not in text:
-                raise ValueError(
-                    f"property {key!r} holds a password in a URI: write it as ${{NAME}} (scheme://user:${{NAME}}@host) "
-                    "and set the environment variable NAME"
-                )
+        _check_secret_references(value, "property")
         if "type" not in value and "uri" not in value:
             raise ValueError("give the catalog's type (rest, sql, glue, hive, ...) or uri, as pyiceberg expects")
         return value
+
+
+#: A column an attached dataset of documents names (lancedb filters quote it with backticks).
+_COLUMN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+class PassageColumns(BaseModel):
+    """Which column of an attached Lance dataset holds each part of a passage."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    text: str = Field(description="The passage text: what full-text search reads and the agent gets back.")
+    doc_id: str = Field(description="The document a passage belongs to (several passages may share one).")
+    vector: str | None = Field(
+        default=None, description="The passage's embedding (fixed-size list of floats); none: full-text search only."
+    )
+    title: str | None = Field(default=None, description="The document's title.")
+    source: str | None = Field(default=None, description="Where the document came from (URL or path).")
+    chunk_index: str | None = Field(default=None, description="The passage's position in its document (integer).")
+    classification: str | None = Field(
+        default=None,
+        description="Each passage's classification (public, internal, confidential, restricted; any other "
+        "value is readable by nobody). Without it, `classification` labels every passage.",
+    )
+    allowed_roles: str | None = Field(
+        default=None,
+        description="The roles that may read each passage (list of strings). Without it the dataset is governed "
+        "by its dataset and classification rules only.",
+    )
+
+    @field_validator("*")
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        if value is not None and not _COLUMN_NAME.match(value):
+            raise ValueError(f"column {value!r}: use the column's plain name (letters, digits and _)")
+        return value
+
+
+class DocumentSettings(BaseModel):
+    """A Lance dataset of documents lakegate did not create, attached as `[documents."NS.NAME"]` for
+    search_documents (see catalog/attached_documents.py). Read-only: add_documents refuses it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    uri: str = Field(
+        description="The Lance dataset: a directory (`/srv/lance/handbook.lance`) or an s3:// prefix. It may not "
+        "lie in lakegate's own state directory or object store."
+    )
+    storage_options: dict[str, str] = Field(
+        default_factory=dict,
+        description="Lance's storage options for an s3:// uri (aws_endpoint, aws_region, allow_http, ...); "
+        "credentials must name an environment variable as ${NAME}.",
+    )
+    columns: PassageColumns = Field(description="Which column holds each part of a passage.")
+    classification: Literal["public", "internal", "confidential", "restricted"] | None = Field(
+        default=None, description="The classification of every passage, for a dataset without a classification column."
+    )
+    embedding_model: str | None = Field(
+        default=None,
+        description="The sentence-transformers model the vectors were made with, by its full name "
+        "(sentence-transformers/all-MiniLM-L6-v2). Vector search is refused unless it is the model lakegate runs.",
+    )
+    embedding_model_sha256: str | None = Field(
+        default=None, description="The SHA-256 of that model's weights, where known: checked as well as the name."
+    )
+    description: str | None = Field(default=None, description="What the dataset holds, for list_datasets.")
+
+    @field_validator("storage_options")
+    @classmethod
+    def _secrets_from_the_environment(cls, value: dict[str, str]) -> dict[str, str]:
+        _check_secret_references(value, "storage option")
+        return value
+
+    @model_validator(mode="after")
+    def _one_classification(self) -> DocumentSettings:
+        if (self.classification is None) == (self.columns.classification is None):
+            raise ValueError(
+                "name the classification column (columns.classification) or give one classification for every "
+                'passage (classification = "internal"), not both'
+            )
+        if self.columns.vector is not None and self.embedding_model is None:
+            raise ValueError(
+                "columns.vector needs embedding_model: the model the vectors were made with (vector search compares "
+                "them with queries embedded by lakegate's model)"
+            )
+        return self

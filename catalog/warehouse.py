@@ -34,6 +34,8 @@ from lakegate.errors import BackendError, LakegateError, NotFound
 
 if TYPE_CHECKING:
     from lakegate.catalog.attached_catalogs import AttachedCatalog
+    from lakegate.catalog.attached_documents import AttachedDocuments
+    from lakegate.catalog.document_search import PassageLayout
     from lakegate.catalog.iceberg_scan import ScanPlanner
     from lakegate.catalog.object_store import ObjectStore
     from lakegate.catalog.query_engine import QueryEngine
@@ -138,12 +140,15 @@ class Warehouse:
         catalog_uri: str | None = None,
         object_store: ObjectStore | None = None,
         attached: Mapping[str, AttachedCatalog] | None = None,
+        documents: Mapping[str, AttachedDocuments] | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.catalog_uri = catalog_uri
         self.object_store = object_store
         # Catalogs lakegate did not create: their tables are the datasets "<catalog>.<namespace>.<table>".
         self.attached: dict[str, AttachedCatalog] = dict(attached or {})
+        # Lance datasets lakegate did not create, served for search under their configured names.
+        self.documents: dict[str, AttachedDocuments] = dict(documents or {})
         self._iceberg: SqlCatalog | None = None
         self._lance: LanceDBConnection | None = None
         self._lock = threading.Lock()
@@ -391,6 +396,23 @@ class Warehouse:
             reports.append(AttachedReport(attached.name, served, shadowed, attached.skipped()))
         return reports
 
+    def documents_report(self) -> list[AttachedReport]:
+        """Whether each attached dataset of documents is served now, opening each (for operators:
+        `lakegate catalog list`)."""
+        reports = []
+        own = set(self._own_lance_names())
+        for name, attached in sorted(self.documents.items()):
+            if name in own or name in self.iceberg_table_names():
+                reports.append(AttachedReport(name, problem=_DATASET_TAKEN))
+                continue
+            try:
+                attached.open(forbidden=self.own_locations())
+            except LakegateError as exc:
+                reports.append(AttachedReport(name, problem=str(exc)))
+                continue
+            reports.append(AttachedReport(name, served=(name,)))
+        return reports
+
     def attached_catalog(self, name: str) -> AttachedCatalog | None:
         """The attached catalog that dataset `name` (three parts or more) is in, if any."""
         if name.count(".") < 2:
@@ -398,11 +420,31 @@ class Warehouse:
         return self.attached.get(name.partition(".")[0])
 
     def lance_dataset_names(self) -> list[str]:
-        """Sorted names of the Lance datasets.
+        """Sorted names of the Lance datasets: lakegate's own, and each attached one whose name none
+        of its own has (an attached dataset's files are not opened to list it).
 
         Raises:
             BackendError: the Lance directory cannot be read.
         """
+        own = self._own_lance_names()
+        return sorted({*own, *self.documents})
+
+    def attached_documents(self, name: str) -> AttachedDocuments | None:
+        """The attached dataset of documents served as `name`, if it is one (a name lakegate's own
+        Lance datasets have is theirs)."""
+        attached = self.documents.get(name)
+        if attached is None or name in self._own_lance_names():
+            return None
+        return attached
+
+    def passage_layout(self, name: str) -> PassageLayout:
+        """Which column of Lance dataset `name` holds each part of a passage."""
+        from lakegate.catalog.document_search import OWN_LAYOUT
+
+        attached = self.attached_documents(name)
+        return OWN_LAYOUT if attached is None else attached.layout
+
+    def _own_lance_names(self) -> list[str]:
         connection = self.lance
         names: list[str] = []
         with translate_errors("list Lance datasets"):
@@ -490,8 +532,11 @@ class Warehouse:
         """
         # lancedb says "not found" with a plain ValueError, and its table_exists() is not supported
         # on local directories; check the listing first so that a missing dataset is a NotFound.
-        if name not in self.lance_dataset_names():
-            raise NotFound(f"No dataset named {name!r}.", hint=LIST_DATASETS_HINT)
+        if name not in self._own_lance_names():
+            attached = self.documents.get(name)
+            if attached is None:
+                raise NotFound(f"No dataset named {name!r}.", hint=LIST_DATASETS_HINT)
+            return attached.open(forbidden=self.own_locations())
         connection = self.lance
         with translate_errors(f"open Lance dataset {name}", name):
             return connection.open_table(name)
@@ -591,9 +636,17 @@ class Warehouse:
                 last_updated=current.timestamp if current else None,
                 current_version=version,
                 versions=versions,
-                properties=_decode_metadata(schema.metadata),
+                properties=self._lance_properties(name, schema.metadata),
             )
         return self._remember(key, info)
+
+    def _lance_properties(self, name: str, metadata: dict[bytes, bytes] | None) -> dict[str, str]:
+        """A Lance dataset's schema metadata; an attached one's description is its `comment`."""
+        properties = _decode_metadata(metadata)
+        attached = self.attached_documents(name)
+        if attached is not None and attached.spec.description:
+            properties["comment"] = attached.spec.description
+        return properties
 
 
 @dataclass(frozen=True)
@@ -611,6 +664,9 @@ _NAME_TAKEN = (
     "the embedded catalog has a namespace of that name: the catalog's tables are not served (rename it in "
     "lakegate.toml)"
 )
+
+
+_DATASET_TAKEN = "lakegate has a dataset of that name, which is served instead (rename it in lakegate.toml)"
 
 
 def _shadowed(name: str, datasets: Container[str]) -> bool:

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     import psycopg
 
     from lakegate.catalog.attached_catalogs import AttachedCatalog
+    from lakegate.catalog.attached_documents import AttachedDocuments
 
 __all__ = [
     "catalog_uri",
@@ -140,6 +141,25 @@ def attached_catalogs(settings: Settings) -> dict[str, AttachedCatalog]:
     }
 
 
+def attached_documents(settings: Settings) -> dict[str, AttachedDocuments]:
+    """The Lance datasets of documents lakegate.toml attaches (`[documents."NS.NAME"]`), not yet opened."""
+    from lakegate.catalog.attached_documents import AttachedDocuments, DocumentSpec
+    from lakegate.catalog.document_search import PassageLayout
+    from lakegate.catalog.embedder import DIMENSION
+
+    found = {}
+    for name, entry in settings.documents.items():
+        layout = PassageLayout(
+            **entry.columns.model_dump(),
+            fixed_classification=entry.classification,
+            embedding_model=entry.embedding_model,
+            embedding_model_sha256=entry.embedding_model_sha256,
+        )
+        spec = DocumentSpec(name, entry.uri, layout, dict(entry.storage_options), entry.description)
+        found[name] = AttachedDocuments(spec, dimension=DIMENSION)
+    return found
+
+
 def open_warehouse(settings: Settings) -> Warehouse:
     """The warehouse of the profile, on the storage of the settings; in production its catalog
     tables exist when this returns.
@@ -150,10 +170,13 @@ def open_warehouse(settings: Settings) -> Warehouse:
     """
     store = ObjectStore.from_settings(settings.storage)
     attached = attached_catalogs(settings)
+    documents = attached_documents(settings)
     if settings.profile == "embedded":
-        return Warehouse(settings.state_dir, object_store=store, attached=attached)
+        return Warehouse(settings.state_dir, object_store=store, attached=attached, documents=documents)
     url = postgres_url(settings)
-    warehouse = Warehouse(settings.state_dir, catalog_uri=catalog_uri(url), object_store=store, attached=attached)
+    warehouse = Warehouse(
+        settings.state_dir, catalog_uri=catalog_uri(url), object_store=store, attached=attached, documents=documents
+    )
 
     def create_catalog_tables(conn: psycopg.Connection[Any]) -> None:
         # pyiceberg creates its tables when it first finds them missing; replicas starting at once

@@ -22,7 +22,7 @@ from pydantic_settings import (
 )
 
 from lakegate.catalog.attached_catalogs import CATALOG_NAME
-from lakegate.catalog.settings import CatalogSettings, QuerySettings, StorageSettings, WriteSettings
+from lakegate.catalog.settings import CatalogSettings, DocumentSettings, QuerySettings, StorageSettings, WriteSettings
 from lakegate.tools.settings import LimitSettings
 
 __all__ = [
@@ -299,6 +299,11 @@ class Settings(BaseSettings):
         description="Iceberg catalogs lakegate did not create, attached by name ([catalogs.NAME] in lakegate.toml): "
         "their tables are the datasets NAME.<namespace>.<table> (catalog/attached_catalogs.py).",
     )
+    documents: dict[str, DocumentSettings] = Field(
+        default_factory=dict,
+        description="Lance datasets of documents lakegate did not create, attached for search_documents by their "
+        'dataset name ([documents."NAMESPACE.NAME"] in lakegate.toml; catalog/attached_documents.py). Read-only.',
+    )
 
     @model_validator(mode="after")
     def _production_needs_postgres(self) -> Settings:
@@ -309,6 +314,17 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"catalog name {name!r}: use a lower-case identifier (letters, digits, _; a letter first), "
                     "it starts the names of the catalog's datasets"
+                )
+        for name in self.documents:
+            namespace, _, table = name.partition(".")
+            if not (CATALOG_NAME.match(namespace) and CATALOG_NAME.match(table)):
+                raise ValueError(
+                    f"documents {name!r}: name an attached dataset of documents NAMESPACE.NAME, each a lower-case "
+                    "identifier (letters, digits, _; a letter first), as lakegate names its own datasets"
+                )
+            if namespace in self.catalogs:
+                raise ValueError(
+                    f"documents {name!r}: {namespace} is the name of an attached catalog; use another namespace"
                 )
         return self
 

@@ -195,7 +195,7 @@ def test_a_document_restricted_since_is_hidden_at_its_old_versions(rt: Runtime, 
     # The audit record holds the prefilter that was applied, exclusion included.
     record = last_record(audit, "kate", "search_documents")
     assert record["details"]["version"] == at_old
-    assert "AND doc_id NOT IN ('gov/outage')" in record["details"]["prefilter"]
+    assert "AND `doc_id` NOT IN ('gov/outage')" in record["details"]["prefilter"]
     # The current version is searched with the passage-level prefilter alone, as before.
     now = search(rt, "support_agent", "snickerbloom outage playbook", mode="hybrid", k=50)
     assert "gov/outage" not in {p["doc_id"] for p in now}

@@ -204,7 +204,7 @@ def test_result_text_audit_and_content_field(rt: Runtime) -> None:
     assert {"type": "dataset", "name": DATASET, "access": "read", "version": payload["version"]} in record["resources"]
     details = record["details"]
     assert details["mode"] == "hybrid" and details["k"] == 3 and details["results"] == 3 and record["rows"] == 3
-    assert "array_has_any(allowed_roles, ['role:agent', 'role:support_agent'])" in details["prefilter"]
+    assert "array_has_any(`allowed_roles`, ['role:agent', 'role:support_agent'])" in details["prefilter"]
     assert "'restricted'" not in details["prefilter"]
 
 

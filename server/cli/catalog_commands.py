@@ -63,20 +63,27 @@ def catalog() -> None:
 @click.pass_context
 def list_catalogs(ctx: click.Context, tables: bool) -> None:
     """What each attached catalog ([catalogs.NAME] in lakegate.toml) serves now, listed afresh,
-    and what it does not serve and why. Names only: no data is read, no policy is applied (run it
+    and what it does not serve and why; then whether each attached dataset of documents
+    ([documents."NS.NAME"]) is served. Names only: no data is read, no policy is applied (run it
     where lakegate.toml and the catalogs' credentials are)."""
     from lakegate.server.profile import open_warehouse
 
     settings = command_settings(ctx)
-    if not settings.catalogs:
-        err.print("lakegate.toml attaches no catalog ([catalogs.NAME]).")
+    if not settings.catalogs and not settings.documents:
+        err.print('lakegate.toml attaches no catalog ([catalogs.NAME]) and no documents ([documents."NS.NAME"]).')
         return
     warehouse = open_warehouse(settings)
     try:
         reports = warehouse.attached_report()
+        documents = warehouse.documents_report()
     finally:
         warehouse.close()
     failed = False
+    for report in documents:
+        failed = failed or report.problem is not None
+        click.echo(
+            f"documents {report.catalog}: {'served' if report.problem is None else 'not served: ' + report.problem}"
+        )
     for report in reports:
         if report.problem is not None:
             failed = True

@@ -411,7 +411,8 @@ class CallScope(WriteScope):
             raise InvalidArgument(
                 f"{name} is a table, not a dataset of documents.", hint="Query tables with the query tool."
             )
-        unclear = [a.column for a in self.columns(name, ["doc_id", "title", "source", "text"]) if a.access != "clear"]
+        layout = self._warehouse.passage_layout(name)
+        unclear = [a.column for a in self.columns(name, layout.shown) if a.access != "clear"]
         if unclear:
             self.touched.append(Touched("column", unclear[0], "denied"))
             raise PolicyDenied(
@@ -419,9 +420,14 @@ class CallScope(WriteScope):
                 hint="Ask a data steward for access to the documents.",
             )
         readable, roles = self._document_access(name)
-        access = access_predicate(readable, roles)
+        access = access_predicate(readable, roles, layout=layout)
         predicate = access_predicate(
-            readable, roles, wanted_classifications=classifications, source=source, title_contains=title_contains
+            readable,
+            roles,
+            wanted_classifications=classifications,
+            source=source,
+            title_contains=title_contains,
+            layout=layout,
         )
         found = search_passages(
             self._warehouse, name, query, mode=mode, k=k, predicate=predicate, access=access, version=version
@@ -471,6 +477,11 @@ class CallScope(WriteScope):
         if self.dataset_kind(name) != "lance":
             raise InvalidArgument(
                 f"{name} is a table, not a dataset of documents.", hint="Append rows to tables with append_rows."
+            )
+        if self._warehouse.attached_documents(name) is not None:
+            raise InvalidArgument(
+                f"{name} is attached read-only: lakegate searches it but does not write to it.",
+                hint="Add documents to a dataset of lakegate's own, or ask the dataset's owner to add them.",
             )
         for classification in sorted({d.classification for d in documents}):
             obj = classification_resource(name, classification)
