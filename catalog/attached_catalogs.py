@@ -197,6 +197,13 @@ class AttachedCatalog:
                 del self._tables[gone]
         return sorted(names)
 
+    def expire(self) -> None:
+        """Forget when the catalog was listed and which tables were loaded: the next call that needs
+        them lists and loads again (a refresh asked for on demand)."""
+        with self._lock:
+            self._listing.at = float("-inf")
+            self._tables.clear()
+
     def _walk(self) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
         catalog = self.catalog
         found: dict[str, tuple[str, ...]] = {}

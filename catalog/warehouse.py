@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Container, Iterator, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -63,6 +63,8 @@ log = structlog.get_logger(__name__)
 CATALOG_NAME = "lakegate"
 #: How long the embedded catalog's namespaces are kept for the checks of attached datasets' names.
 NAMESPACES_KEPT_S = 1.0
+#: How often a serving process reads whether a refresh of the attached catalogs was asked for.
+REFRESH_CHECK_S = 1.0
 LIST_DATASETS_HINT = "Call list_datasets to see the datasets you can use."
 # Lance keeps the column documentation in the Arrow field metadata under this key.
 LANCE_DOC_KEY = "doc"
@@ -141,7 +143,10 @@ class Warehouse:
         object_store: ObjectStore | None = None,
         attached: Mapping[str, AttachedCatalog] | None = None,
         documents: Mapping[str, AttachedDocuments] | None = None,
+        refresh_requested: Callable[[], float] | None = None,
     ) -> None:
+        """`refresh_requested` gives the time of the latest request to list the attached catalogs
+        again (server/catalog_refresh.py), read at most once a second."""
         self.state_dir = state_dir
         self.catalog_uri = catalog_uri
         self.object_store = object_store
@@ -158,6 +163,9 @@ class Warehouse:
         self._tables: dict[str, IcebergTable] = {}
         self._engine: QueryEngine | None = None
         self._namespaces: tuple[float, frozenset[str]] = (float("-inf"), frozenset())
+        self._refresh_requested = refresh_requested
+        self._refresh_checked = float("-inf")  # monotonic time the request was last read
+        self._refresh_seen = 0.0  # the latest request acted on
         self._planner: ScanPlanner | None = None
 
     @property
@@ -350,6 +358,7 @@ class Warehouse:
         attached = self.attached_catalog(name)
         if attached is None:
             raise NotFound(f"No dataset named {name!r}.", hint=LIST_DATASETS_HINT)
+        self._follow_refresh_requests()
         if attached.name in self._embedded_namespaces() or _shadowed(name, attached.listed()):
             raise NotFound(f"No dataset named {name!r}.", hint=LIST_DATASETS_HINT)
         return attached
@@ -379,6 +388,8 @@ class Warehouse:
         split into what is served and what is not: the same rules as `_attached_dataset`."""
         if not self.attached:
             return []
+        if not relist:
+            self._follow_refresh_requests()
         embedded = self._embedded_namespaces()
         reports = []
         for attached in self.attached.values():
@@ -395,6 +406,26 @@ class Warehouse:
             shadowed = tuple(name for name in listed if _shadowed(name, known))
             reports.append(AttachedReport(attached.name, served, shadowed, attached.skipped()))
         return reports
+
+    def _follow_refresh_requests(self) -> None:
+        """Expire every attached catalog's listing and loaded tables when a refresh was asked for
+        since the last one acted on (`lakegate catalog refresh`); the request is read at most once
+        a second."""
+        if self._refresh_requested is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if now - self._refresh_checked < REFRESH_CHECK_S:
+                return
+            self._refresh_checked = now
+        latest = self._refresh_requested()
+        with self._lock:
+            if latest <= self._refresh_seen:
+                return
+            self._refresh_seen = latest
+        log.info("catalog.refresh_requested", catalogs=sorted(self.attached))
+        for attached in self.attached.values():
+            attached.expire()
 
     def documents_report(self) -> list[AttachedReport]:
         """Whether each attached dataset of documents is served now, opening each (for operators:

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 
     from lakegate.catalog.attached_catalogs import AttachedCatalog
     from lakegate.catalog.attached_documents import AttachedDocuments
+    from lakegate.server.catalog_refresh import RefreshRequests
 
 __all__ = [
     "catalog_uri",
@@ -64,6 +65,7 @@ __all__ = [
     "open_quota_ledger",
     "open_warehouse",
     "postgres_url",
+    "refresh_requests",
     "replica_id",
     "sync_policies",
     "verify_audit",
@@ -160,6 +162,15 @@ def attached_documents(settings: Settings) -> dict[str, AttachedDocuments]:
     return found
 
 
+def refresh_requests(settings: Settings) -> RefreshRequests:
+    """Where `lakegate catalog refresh` records its requests for the profile's serving processes."""
+    from lakegate.server.catalog_refresh import FileRefreshRequests, PostgresRefreshRequests
+
+    if settings.profile == "embedded":
+        return FileRefreshRequests(settings.state_dir)
+    return PostgresRefreshRequests(postgres_url(settings))
+
+
 def open_warehouse(settings: Settings) -> Warehouse:
     """The warehouse of the profile, on the storage of the settings; in production its catalog
     tables exist when this returns.
@@ -171,11 +182,19 @@ def open_warehouse(settings: Settings) -> Warehouse:
     store = ObjectStore.from_settings(settings.storage)
     attached = attached_catalogs(settings)
     documents = attached_documents(settings)
+    refresh = refresh_requests(settings).latest if attached else None
     if settings.profile == "embedded":
-        return Warehouse(settings.state_dir, object_store=store, attached=attached, documents=documents)
+        return Warehouse(
+            settings.state_dir, object_store=store, attached=attached, documents=documents, refresh_requested=refresh
+        )
     url = postgres_url(settings)
     warehouse = Warehouse(
-        settings.state_dir, catalog_uri=catalog_uri(url), object_store=store, attached=attached, documents=documents
+        settings.state_dir,
+        catalog_uri=catalog_uri(url),
+        object_store=store,
+        attached=attached,
+        documents=documents,
+        refresh_requested=refresh,
     )
 
     def create_catalog_tables(conn: psycopg.Connection[Any]) -> None:

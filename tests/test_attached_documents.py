@@ -31,6 +31,7 @@ from lakegate.evals.mcp_client import connect, text_of
 from lakegate.server.app import Runtime, open_runtime
 from lakegate.server.settings import load_settings
 from tests.conftest import copy_demo_project, gate_call, gate_ok
+from tests.seaweed_support import ACCESS_KEY, SECRET_KEY, Seaweed
 
 HANDBOOK = [
     # page_id, heading, body, sensitivity, readers
@@ -364,3 +365,43 @@ def test_the_operator_sees_which_attached_documents_are_served(project: Path, de
     assert "documents kb.articles: not served: lakegate has a dataset of that name" in listed.output
     assert "documents handbook.broken: not served: " in listed.output and "'body'" in listed.output
     assert "documents handbook.inside: not served: " in listed.output
+
+
+def test_a_dataset_on_s3_is_attached_with_credentials_from_the_environment(
+    seaweed_started: Seaweed, demo_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lancedb
+    from lancedb.index import FTS
+
+    seaweed_started.wait_ready()
+    options = {"aws_endpoint": seaweed_started.endpoint, "allow_http": "true", "aws_region": "us-east-1"}
+    options |= {"aws_virtual_hosted_style_request": "false"}
+    secrets = {"aws_access_key_id": ACCESS_KEY, "aws_secret_access_key": SECRET_KEY}
+    db = lancedb.connect("s3://lance/another-team", storage_options=options | secrets)
+    notes = pa.table({"id": ["n-1", "n-2"], "content": ["Backups run nightly at two.", "Laptops are encrypted."]})
+    db.create_table("notes", notes).create_index("content", config=FTS())
+
+    project = copy_demo_project(tmp_path / "project")
+    with (project / "policies" / "policy.csv").open("a") as rules:
+        rules.write("p, role:support_agent, ops.*, read, allow\n")
+    lines = ["build_demo = false", '[documents."ops.notes"]', 'uri = "s3://lance/another-team/notes.lance"']
+    lines += ['classification = "internal"', 'columns = { text = "content", doc_id = "id" }']
+    lines += ['[documents."ops.notes".storage_options]', *(f'{key} = "{value}"' for key, value in options.items())]
+    lines += [
+        'aws_access_key_id = "${LAKEGATE_TEST_NOTES_KEY}"',
+        'aws_secret_access_key = "${LAKEGATE_TEST_NOTES_SECRET}"',
+    ]
+    (project / "lakegate.toml").write_text("\n".join(lines) + "\n")
+    audit = {"path": tmp_path / "audit.jsonl", "fsync": False}
+    runtime = open_runtime(load_settings(project, home=demo_home, audit=audit, principal=None))
+    try:
+        arguments = {"query": "nightly backups", "mode": "fulltext", "dataset": "ops.notes"}
+        # Without the environment variables the dataset cannot be opened, and the agent is told whom to ask.
+        missing = gate_call(runtime, "support_agent", "search_documents", arguments)
+        assert isinstance(missing.error, SourceUnavailable)
+        monkeypatch.setenv("LAKEGATE_TEST_NOTES_KEY", ACCESS_KEY)
+        monkeypatch.setenv("LAKEGATE_TEST_NOTES_SECRET", SECRET_KEY)
+        assert [p["doc_id"] for p in _search(runtime, "support_agent", **arguments)] == ["n-1"]
+    finally:
+        runtime.close()
+    assert SECRET_KEY not in (tmp_path / "audit.jsonl").read_text()

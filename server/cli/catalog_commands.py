@@ -100,6 +100,23 @@ def list_catalogs(ctx: click.Context, tables: bool) -> None:
         ctx.exit(1)
 
 
+@catalog.command("refresh")
+@click.pass_context
+def refresh(ctx: click.Context) -> None:
+    """List the attached catalogs again now, in every serving process: tables created or dropped
+    upstream are served (or no longer served) from the next call, not after each catalog's
+    refresh_s. Then shows what each catalog serves, as `catalog list` does."""
+    from lakegate.server.profile import refresh_requests
+
+    settings = command_settings(ctx)
+    if not settings.catalogs:
+        err.print("lakegate.toml attaches no catalog ([catalogs.NAME]): there is nothing to refresh.")
+        return
+    refresh_requests(settings).request()
+    click.echo("Asked every lakegate serving this project to list its attached catalogs again at its next call.")
+    ctx.invoke(list_catalogs, tables=False)
+
+
 @catalog.command("review")
 @click.argument("scopes", nargs=-1)
 @click.option("--sample", default=SAMPLE_ROWS, show_default=True, help="Values read of each column.")

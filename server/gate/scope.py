@@ -478,11 +478,6 @@ class CallScope(WriteScope):
             raise InvalidArgument(
                 f"{name} is a table, not a dataset of documents.", hint="Append rows to tables with append_rows."
             )
-        if self._warehouse.attached_documents(name) is not None:
-            raise InvalidArgument(
-                f"{name} is attached read-only: lakegate searches it but does not write to it.",
-                hint="Add documents to a dataset of lakegate's own, or ask the dataset's owner to add them.",
-            )
         for classification in sorted({d.classification for d in documents}):
             obj = classification_resource(name, classification)
             decision = self.decide(obj, "read")

@@ -85,6 +85,11 @@ class WriteScope:
                     hint="Change it with the tools of the system that owns that catalog, or ask the platform team "
                     "to set writable = true for it in lakegate.toml.",
                 )
+            if self._warehouse.attached_documents(name) is not None:
+                raise InvalidArgument(
+                    f"{name} is attached read-only: lakegate searches it but does not write to it.",
+                    hint="Add documents to a dataset of lakegate's own, or ask the dataset's owner to add them.",
+                )
             return
         self.touched.append(Touched("dataset", name, "denied"))
         if not self.decide(name, "read").allowed:
