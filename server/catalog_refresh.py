@@ -108,9 +108,7 @@ class PostgresRefreshRequests:
             try:
                 if self._conn is None or self._conn.closed:
                     self._conn = connect(self._url)
-                row = self._conn.execute(
-                    "SELECT requested_at FROM lakegate_catalog_refresh WHERE id = 1"
-                ).fetchone()
+                row = self._conn.execute("SELECT requested_at FROM lakegate_catalog_refresh WHERE id = 1").fetchone()
             except psycopg.errors.UndefinedTable:
                 return 0.0  # nobody has asked yet
             except psycopg.Error as exc:
