@@ -25,7 +25,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from lakegate.errors import ConfigurationError, InvalidArgument, LakegateError, NotFound
+from lakegate.errors import ConfigurationError, InvalidArgument, LakegateError, NotFound, PolicyDenied
 from lakegate.server.app import Runtime, open_runtime
 from lakegate.server.settings import load_settings
 from tests.conftest import copy_demo_project, gate_call, gate_ok
@@ -810,3 +810,31 @@ def test_a_refresh_asked_for_in_postgresql_reaches_every_replica(fresh_pg_url: s
     finally:
         for replica in replicas:
             replica.close()
+
+
+def test_a_writable_catalog_is_written_through_the_gate(tmp_path: Path) -> None:
+    catalog, toml = _sql_catalog(tmp_path)
+    catalog.create_namespace("crm")
+    catalog.create_table(("crm", "contacts"), schema=CONTACTS.schema).append(CONTACTS)
+    before = catalog.load_table(("crm", "contacts")).current_snapshot().snapshot_id
+    toml = toml.replace("[catalogs.theirs]\n", "[catalogs.theirs]\nwritable = true\n")
+    runtime = _attach_local(tmp_path, tmp_path / "home", toml, "p, role:analyst, theirs.*, read, allow\n")
+    try:
+        row = {name: CONTACTS.column(name)[0].as_py() for name in CONTACTS.column_names} | {"contact_id": 99}
+        # Reading is not writing: the analyst may read the catalog, not change it.
+        denied = gate_call(runtime, "analyst", "append_rows", {"table": "theirs.crm.contacts", "rows": [row]})
+        assert isinstance(denied.error, PolicyDenied)
+        appended = gate_ok(runtime, "admin", "append_rows", {"table": "theirs.crm.contacts", "rows": [row]})
+        assert appended["previous_snapshot_id"] == before and appended["snapshot_id"] != before
+        # The other team's own pyiceberg sees the row, in the snapshot the audit record names.
+        table = catalog.load_table(("crm", "contacts"))
+        assert table.current_snapshot().snapshot_id == appended["snapshot_id"]
+        assert 99 in table.scan().to_arrow().column("contact_id").to_pylist()
+        records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+        append = [r for r in records if r["tool"] == "append_rows" and r["outcome"] == "ok"][-1]
+        assert str(appended["snapshot_id"]) in json.dumps(append)
+        # A restore is a write too, and lands upstream.
+        gate_ok(runtime, "admin", "restore_table", {"table": "theirs.crm.contacts", "snapshot_id": before})
+        assert 99 not in catalog.load_table(("crm", "contacts")).scan().to_arrow().column("contact_id").to_pylist()
+    finally:
+        runtime.close()
