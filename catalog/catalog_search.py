@@ -20,11 +20,13 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-__all__ = ["MIN_SIMILARITY", "RRF_K", "CatalogEntry", "rank_entries", "warm_entries"]
+__all__ = ["MIN_SIMILARITY", "RRF_K", "STARTING_UP_NOTE", "CatalogEntry", "rank_entries", "warm_entries"]
 
 RRF_K = 60
 #: Cosine similarity below which a meaning-only match is noise for all-MiniLM-L6-v2.
 MIN_SIMILARITY = 0.3
+#: What a search says when it ranked by words alone because the encoder was still being built.
+STARTING_UP_NOTE = "ranked by words only: matching by meaning is still starting up; ask again in a few seconds"
 
 _WORD = re.compile(r"[a-z0-9]+")
 _log = structlog.get_logger(__name__)

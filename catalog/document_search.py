@@ -133,6 +133,7 @@ class DocumentSearch:
     version: int
     hits: list[PassageHit]
     predicate: str | None  # None: the caller may read no passage, nothing was searched
+    note: str | None = None  # how the search differs from the mode asked for, if it does
 
 
 def sql_string(value: str) -> str:
@@ -299,10 +300,15 @@ def _has_fulltext_index(table: LanceTable, layout: PassageLayout) -> bool:
     )
 
 
-def _query_vector(table: LanceTable, name: str, query: str, models_dir: Path, layout: PassageLayout) -> Any:
-    from lakegate.catalog.query_embedder import get_query_embedder
+def _query_vector(
+    table: LanceTable, name: str, query: str, models_dir: Path, layout: PassageLayout, *, wait: bool
+) -> Any:
+    """The query's vector; None without `wait` while the start-up warm-up still builds the encoder."""
+    from lakegate.catalog.query_embedder import get_query_embedder, query_embedder_unless_building
 
-    encoder = get_query_embedder(models_dir)
+    encoder = get_query_embedder(models_dir) if wait else query_embedder_unless_building(models_dir)
+    if encoder is None:
+        return None
     check_embedding_model(table.schema.metadata, encoder, name, layout)
     return encoder.embed_query(query)
 
@@ -406,9 +412,17 @@ def search_passages(
         if version is not None:
             predicate = _without_hidden_now(warehouse, name, table, predicate, access, layout)
         ranked: dict[str, list[Any]] = {}
+        note = None
         if mode != "fulltext":
-            vector = _query_vector(table, name, query, warehouse.models_dir, layout)
-            ranked["vector"] = _rows(table, "vector", vector, predicate, k, layout)
+            # A hybrid search does not wait for an encoder the start-up warm-up is still building
+            # (seconds on a fresh state directory): it ranks by words alone meanwhile, and says so.
+            vector = _query_vector(table, name, query, warehouse.models_dir, layout, wait=mode == "vector")
+            if vector is None:
+                from lakegate.catalog.catalog_search import STARTING_UP_NOTE
+
+                note = STARTING_UP_NOTE
+            else:
+                ranked["vector"] = _rows(table, "vector", vector, predicate, k, layout)
         if mode != "vector":
             ranked["fulltext"] = _rows(table, "fulltext", query, predicate, k, layout)
     if mode == "vector":
@@ -421,4 +435,4 @@ def search_passages(
         by_id = {row["_rowid"]: row for rows in ranked.values() for row in rows}
         fused = rrf_fuse({label: [row["_rowid"] for row in rows] for label, rows in ranked.items()}, k)
         hits = [_hit(by_id[row_id], score, ranks, layout) for row_id, score, ranks in fused]
-    return DocumentSearch(read_version, hits, predicate)
+    return DocumentSearch(read_version, hits, predicate, note)

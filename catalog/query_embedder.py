@@ -21,7 +21,12 @@ from lakegate.catalog.embedder import DIMENSION, MODEL_NAME, MODEL_SHA256, defau
 from lakegate.catalog.query_encoder import OnnxQueryEncoder, onnx_available
 from lakegate.catalog.query_graph import build_query_graph, load_query_graph
 
-__all__ = ["QueryEmbedder", "TextEncoder", "get_query_embedder"]
+__all__ = [
+    "QueryEmbedder",
+    "TextEncoder",
+    "get_query_embedder",
+    "query_embedder_unless_building",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -91,3 +96,21 @@ def get_query_embedder(models_dir: Path) -> TextEncoder:
                 encoder = QueryEmbedder(graph, default_model_dir())
         _encoders[models_dir] = encoder if encoder is not None else get_embedder()
         return _encoders[models_dir]
+
+
+def query_embedder_unless_building(models_dir: Path) -> TextEncoder | None:
+    """The encoder, without waiting for another thread that is building it (the start-up warm-up
+    exporting the graph with torch, seconds on a fresh state directory): None then. When nobody is
+    building it, it is built here, as `get_query_embedder` does.
+
+    Raises:
+        ConfigurationError: the model cannot be loaded at all.
+        ModelIntegrityError: the weights are not the pinned ones.
+    """
+    found = _encoders.get(models_dir)
+    if found is not None:
+        return found
+    if not _lock.acquire(blocking=False):
+        return None
+    _lock.release()
+    return get_query_embedder(models_dir)

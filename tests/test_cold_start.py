@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -52,17 +53,23 @@ SERVE_AND_SEARCH = textwrap.dedent(
 )
 
 
-def test_serving_embeds_without_torch(demo_home: Path, tmp_path: Path) -> None:
-    assert load_query_graph(demo_home / GRAPH_DIR) is not None, "the demo build writes the verified graph"
+def _serving_process(script: str, home: Path, tmp_path: Path) -> dict[str, Any]:
+    """Run `script` in a process of its own over the project and `home`; the JSON it printed last."""
     done = subprocess.run(
-        [sys.executable, "-c", SERVE_AND_SEARCH, str(REPO), str(demo_home), str(tmp_path / "audit.jsonl")],
+        [sys.executable, "-c", script, str(REPO), str(home), str(tmp_path / "audit.jsonl")],
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
+
+
+def test_serving_embeds_without_torch(demo_home: Path, tmp_path: Path) -> None:
+    assert load_query_graph(demo_home / GRAPH_DIR) is not None, "the demo build writes the verified graph"
+    report = _serving_process(SERVE_AND_SEARCH, demo_home, tmp_path)
     assert report["answers"] == {"search_documents": True, "search_catalog": True, "query": True}, report
     assert all(seconds >= 0 for seconds in report["warm_up"].values()), report["warm_up"]
     assert report["loaded"] == [], f"the serving process imported {report['loaded']}"
@@ -123,3 +130,58 @@ def test_models_commands_build_and_verify_the_graph(tmp_path: Path, missing: boo
     assert built.exit_code == 0, built.output
     verified = runner.invoke(cli, ["--project", str(REPO), "models", "verify"], env=env)
     assert verified.exit_code == 0 and "verified" in verified.output
+
+
+#: A search while another thread builds the encoder's graph (as the warm-up does on a state
+#: directory without one): it ranks by words and says so, rather than wait; once the graph is
+#: built, by meaning too.
+SEARCH_WHILE_BUILDING = textwrap.dedent(
+    """
+    import json, sys, threading, time
+    from pathlib import Path
+    import anyio
+    from lakegate.catalog.query_embedder import get_query_embedder
+    from lakegate.server.app import open_runtime
+    from lakegate.server.gate.identity import CallOrigin, stdio_principal
+    from lakegate.server.settings import load_settings
+
+    runtime = open_runtime(load_settings(sys.argv[1], home=Path(sys.argv[2]), audit={"path": Path(sys.argv[3])}))
+    origin = CallOrigin(transport="in-process", session_id="cold")
+    calls = (
+        ("analyst", "search_catalog", {"query": "revenue of orders"}),
+        ("support_agent", "search_documents", {"query": "refund for a damaged parcel", "k": 3}),
+    )
+
+    def notes():
+        found = {}
+        for who, tool, arguments in calls:
+            outcome = anyio.run(runtime.gate.call, tool, arguments, stdio_principal(who, runtime.enforcer), origin)
+            assert outcome.error is None, outcome.error
+            result = outcome.result.model_dump()
+            found[tool] = [result["note"], len(result.get("matches", result.get("passages")))]
+        return found
+
+    builder = threading.Thread(target=get_query_embedder, args=(runtime.warehouse.models_dir,))
+    builder.start()
+    while "torch" not in sys.modules:  # imported only inside the build, under the encoder's lock
+        time.sleep(0.01)
+    during = notes()
+    still_building = builder.is_alive()
+    builder.join()
+    after = notes()
+    runtime.close()
+    print(json.dumps({"during": during, "still_building": still_building, "after": after}))
+    """
+)
+
+
+def test_a_search_during_the_encoders_build_ranks_by_words_instead_of_waiting(demo_home: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(demo_home, home, ignore=shutil.ignore_patterns(GRAPH_DIR))  # a state without the graph
+    report = _serving_process(SEARCH_WHILE_BUILDING, home, tmp_path)
+    assert report["still_building"], report  # the answers came while the build went on
+    for tool in ("search_catalog", "search_documents"):
+        note, found = report["during"][tool]
+        assert note is not None and "words only" in note and found > 0, report
+        note, found = report["after"][tool]
+        assert note is None and found > 0, report

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import structlog
 from pydantic import Field
 
-from lakegate.catalog.catalog_search import CatalogEntry, rank_entries
+from lakegate.catalog.catalog_search import STARTING_UP_NOTE, CatalogEntry, rank_entries
 from lakegate.errors import ConfigurationError, SourceUnavailable
 from lakegate.tools.base import Page, PageArgs, SnapshotId, ToolArgs, ToolResult, ToolSpec, paginate
 from lakegate.tools.names import ToolName
@@ -248,6 +248,7 @@ class CatalogMatch(ToolResult):
 
 class CatalogMatches(Page):
     matches: list[CatalogMatch]
+    note: str | None = Field(default=None, description="How this answer differs from a usual one, if it does.")
 
 
 Candidate = tuple[CatalogMatch, CatalogEntry]
@@ -303,26 +304,39 @@ def _candidates(scope: ToolScope) -> list[Candidate]:
     return found
 
 
+#: Said with a search ranked by words alone: the model is not ready yet, or not there at all.
+NO_MODEL_NOTE = "ranked by words only: this server has no embedding model to match by meaning"
+
+
 def search_catalog(scope: ToolScope, args: SearchCatalogArgs) -> CatalogMatches:
     candidates = _candidates(scope)
+    note = None
     try:
-        encoder = scope.text_encoder()
-        model, embed, embed_query = encoder.model_hash, encoder.embed, encoder.embed_query
+        # Just after start-up the warm-up may still be building the model's graph (seconds on a
+        # state directory without one): rank by words now rather than keep the agent waiting.
+        encoder = scope.text_encoder_if_ready()
     except ConfigurationError as exc:  # no model: words still work, and the log says why
         log.warning("catalog_search_words_only", error=str(exc))
+        encoder, note = None, NO_MODEL_NOTE
+    if encoder is None:
         model, embed, embed_query = "", None, None
+        note = note or STARTING_UP_NOTE
+    else:
+        model, embed, embed_query = encoder.model_hash, encoder.embed, encoder.embed_query
     ranked = rank_entries(
         args.query, [entry for _, entry in candidates], model=model, embed=embed, embed_query=embed_query
     )
     matches = [candidates[i][0].model_copy(update={"score": round(score, 5)}) for i, score in ranked]
     page, truncated, cursor = paginate(matches, args, scope)
-    return CatalogMatches(matches=page, truncated=truncated, next_cursor=cursor)
+    return CatalogMatches(matches=page, truncated=truncated, next_cursor=cursor, note=note)
 
 
 def render_matches(result: CatalogMatches) -> str:
     if not result.matches:
-        return "No datasets or columns match. Try other words, or call list_datasets."
-    lines = [f"{len(result.matches)} match(es):"]
+        return "No datasets or columns match. Try other words, or call list_datasets." + (
+            f" ({result.note})" if result.note else ""
+        )
+    lines = [f"{len(result.matches)} match(es){f' ({result.note})' if result.note else ''}:"]
     for m in result.matches:
         where = m.metric or (f"{m.dataset}.{m.column}" if m.column else m.dataset)
         tags = f" [{', '.join(m.tags)}]" if m.tags else ""

@@ -236,6 +236,17 @@ class CallScope(WriteScope):
 
         return get_query_embedder(self._warehouse.models_dir)
 
+    def text_encoder_if_ready(self) -> TextEncoder | None:
+        """`text_encoder`, or None while the start-up warm-up is still building it (seconds, on a
+        state directory without the encoder's graph): a search need not wait for it.
+
+        Raises:
+            ConfigurationError: the model cannot be loaded.
+        """
+        from lakegate.catalog.query_embedder import query_embedder_unless_building
+
+        return query_embedder_unless_building(self._warehouse.models_dir)
+
     def query_engine(self) -> QueryEngine:
         return self._warehouse.query_engine(self.settings.query)
 
