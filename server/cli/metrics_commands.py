@@ -501,3 +501,12 @@ def _summary_line(
     if relatives:
         line += f", largest {max(relatives, key=abs):+.2%}"
     return line
+
+
+def _register_import() -> None:
+    from lakegate.server.cli.metrics_import_command import import_group
+
+    metrics.add_command(import_group)
+
+
+_register_import()

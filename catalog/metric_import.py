@@ -1,0 +1,360 @@
+"""Importing a dbt project's semantic layer (MetricFlow's semantic_manifest.json) as lakegate's metrics.
+
+`translate_manifest` turns dbt's semantic models and metrics into the entries of catalog/metrics.yaml,
+and names in a report every construct it could not translate, or translated with another meaning,
+with where it is defined. `merge_definitions` folds them into existing definitions: a semantic
+model replaces the one of its name; a metric whose definition is unchanged is left as it is, a
+changed one is added as its next version (the lock then records it: `lakegate metrics lock`), so
+a second import of the same manifest changes nothing and drift shows as versions.
+
+What maps (MetricFlow -> lakegate): entities (primary, foreign), categorical and time dimensions
+(day grain and coarser), measures sum, count, count_distinct, average, min, max, median,
+percentile (continuous), sum_boolean (a sum of the condition as 0 or 1); metrics simple, ratio,
+derived and cumulative (window or grain to date); filters that name only dimensions of the
+metric's own model (`{{ Dimension('transaction__is_large') }}` becomes that dimension's SQL).
+Everything else is reported, not guessed: conversion metrics, saved queries, offsets in time spans
+(`offset_window`, `offset_to_grain`: lakegate offsets count periods of the query's grain),
+`fill_nulls_with`, `join_to_timespine`, non-additive dimensions, per-measure time dimensions,
+filters through joins, sub-day grains, and a cumulative metric's `period_agg` other than `last`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["ImportNote", "Translation", "find_definition", "merge_definitions", "translate_manifest"]
+
+_AGGREGATIONS = {"sum": "sum", "count": "count", "count_distinct": "count_distinct", "average": "avg",
+                 "min": "min", "max": "max", "median": "median", "percentile": "percentile"}  # fmt: skip
+_GRAINS = ("day", "week", "month", "quarter", "year")
+_DIMENSION_REF = re.compile(r"\{\{\s*(\w+)\((.*?)\)\s*\}\}", re.DOTALL)
+_NAME_ARGUMENT = re.compile(r"^\s*'([^']+)'\s*$")
+
+
+@dataclass(frozen=True)
+class ImportNote:
+    """One construct not translated (`dropped`: its definition was left out) or translated with
+    another meaning (`differs`: imported, and the note says how it differs)."""
+
+    kind: Literal["dropped", "differs"]
+    where: str  # "metric cancellations_mx", "semantic model transactions, measure x"
+    what: str
+    location: str | None = None  # file:line in the dbt project, when its YAML is at hand
+
+
+@dataclass
+class Translation:
+    semantic_models: list[dict[str, Any]] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[ImportNote] = field(default_factory=list)
+
+
+class _Dropped(Exception):
+    """A construct that cannot be translated: the definition holding it is left out."""
+
+
+def find_definition(project: Path | None, name: str) -> str | None:
+    """`file:line` of the YAML entry `- name: NAME` in the dbt project's models, if found."""
+    if project is None:
+        return None
+    pattern = re.compile(rf"^\s*-\s*name:\s*['\"]?{re.escape(name)}['\"]?\s*$")
+    for path in sorted(project.rglob("*.yml")):
+        if "target" in path.parts or "dbt_packages" in path.parts:
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if pattern.match(line):
+                return f"{path.relative_to(project)}:{number}"
+    return None
+
+
+class _Translator:
+    def __init__(self, manifest: Mapping[str, Any], tables: Mapping[str, str], owner: str, project: Path | None):
+        self.manifest = manifest
+        self.tables = tables
+        self.owner = owner
+        self.project = project
+        self.result = Translation()
+        self.measure_model: dict[str, dict[str, Any]] = {}  # measure name -> its semantic model (raw)
+        self.metric_by_name = {m["name"]: m for m in manifest.get("metrics", [])}
+
+    def note(self, kind: Literal["dropped", "differs"], where: str, what: str, name: str) -> None:
+        self.result.notes.append(ImportNote(kind, where, what, find_definition(self.project, name)))
+
+    # -- semantic models -------------------------------------------------------------------------
+
+    def models(self) -> None:
+        for model in self.manifest.get("semantic_models", []):
+            for measure in model.get("measures", []):
+                self.measure_model[measure["name"]] = model
+            where = f"semantic model {model['name']}"
+            table = self.tables.get(model["name"]) or self.tables.get(
+                (model.get("node_relation") or {}).get("alias", "")
+            )
+            if table is None:
+                self.note(
+                    "dropped",
+                    where,
+                    "no Iceberg table named for it (pass --table MODEL=NAMESPACE.TABLE)",
+                    model["name"],
+                )
+                continue
+            entry: dict[str, Any] = {"name": model["name"], "table": table}
+            if model.get("description"):
+                entry["description"] = " ".join(model["description"].split())
+            time_dimension = (model.get("defaults") or {}).get("agg_time_dimension")
+            if time_dimension:
+                entry["time_dimension"] = time_dimension
+            entry["entities"] = [e for e in (self.entity(model, e) for e in model.get("entities", [])) if e]
+            entry["dimensions"] = [d for d in (self.dimension(model, d) for d in model.get("dimensions", [])) if d]
+            entry["measures"] = [m for m in (self.measure(model, m) for m in model.get("measures", [])) if m]
+            self.result.semantic_models.append(entry)
+
+    def entity(self, model: Mapping[str, Any], entity: Mapping[str, Any]) -> dict[str, Any] | None:
+        if entity["type"] not in ("primary", "foreign"):
+            self.note(
+                "dropped",
+                f"semantic model {model['name']}, entity {entity['name']}",
+                f"entity type {entity['type']} (lakegate joins primary and foreign keys only)",
+                entity["name"],
+            )
+            return None
+        return {"name": entity["name"], "type": entity["type"], "expr": entity.get("expr") or entity["name"]}
+
+    def dimension(self, model: Mapping[str, Any], dimension: Mapping[str, Any]) -> dict[str, Any] | None:
+        entry: dict[str, Any] = {"name": dimension["name"], "type": dimension["type"]}
+        if dimension["type"] == "time":
+            grain = ((dimension.get("type_params") or {}).get("time_granularity") or "day").lower()
+            if grain not in _GRAINS:
+                where = f"semantic model {model['name']}, dimension {dimension['name']}"
+                self.note("dropped", where, f"time grain {grain} (lakegate's finest grain is day)", dimension["name"])
+                return None
+        if dimension.get("expr"):
+            entry["expr"] = " ".join(str(dimension["expr"]).split())
+        if dimension.get("description"):
+            entry["description"] = " ".join(dimension["description"].split())
+        return entry
+
+    def measure(self, model: Mapping[str, Any], measure: Mapping[str, Any]) -> dict[str, Any] | None:
+        where = f"semantic model {model['name']}, measure {measure['name']}"
+        expr = " ".join(str(measure.get("expr") or measure["name"]).split())
+        agg = measure["agg"].lower()
+        default_time = (model.get("defaults") or {}).get("agg_time_dimension")
+        problem = None
+        if measure.get("non_additive_dimension"):
+            problem = "non_additive_dimension (the value on the first or last day of a period)"
+        elif measure.get("agg_time_dimension") and measure["agg_time_dimension"] != default_time:
+            problem = f"its own agg_time_dimension {measure['agg_time_dimension']} (lakegate: one per model)"
+        elif agg == "percentile" and (measure.get("agg_params") or {}).get("use_discrete_percentile"):
+            problem = "a discrete percentile (lakegate computes continuous percentiles)"
+        elif agg not in (*_AGGREGATIONS, "sum_boolean"):
+            problem = f"aggregation {agg}"
+        if problem:
+            self.note("dropped", where, problem, measure["name"])
+            return None
+        entry: dict[str, Any] = {"name": measure["name"], "agg": _AGGREGATIONS.get(agg, "sum"), "expr": expr}
+        if agg == "sum_boolean":
+            entry["expr"] = f"CAST(({expr}) AS INTEGER)"
+        if agg == "percentile":
+            entry["percentile"] = float((measure.get("agg_params") or {})["percentile"])
+        if measure.get("description"):
+            entry["description"] = " ".join(measure["description"].split())
+        return entry
+
+    # -- metrics --------------------------------------------------------------------------------
+
+    def metrics(self) -> None:
+        translated_models = {m["name"] for m in self.result.semantic_models}
+        kept_measures = {measure["name"] for model in self.result.semantic_models for measure in model["measures"]}
+        pending = list(self.manifest.get("metrics", []))
+        done: set[str] = set()
+        # Inputs first: a ratio or derived metric is kept only when its inputs are.
+        while pending:
+            progressed = False
+            for metric in list(pending):
+                inputs = _input_names(metric)
+                if any(name in {m["name"] for m in pending} for name in inputs):
+                    continue
+                pending.remove(metric)
+                progressed = True
+                if any(name not in done for name in inputs):
+                    missing = sorted(name for name in inputs if name not in done)
+                    self.note(
+                        "dropped",
+                        f"metric {metric['name']}",
+                        f"inputs not imported: {', '.join(missing)}",
+                        metric["name"],
+                    )
+                    continue
+                try:
+                    entry = self.metric(metric, kept_measures, translated_models)
+                except _Dropped as exc:
+                    self.note("dropped", f"metric {metric['name']}", str(exc), metric["name"])
+                    continue
+                self.result.metrics.append(entry)
+                done.add(metric["name"])
+            if not progressed:  # a cycle: nothing can be imported
+                for metric in pending:
+                    self.note("dropped", f"metric {metric['name']}", "its inputs refer to each other", metric["name"])
+                break
+        for saved in self.manifest.get("saved_queries", []):
+            self.note("dropped", f"saved query {saved['name']}", "saved queries (not in lakegate yet)", saved["name"])
+
+    def metric(self, metric: Mapping[str, Any], kept_measures: set[str], models: set[str]) -> dict[str, Any]:
+        params = metric.get("type_params") or {}
+        kind = metric["type"].lower()
+        entry: dict[str, Any] = {"name": metric["name"], "version": 1, "type": kind}
+        if kind in ("simple", "cumulative"):
+            measure = params.get("measure") or {}
+            if measure.get("fill_nulls_with") is not None or measure.get("join_to_timespine"):
+                raise _Dropped("fill_nulls_with / join_to_timespine (no time spine in lakegate yet)")
+            if measure["name"] not in kept_measures:
+                raise _Dropped(f"its measure {measure['name']} was not imported")
+            entry["measure"] = measure["name"]
+            filters = [self.filter_sql(w, measure["name"]) for w in _where_templates(metric.get("filter"))]
+            filters += [self.filter_sql(w, measure["name"]) for w in _where_templates(measure.get("filter"))]
+            if filters:
+                entry["filter"] = " AND ".join(f"({f})" for f in filters) if len(filters) > 1 else filters[0]
+            if kind == "cumulative":
+                self.cumulative(metric, params.get("cumulative_type_params") or {}, params, entry)
+        elif kind == "ratio":
+            if _where_templates(metric.get("filter")):
+                raise _Dropped("a filter on a ratio metric itself (lakegate filters its inputs)")
+            entry["numerator"] = self.metric_input(params["numerator"])
+            entry["denominator"] = self.metric_input(params["denominator"])
+        elif kind == "derived":
+            if _where_templates(metric.get("filter")):
+                raise _Dropped("a filter on a derived metric itself (lakegate filters its inputs)")
+            entry["expr"] = " ".join(str(params["expr"]).split())
+            entry["inputs"] = [self.metric_input(used) for used in params.get("metrics", [])]
+        else:
+            raise _Dropped(f"metric type {kind} (not in lakegate yet)")
+        entry["description"] = " ".join((metric.get("description") or metric.get("label") or metric["name"]).split())
+        entry["owner"] = self.owner
+        label = metric.get("label")
+        if label and label.strip().lower() not in (metric["name"].lower(), entry["description"].lower()):
+            entry["synonyms"] = [label.strip()]
+        return entry
+
+    def cumulative(
+        self, metric: Mapping[str, Any], cumulative: Mapping[str, Any], params: Mapping[str, Any], entry: dict[str, Any]
+    ) -> None:
+        window = cumulative.get("window") or params.get("window")
+        grain_to_date = cumulative.get("grain_to_date") or params.get("grain_to_date")
+        if window:
+            grain = str(window["granularity"]).lower()
+            if grain not in _GRAINS:
+                raise _Dropped(f"a window in {grain}s (lakegate's finest grain is day)")
+            entry["window"] = f"{int(window['count'])} {grain}{'s' if int(window['count']) != 1 else ''}"
+        if grain_to_date:
+            if str(grain_to_date).lower() not in _GRAINS[1:]:
+                raise _Dropped(f"grain_to_date {grain_to_date}")
+            entry["grain_to_date"] = str(grain_to_date).lower()
+        period_agg = str(cumulative.get("period_agg") or "first").lower()
+        if period_agg != "last":
+            self.note(
+                "differs",
+                f"metric {metric['name']}",
+                f"period_agg {period_agg}: queried at a grain coarser than its time dimension, MetricFlow gives the "
+                "period's first (or average) value, lakegate its last",
+                metric["name"],
+            )
+
+    def metric_input(self, used: Mapping[str, Any]) -> dict[str, Any]:
+        if used.get("offset_window") or used.get("offset_to_grain"):
+            raise _Dropped(
+                "an input offset by a time span (offset_window/offset_to_grain); lakegate offsets count periods "
+                "of the query's grain"
+            )
+        entry: dict[str, Any] = {"name": used["name"]}
+        if used.get("alias"):
+            entry["alias"] = used["alias"]
+        filters = [
+            self.filter_sql(w, _measure_of(self.metric_by_name, used["name"]))
+            for w in _where_templates(used.get("filter"))
+        ]
+        if filters:
+            entry["filter"] = " AND ".join(f"({f})" for f in filters) if len(filters) > 1 else filters[0]
+        return entry
+
+    def filter_sql(self, template: str, measure: str | None) -> str:
+        """A MetricFlow filter as SQL over the measure's own model, or _Dropped."""
+        model = self.measure_model.get(measure or "")
+        if model is None:
+            raise _Dropped("a filter on a metric whose model is not known")
+        primary = next((e["name"] for e in model.get("entities", []) if e["type"] == "primary"), None)
+        dimensions = {d["name"]: d for d in model.get("dimensions", [])}
+
+        def replace(match: re.Match[str]) -> str:
+            function, arguments = match.group(1), match.group(2)
+            name = _NAME_ARGUMENT.match(arguments)
+            if function != "Dimension" or name is None:
+                raise _Dropped(f"a filter with {function}({arguments.strip()}) (only Dimension('entity__name') maps)")
+            entity, _, dimension = name.group(1).partition("__")
+            if entity != primary or dimension not in dimensions or "__" in dimension:
+                raise _Dropped(
+                    f"a filter on {name.group(1)}, which is not a dimension of the metric's own model "
+                    f"{model['name']} (lakegate's metric filters are SQL over the model's own columns)"
+                )
+            return f"({' '.join(str(dimensions[dimension].get('expr') or dimension).split())})"
+
+        return " ".join(_DIMENSION_REF.sub(replace, template).split())
+
+
+def _where_templates(filter_spec: Mapping[str, Any] | None) -> list[str]:
+    return [w["where_sql_template"] for w in (filter_spec or {}).get("where_filters", [])]
+
+
+def _input_names(metric: Mapping[str, Any]) -> list[str]:
+    params = metric.get("type_params") or {}
+    if metric["type"].lower() == "ratio":
+        return [params["numerator"]["name"], params["denominator"]["name"]]
+    if metric["type"].lower() == "derived":
+        return [used["name"] for used in params.get("metrics", [])]
+    return []
+
+
+def _measure_of(metrics: Mapping[str, Mapping[str, Any]], name: str) -> str | None:
+    metric = metrics.get(name)
+    if metric is None or metric["type"].lower() not in ("simple", "cumulative"):
+        return None
+    return str(((metric.get("type_params") or {}).get("measure") or {}).get("name"))
+
+
+def translate_manifest(
+    manifest: Mapping[str, Any], tables: Mapping[str, str], *, owner: str, project: Path | None = None
+) -> Translation:
+    """lakegate's definitions for a semantic_manifest.json, and what could not be translated.
+
+    `tables` maps a semantic model's name (or its dbt model's alias) to the Iceberg table
+    (namespace.table) it reads; `project` is the dbt project, for file:line in the notes.
+    """
+    translator = _Translator(manifest, tables, owner, project)
+    translator.models()
+    translator.metrics()
+    return translator.result
+
+
+def _content(metric: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in metric.items() if key not in ("version", "retired")}
+
+
+def merge_definitions(existing: Mapping[str, Any], translation: Translation) -> dict[str, Any]:
+    """`existing` (metrics.yaml's content) with the translation folded in: models replaced by name,
+    a changed metric added as its next version, an unchanged one left as it is."""
+    models = {m["name"]: m for m in existing.get("semantic_models") or []}
+    for model in translation.semantic_models:
+        models[model["name"]] = model
+    metrics = list(existing.get("metrics") or [])
+    for metric in translation.metrics:
+        versions = [m for m in metrics if m["name"] == metric["name"]]
+        if versions:
+            latest = max(versions, key=lambda m: int(m.get("version", 1)))
+            if _content(latest) == _content(metric):
+                continue
+            metric = {**metric, "version": int(latest.get("version", 1)) + 1}
+        metrics.append(metric)
+    return {**existing, "semantic_models": list(models.values()), "metrics": metrics}
