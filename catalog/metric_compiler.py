@@ -10,9 +10,13 @@ How a query compiles:
   dimension is refused with the reason.
 - An input a period earlier is the same values shifted by that many periods of the query's grain,
   read from a scan that the query's metric_time filters do not cut.
-- Every requested metric is evaluated over one frame of result rows (`lakegate_frame`): the
-  dimension values the metrics have rows for and, with metric_time, every period between the first
-  and the last, so empty months show up (sum and count metrics read 0 there, other aggregates NULL).
+- Every requested metric is evaluated over one frame of result rows (`lakegate_frame`): the groups
+  (dimension values) that some metric of the query has rows for, as dbt MetricFlow answers (the
+  full outer join of each metric's own groups). A metric without rows in a group is NULL there, not
+  0, as in MetricFlow. Only a query with a running total or an input a period earlier fills in every
+  period between the first and the last, so that the total carries on and the earlier period is
+  there to read (those read 0 for sum and count in an empty period: issue 17 lists what still
+  differs from MetricFlow there).
 - Cumulative metrics join the frame's periods to the measure's rows in each period's window;
   ratio and derived metrics combine their inputs on the frame.
 - Division by zero gives NULL, never an error or infinity.
@@ -145,7 +149,7 @@ class _Ref:
 
     cte: str
     column: str
-    zero_filled: bool  # sum and count read 0 where there is no row
+    zero_filled: bool  # sum and count read 0 where there is no row (running totals and offsets only)
 
 
 @dataclass
@@ -183,6 +187,7 @@ class _Compiler:
         self.early: list[tuple[str, str]] = []  # CTEs that read tables
         self.late: list[tuple[str, str]] = []  # CTEs over lakegate_frame (and shifts)
         self.keys: list[str] = []  # SELECTs of the dimension values each metric has rows for
+        self.every_period = False  # a running total or an earlier period: the frame holds every period
         self.fallback_keys: list[str] = []
         self.used: dict[str, int] = {}
         self.columns: dict[str, set[str]] = {}
@@ -305,9 +310,11 @@ class _Compiler:
             if not offset:
                 return self._simple(metric, filters, keyed=True, periods=True)
             # A period earlier: the whole earlier period, whatever the query's period filters cut.
+            self.every_period = True
             self._simple(metric, filters, keyed=False, periods=False, fallback=True)
             return self._shifted(self._simple(metric, filters, keyed=False, periods=False), offset)
         if metric.type == "cumulative":
+            self.every_period = True
             return self._cumulative(metric, filters, offset)
         return self._combined(metric, filters, offset)
 
@@ -324,13 +331,23 @@ class _Compiler:
         scan = self._scan(model, metric, periods=periods)
         condition = " AND ".join(f"({self._on(f, 'm', model)})" for f in filters)
         value = _AGG_SQL[measure.agg].format(x=self._on(measure.expr, "m", model), p=measure.percentile)
-        column = scan.column(f"{value} FILTER (WHERE {condition})" if condition else value)
         keys = f"SELECT {', '.join(self._dim_columns()) or '1 AS one'} FROM {scan.name}"
+        if condition:
+            # As in MetricFlow, a metric's filter decides which groups it has at all: a group none
+            # of whose rows pass it is not the metric's (NULL, and no row unless another metric has
+            # one), even for a count, which FILTER alone would make 0 (MetricFlow filters the rows
+            # before it groups them).
+            present = scan.column(f"count(*) FILTER (WHERE {condition})")
+            keys += f" WHERE {present} > 0"
+            value = f"{value} FILTER (WHERE {condition})"
+            if measure.agg in _ZERO_FILLED and self.dims:  # without groups, an empty count is 0, as in SQL
+                value = f"CASE WHEN count(*) FILTER (WHERE {condition}) > 0 THEN {value} END"
+        column = scan.column(value)
         if keyed and keys not in self.keys:
             self.keys.append(keys)
         if fallback and keys not in self.fallback_keys:
             self.fallback_keys.append(keys)  # the rows, if no metric of the query has unshifted ones
-        return _Ref(scan.name, column, measure.agg in _ZERO_FILLED)
+        return _Ref(scan.name, column, False)
 
     def _scan(self, model: SemanticModel, metric: Metric, *, periods: bool) -> _Scan:
         """The one pass over a model's table that computes all of its measures the query needs;
@@ -424,7 +441,7 @@ class _Compiler:
 
     def _filled(self, alias: str, ref: _Ref) -> str:
         column = f"{alias}.{ref.column}"
-        return f"coalesce({column}, 0)" if ref.zero_filled else column
+        return f"coalesce({column}, 0)" if ref.zero_filled and self.every_period else column
 
     def _left_join(self, ref: _Ref, alias: str) -> str:
         return f" LEFT JOIN {ref.cte} AS {alias} ON {self._join_on('f', alias)}"
@@ -435,13 +452,13 @@ class _Compiler:
         return " AND ".join(f"{left}.{c} IS NOT DISTINCT FROM {right}.{c}" for c in self._dim_columns())
 
     def _frame(self) -> str:
-        """The result's rows: the dimension values the metrics produce, with every period between the
-        first and the last when grouped by metric_time."""
+        """The result's rows: the groups the metrics have rows for; with a running total or an
+        earlier period grouped by metric_time, every period between the first and the last too."""
         columns = self._dim_columns()
         if not columns:
             return "SELECT 1 AS one"
         keys = " UNION ".join(self.keys)
-        if self.time is None:
+        if self.time is None or not self.every_period:
             return keys
         assert self.time.grain is not None
         period = _quote(self.time.name)

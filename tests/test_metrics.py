@@ -74,8 +74,9 @@ def test_describe_metric_says_support_agent_may_use_revenue(rt: Runtime) -> None
 # --- grains and empty periods --------------------------------------------------------------------
 
 
-def test_empty_months_read_zero_for_counts_and_none_for_other_aggregates(rt: Runtime) -> None:
-    # Enterprise accounts are rare: many months have no signup at all.
+def test_a_month_without_rows_is_not_in_the_answer(rt: Runtime) -> None:
+    # Enterprise accounts are rare: many months have no signup at all. As in dbt MetricFlow, the
+    # answer holds the months that have rows, not every month between the first and the last.
     signups = dict(
         hand(
             rt,
@@ -91,12 +92,12 @@ def test_empty_months_read_zero_for_counts_and_none_for_other_aggregates(rt: Run
         group_by=["metric_time__month"],
         where=[{"dimension": "customer__segment", "op": "=", "value": "enterprise"}],
     )
-    assert answer == [[month, signups.get(month, 0)] for month in spine]
+    assert answer == [[month, signups[month]] for month in sorted(signups)]
 
 
-def test_an_empty_month_gives_zero_revenue_and_orders_and_null_median_and_ratios(rt: Runtime) -> None:
+def test_a_metric_whose_filter_leaves_no_row_in_a_month_is_null_there(rt: Runtime) -> None:
     # Orders of German enterprise customers: a few a month, none at all in some months, and in some
-    # months only cancelled ones.
+    # months only cancelled ones (which revenue, the median and active customers leave out).
     where = [
         {"dimension": "customer__segment", "op": "=", "value": "enterprise"},
         {"dimension": "customer__country", "op": "=", "value": "DE"},
@@ -104,7 +105,7 @@ def test_an_empty_month_gives_zero_revenue_and_orders_and_null_median_and_ratios
     raw = hand(
         rt,
         f"""
-        SELECT {MONTH}, coalesce(sum(total_amount) FILTER (WHERE status <> 'cancelled'), 0),
+        SELECT {MONTH}, sum(total_amount) FILTER (WHERE status <> 'cancelled'),
                count(*), quantile_cont(total_amount, 0.5) FILTER (WHERE status <> 'cancelled'),
                count(DISTINCT customer_id) FILTER (WHERE status <> 'cancelled'),
                count(*) FILTER (WHERE status <> 'cancelled'), count(*) FILTER (WHERE status = 'cancelled')
@@ -125,27 +126,31 @@ def test_an_empty_month_gives_zero_revenue_and_orders_and_null_median_and_ratios
         group_by=["metric_time__month"],
         where=where,
     )
-    assert [r[0] for r in got] == spine
+    assert [r[0] for r in got] == sorted(by_month)  # no row for a month without orders
     for month, revenue, orders, median, buyers in got:
-        want = by_month.get(month, ("0", 0, None, 0, 0, 0))
-        assert same(revenue, want[0]) and orders == want[1] and buyers == want[3], month
+        want = by_month[month]
+        assert same(revenue, want[0]) and orders == want[1], month
+        # A count whose filter leaves nothing in the month is NULL too, not 0 (MetricFlow's answer).
+        assert buyers == (want[3] if want[4] else None), month
         if want[2] is None:
             assert median is None, month
         else:  # DuckDB's median of a decimal(12, 2) column keeps two decimal places
             assert abs(Decimal(median) - Decimal(str(want[2]))) <= Decimal("0.005"), (month, median, want[2])
-    for month in empty:
-        assert got[spine.index(month)][1:] == ["0.00", 0, None, 0]
+    for month in only_cancelled:
+        _, revenue, _, median, buyers = got[sorted(by_month).index(month)]
+        assert [revenue, median, buyers] == [None, None, None], month
 
     rates = metric_rows(
         rt, metrics=["average_order_value", "cancellation_rate"], group_by=["metric_time__month"], where=where
     )
     expected = []
-    for month in spine:
-        revenue, orders, _, _, kept, cancelled = by_month.get(month, ("0", 0, None, 0, 0, 0))
-        expected.append([month, ratio(revenue, kept), ratio(cancelled, orders)])
+    for month in sorted(by_month):
+        revenue, orders, _, _, kept, cancelled = by_month[month]
+        expected.append(
+            [month, ratio(revenue, kept) if kept else None, ratio(cancelled, orders) if cancelled else None]
+        )
     assert_table(rates, expected)
-    assert all(rates[spine.index(m)][1:] == [None, None] for m in empty)  # 0 / 0 is NULL
-    assert all(rates[spine.index(m)][1:] == [None, 1.0] for m in only_cancelled)
+    assert all(rates[sorted(by_month).index(m)][1:] == [None, 1.0] for m in only_cancelled)
 
 
 @pytest.mark.parametrize(
@@ -282,15 +287,18 @@ def test_net_revenue_subtracts_the_refunds_of_the_same_period(
     rt: Runtime, monthly: dict[str, dict[str, Any]], monthly_refunds: dict[str, Decimal]
 ) -> None:
     got = metric_rows(rt, metrics=["revenue", "refunds", "net_revenue"], group_by=["metric_time__month"])
-    spine = months(min([*monthly, *monthly_refunds]), max([*monthly, *monthly_refunds]))
-    assert spine[-1] == "2026-01-01"  # refunds of December's returns are paid in January 2026
+    answer_months = sorted({*monthly, *monthly_refunds})
+    assert answer_months[-1] == "2026-01-01"  # refunds of December's returns are paid in January 2026
     expected = []
-    for month in spine:
-        revenue = monthly[month]["revenue"] if month in monthly else Decimal(0)
-        refunds = monthly_refunds.get(month, Decimal(0))
-        expected.append([month, revenue, refunds, revenue - refunds])
+    for month in answer_months:
+        revenue = monthly[month]["revenue"] if month in monthly else None
+        refunds = monthly_refunds.get(month)
+        net = None if revenue is None else revenue - (refunds or Decimal(0))  # revenue - coalesce(refunds, 0)
+        expected.append([month, revenue, refunds, net])
     assert_table(got, expected)
-    assert same(got[-1][1], 0) and Decimal(got[-1][3]) == -monthly_refunds["2026-01-01"] < 0
+    # January 2026 has refunds and no revenue: revenue is NULL there (MetricFlow's answer), and so
+    # is net revenue, whose expression coalesces only the refunds.
+    assert got[-1][1] is None and got[-1][3] is None and got[-1][2] is not None
     ((net,),) = metric_rows(rt, metrics=["net_revenue"])
     ((revenue, refunds),) = hand(
         rt,

@@ -129,18 +129,20 @@ def test_the_answer_reports_every_metric_version_used(rt: Runtime, metric: str, 
 # --- NULL and division by zero -------------------------------------------------------------------
 
 
-def test_division_by_zero_gives_null_and_an_empty_numerator_gives_zero(rt: Runtime) -> None:
+def test_division_by_zero_gives_null_and_a_metric_without_rows_is_null(rt: Runtime) -> None:
     delivered = [{"dimension": "order__status", "op": "=", "value": "delivered"}]
-    assert metric_rows(rt, metrics=["cancellation_rate"], where=delivered) == [[0.0]]  # 0 / n
+    assert metric_rows(rt, metrics=["cancellation_rate"], where=delivered) == [[0.0]]  # 0 / n: no groups, count 0
     cancelled = [{"dimension": "order__status", "op": "=", "value": "cancelled"}]
-    # Numerator (returned) and denominator (not cancelled) are both empty: 0 / 0 is NULL.
+    # Numerator (returned) and denominator (not cancelled) are both empty: NULL.
     assert metric_rows(rt, metrics=["refund_rate", "average_order_value"], where=cancelled) == [[None, None]]
     ((revenue, orders),) = metric_rows(rt, metrics=["revenue", "orders"], where=cancelled)
-    assert same(revenue, 0) and orders > 0  # an empty sum is 0
+    assert revenue is None and orders > 0  # the sum of no rows is NULL, as in SQL and MetricFlow
     by_status = metric_rows(rt, metrics=["cancellation_rate", "refund_rate"], group_by=["order__status"])
     rates = {status: (cancel, refund) for status, cancel, refund in by_status}
-    assert rates["cancelled"] == (1.0, None)  # refund_rate: no order of the group is in its denominator
-    assert rates["returned"] == (0.0, 1.0) and rates["delivered"] == (0.0, 0.0)
+    # By status, a numerator whose filter leaves no row of the group is NULL (MetricFlow filters the
+    # rows before grouping them), so each rate is 1.0 in its own status and NULL elsewhere.
+    assert rates["cancelled"] == (1.0, None) and rates["returned"] == (None, 1.0)
+    assert rates["delivered"] == (None, None)
 
 
 # --- refusals ------------------------------------------------------------------------------------
