@@ -102,7 +102,7 @@ class PassageLayout:
     @property
     def shown(self) -> list[str]:
         """The columns whose values a hit shows the caller (each must be readable in clear)."""
-        return [column for column in (self.doc_id, self.title, self.source, self.text) if column is not None]
+        return self.columns
 
 
 #: lakegate's own datasets of documents (catalog/ingest.py writes them).
@@ -397,6 +397,12 @@ def search_passages(
         BackendError: lancedb failed.
     """
     layout = warehouse.passage_layout(name)
+    attached = warehouse.attached_documents(name)
+    if version is not None and attached is not None and not attached.spec.time_travel:
+        raise InvalidArgument(
+            f"{name} is attached without time travel: only its current version can be searched.",
+            hint="Leave out version, or ask the platform team to set time_travel = true for it in lakegate.toml.",
+        )
     if mode != "fulltext" and layout.vector is None:
         raise InvalidArgument(f"{name} has no vectors to search by meaning.", hint="Use mode='fulltext'.")
     table = _open(warehouse, name, version)

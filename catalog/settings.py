@@ -258,8 +258,13 @@ class DocumentSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     uri: str = Field(
-        description="The Lance dataset: a directory (`/srv/lance/handbook.lance`) or an s3:// prefix. It may not "
-        "lie in lakegate's own state directory or object store."
+        description="The Lance dataset: an absolute directory path (`/srv/lance/handbook.lance`) or "
+        "s3://bucket/prefix. It may not lie in lakegate's own state directory or object store."
+    )
+    time_travel: bool = Field(
+        default=False,
+        description="Whether search_documents may read the dataset's earlier versions (under today's labels). "
+        "Off by default: the dataset's owner, not lakegate, decides how long old versions are kept.",
     )
     storage_options: dict[str, str] = Field(
         default_factory=dict,
@@ -284,6 +289,20 @@ class DocumentSettings(BaseModel):
     @classmethod
     def _secrets_from_the_environment(cls, value: dict[str, str]) -> dict[str, str]:
         _check_secret_references(value, "storage option")
+        return value
+
+    @field_validator("uri")
+    @classmethod
+    def _plain_location(cls, value: str) -> str:
+        if value.startswith("s3://"):
+            parts = value.removeprefix("s3://").rstrip("/").split("/")
+            if len(parts) < 2 or any(part in ("", ".", "..") or "%" in part for part in parts):
+                raise ValueError(
+                    f"{value!r}: write an s3 uri as s3://bucket/prefix, without empty, '.' or '..' parts or %"
+                )
+            return value.rstrip("/")
+        if "://" in value or value.startswith(("~", "file:")) or not value.startswith("/"):
+            raise ValueError(f"{value!r}: use an absolute local path (/srv/lance/docs.lance) or s3://bucket/prefix")
         return value
 
     @model_validator(mode="after")

@@ -672,12 +672,12 @@ class Warehouse:
         return self._remember(key, info)
 
     def _lance_properties(self, name: str, metadata: dict[bytes, bytes] | None) -> dict[str, str]:
-        """A Lance dataset's schema metadata; an attached one's description is its `comment`."""
-        properties = _decode_metadata(metadata)
+        """A Lance dataset's schema metadata. An attached one's is not shown (text another team wrote
+        would reach agents as its description or owner): only the description lakegate.toml gives."""
         attached = self.attached_documents(name)
-        if attached is not None and attached.spec.description:
-            properties["comment"] = attached.spec.description
-        return properties
+        if attached is None:
+            return _decode_metadata(metadata)
+        return {"comment": attached.spec.description} if attached.spec.description else {}
 
 
 @dataclass(frozen=True)

@@ -157,7 +157,9 @@ def attached_documents(settings: Settings) -> dict[str, AttachedDocuments]:
             embedding_model=entry.embedding_model,
             embedding_model_sha256=entry.embedding_model_sha256,
         )
-        spec = DocumentSpec(name, entry.uri, layout, dict(entry.storage_options), entry.description)
+        spec = DocumentSpec(
+            name, entry.uri, layout, dict(entry.storage_options), entry.description, time_travel=entry.time_travel
+        )
         found[name] = AttachedDocuments(spec, dimension=DIMENSION)
     return found
 

@@ -18,6 +18,7 @@ import structlog
 
 from lakegate.catalog.catalog_search import warm_entries
 from lakegate.catalog.query_embedder import get_query_embedder
+from lakegate.errors import LakegateError
 from lakegate.server.app import Runtime
 from lakegate.tools.catalog import dataset_candidates, metric_candidate
 
@@ -31,7 +32,10 @@ def _catalog_search(runtime: Runtime) -> int:
     encoder = get_query_embedder(runtime.warehouse.models_dir)
     entries = []
     for name in runtime.warehouse.dataset_names():
-        info = runtime.warehouse.describe(name)
+        try:
+            info = runtime.warehouse.describe(name)
+        except LakegateError:  # one dataset that cannot be read now does not stop the others
+            continue
         visible = {column.name for column in info.columns}
         entries += [entry for _, entry in dataset_candidates(name, info, runtime.definitions.dataset(name), visible)]
     semantic = runtime.gate.semantic

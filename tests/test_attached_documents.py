@@ -57,6 +57,7 @@ p, role:knowledge_editor, handbook.wiki.content, read, allow
 p, role:data_steward, handbook.pages, read, allow
 p, role:data_steward, handbook.pages.*, read, allow
 p, role:data_steward, handbook.pages.body, read, deny
+p, role:data_steward, handbook.pages.section, read, deny
 """
 
 
@@ -91,6 +92,7 @@ def outside(demo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Outsid
             "readers": pa.array([row[4] for row in HANDBOOK], pa.list_(pa.string())),
             "embedding": _vectors(demo_home / "models", bodies),
             "secret_note": [SECRET_NOTE] * len(HANDBOOK),
+            "section": pa.array(range(1, len(HANDBOOK) + 1), pa.int32()),
         }
     )
     db.create_table("handbook", handbook).create_index("body", config=FTS())
@@ -98,6 +100,8 @@ def outside(demo_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Outsid
     db.create_table("wiki", wiki).create_index("content", config=FTS())
     (root / "wiki.lance").rename(root / "wiki")  # a dataset directory need not end in .lance
     old = pa.table({"id": ["o-1"], "content": ["An old page."], "vec": _vectors(demo_home / "models", ["x"])})
+    # Text the other team wrote into the schema: never shown to agents as a description or owner.
+    old = old.replace_schema_metadata({"comment": "UPSTREAM COMMENT", "owner": "upstream-owner"})
     db.create_table("old", old)
     return Outside(root, root / "handbook.lance", root / "wiki", root / "old.lance")
 
@@ -107,12 +111,14 @@ def _toml(outside: Outside, demo_home: Path) -> str:
 
 [documents."handbook.pages"]
 uri = "{outside.handbook}"
+time_travel = true
 embedding_model = "{MODEL_NAME}"
 description = "The staff handbook, one passage per section."
 [documents."handbook.pages".columns]
 text = "body"
 doc_id = "page_id"
 title = "heading"
+chunk_index = "section"
 vector = "embedding"
 classification = "sensitivity"
 allowed_roles = "readers"
@@ -191,7 +197,7 @@ def test_search_maps_the_columns_and_applies_classification_and_readers(rt: Runt
         assert ids and ids <= {"hb-1", "hb-2", "hb-5"}, (mode, ids)
         best = passages[0]
         assert best["doc_id"] == "hb-1" and best["title"] == "Expenses" and best["content"].startswith("Travel")
-        assert best["classification"] == "public" and best["source"] == "" and best["chunk_index"] == 0
+        assert best["classification"] == "public" and best["source"] == "" and best["chunk_index"] == 1
         assert SECRET_NOTE not in json.dumps(passages)
     everything = {p["doc_id"] for p in _search(rt, "admin", query="keys", mode="fulltext", dataset="handbook.pages")}
     assert "hb-4" in everything
@@ -237,7 +243,8 @@ def test_what_a_dataset_lacks_is_refused_with_what_to_do_instead(rt: Runtime) ->
 
 def test_column_rules_apply_to_the_datasets_own_column_names(rt: Runtime) -> None:
     denied = gate_call(rt, "data_steward", "search_documents", {"query": "leave", "dataset": "handbook.pages"})
-    assert isinstance(denied.error, PolicyDenied) and "body" in str(denied.error)
+    # Every column a hit carries is decided, the position in the document (section) included.
+    assert isinstance(denied.error, PolicyDenied) and "body" in str(denied.error) and "section" in str(denied.error)
 
 
 def test_attached_documents_are_never_written(rt: Runtime, outside: Outside) -> None:
@@ -277,6 +284,7 @@ def test_a_dataset_that_cannot_be_read_as_configured_names_what_to_check_and_no_
     # One broken dataset does not break the listing.
     listed = {d["name"]: d for d in gate_ok(rt, "admin", "list_datasets", {})["datasets"]}
     assert "cannot be read" in listed["handbook.broken"]["description"] and listed["handbook.pages"]["row_count"] == 5
+    assert listed["handbook.broken"]["kind"] == "lance"
 
 
 def test_upstream_changes_are_seen_at_once_and_time_travel_applies_todays_labels(rt: Runtime, outside: Outside) -> None:
@@ -396,12 +404,96 @@ def test_a_dataset_on_s3_is_attached_with_credentials_from_the_environment(
     runtime = open_runtime(load_settings(project, home=demo_home, audit=audit, principal=None))
     try:
         arguments = {"query": "nightly backups", "mode": "fulltext", "dataset": "ops.notes"}
-        # Without the environment variables the dataset cannot be opened, and the agent is told whom to ask.
-        missing = gate_call(runtime, "support_agent", "search_documents", arguments)
-        assert isinstance(missing.error, SourceUnavailable)
         monkeypatch.setenv("LAKEGATE_TEST_NOTES_KEY", ACCESS_KEY)
         monkeypatch.setenv("LAKEGATE_TEST_NOTES_SECRET", SECRET_KEY)
         assert [p["doc_id"] for p in _search(runtime, "support_agent", **arguments)] == ["n-1"]
     finally:
         runtime.close()
     assert SECRET_KEY not in (tmp_path / "audit.jsonl").read_text()
+
+
+def test_earlier_versions_only_where_time_travel_is_on_and_no_upstream_text(rt: Runtime) -> None:
+    refused = gate_call(
+        rt,
+        "support_agent",
+        "search_documents",
+        {"query": "deploy", "mode": "fulltext", "dataset": "handbook.wiki", "version": 1},
+    )
+    assert isinstance(refused.error, InvalidArgument) and "time_travel" in (refused.error.hint or "")
+    old = gate_ok(rt, "admin", "describe_dataset", {"name": "handbook.old"})
+    assert old["description"] == "" and old["owner"] == ""
+    assert "UPSTREAM" not in json.dumps(old, default=str) and "upstream-owner" not in json.dumps(old, default=str)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "file:/srv/x.lance",
+        "~/x.lance",
+        "x.lance",
+        "./x.lance",
+        "gs://b/x.lance",
+        "s3://b/o%77n/x",
+        "s3://b/x/../y",
+        "s3://b",
+    ],
+)
+def test_only_plain_locations_are_accepted(uri: str) -> None:
+    with pytest.raises(ValidationError, match="uri|absolute|s3"):
+        DocumentSettings(uri=uri, columns={"text": "t", "doc_id": "d"}, classification="public")
+
+
+def _spec(uri: Path, text: str = "content", doc_id: str = "id") -> Any:
+    from lakegate.catalog.attached_documents import DocumentSpec
+    from lakegate.catalog.document_search import PassageLayout
+
+    layout = PassageLayout(text=text, doc_id=doc_id, vector=None, title=None, source=None, chunk_index=None,
+                           classification=None, allowed_roles=None, fixed_classification="public")  # fmt: skip
+    return DocumentSpec("ops.notes", str(uri), layout, {})
+
+
+def test_a_dataset_that_reads_files_outside_its_directory_is_refused(tmp_path: Path, demo_home: Path) -> None:
+    import lancedb
+
+    from lakegate.catalog.attached_documents import AttachedDocuments
+
+    db = lancedb.connect(tmp_path / "theirs")
+    db.create_table("notes", pa.table({"id": ["n-1"], "content": ["x"]}))
+    # A link inside the dataset's directory, to lakegate's own files.
+    linked = tmp_path / "theirs" / "notes.lance"
+    (linked / "data" / "extra").symlink_to(demo_home / "lance")
+    with pytest.raises(SourceUnavailable, match="link"):
+        AttachedDocuments(_spec(linked), dimension=DIMENSION).open(forbidden=[str(demo_home)])
+    # A shallow clone of lakegate's own dataset: its manifest names files it does not hold.
+    clone = lancedb.connect(tmp_path / "clones").clone_table("kb", str(demo_home / "lance" / "kb.articles.lance"))
+    assert clone.count_rows() > 0  # lancedb itself reads lakegate's files through it
+    with pytest.raises(SourceUnavailable, match="shallow clone"):
+        spec = _spec(tmp_path / "clones" / "kb.lance", "text", "doc_id")
+        AttachedDocuments(spec, dimension=DIMENSION).open(forbidden=[str(demo_home)])
+
+
+def test_a_dataset_that_cannot_be_opened_is_tried_again_after_a_while_not_on_every_call(tmp_path: Path) -> None:
+    import lancedb
+
+    from lakegate.catalog.attached_documents import RETRY_S, AttachedDocuments
+
+    now = [0.0]
+    attached = AttachedDocuments(_spec(tmp_path / "notes.lance"), dimension=DIMENSION, clock=lambda: now[0])
+    with pytest.raises(SourceUnavailable):
+        attached.open(forbidden=[])
+    lancedb.connect(tmp_path).create_table("notes", pa.table({"id": ["n-1"], "content": ["x"]}))
+    now[0] = RETRY_S / 2
+    with pytest.raises(SourceUnavailable):  # not tried again yet: the last failure is answered at once
+        attached.open(forbidden=[])
+    now[0] = RETRY_S + 1
+    assert attached.open(forbidden=[]).count_rows() == 1
+
+
+def test_a_doc_id_that_is_not_text_does_not_fit() -> None:
+    from lakegate.catalog.attached_documents import layout_problems
+    from lakegate.catalog.document_search import PassageLayout
+
+    schema = pa.schema([("id", pa.int64()), ("content", pa.string())])
+    layout = PassageLayout(text="content", doc_id="id", vector=None, title=None, source=None, chunk_index=None,
+                           classification=None, allowed_roles=None, fixed_classification="public")  # fmt: skip
+    assert layout_problems(schema, layout, DIMENSION) == ["columns.doc_id: 'id' is int64, not a string column"]

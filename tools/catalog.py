@@ -87,7 +87,7 @@ class _Summaries(Sequence[DatasetSummary]):
             log.warning("list_datasets.dataset_unavailable", dataset=name, error=str(exc))
             return DatasetSummary(
                 name=name,
-                kind="iceberg",
+                kind=_kind(self._scope, name),
                 description="(cannot be read right now: its catalog or files cannot be reached)",
                 owner="",
                 tags=[],
@@ -283,6 +283,11 @@ def metric_candidate(name: str, metric: Metric) -> Candidate:
     synonyms = tuple(metric.synonyms)
     match = CatalogMatch(kind="metric", metric=name, description=metric.description, tags=list(synonyms), score=0)
     return match, CatalogEntry(name, metric.description, synonyms)
+
+
+def _kind(scope: ToolScope, name: str) -> DatasetKind:
+    """Which store holds `name`, from the names alone (for a dataset that cannot be read now)."""
+    return "lance" if scope.dataset_kind(name) == "lance" else "iceberg"
 
 
 def _candidates(scope: ToolScope) -> list[Candidate]:
