@@ -30,7 +30,16 @@ from typing import Any, Literal
 import sqlglot
 from sqlglot import exp
 
-from lakegate.catalog.metric_definitions import GRAINS, Measure, Metric, MetricInput, SemanticCatalog, SemanticModel
+from lakegate.catalog.metric_definitions import (
+    GRAINS,
+    REFERENCE_PREFIX,
+    Measure,
+    Metric,
+    MetricInput,
+    SemanticCatalog,
+    SemanticModel,
+    split_references,
+)
 from lakegate.errors import InvalidArgument
 
 __all__ = [
@@ -213,6 +222,35 @@ class _Compiler:
                 column.set("table", exp.to_identifier(alias))
         return tree.sql(DIALECT)
 
+    def _filter(self, sql: str, model: SemanticModel, metric: Metric, joins: dict[str, str]) -> str:
+        """A metric or input filter as SQL on the model's rows (alias m): its own columns qualified,
+        and each {{ Dimension('entity__dimension') }} replaced, in the parsed tree, by that
+        dimension's SQL, joined like a group_by dimension (the join goes into `joins`)."""
+        try:
+            text, names = split_references(sql)
+        except ValueError as exc:
+            raise _invalid(f"Metric {metric.name}: {exc}") from exc
+        resolved = [
+            self._dimension_sql(parse_dimension(name, grain_required=False), model, metric, joins) for name in names
+        ]
+        own = self._on(text, "m", model) if not names else None
+        if own is not None:
+            return own
+        try:
+            tree = sqlglot.parse_one(text, dialect=DIALECT)
+        except sqlglot.errors.ParseError as exc:
+            raise _invalid(f"Filter {sql!r} of metric {metric.name} does not parse: {exc}") from exc
+
+        def substitute(node: exp.Expr) -> exp.Expr:
+            if not isinstance(node, exp.Column) or node.table:
+                return node
+            if node.name.startswith(REFERENCE_PREFIX):
+                return sqlglot.parse_one(resolved[int(node.name.removeprefix(REFERENCE_PREFIX))], dialect=DIALECT)
+            self.columns.setdefault(model.table, set()).add(node.name)
+            return exp.column(node.name, table="m")
+
+        return tree.transform(substitute).sql(DIALECT)
+
     def _time_sql(self, model: SemanticModel, alias: str, metric: Metric) -> str:
         if model.time_dimension is None:
             raise _invalid(
@@ -329,7 +367,7 @@ class _Compiler:
     ) -> _Ref:
         model, measure = self._measure(metric)
         scan = self._scan(model, metric, periods=periods)
-        condition = " AND ".join(f"({self._on(f, 'm', model)})" for f in filters)
+        condition = " AND ".join(f"({self._filter(f, model, metric, scan.joins)})" for f in filters)
         value = _AGG_SQL[measure.agg].format(x=self._on(measure.expr, "m", model), p=measure.percentile)
         keys = f"SELECT {', '.join(self._dim_columns()) or '1 AS one'} FROM {scan.name}"
         if condition:
@@ -383,7 +421,9 @@ class _Compiler:
         rows = [f"CAST({self._time_sql(model, 'm', metric)} AS TIMESTAMP) AS lakegate_ts"]
         rows += [f"{self._dimension_sql(d, model, metric, joins)} AS {_quote(d.name)}" for d in others]
         rows.append(f"{self._on(measure.expr, 'm', model)} AS lakegate_value")
-        where = [self._on(f, "m", model) for f in filters] + self._where(model, metric, joins, periods=False)
+        where = [self._filter(f, model, metric, joins) for f in filters] + self._where(
+            model, metric, joins, periods=False
+        )
         body = f"SELECT {', '.join(rows)} FROM {model.table} AS m" + "".join(f" {j}" for j in joins.values())
         if where:
             body += " WHERE " + " AND ".join(f"({clause})" for clause in where)

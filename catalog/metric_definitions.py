@@ -23,6 +23,7 @@ __all__ = [
     "GRAINS",
     "LOCK_FILE",
     "METRICS_FILE",
+    "REFERENCE_PREFIX",
     "Dimension",
     "Entity",
     "Measure",
@@ -34,7 +35,38 @@ __all__ = [
     "load_semantic_catalog",
     "locate_metrics",
     "parse_semantic_catalog",
+    "split_references",
 ]
+
+#: A reference to a dimension in a metric filter, in dbt MetricFlow's syntax:
+#: {{ Dimension('customer__country') }}. Resolved through the join graph when the metric compiles.
+_REFERENCE = re.compile(r"\{\{\s*Dimension\(\s*'([A-Za-z0-9_]+)'\s*\)\s*\}\}")
+#: What a reference stands for in the SQL text while it is parsed: a column of this name.
+REFERENCE_PREFIX = "lakegate_ref_"
+
+
+def split_references(sql: str) -> tuple[str, list[str]]:
+    """A filter's SQL with each `{{ Dimension('name') }}` replaced by a column `lakegate_ref_<n>`,
+    and the dimension names in order. Nothing of a reference reaches the SQL text: the compiler
+    puts the dimension's own SQL in the parsed tree in place of the column.
+
+    Raises:
+        ValueError: a template other than Dimension('name') (TimeDimension, Entity, entity_path).
+    """
+    names: list[str] = []
+
+    def placeholder(match: re.Match[str]) -> str:
+        names.append(match.group(1).lower())
+        return f"{REFERENCE_PREFIX}{len(names) - 1}"
+
+    text = _REFERENCE.sub(placeholder, sql)
+    if "{{" in text or "}}" in text:
+        raise ValueError(
+            f"filter {sql!r}: only {{{{ Dimension('entity__dimension') }}}} references are understood "
+            "(not TimeDimension, Entity or entity_path yet)"
+        )
+    return text, names
+
 
 LOCK_FILE = "catalog/metrics.lock.json"
 METRICS_FILE = "catalog/metrics.yaml"

@@ -10,12 +10,13 @@ a second import of the same manifest changes nothing and drift shows as versions
 What maps (MetricFlow -> lakegate): entities (primary, foreign), categorical and time dimensions
 (day grain and coarser), measures sum, count, count_distinct, average, min, max, median,
 percentile (continuous), sum_boolean (a sum of the condition as 0 or 1); metrics simple, ratio,
-derived and cumulative (window or grain to date); filters that name only dimensions of the
-metric's own model (`{{ Dimension('transaction__is_large') }}` becomes that dimension's SQL).
+derived and cumulative (window or grain to date); filters on dimensions one join away, kept in
+MetricFlow's syntax (`{{ Dimension('customer__country') }} = 'MX'`), which lakegate resolves.
 Everything else is reported, not guessed: conversion metrics, saved queries, offsets in time spans
 (`offset_window`, `offset_to_grain`: lakegate offsets count periods of the query's grain),
 `fill_nulls_with`, `join_to_timespine`, non-additive dimensions, per-measure time dimensions,
-filters through joins, sub-day grains, and a cumulative metric's `period_agg` other than `last`.
+filters with TimeDimension, Entity or entity_path, sub-day grains, and a cumulative metric's
+`period_agg` other than `last`.
 """
 
 from __future__ import annotations
@@ -281,27 +282,18 @@ class _Translator:
         return entry
 
     def filter_sql(self, template: str, measure: str | None) -> str:
-        """A MetricFlow filter as SQL over the measure's own model, or _Dropped."""
-        model = self.measure_model.get(measure or "")
-        if model is None:
+        """A MetricFlow filter as lakegate's: the same text, which lakegate resolves through its join
+        graph (one hop: entity__dimension), or _Dropped for what it does not understand yet."""
+        if measure not in self.measure_model:
             raise _Dropped("a filter on a metric whose model is not known")
-        primary = next((e["name"] for e in model.get("entities", []) if e["type"] == "primary"), None)
-        dimensions = {d["name"]: d for d in model.get("dimensions", [])}
-
-        def replace(match: re.Match[str]) -> str:
+        for match in _DIMENSION_REF.finditer(template):
             function, arguments = match.group(1), match.group(2)
             name = _NAME_ARGUMENT.match(arguments)
             if function != "Dimension" or name is None:
                 raise _Dropped(f"a filter with {function}({arguments.strip()}) (only Dimension('entity__name') maps)")
-            entity, _, dimension = name.group(1).partition("__")
-            if entity != primary or dimension not in dimensions or "__" in dimension:
-                raise _Dropped(
-                    f"a filter on {name.group(1)}, which is not a dimension of the metric's own model "
-                    f"{model['name']} (lakegate's metric filters are SQL over the model's own columns)"
-                )
-            return f"({' '.join(str(dimensions[dimension].get('expr') or dimension).split())})"
-
-        return " ".join(_DIMENSION_REF.sub(replace, template).split())
+            if name.group(1).count("__") != 1:
+                raise _Dropped(f"a filter on {name.group(1)}: lakegate joins one hop (entity__dimension)")
+        return " ".join(template.split())
 
 
 def _where_templates(filter_spec: Mapping[str, Any] | None) -> list[str]:

@@ -32,12 +32,14 @@ from lakegate.catalog.iceberg_scan import duckdb_type
 from lakegate.catalog.metric_compiler import MetricQuery, available_dimensions, compile_query
 from lakegate.catalog.metric_definitions import (
     LOCK_FILE,
+    REFERENCE_PREFIX,
     Metric,
     MetricInput,
     MetricsFiles,
     SemanticCatalog,
     SemanticModel,
     locate_metrics,
+    split_references,
 )
 from lakegate.errors import ConfigurationError, InvalidArgument, LakegateError
 
@@ -104,8 +106,14 @@ class _Checker:
         self.problems.append(Problem(kind, self.file, where, field_, message))
 
     def parse(self, sql: str, where: str, field_: str) -> exp.Expr | None:
+        """`sql` parsed, with Dimension() references as placeholder columns (the compile check
+        resolves them)."""
         try:
-            return sqlglot.parse_one(sql, dialect=DIALECT)
+            text, _ = split_references(sql)
+            return sqlglot.parse_one(text, dialect=DIALECT)
+        except ValueError as exc:
+            self.add("expression", where, field_, str(exc))
+            return None
         except sqlglot.errors.ParseError as exc:
             self.add("expression", where, field_, f"{sql!r} is not valid DuckDB SQL: {exc}")
             return None
@@ -121,7 +129,13 @@ class _Checker:
         columns = self.columns_of(model)
         if tree is None or columns is None:
             return None
-        unknown = sorted({c.name for c in tree.find_all(exp.Column) if c.name.lower() not in columns})
+        unknown = sorted(
+            {
+                c.name
+                for c in tree.find_all(exp.Column)
+                if c.name.lower() not in columns and not c.name.startswith(REFERENCE_PREFIX)
+            }
+        )
         if unknown:
             names = ", ".join(unknown)
             self.add(
