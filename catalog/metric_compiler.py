@@ -433,21 +433,87 @@ class _Compiler:
         if not offset:
             keys = [f"CAST(date_trunc('{grain}', lakegate_ts) AS DATE) AS {period}", *(_quote(d.name) for d in others)]
             self.keys.append(f"SELECT DISTINCT {', '.join(keys)} FROM {source}")
-        end = f"(f.{period} - {offset} * {step} + {step})"  # the end of the (shifted) period
+            # As in MetricFlow, a running total goes on after the last row while its window still
+            # holds rows: to the window's end, or to the end of the grain-to-date period.
+            last = self._last_day(metric, "lakegate_ts")
+            if last != "CAST(lakegate_ts AS DATE)":
+                keys[0] = f"CAST(date_trunc('{grain}', {last}) AS DATE) AS {period}"
+                self.keys.append(f"SELECT DISTINCT {', '.join(keys)} FROM {source}")
+        value = _AGG_SQL[measure.agg].format(x="r.lakegate_value", p=measure.percentile)
+        columns = [f"f.{c}" for c in self._dim_columns()]
+        start = f"(f.{period} - {offset} * {step})"  # the (shifted) period
+        if metric.period_agg == "last" or grain == "day":
+            # The value on the period's last day that the total has (MetricFlow's period_agg last):
+            # the period's end, or sooner where a windowed or to-date total stops; after that, none.
+            # An all-time total goes on to the end of the answer (MetricFlow: of its time spine).
+            end = f"{start} + {step}"
+            if metric.window_interval or metric.grain_to_date:
+                stop = f"(SELECT max({self._last_day(metric, 'lakegate_ts')}) FROM {source}) + INTERVAL 1 DAY"
+                end = f"least({end}, {stop})"
+            if measure.agg in _ZERO_FILLED:
+                value = f"coalesce({value}, 0)"  # a window without rows, between rows, counts 0
+            if metric.window_interval or metric.grain_to_date:
+                value = f"CASE WHEN {start} < {stop} THEN {value} END"
+            on = self._window(metric, f"({end})", others, "f")
+            body = (
+                f"SELECT {', '.join([*columns, f'{value} AS value'])} FROM lakegate_frame AS f LEFT JOIN {source} AS r "
+                f"ON {on} GROUP BY {', '.join(columns)}"
+            )
+        else:
+            body = self._by_day(metric, source, value, columns, start, step, others)
+        name = self._late(f"cumulative_{metric.name}_{len(self.late)}", body)
+        return _Ref(name, "value", False)
+
+    def _last_day(self, metric: Metric, ts: str) -> str:
+        """The last day on which a running total still counts a row at `ts`."""
+        if metric.window_interval:
+            return f"CAST({ts} + {metric.window_interval} - INTERVAL 1 DAY AS DATE)"
+        if metric.grain_to_date:
+            to_date = _GRAIN_STEP[metric.grain_to_date]
+            return f"CAST(date_trunc('{metric.grain_to_date}', {ts}) + {to_date} - INTERVAL 1 DAY AS DATE)"
+        return f"CAST({ts} AS DATE)"
+
+    def _window(self, metric: Metric, end: str, others: list[DimensionRef], frame: str) -> str:
+        """The join condition of a running total's rows (r) to a period or day of `frame` that ends
+        at `end` (exclusive)."""
         window = [f"r.lakegate_ts < {end}"]
         if metric.window_interval:
             window.append(f"r.lakegate_ts >= {end} - {metric.window_interval}")
         if metric.grain_to_date:
-            window.append(f"r.lakegate_ts >= date_trunc('{metric.grain_to_date}', f.{period} - {offset} * {step})")
-        window += [f"f.{_quote(d.name)} IS NOT DISTINCT FROM r.{_quote(d.name)}" for d in others]
-        value = _AGG_SQL[measure.agg].format(x="r.lakegate_value", p=measure.percentile)
-        columns = [f"f.{c}" for c in self._dim_columns()]
-        body = (
-            f"SELECT {', '.join([*columns, f'{value} AS value'])} FROM lakegate_frame AS f JOIN {source} AS r "
-            f"ON {' AND '.join(window)} GROUP BY {', '.join(columns)}"
+            window.append(
+                f"r.lakegate_ts >= date_trunc('{metric.grain_to_date}', CAST({end} AS TIMESTAMP) - INTERVAL 1 DAY)"
+            )
+        window += [f"{frame}.{_quote(d.name)} IS NOT DISTINCT FROM r.{_quote(d.name)}" for d in others]
+        return " AND ".join(window)
+
+    def _by_day(
+        self,
+        metric: Metric,
+        source: str,
+        value: str,
+        columns: list[str],
+        start: str,
+        step: str,
+        others: list[DimensionRef],
+    ) -> str:
+        """A running total by a grain coarser than a day, as MetricFlow computes it: its value on
+        each day the total has (from the first row's day to its last day), then the period's
+        first value or the average over its days (`period_agg`)."""
+        first = f"(SELECT CAST(min(lakegate_ts) AS DATE) FROM {source})"
+        last = f"(SELECT max({self._last_day(metric, 'lakegate_ts')}) FROM {source})"
+        days = (
+            f"CAST(unnest(generate_series(CAST(greatest(CAST({start} AS DATE), {first}) AS TIMESTAMP), "
+            f"CAST(least(CAST({start} + {step} AS DATE) - 1, {last}) AS TIMESTAMP), INTERVAL 1 DAY)) AS DATE)"
         )
-        name = self._late(f"cumulative_{metric.name}_{len(self.late)}", body)
-        return _Ref(name, "value", measure.agg in _ZERO_FILLED)
+        keys = [c.removeprefix("f.") for c in columns]
+        day_rows = f"SELECT {', '.join([*columns, f'{days} AS lakegate_day'])} FROM lakegate_frame AS f"
+        on = self._window(metric, "(d.lakegate_day + INTERVAL 1 DAY)", others, "d")
+        daily = (
+            f"SELECT {', '.join(f'd.{k}' for k in keys)}, d.lakegate_day, {value} AS v FROM ({day_rows}) AS d "
+            f"LEFT JOIN {source} AS r ON {on} GROUP BY ALL"
+        )
+        pick = "arg_min(v, lakegate_day)" if metric.period_agg == "first" else "avg(v)"
+        return f"SELECT {', '.join(keys)}, {pick} AS value FROM ({daily}) AS x GROUP BY ALL"
 
     def _combined(self, metric: Metric, filters: list[str], offset: int) -> _Ref:
         refs: list[tuple[MetricInput, _Ref]] = []

@@ -205,6 +205,11 @@ class Metric(_Frozen):
     inputs: tuple[MetricInput, ...] = ()
     window: str | None = Field(default=None, description="Cumulative over a trailing window, e.g. '3 months'.")
     grain_to_date: Literal["week", "month", "quarter", "year"] | None = None
+    period_agg: Literal["first", "last", "average"] = Field(
+        default="last",
+        description="A cumulative metric by a grain coarser than a day: its value on the period's last day "
+        "(lakegate's default), on its first day (dbt MetricFlow's default), or the average over its days.",
+    )
 
     @model_validator(mode="after")
     def _valid(self) -> Metric:

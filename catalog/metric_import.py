@@ -15,8 +15,7 @@ MetricFlow's syntax (`{{ Dimension('customer__country') }} = 'MX'`), which lakeg
 Everything else is reported, not guessed: conversion metrics, saved queries, offsets in time spans
 (`offset_window`, `offset_to_grain`: lakegate offsets count periods of the query's grain),
 `fill_nulls_with`, `join_to_timespine`, non-additive dimensions, per-measure time dimensions,
-filters with TimeDimension, Entity or entity_path, sub-day grains, and a cumulative metric's
-`period_agg` other than `last`.
+filters with TimeDimension, Entity or entity_path, and sub-day grains.
 """
 
 from __future__ import annotations
@@ -254,15 +253,10 @@ class _Translator:
             if str(grain_to_date).lower() not in _GRAINS[1:]:
                 raise _Dropped(f"grain_to_date {grain_to_date}")
             entry["grain_to_date"] = str(grain_to_date).lower()
-        period_agg = str(cumulative.get("period_agg") or "first").lower()
-        if period_agg != "last":
-            self.note(
-                "differs",
-                f"metric {metric['name']}",
-                f"period_agg {period_agg}: queried at a grain coarser than its time dimension, MetricFlow gives the "
-                "period's first (or average) value, lakegate its last",
-                metric["name"],
-            )
+        period_agg = str(cumulative.get("period_agg") or "first").lower()  # MetricFlow's default is first
+        if period_agg not in ("first", "last", "average"):
+            raise _Dropped(f"period_agg {period_agg}")
+        entry["period_agg"] = period_agg
 
     def metric_input(self, used: Mapping[str, Any]) -> dict[str, Any]:
         if used.get("offset_window") or used.get("offset_to_grain"):

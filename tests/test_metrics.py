@@ -376,6 +376,13 @@ def test_cumulative_revenue_trailing_three_months_and_year_to_date(
         expected.append(
             [month, sum(revenue[: i + 1]), sum(revenue[max(0, i - 2) : i + 1]), sum(revenue[year_start : i + 1])]
         )
+    # As in MetricFlow, the trailing window goes on after the last order while it still holds
+    # orders: into the first three months of 2026, each month's value that of its last day with one.
+    # Year to date stops with its year; the all-time total goes on.
+    assert [row[0] for row in got[len(spine) :]] == ["2026-01-01", "2026-02-01", "2026-03-01"]
+    assert all(same(row[1], sum(revenue)) and row[3] is None for row in got[len(spine) :])
+    assert same(got[len(spine)][2], sum(revenue[-2:])) and same(got[len(spine) + 1][2], revenue[-1])
+    got = got[: len(spine)]
     assert_table(got, expected)
     january = spine.index("2025-01-01")
     assert same(got[january][3], revenue[january])  # year to date starts again in January
@@ -426,6 +433,6 @@ def test_a_cumulative_metric_carries_on_in_periods_after_its_last_row(
     got = metric_rows(
         rt, metrics=["cumulative_revenue", "trailing_3_month_revenue", "refunds"], group_by=["metric_time__month"]
     )
-    assert got[-1][0] == "2026-01-01"
+    january = next(row for row in got if row[0] == "2026-01-01")
     revenue = [m["revenue"] for m in monthly.values()]
-    assert same(got[-1][1], sum(revenue)) and same(got[-1][2], sum(revenue[-2:]))
+    assert same(january[1], sum(revenue)) and same(january[2], sum(revenue[-2:]))
