@@ -153,6 +153,43 @@ def _quote(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class _Shift:
+    """How much earlier an input is read: time spans to go back by (DuckDB intervals, summed
+    along nested inputs), or the start of the period of a coarser grain (offset_to_grain)."""
+
+    spans: tuple[str, ...] = ()
+    to_grain: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.spans or self.to_grain)
+
+    @property
+    def interval(self) -> str:
+        return " + ".join(self.spans) if self.spans else "INTERVAL 0 DAY"
+
+    def then(self, used: MetricInput, grain: str | None) -> _Shift:
+        """This shift, and the input's own after it."""
+        spans = self.spans
+        if used.offset:
+            if grain is None:
+                return _Shift((*spans, "INTERVAL 0 DAY"), self.to_grain)  # refused later: no metric_time
+            spans = (*spans, _periods(used.offset, grain))
+        if used.offset_interval:
+            spans = (*spans, used.offset_interval)
+        to_grain = used.offset_to_grain or self.to_grain
+        if to_grain and spans:
+            raise _invalid(f"Input {used.ref}: offset_to_grain does not combine with other offsets.", "Use one offset.")
+        return _Shift(spans, to_grain)
+
+
+def _periods(count: int, grain: str) -> str:
+    """`count` periods of `grain` as a DuckDB interval."""
+    unit, times = {"day": ("DAY", 1), "week": ("DAY", 7), "month": ("MONTH", 1), "quarter": ("MONTH", 3),
+                   "year": ("YEAR", 1)}[grain]  # fmt: skip
+    return f"INTERVAL {count * times} {unit}"
+
+
+@dataclass(frozen=True)
 class _Ref:
     """Where a compiled metric's values are: a CTE with the query's dimensions, and a column."""
 
@@ -197,7 +234,6 @@ class _Compiler:
         self.late: list[tuple[str, str]] = []  # CTEs over lakegate_frame (and shifts)
         self.keys: list[str] = []  # SELECTs of the dimension values each metric has rows for
         self.every_period = False  # a running total or an earlier period: the frame holds every period
-        self.fallback_keys: list[str] = []
         self.used: dict[str, int] = {}
         self.columns: dict[str, set[str]] = {}
         self.dims = [parse_dimension(name) for name in query.group_by]
@@ -325,8 +361,8 @@ class _Compiler:
     # (`lakegate_frame`: the dimension values of every metric, and every period between the first and
     # the last), so that a running total carries on into periods where only another metric has rows.
 
-    def value(self, used: MetricInput, *, offset: int = 0, extra_filter: str | None = None) -> _Ref:
-        """Compile one metric (at a version, with an extra filter, `offset` periods earlier)."""
+    def value(self, used: MetricInput, *, offset: _Shift = _Shift(), extra_filter: str | None = None) -> _Ref:
+        """Compile one metric (at a version, with an extra filter, read `offset` earlier)."""
         version = used.version or self.query.versions.get(used.name)
         metric = self.catalog.metric(used.name, version)
         if self.used.get(metric.name, metric.version) != metric.version:
@@ -347,9 +383,7 @@ class _Compiler:
             # Without periods, the running total over all time up to now is the plain total.
             if not offset:
                 return self._simple(metric, filters, keyed=True, periods=True)
-            # A period earlier: the whole earlier period, whatever the query's period filters cut.
-            self.every_period = True
-            self._simple(metric, filters, keyed=False, periods=False, fallback=True)
+            # Earlier: the whole earlier period, whatever the query's period filters cut.
             return self._shifted(self._simple(metric, filters, keyed=False, periods=False), offset)
         if metric.type == "cumulative":
             self.every_period = True
@@ -362,9 +396,7 @@ class _Compiler:
         assert found is not None
         return found
 
-    def _simple(
-        self, metric: Metric, filters: list[str], *, keyed: bool, periods: bool, fallback: bool = False
-    ) -> _Ref:
+    def _simple(self, metric: Metric, filters: list[str], *, keyed: bool, periods: bool) -> _Ref:
         model, measure = self._measure(metric)
         scan = self._scan(model, metric, periods=periods)
         condition = " AND ".join(f"({self._filter(f, model, metric, scan.joins)})" for f in filters)
@@ -383,8 +415,6 @@ class _Compiler:
         column = scan.column(value)
         if keyed and keys not in self.keys:
             self.keys.append(keys)
-        if fallback and keys not in self.fallback_keys:
-            self.fallback_keys.append(keys)  # the rows, if no metric of the query has unshifted ones
         return _Ref(scan.name, column, False)
 
     def _scan(self, model: SemanticModel, metric: Metric, *, periods: bool) -> _Scan:
@@ -402,18 +432,63 @@ class _Compiler:
         self.scans[key] = scan
         return scan
 
-    def _shifted(self, ref: _Ref, offset: int) -> _Ref:
-        """The same values `offset` periods later: what the row of a period reads as "a period earlier"."""
-        if not offset:
-            return ref
+    def _shifted(self, ref: _Ref, shift: _Shift) -> _Ref:
+        """The same values read later, as dbt MetricFlow's offsets do: each period moved on by the
+        spans (what a period reads as "a month earlier"), or each period's value at the start of the
+        period of `to_grain` (every period in it reads that value). The moved periods are rows of
+        the answer too, as MetricFlow's full outer join makes them."""
         assert self.time is not None and self.time.grain is not None
-        period = _quote(self.time.name)
+        grain, period = self.time.grain, _quote(self.time.name)
         others = [c for c in self._dim_columns() if c != period]
-        shift = f"CAST({period} + {offset} * {_GRAIN_STEP[self.time.grain]} AS DATE) AS {period}"
-        body = f"SELECT {', '.join([shift, *others, f'{ref.column} AS value'])} FROM {ref.cte}"
-        return _Ref(self._late(f"shift_{offset}_{ref.cte}_{ref.column}", body), "value", ref.zero_filled)
+        if shift.to_grain == grain:
+            body = f"SELECT {', '.join([period, *others, f'{ref.column} AS value'])} FROM {ref.cte}"
+        elif shift.to_grain:
+            if GRAINS.index(shift.to_grain) < GRAINS.index(grain) or grain == "week":
+                raise _invalid(
+                    f"offset_to_grain {shift.to_grain} reads the start of a {shift.to_grain}: group by a finer grain "
+                    f"than {shift.to_grain} (day, or month for quarter and year), not by {grain}."
+                )
+            first = f"CAST({period} AS TIMESTAMP)"
+            last = f"{first} + {_GRAIN_STEP[shift.to_grain]} - {_GRAIN_STEP[grain]}"
+            spread = f"CAST(unnest(generate_series({first}, {last}, {_GRAIN_STEP[grain]})) AS DATE) AS {period}"
+            body = (
+                f"SELECT {', '.join([spread, *others, f'{ref.column} AS value'])} FROM {ref.cte} "
+                f"WHERE {period} = CAST(date_trunc('{shift.to_grain}', {period}) AS DATE)"
+            )
+        else:
+            for span in shift.spans:
+                self._check_span(span, grain)
+            moved = f"CAST({period} + {shift.interval} AS DATE) AS {period}"
+            # A day reads the day the span before it (MetricFlow): April 30 reads March 30, and
+            # March 31, which no day reads a month later, is read by none (not twice April 30).
+            exact = f"CAST(CAST({period} + {shift.interval} AS DATE) - ({shift.interval}) AS DATE) = {period}"
+            body = f"SELECT {', '.join([moved, *others, f'{ref.column} AS value'])} FROM {ref.cte} WHERE {exact}"
+        # Early: it reads only a scan, and the frame's rows include its periods.
+        name = self._early(f"shift_{len(self.early)}_{ref.cte}_{ref.column}", body)
+        keys = f"SELECT {', '.join(self._dim_columns())} FROM {name}"
+        if keys not in self.keys:
+            self.keys.append(keys)
+        return _Ref(name, "value", ref.zero_filled)
 
-    def _cumulative(self, metric: Metric, filters: list[str], offset: int) -> _Ref:
+    def _check_span(self, span: str, grain: str) -> None:
+        """Refuse a span that does not move the query's periods by whole periods (7 days by month):
+        shifting the month's total by 7 days is not the total of its days 7 days earlier."""
+        count, unit = span.removeprefix("INTERVAL ").split()
+        whole = {
+            "day": True,
+            "week": unit == "DAY" and int(count) % 7 == 0,
+            "month": unit in ("MONTH", "YEAR"),
+            "quarter": (unit == "MONTH" and int(count) % 3 == 0) or unit == "YEAR",
+            "year": unit == "YEAR",
+        }
+        if not whole[grain]:
+            raise _invalid(
+                f"An input {count} {unit.lower()}s earlier cannot be read by {grain}: it does not move a {grain} "
+                "by whole periods.",
+                "Group by a finer grain (metric_time__day).",
+            )
+
+    def _cumulative(self, metric: Metric, filters: list[str], offset: _Shift) -> _Ref:
         assert self.time is not None and self.time.grain is not None
         model, measure = self._measure(metric)
         joins: dict[str, str] = {}
@@ -441,7 +516,9 @@ class _Compiler:
                 self.keys.append(f"SELECT DISTINCT {', '.join(keys)} FROM {source}")
         value = _AGG_SQL[measure.agg].format(x="r.lakegate_value", p=measure.percentile)
         columns = [f"f.{c}" for c in self._dim_columns()]
-        start = f"(f.{period} - {offset} * {step})"  # the (shifted) period
+        if offset.to_grain:
+            raise _invalid(f"Metric {metric.name}: a running total cannot be read at the start of a period.")
+        start = f"(f.{period} - ({offset.interval}))"  # the (shifted) period
         if metric.period_agg == "last" or grain == "day":
             # The value on the period's last day that the total has (MetricFlow's period_agg last):
             # the period's end, or sooner where a windowed or to-date total stops; after that, none.
@@ -515,11 +592,12 @@ class _Compiler:
         pick = "arg_min(v, lakegate_day)" if metric.period_agg == "first" else "avg(v)"
         return f"SELECT {', '.join(keys)}, {pick} AS value FROM ({daily}) AS x GROUP BY ALL"
 
-    def _combined(self, metric: Metric, filters: list[str], offset: int) -> _Ref:
+    def _combined(self, metric: Metric, filters: list[str], offset: _Shift) -> _Ref:
         refs: list[tuple[MetricInput, _Ref]] = []
+        grain = self.time.grain if self.time is not None else None
         for used in metric.referenced_inputs():
             extra = " AND ".join(f"({f})" for f in (*filters, used.filter) if f) or None
-            refs.append((used, self.value(used, offset=offset + (used.offset or 0), extra_filter=extra)))
+            refs.append((used, self.value(used, offset=offset.then(used, grain), extra_filter=extra)))
         joins = "".join(self._left_join(ref, f"i{i}") for i, (_, ref) in enumerate(refs))
         values = [self._filled(f"i{i}", ref) for i, (_, ref) in enumerate(refs)]
         if metric.type == "ratio":
@@ -532,6 +610,9 @@ class _Compiler:
         return _Ref(self._late(f"metric_{metric.name}_{len(self.late)}", body), "value", False)
 
     def _early(self, name: str, body: str) -> str:
+        for existing, text in self.early:
+            if text == body:
+                return existing
         self.early.append((name, body))
         return name
 
@@ -587,8 +668,6 @@ class _Compiler:
         if len(set(self.query.metrics)) != len(self.query.metrics):
             raise _invalid("A metric is asked for twice.", "Name each metric once.")
         requested = [(name, self.value(MetricInput(name=name))) for name in self.query.metrics]
-        if not self.keys:
-            self.keys = self.fallback_keys  # every input is a period earlier: the rows they have
         columns = self._dim_columns()
         selected = [f"f.{c}" for c in columns]
         selected += [f"{self._filled(f'r{i}', ref)} AS {_quote(name)}" for i, (name, ref) in enumerate(requested)]

@@ -181,12 +181,34 @@ class MetricInput(_Frozen):
     version: int | None = Field(default=None, description="Default: the metric's current version.")
     filter: str | None = None
     offset: int | None = Field(default=None, ge=1, description="Periods earlier, at the query's time grain.")
+    offset_window: str | None = Field(
+        default=None, description="A time span earlier, e.g. '1 month' or '7 days' (dbt MetricFlow's offset_window)."
+    )
+    offset_to_grain: Literal["week", "month", "quarter", "year"] | None = Field(
+        default=None,
+        description="The value at the start of the period of this grain (dbt MetricFlow's offset_to_grain), e.g. "
+        "month: each day reads the first day of its month.",
+    )
     alias: str | None = None
+
+    @model_validator(mode="after")
+    def _one_offset(self) -> MetricInput:
+        if sum(x is not None for x in (self.offset, self.offset_window, self.offset_to_grain)) > 1:
+            raise ValueError(f"input {self.ref}: give one of offset, offset_window and offset_to_grain")
+        if self.offset_window is not None and not _WINDOW.match(self.offset_window):
+            raise ValueError(f"input {self.ref}: offset_window {self.offset_window!r} must look like '1 month'")
+        return self
 
     @property
     def ref(self) -> str:
         """The name the derived expression uses for this input."""
         return self.alias or self.name
+
+    @property
+    def offset_interval(self) -> str | None:
+        """offset_window as a DuckDB interval ("7 days" -> "INTERVAL 7 DAY")."""
+        match = _WINDOW.match(self.offset_window or "")
+        return f"INTERVAL {match.group(1)} {match.group(2).upper()}" if match else None
 
 
 class Metric(_Frozen):

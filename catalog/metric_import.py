@@ -12,9 +12,9 @@ What maps (MetricFlow -> lakegate): entities (primary, foreign), categorical and
 percentile (continuous), sum_boolean (a sum of the condition as 0 or 1); metrics simple, ratio,
 derived and cumulative (window or grain to date); filters on dimensions one join away, kept in
 MetricFlow's syntax (`{{ Dimension('customer__country') }} = 'MX'`), which lakegate resolves.
-Everything else is reported, not guessed: conversion metrics, saved queries, offsets in time spans
-(`offset_window`, `offset_to_grain`: lakegate offsets count periods of the query's grain),
-`fill_nulls_with`, `join_to_timespine`, non-additive dimensions, per-measure time dimensions,
+Offsets (`offset_window`, `offset_to_grain`) map as they are. Everything else is reported, not
+guessed: conversion metrics, saved queries, `fill_nulls_with`, `join_to_timespine`, non-additive
+dimensions, per-measure time dimensions,
 filters with TimeDimension, Entity or entity_path, and sub-day grains.
 """
 
@@ -259,12 +259,16 @@ class _Translator:
         entry["period_agg"] = period_agg
 
     def metric_input(self, used: Mapping[str, Any]) -> dict[str, Any]:
-        if used.get("offset_window") or used.get("offset_to_grain"):
-            raise _Dropped(
-                "an input offset by a time span (offset_window/offset_to_grain); lakegate offsets count periods "
-                "of the query's grain"
-            )
         entry: dict[str, Any] = {"name": used["name"]}
+        if window := used.get("offset_window"):
+            grain = str(window["granularity"]).lower()
+            if grain not in _GRAINS:
+                raise _Dropped(f"an offset_window in {grain}s (lakegate's finest grain is day)")
+            entry["offset_window"] = f"{int(window['count'])} {grain}{'s' if int(window['count']) != 1 else ''}"
+        if to_grain := used.get("offset_to_grain"):
+            if str(to_grain).lower() not in _GRAINS[1:]:
+                raise _Dropped(f"offset_to_grain {to_grain}")
+            entry["offset_to_grain"] = str(to_grain).lower()
         if used.get("alias"):
             entry["alias"] = used["alias"]
         filters = [

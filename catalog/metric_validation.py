@@ -312,7 +312,7 @@ def _needs_periods(catalog: SemanticCatalog, metric: Metric, seen: tuple[str, ..
     if metric.type == "cumulative" and (metric.window or metric.grain_to_date):
         return True
     for used in metric.referenced_inputs():
-        if used.offset:
+        if used.offset or used.offset_window or used.offset_to_grain:
             return True
         if used.name in seen:
             continue
@@ -321,6 +321,22 @@ def _needs_periods(catalog: SemanticCatalog, metric: Metric, seen: tuple[str, ..
         except LakegateError:
             continue
         if _needs_periods(catalog, inner, (*seen, metric.name)):
+            return True
+    return False
+
+
+def _offsets_in_time(catalog: SemanticCatalog, metric: Metric, seen: tuple[str, ...] = ()) -> bool:
+    """Whether the metric or an input of it reads an input a time span or a period start earlier."""
+    for used in metric.referenced_inputs():
+        if used.offset_window or used.offset_to_grain:
+            return True
+        if used.name in seen:
+            continue
+        try:
+            inner = catalog.metric(used.name, used.version)
+        except LakegateError:
+            continue
+        if _offsets_in_time(catalog, inner, (*seen, metric.name)):
             return True
     return False
 
@@ -344,7 +360,11 @@ def check_compiles(catalog: SemanticCatalog, *, file: str, skip: Iterable[str] =
         groupings: list[tuple[str, ...]] = [] if _needs_periods(catalog, metric) else [()]
         try:
             if available_dimensions(catalog, metric)[1]:
-                groupings.append(("metric_time__month",))
+                # By day where an input is a time span or a period start earlier: every such offset
+                # can be read by day, not every one by month (7 days earlier).
+                groupings.append(
+                    ("metric_time__day",) if _offsets_in_time(catalog, metric) else ("metric_time__month",)
+                )
         except Exception as exc:  # a compiler failure of any kind is what this check reports
             problems.append(Problem("compile", file, where, "", f"does not compile: {type(exc).__name__}: {exc}"))
             continue

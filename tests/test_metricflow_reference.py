@@ -46,11 +46,6 @@ _NOT_IMPORTED = "not imported (see the import report)"
 KNOWN_DIFFERENCES: dict[str, str] = {
     "multi_hop_dimension": "joins of more than one hop (customer__country__region)",
     "entity_as_group": "grouping by an entity",
-    "offset_window_month": _NOT_IMPORTED,
-    "offset_window_at_day_grain": _NOT_IMPORTED,
-    "growth_null_without_base": _NOT_IMPORTED,
-    "offset_days": _NOT_IMPORTED,
-    "offset_to_grain": _NOT_IMPORTED,
     "metric_filter_entity_path": _NOT_IMPORTED,
     "non_additive_last_day": _NOT_IMPORTED,
     "non_additive_first_day": _NOT_IMPORTED,
