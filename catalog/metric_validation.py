@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -306,13 +306,17 @@ def check_against_schemas(
     return checker.problems
 
 
-def _needs_periods(catalog: SemanticCatalog, metric: Metric, seen: tuple[str, ...] = ()) -> bool:
-    """Whether a metric can only be asked for by metric_time: it (or an input) compares with an
-    earlier period, or is a running total over a window or to date."""
-    if metric.type == "cumulative" and (metric.window or metric.grain_to_date):
+def _uses(
+    catalog: SemanticCatalog,
+    metric: Metric,
+    found: Callable[[Metric, MetricInput | None], bool],
+    seen: tuple[str, ...] = (),
+) -> bool:
+    """Whether `found` holds for the metric (input None) or for one of its inputs, at any depth."""
+    if found(metric, None):
         return True
     for used in metric.referenced_inputs():
-        if used.offset or used.offset_window or used.offset_to_grain:
+        if found(metric, used):
             return True
         if used.name in seen:
             continue
@@ -320,25 +324,26 @@ def _needs_periods(catalog: SemanticCatalog, metric: Metric, seen: tuple[str, ..
             inner = catalog.metric(used.name, used.version)
         except LakegateError:
             continue
-        if _needs_periods(catalog, inner, (*seen, metric.name)):
+        if _uses(catalog, inner, found, (*seen, metric.name)):
             return True
     return False
 
 
-def _offsets_in_time(catalog: SemanticCatalog, metric: Metric, seen: tuple[str, ...] = ()) -> bool:
+def _needs_periods(catalog: SemanticCatalog, metric: Metric) -> bool:
+    """Whether a metric can only be asked for by metric_time: it (or an input) compares with an
+    earlier period, or is a running total over a window or to date."""
+
+    def found(m: Metric, used: MetricInput | None) -> bool:
+        if used is None:
+            return m.type == "cumulative" and bool(m.window or m.grain_to_date)
+        return bool(used.offset or used.offset_window or used.offset_to_grain)
+
+    return _uses(catalog, metric, found)
+
+
+def _offsets_in_time(catalog: SemanticCatalog, metric: Metric) -> bool:
     """Whether the metric or an input of it reads an input a time span or a period start earlier."""
-    for used in metric.referenced_inputs():
-        if used.offset_window or used.offset_to_grain:
-            return True
-        if used.name in seen:
-            continue
-        try:
-            inner = catalog.metric(used.name, used.version)
-        except LakegateError:
-            continue
-        if _offsets_in_time(catalog, inner, (*seen, metric.name)):
-            return True
-    return False
+    return _uses(catalog, metric, lambda _, used: used is not None and bool(used.offset_window or used.offset_to_grain))
 
 
 def check_compiles(catalog: SemanticCatalog, *, file: str, skip: Iterable[str] = ()) -> tuple[list[Problem], int]:
