@@ -4,7 +4,8 @@ tests/fixtures/metricflow/tutorial holds what evals/metricflow_reference.py reco
 tutorial project (its seeds and semantic YAML, plus evals/metricflow/extra_metrics.yml) and
 MetricFlow's answer to every query of evals/metricflow/queries.yaml. Here the seeds are loaded into
 real Iceberg tables, `lakegate metrics import dbt` translates the project's semantic_manifest.json,
-and each query is asked through the gate's query_metrics. The suite does not need MetricFlow.
+and each query is asked with query_metrics through `lakegate serve` over stdio, with the MCP SDK's
+client. The suite does not need MetricFlow.
 
 KNOWN_DIFFERENCES lists the queries lakegate does not answer as MetricFlow does yet, each with the
 reason. The test fails when another query differs, and also when a listed one starts to agree, so
@@ -21,15 +22,17 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pyarrow.csv as pa_csv
 import pytest
 from click.testing import CliRunner
 
 from lakegate.catalog.warehouse import Warehouse
+from lakegate.evals.mcp_client import connect, text_of
 from lakegate.server.app import Runtime, open_runtime
 from lakegate.server.cli.main import cli
 from lakegate.server.settings import load_settings
-from tests.conftest import copy_demo_project, gate_call
+from tests.conftest import copy_demo_project
 
 FIXTURES = Path(__file__).parent / "fixtures" / "metricflow" / "tutorial"
 TABLES = {"transactions": "mf.transactions", "customers": "mf.customers", "countries": "mf.countries",
@@ -159,18 +162,35 @@ def _rows(columns: list[str], rows: list[list[Any]], order: list[str]) -> list[l
     return sorted(picked, key=lambda row: [(value is None, str(value)) for value in row])
 
 
-def _difference(runtime: Runtime, name: str, reference: dict[str, Any]) -> str | None:
+def _answers(runtime: Runtime) -> dict[str, dict[str, Any] | str]:
+    """lakegate's answer to every reference query lakegate can ask (its result, or its error
+    text), through `lakegate serve` over stdio with the MCP SDK's client, as an agent asks."""
+
+    async def ask() -> dict[str, dict[str, Any] | str]:
+        found: dict[str, dict[str, Any] | str] = {}
+        home, project = runtime.settings.state_dir, runtime.settings.project
+        audit = str(project.parent / "stdio-audit.jsonl")
+        async with connect("admin", home, project=project, LAKEGATE_AUDIT__PATH=audit) as client:
+            for name, reference in _reference().items():
+                arguments = _arguments(reference["query"])
+                if arguments is None or "error" in reference:
+                    continue
+                result = await client.call_tool("query_metrics", arguments)
+                found[name] = text_of(result) if result.is_error else dict(result.structured_content or {})
+        return found
+
+    return anyio.run(ask)
+
+
+def _difference(answer: dict[str, Any] | str | None, reference: dict[str, Any]) -> str | None:
     """Why lakegate's answer to a reference query differs from MetricFlow's; None when it agrees."""
-    arguments = _arguments(reference["query"])
     if "error" in reference:
         return "MetricFlow refused it"
-    if arguments is None:
+    if answer is None:
         return "lakegate cannot ask it"
-    outcome = gate_call(runtime, "admin", "query_metrics", arguments)
-    if outcome.error is not None:
-        return f"lakegate refused it: {outcome.error}"
-    assert outcome.result is not None
-    result = outcome.result.model_dump()
+    if isinstance(answer, str):
+        return f"lakegate refused it: {answer}"
+    result = answer
     columns = [column["name"] for column in result["columns"]]
     if sorted(columns) != sorted(reference["columns"]):
         return f"columns {columns} against {reference['columns']}"
@@ -194,7 +214,8 @@ def test_the_reference_set_covers_every_construct() -> None:
 
 
 def test_metric_answers_agree_with_metricflow_except_the_known_differences(tutorial: Runtime) -> None:
-    differing = {name: _difference(tutorial, name, reference) for name, reference in _reference().items()}
+    answers = _answers(tutorial)
+    differing = {name: _difference(answers.get(name), reference) for name, reference in _reference().items()}
     differing = {name: why for name, why in differing.items() if why is not None}
     unexpected = {name: why for name, why in differing.items() if name not in KNOWN_DIFFERENCES}
     fixed = sorted(set(KNOWN_DIFFERENCES) - set(differing))
