@@ -36,6 +36,7 @@ from lakegate.catalog.metric_definitions import (
     Measure,
     Metric,
     MetricInput,
+    NonAdditive,
     SemanticCatalog,
     SemanticModel,
     split_references,
@@ -208,6 +209,7 @@ class _Scan:
     joins: dict[str, str]
     where: list[str]
     values: list[str] = field(default_factory=list)
+    source: str | None = None  # what the scan reads as m, when not the model's whole table
 
     def column(self, sql: str) -> str:
         if sql not in self.values:
@@ -216,7 +218,7 @@ class _Scan:
 
     def sql(self) -> str:
         values = [f"{value} AS v{i}" for i, value in enumerate(self.values)]
-        text = f"SELECT {', '.join([*self.dimensions, *values])} FROM {self.model.table} AS m"
+        text = f"SELECT {', '.join([*self.dimensions, *values])} FROM {self.source or self.model.table} AS m"
         text += "".join(f" {join}" for join in self.joins.values())
         if self.where:
             text += " WHERE " + " AND ".join(f"({clause})" for clause in self.where)
@@ -398,7 +400,7 @@ class _Compiler:
 
     def _simple(self, metric: Metric, filters: list[str], *, keyed: bool, periods: bool) -> _Ref:
         model, measure = self._measure(metric)
-        scan = self._scan(model, metric, periods=periods)
+        scan = self._scan(model, metric, periods=periods, edge=measure)
         condition = " AND ".join(f"({self._filter(f, model, metric, scan.joins)})" for f in filters)
         value = _AGG_SQL[measure.agg].format(x=self._on(measure.expr, "m", model), p=measure.percentile)
         keys = f"SELECT {', '.join(self._dim_columns()) or '1 AS one'} FROM {scan.name}"
@@ -417,20 +419,45 @@ class _Compiler:
             self.keys.append(keys)
         return _Ref(scan.name, column, False)
 
-    def _scan(self, model: SemanticModel, metric: Metric, *, periods: bool) -> _Scan:
+    def _scan(self, model: SemanticModel, metric: Metric, *, periods: bool, edge: Measure | None = None) -> _Scan:
         """The one pass over a model's table that computes all of its measures the query needs;
-        with `periods`, the query's metric_time filters apply to its rows too."""
+        with `periods`, the query's metric_time filters apply to its rows too. A measure that does
+        not add up over time (`edge`, with a non_additive_dimension) gets a pass of its own over
+        the rows of its last (or first) day in each period."""
         if not any(ref.is_metric_time for ref, _ in self.filters):
             periods = True  # no period filter: one scan serves shifted and unshifted inputs alike
         key = f"scan_{model.name}" if periods else f"scan_{model.name}_all_periods"
+        source = None
+        if edge is not None and edge.non_additive_dimension is not None:
+            key += f"_edge_{edge.name}"
+            source = self._edge_rows(model, metric, edge.non_additive_dimension)
         if key in self.scans:
             return self.scans[key]
         joins: dict[str, str] = {}
         selected = [f"{self._dimension_sql(ref, model, metric, joins)} AS {_quote(ref.name)}" for ref in self.dims]
         where = self._where(model, metric, joins, periods=periods)
-        scan = _Scan(key, model, selected, joins, where)
+        scan = _Scan(key, model, selected, joins, where, source=source)
         self.scans[key] = scan
         return scan
+
+    def _edge_rows(self, model: SemanticModel, metric: Metric, edge: NonAdditive) -> str:
+        """The model's rows of the last (or first) day of `edge`'s time dimension in each period of
+        the query (and each of its window_groupings), as dbt MetricFlow keeps them for a
+        non-additive measure: a subquery to read as the model's table."""
+        dimension = model.dimension(edge.name)
+        if dimension is None or dimension.type != "time":
+            raise _invalid(f"Metric {metric.name}: {edge.name} is not a time dimension of model {model.name}.")
+        day = f"CAST(date_trunc('day', CAST({self._on(dimension.sql, 'e', model)} AS TIMESTAMP)) AS DATE)"
+        partition = []
+        if self.time is not None and self.time.grain is not None:
+            partition.append(_truncated(self._time_sql(model, "e", metric), self.time.grain))
+        for name in edge.window_groupings:
+            entity = model.entity(name)
+            if entity is None:
+                raise _invalid(f"Metric {metric.name}: model {model.name} has no entity {name} to group the window by.")
+            partition.append(self._on(entity.expr, "e", model))
+        over = f"PARTITION BY {', '.join(partition)}" if partition else ""
+        return f"(SELECT * FROM {model.table} AS e QUALIFY {day} = {edge.window_choice}({day}) OVER ({over}))"
 
     def _shifted(self, ref: _Ref, shift: _Shift) -> _Ref:
         """The same values read later, as dbt MetricFlow's offsets do: each period moved on by the

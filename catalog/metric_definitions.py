@@ -30,6 +30,7 @@ __all__ = [
     "Metric",
     "MetricInput",
     "MetricsFiles",
+    "NonAdditive",
     "SemanticCatalog",
     "SemanticModel",
     "load_semantic_catalog",
@@ -116,11 +117,23 @@ class Dimension(_Frozen):
         return self.expr or f'"{self.name}"'
 
 
+class NonAdditive(_Frozen):
+    """A measure that does not add up over time (a balance, a stock): in each period only the rows
+    of its last (or first) instant count, as dbt MetricFlow's non_additive_dimension."""
+
+    name: str = Field(description="The model's time dimension whose last (max) or first (min) day counts.")
+    window_choice: Literal["max", "min"] = "max"
+    window_groupings: tuple[str, ...] = Field(
+        default=(), description="Entities of the model whose own last day counts (each account's latest balance)."
+    )
+
+
 class Measure(_Frozen):
     name: str
     agg: Aggregation
     expr: str = Field(description="SQL over the model's columns that is aggregated.")
     percentile: float | None = Field(default=None, gt=0, lt=1, description="For agg percentile: which one.")
+    non_additive_dimension: NonAdditive | None = None
     description: str = ""
 
     @model_validator(mode="after")

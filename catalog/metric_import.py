@@ -13,8 +13,8 @@ percentile (continuous), sum_boolean (a sum of the condition as 0 or 1); metrics
 derived and cumulative (window or grain to date); filters on dimensions one join away, kept in
 MetricFlow's syntax (`{{ Dimension('customer__country') }} = 'MX'`), which lakegate resolves.
 Offsets (`offset_window`, `offset_to_grain`) map as they are. Everything else is reported, not
-guessed: conversion metrics, saved queries, `fill_nulls_with`, `join_to_timespine`, non-additive
-dimensions, per-measure time dimensions,
+guessed: conversion metrics, saved queries, `fill_nulls_with`, `join_to_timespine`, per-measure
+time dimensions,
 filters with TimeDimension, Entity or entity_path, and sub-day grains.
 """
 
@@ -144,9 +144,7 @@ class _Translator:
         agg = measure["agg"].lower()
         default_time = (model.get("defaults") or {}).get("agg_time_dimension")
         problem = None
-        if measure.get("non_additive_dimension"):
-            problem = "non_additive_dimension (the value on the first or last day of a period)"
-        elif measure.get("agg_time_dimension") and measure["agg_time_dimension"] != default_time:
+        if measure.get("agg_time_dimension") and measure["agg_time_dimension"] != default_time:
             problem = f"its own agg_time_dimension {measure['agg_time_dimension']} (lakegate: one per model)"
         elif agg == "percentile" and (measure.get("agg_params") or {}).get("use_discrete_percentile"):
             problem = "a discrete percentile (lakegate computes continuous percentiles)"
@@ -160,6 +158,12 @@ class _Translator:
             entry["expr"] = f"CAST(({expr}) AS INTEGER)"
         if agg == "percentile":
             entry["percentile"] = float((measure.get("agg_params") or {})["percentile"])
+        if edge := measure.get("non_additive_dimension"):
+            entry["non_additive_dimension"] = {
+                "name": edge["name"],
+                "window_choice": str(edge.get("window_choice") or "max").lower(),
+                "window_groupings": list(edge.get("window_groupings") or []),
+            }
         if measure.get("description"):
             entry["description"] = " ".join(measure["description"].split())
         return entry
