@@ -29,7 +29,7 @@ from sqlglot import exp
 from sqlglot.optimizer.annotate_types import annotate_types
 
 from lakegate.catalog.iceberg_scan import duckdb_type
-from lakegate.catalog.metric_compiler import MetricQuery, available_dimensions, compile_query
+from lakegate.catalog.metric_compiler import compile_query
 from lakegate.catalog.metric_definitions import (
     LOCK_FILE,
     REFERENCE_PREFIX,
@@ -41,6 +41,7 @@ from lakegate.catalog.metric_definitions import (
     locate_metrics,
     split_references,
 )
+from lakegate.catalog.metric_query import MetricQuery, available_dimensions
 from lakegate.errors import ConfigurationError, InvalidArgument, LakegateError
 
 __all__ = [

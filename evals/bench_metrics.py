@@ -23,7 +23,8 @@ from typing import Any
 
 import anyio
 
-from lakegate.catalog.metric_compiler import MetricQuery, compile_query
+from lakegate.catalog.metric_compiler import compile_query
+from lakegate.catalog.metric_query import MetricQuery
 from lakegate.evals.bench_gate import percentiles
 from lakegate.evals.bench_query import _raw_connection
 from lakegate.server.app import open_runtime

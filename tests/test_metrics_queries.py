@@ -263,8 +263,9 @@ def test_simple_metrics_of_one_model_share_one_scan_and_an_offset_is_a_shift() -
     """Revenue, orders, their ratio and growth against last month read sales.orders once."""
     from pathlib import Path
 
-    from lakegate.catalog.metric_compiler import MetricQuery, compile_query
+    from lakegate.catalog.metric_compiler import compile_query
     from lakegate.catalog.metric_definitions import load_semantic_catalog
+    from lakegate.catalog.metric_query import MetricQuery
 
     catalog = load_semantic_catalog(Path(__file__).resolve().parents[1])
     query = MetricQuery(("revenue", "orders", "average_order_value", "revenue_growth_mom"), ("metric_time__month",))

@@ -16,8 +16,8 @@ from typing import Any, Literal, Protocol
 from pydantic import Field
 
 from lakegate.catalog.document_search import CLASSIFICATIONS
-from lakegate.catalog.metric_compiler import CompiledQuery, MetricQuery, available_dimensions
 from lakegate.catalog.metric_definitions import SemanticCatalog
+from lakegate.catalog.metric_query import CompiledQuery, MetricQuery, available_dimensions
 from lakegate.errors import InvalidArgument, NotFound
 from lakegate.policies.explain import MASK_USES, ColumnRuling, SubjectPolicy
 from lakegate.policies.resources import (

@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from lakegate.catalog.metric_compiler import DimensionFilter, MetricQuery, available_dimensions
 from lakegate.catalog.metric_definitions import Metric, MetricInput, SemanticCatalog
+from lakegate.catalog.metric_query import DimensionFilter, MetricQuery, available_dimensions
 from lakegate.tools.base import Page, PageArgs, ToolArgs, ToolResult, ToolSpec, paginate
 from lakegate.tools.names import ToolName
 from lakegate.tools.query import GovernedReadArgs, QueryResult, render_query, run_governed

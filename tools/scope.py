@@ -18,8 +18,8 @@ if TYPE_CHECKING:
     from lakegate.catalog.document_search import DocumentSearch, SearchMode
     from lakegate.catalog.iceberg_writes import AppendOutcome, RestoreOutcome
     from lakegate.catalog.ingest import Document, IngestOutcome
-    from lakegate.catalog.metric_compiler import CompiledQuery, MetricQuery
     from lakegate.catalog.metric_definitions import SemanticCatalog
+    from lakegate.catalog.metric_query import CompiledQuery, MetricQuery
     from lakegate.catalog.query_embedder import TextEncoder
     from lakegate.catalog.staged_changes import StagedChange
     from lakegate.catalog.warehouse import DatasetInfo

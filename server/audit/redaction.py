@@ -26,8 +26,8 @@ import sqlglot
 from sqlglot import exp
 
 from lakegate.catalog.definitions import CatalogDefinitions
-from lakegate.catalog.metric_compiler import parse_dimension
 from lakegate.catalog.metric_definitions import SemanticCatalog
+from lakegate.catalog.metric_query import parse_dimension
 from lakegate.errors import AuditWriteError, InvalidArgument
 from lakegate.policies.redaction import RedactionRules
 from lakegate.server.audit.files import create_private_file

@@ -324,7 +324,8 @@ def diff_command(
     the same Iceberg snapshots; the rows where they differ are listed with both values, and the
     totals (the metric without grouping) below. Exit 0 whether they differ or not.
     """
-    from lakegate.catalog.metric_compiler import MetricQuery, available_dimensions, compile_query
+    from lakegate.catalog.metric_compiler import compile_query
+    from lakegate.catalog.metric_query import MetricQuery, available_dimensions
     from lakegate.server.app import open_runtime
     from lakegate.server.gate.identity import stdio_principal
     from lakegate.server.logs import configure_logging

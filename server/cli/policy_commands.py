@@ -37,7 +37,7 @@ from lakegate.server.cli.context import command_settings as _settings
 from lakegate.server.settings import Settings
 
 if TYPE_CHECKING:
-    from lakegate.catalog.metric_compiler import CompiledQuery
+    from lakegate.catalog.metric_query import CompiledQuery
     from lakegate.tools.access import AccessExplanation
 
 __all__ = ["policy"]

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from lakegate.catalog.iceberg_scan import ScanPlan
     from lakegate.catalog.ingest import Document, IngestOutcome
     from lakegate.catalog.live_metrics import LiveMetrics
-    from lakegate.catalog.metric_compiler import CompiledQuery, MetricQuery
     from lakegate.catalog.metric_definitions import SemanticCatalog
+    from lakegate.catalog.metric_query import CompiledQuery, MetricQuery
     from lakegate.catalog.query_embedder import TextEncoder
     from lakegate.catalog.query_engine import QueryEngine
     from lakegate.policies.column_review import ColumnReview
