@@ -49,45 +49,19 @@ from lakegate.catalog.metric_query import (
     parse_dimension,
 )
 from lakegate.catalog.metric_query import query_error as _invalid
+from lakegate.catalog.metric_sql import (
+    AGG_SQL,
+    DIALECT,
+    GRAIN_STEP,
+    ZERO_FILLED,
+    derived_expression,
+    literal,
+    periods_interval,
+    quote,
+    truncated,
+)
 
 __all__ = ["compile_query"]
-
-DIALECT = "duckdb"
-_ZERO_FILLED = {"sum", "count", "count_distinct"}
-_AGG_SQL = {
-    "sum": "sum({x})",
-    "count": "count({x})",
-    "count_distinct": "count(DISTINCT {x})",
-    "avg": "avg({x})",
-    "min": "min({x})",
-    "max": "max({x})",
-    "median": "median({x})",
-    "percentile": "quantile_cont({x}, {p})",
-}
-_GRAIN_STEP = {"day": "INTERVAL 1 DAY", "week": "INTERVAL 7 DAY", "month": "INTERVAL 1 MONTH",
-               "quarter": "INTERVAL 3 MONTH", "year": "INTERVAL 1 YEAR"}  # fmt: skip
-
-
-def _literal(value: Any) -> str:
-    if value is None:
-        return "NULL"
-    if isinstance(value, bool):
-        return "TRUE" if value else "FALSE"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return "'" + value.replace("'", "''") + "'"
-    raise _invalid(f"Filter value {value!r} must be a string, number, boolean or null.", "Send a plain value.")
-
-
-def _truncated(sql: str, grain: str) -> str:
-    # On a plain TIMESTAMP (UTC in lakegate's sandboxes), date_trunc is several times faster than
-    # on a TIMESTAMPTZ, which goes through the ICU calendar.
-    return f"CAST(date_trunc('{grain}', CAST({sql} AS TIMESTAMP)) AS DATE)"
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 @dataclass(frozen=True)
@@ -111,20 +85,13 @@ class _Shift:
         if used.offset:
             if grain is None:
                 return _Shift((*spans, "INTERVAL 0 DAY"), self.to_grain)  # refused later: no metric_time
-            spans = (*spans, _periods(used.offset, grain))
+            spans = (*spans, periods_interval(used.offset, grain))
         if used.offset_interval:
             spans = (*spans, used.offset_interval)
         to_grain = used.offset_to_grain or self.to_grain
         if to_grain and spans:
             raise _invalid(f"Input {used.ref}: offset_to_grain does not combine with other offsets.", "Use one offset.")
         return _Shift(spans, to_grain)
-
-
-def _periods(count: int, grain: str) -> str:
-    """`count` periods of `grain` as a DuckDB interval."""
-    unit, times = {"day": ("DAY", 1), "week": ("DAY", 7), "month": ("MONTH", 1), "quarter": ("MONTH", 3),
-                   "year": ("YEAR", 1)}[grain]  # fmt: skip
-    return f"INTERVAL {count * times} {unit}"
 
 
 @dataclass(frozen=True)
@@ -240,7 +207,7 @@ class _Compiler:
         """SQL for a dimension on a metric's model (alias m), adding the join it needs to `joins`."""
         if ref.is_metric_time:
             raw = self._time_sql(model, "m", metric)
-            return _truncated(raw, ref.grain) if ref.grain else raw
+            return truncated(raw, ref.grain) if ref.grain else raw
         assert ref.entity is not None and ref.dimension is not None
         target = self.catalog.model_with_primary(ref.entity)
         if target is None:
@@ -268,7 +235,7 @@ class _Compiler:
                 there = self._on(target.primary_entity.expr, alias, target)
                 joins[alias] = f"LEFT JOIN {target.table} AS {alias} ON {here} = {there}"
         sql = self._on(dimension.sql, alias, target)
-        return _truncated(sql, ref.grain) if ref.grain else sql
+        return truncated(sql, ref.grain) if ref.grain else sql
 
     def _where(self, model: SemanticModel, metric: Metric, joins: dict[str, str], *, periods: bool) -> list[str]:
         """The query's filters as SQL on the model's rows (metric_time filters only when `periods`)."""
@@ -285,10 +252,10 @@ class _Compiler:
         if spec.op in ("in", "not in"):
             if not isinstance(spec.value, list) or not spec.value:
                 raise _invalid(f"Filter '{spec.op}' on {spec.dimension} needs a non-empty list of values.")
-            return f"{sql} {spec.op.upper()} ({', '.join(_literal(v) for v in spec.value)})"
+            return f"{sql} {spec.op.upper()} ({', '.join(literal(v) for v in spec.value)})"
         if isinstance(spec.value, list):
             raise _invalid(f"Filter '{spec.op}' on {spec.dimension} takes one value, not a list.")
-        return f"{sql} {spec.op} {_literal(spec.value)}"
+        return f"{sql} {spec.op} {literal(spec.value)}"
 
     # -- metrics --------------------------------------------------------------------------------
     #
@@ -327,6 +294,10 @@ class _Compiler:
         if metric.type == "cumulative":
             self.every_period = True
             return self._cumulative(metric, filters, offset)
+        if metric.type == "conversion":
+            if offset:
+                raise _invalid(f"Metric {metric.name} is a conversion metric: it cannot be read a period earlier.")
+            return self._conversion(metric, filters)
         return self._combined(metric, filters, offset)
 
     def _measure(self, metric: Metric) -> tuple[SemanticModel, Measure]:
@@ -339,7 +310,7 @@ class _Compiler:
         model, measure = self._measure(metric)
         scan = self._scan(model, metric, periods=periods, edge=measure)
         condition = " AND ".join(f"({self._filter(f, model, metric, scan.joins)})" for f in filters)
-        value = _AGG_SQL[measure.agg].format(x=self._on(measure.expr, "m", model), p=measure.percentile)
+        value = AGG_SQL[measure.agg].format(x=self._on(measure.expr, "m", model), p=measure.percentile)
         keys = f"SELECT {', '.join(self._dim_columns()) or '1 AS one'} FROM {scan.name}"
         if condition:
             # As in MetricFlow, a metric's filter decides which groups it has at all: a group none
@@ -349,7 +320,7 @@ class _Compiler:
             present = scan.column(f"count(*) FILTER (WHERE {condition})")
             keys += f" WHERE {present} > 0"
             value = f"{value} FILTER (WHERE {condition})"
-            if measure.agg in _ZERO_FILLED and self.dims:  # without groups, an empty count is 0, as in SQL
+            if measure.agg in ZERO_FILLED and self.dims:  # without groups, an empty count is 0, as in SQL
                 value = f"CASE WHEN count(*) FILTER (WHERE {condition}) > 0 THEN {value} END"
         column = scan.column(value)
         if keyed and keys not in self.keys:
@@ -371,7 +342,7 @@ class _Compiler:
         if key in self.scans:
             return self.scans[key]
         joins: dict[str, str] = {}
-        selected = [f"{self._dimension_sql(ref, model, metric, joins)} AS {_quote(ref.name)}" for ref in self.dims]
+        selected = [f"{self._dimension_sql(ref, model, metric, joins)} AS {quote(ref.name)}" for ref in self.dims]
         where = self._where(model, metric, joins, periods=periods)
         scan = _Scan(key, model, selected, joins, where, source=source)
         self.scans[key] = scan
@@ -387,7 +358,7 @@ class _Compiler:
         day = f"CAST(date_trunc('day', CAST({self._on(dimension.sql, 'e', model)} AS TIMESTAMP)) AS DATE)"
         partition = []
         if self.time is not None and self.time.grain is not None:
-            partition.append(_truncated(self._time_sql(model, "e", metric), self.time.grain))
+            partition.append(truncated(self._time_sql(model, "e", metric), self.time.grain))
         for name in edge.window_groupings:
             entity = model.entity(name)
             if entity is None:
@@ -402,7 +373,7 @@ class _Compiler:
         period of `to_grain` (every period in it reads that value). The moved periods are rows of
         the answer too, as MetricFlow's full outer join makes them."""
         assert self.time is not None and self.time.grain is not None
-        grain, period = self.time.grain, _quote(self.time.name)
+        grain, period = self.time.grain, quote(self.time.name)
         others = [c for c in self._dim_columns() if c != period]
         if shift.to_grain == grain:
             body = f"SELECT {', '.join([period, *others, f'{ref.column} AS value'])} FROM {ref.cte}"
@@ -413,8 +384,8 @@ class _Compiler:
                     f"than {shift.to_grain} (day, or month for quarter and year), not by {grain}."
                 )
             first = f"CAST({period} AS TIMESTAMP)"
-            last = f"{first} + {_GRAIN_STEP[shift.to_grain]} - {_GRAIN_STEP[grain]}"
-            spread = f"CAST(unnest(generate_series({first}, {last}, {_GRAIN_STEP[grain]})) AS DATE) AS {period}"
+            last = f"{first} + {GRAIN_STEP[shift.to_grain]} - {GRAIN_STEP[grain]}"
+            spread = f"CAST(unnest(generate_series({first}, {last}, {GRAIN_STEP[grain]})) AS DATE) AS {period}"
             body = (
                 f"SELECT {', '.join([spread, *others, f'{ref.column} AS value'])} FROM {ref.cte} "
                 f"WHERE {period} = CAST(date_trunc('{shift.to_grain}', {period}) AS DATE)"
@@ -458,7 +429,7 @@ class _Compiler:
         joins: dict[str, str] = {}
         others = [d for d in self.dims if not d.is_metric_time]
         rows = [f"CAST({self._time_sql(model, 'm', metric)} AS TIMESTAMP) AS lakegate_ts"]
-        rows += [f"{self._dimension_sql(d, model, metric, joins)} AS {_quote(d.name)}" for d in others]
+        rows += [f"{self._dimension_sql(d, model, metric, joins)} AS {quote(d.name)}" for d in others]
         rows.append(f"{self._on(measure.expr, 'm', model)} AS lakegate_value")
         where = [self._filter(f, model, metric, joins) for f in filters] + self._where(
             model, metric, joins, periods=False
@@ -467,10 +438,10 @@ class _Compiler:
         if where:
             body += " WHERE " + " AND ".join(f"({clause})" for clause in where)
         source = self._early(f"rows_{metric.name}_{len(self.early)}", body)
-        grain, step = self.time.grain, _GRAIN_STEP[self.time.grain]
-        period = _quote(self.time.name)
+        grain, step = self.time.grain, GRAIN_STEP[self.time.grain]
+        period = quote(self.time.name)
         if not offset:
-            keys = [f"CAST(date_trunc('{grain}', lakegate_ts) AS DATE) AS {period}", *(_quote(d.name) for d in others)]
+            keys = [f"CAST(date_trunc('{grain}', lakegate_ts) AS DATE) AS {period}", *(quote(d.name) for d in others)]
             self.keys.append(f"SELECT DISTINCT {', '.join(keys)} FROM {source}")
             # As in MetricFlow, a running total goes on after the last row while its window still
             # holds rows: to the window's end, or to the end of the grain-to-date period.
@@ -478,7 +449,7 @@ class _Compiler:
             if last != "CAST(lakegate_ts AS DATE)":
                 keys[0] = f"CAST(date_trunc('{grain}', {last}) AS DATE) AS {period}"
                 self.keys.append(f"SELECT DISTINCT {', '.join(keys)} FROM {source}")
-        value = _AGG_SQL[measure.agg].format(x="r.lakegate_value", p=measure.percentile)
+        value = AGG_SQL[measure.agg].format(x="r.lakegate_value", p=measure.percentile)
         columns = [f"f.{c}" for c in self._dim_columns()]
         if offset.to_grain:
             raise _invalid(f"Metric {metric.name}: a running total cannot be read at the start of a period.")
@@ -491,7 +462,7 @@ class _Compiler:
             if metric.window_interval or metric.grain_to_date:
                 stop = f"(SELECT max({self._last_day(metric, 'lakegate_ts')}) FROM {source}) + INTERVAL 1 DAY"
                 end = f"least({end}, {stop})"
-            if measure.agg in _ZERO_FILLED:
+            if measure.agg in ZERO_FILLED:
                 value = f"coalesce({value}, 0)"  # a window without rows, between rows, counts 0
             if metric.window_interval or metric.grain_to_date:
                 value = f"CASE WHEN {start} < {stop} THEN {value} END"
@@ -510,7 +481,7 @@ class _Compiler:
         if metric.window_interval:
             return f"CAST({ts} + {metric.window_interval} - INTERVAL 1 DAY AS DATE)"
         if metric.grain_to_date:
-            to_date = _GRAIN_STEP[metric.grain_to_date]
+            to_date = GRAIN_STEP[metric.grain_to_date]
             return f"CAST(date_trunc('{metric.grain_to_date}', {ts}) + {to_date} - INTERVAL 1 DAY AS DATE)"
         return f"CAST({ts} AS DATE)"
 
@@ -524,7 +495,7 @@ class _Compiler:
             window.append(
                 f"r.lakegate_ts >= date_trunc('{metric.grain_to_date}', CAST({end} AS TIMESTAMP) - INTERVAL 1 DAY)"
             )
-        window += [f"{frame}.{_quote(d.name)} IS NOT DISTINCT FROM r.{_quote(d.name)}" for d in others]
+        window += [f"{frame}.{quote(d.name)} IS NOT DISTINCT FROM r.{quote(d.name)}" for d in others]
         return " AND ".join(window)
 
     def _by_day(
@@ -556,6 +527,73 @@ class _Compiler:
         pick = "arg_min(v, lakegate_day)" if metric.period_agg == "first" else "avg(v)"
         return f"SELECT {', '.join(keys)}, {pick} AS value FROM ({daily}) AS x GROUP BY ALL"
 
+    def _conversion(self, metric: Metric, filters: list[str]) -> _Ref:
+        """A conversion metric, as dbt MetricFlow computes it: each conversion event is matched to
+        the latest base event of the same entity at most `window` before it (the same instant
+        included), and counts for that base event's groups; the rate divides the conversions'
+        measure by the base events' measure, by the base events' groups."""
+        assert metric.conversion_measure is not None and metric.entity is not None and metric.window_interval
+        base_model, base_measure = self._measure(metric)
+        found = self.catalog.measure_model(metric.conversion_measure)
+        assert found is not None
+        conversion_model, conversion_measure = found
+        base_key, conversion_key = base_model.entity(metric.entity), conversion_model.entity(metric.entity)
+        if base_key is None or conversion_key is None or conversion_model.time_dimension is None:
+            raise _invalid(
+                f"Metric {metric.name}: models {base_model.name} and {conversion_model.name} must both hold the "
+                f"entity {metric.entity}, and {conversion_model.name} a time dimension."
+            )
+        joins: dict[str, str] = {}
+        dims = [f"{self._dimension_sql(ref, base_model, metric, joins)} AS {quote(ref.name)}" for ref in self.dims]
+        where = [self._filter(f, base_model, metric, joins) for f in filters]
+        where += self._where(base_model, metric, joins, periods=True)
+        base_rows = [
+            *dims,
+            f"CAST({self._time_sql(base_model, 'm', metric)} AS TIMESTAMP) AS lakegate_ts",
+            f"{self._on(base_key.expr, 'm', base_model)} AS lakegate_entity",
+            f"{self._on(base_measure.expr, 'm', base_model)} AS lakegate_value",
+        ]
+        body = f"SELECT {', '.join(base_rows)} FROM {base_model.table} AS m" + "".join(f" {j}" for j in joins.values())
+        if where:
+            body += " WHERE " + " AND ".join(f"({clause})" for clause in where)
+        base = self._early(f"conversion_base_{metric.name}", body)
+        conversion_time = self._time_sql(conversion_model, "m", metric)
+        events = (
+            f"SELECT CAST({conversion_time} AS TIMESTAMP) AS lakegate_ts, "
+            f"{self._on(conversion_key.expr, 'm', conversion_model)} AS lakegate_entity, "
+            f"{self._on(conversion_measure.expr, 'm', conversion_model)} AS lakegate_value, "
+            f"row_number() OVER () AS lakegate_event FROM {conversion_model.table} AS m"
+        )
+        conversions = self._early(f"conversion_events_{metric.name}", events)
+        columns = self._dim_columns()
+        matched = (
+            f"SELECT {', '.join([*(f'b.{c}' for c in columns), 'c.lakegate_value'])} FROM {base} AS b "
+            f"JOIN {conversions} AS c ON c.lakegate_entity = b.lakegate_entity AND b.lakegate_ts <= c.lakegate_ts "
+            f"AND c.lakegate_ts <= b.lakegate_ts + {metric.window_interval} "
+            "QUALIFY row_number() OVER (PARTITION BY c.lakegate_event ORDER BY b.lakegate_ts DESC) = 1"
+        )
+
+        def totals(name: str, source: str, measure: Measure) -> str:
+            value = AGG_SQL[measure.agg].format(x="lakegate_value", p=measure.percentile)
+            return self._early(name, f"SELECT {', '.join([*columns, f'{value} AS value'])} FROM {source} GROUP BY ALL")
+
+        converted = totals(f"conversion_totals_{metric.name}", f"({matched})", conversion_measure)
+        based = totals(f"conversion_base_totals_{metric.name}", base, base_measure)
+        keys = f"SELECT {', '.join(columns) or '1 AS one'} FROM {based}"
+        if keys not in self.keys:
+            self.keys.append(keys)
+        # A base group without any conversion converted nothing: 0, not NULL.
+        value = "coalesce(c.value, 0)"
+        if metric.calculation == "conversion_rate":
+            value = f"CAST({value} AS DOUBLE) / NULLIF(b.value, 0)"
+        frame = [f"f.{c}" for c in columns]
+        body = (
+            f"SELECT {', '.join([*frame, f'{value} AS value'])} FROM lakegate_frame AS f "
+            f"LEFT JOIN {converted} AS c ON {self._join_on('f', 'c')} "
+            f"LEFT JOIN {based} AS b ON {self._join_on('f', 'b')}"
+        )
+        return _Ref(self._late(f"metric_{metric.name}_{len(self.late)}", body), "value", False)
+
     def _combined(self, metric: Metric, filters: list[str], offset: _Shift) -> _Ref:
         refs: list[tuple[MetricInput, _Ref]] = []
         grain = self.time.grain if self.time is not None else None
@@ -568,7 +606,7 @@ class _Compiler:
             # By position: numerator and denominator are often the same metric with other filters.
             value = f"CAST({values[0]} AS DOUBLE) / NULLIF({values[1]}, 0)"
         else:
-            value = _derived_expression(metric, {used.ref: v for (used, _), v in zip(refs, values, strict=True)})
+            value = derived_expression(metric, {used.ref: v for (used, _), v in zip(refs, values, strict=True)})
         columns = [f"f.{c}" for c in self._dim_columns()]
         body = f"SELECT {', '.join([*columns, f'{value} AS value'])} FROM lakegate_frame AS f{joins}"
         return _Ref(self._late(f"metric_{metric.name}_{len(self.late)}", body), "value", False)
@@ -588,7 +626,7 @@ class _Compiler:
         return name
 
     def _dim_columns(self) -> list[str]:
-        return [_quote(d.name) for d in self.dims]
+        return [quote(d.name) for d in self.dims]
 
     def _filled(self, alias: str, ref: _Ref) -> str:
         column = f"{alias}.{ref.column}"
@@ -612,11 +650,11 @@ class _Compiler:
         if self.time is None or not self.every_period:
             return keys
         assert self.time.grain is not None
-        period = _quote(self.time.name)
+        period = quote(self.time.name)
         others = [c for c in columns if c != period]
         spine = (
             f"SELECT CAST(unnest(generate_series(CAST(min({period}) AS TIMESTAMP), CAST(max({period}) AS TIMESTAMP), "
-            f"{_GRAIN_STEP[self.time.grain]})) AS DATE) AS {period} FROM lakegate_keys"
+            f"{GRAIN_STEP[self.time.grain]})) AS DATE) AS {period} FROM lakegate_keys"
         )
         if not others:
             return f"WITH lakegate_keys AS ({keys}) {spine}"
@@ -634,7 +672,7 @@ class _Compiler:
         requested = [(name, self.value(MetricInput(name=name))) for name in self.query.metrics]
         columns = self._dim_columns()
         selected = [f"f.{c}" for c in columns]
-        selected += [f"{self._filled(f'r{i}', ref)} AS {_quote(name)}" for i, (name, ref) in enumerate(requested)]
+        selected += [f"{self._filled(f'r{i}', ref)} AS {quote(name)}" for i, (name, ref) in enumerate(requested)]
         sql = f"SELECT {', '.join(selected)} FROM lakegate_frame AS f"
         sql += "".join(self._left_join(ref, f"r{i}") for i, (_, ref) in enumerate(requested))
         period_filters = [
@@ -658,18 +696,18 @@ class _Compiler:
         '2025-10-15' by month keeps October), and a filter by year keeps every month of the year.
         """
         assert self.time is not None and self.time.grain is not None
-        period = f"f.{_quote(self.time.name)}"
+        period = f"f.{quote(self.time.name)}"
         plain = self._condition(period, spec)  # also checks the value's shape
         if ref.grain == self.time.grain or spec.op in ("is null", "is not null"):
             return plain
-        start, end = f"CAST({period} AS TIMESTAMP)", f"({period} + {_GRAIN_STEP[self.time.grain]})"
+        start, end = f"CAST({period} AS TIMESTAMP)", f"({period} + {GRAIN_STEP[self.time.grain]})"
         values = spec.value if isinstance(spec.value, list) else [spec.value]
 
         def low(value: Any) -> str:
-            return f"CAST({_literal(value)} AS TIMESTAMP)"
+            return f"CAST({literal(value)} AS TIMESTAMP)"
 
         def high(value: Any) -> str:  # the end of the filter's own period (the instant itself without a grain)
-            return f"({low(value)} + {_GRAIN_STEP[ref.grain]})" if ref.grain else low(value)
+            return f"({low(value)} + {GRAIN_STEP[ref.grain]})" if ref.grain else low(value)
 
         before = "<" if ref.grain else "<="
         if spec.op in ("=", "in"):
@@ -694,29 +732,10 @@ class _Compiler:
             if name not in known:
                 raise _invalid(f"order_by '{item}' is neither a requested metric nor a group_by dimension.",
                                "Order by names from metrics or group_by; prefix '-' for descending.")  # fmt: skip
-            terms.append(f"{_quote(name)} {'DESC' if item.startswith('-') else 'ASC'} NULLS LAST")
+            terms.append(f"{quote(name)} {'DESC' if item.startswith('-') else 'ASC'} NULLS LAST")
         # Then every dimension, so that ties come in a stable order and pages never overlap.
         terms += [f"{c} ASC NULLS LAST" for c in columns if f"{c} ASC NULLS LAST" not in terms]
         return " ORDER BY " + ", ".join(terms) if terms else ""
-
-
-def _derived_expression(metric: Metric, values: dict[str, str]) -> str:
-    """The derived metric's expression with each input name replaced by its value; `/` never divides by 0."""
-    assert metric.expr is not None
-
-    def substitute(node: exp.Expr) -> exp.Expr:
-        if not isinstance(node, exp.Column):
-            return node
-        if node.name not in values:
-            raise _invalid(f"Metric {metric.name}: expression names {node.name}, which is not one of its inputs.")
-        return sqlglot.parse_one(values[node.name], dialect=DIALECT)
-
-    # transform, not replace: the expression may be a single input, the root itself.
-    tree = sqlglot.parse_one(metric.expr, dialect=DIALECT).transform(substitute)
-    for division in list(tree.find_all(exp.Div)):
-        division.set("this", exp.Cast(this=division.this, to=exp.DataType.build("DOUBLE")))
-        division.set("expression", exp.Nullif(this=division.expression, expression=exp.Literal.number(0)))
-    return tree.sql(DIALECT)
 
 
 def compile_query(catalog: SemanticCatalog, query: MetricQuery) -> CompiledQuery:

@@ -228,7 +228,7 @@ class Metric(_Frozen):
     name: str
     version: int = Field(ge=1)
     retired: bool = False
-    type: Literal["simple", "ratio", "derived", "cumulative"]
+    type: Literal["simple", "ratio", "derived", "cumulative", "conversion"]
     description: str
     owner: str
     synonyms: tuple[str, ...] = ()
@@ -240,6 +240,16 @@ class Metric(_Frozen):
     inputs: tuple[MetricInput, ...] = ()
     window: str | None = Field(default=None, description="Cumulative over a trailing window, e.g. '3 months'.")
     grain_to_date: Literal["week", "month", "quarter", "year"] | None = None
+    conversion_measure: str | None = Field(
+        default=None, description="Conversion metrics: the measure of the events that count as conversions."
+    )
+    entity: str | None = Field(
+        default=None, description="Conversion metrics: the entity whose base event a conversion event follows."
+    )
+    calculation: Literal["conversion_rate", "conversions"] = Field(
+        default="conversion_rate",
+        description="Conversion metrics: the conversions divided by the base events, or the conversions alone.",
+    )
     period_agg: Literal["first", "last", "average"] = Field(
         default="last",
         description="A cumulative metric by a grain coarser than a day: its value on the period's last day "
@@ -252,14 +262,22 @@ class Metric(_Frozen):
         needs = {
             "simple": {"measure"},
             "cumulative": {"measure"},
+            "conversion": {"measure"},
             "ratio": {"numerator", "denominator"},
             "derived": {"expr", "inputs"},
         }[self.type]
         given = {name for name in ("measure", "numerator", "denominator", "expr", "inputs") if getattr(self, name)}
         if given != needs:
             raise ValueError(f"metric {self.name} ({self.type}) takes {sorted(needs)}, not {sorted(given)}")
-        if self.type != "cumulative" and (self.window or self.grain_to_date):
-            raise ValueError(f"metric {self.name}: window and grain_to_date are for cumulative metrics")
+        if self.type != "cumulative" and self.grain_to_date:
+            raise ValueError(f"metric {self.name}: grain_to_date is for cumulative metrics")
+        if self.type not in ("cumulative", "conversion") and self.window:
+            raise ValueError(f"metric {self.name}: window is for cumulative and conversion metrics")
+        conversion = (self.conversion_measure, self.entity, self.window)
+        if self.type == "conversion" and not all(conversion):
+            raise ValueError(f"metric {self.name}: a conversion metric needs conversion_measure, entity and window")
+        if self.type != "conversion" and (self.conversion_measure or self.entity):
+            raise ValueError(f"metric {self.name}: conversion_measure and entity are for conversion metrics")
         if self.window and self.grain_to_date:
             raise ValueError(f"metric {self.name}: give a window or grain_to_date, not both")
         if self.window and not _WINDOW.match(self.window):
@@ -303,8 +321,9 @@ class SemanticCatalog(_Frozen):
             if (metric.name, metric.version) in seen:
                 raise ValueError(f"metric {metric.name} version {metric.version} is defined twice")
             seen.add((metric.name, metric.version))
-            if metric.measure and self.measure_model(metric.measure) is None:
-                raise ValueError(f"metric {metric.name} v{metric.version}: no measure named {metric.measure}")
+            for measure in (metric.measure, metric.conversion_measure):
+                if measure and self.measure_model(measure) is None:
+                    raise ValueError(f"metric {metric.name} v{metric.version}: no measure named {measure}")
             for used in metric.referenced_inputs():
                 if not any(m.name == used.name for m in self.metrics):
                     raise ValueError(f"metric {metric.name} v{metric.version}: no metric named {used.name}")

@@ -13,7 +13,7 @@ percentile (continuous), sum_boolean (a sum of the condition as 0 or 1); metrics
 derived and cumulative (window or grain to date); filters on dimensions one join away, kept in
 MetricFlow's syntax (`{{ Dimension('customer__country') }} = 'MX'`), which lakegate resolves.
 Offsets (`offset_window`, `offset_to_grain`) map as they are. Everything else is reported, not
-guessed: conversion metrics, saved queries, `fill_nulls_with`, `join_to_timespine`, per-measure
+guessed: conversion metrics with constant properties, saved queries, `fill_nulls_with`, `join_to_timespine`, per-measure
 time dimensions,
 filters with TimeDimension, Entity or entity_path, and sub-day grains.
 """
@@ -234,6 +234,8 @@ class _Translator:
                 raise _Dropped("a filter on a derived metric itself (lakegate filters its inputs)")
             entry["expr"] = " ".join(str(params["expr"]).split())
             entry["inputs"] = [self.metric_input(used) for used in params.get("metrics", [])]
+        elif kind == "conversion":
+            self.conversion(params.get("conversion_type_params") or {}, kept_measures, entry)
         else:
             raise _Dropped(f"metric type {kind} (not in lakegate yet)")
         entry["description"] = " ".join((metric.get("description") or metric.get("label") or metric["name"]).split())
@@ -261,6 +263,25 @@ class _Translator:
         if period_agg not in ("first", "last", "average"):
             raise _Dropped(f"period_agg {period_agg}")
         entry["period_agg"] = period_agg
+
+    def conversion(self, conversion: Mapping[str, Any], kept_measures: set[str], entry: dict[str, Any]) -> None:
+        base, converted = conversion.get("base_measure") or {}, conversion.get("conversion_measure") or {}
+        if conversion.get("constant_properties"):
+            raise _Dropped("constant_properties of a conversion metric (not in lakegate yet)")
+        for measure in (base, converted):
+            if measure.get("filter") or measure.get("fill_nulls_with") is not None or measure.get("join_to_timespine"):
+                raise _Dropped("a filter, fill_nulls_with or join_to_timespine on a conversion metric's measure")
+            if measure.get("name") not in kept_measures:
+                raise _Dropped(f"its measure {measure.get('name')} was not imported")
+        window = conversion.get("window")
+        if not window or str(window["granularity"]).lower() not in _GRAINS:
+            raise _Dropped("a conversion window that is missing or finer than a day")
+        count = int(window["count"])
+        entry["measure"] = base["name"]
+        entry["conversion_measure"] = converted["name"]
+        entry["entity"] = conversion["entity"]
+        entry["window"] = f"{count} {str(window['granularity']).lower()}{'s' if count != 1 else ''}"
+        entry["calculation"] = str(conversion.get("calculation") or "conversion_rate").lower()
 
     def metric_input(self, used: Mapping[str, Any]) -> dict[str, Any]:
         entry: dict[str, Any] = {"name": used["name"]}

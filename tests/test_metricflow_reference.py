@@ -55,9 +55,6 @@ KNOWN_DIFFERENCES: dict[str, str] = {
     "fill_nulls_spine_day": _NOT_IMPORTED,
     "fill_nulls_spine_week": _NOT_IMPORTED,
     "cumulative_all_time": _FRAME,
-    "conversion_rate": _NOT_IMPORTED,
-    "conversion_rate_by_month": _NOT_IMPORTED,
-    "conversions_count": _NOT_IMPORTED,
     "saved_core_transaction_metrics": "saved queries",
     "saved_cumulative_transaction_metrics": "saved queries",
 }
@@ -250,10 +247,14 @@ def test_a_second_import_of_the_same_manifest_changes_nothing(tutorial: Runtime)
     assert report["changed"] is False and metrics_file.read_text() == before
     # Every construct not translated is named, with the file and line it is defined at.
     dropped = {note["where"]: note for note in report["notes"] if note["kind"] == "dropped"}
-    assert dropped["metric new_customer_to_buyer"]["location"] == "models/extra_metrics.yml:" + str(
-        _line(FIXTURES / "inputs" / "models" / "extra_metrics.yml", "new_customer_to_buyer")
+    assert dropped["metric transactions_filled"]["location"] == "models/extra_metrics.yml:" + str(
+        _line(FIXTURES / "inputs" / "models" / "extra_metrics.yml", "transactions_filled")
     )
-    assert "conversion" in dropped["metric new_customer_to_buyer"]["what"]
+    assert "fill_nulls_with" in dropped["metric transactions_filled"]["what"]
+    saved = dropped["saved query core_transaction_metrics"]
+    assert saved["location"] == "models/saved_queries.yml:" + str(
+        _line(FIXTURES / "inputs" / "models" / "saved_queries.yml", "core_transaction_metrics")
+    )
 
 
 def _line(path: Path, name: str) -> int:

@@ -31,7 +31,7 @@ class ListMetricsArgs(PageArgs):
 class MetricSummary(ToolResult):
     name: str
     version: int = Field(description="Current version (the one used unless a query names another).")
-    type: Literal["simple", "ratio", "derived", "cumulative"]
+    type: Literal["simple", "ratio", "derived", "cumulative", "conversion"]
     description: str
     synonyms: list[str]
     owner: str
@@ -111,7 +111,7 @@ class ColumnUse(ToolResult):
 class MetricDescription(ToolResult):
     name: str
     version: int
-    type: Literal["simple", "ratio", "derived", "cumulative"]
+    type: Literal["simple", "ratio", "derived", "cumulative", "conversion"]
     description: str
     owner: str
     synonyms: list[str]
@@ -146,6 +146,15 @@ def _definition(semantic: SemanticCatalog, metric: Metric) -> dict[str, Any]:
         if metric.type == "cumulative" and not (metric.window or metric.grain_to_date):
             out["window"] = "all time"
         return out
+    if metric.type == "conversion":
+        return {
+            "base_measure": metric.measure,
+            "conversion_measure": metric.conversion_measure,
+            "entity": metric.entity,
+            "window": metric.window,
+            "calculation": metric.calculation,
+            **({"filter": metric.filter} if metric.filter else {}),
+        }
     if metric.type == "ratio":
         assert metric.numerator is not None and metric.denominator is not None
         return {"numerator": used(metric.numerator), "denominator": used(metric.denominator)}
