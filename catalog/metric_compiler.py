@@ -208,33 +208,34 @@ class _Compiler:
         if ref.is_metric_time:
             raw = self._time_sql(model, "m", metric)
             return truncated(raw, ref.grain) if ref.grain else raw
-        assert ref.entity is not None and ref.dimension is not None
-        target = self.catalog.model_with_primary(ref.entity)
-        if target is None:
-            raise _invalid(f"'{ref.name}': there is no entity named {ref.entity}.")
-        dimension = target.dimension(ref.dimension)
-        if dimension is None:
-            known = ", ".join(f"{ref.entity}__{d.name}" for d in target.dimensions) or "none"
-            raise _invalid(f"'{ref.name}': {ref.entity} has no dimension {ref.dimension} (it has: {known}).")
-        if dimension.type == "time" and ref.grain is None and ref in self.dims:
-            raise _invalid(f"'{ref.name}' is a time dimension: add a grain, e.g. {ref.name}__month.")
-        if target.name == model.name:
-            alias = "m"
-        else:
-            key = model.entity(ref.entity)
+        assert ref.entity is not None and ref.owner is not None and ref.dimension is not None
+        alias, here = "m", model
+        for hop, entity in enumerate(ref.path or (ref.entity,)):
+            target = self.catalog.model_with_primary(entity)
+            if target is None:
+                raise _invalid(f"'{ref.name}': there is no entity named {entity}.")
+            if target.name == here.name:
+                continue  # the model's own primary entity: no join
+            key = here.entity(entity)
             if key is None:
                 raise _invalid(
-                    f"Metric {metric.name} (model {model.name}) cannot be broken down by '{ref.name}': "
-                    f"{model.name} holds no {ref.entity} key, and lakegate joins only along one key to the "
-                    "model that owns it, so that no measure is counted twice.",
+                    f"Metric {metric.name} cannot be broken down by '{ref.name}': {here.name} holds no {entity} key, "
+                    f"and lakegate joins only along keys to the model that owns them, so that no measure is counted "
+                    "twice.",
                     f"Use a dimension of {model.name} or of a model it references.",
                 )
-            alias = f"j_{ref.entity}"
-            if alias not in joins:
-                here = self._on(key.expr, "m", model)
-                there = self._on(target.primary_entity.expr, alias, target)
-                joins[alias] = f"LEFT JOIN {target.table} AS {alias} ON {here} = {there}"
-        sql = self._on(dimension.sql, alias, target)
+            joined = "j_" + "__".join((ref.path or (ref.entity,))[: hop + 1])
+            if joined not in joins:
+                there = self._on(target.primary_entity.expr, joined, target)
+                joins[joined] = f"LEFT JOIN {target.table} AS {joined} ON {self._on(key.expr, alias, here)} = {there}"
+            alias, here = joined, target
+        dimension = here.dimension(ref.dimension)
+        if dimension is None:
+            known = ", ".join(f"{ref.owner}__{d.name}" for d in here.dimensions) or "none"
+            raise _invalid(f"'{ref.name}': {ref.owner} has no dimension {ref.dimension} (it has: {known}).")
+        if dimension.type == "time" and ref.grain is None and ref in self.dims:
+            raise _invalid(f"'{ref.name}' is a time dimension: add a grain, e.g. {ref.name}__month.")
+        sql = self._on(dimension.sql, alias, here)
         return truncated(sql, ref.grain) if ref.grain else sql
 
     def _where(self, model: SemanticModel, metric: Metric, joins: dict[str, str], *, periods: bool) -> list[str]:

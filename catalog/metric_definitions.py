@@ -40,8 +40,11 @@ __all__ = [
 ]
 
 #: A reference to a dimension in a metric filter, in dbt MetricFlow's syntax:
-#: {{ Dimension('customer__country') }}. Resolved through the join graph when the metric compiles.
-_REFERENCE = re.compile(r"\{\{\s*Dimension\(\s*'([A-Za-z0-9_]+)'\s*\)\s*\}\}")
+#: {{ Dimension('customer__country') }}, {{ Dimension('country__region', entity_path=['customer']) }}.
+#: Resolved through the join graph when the metric compiles.
+_REFERENCE = re.compile(
+    r"\{\{\s*Dimension\(\s*'([A-Za-z0-9_]+)'\s*(?:,\s*entity_path\s*=\s*\[((?:\s*'[A-Za-z0-9_]+'\s*,?)*)\])?\s*\)\s*\}\}"
+)
 #: What a reference stands for in the SQL text while it is parsed: a column of this name.
 REFERENCE_PREFIX = "lakegate_ref_"
 
@@ -57,14 +60,16 @@ def split_references(sql: str) -> tuple[str, list[str]]:
     names: list[str] = []
 
     def placeholder(match: re.Match[str]) -> str:
-        names.append(match.group(1).lower())
+        # entity_path=['customer'] with 'country__region' is customer__country__region.
+        path = re.findall(r"'([A-Za-z0-9_]+)'", match.group(2) or "")
+        names.append("__".join([*path, match.group(1)]).lower())
         return f"{REFERENCE_PREFIX}{len(names) - 1}"
 
     text = _REFERENCE.sub(placeholder, sql)
     if "{{" in text or "}}" in text:
         raise ValueError(
-            f"filter {sql!r}: only {{{{ Dimension('entity__dimension') }}}} references are understood "
-            "(not TimeDimension, Entity or entity_path yet)"
+            f"filter {sql!r}: only {{{{ Dimension('entity__dimension') }}}} references are understood, with an "
+            "optional entity_path (not TimeDimension or Entity yet)"
         )
     return text, names
 

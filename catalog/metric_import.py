@@ -10,8 +10,9 @@ a second import of the same manifest changes nothing and drift shows as versions
 What maps (MetricFlow -> lakegate): entities (primary, foreign), categorical and time dimensions
 (day grain and coarser), measures sum, count, count_distinct, average, min, max, median,
 percentile (continuous), sum_boolean (a sum of the condition as 0 or 1); metrics simple, ratio,
-derived and cumulative (window or grain to date); filters on dimensions one join away, kept in
-MetricFlow's syntax (`{{ Dimension('customer__country') }} = 'MX'`), which lakegate resolves.
+derived, cumulative and conversion; filters on dimensions through joins, kept in MetricFlow's
+syntax (`{{ Dimension('country__region', entity_path=['customer']) }} = 'NA'`), which lakegate
+resolves.
 Offsets (`offset_window`, `offset_to_grain`) map as they are. Everything else is reported, not
 guessed: conversion metrics with constant properties, saved queries, `fill_nulls_with`, `join_to_timespine`, per-measure
 time dimensions,
@@ -26,13 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from lakegate.catalog.metric_definitions import split_references
+
 __all__ = ["ImportNote", "Translation", "find_definition", "merge_definitions", "translate_manifest"]
 
 _AGGREGATIONS = {"sum": "sum", "count": "count", "count_distinct": "count_distinct", "average": "avg",
                  "min": "min", "max": "max", "median": "median", "percentile": "percentile"}  # fmt: skip
 _GRAINS = ("day", "week", "month", "quarter", "year")
-_DIMENSION_REF = re.compile(r"\{\{\s*(\w+)\((.*?)\)\s*\}\}", re.DOTALL)
-_NAME_ARGUMENT = re.compile(r"^\s*'([^']+)'\s*$")
 
 
 @dataclass(frozen=True)
@@ -309,13 +310,10 @@ class _Translator:
         graph (one hop: entity__dimension), or _Dropped for what it does not understand yet."""
         if measure not in self.measure_model:
             raise _Dropped("a filter on a metric whose model is not known")
-        for match in _DIMENSION_REF.finditer(template):
-            function, arguments = match.group(1), match.group(2)
-            name = _NAME_ARGUMENT.match(arguments)
-            if function != "Dimension" or name is None:
-                raise _Dropped(f"a filter with {function}({arguments.strip()}) (only Dimension('entity__name') maps)")
-            if name.group(1).count("__") != 1:
-                raise _Dropped(f"a filter on {name.group(1)}: lakegate joins one hop (entity__dimension)")
+        try:
+            split_references(template)
+        except ValueError as exc:
+            raise _Dropped(f"a filter lakegate does not understand: {exc}") from exc
         return " ".join(template.split())
 
 

@@ -36,16 +36,27 @@ def query_error(message: str, hint: str = DIMENSIONS_HINT) -> InvalidArgument:
 
 @dataclass(frozen=True)
 class DimensionRef:
-    """A dimension as a query names it: customer__region, order__order_ts__month, metric_time__month."""
+    """A dimension as a query names it: customer__region, order__order_ts__month, metric_time__month,
+    or through more than one join, customer__country__region (dbt MetricFlow's entity path)."""
 
     name: str
-    entity: str | None  # None for metric_time
+    entity: str | None  # the first entity of the path; None for metric_time
     dimension: str | None
     grain: str | None
+    path: tuple[str, ...] = ()  # every entity joined through, the first one included
 
     @property
     def is_metric_time(self) -> bool:
         return self.entity is None
+
+    @property
+    def owner(self) -> str | None:
+        """The entity whose model holds the dimension: the last of the path."""
+        return self.path[-1] if self.path else self.entity
+
+
+#: Joins one dimension may go through (customer__country__region is two).
+MAX_HOPS = 3
 
 
 def parse_dimension(name: str, *, grain_required: bool = True) -> DimensionRef:
@@ -57,12 +68,12 @@ def parse_dimension(name: str, *, grain_required: bool = True) -> DimensionRef:
         if grain is None and grain_required:
             raise query_error(f"'{name}' needs a grain, e.g. metric_time__month ({', '.join(GRAINS)}).")
         return DimensionRef(name.lower(), None, None, grain)
-    if len(head) != 2 or not all(head):
+    if not 2 <= len(head) <= MAX_HOPS + 1 or not all(head):
         raise query_error(
             f"'{name}' is not a dimension name: use entity__dimension (customer__region), "
-            "entity__time_dimension__grain, or metric_time__grain."
+            "entity__time_dimension__grain, entity__entity__dimension through two joins, or metric_time__grain."
         )
-    return DimensionRef(name.lower(), head[0], head[1], grain)
+    return DimensionRef(name.lower(), head[0], head[-1], grain, tuple(head[:-1]))
 
 
 @dataclass(frozen=True)
@@ -106,11 +117,17 @@ def available_dimensions(catalog: SemanticCatalog, metric: Metric) -> tuple[list
     assert found is not None
     model = found[0]
     names = set()
-    for entity in model.entities:
-        owner = catalog.model_with_primary(entity.name)
+    # One join, and two (customer__country__region): every hop to a model's primary entity.
+    paths: list[tuple[str, ...]] = [(entity.name,) for entity in model.entities]
+    for first, *_ in list(paths):
+        middle = catalog.model_with_primary(first)
+        if middle is not None and middle.name != model.name:
+            paths += [(first, entity.name) for entity in middle.entities if entity.type == "foreign"]
+    for path in paths:
+        owner = catalog.model_with_primary(path[-1])
         if owner is None:
             continue
         for dimension in owner.dimensions:
             suffix = "__<grain>" if dimension.type == "time" else ""
-            names.add(f"{entity.name}__{dimension.name}{suffix}")
+            names.add(f"{'__'.join(path)}__{dimension.name}{suffix}")
     return sorted(names), list(GRAINS) if model.time_dimension else []

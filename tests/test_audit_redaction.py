@@ -281,3 +281,40 @@ def test_metric_filters_on_pii_dimensions_are_hashed(tmp_path: Path) -> None:
         semantic=semantic,
     )
     assert plain["where"][0]["value"] == EMAIL
+
+
+def test_a_pii_dimension_two_joins_away_is_hashed_too(tmp_path: Path) -> None:
+    key = AuditKey(tmp_path / "audit.key")
+    semantic = parse_semantic_catalog(TWO_HOPS, source="test")
+    arguments = {"metrics": ["units"], "where": [{"dimension": "order__customer__email", "op": "=", "value": EMAIL}]}
+    logged = audit_arguments(
+        "query_metrics", arguments, RedactionRules(), key, definitions=load_definitions(REPO), semantic=semantic
+    )
+    assert logged["where"][0]["value"] == key.marker(EMAIL)  # the model at the end of the path holds the column
+
+
+TWO_HOPS = """
+semantic_models:
+  - name: customers
+    table: sales.customers
+    entities:
+      - {name: customer, type: primary, expr: customer_id}
+    dimensions:
+      - {name: email, type: categorical}
+    measures: []
+  - name: orders
+    table: sales.orders
+    entities:
+      - {name: order, type: primary, expr: order_id}
+      - {name: customer, type: foreign, expr: customer_id}
+    measures: []
+  - name: order_items
+    table: sales.order_items
+    entities:
+      - {name: order_line, type: primary, expr: "order_id * 1000 + line_number"}
+      - {name: order, type: foreign, expr: order_id}
+    measures:
+      - {name: units_sum, agg: sum, expr: quantity}
+metrics:
+  - {name: units, version: 1, type: simple, measure: units_sum, description: "Units", owner: me}
+"""

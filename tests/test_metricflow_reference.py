@@ -47,11 +47,8 @@ _FRAME = "running totals: MetricFlow extends them over its time spine, lakegate 
 _NOT_IMPORTED = "not imported (see the import report)"
 #: Queries lakegate answers differently today, and why (issue 17 lists the work).
 KNOWN_DIFFERENCES: dict[str, str] = {
-    "multi_hop_dimension": "joins of more than one hop (customer__country__region)",
     "entity_as_group": "grouping by an entity",
-    "metric_filter_entity_path": _NOT_IMPORTED,
     "where_or_not": "filters with OR and NOT",
-    "where_multi_hop": "joins of more than one hop in a filter",
     "fill_nulls_spine_day": _NOT_IMPORTED,
     "fill_nulls_spine_week": _NOT_IMPORTED,
     "cumulative_all_time": _FRAME,
@@ -59,7 +56,8 @@ KNOWN_DIFFERENCES: dict[str, str] = {
     "saved_cumulative_transaction_metrics": "saved queries",
 }
 _SIMPLE_WHERE = re.compile(
-    r"^\{\{\s*(?:Dimension\('(?P<dimension>\w+)'\)|TimeDimension\('metric_time',\s*'(?P<grain>\w+)'\))\s*\}\}"
+    r"^\{\{\s*(?:Dimension\('(?P<dimension>\w+)'(?:,\s*entity_path=\['(?P<path>\w+)'\])?\)"
+    r"|TimeDimension\('metric_time',\s*'(?P<grain>\w+)'\))\s*\}\}"
     r"\s*(?P<op>=|!=|<|<=|>|>=)\s*'(?P<value>[^']*)'\s*$"
 )
 
@@ -125,6 +123,8 @@ def _arguments(query: dict[str, Any]) -> dict[str, Any] | None:
         if match is None:
             return None
         dimension = match["dimension"] or f"metric_time__{match['grain']}"
+        if match["path"]:
+            dimension = f"{match['path']}__{dimension}"
         where.append({"dimension": dimension, "op": match["op"], "value": match["value"]})
     arguments: dict[str, Any] = {"metrics": query["metrics"], "group_by": query.get("group_by", []), "where": where}
     arguments["order_by"] = query.get("order_by", [])
@@ -265,12 +265,11 @@ def test_a_filter_reference_is_a_placeholder_until_the_compiler_resolves_it() ->
     from lakegate.catalog.metric_definitions import split_references
 
     text, names = split_references(
-        "{{ Dimension('customer__Country') }} = 'MX' OR {{Dimension('order__status')}} IS NULL"
+        "{{ Dimension('customer__Country') }} = 'MX' "
+        "OR {{Dimension('region', entity_path=['customer', 'country'])}} IS NULL"
     )
-    assert text == "lakegate_ref_0 = 'MX' OR lakegate_ref_1 IS NULL" and names == ["customer__country", "order__status"]
-    for unsupported in (
-        "{{ TimeDimension('metric_time', 'day') }} > '2022-01-01'",
-        "{{ Dimension('a__b', entity_path=['c']) }}",
-    ):
+    assert text == "lakegate_ref_0 = 'MX' OR lakegate_ref_1 IS NULL"
+    assert names == ["customer__country", "customer__country__region"]
+    for unsupported in ("{{ TimeDimension('metric_time', 'day') }} > '2022-01-01'", "{{ Entity('customer') }} = 'c1'"):
         with pytest.raises(ValueError, match="only"):
             split_references(unsupported)

@@ -20,6 +20,7 @@ from tests.metrics_support import (
     hand,
     metric_rows,
     metrics,
+    ok,
     ratio,
     refused,
     same,
@@ -303,3 +304,23 @@ def test_many_metrics_fit_the_guard_and_a_denied_metric_names_only_itself(rt: Ru
     # asked for and nothing it is built on.
     error = str(refused(rt, "query_metrics", "support_agent", metrics=["net_revenue"], group_by=["order__region"]))
     assert "net_revenue" in error and "refunds" not in error
+
+
+def test_a_dimension_two_joins_away(rt: Runtime) -> None:
+    """Units sold (order lines) by the region of the customer who placed the order: order lines ->
+    orders -> customers, each join to a model's primary key, so no line is counted twice."""
+    expected = hand(
+        rt,
+        """
+        SELECT c.region, sum(i.quantity) FROM sales.order_items i JOIN sales.orders o ON o.order_id = i.order_id
+        JOIN sales.customers c ON c.customer_id = o.customer_id GROUP BY 1 ORDER BY 1
+        """,
+    )
+    got = metric_rows(rt, metrics=["units_sold"], group_by=["order__customer__region"])
+    assert_table(got, expected)
+    assert "order__customer__region" in ok(rt, "describe_metric", "analyst", name="units_sold")["dimensions"]
+    # A filter through the same path.
+    emea = metric_rows(
+        rt, metrics=["units_sold"], where=[{"dimension": "order__customer__region", "op": "=", "value": "EMEA"}]
+    )
+    assert same(emea[0][0], dict((row[0], row[1]) for row in expected)["EMEA"])

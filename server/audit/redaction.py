@@ -243,9 +243,9 @@ def _dimension_is_tagged(
         ref = parse_dimension(name, grain_required=False)
     except InvalidArgument:
         return False  # not a dimension: the call fails, and no column is named
-    if ref.entity is None or ref.dimension is None:
+    if ref.owner is None or ref.dimension is None:
         return False  # metric_time
-    model = semantic.model_with_primary(ref.entity)
+    model = semantic.model_with_primary(ref.owner)  # the model at the end of the path holds it
     dimension = model.dimension(ref.dimension) if model is not None else None
     if model is None or dimension is None:
         return False
