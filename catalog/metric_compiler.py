@@ -24,7 +24,7 @@ How a query compiles:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sqlglot
@@ -101,6 +101,7 @@ class _Ref:
     cte: str
     column: str
     zero_filled: bool  # sum and count read 0 where there is no row (running totals and offsets only)
+    fill: float | None = None  # the metric's fill_nulls_with: its value where it has no row
 
 
 @dataclass
@@ -140,6 +141,8 @@ class _Compiler:
         self.late: list[tuple[str, str]] = []  # CTEs over lakegate_frame (and shifts)
         self.keys: list[str] = []  # SELECTs of the dimension values each metric has rows for
         self.every_period = False  # a running total or an earlier period: the frame holds every period
+        self.spine = False  # join_to_timespine: the frame holds every period of the time spine
+        self.to_spine_end = False  # an all-time running total goes on to the time spine's end
         self.used: dict[str, int] = {}
         self.columns: dict[str, set[str]] = {}
         self.dims = [parse_dimension(name) for name in query.group_by]
@@ -288,12 +291,22 @@ class _Compiler:
             )
         if metric.type == "simple" or (metric.type == "cumulative" and self.time is None):
             # Without periods, the running total over all time up to now is the plain total.
+            if metric.join_to_timespine and self.time is not None:
+                if self.catalog.time_spine is None:
+                    raise _invalid(
+                        f"Metric {metric.name} joins to the time spine, and metrics.yaml defines none.",
+                        "Ask the metrics' owner to add time_spine (start, end) to catalog/metrics.yaml.",
+                    )
+                self.spine = True
             if not offset:
-                return self._simple(metric, filters, keyed=True, periods=True)
-            # Earlier: the whole earlier period, whatever the query's period filters cut.
-            return self._shifted(self._simple(metric, filters, keyed=False, periods=False), offset)
+                found = self._simple(metric, filters, keyed=True, periods=True)
+            else:  # earlier: the whole earlier period, whatever the query's period filters cut
+                found = self._shifted(self._simple(metric, filters, keyed=False, periods=False), offset)
+            return replace(found, fill=metric.fill_nulls_with)
         if metric.type == "cumulative":
             self.every_period = True
+            if not (metric.window or metric.grain_to_date) and self.catalog.time_spine is not None:
+                self.to_spine_end = True  # as MetricFlow: an all-time total goes on to the spine's end
             return self._cumulative(metric, filters, offset)
         if metric.type == "conversion":
             if offset:
@@ -631,6 +644,8 @@ class _Compiler:
 
     def _filled(self, alias: str, ref: _Ref) -> str:
         column = f"{alias}.{ref.column}"
+        if ref.fill is not None:
+            return f"coalesce({column}, {ref.fill!r})"
         return f"coalesce({column}, 0)" if ref.zero_filled and self.every_period else column
 
     def _left_join(self, ref: _Ref, alias: str) -> str:
@@ -648,15 +663,26 @@ class _Compiler:
         if not columns:
             return "SELECT 1 AS one"
         keys = " UNION ".join(self.keys)
-        if self.time is None or not self.every_period:
+        if self.time is None or not (self.every_period or self.spine):
             return keys
         assert self.time.grain is not None
-        period = quote(self.time.name)
+        grain, period = self.time.grain, quote(self.time.name)
         others = [c for c in columns if c != period]
+        first, last = f"min({period})", f"max({period})"
+        time_spine = self.catalog.time_spine
+        if time_spine is not None and (self.spine or self.to_spine_end):
+            # As MetricFlow: every period of the time spine (the query's period filters then cut
+            # it), or, for an all-time running total, on to the spine's end.
+            end = f"CAST(date_trunc('{grain}', DATE '{time_spine.end.isoformat()}') AS DATE)"
+            last = f"greatest({last}, {end})" if not self.spine else end
+            if self.spine:
+                first = f"CAST(date_trunc('{grain}', DATE '{time_spine.start.isoformat()}') AS DATE)"
         spine = (
-            f"SELECT CAST(unnest(generate_series(CAST(min({period}) AS TIMESTAMP), CAST(max({period}) AS TIMESTAMP), "
-            f"{GRAIN_STEP[self.time.grain]})) AS DATE) AS {period} FROM lakegate_keys"
+            f"SELECT CAST(unnest(generate_series(CAST({first} AS TIMESTAMP), CAST({last} AS TIMESTAMP), "
+            f"{GRAIN_STEP[grain]})) AS DATE) AS {period}"
         )
+        if not self.spine:  # bounds from the rows' own periods (aggregates: one series)
+            spine += " FROM lakegate_keys"
         if not others:
             return f"WITH lakegate_keys AS ({keys}) {spine}"
         combos = f"SELECT DISTINCT {', '.join(others)} FROM lakegate_keys"

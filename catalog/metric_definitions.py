@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import date
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -33,6 +34,7 @@ __all__ = [
     "NonAdditive",
     "SemanticCatalog",
     "SemanticModel",
+    "TimeSpine",
     "load_semantic_catalog",
     "locate_metrics",
     "parse_semantic_catalog",
@@ -245,6 +247,10 @@ class Metric(_Frozen):
     inputs: tuple[MetricInput, ...] = ()
     window: str | None = Field(default=None, description="Cumulative over a trailing window, e.g. '3 months'.")
     grain_to_date: Literal["week", "month", "quarter", "year"] | None = None
+    join_to_timespine: bool = Field(
+        default=False, description="A row for every period of the time spine, not only those with rows."
+    )
+    fill_nulls_with: float | None = Field(default=None, description="The value where the metric has no rows.")
     conversion_measure: str | None = Field(
         default=None, description="Conversion metrics: the measure of the events that count as conversions."
     )
@@ -281,6 +287,8 @@ class Metric(_Frozen):
         conversion = (self.conversion_measure, self.entity, self.window)
         if self.type == "conversion" and not all(conversion):
             raise ValueError(f"metric {self.name}: a conversion metric needs conversion_measure, entity and window")
+        if self.join_to_timespine and self.type != "simple":
+            raise ValueError(f"metric {self.name}: join_to_timespine is for simple metrics")
         if self.type != "conversion" and (self.conversion_measure or self.entity):
             raise ValueError(f"metric {self.name}: conversion_measure and entity are for conversion metrics")
         if self.window and self.grain_to_date:
@@ -309,9 +317,19 @@ class Metric(_Frozen):
         return self.inputs
 
 
+class TimeSpine(_Frozen):
+    """The days metrics may be read over where they have no rows (dbt MetricFlow's time spine): a
+    metric with join_to_timespine has a row for every period in it, and an all-time running total
+    goes on to its end."""
+
+    start: date
+    end: date
+
+
 class SemanticCatalog(_Frozen):
     semantic_models: tuple[SemanticModel, ...]
     metrics: tuple[Metric, ...]
+    time_spine: TimeSpine | None = None
 
     @model_validator(mode="after")
     def _valid(self) -> SemanticCatalog:

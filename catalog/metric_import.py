@@ -14,8 +14,8 @@ derived, cumulative and conversion; filters on dimensions through joins, kept in
 syntax (`{{ Dimension('country__region', entity_path=['customer']) }} = 'NA'`), which lakegate
 resolves.
 Offsets (`offset_window`, `offset_to_grain`) map as they are. Everything else is reported, not
-guessed: conversion metrics with constant properties, saved queries, `fill_nulls_with`, `join_to_timespine`, per-measure
-time dimensions,
+guessed: conversion metrics with constant properties, saved queries, `join_to_timespine` without
+the time spine's days (`--time-spine`), per-measure time dimensions,
 filters with TimeDimension, Entity or entity_path, and sub-day grains.
 """
 
@@ -52,6 +52,7 @@ class Translation:
     semantic_models: list[dict[str, Any]] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     notes: list[ImportNote] = field(default_factory=list)
+    time_spine: dict[str, str] | None = None  # {"start": ..., "end": ...}, ISO days
 
 
 class _Dropped(Exception):
@@ -73,8 +74,16 @@ def find_definition(project: Path | None, name: str) -> str | None:
 
 
 class _Translator:
-    def __init__(self, manifest: Mapping[str, Any], tables: Mapping[str, str], owner: str, project: Path | None):
+    def __init__(
+        self,
+        manifest: Mapping[str, Any],
+        tables: Mapping[str, str],
+        owner: str,
+        project: Path | None,
+        time_spine: Mapping[str, str] | None = None,
+    ):
         self.manifest = manifest
+        self.time_spine = time_spine
         self.tables = tables
         self.owner = owner
         self.project = project
@@ -214,8 +223,16 @@ class _Translator:
         entry: dict[str, Any] = {"name": metric["name"], "version": 1, "type": kind}
         if kind in ("simple", "cumulative"):
             measure = params.get("measure") or {}
-            if measure.get("fill_nulls_with") is not None or measure.get("join_to_timespine"):
-                raise _Dropped("fill_nulls_with / join_to_timespine (no time spine in lakegate yet)")
+            if kind == "cumulative" and (
+                measure.get("fill_nulls_with") is not None or measure.get("join_to_timespine")
+            ):
+                raise _Dropped("fill_nulls_with / join_to_timespine on a cumulative metric (not in lakegate yet)")
+            if measure.get("join_to_timespine"):
+                if self.time_spine is None:
+                    raise _Dropped("join_to_timespine needs the time spine's days: pass --time-spine START:END")
+                entry["join_to_timespine"] = True
+            if measure.get("fill_nulls_with") is not None:
+                entry["fill_nulls_with"] = float(measure["fill_nulls_with"])
             if measure["name"] not in kept_measures:
                 raise _Dropped(f"its measure {measure['name']} was not imported")
             entry["measure"] = measure["name"]
@@ -338,16 +355,24 @@ def _measure_of(metrics: Mapping[str, Mapping[str, Any]], name: str) -> str | No
 
 
 def translate_manifest(
-    manifest: Mapping[str, Any], tables: Mapping[str, str], *, owner: str, project: Path | None = None
+    manifest: Mapping[str, Any],
+    tables: Mapping[str, str],
+    *,
+    owner: str,
+    project: Path | None = None,
+    time_spine: Mapping[str, str] | None = None,
 ) -> Translation:
     """lakegate's definitions for a semantic_manifest.json, and what could not be translated.
 
     `tables` maps a semantic model's name (or its dbt model's alias) to the Iceberg table
-    (namespace.table) it reads; `project` is the dbt project, for file:line in the notes.
+    (namespace.table) it reads; `project` is the dbt project, for file:line in the notes;
+    `time_spine` ({"start", "end"} ISO days) the days of the dbt project's time spine, which the
+    manifest does not hold (join_to_timespine needs them).
     """
-    translator = _Translator(manifest, tables, owner, project)
+    translator = _Translator(manifest, tables, owner, project, time_spine)
     translator.models()
     translator.metrics()
+    translator.result.time_spine = dict(time_spine) if time_spine else None
     return translator.result
 
 
@@ -370,4 +395,7 @@ def merge_definitions(existing: Mapping[str, Any], translation: Translation) -> 
                 continue
             metric = {**metric, "version": int(latest.get("version", 1)) + 1}
         metrics.append(metric)
-    return {**existing, "semantic_models": list(models.values()), "metrics": metrics}
+    merged = {**existing, "semantic_models": list(models.values()), "metrics": metrics}
+    if translation.time_spine:
+        merged["time_spine"] = translation.time_spine
+    return merged

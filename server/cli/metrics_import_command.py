@@ -64,11 +64,24 @@ def _tables(pairs: tuple[str, ...]) -> dict[str, str]:
     help="The Iceberg table a semantic model (or the dbt model it reads) is served from. Repeatable.",
 )
 @click.option("--owner", default="dbt import", show_default=True, help="Owner recorded on each imported metric.")
+@click.option(
+    "--time-spine",
+    metavar="START:END",
+    help="The days of the dbt project's time spine (its date_spine's range, e.g. 2022-01-01:2022-12-31), which "
+    "the manifest does not hold: metrics that join to the time spine need them.",
+)
 @click.option("--dry-run", is_flag=True, help="Show what would change and the report; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
 def import_dbt(
-    ctx: click.Context, /, path: Path, pairs: tuple[str, ...], owner: str, dry_run: bool, as_json: bool
+    ctx: click.Context,
+    /,
+    path: Path,
+    pairs: tuple[str, ...],
+    owner: str,
+    time_spine: str | None,
+    dry_run: bool,
+    as_json: bool,
 ) -> None:
     """Import the semantic models and metrics of a dbt project (MetricFlow's semantic_manifest.json).
 
@@ -86,7 +99,15 @@ def import_dbt(
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"cannot read {manifest_path}: {exc}") from exc
-    translation = translate_manifest(manifest, _tables(pairs), owner=owner, project=dbt_project)
+    spine = None
+    if time_spine is not None:
+        start, sep, end = time_spine.partition(":")
+        if not sep:
+            raise click.BadParameter(
+                f"{time_spine!r}: use START:END, e.g. 2022-01-01:2022-12-31", param_hint="--time-spine"
+            )
+        spine = {"start": start.strip(), "end": end.strip()}
+    translation = translate_manifest(manifest, _tables(pairs), owner=owner, project=dbt_project, time_spine=spine)
     target = settings.project / METRICS_FILE
     before = target.read_text(encoding="utf-8") if target.is_file() else ""
     existing = yaml.safe_load(before) or {} if before else {}
