@@ -454,13 +454,15 @@ class _Compiler:
         source = self._early(f"rows_{metric.name}_{len(self.early)}", body)
         grain, step = self.time.grain, GRAIN_STEP[self.time.grain]
         period = quote(self.time.name)
-        if not offset:
-            keys = [f"CAST(date_trunc('{grain}', lakegate_ts) AS DATE) AS {period}", *(quote(d.name) for d in others)]
+        if offset.to_grain is None:
+            # The periods its rows fall in (moved on by the offset, for an input read earlier).
+            moved = f"lakegate_ts + ({offset.interval})"
+            keys = [f"CAST(date_trunc('{grain}', {moved}) AS DATE) AS {period}", *(quote(d.name) for d in others)]
             self.keys.append(f"SELECT DISTINCT {', '.join(keys)} FROM {source}")
             # As in MetricFlow, a running total goes on after the last row while its window still
             # holds rows: to the window's end, or to the end of the grain-to-date period.
-            last = self._last_day(metric, "lakegate_ts")
-            if last != "CAST(lakegate_ts AS DATE)":
+            if metric.window_interval or metric.grain_to_date:
+                last = self._last_day(metric, f"({moved})")
                 keys[0] = f"CAST(date_trunc('{grain}', {last}) AS DATE) AS {period}"
                 self.keys.append(f"SELECT DISTINCT {', '.join(keys)} FROM {source}")
         value = AGG_SQL[measure.agg].format(x="r.lakegate_value", p=measure.percentile)
@@ -644,8 +646,9 @@ class _Compiler:
 
     def _filled(self, alias: str, ref: _Ref) -> str:
         column = f"{alias}.{ref.column}"
-        if ref.fill is not None:
-            return f"coalesce({column}, {ref.fill!r})"
+        if ref.fill is not None:  # a whole number stays an integer: a count filled with 0 stays a count
+            fill = int(ref.fill) if float(ref.fill).is_integer() else ref.fill
+            return f"coalesce({column}, {fill!r})"
         return f"coalesce({column}, 0)" if ref.zero_filled and self.every_period else column
 
     def _left_join(self, ref: _Ref, alias: str) -> str:

@@ -226,9 +226,14 @@ class MetricInput(_Frozen):
 
     @property
     def offset_interval(self) -> str | None:
-        """offset_window as a DuckDB interval ("7 days" -> "INTERVAL 7 DAY")."""
+        """offset_window as a DuckDB interval in days, months or years ("1 week" -> "INTERVAL 7 DAY",
+        "1 quarter" -> "INTERVAL 3 MONTH"), the units the compiler checks whole periods in."""
         match = _WINDOW.match(self.offset_window or "")
-        return f"INTERVAL {match.group(1)} {match.group(2).upper()}" if match else None
+        if match is None:
+            return None
+        unit, times = {"day": ("DAY", 1), "week": ("DAY", 7), "month": ("MONTH", 1), "quarter": ("MONTH", 3),
+                       "year": ("YEAR", 1)}[match.group(2)]  # fmt: skip
+        return f"INTERVAL {int(match.group(1)) * times} {unit}"
 
 
 class Metric(_Frozen):

@@ -4,11 +4,12 @@ compiles it)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lakegate.catalog.metric_definitions import GRAINS, Metric, SemanticCatalog
-from lakegate.errors import InvalidArgument
+from lakegate.catalog.metric_definitions import GRAINS, Metric, MetricInput, SemanticCatalog
+from lakegate.errors import InvalidArgument, LakegateError
 
 __all__ = [
     "DIMENSIONS_HINT",
@@ -19,6 +20,9 @@ __all__ = [
     "FilterOp",
     "MetricQuery",
     "available_dimensions",
+    "describing_query",
+    "needs_periods",
+    "offsets_in_time",
     "parse_dimension",
     "query_error",
 ]
@@ -131,3 +135,54 @@ def available_dimensions(catalog: SemanticCatalog, metric: Metric) -> tuple[list
             suffix = "__<grain>" if dimension.type == "time" else ""
             names.add(f"{'__'.join(path)}__{dimension.name}{suffix}")
     return sorted(names), list(GRAINS) if model.time_dimension else []
+
+
+def _uses(
+    catalog: SemanticCatalog,
+    metric: Metric,
+    found: Callable[[Metric, MetricInput | None], bool],
+    seen: tuple[str, ...] = (),
+) -> bool:
+    """Whether `found` holds for the metric (input None) or for one of its inputs, at any depth."""
+    if found(metric, None):
+        return True
+    for used in metric.referenced_inputs():
+        if found(metric, used):
+            return True
+        if used.name in seen:
+            continue
+        try:
+            inner = catalog.metric(used.name, used.version)
+        except LakegateError:
+            continue
+        if _uses(catalog, inner, found, (*seen, metric.name)):
+            return True
+    return False
+
+
+def needs_periods(catalog: SemanticCatalog, metric: Metric) -> bool:
+    """Whether a metric can only be asked for by metric_time: it (or an input) compares with an
+    earlier period, or is a running total over a window or to date."""
+
+    def found(m: Metric, used: MetricInput | None) -> bool:
+        if used is None:
+            return m.type == "cumulative" and bool(m.window or m.grain_to_date)
+        return bool(used.offset or used.offset_window or used.offset_to_grain)
+
+    return _uses(catalog, metric, found)
+
+
+def offsets_in_time(catalog: SemanticCatalog, metric: Metric) -> bool:
+    """Whether the metric or an input of it reads an input a time span or a period start earlier."""
+    return _uses(catalog, metric, lambda _, used: used is not None and bool(used.offset_window or used.offset_to_grain))
+
+
+def describing_query(catalog: SemanticCatalog, metric: Metric) -> MetricQuery:
+    """The query describe_metric and explain_access compile a metric with, to learn what it reads:
+    alone, or by metric_time where it has time (by day where an input is read a time span or a
+    period start earlier: every such offset can be read by day, not every one by month)."""
+    _, grains = available_dimensions(catalog, metric)
+    by: tuple[str, ...] = ()
+    if grains:
+        by = ("metric_time__day",) if offsets_in_time(catalog, metric) else ("metric_time__month",)
+    return MetricQuery((metric.name,), by, versions={metric.name: metric.version})

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -41,7 +41,7 @@ from lakegate.catalog.metric_definitions import (
     locate_metrics,
     split_references,
 )
-from lakegate.catalog.metric_query import MetricQuery, available_dimensions
+from lakegate.catalog.metric_query import MetricQuery, available_dimensions, needs_periods, offsets_in_time
 from lakegate.errors import ConfigurationError, InvalidArgument, LakegateError
 
 __all__ = [
@@ -307,46 +307,6 @@ def check_against_schemas(
     return checker.problems
 
 
-def _uses(
-    catalog: SemanticCatalog,
-    metric: Metric,
-    found: Callable[[Metric, MetricInput | None], bool],
-    seen: tuple[str, ...] = (),
-) -> bool:
-    """Whether `found` holds for the metric (input None) or for one of its inputs, at any depth."""
-    if found(metric, None):
-        return True
-    for used in metric.referenced_inputs():
-        if found(metric, used):
-            return True
-        if used.name in seen:
-            continue
-        try:
-            inner = catalog.metric(used.name, used.version)
-        except LakegateError:
-            continue
-        if _uses(catalog, inner, found, (*seen, metric.name)):
-            return True
-    return False
-
-
-def _needs_periods(catalog: SemanticCatalog, metric: Metric) -> bool:
-    """Whether a metric can only be asked for by metric_time: it (or an input) compares with an
-    earlier period, or is a running total over a window or to date."""
-
-    def found(m: Metric, used: MetricInput | None) -> bool:
-        if used is None:
-            return m.type == "cumulative" and bool(m.window or m.grain_to_date)
-        return bool(used.offset or used.offset_window or used.offset_to_grain)
-
-    return _uses(catalog, metric, found)
-
-
-def _offsets_in_time(catalog: SemanticCatalog, metric: Metric) -> bool:
-    """Whether the metric or an input of it reads an input a time span or a period start earlier."""
-    return _uses(catalog, metric, lambda _, used: used is not None and bool(used.offset_window or used.offset_to_grain))
-
-
 def check_compiles(catalog: SemanticCatalog, *, file: str, skip: Iterable[str] = ()) -> tuple[list[Problem], int]:
     """Compile every version that is not retired, alone and (with a time dimension) by month.
 
@@ -363,14 +323,12 @@ def check_compiles(catalog: SemanticCatalog, *, file: str, skip: Iterable[str] =
         checked += 1
         versions = {metric.name: metric.version}
         # A metric comparing with an earlier period only exists by period.
-        groupings: list[tuple[str, ...]] = [] if _needs_periods(catalog, metric) else [()]
+        groupings: list[tuple[str, ...]] = [] if needs_periods(catalog, metric) else [()]
         try:
             if available_dimensions(catalog, metric)[1]:
                 # By day where an input is a time span or a period start earlier: every such offset
                 # can be read by day, not every one by month (7 days earlier).
-                groupings.append(
-                    ("metric_time__day",) if _offsets_in_time(catalog, metric) else ("metric_time__month",)
-                )
+                groupings.append(("metric_time__day",) if offsets_in_time(catalog, metric) else ("metric_time__month",))
         except Exception as exc:  # a compiler failure of any kind is what this check reports
             problems.append(Problem("compile", file, where, "", f"does not compile: {type(exc).__name__}: {exc}"))
             continue

@@ -318,3 +318,33 @@ semantic_models:
 metrics:
   - {name: units, version: 1, type: simple, measure: units_sum, description: "Units", owner: me}
 """
+
+
+def test_a_hidden_filter_value_is_cut_out_of_the_compiled_sql_too(tmp_path: Path) -> None:
+    from lakegate.catalog.metric_compiler import compile_query
+    from lakegate.catalog.metric_query import DimensionFilter, MetricQuery
+    from lakegate.server.audit.redaction import SQL_WITHHELD, hide_filter_values_in_sql
+
+    key = AuditKey(tmp_path / "audit.key")
+    semantic = parse_semantic_catalog(SEMANTIC, source="test")
+    odd = "o'brien@example.com"
+    where = [{"dimension": "customer__email", "op": "in", "value": [EMAIL, odd]}]
+    arguments = {"metrics": ["customers"], "where": where}
+    filters = tuple(DimensionFilter(f["dimension"], f["op"], f["value"]) for f in where)
+    compiled = compile_query(semantic, MetricQuery(("customers",), where=filters)).sql
+    assert EMAIL in compiled  # the compiled SQL holds each filter value as a literal
+    audited = audit_arguments(
+        "query_metrics", arguments, RedactionRules(), key, definitions=load_definitions(REPO), semantic=semantic
+    )
+    details = {"compiled_sql": compiled, "rewritten_sql": compiled, "metrics": {"customers": 1}}
+    cleaned = hide_filter_values_in_sql(details, arguments, audited)
+    for field in ("compiled_sql", "rewritten_sql"):
+        assert EMAIL not in cleaned[field] and "brien" not in cleaned[field]
+        assert key.marker(EMAIL) in cleaned[field]
+    assert cleaned["metrics"] == {"customers": 1}
+    # Where a value cannot be cut out exactly (written another way), the SQL is withheld, not kept.
+    other = {"compiled_sql": compiled.replace(f"'{EMAIL}'", f'"{EMAIL}"')}
+    assert hide_filter_values_in_sql(other, arguments, audited)["compiled_sql"] == SQL_WITHHELD
+    # Nothing hidden: the details as they were.
+    plain = {"metrics": ["customers"], "where": [{"dimension": "customer__region", "op": "=", "value": "EMEA"}]}
+    assert hide_filter_values_in_sql(details, plain, plain) == details

@@ -324,3 +324,59 @@ def test_a_dimension_two_joins_away(rt: Runtime) -> None:
         rt, metrics=["units_sold"], where=[{"dimension": "order__customer__region", "op": "=", "value": "EMEA"}]
     )
     assert same(emea[0][0], dict((row[0], row[1]) for row in expected)["EMEA"])
+
+
+OFFSETS = """
+semantic_models:
+  - name: orders
+    table: sales.orders
+    time_dimension: order_ts
+    entities:
+      - {name: order, type: primary, expr: order_id}
+    dimensions:
+      - {name: order_ts, type: time}
+    measures:
+      - {name: order_rows, agg: count, expr: "1"}
+metrics:
+  - {name: orders, version: 1, type: simple, measure: order_rows, description: d, owner: o}
+  - {name: orders_filled, version: 1, type: simple, measure: order_rows, fill_nulls_with: 0, description: d, owner: o}
+  - {name: week_before, version: 1, type: derived, expr: o, inputs: [{name: orders, offset_window: 1 week, alias: o}],
+     description: d, owner: o}
+  - {name: quarter_before, version: 1, type: derived, expr: o,
+     inputs: [{name: orders, offset_window: 1 quarter, alias: o}], description: d, owner: o}
+  - {name: seven_days_before, version: 1, type: derived, expr: o,
+     inputs: [{name: orders, offset_window: 7 days, alias: o}], description: d, owner: o}
+  - {name: running, version: 1, type: cumulative, measure: order_rows, description: d, owner: o}
+  - {name: running_before, version: 1, type: derived, expr: r, inputs: [{name: running, offset: 1, alias: r}],
+     description: d, owner: o}
+"""
+
+
+@pytest.mark.parametrize(
+    ("metric", "grain"),
+    [
+        ("week_before", "week"),
+        ("week_before", "day"),
+        ("quarter_before", "quarter"),
+        ("quarter_before", "month"),
+        ("seven_days_before", "week"),
+        ("running_before", "month"),
+        ("orders_filled", "month"),
+    ],
+)
+def test_offsets_in_weeks_and_quarters_and_an_earlier_running_total_compile_to_sql_that_parses(
+    metric: str, grain: str
+) -> None:
+    import sqlglot
+
+    from lakegate.catalog.metric_compiler import compile_query
+    from lakegate.catalog.metric_definitions import parse_semantic_catalog
+    from lakegate.catalog.metric_query import MetricQuery, describing_query
+
+    catalog = parse_semantic_catalog(OFFSETS, source="test")
+    compiled = compile_query(catalog, MetricQuery((metric,), (f"metric_time__{grain}",)))
+    sqlglot.parse_one(compiled.sql, dialect="duckdb")  # a frame with rows to read (it had none)
+    # describe_metric and explain_access compile it as well, by a grain every offset can be read by.
+    compile_query(catalog, describing_query(catalog, catalog.metric(metric)))
+    if metric == "orders_filled":
+        assert "coalesce(r0.v0, 0)" in compiled.sql  # a count filled with 0 stays an integer

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from lakegate.catalog.document_search import CLASSIFICATIONS
 from lakegate.catalog.metric_definitions import SemanticCatalog
-from lakegate.catalog.metric_query import CompiledQuery, MetricQuery, available_dimensions
+from lakegate.catalog.metric_query import CompiledQuery, MetricQuery, describing_query
 from lakegate.errors import InvalidArgument, NotFound
 from lakegate.policies.explain import MASK_USES, ColumnRuling, SubjectPolicy
 from lakegate.policies.resources import (
@@ -152,10 +152,7 @@ def metric_query(semantic: SemanticCatalog, name: str) -> MetricQuery:
     Raises:
         NotFound: no such metric (or every version is retired).
     """
-    metric = semantic.metric(name)
-    _, grains = available_dimensions(semantic, metric)
-    by = ("metric_time__month",) if grains else ()
-    return MetricQuery((name,), by, versions={name: metric.version})
+    return describing_query(semantic, semantic.metric(name))
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from lakegate.catalog.metric_definitions import Metric, MetricInput, SemanticCatalog
-from lakegate.catalog.metric_query import DimensionFilter, MetricQuery, available_dimensions
+from lakegate.catalog.metric_query import DimensionFilter, MetricQuery, available_dimensions, describing_query
 from lakegate.tools.base import Page, PageArgs, ToolArgs, ToolResult, ToolSpec, paginate
 from lakegate.tools.names import ToolName
 from lakegate.tools.query import GovernedReadArgs, QueryResult, render_query, run_governed
@@ -166,10 +166,9 @@ def describe_metric(scope: ToolScope, args: DescribeMetricArgs) -> MetricDescrip
     semantic = scope.semantic
     metric = semantic.metric(args.name, args.version)
     dimensions, grains = available_dimensions(semantic, metric)
-    # By month where the metric has time: a metric comparing with an earlier period needs periods,
-    # and so the time column it reads is listed too.
-    by = ("metric_time__month",) if grains else ()
-    compiled = scope.compile_metrics(MetricQuery((metric.name,), by, versions={metric.name: metric.version}))
+    # By metric_time where the metric has time: a metric comparing with an earlier period needs
+    # periods, and so the time column it reads is listed too.
+    compiled = scope.compile_metrics(describing_query(semantic, metric))
     reads: list[ColumnUse] = []
     for table, columns in sorted(compiled.columns.items()):
         if not scope.decide(table, "read").allowed:

@@ -41,6 +41,7 @@ __all__ = [
     "REDACTED",
     "AuditKey",
     "audit_arguments",
+    "hide_filter_values_in_sql",
     "redact_arguments",
 ]
 
@@ -176,6 +177,44 @@ def audit_arguments(
         return redact_arguments(arguments, (), key=key, everything=True)
     tagged = _hide_tagged_values(tool, arguments, rules.column_tags, key, definitions, semantic)
     return redact_arguments(tagged, (*rules.arguments, *extra_names), key=key)
+
+
+#: What a call's SQL in its audit record becomes when a hidden filter value could not be cut out of it.
+SQL_WITHHELD = "[withheld: it held a filter value on a tagged dimension]"
+#: The fields of a call's details that hold the SQL a metric query compiled to.
+_SQL_DETAILS = ("compiled_sql", "rewritten_sql")
+
+
+def hide_filter_values_in_sql(
+    details: Mapping[str, Any], arguments: Mapping[str, Any], audited: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``details`` with each filter value that the audited arguments hid (a tagged dimension's)
+    replaced by its marker in the SQL the call compiled to as well; a value that cannot be cut out
+    exactly withholds the whole SQL text. The arguments alone are not enough: the compiled SQL
+    holds each filter value as a literal.
+    """
+    hidden: list[tuple[Any, Any]] = []
+    for original, kept in zip(arguments.get("where") or [], audited.get("where") or [], strict=False):
+        if not isinstance(original, Mapping) or not isinstance(kept, Mapping):
+            continue
+        if original.get("value") == kept.get("value"):
+            continue
+        values, markers = original.get("value"), kept.get("value")
+        pairs = zip(values, markers, strict=False) if isinstance(values, list) and isinstance(markers, list) else []
+        hidden += list(pairs) if isinstance(values, list) else [(values, markers)]
+    if not hidden:
+        return dict(details)
+    cleaned = dict(details)
+    for field in _SQL_DETAILS:
+        text = cleaned.get(field)
+        if not isinstance(text, str):
+            continue
+        for value, marker in hidden:
+            if isinstance(value, str):
+                text = text.replace("'" + value.replace("'", "''") + "'", "'" + str(marker).replace("'", "''") + "'")
+        leaked = any(str(value) in text for value, _ in hidden if str(value))
+        cleaned[field] = SQL_WITHHELD if leaked else text
+    return cleaned
 
 
 def tagged_columns(definitions: CatalogDefinitions, table: str, tags: frozenset[str]) -> frozenset[str]:

@@ -49,7 +49,14 @@ from lakegate.policies.resources import tool_resource
 from lakegate.server.audit.log import AuditLog
 from lakegate.server.audit.record_builders import call_record, listing_record
 from lakegate.server.audit.record_model import AuditRecord, Decision
-from lakegate.server.audit.redaction import KEY_FILE, AuditKey, audit_arguments, loggable, redact_arguments
+from lakegate.server.audit.redaction import (
+    KEY_FILE,
+    AuditKey,
+    audit_arguments,
+    hide_filter_values_in_sql,
+    loggable,
+    redact_arguments,
+)
 from lakegate.server.gate.identity import CallOrigin, Principal
 from lakegate.server.gate.quota_ledger import InProcessLedger, QuotaLedger
 from lakegate.server.gate.quotas import Admission, Quotas
@@ -392,6 +399,15 @@ class Gate:
             outcome = PolicyDenied.outcome
         else:
             outcome = error.outcome
+        audited = audit_arguments(
+            tool_name,
+            arguments,
+            self.enforcer.redaction,
+            self.audit_key,
+            definitions=self.definitions,
+            semantic=self.semantic,
+            extra_names=self.settings.audit.sensitive_arguments,
+        )
         return call_record(
             request_id=origin.request_id,
             session_id=origin.session_id,
@@ -402,15 +418,7 @@ class Gate:
             client_name=origin.client_name,
             client_version=origin.client_version,
             tool=tool_name[:MAX_TOOL_NAME],
-            arguments=audit_arguments(
-                tool_name,
-                arguments,
-                self.enforcer.redaction,
-                self.audit_key,
-                definitions=self.definitions,
-                semantic=self.semantic,
-                extra_names=self.settings.audit.sensitive_arguments,
-            ),
+            arguments=audited,
             decision=decision,
             rules=scope.rules,
             policy_version=self.enforcer.version,
@@ -420,7 +428,7 @@ class Gate:
             duration_s=time.perf_counter() - started,
             outcome=outcome,
             error=None if error is None else _public_message(error),
-            details=scope.details,
+            details=hide_filter_values_in_sql(scope.details, arguments, audited),
         )
 
 
