@@ -65,9 +65,12 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
         f"SELECT month, sum(revenue) OVER (ORDER BY month) FROM ({MONTHLY_REVENUE}) ORDER BY 1",
     ),
     "revenue_growth_mom": (
+        # As dbt MetricFlow answers: every month with revenue, and the month after each (its earlier
+        # month has revenue), so the month after the last is a row too.
         {"metrics": ["revenue_growth_mom"], "group_by": ["metric_time__month"]},
-        "SELECT month, (revenue - lag(revenue) OVER (ORDER BY month)) / lag(revenue) OVER (ORDER BY month) "
-        f"FROM ({MONTHLY_REVENUE}) ORDER BY 1",
+        f"WITH r AS ({MONTHLY_REVENUE}), p AS (SELECT CAST(month + INTERVAL 1 MONTH AS DATE) AS month, "
+        "revenue AS before FROM r) SELECT month, (r.revenue - p.before) / p.before FROM r FULL JOIN p USING (month) "
+        "ORDER BY 1",
     ),
     "active_customers_by_month": (
         {"metrics": ["active_customers"], "group_by": ["metric_time__month"]},
