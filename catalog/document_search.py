@@ -396,8 +396,8 @@ def search_passages(
             vector/hybrid on a dataset embedded with another model.
         BackendError: lancedb failed.
     """
-    layout = warehouse.passage_layout(name)
     attached = warehouse.attached_documents(name)
+    layout = OWN_LAYOUT if attached is None else attached.layout
     if version is not None and attached is not None and not attached.spec.time_travel:
         raise InvalidArgument(
             f"{name} is attached without time travel: only its current version can be searched.",

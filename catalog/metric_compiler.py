@@ -440,17 +440,8 @@ class _Compiler:
     def _cumulative(self, metric: Metric, filters: list[str], offset: _Shift) -> _Ref:
         assert self.time is not None and self.time.grain is not None
         model, measure = self._measure(metric)
-        joins: dict[str, str] = {}
         others = [d for d in self.dims if not d.is_metric_time]
-        rows = [f"CAST({self._time_sql(model, 'm', metric)} AS TIMESTAMP) AS lakegate_ts"]
-        rows += [f"{self._dimension_sql(d, model, metric, joins)} AS {quote(d.name)}" for d in others]
-        rows.append(f"{self._on(measure.expr, 'm', model)} AS lakegate_value")
-        where = [self._filter(f, model, metric, joins) for f in filters] + self._where(
-            model, metric, joins, periods=False
-        )
-        body = f"SELECT {', '.join(rows)} FROM {model.table} AS m" + "".join(f" {j}" for j in joins.values())
-        if where:
-            body += " WHERE " + " AND ".join(f"({clause})" for clause in where)
+        body = self._row_source(model, metric, filters, others, {"lakegate_value": measure.expr}, periods=False)
         source = self._early(f"rows_{metric.name}_{len(self.early)}", body)
         grain, step = self.time.grain, GRAIN_STEP[self.time.grain]
         period = quote(self.time.name)
@@ -491,6 +482,29 @@ class _Compiler:
             body = self._by_day(metric, source, value, columns, start, step, others)
         name = self._late(f"cumulative_{metric.name}_{len(self.late)}", body)
         return _Ref(name, "value", False)
+
+    def _row_source(
+        self,
+        model: SemanticModel,
+        metric: Metric,
+        filters: list[str],
+        dims: list[DimensionRef],
+        extra: dict[str, str],
+        *,
+        periods: bool,
+    ) -> str:
+        """The model's rows one by one (not grouped): `dims`, the time as lakegate_ts and each of
+        `extra` (name -> SQL over the model's columns), with the metric's and the query's filters."""
+        joins: dict[str, str] = {}
+        columns = [f"{self._dimension_sql(d, model, metric, joins)} AS {quote(d.name)}" for d in dims]
+        columns.append(f"CAST({self._time_sql(model, 'm', metric)} AS TIMESTAMP) AS lakegate_ts")
+        columns += [f"{self._on(sql, 'm', model)} AS {name}" for name, sql in extra.items()]
+        where = [self._filter(f, model, metric, joins) for f in filters]
+        where += self._where(model, metric, joins, periods=periods)
+        body = f"SELECT {', '.join(columns)} FROM {model.table} AS m" + "".join(f" {j}" for j in joins.values())
+        if where:
+            body += " WHERE " + " AND ".join(f"({clause})" for clause in where)
+        return body
 
     def _last_day(self, metric: Metric, ts: str) -> str:
         """The last day on which a running total still counts a row at `ts`."""
@@ -559,19 +573,8 @@ class _Compiler:
                 f"Metric {metric.name}: models {base_model.name} and {conversion_model.name} must both hold the "
                 f"entity {metric.entity}, and {conversion_model.name} a time dimension."
             )
-        joins: dict[str, str] = {}
-        dims = [f"{self._dimension_sql(ref, base_model, metric, joins)} AS {quote(ref.name)}" for ref in self.dims]
-        where = [self._filter(f, base_model, metric, joins) for f in filters]
-        where += self._where(base_model, metric, joins, periods=True)
-        base_rows = [
-            *dims,
-            f"CAST({self._time_sql(base_model, 'm', metric)} AS TIMESTAMP) AS lakegate_ts",
-            f"{self._on(base_key.expr, 'm', base_model)} AS lakegate_entity",
-            f"{self._on(base_measure.expr, 'm', base_model)} AS lakegate_value",
-        ]
-        body = f"SELECT {', '.join(base_rows)} FROM {base_model.table} AS m" + "".join(f" {j}" for j in joins.values())
-        if where:
-            body += " WHERE " + " AND ".join(f"({clause})" for clause in where)
+        extra = {"lakegate_entity": base_key.expr, "lakegate_value": base_measure.expr}
+        body = self._row_source(base_model, metric, filters, self.dims, extra, periods=True)
         base = self._early(f"conversion_base_{metric.name}", body)
         conversion_time = self._time_sql(conversion_model, "m", metric)
         events = (

@@ -491,9 +491,7 @@ def test_a_dataset_that_cannot_be_opened_is_tried_again_after_a_while_not_on_eve
 
 def test_a_doc_id_that_is_not_text_does_not_fit() -> None:
     from lakegate.catalog.attached_documents import layout_problems
-    from lakegate.catalog.document_search import PassageLayout
 
     schema = pa.schema([("id", pa.int64()), ("content", pa.string())])
-    layout = PassageLayout(text="content", doc_id="id", vector=None, title=None, source=None, chunk_index=None,
-                           classification=None, allowed_roles=None, fixed_classification="public")  # fmt: skip
+    layout = _spec(Path("/x")).layout
     assert layout_problems(schema, layout, DIMENSION) == ["columns.doc_id: 'id' is int64, not a string column"]
