@@ -7,6 +7,7 @@ needs no extra. The rest is installed on request, as pyiceberg does with its own
     pip install 'lakegate[report]'     lakegate audit report: the HTML page's template and charts
     pip install 'lakegate[postgres]'   the production profile: catalog, policies and audit chain in PostgreSQL
     pip install 'lakegate[onnx]'       query embedding on ONNX Runtime, ~3x faster than torch (without: torch)
+    pip install 'lakegate[spark]'      governed queries on Apache Spark (Spark Connect), and a local cluster
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "report": ("jinja2", "plotly"),
     "postgres": ("psycopg", "casbin_sqlalchemy_adapter"),
     "onnx": ("onnxruntime", "onnx"),
+    "spark": ("pyspark", "grpc"),
 }
 
 

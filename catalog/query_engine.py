@@ -148,6 +148,8 @@ class _WorkerProcess:
 class QueryEngine:
     """A pool of query worker processes, each with one locked DuckDB sandbox."""
 
+    name = "duckdb"
+
     def __init__(
         self,
         settings: QuerySettings,

@@ -18,6 +18,7 @@ __all__ = [
     "DocumentSettings",
     "PassageColumns",
     "QuerySettings",
+    "SparkSettings",
     "StorageSettings",
     "WriteSettings",
     "parse_bytes",
@@ -42,6 +43,54 @@ def parse_bytes(text: str) -> int:
         return int(float(number) * _BYTE_UNITS[unit])
     except ValueError:
         raise ValueError(f"{text!r} is not a size: use bytes, or a number with KB, MB, GB, KiB, MiB or GiB") from None
+
+
+class SparkSettings(BaseModel):
+    """Where governed queries may run on Apache Spark, through Spark Connect (catalog/spark_engine.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    remote: str | None = Field(
+        default=None,
+        description="Spark Connect endpoint, e.g. sc://127.0.0.1:15002 (Spark's Python client allows a "
+        "plain connection to localhost only: put a TLS proxy in front of a remote server and add ;use_ssl=true). "
+        "Null: every query runs on DuckDB.",
+    )
+    token_env: str = Field(
+        default="LAKEGATE_SPARK_TOKEN",
+        description="Environment variable that holds the Spark Connect server's token (never printed).",
+    )
+    token_file: str | None = Field(
+        default=None,
+        description="File that holds the token instead (`lakegate spark start` writes <home>/spark/token).",
+    )
+    datasets: list[str] = Field(
+        default_factory=list,
+        description="Datasets whose queries always run on Spark: names or patterns (sales.*, lake.*.*).",
+    )
+    min_scan_bytes: str | None = Field(
+        default=None,
+        description="A query whose planned scan reads at least this much (the Iceberg plan's column bytes, "
+        "before it runs) runs on Spark, e.g. 10GB. Null: only the datasets above do.",
+    )
+    sessions: int = Field(default=4, ge=1, description="Spark Connect sessions kept open: queries that run at once.")
+
+    @field_validator("min_scan_bytes")
+    @classmethod
+    def _check_size(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_bytes(value)
+        return value
+
+    def runs(self, datasets: list[str], scan_bytes: int) -> bool:
+        """Whether a query of `datasets` that reads `scan_bytes` runs on Spark."""
+        from fnmatch import fnmatchcase
+
+        if self.remote is None:
+            return False
+        if any(fnmatchcase(name, pattern) for name in datasets for pattern in self.datasets):
+            return True
+        return self.min_scan_bytes is not None and scan_bytes >= parse_bytes(self.min_scan_bytes)
 
 
 class QuerySettings(BaseModel):
@@ -76,6 +125,10 @@ class QuerySettings(BaseModel):
         description="Table data each query worker keeps decoded in memory, so that a small table read again "
         "is not read from its files again (a table is kept when its planned files are at most a quarter of "
         "this). Counts within worker_memory_limit. 0: nothing is kept.",
+    )
+    spark: SparkSettings = Field(
+        default_factory=SparkSettings,
+        description="Apache Spark for queries too big for one machine (off unless remote is set).",
     )
 
     @field_validator("worker_memory_limit", "cache_bytes")

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from lakegate.catalog.object_store import ObjectStore
     from lakegate.catalog.query_engine import QueryEngine
     from lakegate.catalog.settings import QuerySettings
+    from lakegate.catalog.spark_engine import SparkEngine
 
 if TYPE_CHECKING:
     from lancedb.db import LanceDBConnection
@@ -162,6 +163,7 @@ class Warehouse:
         # Loaded tables, kept while the catalog still points at the metadata file they were read from.
         self._tables: dict[str, IcebergTable] = {}
         self._engine: QueryEngine | None = None
+        self._spark: SparkEngine | None = None
         self._namespaces: tuple[float, frozenset[str]] = (float("-inf"), frozenset())
         self._refresh_requested = refresh_requested
         self._refresh_checked = float("-inf")  # monotonic time the request was last read
@@ -230,6 +232,19 @@ class Warehouse:
                     filesystems=self._attached_filesystems(),
                 )
             return self._engine
+
+    def spark_engine(self, settings: QuerySettings) -> SparkEngine:
+        """The Spark Connect engine for queries routed to Spark (created on first use).
+
+        Raises:
+            ConfigurationError: query.spark.remote is not set.
+        """
+        from lakegate.catalog.spark_engine import SparkEngine
+
+        with self._lock:
+            if self._spark is None:
+                self._spark = SparkEngine(settings, self._mask_key())
+            return self._spark
 
     def own_locations(self) -> list[str]:
         """Where lakegate keeps its own files (state directory, object store locations): no attached
@@ -319,6 +334,9 @@ class Warehouse:
             if self._engine is not None:
                 self._engine.close()
             self._engine = None
+            if self._spark is not None:
+                self._spark.close()
+            self._spark = None
             self._planner = None
 
     # -- listing -------------------------------------------------------------------------------

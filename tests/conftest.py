@@ -16,12 +16,14 @@ import structlog
 
 from lakegate.catalog.definitions import load_definitions
 from lakegate.catalog.demo import build_demo
+from lakegate.catalog.spark_cluster import ClusterInfo
 from lakegate.catalog.warehouse import Warehouse
 from lakegate.server.app import Runtime, open_runtime
 from lakegate.server.gate.gate import GateOutcome
 from lakegate.server.gate.identity import CallOrigin, stdio_principal
 from lakegate.server.settings import Settings, load_settings
 from tests.seaweed_support import Seaweed, seaweed_or_skip
+from tests.spark_support import spark_cluster_or_skip
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,6 +80,13 @@ def gate_ok(
 def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A state directory holding the small demo warehouse (read-only for tests that share it)."""
     return build_small_demo(tmp_path_factory.mktemp("lakegate-home"))
+
+
+@pytest.fixture(scope="session")
+def spark_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterInfo]:
+    """A local Spark cluster (master, one worker, Spark Connect), started once per pytest worker: the
+    Spark tests are one xdist group, so once per run (tests/spark_support.py)."""
+    yield from spark_cluster_or_skip(tmp_path_factory.mktemp("spark"))
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ from lakegate.policies.sql_guard import InvalidQuery, parse_query
 from lakegate.server.app import Runtime
 from lakegate.server.audit.log import read_records, verify
 from lakegate.server.audit.record_model import audit_record
+from tests.query_security_checks import check_analyst_answer, check_attempt, check_support_answer
 from tests.query_security_corpus import (
     CORPUS,
     CORPUS_ARGUMENTS,
@@ -31,11 +32,8 @@ from tests.query_security_corpus import (
     Clear,
     Refused,
     call,
-    columns_of,
     leaked,
-    record_leaks,
     rows_of,
-    secrets_for,
 )
 
 
@@ -51,25 +49,7 @@ def test_attempt_is_refused_or_governed(
     expected: Refused | Answers,
 ) -> None:
     outcome = call(runtime, principal, {"sql": arguments} if isinstance(arguments, str) else arguments)
-
-    if isinstance(expected, Refused):
-        assert isinstance(outcome.error, ClientError), f"expected a refusal, got {outcome.error or outcome.text[:300]}"
-        assert expected.fragment in str(outcome.error)
-        assert outcome.result is None
-    else:
-        rows = rows_of(outcome)
-        expected.check(rows, columns_of(outcome), clear)
-
-    if isinstance(expected, Refused):
-        assert not leaked([[str(outcome.error)]], secrets_for(principal, clear), both=False)
-    assert not record_leaks(outcome, principal, clear)
-    records = list(read_records(audit_path))
-    assert len(records) == 1
-    record = records[-1]
-    assert record["tool"] == "query" and record["principal"] == principal
-    assert record["outcome"] == (expected.outcome if isinstance(expected, Refused) else "ok")
-    assert record["decision"] == expected.decision
-    assert verify(audit_path).ok
+    check_attempt(outcome, audit_path, clear, principal, expected)
 
 
 def test_the_corpus_is_large_enough() -> None:
@@ -199,32 +179,13 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 @SETTINGS
 @given(sql=queries(("c", "o", "p")))
 def test_analyst_never_sees_a_clear_value(runtime: Runtime, clear: Clear, sql: str) -> None:
-    outcome = call(runtime, "analyst", {"sql": sql, "limit": 50})
-    assert outcome.error is None, f"{sql}: {outcome.error}"
-    rows = rows_of(outcome)
-    assert not leaked(rows, clear.analyst_secrets, clear.cards), sql
-    assert not leaked([columns_of(outcome)], clear.analyst_secrets, clear.cards), sql
-    assert not record_leaks(outcome, "analyst", clear), sql
+    check_analyst_answer(call(runtime, "analyst", {"sql": sql, "limit": 50}), sql, clear)
 
 
 @SETTINGS
 @given(sql=queries(("c", "o")))
 def test_support_agent_never_sees_a_filtered_row_or_a_clear_phone(runtime: Runtime, clear: Clear, sql: str) -> None:
-    outcome = call(runtime, "support_agent", {"sql": sql, "limit": 50})
-    assert outcome.error is None, f"{sql}: {outcome.error}"
-    rows = rows_of(outcome)
-    assert not leaked(rows, clear.support_secrets, both=False), sql
-    assert not record_leaks(outcome, "support_agent", clear), sql
-    columns = columns_of(outcome)
-    for row in rows:
-        record = dict(zip(columns, row, strict=True))
-        assert record.get("w_region", "EMEA") == "EMEA", (sql, record)
-        if record.get("w_customer") is not None:
-            assert record["w_customer"] in clear.emea_customers, (sql, record)
-        if record.get("w_order") is not None:
-            assert record["w_order"] in clear.emea_orders, (sql, record)
-        if "n" in record and isinstance(record["n"], int):
-            assert record["n"] <= max(clear.counts["emea_orders"], clear.counts["emea_customers"]), (sql, record)
+    check_support_answer(call(runtime, "support_agent", {"sql": sql, "limit": 50}), sql, clear)
 
 
 def test_the_leak_checks_catch_what_admin_sees(runtime: Runtime, clear: Clear) -> None:

@@ -64,7 +64,12 @@ class QueryResult(Page):
         default=None, description="The SQL after policy rewriting (with explain; always for metrics)."
     )
     plan: str | None = Field(
-        default=None, description="With explain: the scan estimate per table, then DuckDB's physical plan."
+        default=None, description="With explain: the scan estimate per table, then the engine's physical plan."
+    )
+    engine: str = Field(
+        default="duckdb",
+        description="What ran the query: duckdb (inside lakegate) or spark (the organisation's Spark cluster, "
+        "for large scans); the SQL you write is DuckDB's dialect either way.",
     )
 
 
@@ -122,6 +127,7 @@ def run_governed(scope: ToolScope, sql: str, args: GovernedReadArgs, *, show_rew
         "note": note,
         "rewritten_sql": page.rewritten_sql if args.explain or show_rewritten else None,
         "plan": page.plan,
+        "engine": page.engine,
     }
 
 
@@ -139,9 +145,10 @@ def render_query(result: QueryResult) -> str:
     """Rows as a compact pipe table, with the snapshots read and the policy that applied."""
     snapshots = ", ".join(f"{name}@{snapshot}" for name, snapshot in result.snapshots.items())
     if result.plan is not None:
-        return f"Rewritten SQL (reads {snapshots}):\n{result.rewritten_sql}\n\nPlan:\n{result.plan}"
+        return f"Rewritten SQL (reads {snapshots}, on {result.engine}):\n{result.rewritten_sql}\n\nPlan:\n{result.plan}"
     first, last = result.offset + 1, result.offset + len(result.rows)
-    lines = [f"Rows {first}-{last} (read {snapshots}):" if result.rows else f"No rows (read {snapshots})."]
+    read = f"read {snapshots}" + (f", on {result.engine}" if result.engine != "duckdb" else "")
+    lines = [f"Rows {first}-{last} ({read}):" if result.rows else f"No rows ({read})."]
     if result.rows:
         lines.append(" | ".join(f"{c.name} ({c.type})" for c in result.columns))
         lines.extend(" | ".join(_cell(value) for value in row) for row in result.rows)

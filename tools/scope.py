@@ -45,6 +45,7 @@ class QueryPage:
     row_filters: dict[str, list[str]]  # table -> predicates applied
     ordered: bool
     plan: str | None = None
+    engine: str = "duckdb"  # which engine ran it: duckdb or spark
 
 
 class Caller(Protocol):

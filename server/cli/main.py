@@ -38,6 +38,7 @@ LAZY_COMMANDS = {
     "models": "lakegate.server.cli.models_command:models",
     "policy": "lakegate.server.cli.policy_commands:policy",
     "profile": "lakegate.server.cli.profile_commands:profile",
+    "spark": "lakegate.server.cli.spark_commands:spark",
     "table": "lakegate.server.cli.table_commands:table",
     "token": "lakegate.server.cli.token_command:token",
 }

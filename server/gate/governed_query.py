@@ -270,7 +270,9 @@ def run_query(
         over = budget.refusal(scope.scan_bytes + planned)
         if not explain:
             raise over
-    engine = scope.query_engine()
+    # Spark for the datasets configured to run there, or for a scan too big for one machine.
+    engine = scope.query_engine("spark" if settings.spark.runs(list(query.tables), planned) else "duckdb")
+    scope.details["engine"] = engine.name
     if explain:
         for name in query.tables:
             scope.record("dataset", name, "planned", plans[name].snapshot_id)
@@ -279,10 +281,10 @@ def run_query(
         if over is not None:
             summary += f"\n{over.message}"
         plan = f"{summary}\n\n{physical}"
-        return QueryPage([], [], 0, False, snapshots, rewritten, masked, applied, query.ordered, plan)
+        return QueryPage([], [], 0, False, snapshots, rewritten, masked, applied, query.ordered, plan, engine.name)
 
     def progress(done: float) -> None:
-        scope.report_progress(round(done, 1), 100.0, "query running (percent done, as DuckDB estimates it)")
+        scope.report_progress(round(done, 1), 100.0, "query running (percent done, as the engine estimates it)")
 
     scanned: dict[str, list[str]] = {}
     scope.scan_bytes += planned  # counted against the daily scan quota, whatever happens next
@@ -319,7 +321,7 @@ def run_query(
         scope.details["scanned"] = scanned
     assert result.table is not None
     shown = _page(query, result.table, offset, count, scope.limits.max_bytes, snapshots, rewritten, masked, applied)
-    return shown if result.complete else replace(shown, more=True)
+    return replace(shown, engine=engine.name, more=shown.more or not result.complete)
 
 
 def _scan_estimate(plan: ScanPlan, to_read: int) -> dict[str, int]:

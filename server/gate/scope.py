@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from lakegate.catalog.metric_query import CompiledQuery, MetricQuery
     from lakegate.catalog.query_embedder import TextEncoder
     from lakegate.catalog.query_engine import QueryEngine
+    from lakegate.catalog.spark_engine import SparkEngine
     from lakegate.policies.column_review import ColumnReview
     from lakegate.policies.quotas import QuotaSet
     from lakegate.policies.row_filters import RowFilter
@@ -247,7 +248,10 @@ class CallScope(WriteScope):
 
         return query_embedder_unless_building(self._warehouse.models_dir)
 
-    def query_engine(self) -> QueryEngine:
+    def query_engine(self, kind: str = "duckdb") -> QueryEngine | SparkEngine:
+        """The engine that runs a governed query: DuckDB in lakegate's own workers, or Spark."""
+        if kind == "spark":
+            return self._warehouse.spark_engine(self.settings.query)
         return self._warehouse.query_engine(self.settings.query)
 
     def query(

@@ -1,0 +1,477 @@
+"""The Spark engine: governed SQL on an Apache Spark cluster, through Spark Connect.
+
+The same governed template the DuckDB engine runs (catalog/query_engine.py) reaches this engine with
+one `TableSource` per placeholder: the planned Parquet files of one Iceberg snapshot and the
+columns its governed scan needs. For each call, on a Spark Connect session of its own:
+
+- each placeholder becomes a temporary view over exactly those files, read with a schema of only
+  those columns whose fields carry their Iceberg field ids (`parquet.field.id`), so that Spark reads
+  columns by id as pyiceberg does (renamed, widened, dropped-and-re-added columns are right), and
+  can read no other column or file of the table;
+- the template is rendered in Spark's dialect (policies/spark_sql.py: an unsupported construct is
+  refused, and every function must be on the Spark allow-list);
+- hash, partial and redact masks are the session's temporary SQL functions, with outputs identical
+  to the DuckDB macros (the keyed hash gives the same value); a `null` mask is a typed NULL.
+
+Sessions run with `spark.sql.runSQLOnFiles=false` (no path reads), ANSI mode and UTC. Spark is not
+a sandbox the way the DuckDB worker is: the allow-list and the views are the walls, and nothing a
+query can name reaches a file the gate did not plan. The hash mask's key is sent to the cluster (as
+hex inside the function's body); it is cut out of every plan and error this engine returns.
+
+What the engine read is Spark's own account: the file scans of the call's physical plan, mapped
+back to placeholders by their files, with the columns each scan reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+import sqlglot
+import structlog
+from sqlglot import exp
+
+from lakegate.catalog.arrow_relations import TableSource
+from lakegate.catalog.query_engine import EngineResult, OnCancel, OnProgress
+from lakegate.catalog.query_sandbox import without_values
+from lakegate.catalog.settings import QuerySettings, SparkSettings
+from lakegate.errors import BackendError, ConfigurationError, InvalidArgument, LakegateError, LimitExceeded
+from lakegate.extras import require_extra
+from lakegate.policies.spark_sql import to_spark
+
+if TYPE_CHECKING:
+    from pyspark.sql.connect.session import SparkSession
+
+__all__ = ["SparkEngine", "spark_type"]
+
+log = structlog.get_logger(__name__)
+
+#: Session settings that must hold before a session serves a query.
+SESSION_CONF = {
+    "spark.sql.runSQLOnFiles": "false",
+    "spark.sql.ansi.enabled": "true",
+    "spark.sql.session.timeZone": "UTC",
+    "spark.sql.parquet.fieldId.read.enabled": "true",
+    # A column whose id no file has reads NULL (a column added after the file was written).
+    "spark.sql.parquet.fieldId.read.ignoreMissing": "true",
+    # Plans show a scan's first file whole (not cut at 100 characters): it says which view it reads.
+    "spark.sql.maxMetadataStringLength": "8192",
+}
+_DECIMAL = re.compile(r"^DECIMAL\((\d+),\s*(\d+)\)$")
+_SPARK_TYPES = {
+    "BOOLEAN": "BOOLEAN",
+    "INTEGER": "INT",
+    "BIGINT": "BIGINT",
+    "FLOAT": "FLOAT",
+    "DOUBLE": "DOUBLE",
+    "DATE": "DATE",
+    "TIMESTAMP": "TIMESTAMP_NTZ",
+    "TIMESTAMPTZ": "TIMESTAMP",
+    "VARCHAR": "STRING",
+    "BLOB": "BINARY",
+}
+#: A file scan in Spark's physical plan: its columns and the first of its files.
+_FILE_SCAN = re.compile(r"FileScan parquet \[(?P<columns>[^\]]*)\].*?Location: \w+\(\d+ paths?\)\[(?P<path>[^,\]\s]+)")
+_LOCATION = re.compile(r"Location: \w+(?:\(\d+ paths?\))? ?\[[^\]]*\]")
+_FILE_URI = re.compile(r"file:/\S*")
+_SOURCE = re.compile(r"`?lakegate_source_[0-9a-f]+`?")
+_JVM_TRACE = re.compile(r"\n\s*(JVM stacktrace:|== SQL|== DataFrame).*", re.DOTALL)
+
+
+def spark_type(duckdb_type: str) -> str:
+    """The Spark SQL type that reads a column lakegate reads as `duckdb_type`.
+
+    Raises:
+        InvalidArgument: Spark has no such type (TIME, nanosecond timestamps, UUID).
+    """
+    if duckdb_type in _SPARK_TYPES:
+        return _SPARK_TYPES[duckdb_type]
+    if match := _DECIMAL.match(duckdb_type):
+        return f"DECIMAL({match.group(1)},{match.group(2)})"
+    raise InvalidArgument(
+        f"Columns of type {duckdb_type} cannot be read when a query runs on Spark.",
+        hint="Select the table's other columns.",
+    )
+
+
+def _mask_bodies(key: str) -> dict[str, str]:
+    """The Spark SQL of each mask over a STRING `x`, giving what policies/masks.py gives on DuckDB."""
+    keyed = f"concat(unhex('{key.encode().hex()}'), encode(x, 'UTF-8'))"
+    return {
+        "hash": f"CASE WHEN x IS NULL THEN NULL ELSE substr(sha2({keyed}, 256), 1, 16) END",
+        "partial": "CASE WHEN x IS NULL THEN NULL "
+        "ELSE concat(repeat('*', greatest(char_length(x) - 4, 0)), right(x, 4)) END",
+        "redact": "CASE WHEN x IS NULL THEN NULL ELSE '[redacted]' END",
+    }
+
+
+class _Session:
+    """One Spark Connect session and the names of its mask functions."""
+
+    def __init__(self, spark: SparkSession, masks: dict[str, str]) -> None:
+        self.spark = spark
+        self.masks = masks  # method -> this session's function name
+
+
+class SparkEngine:
+    """Governed queries on a Spark cluster through a small pool of Spark Connect sessions."""
+
+    name = "spark"
+
+    def __init__(self, query: QuerySettings, hash_key: str) -> None:
+        if query.spark.remote is None:
+            raise ConfigurationError("query.spark.remote is not set: there is no Spark Connect endpoint")
+        require_extra("spark", "a query routed to Spark")
+        self.settings: SparkSettings = query.spark
+        self.timeout_s = query.timeout_s
+        self._key = hash_key
+        self._secrets = [hash_key, hash_key.encode().hex()]
+        self._idle: list[_Session] = []
+        self._open = 0
+        self._available = threading.Condition()
+        self._tags = itertools.count(1)
+        self._closed = False
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    def _url(self) -> str:
+        url = str(self.settings.remote)
+        token = os.environ.get(self.settings.token_env)
+        if self.settings.token_file is not None:
+            try:
+                token = Path(self.settings.token_file).expanduser().read_text().strip()
+            except OSError as exc:
+                raise ConfigurationError(f"cannot read query.spark.token_file: {exc.strerror}") from None
+        return f"{url.rstrip('/')}/;token={token}" if token else url
+
+    def _connect(self) -> _Session:
+        with _quiet_pyspark():
+            from pyspark.sql.connect.session import SparkSession
+
+        spark = None
+        try:
+            spark = SparkSession.builder.remote(self._url()).create()
+            for name, value in SESSION_CONF.items():
+                spark.conf.set(name, value)
+                taken = str(spark.conf.get(name))
+                if taken.lower() != value.lower():  # fail closed: no session without them
+                    raise ConfigurationError(f"the Spark session did not take {name}={value} (it holds {taken})")
+            suffix = secrets.token_hex(8)
+            masks = {}
+            for method, body in _mask_bodies(self._key).items():
+                function = f"lakegate_mask_{method}_{suffix}"
+                spark.sql(f"CREATE TEMPORARY FUNCTION {function}(x STRING) RETURNS STRING RETURN {body}").collect()
+                masks[method] = function
+        except BaseException as exc:
+            if spark is not None:
+                with contextlib.suppress(Exception):
+                    spark.stop()
+            if isinstance(exc, LakegateError) or not isinstance(exc, Exception):
+                raise
+            log.error("spark.connect_failed", error=self._scrub(str(exc))[:500])
+            raise BackendError(
+                f"could not open a Spark Connect session at {self.settings.remote}: {type(exc).__name__}"
+            ) from None
+        return _Session(spark, masks)
+
+    def _acquire(self) -> _Session:
+        deadline = time.monotonic() + self.timeout_s
+        with self._available:
+            while True:
+                if self._closed:
+                    raise BackendError("the Spark engine is closed")
+                if self._idle:
+                    return self._idle.pop()
+                if self._open < self.settings.sessions:
+                    self._open += 1
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise LimitExceeded(
+                        f"lakegate is already running {self.settings.sessions} queries on Spark and none "
+                        "finished in time.",
+                        hint="Try again in a moment.",
+                    )
+                self._available.wait(remaining)
+        try:
+            return self._connect()
+        except BaseException:
+            self._forget()
+            raise
+
+    def _release(self, session: _Session) -> None:
+        with self._available:
+            self._idle.append(session)
+            self._available.notify()
+
+    def _forget(self) -> None:
+        with self._available:
+            self._open -= 1
+            self._available.notify()
+
+    def warm(self) -> None:
+        """Open one session ahead of the first query.
+
+        Raises:
+            BackendError: Spark Connect cannot be reached.
+        """
+        self._release(self._acquire())
+
+    def close(self) -> None:
+        with self._available:
+            self._closed = True
+            sessions, self._idle = self._idle, []
+        for session in sessions:
+            with contextlib.suppress(Exception):
+                session.spark.stop()
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def run_page(
+        self,
+        sql: str,
+        sources: Mapping[str, TableSource],
+        on_cancel: OnCancel | None = None,
+        on_progress: OnProgress | None = None,
+        max_bytes: int | None = None,
+        masks: Mapping[str, str] | None = None,
+    ) -> EngineResult:
+        """Run one governed statement on Spark (see QueryEngine.run_page; `on_progress` is not called:
+        Spark Connect reports no estimate of the part done).
+
+        Raises:
+            LimitExceeded: the query ran past the time limit.
+            InvalidArgument: the query cannot run on Spark, or Spark rejected it (the message says why).
+            BackendError: Spark failed, or cannot be reached.
+        """
+        with self._call(sql, sources, masks, on_cancel) as (session, spark_sql):
+            scanned = self._scanned(session, spark_sql, sources)
+            table = session.spark.sql(spark_sql).toArrow()
+        return EngineResult(table, True, scanned)
+
+    def explain(self, sql: str, sources: Mapping[str, TableSource], masks: Mapping[str, str] | None = None) -> str:
+        """Spark's physical plan for `sql`, without running it and without the files' locations.
+
+        Raises:
+            InvalidArgument: Spark cannot plan the SQL.
+            BackendError: Spark failed, or cannot be reached.
+        """
+        with self._call(sql, sources, masks, None) as (session, spark_sql):
+            plan = self._plan(session, spark_sql)
+        return self._scrub(_FILE_URI.sub("[file]", _LOCATION.sub("Location: [planned files]", plan)), session)
+
+    @contextlib.contextmanager
+    def _call(
+        self, sql: str, sources: Mapping[str, TableSource], masks: Mapping[str, str] | None, on_cancel: OnCancel | None
+    ) -> Iterator[tuple[_Session, str]]:
+        session = self._acquire()
+        tag = f"lakegate-{next(self._tags)}-{secrets.token_hex(4)}"
+        ended = threading.Event()
+        why: list[str] = []
+
+        def interrupt(reason: str) -> None:
+            if not ended.is_set():
+                why.append(reason)
+                with contextlib.suppress(Exception):
+                    session.spark.interruptTag(tag)
+
+        timer = threading.Timer(self.timeout_s, interrupt, ("timeout",))
+        healthy = True
+        try:
+            spark_sql = self._render(session, sql, sources, masks or {})
+            self._register(session, sources)
+            session.spark.addTag(tag)
+            if on_cancel is not None:
+                on_cancel(lambda: interrupt("cancelled"))
+            timer.start()
+            yield session, spark_sql
+        except LakegateError:
+            raise
+        except Exception as exc:
+            healthy = _session_usable(exc)
+            raise self._translate(exc, sql, why, session) from None
+        finally:
+            ended.set()
+            timer.cancel()
+            self._end(session, sources, tag, healthy)
+
+    def _end(self, session: _Session, sources: Mapping[str, TableSource], tag: str, healthy: bool) -> None:
+        try:
+            session.spark.removeTag(tag)
+            for placeholder in sources:
+                session.spark.catalog.dropTempView(placeholder)
+        except Exception:
+            healthy = False
+        if healthy:
+            self._release(session)
+        else:
+            with contextlib.suppress(Exception):
+                session.spark.stop()
+            self._forget()
+
+    def _render(self, session: _Session, sql: str, sources: Mapping[str, TableSource], masks: Mapping[str, str]) -> str:
+        """The template as Spark SQL: mask calls made the session's functions over a STRING, a `null`
+        mask a NULL of the column's type."""
+        types = {
+            placeholder: {column.name.lower(): column.duckdb_type for column in source.columns}
+            for placeholder, source in sources.items()
+        }
+
+        def mask(node: exp.Expr) -> exp.Expr:
+            if not isinstance(node, exp.Anonymous) or str(node.name).lower() not in masks:
+                return node
+            method = masks[str(node.name).lower()]
+            (argument,) = node.expressions
+            if method == "null":
+                select = node.find_ancestor(exp.Select)
+                source = select.args["from_"].this.name if select is not None and select.args.get("from_") else ""
+                column_type = types.get(source, {}).get(argument.name.lower())
+                if column_type is None:
+                    raise BackendError("a null mask's column was not found in its governed scan")
+                return exp.cast(exp.null(), spark_type(column_type), dialect="spark")
+            return exp.Anonymous(this=session.masks[method], expressions=[exp.cast(argument.copy(), "STRING")])
+
+        tree = sqlglot.parse_one(sql, read="duckdb").transform(mask)
+        return to_spark(tree.sql("duckdb"), own_functions=session.masks.values(), tables=list(sources))
+
+    def _register(self, session: _Session, sources: Mapping[str, TableSource]) -> None:
+        """Each placeholder a temporary view of its planned files, reading its columns by field id."""
+        from pyspark.sql import types as T
+
+        for placeholder, source in sources.items():
+            fields = [
+                T.StructField(
+                    f"c{index}",
+                    _data_type(spark_type(column.duckdb_type)),
+                    metadata={"parquet.field.id": column.field_id},
+                )
+                for index, column in enumerate(source.columns)
+            ]
+            schema = T.StructType(fields)
+            paths = [_file_uri(path, source) for path, _ in source.files]
+            frame = (
+                session.spark.read.schema(schema).parquet(*paths)
+                if paths
+                else session.spark.createDataFrame([], schema)
+            )
+            frame.toDF(*(column.name for column in source.columns)).createOrReplaceTempView(placeholder)
+
+    def _plan(self, session: _Session, spark_sql: str) -> str:
+        return str(session.spark.sql(f"EXPLAIN {spark_sql}").collect()[0][0])
+
+    def _scanned(self, session: _Session, spark_sql: str, sources: Mapping[str, TableSource]) -> dict[str, list[str]]:
+        """Spark's account of what the plan reads: placeholder -> columns, from its file scans.
+
+        Raises:
+            BackendError: a file scan reads files of no placeholder (fail closed).
+        """
+        by_file = {
+            _file_uri(path, source): placeholder for placeholder, source in sources.items() for path, _ in source.files
+        }
+        scanned: dict[str, set[str]] = {}
+        for match in _FILE_SCAN.finditer(self._plan(session, spark_sql)):
+            placeholder = by_file.get(unquote(match.group("path")))
+            if placeholder is None:
+                raise BackendError("Spark's plan scans files that no governed scan of this call names")
+            read = scanned.setdefault(placeholder, set())
+            for column in filter(None, (c.strip() for c in match.group("columns").split(","))):
+                index = int(column.split("#", 1)[0].removeprefix("c"))
+                read.add(sources[placeholder].columns[index].name)
+        return {placeholder: sorted(columns) for placeholder, columns in scanned.items()}
+
+    # -- errors --------------------------------------------------------------------------------
+
+    def _scrub(self, text: str, session: _Session | None = None) -> str:
+        """`text` without the mask key, the call's placeholder names and the session's function names."""
+        for secret in self._secrets:  # Spark writes a binary literal's hex digits in upper case
+            text = re.sub(re.escape(secret), "[key]", text, flags=re.IGNORECASE)
+        if session is not None:
+            for method, function in session.masks.items():
+                text = re.sub(re.escape(function), f"LAKEGATE_MASK_{method.upper()}", text, flags=re.IGNORECASE)
+        return _SOURCE.sub("governed_table", text)
+
+    def _translate(self, exc: BaseException, sql: str, why: list[str], session: _Session) -> LakegateError:
+        with _quiet_pyspark():
+            import pyspark.errors as spark_errors
+
+        if why and why[0] == "timeout":
+            return LimitExceeded(
+                f"The query ran longer than {self.timeout_s:g} s on Spark and was stopped.",
+                hint="Filter on the partition column (e.g. a date range), aggregate, or select fewer columns.",
+            )
+        if why:
+            return BackendError("the client cancelled the query")
+        # The first line: Spark goes on with the SQL text, its analysed plan and the JVM's stack.
+        first = _JVM_TRACE.sub("", str(exc)).strip().split("\n", 1)[0]
+        message = self._scrub(_FILE_URI.sub("[file]", first), session)
+        if isinstance(exc, spark_errors.AnalysisException | spark_errors.ParseException):
+            return InvalidArgument(
+                f"Spark could not run the query: {message}",
+                hint="Fix the SQL and call query again; describe_dataset lists columns and types.",
+            )
+        data_errors = (
+            spark_errors.ArithmeticException,
+            spark_errors.NumberFormatException,
+            spark_errors.DateTimeException,
+            spark_errors.IllegalArgumentException,
+            spark_errors.ArrayIndexOutOfBoundsException,
+        )
+        if isinstance(exc, data_errors):
+            # Raised while rows are read: may quote a value of a row or column the caller cannot see.
+            return InvalidArgument(
+                f"Spark could not run the query: {without_values(message, sql)}",
+                hint="Fix the SQL (e.g. try_cast for values that may not convert) and call query again.",
+            )
+        log.error("spark.query_failed", error=without_values(message, sql)[:1000])
+        return BackendError(f"Spark failed: {type(exc).__name__}")
+
+
+def _data_type(name: str) -> Any:
+    """The pyspark DataType of a Spark SQL type name that spark_type gives."""
+    from pyspark.sql import types as T
+
+    simple = {
+        "BOOLEAN": T.BooleanType(), "INT": T.IntegerType(), "BIGINT": T.LongType(), "FLOAT": T.FloatType(),
+        "DOUBLE": T.DoubleType(), "DATE": T.DateType(), "TIMESTAMP_NTZ": T.TimestampNTZType(),
+        "TIMESTAMP": T.TimestampType(), "STRING": T.StringType(), "BINARY": T.BinaryType(),
+    }  # fmt: skip
+    if name in simple:
+        return simple[name]
+    precision, scale = _DECIMAL.match(name).groups()  # type: ignore[union-attr]  # spark_type gave it
+    return T.DecimalType(int(precision), int(scale))
+
+
+def _file_uri(path: str, source: TableSource) -> str:
+    if source.store is not None or not path.startswith("/"):
+        raise ConfigurationError(
+            "the Spark engine reads local Iceberg files only in this build (object storage needs the "
+            "cluster's own connector): route this table's queries to DuckDB"
+        )
+    return f"file:{path}"
+
+
+def _session_usable(exc: BaseException) -> bool:
+    """Whether a session that raised `exc` may serve the next query (not when its connection failed)."""
+    return "UNAVAILABLE" not in str(exc) and "SESSION_CLOSED" not in str(exc)
+
+
+@contextlib.contextmanager
+def _quiet_pyspark() -> Iterator[None]:
+    # pyspark warns about pandas on import and logs every failed query's values to stderr with its
+    # own logger: lakegate reports errors itself, without the values.
+    logging.getLogger("SQLQueryContextLogger").disabled = True
+    logging.getLogger("pyspark").setLevel(logging.CRITICAL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

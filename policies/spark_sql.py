@@ -1,0 +1,165 @@
+"""Governed SQL rendered for Apache Spark, and the functions Spark may run of it.
+
+The SQL guard parses, checks and rewrites an agent's query once, in DuckDB's dialect
+(policies/sql_guard.py). When the query runs on Spark (catalog/spark_engine.py), that rewritten
+template is rendered in Spark's dialect by sqlglot with `unsupported_level=RAISE`: a construct
+sqlglot cannot express for Spark is refused with a clear error, never dropped from the query (a
+dropped WHERE would widen what a row filter lets through).
+
+Spark is no sandbox: `reflect` and `java_method` call any Java method, `input_file_name` shows the
+server's paths, `raise_error` carries a message of the query's choosing. So the rendered SQL is read
+again, in Spark's dialect, and every function in it must be on `SPARK_FUNCTIONS`, a reviewed
+allow-list (new Spark functions are refused until someone adds them; tests/test_spark_sql.py holds
+the list to a snapshot), or be one of the call's own mask functions.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import ErrorLevel, SqlglotError
+
+from lakegate.errors import InvalidQuery
+
+__all__ = ["SPARK_FUNCTIONS", "check_spark_functions", "to_spark"]
+
+#: Functions of Spark 4 that compute a value from their arguments and nothing else: no files, no
+#: Java, no session or cluster state, no error text of the query's choosing.
+SPARK_FUNCTIONS = frozenset(
+    {
+        # Aggregates and window functions
+        "any", "any_value", "approx_count_distinct", "approx_percentile", "array_agg", "avg", "bit_and",
+        "bit_or", "bit_xor", "bool_and", "bool_or", "collect_list", "collect_set", "corr", "count",
+        "count_if", "covar_pop", "covar_samp", "cume_dist", "dense_rank", "every", "first", "first_value",
+        "grouping", "grouping_id", "kurtosis", "lag", "last", "last_value", "lead", "listagg", "max", "max_by",
+        "mean", "median", "min", "min_by", "mode", "nth_value", "ntile", "percent_rank", "percentile",
+        "percentile_approx", "percentile_cont", "percentile_disc", "rank", "regr_avgx", "regr_avgy",
+        "regr_count", "regr_intercept", "regr_r2", "regr_slope", "regr_sxx", "regr_sxy", "regr_syy",
+        "row_number", "skewness", "some", "std", "stddev", "stddev_pop", "stddev_samp", "string_agg", "sum",
+        "try_avg", "try_sum", "var_pop", "var_samp", "variance",
+        # Conditionals and casts
+        "case", "cast", "try_cast", "coalesce", "if", "ifnull", "nullif", "nullifzero", "nvl", "nvl2",
+        "zeroifnull", "greatest", "least", "isnull", "isnotnull", "isnan", "nanvl", "equal_null", "in",
+        "between", "not", "and", "or", "like", "ilike", "rlike", "regexp", "regexp_like", "exists",
+        "bigint", "boolean", "date", "decimal", "double", "float", "int", "smallint", "string", "timestamp",
+        "tinyint", "binary",
+        # Numbers
+        "abs", "acos", "acosh", "asin", "asinh", "atan", "atan2", "atanh", "bin", "bround", "cbrt", "ceil",
+        "ceiling", "conv", "cos", "cosh", "cot", "csc", "degrees", "div", "e", "exp", "expm1", "factorial",
+        "floor", "hypot", "ln", "log", "log10", "log1p", "log2", "mod", "negative", "pi", "pmod", "positive",
+        "pow", "power", "radians", "rint", "round", "sec", "sign", "signum", "sin", "sinh", "sqrt", "tan",
+        "tanh", "try_add", "try_divide", "try_mod", "try_multiply", "try_subtract", "width_bucket",
+        "bit_count", "bit_get", "getbit", "shiftleft", "shiftright", "shiftrightunsigned", "format_number",
+        "to_number", "try_to_number", "rand", "random", "randn",
+        # Text and bytes
+        "ascii", "base64", "bit_length", "btrim", "char", "char_length", "character_length", "chr", "concat",
+        "concat_ws", "contains", "crc32", "decode", "elt", "encode", "endswith", "find_in_set",
+        "format_string", "hex", "initcap", "instr", "lcase", "left", "len", "length", "levenshtein",
+        "locate", "lower", "lpad", "ltrim", "md5", "octet_length", "overlay", "position", "printf",
+        "regexp_count", "regexp_extract", "regexp_extract_all", "regexp_instr", "regexp_replace",
+        "regexp_substr", "repeat", "replace", "reverse", "right", "rpad", "rtrim", "sha", "sha1", "sha2",
+        "soundex", "space", "split", "split_part", "startswith", "substr", "substring", "substring_index",
+        "to_char", "to_varchar", "translate", "trim", "ucase", "unbase64", "unhex", "upper", "hash",
+        "xxhash64", "url_decode", "url_encode", "parse_url", "to_binary", "try_to_binary",
+        # Dates and times
+        "add_months", "curdate", "current_date", "current_timestamp", "date_add", "date_diff",
+        "date_format", "date_from_unix_date", "date_part", "date_sub", "date_trunc", "dateadd", "datediff",
+        "datepart", "day", "dayname", "dayofmonth", "dayofweek", "dayofyear", "extract", "from_unixtime",
+        "from_utc_timestamp", "hour", "last_day", "make_date", "make_dt_interval", "make_interval",
+        "make_timestamp", "make_timestamp_ntz", "make_ym_interval", "minute", "month", "monthname",
+        "months_between", "next_day", "now", "quarter", "second", "timestamp_micros", "timestamp_millis",
+        "timestamp_seconds", "to_date", "to_timestamp", "to_timestamp_ntz", "to_unix_timestamp",
+        "to_utc_timestamp", "trunc", "try_to_date", "try_to_timestamp", "unix_date", "unix_micros",
+        "unix_millis", "unix_seconds", "unix_timestamp", "weekday", "weekofyear", "year", "interval",
+        "localtimestamp", "convert_timezone",
+        # Arrays, maps and structs built from the query's own values
+        "array", "array_append", "array_compact", "array_contains", "array_distinct", "array_except",
+        "array_insert", "array_intersect", "array_join", "array_max", "array_min", "array_position",
+        "array_prepend", "array_remove", "array_repeat", "array_size", "array_sort", "array_union",
+        "arrays_overlap", "arrays_zip", "cardinality", "element_at", "explode", "explode_outer", "filter",
+        "flatten", "forall", "inline", "inline_outer", "map", "map_concat", "map_contains_key", "map_entries",
+        "map_from_arrays", "map_from_entries", "map_keys", "map_values", "named_struct", "posexplode",
+        "posexplode_outer", "sequence", "size", "slice", "sort_array", "struct", "transform",
+        "try_element_at", "get", "aggregate", "reduce", "get_json_object", "json_array_length",
+        "json_object_keys", "to_json", "from_json",
+    }
+)  # fmt: skip
+
+#: Spark reads these words as functions when written without parentheses, where no column has the name.
+BARE_FUNCTIONS = frozenset(
+    {"current_user", "user", "session_user", "current_database", "current_schema", "current_catalog",
+     "current_path", "current_timezone", "current_time", "localtime"}
+)  # fmt: skip
+_CALL = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*\(")
+
+
+def _spark_name(node: exp.Func) -> str | None:
+    """The function Spark calls for `node`, or None for an operator (AND, CASE, IN: its operands are
+    checked on their own)."""
+    if isinstance(node, exp.Anonymous):
+        return str(node.name).lower()
+    generated = _CALL.match(node.sql("spark"))
+    return generated.group(1).lower() if generated else None
+
+
+def check_spark_functions(sql: str, own_functions: Collection[str] = (), tables: Collection[str] = ()) -> None:
+    """Refuse Spark SQL that calls a function off the allow-list (`own_functions`: the call's masks)
+    or reads a table other than `tables` and its own CTEs.
+
+    Raises:
+        InvalidQuery: the SQL calls such a function or names such a table, or Spark's dialect cannot
+            read it back.
+    """
+    own = {name.lower() for name in own_functions}
+    try:
+        tree = sqlglot.parse_one(sql, read="spark")
+    except SqlglotError as exc:
+        raise InvalidQuery(
+            "The query could not be rendered for Spark.", hint="Simplify the query, or ask for it on DuckDB."
+        ) from exc
+    readable = {name.lower() for name in tables} | {cte.alias_or_name.lower() for cte in tree.find_all(exp.CTE)}
+    for node in tree.walk():
+        if isinstance(node, exp.Func):
+            name = _spark_name(node)
+            if name is not None and name not in SPARK_FUNCTIONS and name not in own:
+                raise InvalidQuery(
+                    f"The function {name}() is not available when a query runs on Spark.",
+                    hint="Use plain SQL functions (aggregates, arithmetic, text and date functions).",
+                )
+        elif isinstance(node, exp.Column) and not node.table and node.name.lower() in BARE_FUNCTIONS:
+            raise InvalidQuery(
+                f"{node.name} is not available when a query runs on Spark.",
+                hint="Qualify a column of that name with its table (t.{node.name}).",
+            )
+        elif isinstance(node, exp.Table) and (node.args.get("db") or node.name.lower() not in readable):
+            # A path read (parquet.`/x`) or any relation the gate did not hand this call.
+            raise InvalidQuery(
+                "The query names a relation that is not a governed table, which Spark may not read.",
+                hint="Read governed tables by their dataset names (namespace.table).",
+            )
+
+
+def to_spark(template: str, own_functions: Collection[str] = (), tables: Collection[str] = ()) -> str:
+    """The governed template (DuckDB's dialect) as Spark SQL, checked against the allow-list.
+
+    Raises:
+        InvalidQuery: sqlglot cannot express a part of the query in Spark's dialect (it is refused
+            rather than dropped), or the rendering calls a function off the allow-list.
+    """
+    try:
+        tree = sqlglot.parse_one(template, read="duckdb")
+        sql = tree.sql(dialect="spark", unsupported_level=ErrorLevel.RAISE)
+    except SqlglotError as exc:
+        raise InvalidQuery(
+            f"This query cannot run on Spark: {_first_line(str(exc))}",
+            hint="Rewrite that part of the query with plain SQL (the Spark engine serves this table).",
+        ) from exc
+    check_spark_functions(sql, own_functions, tables)
+    return sql
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else "unsupported construct"

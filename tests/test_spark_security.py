@@ -1,0 +1,91 @@
+"""The security corpus and the property-based queries of the governed query tool (issue 3), run on a
+real Spark cluster (issue 19): on Spark as on DuckDB, no clear masked value, no filtered row, no key
+and no server path reaches the caller or the audit record.
+
+A corpus case that answers on DuckDB may be refused on Spark (a DuckDB-only construct that Spark's
+dialect cannot express, or a function off the Spark allow-list): a clear refusal is governed too, and
+the test lists which cases did so; every case DuckDB refuses is refused on Spark with the same words.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from lakegate.catalog.spark_cluster import ClusterInfo
+from lakegate.errors import ClientError
+from lakegate.server.app import Runtime, open_runtime
+from lakegate.server.settings import load_settings
+from tests.query_security_checks import check_analyst_answer, check_attempt, check_support_answer
+from tests.query_security_corpus import CORPUS, REPO, Answers, Clear, Refused, call, clear  # noqa: F401
+from tests.spark_support import spark_query_settings
+from tests.test_query_security import queries
+
+pytestmark = pytest.mark.xdist_group("spark")
+
+#: Corpus cases refused on Spark with other words than on DuckDB, or refused on Spark where DuckDB
+#: answers (DuckDB-only SQL), with the words of Spark's refusal.
+REFUSED_ON_SPARK = {
+    "to_json_row": "UNRESOLVED_COLUMN",  # DuckDB reads a table alias as its row; Spark does not
+    "whole_row": "UNRESOLVED_COLUMN",
+    "row_to_json": "row_to_json() is not available",
+    "alias_column_list": "ASSIGNMENT_ARITY_MISMATCH",  # t(a, b) naming fewer columns than t has
+    "columns_regex": "columns() is not available",
+    "star_like": "INVALID_USAGE_OF_STAR_OR_REGEX",
+    "replace": "PARSE_SYNTAX_ERROR",  # SELECT * REPLACE (...)
+    "cast_error_message": "The value '<value>'",  # refused on both; Spark's words, the value cut out
+}
+
+
+@pytest.fixture
+def spark_runtime(demo_home: Path, spark_cluster: ClusterInfo, audit_path: Path) -> Iterator[Runtime]:
+    settings = load_settings(
+        REPO,
+        home=demo_home,
+        audit={"path": audit_path, "fsync": False},
+        principal=None,
+        query=spark_query_settings(spark_cluster),
+    )
+    opened = open_runtime(settings)
+    yield opened
+    opened.close()
+
+
+@pytest.mark.parametrize(
+    ("principal", "arguments", "expected"), [case[1:] for case in CORPUS], ids=[case[0] for case in CORPUS]
+)
+def test_attempt_is_refused_or_governed_on_spark(
+    spark_runtime: Runtime,
+    audit_path: Path,
+    clear: Clear,  # noqa: F811
+    request: pytest.FixtureRequest,
+    principal: str,
+    arguments: str | dict[str, Any],
+    expected: Refused | Answers,
+) -> None:
+    outcome = call(spark_runtime, principal, {"sql": arguments} if isinstance(arguments, str) else arguments)
+    case = request.node.callspec.id
+    if case in REFUSED_ON_SPARK:
+        assert isinstance(outcome.error, ClientError), outcome.text[:300]
+        kind = expected.outcome if isinstance(expected, Refused) else "invalid"
+        expected = Refused(REFUSED_ON_SPARK[case], outcome=kind, decision=expected.decision)
+    check_attempt(outcome, audit_path, clear, principal, expected)
+
+
+SPARK_SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@SPARK_SETTINGS
+@given(sql=queries(("c", "o", "p")))
+def test_analyst_never_sees_a_clear_value_on_spark(spark_runtime: Runtime, clear: Clear, sql: str) -> None:  # noqa: F811
+    check_analyst_answer(call(spark_runtime, "analyst", {"sql": sql, "limit": 50}), sql, clear)
+
+
+@SPARK_SETTINGS
+@given(sql=queries(("c", "o")))
+def test_support_agent_never_sees_a_filtered_row_on_spark(spark_runtime: Runtime, clear: Clear, sql: str) -> None:  # noqa: F811
+    check_support_answer(call(spark_runtime, "support_agent", {"sql": sql, "limit": 50}), sql, clear)
