@@ -41,6 +41,11 @@ CONNECT_CONF = {
     "spark.sql.session.timeZone": "UTC",
     "spark.sql.parquet.fieldId.read.enabled": "true",
     "spark.sql.parquet.fieldId.read.ignoreMissing": "true",
+    # A task that an interrupt (lakegate's time limit, a client's cancellation) cannot stop, as a
+    # join looping in generated code, gets its executor killed and replaced after 10 s, so that a
+    # stopped query does not keep the workers busy.
+    "spark.task.reaper.enabled": "true",
+    "spark.task.reaper.killTimeout": "10s",
 }
 
 

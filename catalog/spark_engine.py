@@ -53,7 +53,7 @@ from lakegate.policies.spark_sql import to_spark
 if TYPE_CHECKING:
     from pyspark.sql.connect.session import SparkSession
 
-__all__ = ["SparkEngine", "spark_type"]
+__all__ = ["SparkEngine", "register_views", "spark_type"]
 
 log = structlog.get_logger(__name__)
 
@@ -67,7 +67,14 @@ SESSION_CONF = {
     "spark.sql.parquet.fieldId.read.ignoreMissing": "true",
     # Plans show a scan's first file whole (not cut at 100 characters): it says which view it reads.
     "spark.sql.maxMetadataStringLength": "8192",
+    # No predicates inferred from the query's own (country = name AND f(country) -> f(name)): Spark
+    # placed such a predicate ahead of the row filter, where an error on a filtered row was an oracle.
+    "spark.sql.constraintPropagation.enabled": "false",
 }
+#: A row of a result may hold at most this many times the call's byte budget: a larger one fails the
+#: call on the executors, before it reaches the Spark Connect server or lakegate.
+ROW_BUDGET_FACTOR = 4
+ROW_TOO_LARGE = "lakegate_row_too_large"
 _DECIMAL = re.compile(r"^DECIMAL\((\d+),\s*(\d+)\)$")
 _SPARK_TYPES = {
     "BOOLEAN": "BOOLEAN",
@@ -85,6 +92,8 @@ _SPARK_TYPES = {
 _FILE_SCAN = re.compile(r"FileScan parquet \[(?P<columns>[^\]]*)\].*?Location: \w+\(\d+ paths?\)\[(?P<path>[^,\]\s]+)")
 _LOCATION = re.compile(r"Location: \w+(?:\(\d+ paths?\))? ?\[[^\]]*\]")
 _FILE_URI = re.compile(r"file:/\S*")
+_BINARY_LITERAL = re.compile(r"\b0x[0-9A-Fa-f]+")
+_HEX_RUN = re.compile(r"[0-9A-Fa-f]{8,}")
 _SOURCE = re.compile(r"`?lakegate_source_[0-9a-f]+`?")
 _JVM_TRACE = re.compile(r"\n\s*(JVM stacktrace:|== SQL|== DataFrame).*", re.DOTALL)
 
@@ -257,7 +266,16 @@ class SparkEngine:
         """
         with self._call(sql, sources, masks, on_cancel) as (session, spark_sql):
             scanned = self._scanned(session, spark_sql, sources)
-            table = session.spark.sql(spark_sql).toArrow()
+            bounded = spark_sql
+            if max_bytes is not None:
+                # Checked on the executors, row by row: lakegate's own SQL, around the checked query.
+                limit = max_bytes * ROW_BUDGET_FACTOR
+                bounded = (
+                    f"SELECT lakegate_rows.* FROM ({spark_sql}) AS lakegate_rows WHERE CASE WHEN "
+                    f"octet_length(to_json(struct(lakegate_rows.*))) > {limit} "
+                    f"THEN raise_error('{ROW_TOO_LARGE}') ELSE true END"
+                )
+            table = session.spark.sql(bounded).toArrow()
         return EngineResult(table, True, scanned)
 
     def explain(self, sql: str, sources: Mapping[str, TableSource], masks: Mapping[str, str] | None = None) -> str:
@@ -346,26 +364,7 @@ class SparkEngine:
         return to_spark(tree.sql("duckdb"), own_functions=session.masks.values(), tables=list(sources))
 
     def _register(self, session: _Session, sources: Mapping[str, TableSource]) -> None:
-        """Each placeholder a temporary view of its planned files, reading its columns by field id."""
-        from pyspark.sql import types as T
-
-        for placeholder, source in sources.items():
-            fields = [
-                T.StructField(
-                    f"c{index}",
-                    _data_type(spark_type(column.duckdb_type)),
-                    metadata={"parquet.field.id": column.field_id},
-                )
-                for index, column in enumerate(source.columns)
-            ]
-            schema = T.StructType(fields)
-            paths = [_file_uri(path, source) for path, _ in source.files]
-            frame = (
-                session.spark.read.schema(schema).parquet(*paths)
-                if paths
-                else session.spark.createDataFrame([], schema)
-            )
-            frame.toDF(*(column.name for column in source.columns)).createOrReplaceTempView(placeholder)
+        register_views(session.spark, sources)
 
     def _plan(self, session: _Session, spark_sql: str) -> str:
         return str(session.spark.sql(f"EXPLAIN {spark_sql}").collect()[0][0])
@@ -393,7 +392,20 @@ class SparkEngine:
     # -- errors --------------------------------------------------------------------------------
 
     def _scrub(self, text: str, session: _Session | None = None) -> str:
-        """`text` without the mask key, the call's placeholder names and the session's function names."""
+        """`text` without the mask key, the call's placeholder names and the session's function names.
+
+        The key reaches Spark as a binary literal in the hash mask's body, and Spark cuts long plan
+        text anywhere: every binary literal goes, whole or cut, and any run of hex digits that is
+        part of the key or of its hex.
+        """
+        text = _BINARY_LITERAL.sub("0x[key]", text)
+        hexes = [secret.lower() for secret in self._secrets]
+
+        def hide(match: re.Match[str]) -> str:
+            found = match.group(0).lower()
+            return "[key]" if any(found in secret for secret in hexes) else match.group(0)
+
+        text = _HEX_RUN.sub(hide, text)
         for secret in self._secrets:  # Spark writes a binary literal's hex digits in upper case
             text = re.sub(re.escape(secret), "[key]", text, flags=re.IGNORECASE)
         if session is not None:
@@ -412,8 +424,13 @@ class SparkEngine:
             )
         if why:
             return BackendError("the client cancelled the query")
-        # The first line: Spark goes on with the SQL text, its analysed plan and the JVM's stack.
+        # The first line only: Spark's message goes on with the SQL text, which names the check too.
         first = _JVM_TRACE.sub("", str(exc)).strip().split("\n", 1)[0]
+        if first.startswith("[USER_RAISED_EXCEPTION]") and ROW_TOO_LARGE in first:
+            return LimitExceeded(
+                "One row of the result is far more than the byte budget of a call.",
+                hint="Select fewer or shorter columns (e.g. left(text, 200)).",
+            )
         message = self._scrub(_FILE_URI.sub("[file]", first), session)
         if isinstance(exc, spark_errors.AnalysisException | spark_errors.ParseException):
             return InvalidArgument(
@@ -435,6 +452,24 @@ class SparkEngine:
             )
         log.error("spark.query_failed", error=without_values(message, sql)[:1000])
         return BackendError(f"Spark failed: {type(exc).__name__}")
+
+
+def register_views(spark: SparkSession, sources: Mapping[str, TableSource]) -> None:
+    """Each source a temporary view (named by its key) of its planned files, reading its columns by
+    Iceberg field id: fields named c0, c1, ... (what the plan's file scans show) renamed by the view."""
+    from pyspark.sql import types as T
+
+    for name, source in sources.items():
+        fields = [
+            T.StructField(
+                f"c{index}", _data_type(spark_type(column.duckdb_type)), metadata={"parquet.field.id": column.field_id}
+            )
+            for index, column in enumerate(source.columns)
+        ]
+        schema = T.StructType(fields)
+        paths = [_file_uri(path, source) for path, _ in source.files]
+        frame = spark.read.schema(schema).parquet(*paths) if paths else spark.createDataFrame([], schema)
+        frame.toDF(*(column.name for column in source.columns)).createOrReplaceTempView(name)
 
 
 def _data_type(name: str) -> Any:

@@ -93,6 +93,8 @@ BARE_FUNCTIONS = frozenset(
     {"current_user", "user", "session_user", "current_database", "current_schema", "current_catalog",
      "current_path", "current_timezone", "current_time", "localtime"}
 )  # fmt: skip
+#: sqlglot's functions that Spark reads as operators or keywords, not as calls by name.
+_OPERATORS = (exp.Connector, exp.Case, exp.CurrentDate, exp.CurrentTimestamp)
 _CALL = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*\(")
 
 
@@ -124,6 +126,8 @@ def check_spark_functions(sql: str, own_functions: Collection[str] = (), tables:
     for node in tree.walk():
         if isinstance(node, exp.Func):
             name = _spark_name(node)
+            if name is None and not isinstance(node, _OPERATORS):
+                name = type(node).__name__.lower()  # a call sqlglot writes without parentheses
             if name is not None and name not in SPARK_FUNCTIONS and name not in own:
                 raise InvalidQuery(
                     f"The function {name}() is not available when a query runs on Spark.",
@@ -150,7 +154,7 @@ def to_spark(template: str, own_functions: Collection[str] = (), tables: Collect
             rather than dropped), or the rendering calls a function off the allow-list.
     """
     try:
-        tree = sqlglot.parse_one(template, read="duckdb")
+        tree = sqlglot.parse_one(template, read="duckdb").transform(_cast_inside_explode)
         sql = tree.sql(dialect="spark", unsupported_level=ErrorLevel.RAISE)
     except SqlglotError as exc:
         raise InvalidQuery(
@@ -159,6 +163,16 @@ def to_spark(template: str, own_functions: Collection[str] = (), tables: Collect
         ) from exc
     check_spark_functions(sql, own_functions, tables)
     return sql
+
+
+def _cast_inside_explode(node: exp.Expr) -> exp.Expr:
+    """`CAST(unnest(list) AS t)` as `unnest(list_transform(list, x -> CAST(x AS t)))`: Spark runs a
+    generator only as a whole select item (the metric compiler's series of periods casts one)."""
+    if not isinstance(node, exp.Cast) or not isinstance(node.this, exp.Explode):
+        return node
+    element = exp.to_identifier("lakegate_element")
+    cast = exp.Lambda(this=exp.Cast(this=element.copy(), to=node.args["to"].copy()), expressions=[element])
+    return exp.Explode(this=exp.Transform(this=node.this.this.copy(), expression=cast))
 
 
 def _first_line(message: str) -> str:

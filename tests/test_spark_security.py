@@ -9,6 +9,7 @@ the test lists which cases did so; every case DuckDB refuses is refused on Spark
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from lakegate.catalog.spark_cluster import ClusterInfo
-from lakegate.errors import ClientError
+from lakegate.errors import ClientError, LimitExceeded
 from lakegate.server.app import Runtime, open_runtime
 from lakegate.server.settings import load_settings
 from tests.query_security_checks import check_analyst_answer, check_attempt, check_support_answer
@@ -89,3 +90,46 @@ def test_analyst_never_sees_a_clear_value_on_spark(spark_runtime: Runtime, clear
 @given(sql=queries(("c", "o")))
 def test_support_agent_never_sees_a_filtered_row_on_spark(spark_runtime: Runtime, clear: Clear, sql: str) -> None:  # noqa: F811
     check_support_answer(call(spark_runtime, "support_agent", {"sql": sql, "limit": 50}), sql, clear)
+
+
+# -- what a red-team review found on Spark, held by a test each ----------------------------------
+
+
+def test_an_error_on_a_filtered_row_is_no_oracle(spark_runtime: Runtime, clear: Clear) -> None:  # noqa: F811
+    # Spark inferred `f(name)` from `country = name AND f(country)` and ran it ahead of the row filter:
+    # an error told whether a customer outside EMEA had that name. Constraint propagation is off.
+    outside = sorted(clear.names - clear.emea_names)[0]
+    template = (
+        "SELECT count(*) AS n FROM sales.customers WHERE country = name "
+        "AND 1 / (CASE WHEN country = '{}' THEN 0 ELSE 1 END) = 1"
+    )
+    answers = [call(spark_runtime, "support_agent", {"sql": template.format(name)}) for name in (outside, "Nobody")]
+
+    assert [a.error for a in answers] == [None, None], [str(a.error) for a in answers]
+    assert [a.result.rows for a in answers] == [[[0]], [[0]]]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("padding", [7940, 7946, 7947, 7990])
+def test_no_part_of_the_mask_key_shows_in_a_cut_plan(spark_runtime: Runtime, padding: int) -> None:
+    # Spark cuts long plan text anywhere: a literal of the right length put the cut inside the hash
+    # mask's key (a binary literal in the mask's body), which then showed all but its last digit.
+    sql = f"SELECT count(*) FROM sales.customers WHERE country <> '{'y' * padding}' AND name LIKE 'a%'"
+    outcome = call(spark_runtime, "analyst", {"sql": sql, "explain": True})
+    assert outcome.result is not None, outcome.error
+    plan = str(outcome.result.plan)  # type: ignore[attr-defined]
+
+    key = (spark_runtime.settings.state_dir / "mask.key").read_text().strip().lower()
+    hexes = (key, key.encode().hex())
+    runs = [run.lower() for run in re.findall(r"[0-9A-Fa-f]{8,}", plan)]
+    assert not [run for run in runs if any(run in secret for secret in hexes)], runs
+    assert re.findall(r"0x[0-9A-Za-z\[]*", plan) and all(
+        literal == "0x[key" for literal in re.findall(r"0x[0-9A-Za-z\[]*", plan)
+    )
+
+
+def test_a_row_far_over_the_byte_budget_fails_on_the_executors(spark_runtime: Runtime) -> None:
+    sql = "SELECT length(s), s FROM (SELECT repeat('x', 20000000) AS s FROM sales.customers LIMIT 1) t"
+    outcome = call(spark_runtime, "admin", {"sql": sql})
+
+    assert isinstance(outcome.error, LimitExceeded), outcome.error
+    assert "byte budget" in str(outcome.error)
