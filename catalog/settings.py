@@ -82,15 +82,17 @@ class SparkSettings(BaseModel):
             parse_bytes(value)
         return value
 
-    def runs(self, datasets: list[str], scan_bytes: int) -> bool:
-        """Whether a query of `datasets` that reads `scan_bytes` runs on Spark."""
+    def runs(self, datasets: list[str], scan_bytes: int, *, local: bool = True) -> bool:
+        """Whether a query of `datasets` that reads `scan_bytes` runs on Spark. A query of tables on
+        object storage (not `local`) goes there only when its datasets are named: this build's Spark
+        engine reads local files only, and a scan-size rule should not turn large queries into errors."""
         from fnmatch import fnmatchcase
 
         if self.remote is None:
             return False
-        if any(fnmatchcase(name, pattern) for name in datasets for pattern in self.datasets):
+        if any(fnmatchcase(name.lower(), pattern.lower()) for name in datasets for pattern in self.datasets):
             return True
-        return self.min_scan_bytes is not None and scan_bytes >= parse_bytes(self.min_scan_bytes)
+        return local and self.min_scan_bytes is not None and scan_bytes >= parse_bytes(self.min_scan_bytes)
 
 
 class QuerySettings(BaseModel):

@@ -4,10 +4,12 @@ The same governed template the DuckDB engine runs (catalog/query_engine.py) reac
 one `TableSource` per placeholder: the planned Parquet files of one Iceberg snapshot and the
 columns its governed scan needs. For each call, on a Spark Connect session of its own:
 
-- each placeholder becomes a temporary view over exactly those files, read with a schema of only
-  those columns whose fields carry their Iceberg field ids (`parquet.field.id`), so that Spark reads
+- each placeholder is a temporary view over exactly those files, read with a schema of only those
+  columns whose fields carry their Iceberg field ids (`parquet.field.id`), so that Spark reads
   columns by id as pyiceberg does (renamed, widened, dropped-and-re-added columns are right), and
-  can read no other column or file of the table;
+  can read no other column or file of the table. A session keeps its views for later calls handed
+  the same files and columns (the same snapshot, the same permitted columns), so that Spark does
+  not list the files again;
 - the template is rendered in Spark's dialect (policies/spark_sql.py: an unsupported construct is
   refused, and every function must be on the Spark allow-list);
 - hash, partial and redact masks are the session's temporary SQL functions, with outputs identical
@@ -18,8 +20,9 @@ a sandbox the way the DuckDB worker is: the allow-list and the views are the wal
 query can name reaches a file the gate did not plan. The hash mask's key is sent to the cluster (as
 hex inside the function's body); it is cut out of every plan and error this engine returns.
 
-What the engine read is Spark's own account: the file scans of the call's physical plan, mapped
-back to placeholders by their files, with the columns each scan reads.
+What the engine read is Spark's own account: the query's input files (each must be a planned file
+of this call, or the call fails), and the columns of each view its plan reads (each view's fields
+are named by its placeholder, random per call, and Spark prunes the fields a query does not read).
 """
 
 from __future__ import annotations
@@ -33,16 +36,17 @@ import secrets
 import threading
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote, urlsplit
 
 import sqlglot
 import structlog
 from sqlglot import exp
 
-from lakegate.catalog.arrow_relations import TableSource
+from lakegate.catalog.arrow_relations import SourceColumn, TableSource
 from lakegate.catalog.query_engine import EngineResult, OnCancel, OnProgress
 from lakegate.catalog.query_sandbox import without_values
 from lakegate.catalog.settings import QuerySettings, SparkSettings
@@ -70,6 +74,8 @@ SESSION_CONF = {
     # No predicates inferred from the query's own (country = name AND f(country) -> f(name)): Spark
     # placed such a predicate ahead of the row filter, where an error on a filtered row was an oracle.
     "spark.sql.constraintPropagation.enabled": "false",
+    # Plans list every field (not "... 5 more fields"): explain shows the whole scan.
+    "spark.sql.debug.maxToStringFields": "100000",
 }
 #: A row of a result may hold at most this many times the call's byte budget: a larger one fails the
 #: call on the executors, before it reaches the Spark Connect server or lakegate.
@@ -88,13 +94,11 @@ _SPARK_TYPES = {
     "VARCHAR": "STRING",
     "BLOB": "BINARY",
 }
-#: A file scan in Spark's physical plan: its columns and the first of its files.
-_FILE_SCAN = re.compile(r"FileScan parquet \[(?P<columns>[^\]]*)\].*?Location: \w+\(\d+ paths?\)\[(?P<path>[^,\]\s]+)")
 _LOCATION = re.compile(r"Location: \w+(?:\(\d+ paths?\))? ?\[[^\]]*\]")
 _FILE_URI = re.compile(r"file:/\S*")
 _BINARY_LITERAL = re.compile(r"\b0x[0-9A-Fa-f]+")
 _HEX_RUN = re.compile(r"[0-9A-Fa-f]{8,}")
-_SOURCE = re.compile(r"`?lakegate_source_[0-9a-f]+`?")
+_SOURCE = re.compile(r"`?lakegate_(?:source|view)_[0-9a-f]+`?")
 _JVM_TRACE = re.compile(r"\n\s*(JVM stacktrace:|== SQL|== DataFrame).*", re.DOTALL)
 
 
@@ -125,12 +129,36 @@ def _mask_bodies(key: str) -> dict[str, str]:
     }
 
 
+#: Views of planned files a session keeps for the next calls (a view reused is not listed again).
+VIEWS_PER_SESSION = 64
+ViewKey = tuple[tuple[tuple[str, int], ...], tuple[SourceColumn, ...]]
+
+
 class _Session:
-    """One Spark Connect session and the names of its mask functions."""
+    """One Spark Connect session, the names of its mask functions and its views of planned files."""
 
     def __init__(self, spark: SparkSession, masks: dict[str, str]) -> None:
         self.spark = spark
         self.masks = masks  # method -> this session's function name
+        # (files, columns) -> view name, least recently used first: a view is exactly what one
+        # TableSource hands a call, so any later call handed the same files and columns may read it.
+        self.views: OrderedDict[ViewKey, str] = OrderedDict()
+
+    def views_of(self, sources: Mapping[str, TableSource]) -> dict[str, str]:
+        """Each placeholder's view, registered now where the session has none of the same source."""
+        views: dict[str, str] = {}
+        for placeholder, source in sources.items():
+            key = (source.files, source.columns)
+            if key not in self.views:
+                name = f"lakegate_view_{secrets.token_hex(8)}"
+                register_views(self.spark, {name: source}, fields_by_name=True)
+                self.views[key] = name
+                while len(self.views) > VIEWS_PER_SESSION:
+                    _, evicted = self.views.popitem(last=False)
+                    self.spark.catalog.dropTempView(evicted)
+            self.views.move_to_end(key)
+            views[placeholder] = self.views[key]
+        return views
 
 
 class SparkEngine:
@@ -155,6 +183,8 @@ class SparkEngine:
     # -- sessions ------------------------------------------------------------------------------
 
     def _url(self) -> str:
+        """The Spark Connect URL with the token as its last parameter (`sc://host:port/;use_ssl=true`
+        keeps its own parameters)."""
         url = str(self.settings.remote)
         token = os.environ.get(self.settings.token_env)
         if self.settings.token_file is not None:
@@ -162,7 +192,11 @@ class SparkEngine:
                 token = Path(self.settings.token_file).expanduser().read_text().strip()
             except OSError as exc:
                 raise ConfigurationError(f"cannot read query.spark.token_file: {exc.strerror}") from None
-        return f"{url.rstrip('/')}/;token={token}" if token else url
+        if not token:
+            return url
+        quoted = quote(token, safe="")
+        self._secrets = [*self._secrets, token, quoted]
+        return f"{url};token={quoted}" if "/;" in url else f"{url.rstrip('/')}/;token={quoted}"
 
     def _connect(self) -> _Session:
         with _quiet_pyspark():
@@ -221,8 +255,12 @@ class SparkEngine:
 
     def _release(self, session: _Session) -> None:
         with self._available:
-            self._idle.append(session)
-            self._available.notify()
+            if not self._closed:
+                self._idle.append(session)
+                self._available.notify()
+                return
+        with contextlib.suppress(Exception):  # the engine closed while the call ran
+            session.spark.stop()
 
     def _forget(self) -> None:
         with self._available:
@@ -264,8 +302,8 @@ class SparkEngine:
             InvalidArgument: the query cannot run on Spark, or Spark rejected it (the message says why).
             BackendError: Spark failed, or cannot be reached.
         """
-        with self._call(sql, sources, masks, on_cancel) as (session, spark_sql):
-            scanned = self._scanned(session, spark_sql, sources)
+        with self._call(sql, sources, masks, on_cancel) as (session, spark_sql, views):
+            scanned = self._scanned(session, spark_sql, sources, views)
             bounded = spark_sql
             if max_bytes is not None:
                 # Checked on the executors, row by row: lakegate's own SQL, around the checked query.
@@ -285,14 +323,14 @@ class SparkEngine:
             InvalidArgument: Spark cannot plan the SQL.
             BackendError: Spark failed, or cannot be reached.
         """
-        with self._call(sql, sources, masks, None) as (session, spark_sql):
+        with self._call(sql, sources, masks, None) as (session, spark_sql, _):
             plan = self._plan(session, spark_sql)
         return self._scrub(_FILE_URI.sub("[file]", _LOCATION.sub("Location: [planned files]", plan)), session)
 
     @contextlib.contextmanager
     def _call(
         self, sql: str, sources: Mapping[str, TableSource], masks: Mapping[str, str] | None, on_cancel: OnCancel | None
-    ) -> Iterator[tuple[_Session, str]]:
+    ) -> Iterator[tuple[_Session, str, dict[str, str]]]:
         session = self._acquire()
         tag = f"lakegate-{next(self._tags)}-{secrets.token_hex(4)}"
         ended = threading.Event()
@@ -307,28 +345,31 @@ class SparkEngine:
         timer = threading.Timer(self.timeout_s, interrupt, ("timeout",))
         healthy = True
         try:
-            spark_sql = self._render(session, sql, sources, masks or {})
-            self._register(session, sources)
+            views = session.views_of(sources)
+            for placeholder, view in views.items():
+                sql = sql.replace(f'"{placeholder}"', f'"{view}"')
+            spark_sql = self._render(session, sql, views, masks or {})
             session.spark.addTag(tag)
             if on_cancel is not None:
                 on_cancel(lambda: interrupt("cancelled"))
             timer.start()
-            yield session, spark_sql
+            yield session, spark_sql, views
         except LakegateError:
             raise
         except Exception as exc:
             healthy = _session_usable(exc)
             raise self._translate(exc, sql, why, session) from None
+        except BaseException:
+            healthy = False
+            raise
         finally:
             ended.set()
             timer.cancel()
-            self._end(session, sources, tag, healthy)
+            self._end(session, tag, healthy)
 
-    def _end(self, session: _Session, sources: Mapping[str, TableSource], tag: str, healthy: bool) -> None:
+    def _end(self, session: _Session, tag: str, healthy: bool) -> None:
         try:
             session.spark.removeTag(tag)
-            for placeholder in sources:
-                session.spark.catalog.dropTempView(placeholder)
         except Exception:
             healthy = False
         if healthy:
@@ -338,13 +379,9 @@ class SparkEngine:
                 session.spark.stop()
             self._forget()
 
-    def _render(self, session: _Session, sql: str, sources: Mapping[str, TableSource], masks: Mapping[str, str]) -> str:
+    def _render(self, session: _Session, sql: str, views: Mapping[str, str], masks: Mapping[str, str]) -> str:
         """The template as Spark SQL: mask calls made the session's functions over a STRING, a `null`
-        mask a NULL of the column's type."""
-        types = {
-            placeholder: {column.name.lower(): column.duckdb_type for column in source.columns}
-            for placeholder, source in sources.items()
-        }
+        mask a NULL of the column's own type (as the DuckDB macro: CASE WHEN false THEN x END)."""
 
         def mask(node: exp.Expr) -> exp.Expr:
             if not isinstance(node, exp.Anonymous) or str(node.name).lower() not in masks:
@@ -352,41 +389,38 @@ class SparkEngine:
             method = masks[str(node.name).lower()]
             (argument,) = node.expressions
             if method == "null":
-                select = node.find_ancestor(exp.Select)
-                source = select.args["from_"].this.name if select is not None and select.args.get("from_") else ""
-                column_type = types.get(source, {}).get(argument.name.lower())
-                if column_type is None:
-                    raise BackendError("a null mask's column was not found in its governed scan")
-                return exp.cast(exp.null(), spark_type(column_type), dialect="spark")
+                return exp.Case(ifs=[exp.If(this=exp.false(), true=argument.copy())])
             return exp.Anonymous(this=session.masks[method], expressions=[exp.cast(argument.copy(), "STRING")])
 
         tree = sqlglot.parse_one(sql, read="duckdb").transform(mask)
-        return to_spark(tree.sql("duckdb"), own_functions=session.masks.values(), tables=list(sources))
-
-    def _register(self, session: _Session, sources: Mapping[str, TableSource]) -> None:
-        register_views(session.spark, sources)
+        return to_spark(tree.sql("duckdb"), own_functions=session.masks.values(), tables=list(views.values()))
 
     def _plan(self, session: _Session, spark_sql: str) -> str:
         return str(session.spark.sql(f"EXPLAIN {spark_sql}").collect()[0][0])
 
-    def _scanned(self, session: _Session, spark_sql: str, sources: Mapping[str, TableSource]) -> dict[str, list[str]]:
-        """Spark's account of what the plan reads: placeholder -> columns, from its file scans.
+    def _scanned(
+        self, session: _Session, spark_sql: str, sources: Mapping[str, TableSource], views: Mapping[str, str]
+    ) -> dict[str, list[str]]:
+        """Spark's account of what the query reads: placeholder -> columns.
+
+        The files: Spark's own list of the query's input files, which must all be planned files of
+        this call. The columns: each view's fields are named by its placeholder (random per call, so
+        no text of the query can spell one) and their index, and column pruning leaves in the plan
+        only the fields the query reads. (Named by its view, which only calls handed the same
+        files and columns read.)
 
         Raises:
-            BackendError: a file scan reads files of no placeholder (fail closed).
+            BackendError: the query reads a file that no governed scan of this call names (fail closed).
         """
-        by_file = {
-            _file_uri(path, source): placeholder for placeholder, source in sources.items() for path, _ in source.files
-        }
-        scanned: dict[str, set[str]] = {}
-        for match in _FILE_SCAN.finditer(self._plan(session, spark_sql)):
-            placeholder = by_file.get(unquote(match.group("path")))
-            if placeholder is None:
-                raise BackendError("Spark's plan scans files that no governed scan of this call names")
-            read = scanned.setdefault(placeholder, set())
-            for column in filter(None, (c.strip() for c in match.group("columns").split(","))):
-                index = int(column.split("#", 1)[0].removeprefix("c"))
-                read.add(sources[placeholder].columns[index].name)
+        by_file = {path: placeholder for placeholder, source in sources.items() for path, _ in source.files}
+        read_files = {_local_path(uri) for uri in session.spark.sql(spark_sql).inputFiles()}
+        if not read_files <= set(by_file):
+            raise BackendError("Spark's plan reads files that no governed scan of this call names")
+        plan = self._plan(session, spark_sql)
+        scanned: dict[str, set[str]] = {by_file[path]: set() for path in read_files}
+        for placeholder, source in sources.items():
+            for index in re.findall(rf"\b{re.escape(views[placeholder])}_(\d+)#", plan):
+                scanned.setdefault(placeholder, set()).add(source.columns[int(index)].name)
         return {placeholder: sorted(columns) for placeholder, columns in scanned.items()}
 
     # -- errors --------------------------------------------------------------------------------
@@ -454,21 +488,26 @@ class SparkEngine:
         return BackendError(f"Spark failed: {type(exc).__name__}")
 
 
-def register_views(spark: SparkSession, sources: Mapping[str, TableSource]) -> None:
+def register_views(spark: SparkSession, sources: Mapping[str, TableSource], *, fields_by_name: bool = False) -> None:
     """Each source a temporary view (named by its key) of its planned files, reading its columns by
-    Iceberg field id: fields named c0, c1, ... (what the plan's file scans show) renamed by the view."""
+    Iceberg field id. The files' fields are named c0, c1, ... or (`fields_by_name`) NAME_0, NAME_1,
+    ... after the view's name, which is what the plan shows; the view renames them."""
     from pyspark.sql import types as T
 
     for name, source in sources.items():
+        prefix = f"{name}_" if fields_by_name else "c"
         fields = [
             T.StructField(
-                f"c{index}", _data_type(spark_type(column.duckdb_type)), metadata={"parquet.field.id": column.field_id}
+                f"{prefix}{index}",
+                _data_type(spark_type(column.duckdb_type)),
+                metadata={"parquet.field.id": column.field_id},
             )
             for index, column in enumerate(source.columns)
         ]
         schema = T.StructType(fields)
         paths = [_file_uri(path, source) for path, _ in source.files]
         frame = spark.read.schema(schema).parquet(*paths) if paths else spark.createDataFrame([], schema)
+        # A name Spark might read as a pattern or a path is never one: files are handed as URIs.
         frame.toDF(*(column.name for column in source.columns)).createOrReplaceTempView(name)
 
 
@@ -485,6 +524,11 @@ def _data_type(name: str) -> Any:
         return simple[name]
     precision, scale = _DECIMAL.match(name).groups()  # type: ignore[union-attr]  # spark_type gave it
     return T.DecimalType(int(precision), int(scale))
+
+
+def _local_path(uri: str) -> str:
+    """The local path of a file URI Spark reports (file:/a/b, file:///a/b, percent-encoded)."""
+    return unquote(urlsplit(uri).path) if uri.startswith("file:") else uri
 
 
 def _file_uri(path: str, source: TableSource) -> str:

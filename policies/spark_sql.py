@@ -136,7 +136,7 @@ def check_spark_functions(sql: str, own_functions: Collection[str] = (), tables:
         elif isinstance(node, exp.Column) and not node.table and node.name.lower() in BARE_FUNCTIONS:
             raise InvalidQuery(
                 f"{node.name} is not available when a query runs on Spark.",
-                hint="Qualify a column of that name with its table (t.{node.name}).",
+                hint=f"Qualify a column of that name with its table (t.{node.name}).",
             )
         elif isinstance(node, exp.Table) and (node.args.get("db") or node.name.lower() not in readable):
             # A path read (parquet.`/x`) or any relation the gate did not hand this call.
@@ -170,6 +170,8 @@ def _cast_inside_explode(node: exp.Expr) -> exp.Expr:
     generator only as a whole select item (the metric compiler's series of periods casts one)."""
     if not isinstance(node, exp.Cast) or not isinstance(node.this, exp.Explode):
         return node
+    if node.this.expressions:  # unnest(x, max_depth := 2): not a plain list
+        raise InvalidQuery("This query cannot run on Spark: unnest with options.", hint="Unnest a plain list.")
     element = exp.to_identifier("lakegate_element")
     cast = exp.Lambda(this=exp.Cast(this=element.copy(), to=node.args["to"].copy()), expressions=[element])
     return exp.Explode(this=exp.Transform(this=node.this.this.copy(), expression=cast))

@@ -43,7 +43,7 @@ QUERIES = [
     "GROUP BY c.email ORDER BY orders DESC, c.email LIMIT 5",
     "SELECT count(*) AS n, count(phone) AS phones, min(signup_date) AS first FROM sales.customers",
 ]
-PRINCIPALS = ["analyst", "support_agent", "admin"]
+PRINCIPALS = ["analyst", "support_agent", "data_steward", "admin"]  # hash, partial, redact, clear
 
 
 def _runtime(demo_home: Path, audit: Path, query: dict[str, Any] | None = None) -> Runtime:
@@ -305,3 +305,36 @@ def test_pages_of_a_result_follow_each_other_on_spark(duckdb_runtime: Runtime, s
         pages[name] = first["rows"] + second["rows"]
 
     assert pages["spark"] == pages["duckdb"] and len(pages["spark"]) == 14
+
+
+def test_a_null_mask_is_a_null_of_the_columns_type_on_spark(
+    demo_home: Path, spark_cluster: ClusterInfo, tmp_path: Path
+) -> None:
+    from tests.conftest import copy_demo_project
+
+    project = copy_demo_project(tmp_path / "project")
+    rules = project / "policies" / "policy.csv"
+    rules.write_text(
+        rules.read_text() + "\ng, nuller, role:nuller\ng, role:nuller, role:agent\n"
+        "p, role:nuller, sales.*, read, allow\np, role:nuller, tag:pii, read, deny\n"
+        "p, role:nuller, tag:pii, mask:null, allow\n"
+    )
+    answers = {}
+    for engine, query in (("duckdb", {}), ("spark", spark_query_settings(spark_cluster))):
+        settings = load_settings(
+            project,
+            home=demo_home,
+            audit={"path": tmp_path / f"{engine}.jsonl", "fsync": False},
+            principal=None,
+            query=query,
+        )
+        runtime = open_runtime(settings)
+        try:
+            sql = "SELECT customer_id, email, phone FROM sales.customers ORDER BY customer_id LIMIT 3"
+            answers[engine] = _answer(runtime, "nuller", {"sql": sql})
+        finally:
+            runtime.close()
+
+    assert answers["spark"]["rows"] == answers["duckdb"]["rows"] == [[1, None, None], [2, None, None], [3, None, None]]
+    assert answers["spark"]["masked_columns"] == answers["duckdb"]["masked_columns"]
+    assert [c["type"] for c in answers["spark"]["columns"]] == ["int64", "string", "string"]

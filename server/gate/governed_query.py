@@ -271,7 +271,8 @@ def run_query(
         if not explain:
             raise over
     # Spark for the datasets configured to run there, or for a scan too big for one machine.
-    engine = scope.query_engine("spark" if settings.spark.runs(list(query.tables), planned) else "duckdb")
+    local = all(plan.store is None and all(path.startswith("/") for path, _ in plan.files) for plan in plans.values())
+    engine = scope.query_engine("spark" if settings.spark.runs(list(query.tables), planned, local=local) else "duckdb")
     scope.details["engine"] = engine.name
     if explain:
         for name in query.tables:
