@@ -42,6 +42,11 @@ QUERIES = [
     "SELECT c.email, count(*) AS orders FROM sales.customers c JOIN sales.orders o USING (customer_id) "
     "GROUP BY c.email ORDER BY orders DESC, c.email LIMIT 5",
     "SELECT count(*) AS n, count(phone) AS phones, min(signup_date) AS first FROM sales.customers",
+    # NULLs sort last in ascending order on both (Spark's default is first: sqlglot writes NULLS LAST),
+    # and / divides integers into a double, // into an integer, on both.
+    "SELECT customer_id, phone, customer_id / 8 AS ratio, customer_id // 8 AS whole FROM sales.customers "
+    "ORDER BY phone, customer_id LIMIT 40",
+    "SELECT customer_id, phone FROM sales.customers ORDER BY phone DESC, customer_id LIMIT 5",
 ]
 PRINCIPALS = ["analyst", "support_agent", "data_steward", "admin"]  # hash, partial, redact, clear
 

@@ -17,6 +17,7 @@ import pytest
 from lakegate.catalog.spark_cluster import ClusterInfo
 from lakegate.errors import InvalidQuery
 from lakegate.policies.spark_sql import SPARK_FUNCTIONS, to_spark
+from tests.conftest import REPO
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "spark_functions.txt"
 SOURCE = "lakegate_source_0123456789abcdef"
@@ -77,3 +78,19 @@ def test_every_allowed_function_is_one_spark_has(spark_cluster: ClusterInfo) -> 
     # SQL syntax that sqlglot renders as a call but Spark lists under no function name.
     syntax = {"try_cast", "interval", "extract"}
     assert SPARK_FUNCTIONS - known <= syntax, sorted(SPARK_FUNCTIONS - known - syntax)
+
+
+def test_spark_status_and_stop_say_when_no_cluster_was_started_here(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from lakegate.server.cli.main import cli
+
+    home = ["--project", str(REPO)]
+    env = {"LAKEGATE_HOME": str(tmp_path)}
+    status = CliRunner().invoke(cli, [*home, "spark", "status"], env=env)
+    stop = CliRunner().invoke(cli, [*home, "spark", "stop"], env=env)
+    helped = CliRunner().invoke(cli, [*home, "spark", "start", "--help"], env=env)
+
+    assert status.exit_code == 0 and "no Spark cluster was started here" in status.output
+    assert stop.exit_code == 0 and "no Spark cluster started here is running" in stop.output
+    assert helped.exit_code == 0 and "--workers" in helped.output and "token" in helped.output
