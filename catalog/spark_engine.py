@@ -50,7 +50,14 @@ from lakegate.catalog.arrow_relations import SourceColumn, TableSource
 from lakegate.catalog.query_engine import EngineResult, OnCancel, OnProgress
 from lakegate.catalog.query_sandbox import without_values
 from lakegate.catalog.settings import QuerySettings, SparkSettings
-from lakegate.errors import BackendError, ConfigurationError, InvalidArgument, LakegateError, LimitExceeded
+from lakegate.errors import (
+    BackendError,
+    ConfigurationError,
+    GovernanceViolation,
+    InvalidArgument,
+    LakegateError,
+    LimitExceeded,
+)
 from lakegate.extras import require_extra
 from lakegate.policies.spark_sql import to_spark
 
@@ -96,6 +103,13 @@ _SPARK_TYPES = {
 }
 _LOCATION = re.compile(r"Location: \w+(?:\(\d+ paths?\))? ?\[[^\]]*\]")
 _FILE_URI = re.compile(r"file:/\S*")
+#: Calls that must never be in a plan, whatever the allow-list's reading of the SQL was.
+_FORBIDDEN_CALL = re.compile(
+    r"\b(reflect|java_method|try_reflect|input_file_name|input_file_block_start|input_file_block_length|"
+    r"raise_error|assert_true|current_user|session_user|current_database|current_schema|current_catalog|"
+    r"spark_partition_id|version|from_avro|from_protobuf|xpath\w*|python_worker_logs)\(",
+    re.IGNORECASE,
+)
 _BINARY_LITERAL = re.compile(r"\b0x[0-9A-Fa-f]+")
 _HEX_RUN = re.compile(r"[0-9A-Fa-f]{8,}")
 _SOURCE = re.compile(r"`?lakegate_(?:source|view)_[0-9a-f]+`?")
@@ -396,7 +410,17 @@ class SparkEngine:
         return to_spark(tree.sql("duckdb"), own_functions=session.masks.values(), tables=list(views.values()))
 
     def _plan(self, session: _Session, spark_sql: str) -> str:
-        return str(session.spark.sql(f"EXPLAIN {spark_sql}").collect()[0][0])
+        """Spark's physical plan of `spark_sql`, refused where Spark's own reading calls a function that
+        reaches Java, files or the session (the allow-list was checked on sqlglot's reading: this is
+        the second wall, on Spark's).
+
+        Raises:
+            GovernanceViolation: such a call is in the plan (a literal that spells one fails too).
+        """
+        plan = str(session.spark.sql(f"EXPLAIN {spark_sql}").collect()[0][0])
+        if found := _FORBIDDEN_CALL.search(plan):
+            raise GovernanceViolation(f"Spark's plan calls {found.group(1)}(), which the rendering should have refused")
+        return plan
 
     def _scanned(
         self, session: _Session, spark_sql: str, sources: Mapping[str, TableSource], views: Mapping[str, str]

@@ -133,3 +133,21 @@ def test_a_row_far_over_the_byte_budget_fails_on_the_executors(spark_runtime: Ru
 
     assert isinstance(outcome.error, LimitExceeded), outcome.error
     assert "byte budget" in str(outcome.error)
+
+
+def test_the_plan_check_refuses_what_the_rendering_let_through(spark_cluster: ClusterInfo) -> None:
+    # The second wall, on Spark's own reading: SQL that skipped the allow-list (a rendering bug) and
+    # calls Java is refused from Spark's plan, before any row is read.
+    from lakegate.catalog.settings import QuerySettings
+    from lakegate.catalog.spark_engine import SparkEngine
+    from lakegate.errors import GovernanceViolation
+
+    engine = SparkEngine(QuerySettings.model_validate({**spark_query_settings(spark_cluster)}), "k" * 64)
+    session = engine._acquire()
+    try:
+        with pytest.raises(GovernanceViolation, match="reflect"):
+            engine._plan(session, "SELECT reflect('java.lang.System', 'getenv', 'HOME') AS home")
+        assert "Project" in engine._plan(session, "SELECT 1 + 1 AS two")
+    finally:
+        engine._release(session)
+        engine.close()
