@@ -31,8 +31,7 @@ if TYPE_CHECKING:
     from lakegate.catalog.metric_definitions import SemanticCatalog
     from lakegate.catalog.metric_query import CompiledQuery, MetricQuery
     from lakegate.catalog.query_embedder import TextEncoder
-    from lakegate.catalog.query_engine import QueryEngine
-    from lakegate.catalog.spark_engine import SparkEngine
+    from lakegate.catalog.sql_engine import SqlEngine
     from lakegate.policies.column_review import ColumnReview
     from lakegate.policies.quotas import QuotaSet
     from lakegate.policies.row_filters import RowFilter
@@ -248,7 +247,7 @@ class CallScope(WriteScope):
 
         return query_embedder_unless_building(self._warehouse.models_dir)
 
-    def query_engine(self, kind: str = "duckdb") -> QueryEngine | SparkEngine:
+    def query_engine(self, kind: str = "duckdb") -> SqlEngine:
         """The engine that runs a governed query: DuckDB in lakegate's own workers, or Spark."""
         if kind == "spark":
             return self._warehouse.spark_engine(self.settings.query)
