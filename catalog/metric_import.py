@@ -16,7 +16,7 @@ resolves.
 Offsets (`offset_window`, `offset_to_grain`) map as they are. Everything else is reported, not
 guessed: conversion metrics with constant properties, saved queries, `join_to_timespine` without
 the time spine's days (`--time-spine`), per-measure time dimensions,
-filters with TimeDimension, Entity or entity_path, and sub-day grains.
+filters with TimeDimension or Entity references, and sub-day grains.
 """
 
 from __future__ import annotations
@@ -324,7 +324,7 @@ class _Translator:
 
     def filter_sql(self, template: str, measure: str | None) -> str:
         """A MetricFlow filter as lakegate's: the same text, which lakegate resolves through its join
-        graph (one hop: entity__dimension), or _Dropped for what it does not understand yet."""
+        graph (entity paths of up to three hops), or _Dropped for what it does not understand yet."""
         if measure not in self.measure_model:
             raise _Dropped("a filter on a metric whose model is not known")
         try:

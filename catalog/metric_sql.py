@@ -48,7 +48,11 @@ def literal(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         return "'" + value.replace("'", "''") + "'"
-    raise query_error(f"Filter value {value!r} must be a string, number, boolean or null.", "Send a plain value.")
+    # The value's type only: a value of a tagged dimension must not reach the error (nor its audit record).
+    raise query_error(
+        f"A filter value of type {type(value).__name__} is not accepted: send a string, number, boolean or null.",
+        "Send a plain value.",
+    )
 
 
 def truncated(sql: str, grain: str) -> str:

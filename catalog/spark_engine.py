@@ -187,7 +187,8 @@ class SparkEngine:
         self.settings: SparkSettings = query.spark
         self.timeout_s = query.timeout_s
         self._key = hash_key
-        self._secrets = [hash_key, hash_key.encode().hex()]
+        self._key_forms = (hash_key, hash_key.encode().hex())
+        self._token_forms: tuple[str, ...] = ()  # the token as read and as quoted in the URL
         self._idle: list[_Session] = []
         self._open = 0
         self._available = threading.Condition()
@@ -209,7 +210,7 @@ class SparkEngine:
         if not token:
             return url
         quoted = quote(token, safe="")
-        self._secrets = [*self._secrets, token, quoted]
+        self._token_forms = (token, quoted)  # replaced, not appended to: a rotated token is re-read
         return f"{url};token={quoted}" if "/;" in url else f"{url.rstrip('/')}/;token={quoted}"
 
     def _connect(self) -> _Session:
@@ -457,14 +458,15 @@ class SparkEngine:
         part of the key or of its hex.
         """
         text = _BINARY_LITERAL.sub("0x[key]", text)
-        hexes = [secret.lower() for secret in self._secrets]
+        hidden = (*self._key_forms, *self._token_forms)
+        hexes = [secret.lower() for secret in hidden]
 
         def hide(match: re.Match[str]) -> str:
             found = match.group(0).lower()
             return "[key]" if any(found in secret for secret in hexes) else match.group(0)
 
         text = _HEX_RUN.sub(hide, text)
-        for secret in self._secrets:  # Spark writes a binary literal's hex digits in upper case
+        for secret in hidden:  # Spark writes a binary literal's hex digits in upper case
             text = re.sub(re.escape(secret), "[key]", text, flags=re.IGNORECASE)
         if session is not None:
             for method, function in session.masks.items():

@@ -347,4 +347,7 @@ def test_a_hidden_filter_value_is_cut_out_of_the_compiled_sql_too(tmp_path: Path
     assert hide_filter_values_in_sql(other, arguments, audited)["compiled_sql"] == SQL_WITHHELD
     # Nothing hidden: the details as they were.
     plain = {"metrics": ["customers"], "where": [{"dimension": "customer__region", "op": "=", "value": "EMEA"}]}
-    assert hide_filter_values_in_sql(details, plain, plain) == details
+    audited_plain = audit_arguments(
+        "query_metrics", plain, RedactionRules(), key, definitions=load_definitions(REPO), semantic=semantic
+    )
+    assert hide_filter_values_in_sql(details, plain, audited_plain) == details

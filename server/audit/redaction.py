@@ -212,7 +212,12 @@ def hide_filter_values_in_sql(
         for value, marker in hidden:
             if isinstance(value, str):
                 text = text.replace("'" + value.replace("'", "''") + "'", "'" + str(marker).replace("'", "''") + "'")
-        leaked = any(str(value) in text for value, _ in hidden if str(value))
+        # Any form of a hidden value left in the SQL (as written, or with its quotes doubled) withholds it.
+        leaked = any(
+            str(value) in text or (isinstance(value, str) and value.replace("'", "''") in text)
+            for value, _ in hidden
+            if str(value)
+        )
         cleaned[field] = SQL_WITHHELD if leaked else text
     return cleaned
 
