@@ -25,7 +25,6 @@ How a query compiles:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import sqlglot
 from sqlglot import exp
@@ -45,6 +44,7 @@ from lakegate.catalog.metric_query import (
     CompiledQuery,
     DimensionFilter,
     DimensionRef,
+    FilterTree,
     MetricQuery,
     parse_dimension,
 )
@@ -54,8 +54,9 @@ from lakegate.catalog.metric_sql import (
     DIALECT,
     GRAIN_STEP,
     ZERO_FILLED,
+    condition,
     derived_expression,
-    literal,
+    period_condition,
     periods_interval,
     quote,
     truncated,
@@ -151,7 +152,18 @@ class _Compiler:
         self.time = next((d for d in self.dims if d.is_metric_time), None)
         if sum(1 for d in self.dims if d.is_metric_time) > 1:
             raise _invalid("Group by metric_time at one grain only.")
-        self.filters = [(parse_dimension(f.dimension, grain_required=False), f) for f in query.where]
+        self.filters = [
+            (parse_dimension(f.dimension, grain_required=False), f)
+            for f in query.where
+            if isinstance(f, DimensionFilter)
+        ]
+        self.trees = [tree for tree in query.where if isinstance(tree, FilterTree)]
+        for tree in self.trees:
+            if any(parse_dimension(leaf.dimension, grain_required=False).is_metric_time for leaf in tree.leaves()):
+                raise _invalid(
+                    "A filter on metric_time may not be inside OR or NOT.",
+                    "Filter metric_time on its own (joined to the rest by AND), or by a model's time dimension.",
+                )
 
     # -- SQL over one model ---------------------------------------------------------------------
 
@@ -211,7 +223,22 @@ class _Compiler:
         if ref.is_metric_time:
             raw = self._time_sql(model, "m", metric)
             return truncated(raw, ref.grain) if ref.grain else raw
-        assert ref.entity is not None and ref.owner is not None and ref.dimension is not None
+        assert ref.entity is not None and ref.owner is not None
+        if ref.dimension is None:  # an entity: the key the metric's own model holds
+            key = model.entity(ref.entity)
+            if key is None and not any(m.entity(ref.entity) for m in self.catalog.semantic_models):
+                raise _invalid(
+                    f"'{ref.name}' is not a dimension name, nor an entity: use entity__dimension (e.g. "
+                    f"customer__{ref.name}), entity__time_dimension__grain, metric_time__grain or an entity's name."
+                )
+            if key is None:
+                held = ", ".join(entity.name for entity in model.entities)
+                raise _invalid(
+                    f"Metric {metric.name} cannot be broken down by entity '{ref.name}': its model {model.name} holds "
+                    f"no {ref.entity} key (it holds: {held}).",
+                    "Group by an entity of the metric's model, or by entity__entity through a join.",
+                )
+            return self._on(key.expr, "m", model)
         alias, here = "m", model
         for hop, entity in enumerate(ref.path or (ref.entity,)):
             target = self.catalog.model_with_primary(entity)
@@ -233,6 +260,9 @@ class _Compiler:
                 joins[joined] = f"LEFT JOIN {target.table} AS {joined} ON {self._on(key.expr, alias, here)} = {there}"
             alias, here = joined, target
         dimension = here.dimension(ref.dimension)
+        held_key = here.entity(ref.dimension)
+        if dimension is None and held_key is not None:  # customer__country: the customer's country key
+            return self._on(held_key.expr, alias, here)
         if dimension is None:
             known = ", ".join(f"{ref.owner}__{d.name}" for d in here.dimensions) or "none"
             raise _invalid(f"'{ref.name}': {ref.owner} has no dimension {ref.dimension} (it has: {known}).")
@@ -247,19 +277,21 @@ class _Compiler:
         for ref, spec in self.filters:
             if ref.is_metric_time and self.time is not None and not periods:
                 continue  # applied to the periods of the result instead
-            clauses.append(self._condition(self._dimension_sql(ref, model, metric, joins), spec))
-        return clauses
+            clauses.append(condition(self._dimension_sql(ref, model, metric, joins), spec))
+        return clauses + [self._tree(tree, model, metric, joins) for tree in self.trees]
 
-    def _condition(self, sql: str, spec: DimensionFilter) -> str:
-        if spec.op in ("is null", "is not null"):
-            return f"{sql} {spec.op.upper()}"
-        if spec.op in ("in", "not in"):
-            if not isinstance(spec.value, list) or not spec.value:
-                raise _invalid(f"Filter '{spec.op}' on {spec.dimension} needs a non-empty list of values.")
-            return f"{sql} {spec.op.upper()} ({', '.join(literal(v) for v in spec.value)})"
-        if isinstance(spec.value, list):
-            raise _invalid(f"Filter '{spec.op}' on {spec.dimension} takes one value, not a list.")
-        return f"{sql} {spec.op} {literal(spec.value)}"
+    def _tree(self, tree: FilterTree, model: SemanticModel, metric: Metric, joins: dict[str, str]) -> str:
+        """Filters combined by AND, OR or NOT, as SQL on the model's rows."""
+        parts = []
+        for item in tree.items:
+            if isinstance(item, FilterTree):
+                parts.append(f"({self._tree(item, model, metric, joins)})")
+            else:
+                ref = parse_dimension(item.dimension, grain_required=False)
+                parts.append(f"({condition(self._dimension_sql(ref, model, metric, joins), item)})")
+        if tree.op == "not":
+            return f"NOT {parts[0]}"
+        return f" {tree.op.upper()} ".join(parts)
 
     # -- metrics --------------------------------------------------------------------------------
     #
@@ -709,52 +741,18 @@ class _Compiler:
         sql = f"SELECT {', '.join(selected)} FROM lakegate_frame AS f"
         sql += "".join(self._left_join(ref, f"r{i}") for i, (_, ref) in enumerate(requested))
         period_filters = [
-            self._period_condition(ref, spec)
+            period_condition(f"f.{quote(self.time.name)}", self.time.grain, ref.grain, spec)
             for ref, spec in self.filters
-            if ref.is_metric_time and self.time is not None
+            if ref.is_metric_time and self.time is not None and self.time.grain is not None
         ]
         if period_filters:
             sql += " WHERE " + " AND ".join(period_filters)
         sql += self._order_by(columns, [name for name, _ in requested])
+        sql += f" LIMIT {int(self.query.limit)}" if self.query.limit is not None else ""
         ctes = [(scan.name, scan.sql()) for scan in self.scans.values()]
         ctes += [*self.early, ("lakegate_frame", self._frame()), *self.late]
         with_clause = "WITH " + ", ".join(f"{name} AS ({body})" for name, body in ctes)
         return CompiledQuery(f"{with_clause} {sql}", dict(self.used), self.columns)
-
-    def _period_condition(self, ref: DimensionRef, spec: DimensionFilter) -> str:
-        """A metric_time filter on the result's periods: a period stays when some instant in it passes.
-
-        The filter may be at another grain than the query, or on metric_time itself: the rows are
-        filtered already, so a period the filter cuts through keeps its part (metric_time__day >=
-        '2025-10-15' by month keeps October), and a filter by year keeps every month of the year.
-        """
-        assert self.time is not None and self.time.grain is not None
-        period = f"f.{quote(self.time.name)}"
-        plain = self._condition(period, spec)  # also checks the value's shape
-        if ref.grain == self.time.grain or spec.op in ("is null", "is not null"):
-            return plain
-        start, end = f"CAST({period} AS TIMESTAMP)", f"({period} + {GRAIN_STEP[self.time.grain]})"
-        values = spec.value if isinstance(spec.value, list) else [spec.value]
-
-        def low(value: Any) -> str:
-            return f"CAST({literal(value)} AS TIMESTAMP)"
-
-        def high(value: Any) -> str:  # the end of the filter's own period (the instant itself without a grain)
-            return f"({low(value)} + {GRAIN_STEP[ref.grain]})" if ref.grain else low(value)
-
-        before = "<" if ref.grain else "<="
-        if spec.op in ("=", "in"):
-            return "(" + " OR ".join(f"({start} {before} {high(v)} AND {end} > {low(v)})" for v in values) + ")"
-        if spec.op in ("!=", "not in"):
-            if ref.grain is None:
-                return "TRUE"  # no period is a single instant
-            return " AND ".join(f"NOT ({start} >= {low(v)} AND {end} <= {high(v)})" for v in values)
-        return {
-            ">=": f"{end} > {low(spec.value)}",
-            ">": f"{end} > {high(spec.value)}",
-            "<": f"{start} < {low(spec.value)}",
-            "<=": f"{start} {before} {high(spec.value)}",
-        }[spec.op]
 
     def _order_by(self, columns: list[str], metrics: list[str]) -> str:
         known = {*(d.name for d in self.dims), *metrics}

@@ -32,6 +32,7 @@ __all__ = [
     "MetricInput",
     "MetricsFiles",
     "NonAdditive",
+    "SavedQuery",
     "SemanticCatalog",
     "SemanticModel",
     "TimeSpine",
@@ -41,37 +42,46 @@ __all__ = [
     "split_references",
 ]
 
-#: A reference to a dimension in a metric filter, in dbt MetricFlow's syntax:
-#: {{ Dimension('customer__country') }}, {{ Dimension('country__region', entity_path=['customer']) }}.
-#: Resolved through the join graph when the metric compiles.
+#: A reference in a filter, in dbt MetricFlow's syntax: {{ Dimension('customer__country') }},
+#: {{ Dimension('region', entity_path=['customer', 'country']) }}, {{ TimeDimension('metric_time',
+#: 'month') }} and {{ Entity('customer') }}. Resolved through the join graph when the metric compiles.
 _REFERENCE = re.compile(
-    r"\{\{\s*Dimension\(\s*'([A-Za-z0-9_]+)'\s*(?:,\s*entity_path\s*=\s*\[((?:\s*'[A-Za-z0-9_]+'\s*,?)*)\])?\s*\)\s*\}\}"
+    r"\{\{\s*(?P<kind>Dimension|TimeDimension|Entity)\(\s*'(?P<name>[A-Za-z0-9_]+)'\s*"
+    r"(?:,\s*'(?P<grain>[A-Za-z]+)'\s*)?"
+    r"(?:,\s*entity_path\s*=\s*\[(?P<path>(?:\s*'[A-Za-z0-9_]+'\s*,?)*)\]\s*)?\)\s*\}\}"
 )
 #: What a reference stands for in the SQL text while it is parsed: a column of this name.
 REFERENCE_PREFIX = "lakegate_ref_"
 
 
 def split_references(sql: str) -> tuple[str, list[str]]:
-    """A filter's SQL with each `{{ Dimension('name') }}` replaced by a column `lakegate_ref_<n>`,
-    and the dimension names in order. Nothing of a reference reaches the SQL text: the compiler
-    puts the dimension's own SQL in the parsed tree in place of the column.
+    """A filter's SQL with each `{{ Dimension('name') }}` (or TimeDimension, or Entity) replaced
+    by a column `lakegate_ref_<n>`, and the names referenced, in order, as a query names them
+    (customer__country, metric_time__month, customer). Nothing of a reference reaches the SQL
+    text: the compiler puts the dimension's own SQL in the parsed tree in place of the column.
 
     Raises:
-        ValueError: a template other than Dimension('name') (TimeDimension, Entity, entity_path).
+        ValueError: a template lakegate does not understand, or a grain given to a Dimension or
+            Entity, or an unknown grain.
     """
     names: list[str] = []
 
     def placeholder(match: re.Match[str]) -> str:
         # entity_path=['customer'] with 'country__region' is customer__country__region.
-        path = re.findall(r"'([A-Za-z0-9_]+)'", match.group(2) or "")
-        names.append("__".join([*path, match.group(1)]).lower())
+        path = re.findall(r"'([A-Za-z0-9_]+)'", match["path"] or "")
+        grain = (match["grain"] or "").lower()
+        if grain and (match["kind"] != "TimeDimension" or grain not in GRAINS):
+            raise ValueError(
+                f"filter {sql!r}: a grain ({', '.join(GRAINS)}) is the second argument of TimeDimension only"
+            )
+        names.append("__".join([*path, match["name"], *([grain] if grain else [])]).lower())
         return f"{REFERENCE_PREFIX}{len(names) - 1}"
 
     text = _REFERENCE.sub(placeholder, sql)
     if "{{" in text or "}}" in text:
         raise ValueError(
-            f"filter {sql!r}: only {{{{ Dimension('entity__dimension') }}}} references are understood, with an "
-            "optional entity_path (not TimeDimension or Entity yet)"
+            f"filter {sql!r}: only {{{{ Dimension('entity__dimension') }}}}, {{{{ TimeDimension('metric_time', "
+            "'day') }}, and {{ Entity('entity') }} references are understood, each with an optional entity_path"
         )
     return text, names
 
@@ -331,10 +341,29 @@ class TimeSpine(_Frozen):
     end: date
 
 
+class SavedQuery(_Frozen):
+    """A metric query kept under a name (dbt MetricFlow's saved query), asked with
+    query_metrics(saved_query=NAME): its metrics, by its dimensions, with its filters."""
+
+    name: str
+    description: str = ""
+    metrics: tuple[str, ...] = Field(min_length=1)
+    group_by: tuple[str, ...] = ()
+    where: tuple[str, ...] = Field(default=(), description="Filters, as dbt MetricFlow writes them, joined by AND.")
+    order_by: tuple[str, ...] = ()
+    limit: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _valid(self) -> SavedQuery:
+        _check_name(self.name)
+        return self
+
+
 class SemanticCatalog(_Frozen):
     semantic_models: tuple[SemanticModel, ...]
     metrics: tuple[Metric, ...]
     time_spine: TimeSpine | None = None
+    saved_queries: tuple[SavedQuery, ...] = ()
 
     @model_validator(mode="after")
     def _valid(self) -> SemanticCatalog:
@@ -356,6 +385,13 @@ class SemanticCatalog(_Frozen):
                 if not any(m.name == used.name for m in self.metrics):
                     raise ValueError(f"metric {metric.name} v{metric.version}: no metric named {used.name}")
         self._check_cycles()
+        saved = [q.name for q in self.saved_queries]
+        if len(set(saved)) != len(saved):
+            raise ValueError("two saved queries have the same name")
+        for query in self.saved_queries:
+            unknown = sorted(set(query.metrics) - {m.name for m in self.metrics})
+            if unknown:
+                raise ValueError(f"saved query {query.name}: no metric named {', '.join(unknown)}")
         return self
 
     def _check_cycles(self) -> None:

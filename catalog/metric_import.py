@@ -10,13 +10,13 @@ a second import of the same manifest changes nothing and drift shows as versions
 What maps (MetricFlow -> lakegate): entities (primary, foreign), categorical and time dimensions
 (day grain and coarser), measures sum, count, count_distinct, average, min, max, median,
 percentile (continuous), sum_boolean (a sum of the condition as 0 or 1); metrics simple, ratio,
-derived, cumulative and conversion; filters on dimensions through joins, kept in MetricFlow's
+derived, cumulative and conversion; saved queries; filters on dimensions through joins, kept in MetricFlow's
 syntax (`{{ Dimension('country__region', entity_path=['customer']) }} = 'NA'`), which lakegate
 resolves.
 Offsets (`offset_window`, `offset_to_grain`) map as they are. Everything else is reported, not
-guessed: conversion metrics with constant properties, saved queries, `join_to_timespine` without
+guessed: conversion metrics with constant properties, a saved query's order_by, `join_to_timespine` without
 the time spine's days (`--time-spine`), per-measure time dimensions,
-filters with TimeDimension or Entity references, and sub-day grains.
+and sub-day grains.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class Translation:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     notes: list[ImportNote] = field(default_factory=list)
     time_spine: dict[str, str] | None = None  # {"start": ..., "end": ...}, ISO days
+    saved_queries: list[dict[str, Any]] = field(default_factory=list)
 
 
 class _Dropped(Exception):
@@ -215,7 +216,41 @@ class _Translator:
                     self.note("dropped", f"metric {metric['name']}", "its inputs refer to each other", metric["name"])
                 break
         for saved in self.manifest.get("saved_queries", []):
-            self.note("dropped", f"saved query {saved['name']}", "saved queries (not in lakegate yet)", saved["name"])
+            try:
+                self.result.saved_queries.append(self.saved_query(saved, done))
+            except _Dropped as exc:
+                self.note("dropped", f"saved query {saved['name']}", str(exc), saved["name"])
+
+    def saved_query(self, saved: Mapping[str, Any], metrics: set[str]) -> dict[str, Any]:
+        """A saved query as lakegate's: its metrics, group_by names (TimeDimension('metric_time',
+        'day') is metric_time__day), filters in MetricFlow's syntax, order and limit."""
+        params = saved.get("query_params") or {}
+        missing = sorted(set(params.get("metrics") or []) - metrics)
+        if missing:
+            raise _Dropped(f"metrics not imported: {', '.join(missing)}")
+        group_by = []
+        for item in params.get("group_by") or []:
+            try:
+                _, names = split_references("{{ " + item + " }}")
+            except ValueError as exc:
+                raise _Dropped(f"a group_by lakegate does not understand: {exc}") from exc
+            if len(names) != 1:
+                raise _Dropped(f"a group_by lakegate does not understand: {item!r}")
+            group_by.append(names[0])
+        entry: dict[str, Any] = {"name": saved["name"], "description": saved.get("description") or "",
+                                 "metrics": list(params["metrics"]), "group_by": group_by}  # fmt: skip
+        where = [self.filter_sql(template, None, own=True) for template in _where_templates(params.get("where"))]
+        if where:
+            entry["where"] = where
+        if params.get("order_by"):
+            raise _Dropped("order_by (not translated yet)")
+        if params.get("limit"):
+            entry["limit"] = int(params["limit"])
+        if saved.get("exports"):
+            self.note(
+                "differs", f"saved query {saved['name']}", "exports (dbt's tables of it) are not made", saved["name"]
+            )
+        return entry
 
     def metric(self, metric: Mapping[str, Any], kept_measures: set[str], models: set[str]) -> dict[str, Any]:
         params = metric.get("type_params") or {}
@@ -322,10 +357,11 @@ class _Translator:
             entry["filter"] = " AND ".join(f"({f})" for f in filters) if len(filters) > 1 else filters[0]
         return entry
 
-    def filter_sql(self, template: str, measure: str | None) -> str:
+    def filter_sql(self, template: str, measure: str | None, *, own: bool = False) -> str:
         """A MetricFlow filter as lakegate's: the same text, which lakegate resolves through its join
-        graph (entity paths of up to three hops), or _Dropped for what it does not understand yet."""
-        if measure not in self.measure_model:
+        graph (entity paths of up to three hops), or _Dropped for what it does not understand yet.
+        `own`: a saved query's filter, which names no model of its own."""
+        if not own and measure not in self.measure_model:
             raise _Dropped("a filter on a metric whose model is not known")
         try:
             split_references(template)
@@ -396,6 +432,9 @@ def merge_definitions(existing: Mapping[str, Any], translation: Translation) -> 
             metric = {**metric, "version": int(latest.get("version", 1)) + 1}
         metrics.append(metric)
     merged = {**existing, "semantic_models": list(models.values()), "metrics": metrics}
+    if translation.saved_queries:
+        saved = {q["name"]: q for q in existing.get("saved_queries") or []}
+        merged["saved_queries"] = list((saved | {q["name"]: q for q in translation.saved_queries}).values())
     if translation.time_spine:
         merged["time_spine"] = translation.time_spine
     return merged

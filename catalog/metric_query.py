@@ -18,6 +18,7 @@ __all__ = [
     "DimensionFilter",
     "DimensionRef",
     "FilterOp",
+    "FilterTree",
     "MetricQuery",
     "available_dimensions",
     "describing_query",
@@ -41,11 +42,14 @@ def query_error(message: str, hint: str = DIMENSIONS_HINT) -> InvalidArgument:
 @dataclass(frozen=True)
 class DimensionRef:
     """A dimension as a query names it: customer__region, order__order_ts__month, metric_time__month,
-    or through more than one join, customer__country__region (dbt MetricFlow's entity path)."""
+    or through more than one join, customer__country__region (dbt MetricFlow's entity path). An
+    entity is one too: `customer` is the customer key of the metric's own model, and
+    `customer__country` the country key of the customer's model when it has no dimension of that
+    name (dbt MetricFlow groups by entities as by dimensions)."""
 
     name: str
     entity: str | None  # the first entity of the path; None for metric_time
-    dimension: str | None
+    dimension: str | None  # None for metric_time and for an entity of the metric's own model
     grain: str | None
     path: tuple[str, ...] = ()  # every entity joined through, the first one included
 
@@ -72,10 +76,13 @@ def parse_dimension(name: str, *, grain_required: bool = True) -> DimensionRef:
         if grain is None and grain_required:
             raise query_error(f"'{name}' needs a grain, e.g. metric_time__month ({', '.join(GRAINS)}).")
         return DimensionRef(name.lower(), None, None, grain)
+    if len(head) == 1 and head[0] and grain is None:
+        return DimensionRef(name.lower(), head[0], None, None)  # an entity: its key
     if not 2 <= len(head) <= MAX_HOPS + 1 or not all(head):
         raise query_error(
             f"'{name}' is not a dimension name: use entity__dimension (customer__region), "
-            "entity__time_dimension__grain, entity__entity__dimension through two joins, or metric_time__grain."
+            "entity__time_dimension__grain, entity__entity__dimension through two joins, an entity (customer), "
+            "or metric_time__grain."
         )
     return DimensionRef(name.lower(), head[0], head[-1], grain, tuple(head[:-1]))
 
@@ -88,12 +95,25 @@ class DimensionFilter:
 
 
 @dataclass(frozen=True)
+class FilterTree:
+    """Filters combined by AND, OR or NOT (one item), from a filter written as dbt MetricFlow writes
+    one (catalog/metric_filters.py)."""
+
+    op: Literal["and", "or", "not"]
+    items: tuple[DimensionFilter | FilterTree, ...]
+
+    def leaves(self) -> list[DimensionFilter]:
+        return [leaf for item in self.items for leaf in (item.leaves() if isinstance(item, FilterTree) else [item])]
+
+
+@dataclass(frozen=True)
 class MetricQuery:
     metrics: tuple[str, ...]
     group_by: tuple[str, ...] = ()
-    where: tuple[DimensionFilter, ...] = ()
+    where: tuple[DimensionFilter | FilterTree, ...] = ()  # joined by AND
     order_by: tuple[str, ...] = ()  # a name, or -name for descending
     versions: dict[str, int] = field(default_factory=dict)
+    limit: int | None = None  # the most rows of the answer (a saved query's own limit)
 
 
 @dataclass(frozen=True)
@@ -120,7 +140,7 @@ def available_dimensions(catalog: SemanticCatalog, metric: Metric) -> tuple[list
     found = catalog.measure_model(metric.measure)
     assert found is not None
     model = found[0]
-    names = set()
+    names = {entity.name for entity in model.entities}  # an entity's key
     # One join, and two (customer__country__region): every hop to a model's primary entity.
     paths: list[tuple[str, ...]] = [(entity.name,) for entity in model.entities]
     for first, *_ in list(paths):
@@ -134,6 +154,10 @@ def available_dimensions(catalog: SemanticCatalog, metric: Metric) -> tuple[list
         for dimension in owner.dimensions:
             suffix = "__<grain>" if dimension.type == "time" else ""
             names.add(f"{'__'.join(path)}__{dimension.name}{suffix}")
+        if len(path) == 1:  # customer__country: a key the joined model holds
+            names |= {
+                f"{path[0]}__{e.name}" for e in owner.entities if e.name != path[0] and not owner.dimension(e.name)
+            }
     return sorted(names), list(GRAINS) if model.time_dimension else []
 
 

@@ -9,15 +9,17 @@ import sqlglot
 from sqlglot import exp
 
 from lakegate.catalog.metric_definitions import Metric
-from lakegate.catalog.metric_query import query_error
+from lakegate.catalog.metric_query import DimensionFilter, query_error
 
 __all__ = [
     "AGG_SQL",
     "DIALECT",
     "GRAIN_STEP",
     "ZERO_FILLED",
+    "condition",
     "derived_expression",
     "literal",
+    "period_condition",
     "periods_interval",
     "quote",
     "truncated",
@@ -89,3 +91,52 @@ def derived_expression(metric: Metric, values: dict[str, str]) -> str:
         division.set("this", exp.Cast(this=division.this, to=exp.DataType.build("DOUBLE")))
         division.set("expression", exp.Nullif(this=division.expression, expression=exp.Literal.number(0)))
     return tree.sql(DIALECT)
+
+
+def condition(sql: str, spec: DimensionFilter) -> str:
+    """A typed filter on `sql` (a dimension's SQL), its values as quoted literals."""
+    if spec.op in ("is null", "is not null"):
+        return f"{sql} {spec.op.upper()}"
+    if spec.op in ("in", "not in"):
+        if not isinstance(spec.value, list) or not spec.value:
+            raise query_error(f"Filter '{spec.op}' on {spec.dimension} needs a non-empty list of values.")
+        return f"{sql} {spec.op.upper()} ({', '.join(literal(v) for v in spec.value)})"
+    if isinstance(spec.value, list):
+        raise query_error(f"Filter '{spec.op}' on {spec.dimension} takes one value, not a list.")
+    return f"{sql} {spec.op} {literal(spec.value)}"
+
+
+def period_condition(period: str, grain: str, filter_grain: str | None, spec: DimensionFilter) -> str:
+    """A metric_time filter on the result's periods (`period`, of `grain`): a period stays when
+    some instant in it passes.
+
+    The filter may be at another grain than the query (`filter_grain`), or on metric_time itself
+    (None): the rows are filtered already, so a period the filter cuts through keeps its part
+    (metric_time__day >= '2025-10-15' by month keeps October), and a filter by year keeps every
+    month of the year.
+    """
+    plain = condition(period, spec)  # also checks the value's shape
+    if filter_grain == grain or spec.op in ("is null", "is not null"):
+        return plain
+    start, end = f"CAST({period} AS TIMESTAMP)", f"({period} + {GRAIN_STEP[grain]})"
+    values = spec.value if isinstance(spec.value, list) else [spec.value]
+
+    def low(value: Any) -> str:
+        return f"CAST({literal(value)} AS TIMESTAMP)"
+
+    def high(value: Any) -> str:  # the end of the filter's own period (the instant itself without a grain)
+        return f"({low(value)} + {GRAIN_STEP[filter_grain]})" if filter_grain else low(value)
+
+    before = "<" if filter_grain else "<="
+    if spec.op in ("=", "in"):
+        return "(" + " OR ".join(f"({start} {before} {high(v)} AND {end} > {low(v)})" for v in values) + ")"
+    if spec.op in ("!=", "not in"):
+        if filter_grain is None:
+            return "TRUE"  # no period is a single instant
+        return " AND ".join(f"NOT ({start} >= {low(v)} AND {end} <= {high(v)})" for v in values)
+    return {
+        ">=": f"{end} > {low(spec.value)}",
+        ">": f"{end} > {high(spec.value)}",
+        "<": f"{start} < {low(spec.value)}",
+        "<=": f"{start} {before} {high(spec.value)}",
+    }[spec.op]

@@ -41,6 +41,7 @@ from lakegate.catalog.metric_definitions import (
     locate_metrics,
     split_references,
 )
+from lakegate.catalog.metric_filters import saved_metric_query
 from lakegate.catalog.metric_query import MetricQuery, available_dimensions, needs_periods, offsets_in_time
 from lakegate.errors import ConfigurationError, InvalidArgument, LakegateError
 
@@ -341,6 +342,12 @@ def check_compiles(catalog: SemanticCatalog, *, file: str, skip: Iterable[str] =
                 message = f"does not compile{by}: {type(exc).__name__}: {exc}"
                 problems.append(Problem("compile", file, where, "", message))
                 break
+    for saved in catalog.saved_queries:
+        try:
+            compile_query(catalog, saved_metric_query(saved))
+        except Exception as exc:
+            message = f"does not compile: {type(exc).__name__}: {exc}"
+            problems.append(Problem("compile", file, f"saved query {saved.name}", "", message))
     return problems, checked
 
 

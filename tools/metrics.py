@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
 from lakegate.catalog.metric_definitions import Metric, MetricInput, SemanticCatalog
+from lakegate.catalog.metric_filters import parse_filter, saved_metric_query
 from lakegate.catalog.metric_query import DimensionFilter, MetricQuery, available_dimensions, describing_query
+from lakegate.errors import InvalidArgument
 from lakegate.tools.base import Page, PageArgs, ToolArgs, ToolResult, ToolSpec, paginate
 from lakegate.tools.names import ToolName
 from lakegate.tools.query import GovernedReadArgs, QueryResult, render_query, run_governed
@@ -39,6 +42,9 @@ class MetricSummary(ToolResult):
 
 class MetricList(Page):
     metrics: list[MetricSummary]
+    saved_queries: list[str] = Field(
+        default_factory=list, description="'name: metrics by dimensions', for query_metrics saved_query; page 1 only."
+    )
 
 
 def _words(text: str) -> set[str]:
@@ -71,16 +77,31 @@ def list_metrics(scope: ToolScope, args: ListMetricsArgs) -> MetricList:
         found.append((score, summary))
     found.sort(key=lambda item: (-item[0], item[1].name))
     page, truncated, cursor = paginate([summary for _, summary in found], args, scope)
-    return MetricList(metrics=page, truncated=truncated, next_cursor=cursor)
+    saved = [] if args.cursor else _saved_queries(scope, wanted)
+    return MetricList(metrics=page, saved_queries=saved, truncated=truncated, next_cursor=cursor)
+
+
+def _saved_queries(scope: ToolScope, wanted: set[str]) -> list[str]:
+    """The saved queries whose every metric the caller may read, matching the search words."""
+    found = []
+    for saved in scope.semantic.saved_queries:
+        if not all(scope.may_read_metric(metric) for metric in saved.metrics):
+            continue
+        if wanted and not wanted & (_words(saved.name) | _words(saved.description)):
+            continue
+        by = f" by {', '.join(saved.group_by)}" if saved.group_by else ""
+        found.append(f"{saved.name}: {', '.join(saved.metrics)}{by}. {saved.description}".rstrip())
+    return found
 
 
 def render_metric_list(result: MetricList) -> str:
-    if not result.metrics:
+    if not result.metrics and not result.saved_queries:
         return "No metrics match. Call list_metrics without search to see them all."
     lines = [f"{len(result.metrics)} metric(s):"]
     for m in result.metrics:
         also = f" (also: {', '.join(m.synonyms)})" if m.synonyms else ""
         lines.append(f"- {m.name} v{m.version} [{m.type}]: {m.description}{also}")
+    lines += [f"- saved query {saved}" for saved in result.saved_queries]
     if result.truncated:
         lines.append(f"More metrics: call again with cursor={result.next_cursor}")
     return "\n".join(lines)
@@ -222,14 +243,25 @@ class WhereFilter(ToolArgs):
     )
 
 
+FilterText = Annotated[str, Field(min_length=1, max_length=4000)]
+
+
 class QueryMetricsArgs(GovernedReadArgs):
-    metrics: list[str] = Field(min_length=1, max_length=10, description="Metric names, from list_metrics.")
+    metrics: list[str] = Field(default_factory=list, max_length=10, description="Metric names, from list_metrics.")
+    saved_query: str | None = Field(
+        default=None, max_length=128, description="Instead of metrics and group_by: a saved query, from list_metrics."
+    )
     group_by: list[str] = Field(
         default_factory=list,
         max_length=6,
-        description="Dimensions, e.g. ['metric_time__month', 'customer__region'].",
+        description="Dimensions or entities, e.g. ['metric_time__month', 'customer__region', 'customer'].",
     )
-    where: list[WhereFilter] = Field(default_factory=list, max_length=20, description="Filters on dimensions.")
+    where: list[WhereFilter | FilterText] = Field(
+        default_factory=list,
+        max_length=20,
+        description="Filters joined by AND: objects, or dbt MetricFlow filter text, e.g. "
+        "\"{{ Dimension('customer__region') }} = 'EMEA' OR {{ Dimension('order__channel') }} = 'web'\".",
+    )
     order_by: list[str] = Field(
         default_factory=list, max_length=8, description="Metric or dimension names; prefix '-' for descending."
     )
@@ -244,13 +276,30 @@ class MetricsResult(QueryResult):
 
 
 def query_metrics(scope: ToolScope, args: QueryMetricsArgs) -> MetricsResult:
-    query = MetricQuery(
-        metrics=tuple(args.metrics),
-        group_by=tuple(args.group_by),
-        where=tuple(DimensionFilter(f.dimension, f.op, f.value) for f in args.where),
-        order_by=tuple(args.order_by),
-        versions=dict(args.versions or {}),
+    where = tuple(
+        condition
+        for item in args.where
+        for condition in (
+            parse_filter(item) if isinstance(item, str) else [DimensionFilter(item.dimension, item.op, item.value)]
+        )
     )
+    if args.saved_query is not None:
+        if args.metrics or args.group_by:
+            raise InvalidArgument(
+                "A saved query brings its own metrics and group_by.",
+                hint="Send saved_query alone, or with where and order_by to narrow and order it.",
+            )
+        saved = scope.saved_query(args.saved_query)
+        query = saved_metric_query(saved, where=where)
+        query = replace(query, order_by=tuple(args.order_by) or query.order_by, versions=dict(args.versions or {}))
+    else:
+        query = MetricQuery(
+            metrics=tuple(args.metrics),
+            group_by=tuple(args.group_by),
+            where=where,
+            order_by=tuple(args.order_by),
+            versions=dict(args.versions or {}),
+        )
     compiled = scope.compile_metrics(query)
     scope.details.update(metrics=compiled.metrics, compiled_sql=compiled.sql)
     page = run_governed(scope, compiled.sql, args, show_rewritten=True)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from lakegate.catalog.document_search import DocumentSearch, SearchMode
     from lakegate.catalog.iceberg_writes import AppendOutcome, RestoreOutcome
     from lakegate.catalog.ingest import Document, IngestOutcome
-    from lakegate.catalog.metric_definitions import SemanticCatalog
+    from lakegate.catalog.metric_definitions import SavedQuery, SemanticCatalog
     from lakegate.catalog.metric_query import CompiledQuery, MetricQuery
     from lakegate.catalog.query_embedder import TextEncoder
     from lakegate.catalog.staged_changes import StagedChange
@@ -103,6 +103,8 @@ class ToolScope(Protocol):
     def may_read_metric(self, name: str) -> bool: ...
 
     def require_metric(self, name: str) -> None: ...
+
+    def saved_query(self, name: str) -> SavedQuery: ...
 
     def compile_metrics(self, query: MetricQuery) -> CompiledQuery: ...
 

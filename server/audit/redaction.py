@@ -27,6 +27,7 @@ from sqlglot import exp
 
 from lakegate.catalog.definitions import CatalogDefinitions
 from lakegate.catalog.metric_definitions import SemanticCatalog
+from lakegate.catalog.metric_filters import filter_literals, hide_filter_values
 from lakegate.catalog.metric_query import parse_dimension
 from lakegate.errors import AuditWriteError, InvalidArgument
 from lakegate.policies.redaction import RedactionRules
@@ -195,6 +196,10 @@ def hide_filter_values_in_sql(
     """
     hidden: list[tuple[Any, Any]] = []
     for original, kept in zip(arguments.get("where") or [], audited.get("where") or [], strict=False):
+        if isinstance(original, str) and isinstance(kept, str) and original != kept:
+            literals = zip(filter_literals(original), filter_literals(kept), strict=False)
+            hidden += [(value, marker) for value, marker in literals if value != marker]
+            continue
         if not isinstance(original, Mapping) or not isinstance(kept, Mapping):
             continue
         if original.get("value") == kept.get("value"):
@@ -269,6 +274,11 @@ def _hide_row(row: Mapping[str, Any], columns: frozenset[str], key: AuditKey) ->
 def _hide_filter(
     item: Any, tags: frozenset[str], key: AuditKey, definitions: CatalogDefinitions, semantic: SemanticCatalog
 ) -> Any:
+    if isinstance(item, str):  # a filter as dbt MetricFlow writes one: the values of tagged dimensions in it
+        shown = hide_filter_values(
+            item, lambda name: _dimension_is_tagged(name, tags, definitions, semantic), key.marker
+        )
+        return shown if shown is not None else key.marker(item)
     if not isinstance(item, Mapping) or item.get("value") is None:
         return item
     dimension = item.get("dimension")
@@ -282,24 +292,34 @@ def _hide_filter(
 def _dimension_is_tagged(
     name: str, tags: frozenset[str], definitions: CatalogDefinitions, semantic: SemanticCatalog
 ) -> bool:
-    """Whether dimension ``name`` (entity__dimension[__grain]) is computed from a tagged column."""
+    """Whether dimension ``name`` (entity__dimension[__grain], or an entity) is computed from a
+    tagged column."""
     try:
         ref = parse_dimension(name, grain_required=False)
     except InvalidArgument:
         return False  # not a dimension: the call fails, and no column is named
-    if ref.owner is None or ref.dimension is None:
+    if ref.owner is None:
         return False  # metric_time
+    if ref.dimension is None:  # an entity: its key, in any model that holds it
+        keys = [(model.table, entity.expr) for model in semantic.semantic_models for entity in model.entities
+                if entity.name == ref.entity]  # fmt: skip
+        return any(_reads_tagged(table, sql, tags, definitions) for table, sql in keys)
     model = semantic.model_with_primary(ref.owner)  # the model at the end of the path holds it
-    dimension = model.dimension(ref.dimension) if model is not None else None
-    if model is None or dimension is None:
+    if model is None:
         return False
-    columns = tagged_columns(definitions, model.table, tags)
+    dimension, key = model.dimension(ref.dimension), model.entity(ref.dimension)
+    if dimension is not None:
+        return _reads_tagged(model.table, dimension.expr or f'"{dimension.name}"', tags, definitions)
+    return key is not None and _reads_tagged(model.table, key.expr, tags, definitions)
+
+
+def _reads_tagged(table: str, sql: str, tags: frozenset[str], definitions: CatalogDefinitions) -> bool:
+    """Whether ``sql`` over ``table``'s columns reads a column with one of ``tags``."""
+    columns = tagged_columns(definitions, table, tags)
     if not columns:
         return False
-    if dimension.expr is None:
-        return dimension.name.lower() in columns
     try:
-        parsed = sqlglot.parse_one(dimension.expr, dialect="duckdb")
+        parsed = sqlglot.parse_one(sql, dialect="duckdb")
     except sqlglot.errors.SqlglotError:
         return True  # cannot tell which columns it reads: hide rather than guess
     return any(column.name.lower() in columns for column in parsed.find_all(exp.Column))

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from lakegate.catalog.iceberg_scan import ScanPlan
     from lakegate.catalog.ingest import Document, IngestOutcome
     from lakegate.catalog.live_metrics import LiveMetrics
-    from lakegate.catalog.metric_definitions import SemanticCatalog
+    from lakegate.catalog.metric_definitions import SavedQuery, SemanticCatalog
     from lakegate.catalog.metric_query import CompiledQuery, MetricQuery
     from lakegate.catalog.query_embedder import TextEncoder
     from lakegate.catalog.sql_engine import SqlEngine
@@ -307,6 +307,21 @@ class CallScope(WriteScope):
         if not self.may_read_metric(name):
             self.touched.append(Touched("metric", name, "denied"))
             raise NotFound(f"There is no metric named '{name}' available to you.", hint="Call list_metrics.")
+
+    def saved_query(self, name: str) -> SavedQuery:
+        """A saved query every metric of which the caller may read; any other looks missing.
+
+        Raises:
+            NotFound: no such saved query, or one with a metric this principal may not read.
+        """
+        saved = next((q for q in self.semantic.saved_queries if q.name == name), None)
+        if saved is None or not all(self.may_read_metric(metric) for metric in saved.metrics):
+            self.touched.append(Touched("saved_query", name, "denied"))
+            raise NotFound(
+                f"There is no saved query named '{name}' available to you.", hint="Call list_metrics to see them."
+            )
+        self.touched.append(Touched("saved_query", name, "read"))
+        return saved
 
     def compile_metrics(self, query: MetricQuery) -> CompiledQuery:
         """Compile a metric query after the decision on every metric it uses, inputs included.
