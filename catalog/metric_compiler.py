@@ -541,7 +541,12 @@ class _Compiler:
     def _last_day(self, metric: Metric, ts: str) -> str:
         """The last day on which a running total still counts a row at `ts`."""
         if metric.window_interval:
-            return f"CAST({ts} + {metric.window_interval} - INTERVAL 1 DAY AS DATE)"
+            # The last day whose window (see _window) starts on or before the row's day: the day
+            # before the row's day + window, or that day itself where the month had fewer days
+            # (January 31 + 3 months is April 30, whose window starts January 31).
+            day, span = f"CAST({ts} AS DATE)", metric.window_interval
+            later = f"{day} + {span}"
+            return f"CAST(CASE WHEN {later} - {span} < {day} THEN {later} ELSE {later} - INTERVAL 1 DAY END AS DATE)"
         if metric.grain_to_date:
             to_date = GRAIN_STEP[metric.grain_to_date]
             return f"CAST(date_trunc('{metric.grain_to_date}', {ts}) + {to_date} - INTERVAL 1 DAY AS DATE)"
@@ -552,7 +557,11 @@ class _Compiler:
         at `end` (exclusive)."""
         window = [f"r.lakegate_ts < {end}"]
         if metric.window_interval:
-            window.append(f"r.lakegate_ts >= {end} - {metric.window_interval}")
+            # The rows of the days after (last day - window), as MetricFlow counts a window back from a
+            # day: for April 30 and 3 months, January 31 on (not February 1: months are not days).
+            window.append(
+                f"r.lakegate_ts >= CAST({end} AS DATE) - INTERVAL 1 DAY - {metric.window_interval} + INTERVAL 1 DAY"
+            )
         if metric.grain_to_date:
             window.append(
                 f"r.lakegate_ts >= date_trunc('{metric.grain_to_date}', CAST({end} AS TIMESTAMP) - INTERVAL 1 DAY)"

@@ -1,6 +1,6 @@
 """The reference set: dbt MetricFlow's own answers, recorded as test fixtures.
 
-    python -m lakegate.evals.metricflow_reference --mf-bin /tmp/mfvenv/bin [--out tests/fixtures/metricflow/tutorial]
+    python -m lakegate.evals.metricflow_reference --mf-bin /tmp/mfvenv/bin [--project tutorial|demo]
 
 MetricFlow is the reference for what a metric means (issue 17). It is not a dependency of lakegate:
 install it into a venv of its own (it pins its own dbt-core), e.g.
@@ -8,14 +8,20 @@ install it into a venv of its own (it pins its own dbt-core), e.g.
     python3 -m venv /tmp/mfvenv
     /tmp/mfvenv/bin/pip install "dbt-metricflow[dbt-duckdb]==0.15.0" "dbt-core==1.11.16"
 
-This script writes MetricFlow's tutorial project (`mf tutorial`, offline) into a temporary
-directory, adds evals/metricflow/extra_metrics.yml (one of each construct the tutorial lacks),
-seeds and builds it on DuckDB with dbt, runs every query of evals/metricflow/queries.yaml with
-`mf query ... --csv`, and writes to --out:
+Two reference projects, each with its queries:
+- `tutorial`: MetricFlow's tutorial project (`mf tutorial`, offline) with
+  evals/metricflow/extra_metrics.yml (one of each construct the tutorial lacks), and
+  evals/metricflow/queries.yaml;
+- `demo`: lakegate's demo metrics translated by hand to MetricFlow (evals/metricflow/demo/), over
+  the rows of the small demo warehouse, which this script builds and writes as dbt seeds, with
+  evals/metricflow/demo/queries.yaml.
+It seeds and builds the project on DuckDB with dbt, runs every query with `mf query ... --csv`,
+and writes to tests/fixtures/metricflow/<project>/ (or --out):
 - answers.json: per query, the query and MetricFlow's columns and rows (or the error it gave);
 - the inputs: the seed CSVs, the semantic YAML files and dbt's target/semantic_manifest.json.
 The suite compares lakegate's answers with these (tests/test_metricflow_reference.py) and never
-needs MetricFlow. Rerun after changing the queries or the extra metrics, and commit the result.
+needs MetricFlow. Rerun after changing the queries, the metrics or the demo's rows, and commit the
+result.
 """
 
 from __future__ import annotations
@@ -35,7 +41,16 @@ from rich.progress import Progress
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = REPO / "evals" / "metricflow"
-DEFAULT_OUT = REPO / "tests" / "fixtures" / "metricflow" / "tutorial"
+FIXTURES = REPO / "tests" / "fixtures" / "metricflow"
+#: The demo's time spine for MetricFlow: every day its rows may fall on, and the months a trailing
+#: window or an offset reads after them.
+DEMO_SPINE = ("2020-01-01", "2028-01-01")
+#: The demo's tables as dbt seeds: the columns its semantic models read (no personal data).
+DEMO_SEEDS = {
+    "orders": ("sales.orders", ["order_id", "customer_id", "order_ts", "status", "channel", "region", "total_amount"]),
+    "customers": ("sales.customers", ["customer_id", "region", "segment", "country", "signup_date"]),
+    "refunds": ("finance.refunds", ["refund_id", "order_id", "refunded_ts", "amount", "reason"]),
+}
 #: MetricFlow and dbt, offline and without telemetry.
 QUIET_ENV = {"DO_NOT_TRACK": "1", "DBT_SEND_ANONYMOUS_USAGE_STATS": "False", "MF_DISABLE_TELEMETRY": "1"}
 
@@ -56,6 +71,60 @@ def build_project(root: Path, bin_dir: Path) -> Path:
     _checked(["mf", "tutorial", "--yes"], root, bin_dir)
     project = root / "mf_tutorial_project"
     shutil.copy(HERE / "extra_metrics.yml", project / "models" / "sample_model" / "extra_metrics.yml")
+    for step in (["dbt", "seed"], ["dbt", "build"], ["dbt", "parse"]):
+        _checked([*step, "--profiles-dir", "."], project, bin_dir)
+    return project
+
+
+def build_demo_project(root: Path, bin_dir: Path) -> Path:
+    """lakegate's demo metrics as a MetricFlow project over the small demo's rows; returns its directory."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pa_csv
+
+    from lakegate.catalog.definitions import load_definitions
+    from lakegate.catalog.demo import build_demo
+    from lakegate.catalog.warehouse import Warehouse
+
+    project = root / "lakegate_demo"
+    (project / "seeds").mkdir(parents=True)
+    (project / "models").mkdir()
+    warehouse = Warehouse(root / "home")
+    try:
+        build_demo(warehouse, load_definitions(REPO), "small")
+        for name, (table, columns) in DEMO_SEEDS.items():
+            rows = warehouse.iceberg.load_table(table).scan(selected_fields=tuple(columns)).to_arrow()
+            rows = rows.select(columns).sort_by([(columns[0], "ascending")])
+            typed = []  # the seed's times as times again in the model (a seed may read them as text)
+            for i, field in enumerate(rows.schema):  # UTC wall-clock times, as lakegate's sandboxes read them
+                if pa.types.is_timestamp(field.type) and field.type.tz is not None:
+                    rows = rows.set_column(i, field.name, pc.cast(rows[field.name], pa.timestamp("us")))
+                if pa.types.is_timestamp(field.type) or pa.types.is_date(field.type):
+                    kind = "timestamp" if pa.types.is_timestamp(field.type) else "date"
+                    typed.append(f"cast({field.name} as {kind}) as {field.name}")
+            pa_csv.write_csv(rows, project / "seeds" / f"{name}_seed.csv")
+            replace = f" replace ({', '.join(typed)})" if typed else ""
+            (project / "models" / f"{name}.sql").write_text(f"select *{replace} from {{{{ ref('{name}_seed') }}}}\n")
+    finally:
+        warehouse.close()
+    (project / "dbt_project.yml").write_text(
+        "name: lakegate_demo\nversion: 1.0.0\nconfig-version: 2\nprofile: lakegate_demo\n"
+        'model-paths: ["models"]\nseed-paths: ["seeds"]\n'
+    )
+    (project / "profiles.yml").write_text(
+        "lakegate_demo:\n  target: dev\n  outputs:\n    dev:\n      type: duckdb\n"
+        f"      path: '{project / 'demo.duckdb'}'\n"
+    )
+    start, end = DEMO_SPINE
+    (project / "models" / "all_days.sql").write_text(
+        f"select cast(range as date) as date_day from range(DATE '{start}', DATE '{end}', INTERVAL 1 DAY)\n"
+    )
+    (project / "models" / "_models.yml").write_text(
+        "models:\n  - name: all_days\n    time_spine:\n      standard_granularity_column: date_day\n"
+        "    columns:\n      - name: date_day\n        granularity: day\n"
+    )
+    for file in ("semantic_models.yml", "metrics.yml", "saved_queries.yml"):
+        shutil.copy(HERE / "demo" / file, project / "models" / file)
     for step in (["dbt", "seed"], ["dbt", "build"], ["dbt", "parse"]):
         _checked([*step, "--profiles-dir", "."], project, bin_dir)
     return project
@@ -121,12 +190,15 @@ def copy_inputs(project: Path, out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mf-bin", type=Path, required=True, help="bin directory of a venv with dbt-metricflow")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where answers.json and inputs/ go")
+    parser.add_argument("--project", choices=("tutorial", "demo"), default="tutorial", help="which reference project")
+    parser.add_argument("--out", type=Path, help="where answers.json and inputs/ go (default: the test fixtures)")
     args = parser.parse_args(argv)
-    queries = yaml.safe_load((HERE / "queries.yaml").read_text())["queries"]
+    args.out = args.out or FIXTURES / args.project
+    demo = args.project == "demo"
+    queries = yaml.safe_load((HERE / ("demo" if demo else ".") / "queries.yaml").read_text())["queries"]
     with tempfile.TemporaryDirectory(prefix="lakegate-mf-") as temporary:
         root = Path(temporary)
-        project = build_project(root, args.mf_bin.resolve())
+        project = (build_demo_project if demo else build_project)(root, args.mf_bin.resolve())
         answers = {}
         with Progress() as progress:
             task = progress.add_task("mf query", total=len(queries))
@@ -137,7 +209,9 @@ def main(argv: list[str] | None = None) -> None:
         copy_inputs(project, args.out)
     versions = _run(["pip", "freeze"], Path("."), args.mf_bin.resolve()).stdout.splitlines()
     reference = {
-        "reference": "dbt MetricFlow tutorial project + evals/metricflow/extra_metrics.yml",
+        "reference": "lakegate's demo metrics in evals/metricflow/demo/, over the small demo's rows"
+        if demo
+        else "dbt MetricFlow tutorial project + evals/metricflow/extra_metrics.yml",
         "versions": sorted(
             line for line in versions if line.split("==")[0] in ("dbt-metricflow", "dbt-core", "dbt-duckdb")
         ),

@@ -40,5 +40,8 @@ def spark_cluster_or_skip(directory: Path) -> Iterator[ClusterInfo]:
 
 
 def spark_query_settings(info: ClusterInfo, **spark: object) -> dict[str, object]:
-    """The `query` settings that route queries to the test cluster (every dataset, unless `spark` says)."""
-    return {"spark": {"remote": info.remote, "token_file": info.token_file, "datasets": ["*"], **spark}}
+    """The `query` settings that route queries to the test cluster (every dataset, unless `spark` says),
+    with a time limit that a loaded 2-core machine does not reach (the running totals' range joins
+    take about 14 s alone, and twice that beside another test worker)."""
+    settings = {"remote": info.remote, "token_file": info.token_file, "datasets": ["*"], **spark}
+    return {"timeout_s": 120, "spark": settings}

@@ -1,15 +1,19 @@
-"""lakegate's metrics against dbt MetricFlow's own answers (the reference set, issue 17).
+"""lakegate's metrics against dbt MetricFlow's own answers (the reference sets, issue 17).
 
-tests/fixtures/metricflow/tutorial holds what evals/metricflow_reference.py recorded: MetricFlow's
-tutorial project (its seeds and semantic YAML, plus evals/metricflow/extra_metrics.yml) and
-MetricFlow's answer to every query of evals/metricflow/queries.yaml. Here the seeds are loaded into
-real Iceberg tables, `lakegate metrics import dbt` translates the project's semantic_manifest.json,
-and each query is asked with query_metrics through `lakegate serve` over stdio, with the MCP SDK's
+tests/fixtures/metricflow/ holds what evals/metricflow_reference.py recorded, for two projects:
+- tutorial: MetricFlow's tutorial project (its seeds and semantic YAML, plus
+  evals/metricflow/extra_metrics.yml) and MetricFlow's answer to every query of
+  evals/metricflow/queries.yaml. Here the seeds are loaded into real Iceberg tables and
+  `lakegate metrics import dbt` translates the project's semantic_manifest.json;
+- demo: lakegate's own demo metrics (catalog/metrics.yaml) translated by hand to MetricFlow
+  (evals/metricflow/demo/), answered by MetricFlow over the small demo's rows. Here the demo's own
+  definitions are served over the small demo warehouse, as shipped.
+Each query is asked with query_metrics through `lakegate serve` over stdio, with the MCP SDK's
 client. The suite does not need MetricFlow.
 
-KNOWN_DIFFERENCES lists the queries lakegate does not answer as MetricFlow does yet, each with the
-reason. The test fails when another query differs, and also when a listed one starts to agree, so
-that each fix shrinks the list in the same commit.
+KNOWN_DIFFERENCES lists the queries lakegate answers differently, each with the reason. The test
+fails when another query differs, and also when a listed one starts to agree, so that each fix
+shrinks the list in the same commit.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ from lakegate.server.cli.main import cli
 from lakegate.server.settings import load_settings
 from tests.conftest import copy_demo_project
 
-FIXTURES = Path(__file__).parent / "fixtures" / "metricflow" / "tutorial"
+REFERENCES = Path(__file__).parent / "fixtures" / "metricflow"
+FIXTURES = REFERENCES / "tutorial"
+REPO = Path(__file__).resolve().parents[1]
 TABLES = {"transactions": "mf.transactions", "customers": "mf.customers", "countries": "mf.countries",
           "transaction_facts": "mf.transactions"}  # fmt: skip
 SEEDS = {
@@ -44,8 +50,14 @@ SEEDS = {
     "mf.countries": "countries_seed.csv",
 }
 
-#: Queries lakegate answers differently today, and why (issue 17 lists the work).
-KNOWN_DIFFERENCES: dict[str, str] = {}
+#: Queries lakegate answers differently, and why (the README's "Metrics beside dbt MetricFlow").
+KNOWN_DIFFERENCES: dict[str, dict[str, str]] = {
+    "tutorial": {},
+    "demo": {
+        "cumulative_revenue": "the demo defines no time spine: an all-time running total stops at the answer's "
+        "last period, where MetricFlow's goes on to the end of its spine",
+    },
+}
 
 
 def _import_options() -> list[str]:
@@ -55,8 +67,8 @@ def _import_options() -> list[str]:
     return [*tables, "--time-spine", "2022-01-01:2022-12-31"]
 
 
-def _reference() -> dict[str, Any]:
-    answers: dict[str, Any] = json.loads((FIXTURES / "answers.json").read_text())["answers"]
+def _reference(project: str = "tutorial") -> dict[str, Any]:
+    answers: dict[str, Any] = json.loads((REFERENCES / project / "answers.json").read_text())["answers"]
     return answers
 
 
@@ -145,16 +157,14 @@ def _rows(columns: list[str], rows: list[list[Any]], order: list[str]) -> list[l
     return sorted(picked, key=lambda row: [(value is None, str(value)) for value in row])
 
 
-def _answers(runtime: Runtime) -> dict[str, dict[str, Any] | str]:
-    """lakegate's answer to every reference query lakegate can ask (its result, or its error
-    text), through `lakegate serve` over stdio with the MCP SDK's client, as an agent asks."""
+def _answers(home: Path, project: Path, audit: Path, references: dict[str, Any]) -> dict[str, dict[str, Any] | str]:
+    """lakegate's answer to every reference query (its result, or its error text), through
+    `lakegate serve` over stdio with the MCP SDK's client, as an agent asks."""
 
     async def ask() -> dict[str, dict[str, Any] | str]:
         found: dict[str, dict[str, Any] | str] = {}
-        home, project = runtime.settings.state_dir, runtime.settings.project
-        audit = str(project.parent / "stdio-audit.jsonl")
-        async with connect("admin", home, project=project, LAKEGATE_AUDIT__PATH=audit) as client:
-            for name, reference in _reference().items():
+        async with connect("admin", home, project=project, LAKEGATE_AUDIT__PATH=str(audit)) as client:
+            for name, reference in references.items():
                 arguments = _arguments(reference["query"])
                 if "error" in reference:
                     continue
@@ -199,20 +209,50 @@ def _difference(answer: dict[str, Any] | str | None, reference: dict[str, Any]) 
     return None
 
 
-def test_the_reference_set_covers_every_construct() -> None:
-    answers = _reference()
-    assert len(answers) >= 40
-    assert set(KNOWN_DIFFERENCES) <= set(answers), set(KNOWN_DIFFERENCES) - set(answers)
+def test_the_reference_sets_cover_every_construct() -> None:
+    for project in ("tutorial", "demo"):
+        answers = _reference(project)
+        assert len(answers) >= {"tutorial": 40, "demo": 25}[project]
+        assert set(KNOWN_DIFFERENCES[project]) <= set(answers), set(KNOWN_DIFFERENCES[project]) - set(answers)
+        assert not [name for name, answer in answers.items() if "error" in answer]  # MetricFlow answered each
+
+
+def _compare(project: str, answers: dict[str, dict[str, Any] | str]) -> None:
+    known = KNOWN_DIFFERENCES[project]
+    differing = {name: _difference(answers.get(name), reference) for name, reference in _reference(project).items()}
+    differing = {name: why for name, why in differing.items() if why is not None}
+    unexpected = {name: why for name, why in differing.items() if name not in known}
+    fixed = sorted(set(known) - set(differing))
+    assert not unexpected, f"answers that differ from MetricFlow's: {json.dumps(unexpected, indent=1)}"
+    assert not fixed, f"these now agree with MetricFlow: remove them from KNOWN_DIFFERENCES: {fixed}"
 
 
 def test_metric_answers_agree_with_metricflow_except_the_known_differences(tutorial: Runtime) -> None:
-    answers = _answers(tutorial)
-    differing = {name: _difference(answers.get(name), reference) for name, reference in _reference().items()}
-    differing = {name: why for name, why in differing.items() if why is not None}
-    unexpected = {name: why for name, why in differing.items() if name not in KNOWN_DIFFERENCES}
-    fixed = sorted(set(KNOWN_DIFFERENCES) - set(differing))
-    assert not unexpected, f"answers that differ from MetricFlow's: {json.dumps(unexpected, indent=1)}"
-    assert not fixed, f"these now agree with MetricFlow: remove them from KNOWN_DIFFERENCES: {fixed}"
+    home, project = tutorial.settings.state_dir, tutorial.settings.project
+    _compare("tutorial", _answers(home, project, project.parent / "stdio-audit.jsonl", _reference("tutorial")))
+
+
+def test_the_demo_metrics_agree_with_their_metricflow_translation(demo_home: Path, tmp_path: Path) -> None:
+    """The demo's own definitions, as shipped, answer as MetricFlow answers their translation."""
+    _compare("demo", _answers(demo_home, REPO, tmp_path / "audit.jsonl", _reference("demo")))
+
+
+def test_the_translated_demo_imports_with_nothing_left_out(tmp_path: Path) -> None:
+    project = copy_demo_project(tmp_path / "project")
+    manifest = REFERENCES / "demo" / "inputs" / "semantic_manifest.json"
+    tables = [
+        "--table",
+        "orders=sales.orders",
+        "--table",
+        "customers=sales.customers",
+        "--table",
+        "refunds=finance.refunds",
+    ]
+    arguments = ["--project", str(project), "metrics", "import", "dbt", str(manifest), *tables, "--dry-run", "--json"]
+    done = CliRunner().invoke(cli, arguments)
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.output)
+    assert report["notes"] == [], report["notes"]
 
 
 def test_a_second_import_of_the_same_manifest_changes_nothing(tutorial: Runtime) -> None:

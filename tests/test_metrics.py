@@ -373,18 +373,19 @@ def test_cumulative_revenue_trailing_three_months_and_year_to_date(
     )
     spine = list(monthly)
     revenue = [monthly[m]["revenue"] for m in spine]
+    # As in MetricFlow, a month's trailing total is that of its last day: the days after the day
+    # 3 months before it (April 30 reads from January 31 on). It goes on after the last order
+    # (December 31, 2025) while its window holds it: to March 30, 2026.
+    trailing = trailing_by_hand(rt, "least(last_day(m), DATE '2026-03-30')", "2024-01-01", "2026-03-01")
     expected = []
     for i, month in enumerate(spine):
         year_start = next(j for j, m in enumerate(spine) if m[:4] == month[:4])
-        expected.append(
-            [month, sum(revenue[: i + 1]), sum(revenue[max(0, i - 2) : i + 1]), sum(revenue[year_start : i + 1])]
-        )
-    # As in MetricFlow, the trailing window goes on after the last order while it still holds
-    # orders: into the first three months of 2026, each month's value that of its last day with one.
+        expected.append([month, sum(revenue[: i + 1]), trailing[month], sum(revenue[year_start : i + 1])])
     # Year to date stops with its year; the all-time total goes on.
     assert [row[0] for row in got[len(spine) :]] == ["2026-01-01", "2026-02-01", "2026-03-01"]
     assert all(same(row[1], sum(revenue)) and row[3] is None for row in got[len(spine) :])
-    assert same(got[len(spine)][2], sum(revenue[-2:])) and same(got[len(spine) + 1][2], revenue[-1])
+    assert all(same(row[2], trailing[row[0]]) for row in got[len(spine) :])
+    assert same(got[len(spine)][2], sum(revenue[-2:]))  # January 31: after October 31, November and December
     got = got[: len(spine)]
     assert_table(got, expected)
     january = spine.index("2025-01-01")
@@ -413,6 +414,23 @@ def test_cumulative_revenue_by_quarter_and_region_matches_a_window_query(rt: Run
     assert_table(got, expected, keys=2)
 
 
+def trailing_by_hand(rt: Runtime, day: str, first: str, last: str) -> dict[str, Any]:
+    """Revenue over the 3 months back from `day` (SQL of the month m), by month from first to last."""
+    rows = hand(
+        rt,
+        f"""
+        WITH days AS (
+            SELECT CAST(order_ts AS DATE) AS d, sum(total_amount) AS r FROM sales.orders
+            WHERE status <> 'cancelled' GROUP BY 1),
+        months AS (
+            SELECT CAST(unnest(generate_series(DATE '{first}', DATE '{last}', INTERVAL 1 MONTH)) AS DATE) AS m)
+        SELECT strftime(m, '%Y-%m-%d'), (SELECT sum(r) FROM days WHERE d <= {day} AND d > {day} - INTERVAL 3 MONTH)
+        FROM months ORDER BY 1
+        """,
+    )
+    return {month: Decimal(str(value)) for month, value in rows}
+
+
 def test_trailing_window_and_year_to_date_after_a_period_filter(
     rt: Runtime, monthly: dict[str, dict[str, Any]]
 ) -> None:
@@ -424,8 +442,11 @@ def test_trailing_window_and_year_to_date_after_a_period_filter(
     )
     revenue = {m: v["revenue"] for m, v in monthly.items()}
     assert got[0][0] == "2025-02-01"
-    # The window still reaches back into the months the filter leaves out of the answer.
-    assert same(got[0][1], revenue["2024-12-01"] + revenue["2025-01-01"] + revenue["2025-02-01"])
+    # The window still reaches back into the months the filter leaves out of the answer: from
+    # November 29, 2024 (3 months before February 28, the day after).
+    trailing = trailing_by_hand(rt, "last_day(m)", "2025-02-01", "2025-02-01")
+    assert same(got[0][1], trailing["2025-02-01"])
+    assert trailing["2025-02-01"] > revenue["2024-12-01"] + revenue["2025-01-01"] + revenue["2025-02-01"]
     assert same(got[0][2], revenue["2025-01-01"] + revenue["2025-02-01"])
 
 

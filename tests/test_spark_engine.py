@@ -176,7 +176,7 @@ def test_explain_on_spark_shows_no_file_path_and_no_key(spark_runtime: Runtime) 
 def test_a_query_past_the_time_limit_is_stopped_on_spark(
     demo_home: Path, spark_cluster: ClusterInfo, tmp_path: Path
 ) -> None:
-    query = {"timeout_s": 3, **spark_query_settings(spark_cluster)}
+    query = {**spark_query_settings(spark_cluster), "timeout_s": 3}
     runtime = _runtime(demo_home, tmp_path / "audit.jsonl", query)
     try:
         sql = (
