@@ -268,6 +268,8 @@ class _Compiler:
             raise _invalid(f"'{ref.name}': {ref.owner} has no dimension {ref.dimension} (it has: {known}).")
         if dimension.type == "time" and ref.grain is None and ref in self.dims:
             raise _invalid(f"'{ref.name}' is a time dimension: add a grain, e.g. {ref.name}__month.")
+        if dimension.type != "time" and ref.grain is not None:
+            raise _invalid(f"'{ref.name}': {ref.dimension} is not a time dimension, so it takes no grain.")
         sql = self._on(dimension.sql, alias, here)
         return truncated(sql, ref.grain) if ref.grain else sql
 

@@ -45,10 +45,15 @@ __all__ = [
 #: A reference in a filter, in dbt MetricFlow's syntax: {{ Dimension('customer__country') }},
 #: {{ Dimension('region', entity_path=['customer', 'country']) }}, {{ TimeDimension('metric_time',
 #: 'month') }} and {{ Entity('customer') }}. Resolved through the join graph when the metric compiles.
+_NAME_ARG = r"'[A-Za-z0-9_]+'"
+# Every repeated part starts with a character the part before cannot match (a comma, a quote), so
+# a failed match backtracks in linear time (an agent writes these; a nested quantifier over
+# optional commas took exponential time).
 _REFERENCE = re.compile(
-    r"\{\{\s*(?P<kind>Dimension|TimeDimension|Entity)\(\s*'(?P<name>[A-Za-z0-9_]+)'\s*"
-    r"(?:,\s*'(?P<grain>[A-Za-z]+)'\s*)?"
-    r"(?:,\s*entity_path\s*=\s*\[(?P<path>(?:\s*'[A-Za-z0-9_]+'\s*,?)*)\]\s*)?\)\s*\}\}"
+    r"\{\{\s*(?P<kind>Dimension|TimeDimension|Entity)\(\s*'(?P<name>[A-Za-z0-9_]+)'"
+    r"(?:\s*,\s*'(?P<grain>[A-Za-z]+)')?"
+    rf"(?:\s*,\s*entity_path\s*=\s*\[\s*(?P<path>{_NAME_ARG}(?:\s*,\s*{_NAME_ARG})*)?(?:\s*,)?\s*\])?"
+    r"\s*\)\s*\}\}"
 )
 #: What a reference stands for in the SQL text while it is parsed: a column of this name.
 REFERENCE_PREFIX = "lakegate_ref_"

@@ -12,6 +12,7 @@ FilterTree; the compiler writes the SQL from them, values as quoted literals.
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ from lakegate.catalog.metric_definitions import REFERENCE_PREFIX, SavedQuery, sp
 from lakegate.catalog.metric_query import DimensionFilter, FilterOp, FilterTree, MetricQuery, query_error
 from lakegate.errors import LakegateError
 
-__all__ = ["filter_literals", "hide_filter_values", "parse_filter", "saved_metric_query"]
+__all__ = ["compared_values", "hide_filter_values", "parse_filter", "saved_metric_query"]
 
 _HINT = (
     "Write a filter as comparisons of {{ Dimension('entity__dimension') }} (or TimeDimension('metric_time', "
@@ -36,7 +37,17 @@ _FLIPPED: dict[FilterOp, FilterOp] = {"<": ">", "<=": ">=", ">": "<", ">=": "<="
 Condition = DimensionFilter | FilterTree
 
 
+#: How deeply a filter may nest parentheses or NOTs (sqlglot parses by recursion).
+MAX_DEPTH = 40
+
+
 def _parsed(text: str) -> tuple[exp.Expr, list[str]]:
+    depth = deepest = 0
+    for character in text:
+        depth += {"(": 1, ")": -1}.get(character, 0)
+        deepest = max(deepest, depth)
+    if deepest > MAX_DEPTH or len(re.findall(r"(?i)\bnot\b", text)) > MAX_DEPTH:
+        raise query_error(f"A where filter nests more than {MAX_DEPTH} deep.", _HINT)
     try:
         sql, names = split_references(text)
     except ValueError as exc:
@@ -160,40 +171,47 @@ def _number(text: str) -> int | float:
         return float(text)
 
 
-def filter_literals(text: str) -> list[Any]:
-    """Every literal value in a filter, in the order of its parsed tree; [] when it does not parse."""
+def compared_values(text: str) -> list[tuple[str, Any]]:
+    """Each (dimension, value) a filter compares, a list's items one by one; [] when lakegate
+    refuses the filter (the call then fails before any SQL is written)."""
     try:
-        tree, _ = _parsed(text)
-    except Exception:  # noqa: BLE001 - a filter that does not parse holds no value to find
+        conditions = parse_filter(text)
+    except LakegateError:
         return []
-    return [literal.this for literal in tree.find_all(exp.Literal)]
+    leaves = [leaf for c in conditions for leaf in (c.leaves() if isinstance(c, FilterTree) else [c])]
+    return [
+        (leaf.dimension, value)
+        for leaf in leaves
+        if leaf.value is not None
+        for value in (leaf.value if isinstance(leaf.value, list) else [leaf.value])
+    ]
 
 
 def hide_filter_values(text: str, hidden: Callable[[str], bool], marker: Callable[[Any], str]) -> str | None:
     """The filter with each value compared to a reference that `hidden` names replaced by
-    `marker(value)`, references written back as `{{ Dimension('name') }}`; None when it does not
-    parse (then the whole text must be hidden)."""
+    `marker(value)`, references written back as `{{ Dimension('name') }}`; None when it names a
+    hidden dimension and lakegate refuses it or it does not parse (then the whole text must be
+    hidden: a refused construct may hold a value in any form)."""
     try:
         tree, names = _parsed(text)
-    except Exception:  # noqa: BLE001 - the caller hides the whole text
+    except LakegateError:
         return None
+    if not any(hidden(name) for name in names):
+        return text
     reader = _Reader(names)
     try:
         for term in _terms(tree, exp.And):
             reader.condition(term)
-        scopes: list[exp.Expr] = list(tree.find_all(exp.Predicate))
-    except LakegateError:  # a filter lakegate refuses: every value, if a hidden dimension is in it at all
-        scopes = [tree]
-    changed = False
-    for node in scopes:
+    except LakegateError:
+        return None
+    for node in list(tree.find_all(exp.Predicate)):
         if any(hidden(name) for name in map(reader.reference, node.find_all(exp.Column)) if name is not None):
             for literal in list(node.find_all(exp.Literal)):
                 literal.replace(exp.Literal.string(marker(literal.this)))
-                changed = True
-    if not changed:
-        return text
+    # Each reference written back by a name no value can hold (a value may spell lakegate_ref_0).
+    nonce = secrets.token_hex(8)
+    for column in list(tree.find_all(exp.Column)):
+        if (name := reader.reference(column)) is not None:
+            column.replace(exp.column(f"lakegate_{nonce}_{names.index(name)}"))
     shown = tree.sql(dialect="duckdb")
-    return _PLACEHOLDER_IN_TEXT.sub(lambda m: "{{ Dimension('" + names[int(m[1])] + "') }}", shown)
-
-
-_PLACEHOLDER_IN_TEXT = re.compile(rf"\b{REFERENCE_PREFIX}(\d+)\b")
+    return re.sub(rf"lakegate_{nonce}_(\d+)", lambda m: "{{ Dimension('" + names[int(m[1])] + "') }}", shown)

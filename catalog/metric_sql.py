@@ -3,6 +3,7 @@ literals, quoted names and derived expressions, in DuckDB's dialect."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import sqlglot
@@ -46,6 +47,8 @@ def literal(value: Any) -> str:
         return "NULL"
     if isinstance(value, bool):
         return "TRUE" if value else "FALSE"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise query_error("A filter value must be a finite number.", "Send a number such as 1e6, not one beyond it.")
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):

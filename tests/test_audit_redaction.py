@@ -323,31 +323,44 @@ metrics:
 def test_a_hidden_filter_value_is_cut_out_of_the_compiled_sql_too(tmp_path: Path) -> None:
     from lakegate.catalog.metric_compiler import compile_query
     from lakegate.catalog.metric_query import DimensionFilter, MetricQuery
-    from lakegate.server.audit.redaction import SQL_WITHHELD, hide_filter_values_in_sql
+    from lakegate.server.audit.redaction import SQL_WITHHELD, hidden_filter_values, hide_filter_values_in_sql
 
     key = AuditKey(tmp_path / "audit.key")
     semantic = parse_semantic_catalog(SEMANTIC, source="test")
+    definitions = load_definitions(REPO)
     odd = "o'brien@example.com"
-    where = [{"dimension": "customer__email", "op": "in", "value": [EMAIL, odd]}]
+    # More values than the audit record keeps of a list: each one is still cut out of the SQL.
+    many = [f"person{i}@example.com" for i in range(30)]
+    where = [{"dimension": "customer__email", "op": "in", "value": [EMAIL, odd, *many]}]
     arguments = {"metrics": ["customers"], "where": where}
     filters = tuple(DimensionFilter(f["dimension"], f["op"], f["value"]) for f in where)
     compiled = compile_query(semantic, MetricQuery(("customers",), where=filters)).sql
-    assert EMAIL in compiled  # the compiled SQL holds each filter value as a literal
-    audited = audit_arguments(
-        "query_metrics", arguments, RedactionRules(), key, definitions=load_definitions(REPO), semantic=semantic
+    assert EMAIL in compiled and many[-1] in compiled  # the compiled SQL holds each filter value as a literal
+    hidden = hidden_filter_values(
+        "query_metrics", arguments, RedactionRules(), definitions=definitions, semantic=semantic
     )
+    assert hidden == [EMAIL, odd, *many]
     details = {"compiled_sql": compiled, "rewritten_sql": compiled, "metrics": {"customers": 1}}
-    cleaned = hide_filter_values_in_sql(details, arguments, audited)
+    cleaned, error = hide_filter_values_in_sql(details, f"bad value {EMAIL}", hidden, key)
     for field in ("compiled_sql", "rewritten_sql"):
-        assert EMAIL not in cleaned[field] and "brien" not in cleaned[field]
+        assert EMAIL not in cleaned[field] and "brien" not in cleaned[field] and many[-1] not in cleaned[field]
         assert key.marker(EMAIL) in cleaned[field]
     assert cleaned["metrics"] == {"customers": 1}
+    assert error == SQL_WITHHELD  # an engine's error that quotes a hidden value is withheld too
     # Where a value cannot be cut out exactly (written another way), the SQL is withheld, not kept.
     other = {"compiled_sql": compiled.replace(f"'{EMAIL}'", f'"{EMAIL}"')}
-    assert hide_filter_values_in_sql(other, arguments, audited)["compiled_sql"] == SQL_WITHHELD
+    assert hide_filter_values_in_sql(other, None, hidden, key)[0]["compiled_sql"] == SQL_WITHHELD
+    # A number is written by the SQL as Python writes it, whatever its spelling in filter text.
+    text = ["{{ Dimension('customer__email') }} = 04915112345678"]
+    numbers = hidden_filter_values(
+        "query_metrics", {"where": text}, RedactionRules(), definitions=definitions, semantic=semantic
+    )
+    assert numbers == [4915112345678]
+    number_sql = {"compiled_sql": "SELECT 1 WHERE email = 4915112345678"}
+    assert hide_filter_values_in_sql(number_sql, None, numbers, key)[0]["compiled_sql"] == SQL_WITHHELD
     # Nothing hidden: the details as they were.
     plain = {"metrics": ["customers"], "where": [{"dimension": "customer__region", "op": "=", "value": "EMEA"}]}
-    audited_plain = audit_arguments(
-        "query_metrics", plain, RedactionRules(), key, definitions=load_definitions(REPO), semantic=semantic
+    assert (
+        hidden_filter_values("query_metrics", plain, RedactionRules(), definitions=definitions, semantic=semantic) == []
     )
-    assert hide_filter_values_in_sql(details, plain, audited_plain) == details
+    assert hide_filter_values_in_sql(details, "an error", [], key) == (details, "an error")

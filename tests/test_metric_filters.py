@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lakegate.catalog.metric_definitions import parse_semantic_catalog, split_references
-from lakegate.catalog.metric_filters import filter_literals, hide_filter_values, parse_filter
+from lakegate.catalog.metric_filters import compared_values, hide_filter_values, parse_filter
 from lakegate.catalog.metric_query import DimensionFilter, FilterTree
 from lakegate.errors import InvalidArgument
 from lakegate.server.app import Runtime
@@ -117,13 +117,37 @@ def test_values_of_a_hidden_dimension_are_replaced_in_the_filter_text() -> None:
     text = f"{{{{ Dimension('customer__email') }}}} = '{SECRET}' OR {{{{ Dimension('customer__region') }}}} = 'EMEA'"
     shown = hide_filter_values(text, lambda name: name == "customer__email", marker)
     assert shown is not None and SECRET not in shown and "[hidden 15]" in shown and "'EMEA'" in shown
-    assert filter_literals(text) == [SECRET, "EMEA"] and filter_literals(shown) == ["[hidden 15]", "EMEA"]
+    assert compared_values(text) == [("customer__email", SECRET), ("customer__region", "EMEA")]
     assert hide_filter_values(text, lambda name: False, marker) == text  # nothing hidden: as sent
-    # A filter lakegate refuses (a function over a hidden dimension) loses every value.
-    refused_text = f"upper({{{{ Dimension('customer__email') }}}}) = '{SECRET}' OR 'EMEA' = 'EMEA'"
-    shown = hide_filter_values(refused_text, lambda name: name == "customer__email", marker)
-    assert shown is not None and SECRET not in shown and "EMEA" not in shown
-    assert hide_filter_values(f"'{SECRET}", lambda name: True, marker) is None  # does not parse: hide it all
+    # A filter lakegate refuses that names a hidden dimension is hidden whole: a refused construct
+    # may hold a value in any form (a function's argument, a double-quoted "value", $$value$$).
+    for refused_text in (
+        f"upper({{{{ Dimension('customer__email') }}}}) = '{SECRET}' OR 'EMEA' = 'EMEA'",
+        f"{{{{ Dimension('customer__email') }}}} = \"{SECRET}\"",
+        f"{{{{ Dimension('customer__email') }}}} = $${SECRET}$$",
+        f"'{SECRET}",  # does not parse
+    ):
+        assert hide_filter_values(refused_text, lambda name: name == "customer__email", marker) is None
+    # A value that spells a placeholder stays the value it was in the record.
+    spelled = "{{ Dimension('customer__email') }} = 'lakegate_ref_0'"
+    assert hide_filter_values(spelled, lambda name: True, marker) == (
+        "{{ Dimension('customer__email') }} = '[hidden 14]'"
+    )
+    assert "lakegate_ref_0" in str(hide_filter_values(spelled + " OR {{ Dimension('x__y') }} = 'lakegate_ref_0'",
+                                                       lambda name: name == "x__z", marker))  # fmt: skip
+
+
+def test_filter_text_that_would_take_long_to_read_is_refused_at_once() -> None:
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(InvalidArgument):  # backtracking in the reference pattern was exponential
+        parse_filter("{{ Dimension('a', entity_path=[" + "'a' " * 40 + "x")
+    with pytest.raises(InvalidArgument, match="nests more than"):  # sqlglot parses by recursion
+        parse_filter("NOT " * 900 + "{{ Dimension('customer__region') }} = 'x'")
+    with pytest.raises(InvalidArgument, match="nests more than"):
+        parse_filter("(" * 500 + "{{ Dimension('customer__region') }} = 'x'" + ")" * 500)
+    assert time.perf_counter() - started < 5
 
 
 # --- on the demo warehouse -------------------------------------------------------------------------
@@ -228,7 +252,13 @@ def test_a_saved_query_under_policy(rt: Runtime) -> None:
 
 def test_the_audit_record_of_a_text_filter_hides_values_of_tagged_dimensions(tmp_path: Path) -> None:
     from lakegate.catalog.definitions import load_definitions
-    from lakegate.server.audit.redaction import AuditKey, RedactionRules, audit_arguments, hide_filter_values_in_sql
+    from lakegate.server.audit.redaction import (
+        AuditKey,
+        RedactionRules,
+        audit_arguments,
+        hidden_filter_values,
+        hide_filter_values_in_sql,
+    )
     from tests.test_audit_redaction import REPO, SEMANTIC
 
     key = AuditKey(tmp_path / "audit.key")
@@ -240,8 +270,18 @@ def test_the_audit_record_of_a_text_filter_hides_values_of_tagged_dimensions(tmp
     )
     assert SECRET not in str(logged) and key.marker(SECRET) in logged["where"][0] and "'EMEA'" in logged["where"][0]
     details = {"compiled_sql": f"SELECT 1 WHERE email = '{SECRET}' OR region = 'EMEA'"}
-    cleaned = hide_filter_values_in_sql(details, arguments, logged)
+    hidden = hidden_filter_values(
+        "query_metrics", arguments, RedactionRules(), definitions=load_definitions(REPO), semantic=semantic
+    )
+    assert hidden == [SECRET]
+    cleaned, _ = hide_filter_values_in_sql(details, None, hidden, key)
     assert SECRET not in cleaned["compiled_sql"] and key.marker(SECRET) in cleaned["compiled_sql"]
+    # A filter text longer than the record keeps of a string: its values are still cut out of the SQL.
+    long_text = text + " AND {{ Dimension('customer__region') }} != '" + "x" * 2100 + "'"
+    hidden = hidden_filter_values(
+        "query_metrics", {"where": [long_text]}, RedactionRules(), definitions=load_definitions(REPO), semantic=semantic
+    )
+    assert hidden == [SECRET]
 
 
 def test_a_text_filter_call_is_audited_with_its_filter(rt: Runtime) -> None:
@@ -251,3 +291,13 @@ def test_a_text_filter_call_is_audited_with_its_filter(rt: Runtime) -> None:
     record = list(read_records(rt.settings.audit.path))[-1]
     assert record["tool"] == "query_metrics" and record["arguments"]["where"] == [where]
     assert "OR" in record["details"]["compiled_sql"]
+
+
+def test_a_grain_on_a_dimension_that_is_not_time_and_an_infinite_value_are_refused(rt: Runtime) -> None:
+    # A grain would cast the dimension's text to a time, and the engine's error would quote a value.
+    error = refused(rt, "query_metrics", metrics=["orders"], group_by=["order__region__day"])
+    assert "takes no grain" in str(error)
+    where = ["{{ Dimension('order__region__day') }} = '2020-01-01'"]
+    assert "takes no grain" in str(refused(rt, "query_metrics", metrics=["orders"], where=where))
+    error = refused(rt, "query_metrics", metrics=["orders"], where=["{{ Entity('customer') }} > 1e999"])
+    assert "finite" in str(error)

@@ -18,7 +18,7 @@ import math
 import re
 import secrets
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from sqlglot import exp
 
 from lakegate.catalog.definitions import CatalogDefinitions
 from lakegate.catalog.metric_definitions import SemanticCatalog
-from lakegate.catalog.metric_filters import filter_literals, hide_filter_values
+from lakegate.catalog.metric_filters import compared_values, hide_filter_values
 from lakegate.catalog.metric_query import parse_dimension
 from lakegate.errors import AuditWriteError, InvalidArgument
 from lakegate.policies.redaction import RedactionRules
@@ -42,6 +42,7 @@ __all__ = [
     "REDACTED",
     "AuditKey",
     "audit_arguments",
+    "hidden_filter_values",
     "hide_filter_values_in_sql",
     "redact_arguments",
 ]
@@ -181,50 +182,73 @@ def audit_arguments(
 
 
 #: What a call's SQL in its audit record becomes when a hidden filter value could not be cut out of it.
-SQL_WITHHELD = "[withheld: it held a filter value on a tagged dimension]"
+SQL_WITHHELD = "[withheld: it held a filter value on a tagged dimension]"  # also an error text
 #: The fields of a call's details that hold the SQL a metric query compiled to.
 _SQL_DETAILS = ("compiled_sql", "rewritten_sql")
 
 
+def hidden_filter_values(
+    tool: str,
+    arguments: Mapping[str, Any],
+    rules: RedactionRules,
+    *,
+    definitions: CatalogDefinitions,
+    semantic: SemanticCatalog | None,
+) -> list[Any]:
+    """Every value a call of ``tool`` compares with a tagged dimension (every filter value, when
+    the rules hide everything), read from the arguments as sent: typed filters' values, a list's
+    items one by one, and the values in filters written as text."""
+    if tool != ToolName.QUERY_METRICS.value or semantic is None:
+        return []
+    where = arguments.get("where")
+    if not isinstance(where, list) or not (rules.everything or rules.column_tags):
+        return []
+
+    def tagged(dimension: Any) -> bool:
+        if rules.everything:
+            return True
+        return isinstance(dimension, str) and _dimension_is_tagged(dimension, rules.column_tags, definitions, semantic)
+
+    values: list[Any] = []
+    for item in where:
+        if isinstance(item, str):
+            values += [value for dimension, value in compared_values(item) if tagged(dimension)]
+        elif isinstance(item, Mapping) and item.get("value") is not None and tagged(item.get("dimension")):
+            value = item["value"]
+            values += value if isinstance(value, list) else [value]
+    return values
+
+
 def hide_filter_values_in_sql(
-    details: Mapping[str, Any], arguments: Mapping[str, Any], audited: Mapping[str, Any]
-) -> dict[str, Any]:
-    """``details`` with each filter value that the audited arguments hid (a tagged dimension's)
-    replaced by its marker in the SQL the call compiled to as well; a value that cannot be cut out
-    exactly withholds the whole SQL text. The arguments alone are not enough: the compiled SQL
-    holds each filter value as a literal.
+    details: Mapping[str, Any], error: str | None, hidden: Sequence[Any], key: AuditKey
+) -> tuple[dict[str, Any], str | None]:
+    """``details`` and ``error`` with each of the ``hidden`` filter values (hidden_filter_values)
+    replaced by its marker in the SQL the call compiled to, and in its error text; where a value
+    cannot be cut out exactly, the whole text is withheld. The arguments alone are not enough: the
+    compiled SQL holds each filter value as a literal, and an engine's error may quote it.
     """
-    hidden: list[tuple[Any, Any]] = []
-    for original, kept in zip(arguments.get("where") or [], audited.get("where") or [], strict=False):
-        if isinstance(original, str) and isinstance(kept, str) and original != kept:
-            literals = zip(filter_literals(original), filter_literals(kept), strict=False)
-            hidden += [(value, marker) for value, marker in literals if value != marker]
-            continue
-        if not isinstance(original, Mapping) or not isinstance(kept, Mapping):
-            continue
-        if original.get("value") == kept.get("value"):
-            continue
-        values, markers = original.get("value"), kept.get("value")
-        pairs = zip(values, markers, strict=False) if isinstance(values, list) and isinstance(markers, list) else []
-        hidden += list(pairs) if isinstance(values, list) else [(values, markers)]
     if not hidden:
-        return dict(details)
-    cleaned = dict(details)
-    for field in _SQL_DETAILS:
-        text = cleaned.get(field)
-        if not isinstance(text, str):
-            continue
-        for value, marker in hidden:
+        return dict(details), error
+
+    def cleaned(text: str) -> str:
+        for value in hidden:
             if isinstance(value, str):
-                text = text.replace("'" + value.replace("'", "''") + "'", "'" + str(marker).replace("'", "''") + "'")
-        # Any form of a hidden value left in the SQL (as written, or with its quotes doubled) withholds it.
-        leaked = any(
-            str(value) in text or (isinstance(value, str) and value.replace("'", "''") in text)
-            for value, _ in hidden
-            if str(value)
-        )
-        cleaned[field] = SQL_WITHHELD if leaked else text
-    return cleaned
+                marker = key.marker(value).replace("'", "''")
+                text = text.replace("'" + value.replace("'", "''") + "'", "'" + marker + "'")
+        # Any form of a hidden value left (as sent, as the SQL writes it, with its quotes doubled) withholds it.
+        for value in hidden:
+            forms = {str(value), value.replace("'", "''")} if isinstance(value, str) else {str(value), repr(value)}
+            if isinstance(value, bool):
+                forms = set()  # TRUE and FALSE say nothing a reviewer may not read
+            if any(form and form in text for form in forms):
+                return SQL_WITHHELD
+        return text
+
+    kept = dict(details)
+    for field in _SQL_DETAILS:
+        if isinstance(kept.get(field), str):
+            kept[field] = cleaned(kept[field])
+    return kept, cleaned(error) if error is not None else None
 
 
 def tagged_columns(definitions: CatalogDefinitions, table: str, tags: frozenset[str]) -> frozenset[str]:

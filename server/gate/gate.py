@@ -53,6 +53,7 @@ from lakegate.server.audit.redaction import (
     KEY_FILE,
     AuditKey,
     audit_arguments,
+    hidden_filter_values,
     hide_filter_values_in_sql,
     loggable,
     redact_arguments,
@@ -408,6 +409,11 @@ class Gate:
             semantic=self.semantic,
             extra_names=self.settings.audit.sensitive_arguments,
         )
+        hidden = hidden_filter_values(
+            tool_name, arguments, self.enforcer.redaction, definitions=self.definitions, semantic=self.semantic
+        )
+        message = None if error is None else _public_message(error)
+        details, message = hide_filter_values_in_sql(scope.details, message, hidden, self.audit_key)
         return call_record(
             request_id=origin.request_id,
             session_id=origin.session_id,
@@ -427,8 +433,8 @@ class Gate:
             payload_bytes=payload_bytes if error is None else 0,
             duration_s=time.perf_counter() - started,
             outcome=outcome,
-            error=None if error is None else _public_message(error),
-            details=hide_filter_values_in_sql(scope.details, arguments, audited),
+            error=message,
+            details=details,
         )
 
 
