@@ -63,6 +63,8 @@ class DimensionRef:
         return self.path[-1] if self.path else self.entity
 
 
+#: dbt MetricFlow's grains finer than a day, which lakegate's metrics do not offer.
+SUB_DAY_GRAINS = ("hour", "minute", "second", "millisecond", "nanosecond", "microsecond")
 #: Joins one dimension may go through (customer__country__region is two).
 MAX_HOPS = 3
 
@@ -70,6 +72,11 @@ MAX_HOPS = 3
 def parse_dimension(name: str, *, grain_required: bool = True) -> DimensionRef:
     """Raises: InvalidArgument: not entity__dimension[__grain] or metric_time__grain."""
     parts = name.lower().split("__")
+    if len(parts) > 1 and parts[-1] in SUB_DAY_GRAINS:
+        raise query_error(
+            f"'{name}': metrics have no grain finer than a day ({', '.join(GRAINS)}).",
+            f"Ask by {'__'.join([*parts[:-1], 'day'])}, or query the table with the query tool.",
+        )
     grain = parts[-1] if len(parts) > 1 and parts[-1] in GRAINS else None
     head = parts[:-1] if grain else parts
     if head == [METRIC_TIME]:

@@ -301,3 +301,6 @@ def test_a_grain_on_a_dimension_that_is_not_time_and_an_infinite_value_are_refus
     assert "takes no grain" in str(refused(rt, "query_metrics", metrics=["orders"], where=where))
     error = refused(rt, "query_metrics", metrics=["orders"], where=["{{ Entity('customer') }} > 1e999"])
     assert "finite" in str(error)
+    for finer in ("metric_time__hour", "order__order_ts__minute"):  # MetricFlow's sub-day grains
+        error = refused(rt, "query_metrics", metrics=["orders"], group_by=[finer])
+        assert "no grain finer than a day" in str(error) and "__day" in (error.hint or "")
