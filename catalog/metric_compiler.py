@@ -41,12 +41,14 @@ from lakegate.catalog.metric_definitions import (
     split_references,
 )
 from lakegate.catalog.metric_query import (
+    SUB_DAY_GRAINS,
     CompiledQuery,
     DimensionFilter,
     DimensionRef,
     FilterTree,
     MetricQuery,
     parse_dimension,
+    sub_day_error,
 )
 from lakegate.catalog.metric_query import query_error as _invalid
 from lakegate.catalog.metric_sql import (
@@ -54,6 +56,7 @@ from lakegate.catalog.metric_sql import (
     DIALECT,
     GRAIN_STEP,
     ZERO_FILLED,
+    check_span,
     condition,
     derived_expression,
     period_condition,
@@ -242,6 +245,8 @@ class _Compiler:
         alias, here = "m", model
         for hop, entity in enumerate(ref.path or (ref.entity,)):
             target = self.catalog.model_with_primary(entity)
+            if target is None and ref.dimension in SUB_DAY_GRAINS and here.dimension(entity) is not None:
+                raise sub_day_error(ref.name)  # order__order_ts__hour
             if target is None:
                 raise _invalid(f"'{ref.name}': there is no entity named {entity}.")
             if target.name == here.name:
@@ -440,7 +445,7 @@ class _Compiler:
             )
         else:
             for span in shift.spans:
-                self._check_span(span, grain)
+                check_span(span, grain)
             moved = f"CAST({period} + {shift.interval} AS DATE) AS {period}"
             # A day reads the day the span before it (MetricFlow): April 30 reads March 30, and
             # March 31, which no day reads a month later, is read by none (not twice April 30).
@@ -452,24 +457,6 @@ class _Compiler:
         if keys not in self.keys:
             self.keys.append(keys)
         return _Ref(name, "value", ref.zero_filled)
-
-    def _check_span(self, span: str, grain: str) -> None:
-        """Refuse a span that does not move the query's periods by whole periods (7 days by month):
-        shifting the month's total by 7 days is not the total of its days 7 days earlier."""
-        count, unit = span.removeprefix("INTERVAL ").split()
-        whole = {
-            "day": True,
-            "week": unit == "DAY" and int(count) % 7 == 0,
-            "month": unit in ("MONTH", "YEAR"),
-            "quarter": (unit == "MONTH" and int(count) % 3 == 0) or unit == "YEAR",
-            "year": unit == "YEAR",
-        }
-        if not whole[grain]:
-            raise _invalid(
-                f"An input {count} {unit.lower()}s earlier cannot be read by {grain}: it does not move a {grain} "
-                "by whole periods.",
-                "Group by a finer grain (metric_time__day).",
-            )
 
     def _cumulative(self, metric: Metric, filters: list[str], offset: _Shift) -> _Ref:
         assert self.time is not None and self.time.grain is not None
@@ -742,7 +729,7 @@ class _Compiler:
 
     def compile(self) -> CompiledQuery:
         if not self.query.metrics:
-            raise _invalid("Ask for at least one metric.", "Call list_metrics to see them.")
+            raise _invalid("Ask for at least one metric, or a saved_query.", "Call list_metrics to see them.")
         if len(set(self.query.metrics)) != len(self.query.metrics):
             raise _invalid("A metric is asked for twice.", "Name each metric once.")
         requested = [(name, self.value(MetricInput(name=name))) for name in self.query.metrics]
@@ -751,11 +738,15 @@ class _Compiler:
         selected += [f"{self._filled(f'r{i}', ref)} AS {quote(name)}" for i, (name, ref) in enumerate(requested)]
         sql = f"SELECT {', '.join(selected)} FROM lakegate_frame AS f"
         sql += "".join(self._left_join(ref, f"r{i}") for i, (_, ref) in enumerate(requested))
-        period_filters = [
-            period_condition(f"f.{quote(self.time.name)}", self.time.grain, ref.grain, spec)
-            for ref, spec in self.filters
-            if ref.is_metric_time and self.time is not None and self.time.grain is not None
-        ]
+        period_filters = []
+        if self.time is not None:
+            assert self.time.grain is not None  # a metric_time in group_by has one (parse_dimension)
+            period = f"f.{quote(self.time.name)}"
+            period_filters = [
+                period_condition(period, self.time.grain, ref.grain, spec)
+                for ref, spec in self.filters
+                if ref.is_metric_time
+            ]
         if period_filters:
             sql += " WHERE " + " AND ".join(period_filters)
         sql += self._order_by(columns, [name for name, _ in requested])

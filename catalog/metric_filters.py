@@ -69,7 +69,12 @@ def parse_filter(text: str) -> tuple[Condition, ...]:
     """
     tree, names = _parsed(text)
     reader = _Reader(names)
-    return tuple(reader.condition(term) for term in _terms(tree, exp.And))
+    conditions: list[Condition] = []
+    for term in _terms(tree, exp.And):
+        read = reader.condition(term)
+        # A BETWEEN alone is two filters joined by AND, as a metric_time filter must be.
+        conditions += read.items if isinstance(read, FilterTree) and read.op == "and" else [read]
+    return tuple(conditions)
 
 
 def saved_metric_query(saved: SavedQuery, *, where: tuple[DimensionFilter | FilterTree, ...] = ()) -> MetricQuery:
@@ -122,7 +127,7 @@ class _Reader:
             return DimensionFilter(self._dimension(node.this), "in", [self._value(v) for v in node.expressions])
         if isinstance(node, exp.Is) and isinstance(node.expression, exp.Null):
             return DimensionFilter(self._dimension(node.this), "is null")
-        if isinstance(node, exp.Between):
+        if isinstance(node, exp.Between) and not node.args.get("symmetric"):
             name = self._dimension(node.this)
             low, high = self._value(node.args["low"]), self._value(node.args["high"])
             return FilterTree("and", (DimensionFilter(name, ">=", low), DimensionFilter(name, "<=", high)))
@@ -146,7 +151,12 @@ class _Reader:
         return name
 
     def _value(self, node: exp.Expr) -> Any:
-        if isinstance(node, exp.Cast) and isinstance(node.this, exp.Literal) and node.this.is_string:
+        if (
+            isinstance(node, exp.Cast)
+            and isinstance(node.this, exp.Literal)
+            and node.this.is_string
+            and node.to.is_type(*exp.DataType.TEMPORAL_TYPES)
+        ):
             return node.this.this  # DATE '2022-03-01', CAST('...' AS TIMESTAMP): the text of the date
         if isinstance(node, exp.Neg) and isinstance(node.this, exp.Literal) and not node.this.is_string:
             return -_number(node.this.this)

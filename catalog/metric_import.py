@@ -14,7 +14,7 @@ derived, cumulative and conversion; saved queries; filters on dimensions through
 syntax (`{{ Dimension('country__region', entity_path=['customer']) }} = 'NA'`), which lakegate
 resolves.
 Offsets (`offset_window`, `offset_to_grain`) map as they are. Everything else is reported, not
-guessed: conversion metrics with constant properties, a saved query's order_by, `join_to_timespine` without
+guessed: conversion metrics with constant properties, a saved query's exports, `join_to_timespine` without
 the time spine's days (`--time-spine`), per-measure time dimensions,
 and sub-day grains.
 """
@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lakegate.catalog.metric_definitions import split_references
+from lakegate.catalog.metric_filters import parse_filter
+from lakegate.errors import LakegateError
 
 __all__ = ["ImportNote", "Translation", "find_definition", "merge_definitions", "translate_manifest"]
 
@@ -228,22 +230,19 @@ class _Translator:
         missing = sorted(set(params.get("metrics") or []) - metrics)
         if missing:
             raise _Dropped(f"metrics not imported: {', '.join(missing)}")
-        group_by = []
-        for item in params.get("group_by") or []:
-            try:
-                _, names = split_references("{{ " + item + " }}")
-            except ValueError as exc:
-                raise _Dropped(f"a group_by lakegate does not understand: {exc}") from exc
-            if len(names) != 1:
-                raise _Dropped(f"a group_by lakegate does not understand: {item!r}")
-            group_by.append(names[0])
+        group_by = [_item_name(item, "group_by") for item in params.get("group_by") or []]
         entry: dict[str, Any] = {"name": saved["name"], "description": saved.get("description") or "",
                                  "metrics": list(params["metrics"]), "group_by": group_by}  # fmt: skip
-        where = [self.filter_sql(template, None, own=True) for template in _where_templates(params.get("where"))]
+        where = [" ".join(template.split()) for template in _where_templates(params.get("where"))]
+        for template in where:  # read as query_metrics reads a filter's text: a saved query must compile
+            try:
+                parse_filter(template)
+            except LakegateError as exc:
+                raise _Dropped(f"a filter lakegate does not read: {exc}") from exc
         if where:
             entry["where"] = where
         if params.get("order_by"):
-            raise _Dropped("order_by (not translated yet)")
+            entry["order_by"] = [_order_name(item) for item in params["order_by"]]
         if params.get("limit"):
             entry["limit"] = int(params["limit"])
         if saved.get("exports"):
@@ -357,17 +356,38 @@ class _Translator:
             entry["filter"] = " AND ".join(f"({f})" for f in filters) if len(filters) > 1 else filters[0]
         return entry
 
-    def filter_sql(self, template: str, measure: str | None, *, own: bool = False) -> str:
+    def filter_sql(self, template: str, measure: str | None) -> str:
         """A MetricFlow filter as lakegate's: the same text, which lakegate resolves through its join
-        graph (entity paths of up to three hops), or _Dropped for what it does not understand yet.
-        `own`: a saved query's filter, which names no model of its own."""
-        if not own and measure not in self.measure_model:
+        graph (entity paths of up to three hops), or _Dropped for what it does not understand yet."""
+        if measure not in self.measure_model:
             raise _Dropped("a filter on a metric whose model is not known")
         try:
             split_references(template)
         except ValueError as exc:
             raise _Dropped(f"a filter lakegate does not understand: {exc}") from exc
         return " ".join(template.split())
+
+
+def _item_name(item: str, what: str) -> str:
+    """A saved query's group_by or order_by item as lakegate names it: TimeDimension('metric_time',
+    'day') is metric_time__day, Dimension('customer__country') customer__country."""
+    try:
+        _, names = split_references("{{ " + item + " }}")
+    except ValueError as exc:
+        raise _Dropped(f"a {what} lakegate does not understand: {exc}") from exc
+    if len(names) != 1:
+        raise _Dropped(f"a {what} lakegate does not understand: {item!r}")
+    return names[0]
+
+
+def _order_name(item: str) -> str:
+    """An order_by item: Metric('revenue') or a group_by item, `.descending(True)` as a leading '-'."""
+    text, descending = item.strip(), False
+    if (found := re.fullmatch(r"(.+)\.descending\((True|False)\)", text)) is not None:
+        text, descending = found[1], found[2] == "True"
+    metric = re.fullmatch(r"Metric\(\s*'([A-Za-z0-9_]+)'\s*\)", text)
+    name = metric[1] if metric else _item_name(text, "order_by")
+    return f"-{name}" if descending else name
 
 
 def _where_templates(filter_spec: Mapping[str, Any] | None) -> list[str]:

@@ -14,6 +14,7 @@ from lakegate.errors import InvalidArgument, LakegateError
 __all__ = [
     "DIMENSIONS_HINT",
     "METRIC_TIME",
+    "SUB_DAY_GRAINS",
     "CompiledQuery",
     "DimensionFilter",
     "DimensionRef",
@@ -26,6 +27,7 @@ __all__ = [
     "offsets_in_time",
     "parse_dimension",
     "query_error",
+    "sub_day_error",
 ]
 
 METRIC_TIME = "metric_time"
@@ -37,6 +39,15 @@ DIMENSIONS_HINT = "Call describe_metric to see the dimensions and grains a metri
 def query_error(message: str, hint: str = DIMENSIONS_HINT) -> InvalidArgument:
     """A query the metrics cannot answer, with what to ask instead."""
     return InvalidArgument(message, hint=hint)
+
+
+def sub_day_error(name: str) -> InvalidArgument:
+    """`name` ends in one of dbt MetricFlow's grains finer than a day, which metrics do not offer."""
+    head = name.lower().rsplit("__", 1)[0]
+    return query_error(
+        f"'{name}': metrics have no grain finer than a day ({', '.join(GRAINS)}).",
+        f"Ask by {head}__day, or query the table with the query tool.",
+    )
 
 
 @dataclass(frozen=True)
@@ -72,11 +83,8 @@ MAX_HOPS = 3
 def parse_dimension(name: str, *, grain_required: bool = True) -> DimensionRef:
     """Raises: InvalidArgument: not entity__dimension[__grain] or metric_time__grain."""
     parts = name.lower().split("__")
-    if len(parts) > 1 and parts[-1] in SUB_DAY_GRAINS:
-        raise query_error(
-            f"'{name}': metrics have no grain finer than a day ({', '.join(GRAINS)}).",
-            f"Ask by {'__'.join([*parts[:-1], 'day'])}, or query the table with the query tool.",
-        )
+    if parts[:-1] == [METRIC_TIME] and parts[-1] in SUB_DAY_GRAINS:
+        raise sub_day_error(name)
     grain = parts[-1] if len(parts) > 1 and parts[-1] in GRAINS else None
     head = parts[:-1] if grain else parts
     if head == [METRIC_TIME]:

@@ -17,6 +17,7 @@ __all__ = [
     "DIALECT",
     "GRAIN_STEP",
     "ZERO_FILLED",
+    "check_span",
     "condition",
     "derived_expression",
     "literal",
@@ -143,3 +144,27 @@ def period_condition(period: str, grain: str, filter_grain: str | None, spec: Di
         "<": f"{start} < {low(spec.value)}",
         "<=": f"{start} {before} {high(spec.value)}",
     }[spec.op]
+
+
+def check_span(span: str, grain: str) -> None:
+    """Refuse a span (a DuckDB interval) that does not move the query's periods of `grain` by whole
+    periods (7 days by month): shifting the month's total by 7 days is not the total of its days 7
+    days earlier.
+
+    Raises:
+        InvalidArgument: the span does not move a period of `grain` by whole periods.
+    """
+    count, unit = span.removeprefix("INTERVAL ").split()
+    whole = {
+        "day": True,
+        "week": unit == "DAY" and int(count) % 7 == 0,
+        "month": unit in ("MONTH", "YEAR"),
+        "quarter": (unit == "MONTH" and int(count) % 3 == 0) or unit == "YEAR",
+        "year": unit == "YEAR",
+    }
+    if not whole[grain]:
+        raise query_error(
+            f"An input {count} {unit.lower()}s earlier cannot be read by {grain}: it does not move a {grain} "
+            "by whole periods.",
+            "Group by a finer grain (metric_time__day).",
+        )

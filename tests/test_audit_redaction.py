@@ -364,3 +364,27 @@ def test_a_hidden_filter_value_is_cut_out_of_the_compiled_sql_too(tmp_path: Path
         hidden_filter_values("query_metrics", plain, RedactionRules(), definitions=definitions, semantic=semantic) == []
     )
     assert hide_filter_values_in_sql(details, "an error", [], key) == (details, "an error")
+
+
+def test_filter_values_of_a_sensitive_argument_name_are_cut_out_of_the_sql_too(tmp_path: Path) -> None:
+    from lakegate.server.audit.redaction import hidden_filter_values
+
+    semantic = parse_semantic_catalog(SEMANTIC, source="test")
+    arguments = {
+        "metrics": ["customers"],
+        "where": [
+            {"dimension": "customer__region", "op": "=", "value": "EMEA"},
+            "{{ Dimension('customer__region') }} = 'NA'",
+        ],
+    }
+    definitions = load_definitions(REPO)
+    for rules, extra in ((RedactionRules(arguments=frozenset({"value"})), ()), (RedactionRules(), ("where",))):
+        hidden = hidden_filter_values(
+            "query_metrics", arguments, rules, definitions=definitions, semantic=semantic, extra_names=extra
+        )
+        assert hidden == ["EMEA", "NA"]  # the record hides them: so must the SQL beside it
+    everything = RedactionRules(everything=True)
+    assert hidden_filter_values("query_metrics", arguments, everything, definitions=definitions, semantic=semantic) == [
+        "EMEA",
+        "NA",
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,14 +78,24 @@ def test_a_filter_reads_as_typed_filters_joined_by_and_or_and_not() -> None:
         DimensionFilter("order__total", ">", 10),  # the literal on the left: the comparison flips
         DimensionFilter("customer__customer_country", "is not null"),
         DimensionFilter("customer__customer_country", "not in", ["US"]),
+        DimensionFilter("metric_time__day", ">=", "2022-03-01"),  # BETWEEN alone: two filters joined by AND
+        DimensionFilter("metric_time__day", "<=", "2022-03-31"),
+        DimensionFilter("customer", "!=", -3),
+    )
+    between = parse_filter(f"NOT {country} BETWEEN 'A' AND 'M'")  # inside NOT: still one condition
+    assert between == (
         FilterTree(
-            "and",
+            "not",
             (
-                DimensionFilter("metric_time__day", ">=", "2022-03-01"),
-                DimensionFilter("metric_time__day", "<=", "2022-03-31"),
+                FilterTree(
+                    "and",
+                    (
+                        DimensionFilter("customer__customer_country", ">=", "A"),
+                        DimensionFilter("customer__customer_country", "<=", "M"),
+                    ),
+                ),
             ),
         ),
-        DimensionFilter("customer", "!=", -3),
     )
 
 
@@ -101,6 +112,8 @@ def test_a_filter_reads_as_typed_filters_joined_by_and_or_and_not() -> None:
         f"{{{{ Dimension('customer__email') }}}} IN (SELECT '{SECRET}')",
         "{{ Dimension('customer__email') }} = {{ Dimension('customer__name') }}",
         f"'{SECRET}'",
+        f"{{{{ Dimension('customer__email') }}}} BETWEEN SYMMETRIC '{SECRET}' AND 'a'",
+        f"{{{{ Dimension('customer__email') }}}} = CAST('{SECRET}' AS VARCHAR)",
     ],
 )
 def test_a_filter_that_is_more_than_comparisons_with_values_is_refused_without_its_values(text: str) -> None:
@@ -133,8 +146,10 @@ def test_values_of_a_hidden_dimension_are_replaced_in_the_filter_text() -> None:
     assert hide_filter_values(spelled, lambda name: True, marker) == (
         "{{ Dimension('customer__email') }} = '[hidden 14]'"
     )
-    assert "lakegate_ref_0" in str(hide_filter_values(spelled + " OR {{ Dimension('x__y') }} = 'lakegate_ref_0'",
-                                                       lambda name: name == "x__z", marker))  # fmt: skip
+    both = spelled + " OR {{ Dimension('x__y') }} = 'lakegate_ref_0'"
+    assert hide_filter_values(both, lambda name: name == "x__y", marker) == (
+        "{{ Dimension('customer__email') }} = 'lakegate_ref_0' OR {{ Dimension('x__y') }} = '[hidden 14]'"
+    )
 
 
 def test_filter_text_that_would_take_long_to_read_is_refused_at_once() -> None:
@@ -178,6 +193,17 @@ def test_an_or_filter_cannot_widen_a_row_filter(rt: Runtime) -> None:
     assert [row[0] for row in rows] == ["EMEA"]
     everyone = metric_rows(rt, "admin", metrics=["orders"], group_by=["order__region"], where=[either])
     assert len(everyone) > 1 and [r for r in everyone if r[0] == "EMEA"] == rows
+
+
+def test_a_metric_time_between_is_two_period_filters(rt: Runtime) -> None:
+    between = "{{ TimeDimension('metric_time', 'day') }} BETWEEN '2025-01-01' AND '2025-03-31'"
+    rows = metric_rows(rt, metrics=["revenue"], group_by=["metric_time__month"], where=[between])
+    typed = [
+        {"dimension": "metric_time__day", "op": ">=", "value": "2025-01-01"},
+        {"dimension": "metric_time__day", "op": "<=", "value": "2025-03-31"},
+    ]
+    assert [row[0] for row in rows] == ["2025-01-01", "2025-02-01", "2025-03-01"]
+    assert rows == metric_rows(rt, metrics=["revenue"], group_by=["metric_time__month"], where=typed)
 
 
 def test_a_metric_time_filter_inside_or_is_refused_with_what_to_do(rt: Runtime) -> None:
@@ -290,7 +316,7 @@ def test_a_text_filter_call_is_audited_with_its_filter(rt: Runtime) -> None:
     assert outcome.error is None
     record = list(read_records(rt.settings.audit.path))[-1]
     assert record["tool"] == "query_metrics" and record["arguments"]["where"] == [where]
-    assert "OR" in record["details"]["compiled_sql"]
+    assert " OR " in record["details"]["compiled_sql"]
 
 
 def test_a_grain_on_a_dimension_that_is_not_time_and_an_infinite_value_are_refused(rt: Runtime) -> None:
@@ -304,3 +330,52 @@ def test_a_grain_on_a_dimension_that_is_not_time_and_an_infinite_value_are_refus
     for finer in ("metric_time__hour", "order__order_ts__minute"):  # MetricFlow's sub-day grains
         error = refused(rt, "query_metrics", metrics=["orders"], group_by=[finer])
         assert "no grain finer than a day" in str(error) and "__day" in (error.hint or "")
+    # A dimension that is not time, named like a grain, is simply unknown.
+    assert "no grain finer" not in str(refused(rt, "query_metrics", metrics=["orders"], group_by=["order__hour"]))
+
+
+def test_saved_queries_are_imported_with_their_order_limit_and_filters() -> None:
+    import json
+
+    from lakegate.catalog.metric_compiler import compile_query
+    from lakegate.catalog.metric_definitions import SavedQuery
+    from lakegate.catalog.metric_filters import saved_metric_query
+    from lakegate.catalog.metric_import import translate_manifest
+    from tests.test_metricflow_reference import FIXTURES, TABLES
+
+    manifest = json.loads((FIXTURES / "inputs" / "semantic_manifest.json").read_text())
+
+    def where(template: str) -> dict[str, Any]:
+        return {"where_filters": [{"where_sql_template": template}]}
+
+    params = {
+        "metrics": ["transactions"],
+        "group_by": ["Dimension('customer__customer_country')"],
+        "limit": 2,
+        "order_by": ["Metric('transactions').descending(True)", "Dimension('customer__customer_country')"],
+        "where": where("{{ Dimension('customer__customer_country') }} != 'US'"),
+    }
+    odd = {**params, "where": where("{{ Dimension('transaction__is_large') }} LIKE 't%'")}
+    manifest["saved_queries"] = [
+        {"name": "top_countries", "description": "Two", "query_params": params, "exports": [{"name": "x"}]},
+        {"name": "liked", "description": "", "query_params": odd, "exports": []},
+    ]
+    translation = translate_manifest(manifest, TABLES, owner="me")
+    [saved] = translation.saved_queries
+    assert saved == {
+        "name": "top_countries",
+        "description": "Two",
+        "metrics": ["transactions"],
+        "group_by": ["customer__customer_country"],
+        "where": ["{{ Dimension('customer__customer_country') }} != 'US'"],
+        "order_by": ["-transactions", "customer__customer_country"],
+        "limit": 2,
+    }
+    notes = {note.where: (note.kind, note.what) for note in translation.notes}
+    assert notes["saved query top_countries"][0] == "differs" and "exports" in notes["saved query top_countries"][1]
+    assert notes["saved query liked"][0] == "dropped"  # LIKE: a filter lakegate does not read, so not served
+    semantic = parse_semantic_catalog(
+        json.dumps({"semantic_models": translation.semantic_models, "metrics": translation.metrics}), source="t"
+    )
+    sql = compile_query(semantic, saved_metric_query(SavedQuery.model_validate(saved))).sql
+    assert sql.endswith("LIMIT 2") and 'ORDER BY "transactions" DESC' in sql and "<> 'US'" in sql.replace("!=", "<>")

@@ -84,9 +84,7 @@ def list_metrics(scope: ToolScope, args: ListMetricsArgs) -> MetricList:
 def _saved_queries(scope: ToolScope, wanted: set[str]) -> list[str]:
     """The saved queries whose every metric the caller may read, matching the search words."""
     found = []
-    for saved in scope.semantic.saved_queries:
-        if not all(scope.may_read_metric(metric) for metric in saved.metrics):
-            continue
+    for saved in scope.saved_queries():
         if wanted and not wanted & (_words(saved.name) | _words(saved.description)):
             continue
         by = f" by {', '.join(saved.group_by)}" if saved.group_by else ""

@@ -182,7 +182,7 @@ def audit_arguments(
 
 
 #: What a call's SQL in its audit record becomes when a hidden filter value could not be cut out of it.
-SQL_WITHHELD = "[withheld: it held a filter value on a tagged dimension]"  # also an error text
+SQL_WITHHELD = "[withheld: it held a filter value the audit record hides]"  # also an error text
 #: The fields of a call's details that hold the SQL a metric query compiled to.
 _SQL_DETAILS = ("compiled_sql", "rewritten_sql")
 
@@ -194,18 +194,22 @@ def hidden_filter_values(
     *,
     definitions: CatalogDefinitions,
     semantic: SemanticCatalog | None,
+    extra_names: Iterable[str] = (),
 ) -> list[Any]:
-    """Every value a call of ``tool`` compares with a tagged dimension (every filter value, when
-    the rules hide everything), read from the arguments as sent: typed filters' values, a list's
-    items one by one, and the values in filters written as text."""
+    """Every filter value of a call of ``tool`` that its audited arguments hide, read from the
+    arguments as sent: the values compared with a tagged dimension, or every value where the rules
+    hide everything or name `where` or `value` among the sensitive arguments; typed filters' values,
+    a list's items one by one, and the values in filters written as text."""
     if tool != ToolName.QUERY_METRICS.value or semantic is None:
         return []
     where = arguments.get("where")
-    if not isinstance(where, list) or not (rules.everything or rules.column_tags):
+    if not isinstance(where, list):
         return []
+    names = {name.lower() for name in (*rules.arguments, *extra_names)}
+    every = rules.everything or bool(names & {"where", "value"})
 
     def tagged(dimension: Any) -> bool:
-        if rules.everything:
+        if every:
             return True
         return isinstance(dimension, str) and _dimension_is_tagged(dimension, rules.column_tags, definitions, semantic)
 

@@ -410,7 +410,12 @@ class Gate:
             extra_names=self.settings.audit.sensitive_arguments,
         )
         hidden = hidden_filter_values(
-            tool_name, arguments, self.enforcer.redaction, definitions=self.definitions, semantic=self.semantic
+            tool_name,
+            arguments,
+            self.enforcer.redaction,
+            definitions=self.definitions,
+            semantic=self.semantic,
+            extra_names=self.settings.audit.sensitive_arguments,
         )
         message = None if error is None else _public_message(error)
         details, message = hide_filter_values_in_sql(scope.details, message, hidden, self.audit_key)

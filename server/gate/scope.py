@@ -308,15 +308,28 @@ class CallScope(WriteScope):
             self.touched.append(Touched("metric", name, "denied"))
             raise NotFound(f"There is no metric named '{name}' available to you.", hint="Call list_metrics.")
 
+    def _may_read_fully(self, name: str) -> bool:
+        """Whether the caller may read a metric and every metric it is built on."""
+        try:
+            inputs = self._inputs_of(name, None)
+        except NotFound:
+            return False
+        return self.may_read_metric(name) and all(self.may_read_metric(used) for used in inputs)
+
+    def saved_queries(self) -> list[SavedQuery]:
+        """The saved queries the caller may ask: every metric of each, inputs included, readable."""
+        return [q for q in self.semantic.saved_queries if all(self._may_read_fully(m) for m in q.metrics)]
+
     def saved_query(self, name: str) -> SavedQuery:
-        """A saved query every metric of which the caller may read; any other looks missing.
+        """A saved query the caller may ask (saved_queries); any other looks missing.
 
         Raises:
             NotFound: no such saved query, or one with a metric this principal may not read.
         """
-        saved = next((q for q in self.semantic.saved_queries if q.name == name), None)
-        if saved is None or not all(self.may_read_metric(metric) for metric in saved.metrics):
-            self.touched.append(Touched("saved_query", name, "denied"))
+        saved = next((q for q in self.saved_queries() if q.name == name), None)
+        if saved is None:
+            if any(q.name == name for q in self.semantic.saved_queries):  # the record says what policy did
+                self.touched.append(Touched("saved_query", name, "denied"))
             raise NotFound(
                 f"There is no saved query named '{name}' available to you.", hint="Call list_metrics to see them."
             )
