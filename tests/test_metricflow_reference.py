@@ -303,3 +303,19 @@ def test_without_the_time_spines_days_a_metric_that_joins_to_it_is_not_imported(
 
 def _line(path: Path, name: str) -> int:
     return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip() == f"- name: {name}")
+
+
+def test_the_recorded_answers_are_of_the_definitions_and_queries_in_evals() -> None:
+    """The fixtures are what evals/metricflow_reference.py made of evals/metricflow: an edited
+    translation or query list needs the script run again (and MetricFlow's answers recorded)."""
+    evals = REPO / "evals" / "metricflow"
+    for project, queries, files in (
+        ("tutorial", evals / "queries.yaml", [evals / "extra_metrics.yml"]),
+        ("demo", evals / "demo" / "queries.yaml", sorted((evals / "demo").glob("*.yml"))),
+    ):
+        for file in files:
+            recorded = REFERENCES / project / "inputs" / "models" / file.name
+            assert recorded.read_text() == file.read_text(), f"rerun the reference script: {file} changed"
+        asked = yaml.safe_load(queries.read_text())["queries"]
+        answered = [answer["query"] for answer in _reference(project).values()]
+        assert asked == answered, f"rerun the reference script: {queries} changed"
