@@ -482,7 +482,23 @@ class _Compiler:
         if offset.to_grain:
             raise _invalid(f"Metric {metric.name}: a running total cannot be read at the start of a period.")
         start = f"(f.{period} - ({offset.interval}))"  # the (shifted) period
-        if metric.period_agg == "last" or grain == "day":
+        if (
+            (metric.period_agg == "last" or grain == "day")
+            and not (metric.window_interval or metric.grain_to_date or offset)
+            and measure.agg in ("sum", "count")
+        ):
+            # An all-time total of a measure that adds up: each period's own total, summed in period
+            # order (one pass; joining each period to every earlier row grows with their product).
+            keys = [f"CAST(date_trunc('{grain}', lakegate_ts) AS DATE) AS {period}", *(quote(d.name) for d in others)]
+            own = f"SELECT {', '.join(keys)}, {measure.agg}(lakegate_value) AS v FROM {source} GROUP BY ALL"
+            partition = f"PARTITION BY {', '.join(c for c in columns if c != f'f.{period}')} " if others else ""
+            running = f"coalesce(sum(p.v) OVER ({partition}ORDER BY f.{period} ROWS UNBOUNDED PRECEDING), 0)"
+            value = f"CAST({running} AS BIGINT)" if measure.agg == "count" else running
+            body = (
+                f"SELECT {', '.join([*columns, f'{value} AS value'])} FROM lakegate_frame AS f LEFT JOIN ({own}) AS p "
+            )
+            body += f"ON {self._join_on('f', 'p')}"
+        elif metric.period_agg == "last" or grain == "day":
             # The value on the period's last day that the total has (MetricFlow's period_agg last):
             # the period's end, or sooner where a windowed or to-date total stops; after that, none.
             # An all-time total goes on to the end of the answer (MetricFlow: of its time spine).
