@@ -188,7 +188,7 @@ def compared_values(text: str) -> list[tuple[str, Any]]:
         conditions = parse_filter(text)
     except LakegateError:
         return []
-    leaves = [leaf for c in conditions for leaf in (c.leaves() if isinstance(c, FilterTree) else [c])]
+    leaves = FilterTree("and", conditions).leaves()
     return [
         (leaf.dimension, value)
         for leaf in leaves
