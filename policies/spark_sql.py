@@ -11,6 +11,12 @@ server's paths, `raise_error` carries a message of the query's choosing. So the 
 again, in Spark's dialect, and every function in it must be on `SPARK_FUNCTIONS`, a reviewed
 allow-list (new Spark functions are refused until someone adds them; tests/test_spark_sql.py holds
 the list to a snapshot), or be one of the call's own mask functions.
+
+That is sqlglot's reading. The second wall is Spark's own: before a query runs, its analysed plan
+(what Spark's analyser resolved the SQL to, every function by its name) is read by `check_spark_plan`,
+and every call in it must be on the same allow-list, or be one of the few expressions the analyser
+prints as calls (window frames, lambdas, outer references: `PLAN_EXPRESSIONS`). So SQL that sqlglot
+and Spark read differently still cannot call a function nobody reviewed.
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import ErrorLevel, SqlglotError
 
-from lakegate.errors import InvalidQuery
+from lakegate.errors import GovernanceViolation, InvalidQuery
 
-__all__ = ["SPARK_FUNCTIONS", "check_spark_functions", "to_spark"]
+__all__ = ["PLAN_EXPRESSIONS", "SPARK_FUNCTIONS", "check_spark_functions", "check_spark_plan", "to_spark"]
 
 #: Functions of Spark 4 that compute a value from their arguments and nothing else: no files, no
 #: Java, no session or cluster state, no error text of the query's choosing.
@@ -74,7 +80,7 @@ SPARK_FUNCTIONS = frozenset(
         "timestamp_seconds", "to_date", "to_timestamp", "to_timestamp_ntz", "to_unix_timestamp",
         "to_utc_timestamp", "trunc", "try_to_date", "try_to_timestamp", "unix_date", "unix_micros",
         "unix_millis", "unix_seconds", "unix_timestamp", "weekday", "weekofyear", "year", "interval",
-        "localtimestamp", "convert_timezone",
+        "localtimestamp", "convert_timezone", "current_timezone",
         # Arrays, maps and structs built from the query's own values
         "array", "array_append", "array_compact", "array_contains", "array_distinct", "array_except",
         "array_insert", "array_intersect", "array_join", "array_max", "array_min", "array_position",
@@ -91,8 +97,30 @@ SPARK_FUNCTIONS = frozenset(
 #: Spark reads these words as functions when written without parentheses, where no column has the name.
 BARE_FUNCTIONS = frozenset(
     {"current_user", "user", "session_user", "current_database", "current_schema", "current_catalog",
-     "current_path", "current_timezone", "current_time", "localtime"}
+     "current_path", "current_time", "localtime"}
 )  # fmt: skip
+#: What Spark's analysed plan prints as `name(...)` that no query can call by that name: parts of a
+#: window, of a lambda, of a correlated subquery, of a PIVOT, LIKE ANY/ALL, an interval's conversion
+#: the analyser adds, and the types of a JSON schema. None is a function of Spark's registry
+#: (tests/test_spark_sql.py checks that against a live cluster's SHOW FUNCTIONS). A PIVOT's
+#: generated column names (`__pivot_sum(amount)`) are read as the aggregate they name.
+PLAN_EXPRESSIONS = frozenset(
+    {"windowspecdefinition", "specifiedwindowframe", "lambdafunction", "namedlambdavariable", "outer",
+     "extractansiintervaldays", "pivotfirst", "likeany", "likeall", "notlikeany", "notlikeall",
+     "structtype", "structfield", "arraytype", "maptype", "decimaltype", "chartype", "varchartype",
+     "daytimeintervaltype", "yearmonthintervaltype"}
+)  # fmt: skip
+_PIVOT_COLUMN = "__pivot_"
+#: Spark's EXPLAIN EXTENDED, in this order; each header exactly once, or the sections are not known.
+PLAN_HEADERS = (
+    "== Parsed Logical Plan ==",
+    "== Analyzed Logical Plan ==",
+    "== Optimized Logical Plan ==",
+    "== Physical Plan ==",
+)
+_PLAN_CALL = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\(")
+#: Spark's marks of a plan cut short (settings: spark.sql.debug.maxToStringFields, maxPlanStringLength).
+_TRUNCATED = re.compile(r"\.\.\. \d+ more (?:fields|characters)")
 #: sqlglot's functions that Spark reads as operators or keywords, not as calls by name.
 _OPERATORS = (exp.Connector, exp.Case, exp.CurrentDate, exp.CurrentTimestamp)
 _CALL = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*\(")
@@ -179,3 +207,63 @@ def _cast_inside_explode(node: exp.Expr) -> exp.Expr:
 
 def _first_line(message: str) -> str:
     return message.strip().splitlines()[0] if message.strip() else "unsupported construct"
+
+
+def plan_sections(explained: str) -> tuple[str, str]:
+    """The analysed and the physical plan of Spark's `EXPLAIN EXTENDED` output.
+
+    Raises:
+        InvalidQuery: a header is not there exactly once, in order (text of the query spells one,
+            so the sections cannot be told apart: refused rather than guessed).
+    """
+    starts = [explained.find(header) for header in PLAN_HEADERS]
+    if any(explained.count(header) != 1 for header in PLAN_HEADERS) or starts != sorted(starts):
+        raise InvalidQuery(
+            "The query holds text that spells a header of Spark's plans (== ... Plan ==), which Spark cannot run here.",
+            hint="Write that text differently.",
+        )
+    analysed = explained[starts[1] + len(PLAN_HEADERS[1]) : starts[2]]
+    return analysed, explained[starts[3] + len(PLAN_HEADERS[3]) :]
+
+
+def check_spark_plan(analysed: str, sql: str, own_functions: Collection[str] = ()) -> None:
+    """Refuse a query whose analysed plan calls a function off the allow-list.
+
+    `analysed` is Spark's analysed plan of `sql` (plan_sections). Every `name(` in it must be an
+    allowed function, an expression of `PLAN_EXPRESSIONS` or one of `own_functions` (the call's
+    masks), and the plan must be whole. Text of the query prints in the plan too (a string
+    'Report(2024)', a column alias), so what the query's own strings or names spell is refused as a
+    client error that says so; anything else is a disagreement between sqlglot and Spark, refused
+    as a governance violation.
+
+    Raises:
+        InvalidQuery: the query's text spells a call that is not allowed, or a mark of a cut plan.
+        GovernanceViolation: Spark's plan calls a function that sqlglot's reading did not show, or
+            the plan is cut short (so it cannot be checked whole).
+    """
+    allowed = SPARK_FUNCTIONS | PLAN_EXPRESSIONS | {name.lower() for name in own_functions}
+    called = {match.group(1).lower().removeprefix(_PIVOT_COLUMN) for match in _PLAN_CALL.finditer(analysed)}
+    refused = [f"{name}(" for name in sorted(called - allowed)]
+    refused += sorted({match.group(0) for match in _TRUNCATED.finditer(analysed)})
+    if not refused:
+        return
+    spelt = _query_text(sql)
+    for found in refused:
+        if found.lower() not in spelt:
+            raise GovernanceViolation(f"Spark's analysed plan holds {found!r}, which the rendering should have refused")
+    raise InvalidQuery(
+        f"Spark reads {refused[0]!r} in this query as a call of a function that is not available on Spark "
+        "(text in a string or a column name that looks like a call counts too).",
+        hint="Write that text differently (a space before the parenthesis, or built with concat('name', "
+        "'(...)')), or use plain SQL functions.",
+    )
+
+
+def _query_text(sql: str) -> str:
+    """The strings and names of `sql`, lower case, as one text (what the plan may print of them)."""
+    try:
+        tree = sqlglot.parse_one(sql, read="spark")
+    except SqlglotError:
+        return ""
+    parts = [str(node.this) for node in tree.walk() if isinstance(node, exp.Literal | exp.Identifier)]
+    return "\n".join(parts).lower()

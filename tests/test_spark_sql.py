@@ -15,8 +15,14 @@ from pathlib import Path
 import pytest
 
 from lakegate.catalog.spark_cluster import ClusterInfo
-from lakegate.errors import InvalidQuery
-from lakegate.policies.spark_sql import SPARK_FUNCTIONS, to_spark
+from lakegate.errors import GovernanceViolation, InvalidQuery
+from lakegate.policies.spark_sql import (
+    PLAN_EXPRESSIONS,
+    SPARK_FUNCTIONS,
+    check_spark_plan,
+    plan_sections,
+    to_spark,
+)
 from tests.conftest import REPO
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "spark_functions.txt"
@@ -65,6 +71,76 @@ def test_a_governed_template_renders_with_its_masks_and_ctes() -> None:
     assert f"`{SOURCE}`" in sql and "LAKEGATE_MASK_HASH_0A(`email`)" in sql and "region = 'EU'" in sql
 
 
+def _explained(analysed: str) -> str:
+    """Spark's EXPLAIN EXTENDED layout around an analysed plan."""
+    return (
+        "== Parsed Logical Plan ==\n'Project [*]\n\n== Analyzed Logical Plan ==\n"
+        f"{analysed}\n\n== Optimized Logical Plan ==\nProject\n\n== Physical Plan ==\n*(1) Project\n"
+    )
+
+
+#: Analysed plans as Spark 4 prints them (trimmed), each of a query the rendering lets through.
+ALLOWED_PLANS = [
+    "Project [upper(name#1) AS n#10, lakegate_mask_hash_0a(x#16) AS h#11]\n"
+    "+- Project [name#1, cast(cast(name#1 as string) as string) AS x#16]",
+    "Window [sum(amount#2) windowspecdefinition(name#1, d#3 ASC NULLS FIRST, specifiedwindowframe(RowFrame, "
+    "unboundedpreceding$(), currentrow$())) AS s#21], [name#1]",
+    "Project [transform(tags#4, lambdafunction(upper(lambda x#28), lambda x#28, false)) AS t#22]",
+    "Filter (name#58 = outer(name#1))",
+    "Project [__pivot_count(1) AS `count(1)`#38854[0] AS EMEA#38855L]\n+- Aggregate [pivotfirst(region#1, "
+    "count(1)#38848L, EMEA, NA, 0, 0) AS __pivot_count(1) AS `count(1)`#38854]",
+    "Project [date_add(d#3, extractansiintervaldays(INTERVAL '1' DAY)) AS x#82, "
+    "date_trunc(month, cast(d#3 as timestamp), Some(UTC)) AS m#88]",
+]
+
+
+@pytest.mark.parametrize("analysed", ALLOWED_PLANS)
+def test_an_analysed_plan_of_allowed_calls_passes(analysed: str) -> None:
+    found, physical = plan_sections(_explained(analysed))
+
+    check_spark_plan(found, "SELECT 1", own_functions=["lakegate_mask_hash_0a"])
+    assert found.strip() == analysed and physical.strip() == "*(1) Project"
+
+
+@pytest.mark.parametrize(
+    "analysed",
+    [
+        "Project [reflect(java.lang.System, getenv, HOME, true) AS home#77]",
+        "Project [typeof(name#1) AS t#5]",  # off the allow-list though on no deny-list
+        "Project [spark_catalog.other.udf(name#1) AS u#5]",  # a catalog function by its qualified name
+        "Project [__pivot_reflect(x) AS y#1]",
+        "Project [name#1, ... 40 more fields]",  # cut short: its calls cannot all be read
+    ],
+)
+def test_an_analysed_plan_with_a_call_off_the_allow_list_is_a_governance_violation(analysed: str) -> None:
+    found, _ = plan_sections(_explained(analysed))
+
+    with pytest.raises(GovernanceViolation):
+        check_spark_plan(found, "SELECT 1 AS one")
+
+
+def test_a_call_the_querys_own_text_spells_is_refused_with_what_to_do() -> None:
+    analysed = "Project [Report(2024) AS title#5]\n+- Filter (name#1 = Report(2024))"
+
+    with pytest.raises(InvalidQuery, match=r"'report\(' .*text in a string") as refused:
+        check_spark_plan(analysed, "SELECT 'Report(2024)' AS title FROM t WHERE name = 'Report(2024)'")
+
+    assert refused.value.hint is not None and "space before the parenthesis" in refused.value.hint
+
+
+@pytest.mark.parametrize(
+    "explained",
+    [
+        _explained("Project [x#1]") + "== Analyzed Logical Plan ==\n",  # a literal spelling a header
+        _explained("Project [x#1]").replace("== Optimized Logical Plan ==", ""),
+        "== Physical Plan ==\n" + _explained("Project [x#1]").split("== Physical Plan ==")[0],
+    ],
+)
+def test_a_plan_whose_sections_cannot_be_told_apart_is_refused(explained: str) -> None:
+    with pytest.raises(InvalidQuery, match="header of Spark's plans"):
+        plan_sections(explained)
+
+
 @pytest.mark.xdist_group("spark")
 def test_every_allowed_function_is_one_spark_has(spark_cluster: ClusterInfo) -> None:
     from pyspark.sql.connect.session import SparkSession
@@ -78,6 +154,8 @@ def test_every_allowed_function_is_one_spark_has(spark_cluster: ClusterInfo) -> 
     # SQL syntax that sqlglot renders as a call but Spark lists under no function name.
     syntax = {"try_cast", "interval", "extract"}
     assert SPARK_FUNCTIONS - known <= syntax, sorted(SPARK_FUNCTIONS - known - syntax)
+    # What the plan check lets through besides the allow-list is no function a query could call.
+    assert not PLAN_EXPRESSIONS & known, sorted(PLAN_EXPRESSIONS & known)
 
 
 def test_spark_status_and_stop_say_when_no_cluster_was_started_here(tmp_path: Path) -> None:
