@@ -1,6 +1,7 @@
 """The query engine: a pool of query worker processes that run governed SQL.
 
-A governed query reaches the engine as SQL in which every table is a placeholder name, and one
+A governed query reaches the engine as a `GovernedSql`, whose DuckDB rendering names every table by
+a placeholder, and one
 `TableSource` per placeholder: the planned files of the table's snapshot and the columns its
 governed scan needs. The engine hands both to a worker process (catalog/query_worker.py), which
 runs them in a locked DuckDB sandbox that can read nothing else (catalog/query_sandbox.py), and
@@ -41,6 +42,7 @@ from lakegate.catalog.query_sandbox import SandboxConfig
 from lakegate.catalog.query_worker import Job, WorkerInit
 from lakegate.catalog.settings import QuerySettings, parse_bytes
 from lakegate.errors import BackendError, InvalidArgument, LakegateError, LimitExceeded
+from lakegate.policies.governed_sql import GovernedSql
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -238,6 +240,21 @@ class QueryEngine:
 
     def run_page(
         self,
+        statement: GovernedSql,
+        sources: Mapping[str, TableSource],
+        on_cancel: OnCancel | None = None,
+        on_progress: OnProgress | None = None,
+        max_bytes: int | None = None,
+    ) -> EngineResult:
+        """Run a governed statement: its DuckDB rendering, the SQL the guard checked (see run_sql)."""
+        return self.run_sql(statement.sql, sources, on_cancel, on_progress, max_bytes, statement.masks)
+
+    def explain(self, statement: GovernedSql, sources: Mapping[str, TableSource]) -> str:
+        """DuckDB's physical plan of a governed statement (see explain_sql)."""
+        return self.explain_sql(statement.sql, sources, statement.masks)
+
+    def run_sql(
+        self,
         sql: str,
         sources: Mapping[str, TableSource],
         on_cancel: OnCancel | None = None,
@@ -247,7 +264,8 @@ class QueryEngine:
     ) -> EngineResult:
         """Run one statement and return its result as Arrow (with `max_bytes`, reading stops once the
         rows read hold more than that many bytes: the caller can only return so much). `masks` maps
-        the statement's name of each mask function to its method (see governed_scan).
+        the statement's name of each mask function to its method (see governed_scan). The sandbox
+        runs any text it is handed here: what it can read is its wall, whatever the SQL says.
 
         Raises:
             LimitExceeded: the query ran past the time limit or out of memory, or one row is far
@@ -266,7 +284,7 @@ class QueryEngine:
         read = header.get("bytes_read")
         return EngineResult(table, bool(header["complete"]), scanned, bytes_read=None if read is None else int(read))
 
-    def explain(self, sql: str, sources: Mapping[str, TableSource], masks: Mapping[str, str] | None = None) -> str:
+    def explain_sql(self, sql: str, sources: Mapping[str, TableSource], masks: Mapping[str, str] | None = None) -> str:
         """DuckDB's physical plan for `sql`, without running it.
 
         Raises:

@@ -1,7 +1,7 @@
 """The Spark engine: governed SQL on an Apache Spark cluster, through Spark Connect.
 
-The same governed template the DuckDB engine runs (catalog/query_engine.py) reaches this engine with
-one `TableSource` per placeholder: the planned Parquet files of one Iceberg snapshot and the
+The same governed statement the DuckDB engine runs (catalog/query_engine.py, a `GovernedSql`)
+reaches this engine with one `TableSource` per placeholder: the planned Parquet files of one Iceberg snapshot and the
 columns its governed scan needs. For each call, on a Spark Connect session of its own:
 
 - each placeholder is a temporary view over exactly those files, read with a schema of only those
@@ -10,8 +10,9 @@ columns its governed scan needs. For each call, on a Spark Connect session of it
   can read no other column or file of the table. A session keeps its views for later calls handed
   the same files and columns (the same snapshot, the same permitted columns), so that Spark does
   not list the files again;
-- the template is rendered in Spark's dialect (policies/spark_sql.py: an unsupported construct is
-  refused, and every function must be on the Spark allow-list);
+- the statement's tree is rendered in Spark's dialect, its placeholders named by the views and its
+  masks by the session's functions (policies/spark_sql.py: an unsupported construct is refused,
+  and every function must be on the Spark allow-list, in sqlglot's reading and in Spark's plan);
 - hash, partial and redact masks are the session's temporary SQL functions, with outputs identical
   to the DuckDB macros (the keyed hash gives the same value); a `null` mask is a typed NULL.
 
@@ -42,9 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit
 
-import sqlglot
 import structlog
-from sqlglot import exp
 
 from lakegate.catalog.arrow_relations import SourceColumn, TableSource
 from lakegate.catalog.query_engine import EngineResult, OnCancel, OnProgress
@@ -59,6 +58,7 @@ from lakegate.errors import (
     LimitExceeded,
 )
 from lakegate.extras import require_extra
+from lakegate.policies.governed_sql import GovernedSql
 from lakegate.policies.spark_sql import check_spark_plan, plan_sections, to_spark
 
 if TYPE_CHECKING:
@@ -297,12 +297,11 @@ class SparkEngine:
 
     def run_page(
         self,
-        sql: str,
+        statement: GovernedSql,
         sources: Mapping[str, TableSource],
         on_cancel: OnCancel | None = None,
         on_progress: OnProgress | None = None,
         max_bytes: int | None = None,
-        masks: Mapping[str, str] | None = None,
     ) -> EngineResult:
         """Run one governed statement on Spark (see QueryEngine.run_page; `on_progress` is not called:
         Spark Connect reports no estimate of the part done).
@@ -312,7 +311,7 @@ class SparkEngine:
             InvalidArgument: the query cannot run on Spark, or Spark rejected it (the message says why).
             BackendError: Spark failed, or cannot be reached.
         """
-        with self._call(sql, sources, masks, on_cancel) as (session, spark_sql, views):
+        with self._call(statement, sources, on_cancel) as (session, spark_sql, views):
             scanned = self._scanned(session, spark_sql, sources, views)
             bounded = spark_sql
             if max_bytes is not None:
@@ -326,20 +325,20 @@ class SparkEngine:
             table = session.spark.sql(bounded).toArrow()
         return EngineResult(table, True, scanned)
 
-    def explain(self, sql: str, sources: Mapping[str, TableSource], masks: Mapping[str, str] | None = None) -> str:
-        """Spark's physical plan for `sql`, without running it and without the files' locations.
+    def explain(self, statement: GovernedSql, sources: Mapping[str, TableSource]) -> str:
+        """Spark's physical plan of `statement`, without running it and without the files' locations.
 
         Raises:
             InvalidArgument: Spark cannot plan the SQL.
             BackendError: Spark failed, or cannot be reached.
         """
-        with self._call(sql, sources, masks, None) as (session, spark_sql, _):
+        with self._call(statement, sources, None) as (session, spark_sql, _):
             plan = self._plan(session, spark_sql)
         return self._scrub(_FILE_URI.sub("[file]", _LOCATION.sub("Location: [planned files]", plan)), session)
 
     @contextlib.contextmanager
     def _call(
-        self, sql: str, sources: Mapping[str, TableSource], masks: Mapping[str, str] | None, on_cancel: OnCancel | None
+        self, statement: GovernedSql, sources: Mapping[str, TableSource], on_cancel: OnCancel | None
     ) -> Iterator[tuple[_Session, str, dict[str, str]]]:
         session = self._acquire()
         tag = f"lakegate-{next(self._tags)}-{secrets.token_hex(4)}"
@@ -354,11 +353,10 @@ class SparkEngine:
 
         timer = threading.Timer(self.timeout_s, interrupt, ("timeout",))
         healthy = True
+        spark_sql = ""
         try:
             views = session.views_of(sources)
-            for placeholder, view in views.items():
-                sql = sql.replace(f'"{placeholder}"', f'"{view}"')
-            spark_sql = self._render(session, sql, views, masks or {})
+            spark_sql = to_spark(statement, views=views, functions=session.masks)
             session.spark.addTag(tag)
             if on_cancel is not None:
                 on_cancel(lambda: interrupt("cancelled"))
@@ -368,7 +366,7 @@ class SparkEngine:
             raise
         except Exception as exc:
             healthy = _session_usable(exc)
-            raise self._translate(exc, sql, why, session) from None
+            raise self._translate(exc, spark_sql, why, session) from None
         except BaseException:
             healthy = False
             raise
@@ -388,22 +386,6 @@ class SparkEngine:
             with contextlib.suppress(Exception):
                 session.spark.stop()
             self._forget()
-
-    def _render(self, session: _Session, sql: str, views: Mapping[str, str], masks: Mapping[str, str]) -> str:
-        """The template as Spark SQL: mask calls made the session's functions over a STRING, a `null`
-        mask a NULL of the column's own type (as the DuckDB macro: CASE WHEN false THEN x END)."""
-
-        def mask(node: exp.Expr) -> exp.Expr:
-            if not isinstance(node, exp.Anonymous) or str(node.name).lower() not in masks:
-                return node
-            method = masks[str(node.name).lower()]
-            (argument,) = node.expressions
-            if method == "null":
-                return exp.Case(ifs=[exp.If(this=exp.false(), true=argument.copy())])
-            return exp.Anonymous(this=session.masks[method], expressions=[exp.cast(argument.copy(), "STRING")])
-
-        tree = sqlglot.parse_one(sql, read="duckdb").transform(mask)
-        return to_spark(tree.sql("duckdb"), own_functions=session.masks.values(), tables=list(views.values()))
 
     def _plan(self, session: _Session, spark_sql: str) -> str:
         """Spark's physical plan of `spark_sql`, once its analysed plan passed the allow-list.

@@ -3,8 +3,9 @@
 Two engines implement it: the DuckDB sandbox in lakegate's own worker processes
 (catalog/query_engine.py, the default) and Apache Spark through Spark Connect
 (catalog/spark_engine.py, for queries routed there by `[query.spark]`). Both receive the same
-governed template (a placeholder per table, the call's mask function names) and one `TableSource`
-per placeholder, and answer an `EngineResult` with their own account of what they read.
+`GovernedSql` (the guard's rewritten tree: a placeholder per table, the call's mask function names),
+render it in their own dialect, read one `TableSource` per placeholder, and answer an
+`EngineResult` with their own account of what they read.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Protocol
 
 from lakegate.catalog.arrow_relations import TableSource
 from lakegate.catalog.query_engine import EngineResult, OnCancel, OnProgress
+from lakegate.policies.governed_sql import GovernedSql
 
 __all__ = ["SqlEngine"]
 
@@ -28,15 +30,14 @@ class SqlEngine(Protocol):
 
     def run_page(
         self,
-        sql: str,
+        statement: GovernedSql,
         sources: Mapping[str, TableSource],
         on_cancel: OnCancel | None = None,
         on_progress: OnProgress | None = None,
         max_bytes: int | None = None,
-        masks: Mapping[str, str] | None = None,
     ) -> EngineResult: ...
 
-    def explain(self, sql: str, sources: Mapping[str, TableSource], masks: Mapping[str, str] | None = None) -> str: ...
+    def explain(self, statement: GovernedSql, sources: Mapping[str, TableSource]) -> str: ...
 
     def warm(self) -> None: ...
 

@@ -1,8 +1,9 @@
 """Governed SQL rendered for Apache Spark, and the functions Spark may run of it.
 
-The SQL guard parses, checks and rewrites an agent's query once, in DuckDB's dialect
-(policies/sql_guard.py). When the query runs on Spark (catalog/spark_engine.py), that rewritten
-template is rendered in Spark's dialect by sqlglot with `unsupported_level=RAISE`: a construct
+The SQL guard parses, checks and rewrites an agent's query once, into one tree with a placeholder per
+table and a per-call name per mask (policies/sql_guard.py, policies/governed_sql.py). When the
+query runs on Spark (catalog/spark_engine.py), that tree is rendered in Spark's dialect by sqlglot,
+with the session's views and mask functions named in it, and `unsupported_level=RAISE`: a construct
 sqlglot cannot express for Spark is refused with a clear error, never dropped from the query (a
 dropped WHERE would widen what a row filter lets through).
 
@@ -22,13 +23,14 @@ and Spark read differently still cannot call a function nobody reviewed.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 import sqlglot
 from sqlglot import exp
 from sqlglot.errors import ErrorLevel, SqlglotError
 
 from lakegate.errors import GovernanceViolation, InvalidQuery
+from lakegate.policies.governed_sql import GovernedSql
 
 __all__ = ["PLAN_EXPRESSIONS", "SPARK_FUNCTIONS", "check_spark_functions", "check_spark_plan", "to_spark"]
 
@@ -174,22 +176,40 @@ def check_spark_functions(sql: str, own_functions: Collection[str] = (), tables:
             )
 
 
-def to_spark(template: str, own_functions: Collection[str] = (), tables: Collection[str] = ()) -> str:
-    """The governed template (DuckDB's dialect) as Spark SQL, checked against the allow-list.
+def to_spark(statement: GovernedSql, views: Mapping[str, str], functions: Mapping[str, str]) -> str:
+    """The governed statement as Spark SQL, checked against the allow-list.
+
+    Rendered from a copy of the statement's tree: each placeholder table becomes its view in `views`,
+    each mask call the session's function of its method in `functions` over the value as text (the
+    DuckDB macros' input), or for a `null` mask a NULL of the column's own type (as the DuckDB
+    macro: CASE WHEN false THEN x END).
 
     Raises:
         InvalidQuery: sqlglot cannot express a part of the query in Spark's dialect (it is refused
             rather than dropped), or the rendering calls a function off the allow-list.
     """
+
+    def render(node: exp.Expr) -> exp.Expr:
+        if isinstance(node, exp.Table) and not node.args.get("db") and node.name in views:
+            view = node.copy()
+            view.set("this", exp.to_identifier(views[node.name], quoted=True))
+            return view
+        if isinstance(node, exp.Anonymous) and str(node.name).lower() in statement.masks:
+            method = statement.masks[str(node.name).lower()]
+            (argument,) = node.expressions
+            if method == "null":
+                return exp.Case(ifs=[exp.If(this=exp.false(), true=argument.copy())])
+            return exp.Anonymous(this=functions[method], expressions=[exp.cast(argument.copy(), "STRING")])
+        return _cast_inside_explode(node)
+
     try:
-        tree = sqlglot.parse_one(template, read="duckdb").transform(_cast_inside_explode)
-        sql = tree.sql(dialect="spark", unsupported_level=ErrorLevel.RAISE)
+        sql = statement.tree.transform(render).sql(dialect="spark", unsupported_level=ErrorLevel.RAISE)
     except SqlglotError as exc:
         raise InvalidQuery(
             f"This query cannot run on Spark: {_first_line(str(exc))}",
             hint="Rewrite that part of the query with plain SQL (the Spark engine serves this table).",
         ) from exc
-    check_spark_functions(sql, own_functions, tables)
+    check_spark_functions(sql, own_functions=functions.values(), tables=views.values())
     return sql
 
 

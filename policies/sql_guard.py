@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import Scope, traverse_scope
 
 from lakegate.errors import InvalidQuery, PolicyDenied
+from lakegate.policies.governed_sql import GovernedSql
 from lakegate.policies.masks import MACRO_PREFIX
 from lakegate.policies.sql_functions import TABLE_FUNCTIONS, function_allowed
 
@@ -48,7 +49,6 @@ __all__ = [
     "TableColumns",
     "check_functions",
     "function_allowed",
-    "page",
     "parse_query",
     "resolve_columns",
     "rewrite",
@@ -456,8 +456,10 @@ def _column_error(message: str, query: GuardedQuery, tables: Mapping[str, TableC
 # -- rewriting -----------------------------------------------------------------------------------
 
 
-def rewrite(query: GuardedQuery, scans: Mapping[str, str], *, masks: Collection[str] = ()) -> str:
-    """The query with every governed table replaced by its governed scan (SQL of a SELECT).
+def rewrite(query: GuardedQuery, scans: Mapping[str, str], *, masks: Mapping[str, str] | None = None) -> GovernedSql:
+    """The query with every governed table replaced by its governed scan (SQL of a SELECT), as the
+    tree each engine renders (policies/governed_sql.py). `masks` maps each mask function name the
+    scans call to its method.
 
     The scans read from placeholder names that the caller replaces afterwards by the SQL they stand
     for (the `read_parquet([...])` of hundreds of files): sqlglot then never parses or copies the
@@ -495,13 +497,16 @@ def rewrite(query: GuardedQuery, scans: Mapping[str, str], *, masks: Collection[
     # included, is in the audit record).
     text = tree.sql(DIALECT, comments=False)
     sources = {table.name for scan in parsed.values() for table in scan.find_all(exp.Table)}
-    _require_same_checks(tree, text, sources, {name.lower() for name in masks})
-    return text
+    by_name = {name.lower(): method for name, method in (masks or {}).items()}
+    checked = GovernedSql(_require_same_checks(tree, text, sources, set(by_name)), by_name)
+    if checked.sql != text:  # DuckDB runs the checked tree's own rendering: the text checked
+        raise _invalid(*_ROUND_TRIP)
+    return checked
 
 
-def _require_same_checks(tree: exp.Expr, text: str, sources: set[str], masks: set[str]) -> None:
+def _require_same_checks(tree: exp.Expr, text: str, sources: set[str], masks: set[str]) -> exp.Query:
     """Read the generated SQL again: it must be the tree it was generated from, and pass the checks
-    the agent's query passed.
+    the agent's query passed. Returns that reading, which is what runs.
 
     So what runs holds no forbidden statement or function, calls masks only by this call's names
     (`masks`) and only on a column (on anything else a mask is a hash oracle), and names no table
@@ -542,6 +547,9 @@ def _require_same_checks(tree: exp.Expr, text: str, sources: set[str], masks: se
             and (node.db or node.catalog or (node.name not in sources and not _names_cte(node)))
         ):
             raise refusal
+    if not isinstance(again, exp.Query):
+        raise refusal
+    return again
 
 
 def _name_subquery_columns(tree: exp.Expr) -> None:
@@ -561,8 +569,3 @@ def _name_subquery_columns(tree: exp.Expr) -> None:
         alias = exp.Alias(alias=exp.to_identifier(name, quoted=True))
         projection.replace(alias)
         alias.set("this", projection)
-
-
-def page(sql: str, offset: int, count: int) -> str:
-    """Wrap SQL to return `count` rows starting at row `offset`."""
-    return f"SELECT * FROM ({sql}) AS lakegate_page LIMIT {int(count)} OFFSET {int(offset)}"

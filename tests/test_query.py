@@ -329,10 +329,10 @@ def test_the_engine_runs_only_what_duckdb_itself_reads_as_one_select(runtime: Ru
         "COPY (SELECT 1) TO 'x.csv'",
     ):
         with pytest.raises(BackendError, match="not one SELECT"):
-            engine.run_page(sql, {})
+            engine.run_sql(sql, {})
     # DuckDB's own reading is checked too: a mask on a literal would be a hash oracle.
     with pytest.raises(BackendError, match="refused"):
-        engine.run_page("SELECT lakegate_mask_hash('a') AS oracle", {})
+        engine.run_sql("SELECT lakegate_mask_hash('a') AS oracle", {})
     masked = rows(call(runtime, "analyst", sql="SELECT email FROM sales.customers ORDER BY customer_id LIMIT 1"))
     assert "@" not in masked[0][0]
 
@@ -387,11 +387,11 @@ def test_a_failing_progress_report_neither_frees_a_busy_sandbox_nor_loses_the_qu
         raise RuntimeError("client went away")
 
     try:
-        counted = engine.run_page(
+        counted = engine.run_sql(
             "SELECT count(*) AS n FROM range(400000000) r WHERE r.range % 7 = 1", {}, on_progress=gone
         )
         assert counted.complete and counted.table is not None and counted.table.to_pylist() == [{"n": 57142857}]
-        answer = engine.run_page("SELECT 42 AS answer", {}).table
+        answer = engine.run_sql("SELECT 42 AS answer", {}).table
         assert answer is not None and answer.to_pylist() == [{"answer": 42}]
         assert not [t for t in threading.enumerate() if t.name == "lakegate-query"]
     finally:

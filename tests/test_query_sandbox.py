@@ -118,7 +118,7 @@ def test_with_the_guard_off_the_engine_reads_nothing_it_was_not_handed(runtime: 
     engine = runtime.warehouse.query_engine(runtime.settings.query)
     for sql in _attacks(runtime, outside):
         with pytest.raises(LakegateError):
-            engine.run_page(sql, {})
+            engine.run_sql(sql, {})
     # DuckDB's own reading of what runs is checked too: what the guard refuses, DuckDB may not run.
     for sql in (
         "SELECT current_setting('temp_directory')",
@@ -134,16 +134,16 @@ def test_with_the_guard_off_the_engine_reads_nothing_it_was_not_handed(runtime: 
         "SELECT (SELECT count(*) FROM pg_settings) AS s, (WITH pg_settings AS (SELECT 1) SELECT 1) AS z",
     ):
         with pytest.raises(BackendError, match="refused"):
-            engine.run_page(sql, {})
+            engine.run_sql(sql, {})
     # A table handed with some of its columns: the others do not exist for the engine.
     plan = runtime.warehouse.scans.plan("sales.customers")
     region = next(c for c in plan.columns if c.name == "region")
     source = TableSource((SourceColumn(region.name, region.duckdb_type, region.field_id),), plan.files)
-    handed = engine.run_page('SELECT count(*), count(DISTINCT region) FROM "t"', {"t": source})
+    handed = engine.run_sql('SELECT count(*), count(DISTINCT region) FROM "t"', {"t": source})
     assert handed.table is not None and handed.table.to_pylist()[0]["count_star()"] == 500
     assert handed.scanned == {"t": ["region"]}
     with pytest.raises(InvalidArgument, match="email"):
-        engine.run_page('SELECT email FROM "t"', {"t": source})
+        engine.run_sql('SELECT email FROM "t"', {"t": source})
 
 
 @pytest.mark.parametrize("principal", ["analyst", "support_agent"])

@@ -269,14 +269,14 @@ def test_renamed_promoted_and_added_columns_read_right_from_s3(seaweed: Seaweed,
         plan = warehouse.scans.plan("lab.events")
         engine = warehouse.query_engine(load_settings(REPO).query)
         sources = {"t": plan.source()}
-        assert engine.explain('SELECT * FROM "t"', sources).count("PYTHON_ARROW_SCAN") == 2  # two layouts of files
-        rows = engine.run_page('SELECT * FROM "t" ORDER BY id', sources).table.to_pylist()  # type: ignore[union-attr]
+        assert engine.explain_sql('SELECT * FROM "t"', sources).count("PYTHON_ARROW_SCAN") == 2  # two layouts of files
+        rows = engine.run_sql('SELECT * FROM "t" ORDER BY id', sources).table.to_pylist()  # type: ignore[union-attr]
         assert rows == [
             {"id": 1, "label": "a", "extra": None},
             {"id": 2, "label": "b", "extra": None},
             {"id": 3, "label": "c", "extra": "x"},
         ]
-        filtered = engine.run_page("""SELECT label FROM "t" WHERE label = 'b'""", sources).table
+        filtered = engine.run_sql("""SELECT label FROM "t" WHERE label = 'b'""", sources).table
         assert filtered is not None and filtered.to_pylist() == [{"label": "b"}]
     finally:
         warehouse.close()
@@ -314,7 +314,7 @@ def test_escapes_from_the_sandbox_are_still_refused_on_s3(s3_demo: S3Demo, s3_ru
         "INSTALL httpfs",
     ):
         with pytest.raises(LakegateError):
-            engine.run_page(statement, {})
+            engine.run_sql(statement, {})
 
 
 def test_settings_keep_the_secret_out_of_reprs_and_validate_locations(

@@ -13,9 +13,11 @@ import os
 from pathlib import Path
 
 import pytest
+import sqlglot
 
 from lakegate.catalog.spark_cluster import ClusterInfo
 from lakegate.errors import GovernanceViolation, InvalidQuery
+from lakegate.policies.governed_sql import GovernedSql
 from lakegate.policies.spark_sql import (
     PLAN_EXPRESSIONS,
     SPARK_FUNCTIONS,
@@ -56,19 +58,30 @@ def test_functions_that_reach_java_files_or_the_session_are_not_allowed() -> Non
     ],
 )
 def test_the_rendering_refuses_what_spark_may_not_run(template: str, fragment: str) -> None:
+    statement = GovernedSql(sqlglot.parse_one(template, read="duckdb"))
+
     with pytest.raises(InvalidQuery, match=fragment.replace("(", r"\(").replace(")", r"\)")):
-        to_spark(template, tables=[SOURCE])
+        to_spark(statement, views={SOURCE: SOURCE}, functions={})
 
 
-def test_a_governed_template_renders_with_its_masks_and_ctes() -> None:
+def test_a_governed_statement_renders_with_its_views_masks_and_ctes() -> None:
     template = (
-        f'WITH t AS (SELECT "id", lakegate_mask_hash_0a("email") AS "email" FROM "{SOURCE}" WHERE (region = \'EU\')) '
-        "SELECT email, count(*) AS n FROM t GROUP BY email QUALIFY row_number() OVER (ORDER BY n DESC) <= 3"
+        f'WITH t AS (SELECT "id", lakegate_mask_hash_0a("email") AS "email", lakegate_mask_null_0a("phone") AS '
+        f'"phone" FROM "{SOURCE}" WHERE (region = \'EU\' AND note <> \'"{SOURCE}"\')) '
+        "SELECT email, phone, count(*) AS n FROM t GROUP BY email, phone "
+        "QUALIFY row_number() OVER (ORDER BY n DESC) <= 3"
+    )
+    statement = GovernedSql(
+        sqlglot.parse_one(template, read="duckdb"), {"lakegate_mask_hash_0a": "hash", "lakegate_mask_null_0a": "null"}
     )
 
-    sql = to_spark(template, own_functions=["lakegate_mask_hash_0a"], tables=[SOURCE])
+    sql = to_spark(statement, views={SOURCE: "lakegate_view_1"}, functions={"hash": "lakegate_mask_hash_9f"})
 
-    assert f"`{SOURCE}`" in sql and "LAKEGATE_MASK_HASH_0A(`email`)" in sql and "region = 'EU'" in sql
+    # The placeholder is named by its view in the tree: a string that spells it is left as written.
+    assert "FROM `lakegate_view_1`" in sql and f"note <> '\"{SOURCE}\"'" in sql and "region = 'EU'" in sql
+    assert "LAKEGATE_MASK_HASH_9F(CAST(`email` AS STRING)) AS `email`" in sql
+    assert "CASE WHEN FALSE THEN `phone` END AS `phone`" in sql
+    assert statement.sql == sqlglot.parse_one(template, read="duckdb").sql("duckdb"), "the tree was changed"
 
 
 def _explained(analysed: str) -> str:

@@ -48,7 +48,6 @@ from lakegate.policies.sql_guard import (
     GuardedQuery,
     InvalidQuery,
     TableColumns,
-    page,
     parse_query,
     resolve_columns,
     rewrite,
@@ -233,11 +232,11 @@ def run_query(
                 masked[access.column] = access.mask
         scans[name] = governed_scan(plans[name], accesses[name], filters[name], placeholder, masks)
         sources[placeholder] = table_source(plans[name], accesses[name], filters[name])
-    template = rewrite(query, scans, masks=set(masks.values()))
+    statement = rewrite(query, scans, masks=_by_function(masks))
     # What the audit record and explain show: each table's relation named by the snapshot it is,
     # so that records stay small and nothing of the server's files reaches the agent.
     labels = {p: f'"{name}@{plans[name].snapshot_id}"' for p, name in placeholders.items()}
-    rewritten = _substitute(template, labels)
+    rewritten = _substitute(statement.sql, labels)
     for method, function in masks.items():  # shown under the masks' own names (sqlglot upper-cases them)
         rewritten = re.sub(re.escape(function), mask_macro_name(method).upper(), rewritten, flags=re.IGNORECASE)
     snapshots = {name: plan.snapshot_id for name, plan in plans.items()}
@@ -277,7 +276,7 @@ def run_query(
     if explain:
         for name in query.tables:
             scope.record("dataset", name, "planned", plans[name].snapshot_id)
-        physical = _without_estimates(engine.explain(template, sources, masks=_by_function(masks)))
+        physical = _without_estimates(engine.explain(statement, sources))
         summary = _scan_summary(plans, to_read, filters)
         if over is not None:
             summary += f"\n{over.message}"
@@ -292,12 +291,7 @@ def run_query(
     try:
         try:
             result = engine.run_page(
-                page(template, offset, count + 1),
-                sources,
-                scope.on_cancel,
-                progress,
-                max_bytes=scope.limits.max_bytes,
-                masks=_by_function(masks),
+                statement.page(offset, count + 1), sources, scope.on_cancel, progress, max_bytes=scope.limits.max_bytes
             )
         except BackendError as exc:
             # The files of an attached catalog's table could not be read (moved, or the catalog's
