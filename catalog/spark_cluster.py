@@ -78,6 +78,21 @@ def spark_home() -> Path:
     return Path(spec.origin).parent
 
 
+#: What the Spark processes take of lakegate's environment: what Java and Spark's scripts need, and
+#: Spark's and Java's own settings. Never the rest (lakegate's secrets, a catalog's credentials): a
+#: query on the cluster should find nothing there even where a wall fails.
+INHERITED = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TMPDIR", "TZ", "JAVA_HOME"})
+INHERITED_PREFIXES = ("SPARK_", "JAVA_", "_JAVA_", "JDK_")
+
+
+def _inherited_environment() -> dict[str, str]:
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if (name in INHERITED or name.startswith(INHERITED_PREFIXES)) and name != "SPARK_CONNECT_AUTHENTICATE_TOKEN"
+    }
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -157,14 +172,13 @@ class LocalSparkCluster:
         token_file.chmod(0o600)
         token_file.write_text(token)
         env = {
-            **os.environ,
+            **_inherited_environment(),
             "SPARK_HOME": str(home),
             "SPARK_LOCAL_IP": "127.0.0.1",
             "SPARK_LOG_DIR": str(logs),
             "SPARK_WORKER_DIR": str(self.directory / "work"),
             "SPARK_NO_DAEMONIZE": "1",
         }
-        env.pop("SPARK_CONNECT_AUTHENTICATE_TOKEN", None)
         master_port = free_port()
         master_url = f"spark://127.0.0.1:{master_port}"
         spark_class = str(home / "bin" / "spark-class")

@@ -71,6 +71,9 @@ log = structlog.get_logger(__name__)
 #: Session settings that must hold before a session serves a query.
 SESSION_CONF = {
     "spark.sql.runSQLOnFiles": "false",
+    # No ${env:X}, ${system:X}, ${spark:X} substitution in the SQL text (inside strings and names too):
+    # it answered the Connect server's token, server paths and environment variables.
+    "spark.sql.variable.substitute": "false",
     "spark.sql.ansi.enabled": "true",
     "spark.sql.session.timeZone": "UTC",
     "spark.sql.parquet.fieldId.read.enabled": "true",

@@ -26,6 +26,7 @@ import re
 from collections.abc import Collection, Mapping
 
 import sqlglot
+import structlog
 from sqlglot import exp
 from sqlglot.errors import ErrorLevel, SqlglotError
 
@@ -33,6 +34,8 @@ from lakegate.errors import GovernanceViolation, InvalidQuery
 from lakegate.policies.governed_sql import GovernedSql
 
 __all__ = ["PLAN_EXPRESSIONS", "SPARK_FUNCTIONS", "check_spark_functions", "check_spark_plan", "to_spark"]
+
+log = structlog.get_logger(__name__)
 
 #: Functions of Spark 4 that compute a value from their arguments and nothing else: no files, no
 #: Java, no session or cluster state, no error text of the query's choosing.
@@ -102,15 +105,17 @@ BARE_FUNCTIONS = frozenset(
      "current_path", "current_time", "localtime"}
 )  # fmt: skip
 #: What Spark's analysed plan prints as `name(...)` that no query can call by that name: parts of a
-#: window, of a lambda, of a correlated subquery, of a PIVOT, LIKE ANY/ALL, an interval's conversion
-#: the analyser adds, and the types of a JSON schema. None is a function of Spark's registry
-#: (tests/test_spark_sql.py checks that against a live cluster's SHOW FUNCTIONS). A PIVOT's
-#: generated column names (`__pivot_sum(amount)`) are read as the aggregate they name.
+#: window, of a lambda, of a subquery (and the names Spark gives such columns), of a PIVOT, LIKE
+#: ANY/ALL, date arithmetic with a unit (DATEDIFF(DAY, ...) is Spark's syntax, not a function), an
+#: interval's conversion the analyser adds, and the types of a JSON schema. None is a
+#: function of Spark's registry (tests/test_spark_sql.py checks that against a live cluster's SHOW
+#: FUNCTIONS). A PIVOT's generated column names (`__pivot_sum(amount)`) are read as the aggregate.
 PLAN_EXPRESSIONS = frozenset(
     {"windowspecdefinition", "specifiedwindowframe", "lambdafunction", "namedlambdavariable", "outer",
      "extractansiintervaldays", "pivotfirst", "likeany", "likeall", "notlikeany", "notlikeall",
-     "structtype", "structfield", "arraytype", "maptype", "decimaltype", "chartype", "varchartype",
-     "daytimeintervaltype", "yearmonthintervaltype"}
+     "structtype", "structfield", "stringtype", "arraytype", "maptype", "decimaltype", "chartype",
+     "varchartype", "daytimeintervaltype", "yearmonthintervaltype", "scalarsubquery", "listquery",
+     "timestampadd", "timestampdiff"}
 )  # fmt: skip
 _PIVOT_COLUMN = "__pivot_"
 #: Spark's EXPLAIN EXTENDED, in this order; each header exactly once, or the sections are not known.
@@ -120,7 +125,8 @@ PLAN_HEADERS = (
     "== Optimized Logical Plan ==",
     "== Physical Plan ==",
 )
-_PLAN_CALL = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\(")
+#: A call in plan text, with any qualifier: `db.f(` is not `f(` (a catalog function of that name).
+_PLAN_CALL = re.compile(r"([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\(")
 #: Spark's marks of a plan cut short (settings: spark.sql.debug.maxToStringFields, maxPlanStringLength).
 _TRUNCATED = re.compile(r"\.\.\. \d+ more (?:fields|characters)")
 #: sqlglot's functions that Spark reads as operators or keywords, not as calls by name.
@@ -209,6 +215,11 @@ def to_spark(statement: GovernedSql, views: Mapping[str, str], functions: Mappin
             f"This query cannot run on Spark: {_first_line(str(exc))}",
             hint="Rewrite that part of the query with plain SQL (the Spark engine serves this table).",
         ) from exc
+    if "${" in sql:  # the session turns variable substitution off; nor does the SQL ever ask for it
+        raise InvalidQuery(
+            "The query holds ${, which Spark reads as a variable to substitute, so it cannot run on Spark.",
+            hint="Write the text differently (e.g. concat('$', '{')).",
+        )
     check_spark_functions(sql, own_functions=functions.values(), tables=views.values())
     return sql
 
@@ -271,6 +282,8 @@ def check_spark_plan(analysed: str, sql: str, own_functions: Collection[str] = (
     for found in refused:
         if found.lower() not in spelt:
             raise GovernanceViolation(f"Spark's analysed plan holds {found!r}, which the rendering should have refused")
+    # Refused all the same; logged, since text spelling a call could also hide a real one from the alert.
+    log.warning("spark.plan_check_refused_spelt_call", found=refused)
     raise InvalidQuery(
         f"Spark reads {refused[0]!r} in this query as a call of a function that is not available on Spark "
         "(text in a string or a column name that looks like a call counts too).",

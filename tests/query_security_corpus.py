@@ -395,6 +395,13 @@ CORPUS: list[tuple[str, str, str | dict[str, Any], Refused | Answers]] = [
         Refused(f"{NO_TABLE} 'pg_settings'"),
     ),
     (
+        # Spark substitutes ${env:X}, ${system:X} and ${spark:X} into SQL text where allowed to.
+        "variable_substitution",
+        "admin",
+        "SELECT '${system:user.dir}' AS d, '${env:HOME}' AS h FROM sales.orders LIMIT 1",
+        Answers(_value([["${system:user.dir}", "${env:HOME}"]]), "allow"),
+    ),
+    (
         "cte_recursive_ok",
         "analyst",
         "WITH RECURSIVE r AS (SELECT 1 AS n UNION ALL SELECT n + 1 FROM r WHERE n < 3) SELECT count(*) FROM r",

@@ -9,6 +9,7 @@ the test lists which cases did so; every case DuckDB refuses is refused on Spark
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from lakegate.errors import ClientError, LimitExceeded
 from lakegate.server.app import Runtime, open_runtime
 from lakegate.server.settings import load_settings
 from tests.query_security_checks import check_analyst_answer, check_attempt, check_support_answer
-from tests.query_security_corpus import CORPUS, REPO, Answers, Clear, Refused, call, clear  # noqa: F401
+from tests.query_security_corpus import CORPUS, REPO, Answers, Clear, Refused, call, clear, rows_of  # noqa: F401
 from tests.spark_support import spark_query_settings
 from tests.test_query_security import queries
 
@@ -39,6 +40,7 @@ REFUSED_ON_SPARK = {
     "star_like": "INVALID_USAGE_OF_STAR_OR_REGEX",
     "replace": "PARSE_SYNTAX_ERROR",  # SELECT * REPLACE (...)
     "cast_error_message": "The value '<value>'",  # refused on both; Spark's words, the value cut out
+    "variable_substitution": "variable to substitute",  # ${env:HOME}: Spark would substitute it
 }
 
 
@@ -133,6 +135,40 @@ def test_a_row_far_over_the_byte_budget_fails_on_the_executors(spark_runtime: Ru
 
     assert isinstance(outcome.error, LimitExceeded), outcome.error
     assert "byte budget" in str(outcome.error)
+
+
+def test_spark_substitutes_no_variable_and_its_processes_hold_none_of_lakegates_environment(
+    spark_cluster: ClusterInfo,
+) -> None:
+    # ${env:X}, ${system:X} and ${spark:X} in SQL text (strings included) answered the Connect
+    # server's token and server paths. The session turns substitution off, and the cluster's
+    # processes do not inherit lakegate's environment (its secrets, a catalog's credentials).
+    from lakegate.catalog.settings import QuerySettings
+    from lakegate.catalog.spark_engine import SparkEngine
+
+    engine = SparkEngine(QuerySettings.model_validate({**spark_query_settings(spark_cluster)}), "k" * 64)
+    session = engine._acquire()
+    try:
+        row = session.spark.sql("SELECT '${env:HOME}' AS h, '${system:user.dir}' AS d, '${spark:spark.master}' AS m")
+        assert list(row.collect()[0]) == ["${env:HOME}", "${system:user.dir}", "${spark:spark.master}"]
+    finally:
+        engine._release(session)
+        engine.close()
+    # pytest sets PYTEST_CURRENT_TEST here, also while the session fixture started the cluster.
+    assert os.environ.get("PYTEST_CURRENT_TEST")
+    for role, pid in spark_cluster.pids.items():
+        names = {entry.split(b"=", 1)[0] for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if entry}
+        assert not {name for name in names if name.startswith((b"LAKEGATE_", b"PYTEST_"))}, role
+        assert (b"SPARK_CONNECT_AUTHENTICATE_TOKEN" in names) == (role == "connect"), role
+
+
+def test_date_arithmetic_with_a_unit_runs_on_spark(spark_runtime: Runtime) -> None:
+    # Spark's analyser prints date_diff('day', ...) as timestampdiff(...): on the allow-list too.
+    sql = "SELECT date_diff('day', order_ts, order_ts + INTERVAL 3 DAY) AS d FROM sales.orders LIMIT 1"
+    outcome = call(spark_runtime, "analyst", {"sql": sql})
+
+    assert outcome.error is None, outcome.error
+    assert rows_of(outcome) == [[3]]
 
 
 def test_text_that_spark_prints_as_a_call_is_refused_with_what_to_do(spark_runtime: Runtime) -> None:

@@ -64,6 +64,13 @@ def test_the_rendering_refuses_what_spark_may_not_run(template: str, fragment: s
         to_spark(statement, views={SOURCE: SOURCE}, functions={})
 
 
+def test_text_that_spark_would_substitute_a_variable_into_is_refused() -> None:
+    statement = GovernedSql(sqlglot.parse_one(f"SELECT '${{env:HOME}}' AS home FROM \"{SOURCE}\"", read="duckdb"))
+
+    with pytest.raises(InvalidQuery, match="variable to substitute"):
+        to_spark(statement, views={SOURCE: SOURCE}, functions={})
+
+
 def test_a_governed_statement_renders_with_its_views_masks_and_ctes() -> None:
     template = (
         f'WITH t AS (SELECT "id", lakegate_mask_hash_0a("email") AS "email", lakegate_mask_null_0a("phone") AS '
@@ -121,6 +128,7 @@ def test_an_analysed_plan_of_allowed_calls_passes(analysed: str) -> None:
         "Project [reflect(java.lang.System, getenv, HOME, true) AS home#77]",
         "Project [typeof(name#1) AS t#5]",  # off the allow-list though on no deny-list
         "Project [spark_catalog.other.udf(name#1) AS u#5]",  # a catalog function by its qualified name
+        "Project [spark_catalog.default.upper(name#1) AS u#5]",  # not the built-in of that name
         "Project [__pivot_reflect(x) AS y#1]",
         "Project [name#1, ... 40 more fields]",  # cut short: its calls cannot all be read
     ],
