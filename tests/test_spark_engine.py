@@ -312,6 +312,20 @@ def test_pages_of_a_result_follow_each_other_on_spark(duckdb_runtime: Runtime, s
     assert pages["spark"] == pages["duckdb"] and len(pages["spark"]) == 14
 
 
+def test_time_travel_reads_the_same_snapshot_on_spark(duckdb_runtime: Runtime, spark_runtime: Runtime) -> None:
+    table = spark_runtime.warehouse.iceberg_table("sales.orders")
+    first = min(table.metadata.snapshots, key=lambda snapshot: snapshot.timestamp_ms)
+    sql = "SELECT count(*) AS n, max(order_id) AS last FROM sales.orders"
+    then = {"sql": sql, "as_of": {"sales.orders": first.snapshot_id}}
+
+    on_duckdb = _answer(duckdb_runtime, "analyst", then)
+    on_spark = _answer(spark_runtime, "analyst", then)
+    now = _answer(spark_runtime, "analyst", {"sql": sql})
+
+    assert on_spark["engine"] == "spark" and on_spark["rows"] == on_duckdb["rows"] != now["rows"]
+    assert on_spark["snapshots"] == on_duckdb["snapshots"] == {"sales.orders": first.snapshot_id}
+
+
 def test_a_null_mask_is_a_null_of_the_columns_type_on_spark(
     demo_home: Path, spark_cluster: ClusterInfo, tmp_path: Path
 ) -> None:
