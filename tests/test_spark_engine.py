@@ -300,6 +300,45 @@ def test_a_query_on_spark_through_the_real_mcp_client_over_stdio(
     assert record["details"]["engine"] == "spark" and record["transport"] == "stdio"
 
 
+def test_a_query_on_spark_cancelled_by_the_client_stops_and_the_server_goes_on(
+    demo_home: Path, spark_cluster: ClusterInfo, tmp_path: Path
+) -> None:
+    # One Spark session only: the query after the cancelled one gets it only once the cancel
+    # interrupted the Spark job (by its tag) and the call ended, not after the 90 s time limit.
+    import anyio
+
+    from lakegate.evals.mcp_client import connect
+
+    audit = tmp_path / "audit.jsonl"
+    env = {
+        "LAKEGATE_AUDIT__PATH": str(audit),
+        "LAKEGATE_QUERY__TIMEOUT_S": "90",
+        "LAKEGATE_QUERY__SPARK__REMOTE": spark_cluster.remote,
+        "LAKEGATE_QUERY__SPARK__TOKEN_FILE": spark_cluster.token_file,
+        "LAKEGATE_QUERY__SPARK__DATASETS": '["sales.*"]',
+        "LAKEGATE_QUERY__SPARK__SESSIONS": "1",
+    }
+    slow = (
+        "SELECT count(*) FROM sales.orders a, sales.orders b, sales.orders c WHERE a.order_id + b.order_id > c.order_id"
+    )
+
+    async def scenario() -> Any:
+        async with connect("admin", demo_home, **env) as client:
+            warm = await client.call_tool("query", {"sql": "SELECT count(*) AS n FROM sales.products"})
+            assert not warm.is_error
+            with anyio.move_on_after(6):
+                await client.call_tool("query", {"sql": slow})
+            return await client.call_tool("query", {"sql": "SELECT count(*) AS n FROM sales.customers"})
+
+    after = anyio.run(scenario)
+
+    assert not after.is_error and after.structured_content is not None
+    assert after.structured_content["rows"] == [[500]] and after.structured_content["engine"] == "spark"
+    records = [record for record in read_records(audit) if record["tool"] == "query"]
+    assert [record["outcome"] for record in records] == ["ok", "cancelled", "ok"]
+    assert records[1]["details"]["engine"] == "spark" and records[1]["duration_ms"] < 30_000
+
+
 def test_pages_of_a_result_follow_each_other_on_spark(duckdb_runtime: Runtime, spark_runtime: Runtime) -> None:
     sql = "SELECT order_id, status FROM sales.orders WHERE region = 'EMEA' ORDER BY order_id"
     pages: dict[str, list[list[Any]]] = {}
