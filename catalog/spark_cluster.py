@@ -83,13 +83,15 @@ def spark_home() -> Path:
 #: query on the cluster should find nothing there even where a wall fails.
 INHERITED = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TMPDIR", "TZ", "JAVA_HOME"})
 INHERITED_PREFIXES = ("SPARK_", "JAVA_", "_JAVA_", "JDK_")
+#: A client's Connect URL may carry a token; the server's own token is set for the Connect server alone.
+NOT_INHERITED = frozenset({"SPARK_CONNECT_AUTHENTICATE_TOKEN", "SPARK_REMOTE"})
 
 
 def _inherited_environment() -> dict[str, str]:
     return {
         name: value
         for name, value in os.environ.items()
-        if (name in INHERITED or name.startswith(INHERITED_PREFIXES)) and name != "SPARK_CONNECT_AUTHENTICATE_TOKEN"
+        if (name in INHERITED or name.startswith(INHERITED_PREFIXES)) and name not in NOT_INHERITED
     }
 
 

@@ -30,7 +30,7 @@ import structlog
 from sqlglot import exp
 from sqlglot.errors import ErrorLevel, SqlglotError
 
-from lakegate.errors import GovernanceViolation, InvalidQuery
+from lakegate.errors import ConfigurationError, GovernanceViolation, InvalidQuery
 from lakegate.policies.governed_sql import GovernedSql
 
 __all__ = ["PLAN_EXPRESSIONS", "SPARK_FUNCTIONS", "check_spark_functions", "check_spark_plan", "to_spark"]
@@ -205,11 +205,16 @@ def to_spark(statement: GovernedSql, views: Mapping[str, str], functions: Mappin
             (argument,) = node.expressions
             if method == "null":
                 return exp.Case(ifs=[exp.If(this=exp.false(), true=argument.copy())])
+            if method not in functions:
+                raise ConfigurationError(f"the Spark session has no function for the {method!r} mask")
             return exp.Anonymous(this=functions[method], expressions=[exp.cast(argument.copy(), "STRING")])
-        return _cast_inside_explode(node)
+        return node
 
     try:
-        sql = statement.tree.transform(render).sql(dialect="spark", unsupported_level=ErrorLevel.RAISE)
+        # Two passes: a node the second replaces is not visited further, so views and masks inside
+        # it must already be named.
+        tree = statement.tree.transform(render).transform(_cast_inside_explode, copy=False)
+        sql = tree.sql(dialect="spark", unsupported_level=ErrorLevel.RAISE)
     except SqlglotError as exc:
         raise InvalidQuery(
             f"This query cannot run on Spark: {_first_line(str(exc))}",

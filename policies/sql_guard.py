@@ -36,7 +36,7 @@ from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import Scope, traverse_scope
 
 from lakegate.errors import InvalidQuery, PolicyDenied
-from lakegate.policies.governed_sql import GovernedSql
+from lakegate.policies.governed_sql import DUCKDB, GovernedSql
 from lakegate.policies.masks import MACRO_PREFIX
 from lakegate.policies.sql_functions import TABLE_FUNCTIONS, function_allowed
 
@@ -55,7 +55,7 @@ __all__ = [
     "table_name",
 ]
 
-DIALECT = "duckdb"
+DIALECT = DUCKDB
 MAX_NESTING = 48
 #: DuckDB's join-order search cannot be interrupted, so a query naming hundreds of tables would
 #: hold a sandbox past the time limit: refuse it before it is planned.
@@ -301,7 +301,7 @@ def _signature(tree: exp.Expr) -> Counter[tuple[str, str]]:
         if isinstance(node, exp.Anonymous):
             found["function", str(node.name).lower()] += 1
         elif isinstance(node, exp.Table):
-            found["table", node.sql(DIALECT).lower()] += 1
+            found["table", node.sql(DIALECT, comments=False).lower()] += 1  # the text run has no comments
         elif isinstance(node, exp.Column):
             found["column", str(node.name).lower()] += 1
         elif isinstance(node, exp.Select | exp.Subquery | exp.SetOperation | exp.CTE):
@@ -461,12 +461,13 @@ def rewrite(query: GuardedQuery, scans: Mapping[str, str], *, masks: Mapping[str
     tree each engine renders (policies/governed_sql.py). `masks` maps each mask function name the
     scans call to its method.
 
-    The scans read from placeholder names that the caller replaces afterwards by the SQL they stand
-    for (the `read_parquet([...])` of hundreds of files): sqlglot then never parses or copies the
+    The scans read from placeholder names that each engine names its own way (the query worker's
+    relation of hundreds of planned files, a Spark view): sqlglot then never parses or copies the
     file lists, which would cost more than the rest of the rewrite.
 
     Raises:
-        InvalidQuery: a scan does not parse (a bug, refused rather than run).
+        InvalidQuery: a scan does not parse (a bug, refused rather than run), or the rewritten SQL
+            does not read back as the tree it was written from, or does not pass the guard's checks.
     """
     tree = query.tree.copy()
     try:
@@ -499,7 +500,12 @@ def rewrite(query: GuardedQuery, scans: Mapping[str, str], *, masks: Mapping[str
     sources = {table.name for scan in parsed.values() for table in scan.find_all(exp.Table)}
     by_name = {name.lower(): method for name, method in (masks or {}).items()}
     checked = GovernedSql(_require_same_checks(tree, text, sources, set(by_name)), by_name)
-    if checked.sql != text:  # DuckDB runs the checked tree's own rendering: the text checked
+    if checked.sql != text:
+        # A few constructs read back as another spelling of themselves (date_add(d, 1) is written
+        # d + INTERVAL 1 DAY, read and written again as INTERVAL '1' DAY): check that spelling too.
+        text = checked.sql
+        checked = GovernedSql(_require_same_checks(checked.tree, text, sources, set(by_name)), by_name)
+    if checked.sql != text:  # DuckDB runs the checked tree's own rendering, which is the text checked
         raise _invalid(*_ROUND_TRIP)
     return checked
 

@@ -64,6 +64,21 @@ def test_the_rendering_refuses_what_spark_may_not_run(template: str, fragment: s
         to_spark(statement, views={SOURCE: SOURCE}, functions={})
 
 
+def test_views_and_masks_are_named_inside_a_cast_of_unnest_too() -> None:
+    # The cast moves inside the explode (Spark runs a generator only as a whole select item); the
+    # view and the mask inside it are named first.
+    template = (
+        f'SELECT CAST(unnest((SELECT list(t.email) FROM (SELECT lakegate_mask_hash_0a("email") AS "email" FROM '
+        f'"{SOURCE}") AS t)) AS VARCHAR) AS e'
+    )
+    statement = GovernedSql(sqlglot.parse_one(template, read="duckdb"), {"lakegate_mask_hash_0a": "hash"})
+
+    sql = to_spark(statement, views={SOURCE: "lakegate_view_1"}, functions={"hash": "lakegate_mask_hash_9f"})
+
+    assert "EXPLODE(TRANSFORM(" in sql and "FROM `lakegate_view_1`" in sql
+    assert "LAKEGATE_MASK_HASH_9F(CAST(`email` AS STRING))" in sql and "0A" not in sql
+
+
 def test_text_that_spark_would_substitute_a_variable_into_is_refused() -> None:
     statement = GovernedSql(sqlglot.parse_one(f"SELECT '${{env:HOME}}' AS home FROM \"{SOURCE}\"", read="duckdb"))
 

@@ -8,9 +8,10 @@ Every decision goes through the caller's `CallScope`, and everything the audit r
 original and rewritten SQL, the snapshot of each table read, the columns read with their access,
 the row filters applied) is noted on it.
 
-The engine gets the rewritten SQL with a placeholder for each table and, for each placeholder, the
-planned files and the columns its governed scan needs (visible and row-filter columns, never a
-hidden one): nothing else is readable in its sandbox. The tables the audit record says were read
+The engine gets the rewritten query (a `GovernedSql`: one tree, which it renders in its own dialect)
+with a placeholder for each table and, for each placeholder, the planned files and the columns its
+governed scan needs (visible and row-filter columns, never a hidden one): nothing else is readable
+in its sandbox. The tables the audit record says were read
 are the ones the engine reports it scanned; a scan the guard did not expect fails the call.
 """
 
