@@ -251,9 +251,11 @@ def test_a_long_query_reports_progress_over_http_and_is_cancelled(served: Served
     protocol eras (the 2025 session and the 2026 session-less requests); the client's cancel stops
     it, the call is audited as cancelled, and the server keeps answering."""
     progress: list[tuple[float, float | None, str | None]] = []
+    reported = anyio.Event()
 
     async def on_progress(done: float, total: float | None, message: str | None) -> None:
         progress.append((done, total, message))
+        reported.set()
 
     async def scenario() -> Any:
         http = create_mcp_http_client(headers={"Authorization": f"Bearer {served.token('analyst')}"})
@@ -263,8 +265,17 @@ def test_a_long_query_reports_progress_over_http_and_is_cancelled(served: Served
             Client(transport, client_info=Implementation(name="http-tests", version="1.0"), mode=mode) as c,
         ):
             slow = {"sql": "SELECT count(*) FROM range(100000000000) a WHERE a.range % 7 = 1"}
-            with anyio.move_on_after(3.5):
+
+            async def call_slow() -> None:
                 await c.call_tool("query", slow, progress_callback=on_progress)
+
+            # Cancelled once it reported progress (on a loaded machine the first report can take seconds).
+            async with anyio.create_task_group() as group:
+                group.start_soon(call_slow)
+                with anyio.move_on_after(30):
+                    await reported.wait()
+                await anyio.sleep(0.5)
+                group.cancel_scope.cancel()
             return await c.call_tool("query", {"sql": "SELECT count(*) FROM sales.products"})
 
     before = len(served.records())
