@@ -17,6 +17,7 @@ import time
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -265,16 +266,10 @@ def test_a_long_query_reports_progress_over_http_and_is_cancelled(served: Served
             Client(transport, client_info=Implementation(name="http-tests", version="1.0"), mode=mode) as c,
         ):
             slow = {"sql": "SELECT count(*) FROM range(100000000000) a WHERE a.range % 7 = 1"}
-
-            async def call_slow() -> None:
-                await c.call_tool("query", slow, progress_callback=on_progress)
-
-            # Cancelled once it reported progress (on a loaded machine the first report can take seconds).
-            async with anyio.create_task_group() as group:
-                group.start_soon(call_slow)
+            async with anyio.create_task_group() as group:  # cancelled once it reported progress
+                group.start_soon(partial(c.call_tool, "query", slow, progress_callback=on_progress))
                 with anyio.move_on_after(30):
                     await reported.wait()
-                await anyio.sleep(0.5)
                 group.cancel_scope.cancel()
             return await c.call_tool("query", {"sql": "SELECT count(*) FROM sales.products"})
 
