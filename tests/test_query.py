@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -237,9 +238,11 @@ def test_query_over_stdio_with_a_denial_progress_and_cancellation(demo_home: Pat
     """The real MCP client: a query, a refusal, a long query that reports progress and is cancelled,
     and the server keeps serving."""
     progress: list[tuple[float, float | None, str | None]] = []
+    reported = anyio.Event()
 
     async def on_progress(done: float, total: float | None, message: str | None) -> None:
         progress.append((done, total, message))
+        reported.set()
 
     async def scenario() -> tuple[Any, Any, Any]:
         # One sandbox only: the query after the cancelled one gets a sandbox only if the cancel
@@ -251,8 +254,11 @@ def test_query_over_stdio_with_a_denial_progress_and_cancellation(demo_home: Pat
             )
             refused = await client.call_tool("query", {"sql": "DROP TABLE sales.orders"})
             slow = {"sql": "SELECT count(*) FROM range(100000000000) a WHERE a.range % 7 = 1"}
-            with anyio.move_on_after(3.5):
-                await client.call_tool("query", slow, progress_callback=on_progress)
+            async with anyio.create_task_group() as group:  # cancelled once it reported progress
+                group.start_soon(partial(client.call_tool, "query", slow, progress_callback=on_progress))
+                with anyio.move_on_after(30):
+                    await reported.wait()
+                group.cancel_scope.cancel()
             after = await client.call_tool("query", {"sql": "SELECT count(*) FROM sales.products"})
             return answer, refused, after
 
