@@ -1,9 +1,8 @@
 """The query engine: a pool of query worker processes that run governed SQL.
 
 A governed query reaches the engine as a `GovernedSql`, whose DuckDB rendering names every table by
-a placeholder, and one
-`TableSource` per placeholder: the planned files of the table's snapshot and the columns its
-governed scan needs. The engine hands both to a worker process (catalog/query_worker.py), which
+a placeholder, and one `TableSource` per placeholder: the planned files of the table's snapshot and
+the columns its governed scan needs. The engine hands both to a worker process (catalog/query_worker.py), which
 runs them in a locked DuckDB sandbox that can read nothing else (catalog/query_sandbox.py), and
 answers the rows, whether they are whole, and which relations the engine scanned.
 

@@ -1,8 +1,8 @@
 """The Spark engine: governed SQL on an Apache Spark cluster, through Spark Connect.
 
 The same governed statement the DuckDB engine runs (catalog/query_engine.py, a `GovernedSql`)
-reaches this engine with one `TableSource` per placeholder: the planned Parquet files of one Iceberg snapshot and the
-columns its governed scan needs. For each call, on a Spark Connect session of its own:
+reaches this engine with one `TableSource` per placeholder: the planned Parquet files of one Iceberg
+snapshot and the columns its governed scan needs. For each call, on a Spark Connect session of its own:
 
 - each placeholder is a temporary view over exactly those files, read with a schema of only those
   columns whose fields carry their Iceberg field ids (`parquet.field.id`), so that Spark reads

@@ -48,7 +48,7 @@ class GovernedSql:
 
     def page(self, offset: int, count: int) -> GovernedSql:
         """The query limited to `count` rows starting at row `offset`."""
-        page = exp.Subquery(this=self.tree.copy(), alias=exp.TableAlias(this=exp.to_identifier(PAGE_ALIAS)))
+        inner = exp.Subquery(this=self.tree.copy(), alias=exp.TableAlias(this=exp.to_identifier(PAGE_ALIAS)))
         # One copy of the tree (above): the builder's own copies of the select are not needed.
-        wrapped = exp.select("*").from_(page, copy=False).limit(int(count), copy=False).offset(int(offset), copy=False)
+        wrapped = exp.select("*").from_(inner, copy=False).limit(int(count), copy=False).offset(int(offset), copy=False)
         return GovernedSql(wrapped, self.masks)

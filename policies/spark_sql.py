@@ -107,9 +107,9 @@ BARE_FUNCTIONS = frozenset(
 #: What Spark's analysed plan prints as `name(...)` that no query can call by that name: parts of a
 #: window, of a lambda, of a subquery (and the names Spark gives such columns), of a PIVOT, LIKE
 #: ANY/ALL, date arithmetic with a unit (DATEDIFF(DAY, ...) is Spark's syntax, not a function), an
-#: interval's conversion the analyser adds, and the types of a JSON schema. None is a
-#: function of Spark's registry (tests/test_spark_sql.py checks that against a live cluster's SHOW
-#: FUNCTIONS). A PIVOT's generated column names (`__pivot_sum(amount)`) are read as the aggregate.
+#: interval's conversion the analyser adds, and the types of a JSON schema. None is a function of
+#: Spark's registry (tests/test_spark_sql.py checks that against a live cluster's SHOW FUNCTIONS).
+#: A PIVOT's generated column names (`__pivot_sum(amount)`) are read as the aggregate they name.
 PLAN_EXPRESSIONS = frozenset(
     {"windowspecdefinition", "specifiedwindowframe", "lambdafunction", "namedlambdavariable", "outer",
      "extractansiintervaldays", "pivotfirst", "likeany", "likeall", "notlikeany", "notlikeall",
@@ -117,6 +117,7 @@ PLAN_EXPRESSIONS = frozenset(
      "varchartype", "daytimeintervaltype", "yearmonthintervaltype", "scalarsubquery", "listquery",
      "timestampadd", "timestampdiff"}
 )  # fmt: skip
+_PLAN_ALLOWED = SPARK_FUNCTIONS | PLAN_EXPRESSIONS
 _PIVOT_COLUMN = "__pivot_"
 #: Spark's EXPLAIN EXTENDED, in this order; each header exactly once, or the sections are not known.
 PLAN_HEADERS = (
@@ -277,7 +278,7 @@ def check_spark_plan(analysed: str, sql: str, own_functions: Collection[str] = (
         GovernanceViolation: Spark's plan calls a function that sqlglot's reading did not show, or
             the plan is cut short (so it cannot be checked whole).
     """
-    allowed = SPARK_FUNCTIONS | PLAN_EXPRESSIONS | {name.lower() for name in own_functions}
+    allowed = _PLAN_ALLOWED | {name.lower() for name in own_functions}
     called = {match.group(1).lower().removeprefix(_PIVOT_COLUMN) for match in _PLAN_CALL.finditer(analysed)}
     refused = [f"{name}(" for name in sorted(called - allowed)]
     refused += sorted({match.group(0) for match in _TRUNCATED.finditer(analysed)})

@@ -11,8 +11,8 @@ the row filters applied) is noted on it.
 The engine gets the rewritten query (a `GovernedSql`: one tree, which it renders in its own dialect)
 with a placeholder for each table and, for each placeholder, the planned files and the columns its
 governed scan needs (visible and row-filter columns, never a hidden one): nothing else is readable
-in its sandbox. The tables the audit record says were read
-are the ones the engine reports it scanned; a scan the guard did not expect fails the call.
+in its sandbox. The tables the audit record says were read are the ones the engine reports it
+scanned; a scan the guard did not expect fails the call.
 """
 
 from __future__ import annotations
