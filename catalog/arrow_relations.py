@@ -28,7 +28,7 @@ import secrets
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from pyarrow.fs import FileSystem
 
     from lakegate.catalog.column_cache import ColumnCache
+    from lakegate.catalog.vended_credentials import VendedCredentials
 
 __all__ = [
     "RELATION_PREFIX",
@@ -82,6 +83,16 @@ class TableSource:
     columns: tuple[SourceColumn, ...]  # only the columns the governed scan needs
     files: tuple[tuple[str, int], ...]  # (path on the worker's file system, size in bytes)
     store: str | None = None  # which file system: None the warehouse's, else an attached catalog's
+    vended: VendedCredentials | None = field(default=None, repr=False, compare=False)  # the credentials
+    # that catalog vended to read these files (catalog/vended_credentials.py); None: its own
+
+    @property
+    def store_key(self) -> str:
+        """Which file system and credentials read the files: data read with one set of credentials is
+        never handed to a read with another (each may reach other files)."""
+        if self.store is None:
+            return ""
+        return self.store if self.vended is None else f"{self.store}#{self.vended.key}"
 
 
 class _Tracked:
@@ -252,7 +263,7 @@ def build_relation(
         schema = pa.schema([physical.field(name) for name in physical.names if name in current])
         kept = None
         if columns is not None:
-            kept = columns.table(members, sum(sizes[fragment.path] for fragment in members), schema, source.store or "")
+            kept = columns.table(members, sum(sizes[fragment.path] for fragment in members), schema, source.store_key)
         dataset: _Tracked
         if kept is not None:
             dataset = TrackedMemoryDataset(kept)

@@ -32,11 +32,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 import structlog
 
+from lakegate.catalog.vended_credentials import VendedCredentials, expiring, s3_filesystem, vended_credentials
 from lakegate.errors import BackendError, ConfigurationError, NotFound, SourceUnavailable
 
 if TYPE_CHECKING:
@@ -112,6 +113,7 @@ class AttachedCatalog:
         self._properties: dict[str, str] | None = None
         self._listing = _Listing()
         self._tables: dict[str, tuple[float, IcebergTable]] = {}
+        self._vended: dict[str, tuple[str, VendedCredentials]] = {}  # dataset -> (table uuid, held credentials)
         self._lock = threading.Lock()
 
     @property
@@ -195,6 +197,7 @@ class AttachedCatalog:
             self._listing = _Listing(names, self._clock(), skipped)
             for gone in set(self._tables) - set(names):
                 del self._tables[gone]
+                self._vended.pop(gone, None)
         return sorted(names)
 
     def expire(self) -> None:
@@ -203,6 +206,7 @@ class AttachedCatalog:
         with self._lock:
             self._listing.at = float("-inf")
             self._tables.clear()
+            self._vended.clear()
 
     def _walk(self) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
         catalog = self.catalog
@@ -265,7 +269,8 @@ class AttachedCatalog:
         return known
 
     def load_table(self, name: str) -> IcebergTable:
-        """Table `name`, loaded again when the last load is older than `table_refresh_s`.
+        """Table `name`, loaded again when the last load is older than `table_refresh_s` or the
+        credentials the catalog vended with it are due to be replaced.
 
         Raises:
             NotFound: no such table.
@@ -274,7 +279,11 @@ class AttachedCatalog:
         now = self._clock()
         with self._lock:
             cached = self._tables.get(name)
-        if cached is not None and now - cached[0] < self.spec.table_refresh_s:
+        if (
+            cached is not None
+            and now - cached[0] < self.spec.table_refresh_s
+            and not expiring(cached[1], self.properties)
+        ):
             return cached[1]
         identifier = self.identifier(name)
         from pyiceberg.exceptions import NoSuchTableError
@@ -299,6 +308,32 @@ class AttachedCatalog:
 
     # -- reading files -------------------------------------------------------------------------
 
+    def vended(self, name: str, table: IcebergTable) -> VendedCredentials | None:
+        """The credentials the catalog vended for reading table `name` (loaded as `table`), or None
+        where it vends none (the files are read with the catalog's own s3.* properties).
+
+        The credentials held for the table are kept until they are due to be replaced, though each
+        load may bring new ones (catalog/vended_credentials.py says why); a table dropped and created
+        again under the same name gets its own.
+        """
+        fresh = vended_credentials(table, self.properties)
+        uuid = str(table.metadata.table_uuid)
+        with self._lock:
+            if fresh is None:
+                self._vended.pop(name, None)
+                return None
+            held = self._vended.get(name)
+            if held is not None and held[0] == uuid and time.time() < held[1].usable_until:
+                return held[1]
+            self._vended[name] = (uuid, fresh)
+            return fresh
+
+    @property
+    def reads_s3(self) -> bool:
+        """Whether the catalog's own properties say how to reach S3 (without vended credentials)."""
+        properties = self.properties
+        return any(key.startswith("s3.") for key in properties) or _is_s3(properties.get("warehouse"))
+
     def file_path(self, location: str, table_location: str, *, forbidden: Sequence[str]) -> str:
         """Where the worker reads data file `location` of one of this catalog's tables: "bucket/key"
         on the catalog's S3, or a local path.
@@ -313,7 +348,9 @@ class AttachedCatalog:
             BackendError: the file lies outside those places (the log names it, the agent never does).
         """
         normal = normal_location(location)
-        root = self.properties.get("warehouse") or table_location
+        # A REST catalog's `warehouse` may name a warehouse of the catalog, not a place (Polaris).
+        warehouse = self.properties.get("warehouse") or ""
+        root = warehouse if "://" in warehouse or warehouse.startswith("/") else table_location
         allowed = normal is not None and location_under(normal, normal_location(root))
         if not allowed or any(location_under(normal, normal_location(place)) for place in forbidden):
             raise BackendError(
@@ -331,18 +368,19 @@ class AttachedCatalog:
         Raises:
             BackendError: pyarrow cannot create the S3 client.
         """
-        properties = self.properties
-        if not any(key.startswith("s3.") for key in properties) and not str(properties.get("warehouse", "")).startswith(
-            ("s3://", "s3a://")
-        ):
+        if not self.reads_s3:
             from pyarrow.fs import LocalFileSystem
 
             return LocalFileSystem()
-        return _s3_filesystem(self.name, properties)
+        return s3_filesystem(self.name, self.properties)
 
 
 def _not_found(name: str) -> NotFound:
     return NotFound(f"No dataset named {name!r}.", hint="Call list_datasets to see the datasets you can use.")
+
+
+def _is_s3(location: str | None) -> bool:
+    return str(location or "").startswith(("s3://", "s3a://", "s3n://"))
 
 
 def normal_location(location: str | None) -> str | None:
@@ -366,26 +404,3 @@ def location_under(path: str | None, root: str | None) -> bool:
         return False
     root = root.rstrip("/")
     return path == root or path.startswith(root + "/")
-
-
-def _s3_filesystem(catalog: str, properties: Mapping[str, str]) -> FileSystem:
-    from urllib.parse import urlsplit
-
-    from pyarrow.fs import S3FileSystem
-
-    options: dict[str, Any] = {"region": properties.get("s3.region") or properties.get("client.region") or "us-east-1"}
-    if endpoint := properties.get("s3.endpoint"):
-        parts = urlsplit(endpoint)
-        options["endpoint_override"] = parts.netloc or endpoint
-        options["scheme"] = parts.scheme or "https"
-    if properties.get("s3.force-virtual-addressing", "false").lower() != "true":
-        options["force_virtual_addressing"] = False
-    key, secret = properties.get("s3.access-key-id"), properties.get("s3.secret-access-key")
-    if key and secret:
-        options["access_key"], options["secret_key"] = key, secret
-        if token := properties.get("s3.session-token"):
-            options["session_token"] = token
-    try:
-        return S3FileSystem(**options)
-    except Exception as exc:
-        raise BackendError(f"cannot create the S3 client for catalog {catalog}: {type(exc).__name__}") from exc

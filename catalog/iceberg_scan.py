@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
@@ -32,7 +32,9 @@ from lakegate.errors import BackendError, InvalidArgument, NotFound, SourceUnava
 if TYPE_CHECKING:
     from pyiceberg.expressions import BooleanExpression
     from pyiceberg.table import FileScanTask
+    from pyiceberg.table import Table as IcebergTable
 
+    from lakegate.catalog.vended_credentials import VendedCredentials
     from lakegate.policies.sql_filters import ColumnFilter
 
 log = structlog.get_logger(__name__)
@@ -109,6 +111,8 @@ class ScanPlan:
     # in those files, from the manifests' column sizes)
     store: str | None = None  # the file system the files are on: None the warehouse's, else the
     # attached catalog's of that name
+    vended: VendedCredentials | None = field(default=None, repr=False, compare=False)  # the credentials
+    # the attached catalog vended for this call's read (never cached with the plan)
 
     @property
     def bytes(self) -> int:
@@ -134,6 +138,7 @@ class ScanPlan:
             ),
             files=self.files,
             store=self.store,
+            vended=self.vended,
         )
 
 
@@ -228,8 +233,9 @@ class ScanPlanner:
             snapshot_id = snapshot.snapshot_id if snapshot is not None else None
             key = (name, snapshot_id, metadata.current_schema_id if as_of is None else None)
             with self._lock:
-                if key in self._plans:
-                    return self._plans[key]
+                cached = self._plans.get(key)
+            if cached is not None:
+                return self._with_credentials(cached, table)
             # The current read uses the current schema (a rename makes no snapshot); a read of the
             # past uses the schema its snapshot was written with.
             schema = table.schema()
@@ -264,6 +270,28 @@ class ScanPlanner:
         plan = ScanPlan(name, snapshot_id, columns, files, rows, column_bytes=column_bytes, store=store)
         with self._lock:
             self._plans[key] = plan
+        return self._with_credentials(plan, table)
+
+    def _with_credentials(self, plan: ScanPlan, table: IcebergTable) -> ScanPlan:
+        """`plan` with the credentials its attached catalog vends for reading it now, if any.
+
+        Raises:
+            SourceUnavailable: the table's files are on S3, and its catalog neither vends credentials
+                nor has s3.* properties.
+        """
+        attached = self._warehouse.attached_catalog(plan.table)
+        if attached is None:
+            return plan
+        vended = attached.vended(plan.table, table)
+        if vended is not None:
+            return replace(plan, vended=vended)
+        if not attached.reads_s3 and any(not path.startswith("/") for path, _ in plan.files):
+            raise SourceUnavailable(
+                f"the files of {plan.table} are on S3, but catalog {attached.name} vended no credentials for "
+                "them and has no s3.* properties",
+                table=plan.table,
+                catalog=attached.name,
+            )
         return plan
 
     def prune(self, plan: ScanPlan, filters: Sequence[ColumnFilter]) -> ScanPlan:
@@ -277,15 +305,16 @@ class ScanPlanner:
             return plan
         key = (plan.table, plan.snapshot_id, plan.columns, tuple(filters))
         with self._lock:
-            if key in self._pruned:
-                return self._pruned[key]
+            cached = self._pruned.get(key)
+        if cached is not None:
+            return replace(cached, vended=plan.vended)
         try:
             pruned = self._pruned_plan(plan, filters)
         except Exception:  # the unpruned plan answers the same, only slower
             log.warning("scan.prune_failed", table=plan.table, exc_info=True)
             return plan
         with self._lock:
-            self._pruned[key] = pruned
+            self._pruned[key] = replace(pruned, vended=None)
         return pruned
 
     def _pruned_plan(self, plan: ScanPlan, filters: Sequence[ColumnFilter]) -> ScanPlan:

@@ -65,6 +65,8 @@ PROGRESS_INTERVAL_S = 1.0
 #: A result is cut to this many times the byte budget (in Arrow bytes) before it is sent: the
 #: server can only return one page, and sizes it exactly in JSON.
 SEND_FACTOR = 2
+#: File systems made with vended credentials kept at once (each holds its files' footers).
+MAX_VENDED_STORES = 64
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,8 @@ class Worker:
         self._channel = channel
         self._columns = columns
         self._filesystems: Mapping[str, FileSystem] = dict(filesystems or {})
-        self._stores: dict[str, FragmentCache] = {}  # attached catalog -> the footers of its files
+        self._stores: dict[str, FragmentCache] = {}  # TableSource.store_key -> the footers of its files
+        self._dropped_footer_bytes = 0  # of the stores dropped (so that a call's read count stays right)
         self._count_reads = count_reads  # local files: the process's read counter measures what a query read
         self._sandbox = sandbox
         self._cache = cache
@@ -144,21 +147,33 @@ class Worker:
                 self._sandbox.interrupt()
 
     def _footer_bytes(self) -> int:
-        return self._cache.footer_bytes + sum(cache.footer_bytes for cache in self._stores.values())
+        held = sum(cache.footer_bytes for cache in self._stores.values())
+        return self._cache.footer_bytes + held + self._dropped_footer_bytes
 
-    def _footers(self, store: str | None) -> FragmentCache:
-        """The footer cache of a file system: the warehouse's, or an attached catalog's.
+    def _footers(self, source: TableSource) -> FragmentCache:
+        """The footer cache of the file system that reads `source`'s files: the warehouse's, an
+        attached catalog's, or one made with the credentials that catalog vended for the table.
 
         Raises:
             OSError: no file system was configured for that catalog (its settings are incomplete).
+            BackendError: pyarrow cannot create an S3 client with the vended credentials.
         """
-        if store is None:
+        if source.store is None:
             return self._cache
-        if store not in self._stores:
-            if store not in self._filesystems:
-                raise OSError(f"the data files of catalog {store} cannot be reached: check its settings")
-            self._stores[store] = FragmentCache(self._filesystems[store])
-        return self._stores[store]
+        key = source.store_key
+        if key not in self._stores:
+            if source.vended is not None:
+                filesystem = source.vended.filesystem(source.store)
+            elif source.store in self._filesystems:
+                filesystem = self._filesystems[source.store]
+            else:
+                raise OSError(f"the data files of catalog {source.store} cannot be reached: check its settings")
+            vended = [name for name in self._stores if "#" in name]
+            if source.vended is not None and len(vended) >= MAX_VENDED_STORES:
+                # Vended credentials are replaced about hourly: drop the longest held.
+                self._dropped_footer_bytes += self._stores.pop(vended[0]).footer_bytes
+            self._stores[key] = FragmentCache(filesystem)
+        return self._stores[key]
 
     def serve(self) -> None:
         while (item := self._jobs.get()) is not None:
@@ -185,7 +200,7 @@ class Worker:
         try:
             sql = job.sql
             for placeholder, source in job.sources.items():
-                cache = self._footers(source.store)
+                cache = self._footers(source)
                 # explain reads no data: it neither fills nor uses the memory of tables
                 columns = None if job.explain else self._columns
                 relation = build_relation(source, cache, register, placeholder, on_scan, columns)

@@ -214,6 +214,9 @@ class StorageSettings(BaseModel):
 _SECRET_PROPERTY = re.compile(
     r"secret|password|token|credential|session|key|connection-string|authorization|^header\.|json", re.IGNORECASE
 )
+#: Headers that carry no secret, written as plain values: how the catalog shares storage access
+#: (vended-credentials, the default, or remote-signing).
+_PLAIN_HEADERS = frozenset({"header.x-iceberg-access-delegation"})
 _REFERENCE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
 #: A URI with a password in it (scheme://user:password@host).
 _URI_PASSWORD = re.compile(r"://[^/@:]*:[^/@]*@")
@@ -226,7 +229,7 @@ def _check_secret_references(values: dict[str, str], noun: str) -> None:
         ValueError: a credential's key with a literal value, or a URI with a literal password.
     """
     for key, text in values.items():
-        if _SECRET_PROPERTY.search(key) and not _REFERENCE.match(text):
+        if _SECRET_PROPERTY.search(key) and key.lower() not in _PLAIN_HEADERS and not _REFERENCE.match(text):
             raise ValueError(
                 f"{noun} {key!r} holds a credential: write it as ${{NAME}} and set the environment variable NAME"
             )

@@ -2,11 +2,19 @@
 ports of its own: S3 with the buckets `warehouse` and `lance`, and an Iceberg REST catalog over the
 table bucket `lakehouse` (signed with SigV4, as the AWS S3 Tables API is). The tests start one per
 test process (tests/conftest.py); the attached-catalog benchmark starts its own.
+
+With `vend_credentials`, the catalog also vends credentials, as Apache Polaris or Lakekeeper
+do: a table load that asks for them (pyiceberg asks by default) answers with short-lived S3
+credentials from SeaweedFS's STS that reach only that table's files (the role below trusts the
+catalog; SeaweedFS scopes each session to the table's prefix).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -18,11 +26,53 @@ from pathlib import Path
 
 from lakegate.catalog.object_store import ObjectStore
 
-__all__ = ["ACCESS_KEY", "SECRET_KEY", "TABLE_BUCKET", "Seaweed", "start_seaweed", "weed_binary"]
+__all__ = ["ACCESS_KEY", "SECRET_KEY", "TABLE_BUCKET", "VENDED_FOR_S", "Seaweed", "start_seaweed", "weed_binary"]
 
 ACCESS_KEY, SECRET_KEY = "lakegate-test", "lakegate-test-secret"
 #: The table bucket the REST catalog keeps its tables in.
 TABLE_BUCKET = "lakehouse"
+#: The role the catalog assumes to vend credentials, and the lifetime it asks for (STS's least).
+VENDING_ROLE, VENDED_FOR_S = "arn:aws:iam::role/IcebergTableAccess", 900
+
+
+def _iam_config() -> dict[str, object]:
+    """SeaweedFS's IAM configuration for vending: an STS with a random signing key, and one role that
+    only the Iceberg catalog may assume, allowed to read and write objects (each session narrower)."""
+    objects = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:ListBucket", "s3:GetBucketLocation"]
+    trust = {
+        "Effect": "Allow",
+        "Principal": {"Federated": "iceberg-catalog"},
+        "Action": ["sts:AssumeRoleWithCredentials"],
+    }
+    return {
+        "sts": {
+            "tokenDuration": "1h",
+            "maxSessionLength": "12h",
+            "issuer": "lakegate-test-sts",
+            "signingKey": base64.b64encode(secrets.token_bytes(32)).decode(),
+        },
+        "policy": {"defaultEffect": "Deny"},
+        "roles": [
+            {
+                "roleName": VENDING_ROLE.rpartition("/")[2],
+                "roleArn": VENDING_ROLE,
+                "trustPolicy": {"Version": "2012-10-17", "Statement": [trust]},
+                "attachedPolicies": ["TableFiles"],
+            }
+        ],
+        "policies": [
+            {
+                "name": "TableFiles",
+                "document": {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {"Effect": "Allow", "Action": objects, "Resource": ["arn:aws:s3:::*", "arn:aws:s3:::*/*"]},
+                        {"Effect": "Allow", "Action": ["sts:ValidateSession"], "Resource": ["*"]},
+                    ],
+                },
+            }
+        ],
+    }
 
 
 def weed_binary() -> str | None:
@@ -96,8 +146,9 @@ class Seaweed:
             time.sleep(0.2)
 
 
-def start_seaweed(root: Path) -> Generator[Seaweed, None, None]:
-    """Run SeaweedFS under `root` until the generator is closed (a fixture's body).
+def start_seaweed(root: Path, *, vend_credentials: bool = False) -> Generator[Seaweed, None, None]:
+    """Run SeaweedFS under `root` until the generator is closed (a fixture's body); with
+    `vend_credentials`, its catalog vends table-scoped credentials.
 
     Raises:
         RuntimeError: there is no `weed` binary.
@@ -128,6 +179,16 @@ def start_seaweed(root: Path) -> Generator[Seaweed, None, None]:
         f"-tableBucket={TABLE_BUCKET}",
         *flags,
     ]
+    if vend_credentials:
+        iam = root / "iam.json"
+        iam.write_text(json.dumps(_iam_config()))
+        s3_port = ports[2 * names.index("s3")]
+        command += [
+            f"-s3.iam.config={iam}",
+            f"-s3.iceberg.credentialRole={VENDING_ROLE}",
+            f"-s3.iceberg.credentialDurationSeconds={VENDED_FOR_S}",
+            f"-s3.externalUrl=http://127.0.0.1:{s3_port}",  # the endpoint the catalog's answer names
+        ]
     (root / "data").mkdir()
     env = os.environ | {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
     with log.open("wb") as out:

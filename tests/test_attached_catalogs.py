@@ -136,9 +136,8 @@ ROW_FILTER = """
 """
 
 
-def _project(root: Path, lakehouse: Lakehouse, *, extra: str = "") -> Path:
-    """A project that attaches the two catalogs, with the demo's policies plus RULES."""
-    project = root / "project"
+def governed_project(project: Path) -> Path:
+    """`project` made a copy of the demo's policies and catalog, with RULES, OVERLAY and ROW_FILTER."""
     copy_demo_project(project)
     with (project / "policies" / "policy.csv").open("a") as rules:
         rules.write(RULES)
@@ -146,6 +145,12 @@ def _project(root: Path, lakehouse: Lakehouse, *, extra: str = "") -> Path:
         overlay.write(OVERLAY)
     with (project / "policies" / "row_filters.yaml").open("a") as filters:
         filters.write(ROW_FILTER)
+    return project
+
+
+def _project(root: Path, lakehouse: Lakehouse, *, extra: str = "") -> Path:
+    """A project that attaches the two catalogs, with the demo's policies plus RULES."""
+    project = governed_project(root / "project")
     rest = lakehouse.seaweed.rest_properties()
     for key in ("client.secret-access-key", "s3.secret-access-key"):
         rest[key] = "${" + SECRET_VARIABLE + "}"
