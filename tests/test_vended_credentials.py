@@ -189,6 +189,19 @@ def test_vended_credentials_reach_no_answer_log_or_audit_record(attached: Runtim
         assert "ASIA" not in text  # SeaweedFS's key ids of vended sessions, whichever load minted them
 
 
+def _runtime(vending: Vending, root: Path, monkeypatch: pytest.MonkeyPatch, *, toml: list[str]) -> Runtime:
+    """A runtime of a copy of the project whose lakegate.toml is `toml`."""
+    from tests.seaweed_support import ACCESS_KEY, SECRET_KEY
+
+    monkeypatch.setenv(KEY_VARIABLE, ACCESS_KEY)
+    monkeypatch.setenv(SECRET_VARIABLE, SECRET_KEY)
+    project = root / "project"
+    shutil.copytree(vending.project, project)
+    (project / "lakegate.toml").write_text("\n".join(["build_demo = false", *toml]) + "\n")
+    home = root / "home"
+    return open_runtime(load_settings(project, home=home, principal=None, audit={"path": home / "audit.jsonl"}))
+
+
 def test_a_catalog_asked_for_no_credentials_says_which_table_and_what_to_check(
     vending: Vending, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -196,17 +209,10 @@ def test_a_catalog_asked_for_no_credentials_says_which_table_and_what_to_check(
     property of its own (its warehouse is a name, not a place): the agent is told which table and
     what to check, never "internal error"."""
     from lakegate.server.gate.gate import to_call_result
-    from tests.seaweed_support import ACCESS_KEY, SECRET_KEY
 
     properties = _signing(vending.seaweed, **{"header.X-Iceberg-Access-Delegation": "remote-signing"})
-    monkeypatch.setenv(KEY_VARIABLE, ACCESS_KEY)
-    monkeypatch.setenv(SECRET_VARIABLE, SECRET_KEY)
-    project = tmp_path / "project"
-    shutil.copytree(vending.project, project)
-    lines = ["build_demo = false", "[catalogs.lake.properties]", *(f'"{k}" = "{v}"' for k, v in properties.items())]
-    (project / "lakegate.toml").write_text("\n".join(lines) + "\n")
-    home = tmp_path / "home"
-    runtime = open_runtime(load_settings(project, home=home, principal=None, audit={"path": home / "audit.jsonl"}))
+    toml = ["[catalogs.lake.properties]", *(f'"{k}" = "{v}"' for k, v in properties.items())]
+    runtime = _runtime(vending, tmp_path, monkeypatch, toml=toml)
     try:
         outcome = gate_call(runtime, "analyst", "query", {"sql": "SELECT count(*) FROM lake.sales.orders"})
         assert isinstance(outcome.error, SourceUnavailable), outcome.error
@@ -215,6 +221,29 @@ def test_a_catalog_asked_for_no_credentials_says_which_table_and_what_to_check(
         assert "internal error" not in message and str(tmp_path) not in message
     finally:
         runtime.close()
+
+
+def test_a_writable_vending_catalog_is_written_with_the_credentials_it_vends(
+    vending: Vending, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lakegate has no s3.* property: the data file of an allowed append is written with the
+    credentials vended for the table, and the other team's pipeline reads the new snapshot."""
+    pipeline = _rest_catalog(vending.seaweed)
+    events = pa.table({"event_id": pa.array([1, 2], pa.int64()), "kind": ["view", "buy"]})
+    pipeline.create_table(("sales", "events"), schema=events.schema).append(events)
+    toml = ["[catalogs.lake]", "writable = true", "[catalogs.lake.properties]"]
+    toml += [f'"{key}" = "{value}"' for key, value in _signing(vending.seaweed).items()]
+    runtime = _runtime(vending, tmp_path, monkeypatch, toml=toml)
+    try:
+        row = {"event_id": 3, "kind": "refund"}
+        appended = gate_ok(runtime, "admin", "append_rows", {"table": "lake.sales.events", "rows": [row]})
+        table = pipeline.load_table(("sales", "events"))
+        assert table.current_snapshot().snapshot_id == appended["snapshot_id"]
+        assert sorted(table.scan().to_arrow().column("event_id").to_pylist()) == [1, 2, 3]
+        assert _rows(runtime, "analyst", "SELECT kind FROM lake.sales.events WHERE event_id = 3") == [["refund"]]
+    finally:
+        runtime.close()
+        pipeline.drop_table(("sales", "events"))
 
 
 def test_an_agent_over_stdio_reads_a_vending_catalog(vending: Vending, tmp_path: Path) -> None:
