@@ -112,7 +112,7 @@ class AttachedCatalog:
         self._catalog: Catalog | None = None
         self._properties: dict[str, str] | None = None
         self._listing = _Listing()
-        self._tables: dict[str, tuple[float, IcebergTable]] = {}
+        self._tables: dict[str, tuple[float, IcebergTable, float]] = {}  # (clock, table, time.time()) at load
         self._vended: dict[str, tuple[str, VendedCredentials]] = {}  # dataset -> (table uuid, held credentials)
         self._lock = threading.Lock()
 
@@ -282,7 +282,7 @@ class AttachedCatalog:
         if (
             cached is not None
             and now - cached[0] < self.spec.table_refresh_s
-            and not expiring(cached[1], self.properties)
+            and not expiring(cached[1], self.properties, received_at=cached[2])
         ):
             return cached[1]
         identifier = self.identifier(name)
@@ -303,7 +303,7 @@ class AttachedCatalog:
             detail = f"cannot load table {name} from catalog {self.name}: {type(exc).__name__}: {exc}"
             raise SourceUnavailable(detail, table=name, catalog=self.name) from exc
         with self._lock:
-            self._tables[name] = (now, table)
+            self._tables[name] = (now, table, time.time())
         return table
 
     # -- reading files -------------------------------------------------------------------------
@@ -316,7 +316,11 @@ class AttachedCatalog:
         load may bring new ones (catalog/vended_credentials.py says why); a table dropped and created
         again under the same name gets its own.
         """
-        fresh = vended_credentials(table, self.properties)
+        with self._lock:
+            loaded = self._tables.get(name)
+        # Credentials date from the load that brought them (a table may be kept for table_refresh_s).
+        received_at = loaded[2] if loaded is not None and loaded[1] is table else time.time()
+        fresh = vended_credentials(table, self.properties, received_at=received_at)
         uuid = str(table.metadata.table_uuid)
         with self._lock:
             if fresh is None:

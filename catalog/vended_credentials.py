@@ -93,23 +93,24 @@ def _answered(key: str, table: IcebergTable, own: Mapping[str, str]) -> str | No
     return value
 
 
-def vended_credentials(table: IcebergTable, own: Mapping[str, str]) -> VendedCredentials | None:
+def vended_credentials(table: IcebergTable, own: Mapping[str, str], *, received_at: float) -> VendedCredentials | None:
     """The credentials the catalog vended with `table`, or None where it vended none (its files are
-    then read with the catalog's own properties). `own` is the catalog's configured properties."""
+    then read with the catalog's own properties). `own` is the catalog's configured properties;
+    `received_at` when the table was loaded (seconds since the epoch)."""
     answer = {key: value for key in ANSWER_KEYS if (value := _answered(key, table, own)) is not None}
     if any(key not in answer for key in CREDENTIAL_KEYS):
         return None
     expires = answer.pop(EXPIRES_KEY, None)
     expires_at = int(expires) / 1000 if expires is not None and expires.isdigit() else None
     properties = {key: own[key] for key in PLACE_KEYS if own.get(key)} | answer
-    return VendedCredentials(tuple(sorted(properties.items())), expires_at, time.time())
+    return VendedCredentials(tuple(sorted(properties.items())), expires_at, received_at)
 
 
-def expiring(table: IcebergTable, own: Mapping[str, str]) -> bool:
-    """Whether the credentials vended with `table` are due to be replaced (the table should be
-    loaded again for fresh ones)."""
-    vended = vended_credentials(table, own)
-    return vended is not None and vended.expires_at is not None and time.time() >= vended.usable_until
+def expiring(table: IcebergTable, own: Mapping[str, str], *, received_at: float) -> bool:
+    """Whether the credentials vended with `table` (loaded at `received_at`) are due to be replaced:
+    the table is to be loaded again for fresh ones."""
+    vended = vended_credentials(table, own, received_at=received_at)
+    return vended is not None and time.time() >= vended.usable_until
 
 
 def s3_filesystem(catalog: str, properties: Mapping[str, str]) -> FileSystem:

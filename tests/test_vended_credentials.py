@@ -263,12 +263,20 @@ def test_an_agent_over_stdio_reads_a_vending_catalog(vending: Vending, tmp_path:
     assert not answer.is_error and answer.structured_content["rows"] == [["EMEA", 90.0]]
 
 
-def test_a_tables_own_properties_never_choose_where_or_with_what_its_files_are_read(attached: Runtime) -> None:
-    """Whoever may commit to a table sets its properties, and pyiceberg merges them into its FileIO
-    properties under the catalog's answer: where the answer is silent, lakegate.toml decides."""
+def _answered(loaded: Any, own: dict[str, str], config: dict[str, str], properties: dict[str, str]) -> Any:
+    """`loaded` as pyiceberg builds a table from a load answer with `config` (credentials and all),
+    the table having `properties` and the catalog `own` properties."""
     from pyiceberg.io import load_file_io
     from pyiceberg.table import Table
 
+    metadata = loaded.metadata.model_copy(update={"properties": properties})
+    io = load_file_io({**own, **properties, **config})  # pyiceberg's own order of precedence
+    return Table(loaded.name(), metadata, loaded.metadata_location, io, loaded.catalog, config=config)
+
+
+def test_a_tables_own_properties_never_choose_where_or_with_what_its_files_are_read(attached: Runtime) -> None:
+    """Whoever may commit to a table sets its properties, and pyiceberg merges them into its FileIO
+    properties under the catalog's answer: where the answer is silent, lakegate.toml decides."""
     from lakegate.catalog.vended_credentials import vended_credentials
 
     own = {"s3.endpoint": "http://storage.internal:9000", "client.region": "eu-west-1"}
@@ -276,15 +284,29 @@ def test_a_tables_own_properties_never_choose_where_or_with_what_its_files_are_r
     answer = {key: loaded.io.properties[key] for key in CREDENTIAL_KEYS}  # the endpoint left out
     planted = {"s3.endpoint": "http://attacker.example", "s3.access-key-id": "planted", "s3.region": "nowhere-1"}
 
-    def table(config: dict[str, str], properties: dict[str, str]) -> Table:
-        metadata = loaded.metadata.model_copy(update={"properties": properties})
-        io = load_file_io({**own, **properties, **config})  # pyiceberg's own order of precedence
-        return Table(loaded.name(), metadata, loaded.metadata_location, io, loaded.catalog, config=config)
-
-    vended = vended_credentials(table(answer, planted), own)
+    vended = vended_credentials(_answered(loaded, own, answer, planted), own, received_at=time.time())
     assert vended is not None
     properties = dict(vended.properties)
     assert properties["s3.endpoint"] == own["s3.endpoint"] and "s3.region" not in properties
     assert properties["s3.access-key-id"] == answer["s3.access-key-id"]
     # Credentials planted in the table's properties alone are not vended ones.
-    assert vended_credentials(table({}, {**planted, "s3.secret-access-key": "x", "s3.session-token": "y"}), own) is None
+    planted |= {"s3.secret-access-key": "x", "s3.session-token": "y"}
+    assert vended_credentials(_answered(loaded, own, {}, planted), own, received_at=time.time()) is None
+
+
+def test_credentials_are_due_by_their_expiry_or_undated_hold_s_after_the_load_that_brought_them(
+    attached: Runtime,
+) -> None:
+    """A table kept for table_refresh_s keeps the credentials of the load that brought it: without
+    an expiry they are due UNDATED_HOLD_S after that load, however often they are looked at."""
+    from lakegate.catalog.vended_credentials import EXPIRES_KEY, RENEW_BEFORE_S, UNDATED_HOLD_S, expiring
+
+    loaded = attached.warehouse.attached["lake"].load_table("lake.sales.orders")
+    undated = {key: loaded.io.properties[key] for key in CREDENTIAL_KEYS}
+    now = time.time()
+    assert not expiring(_answered(loaded, {}, undated, {}), {}, received_at=now - UNDATED_HOLD_S + 30)
+    assert expiring(_answered(loaded, {}, undated, {}), {}, received_at=now - UNDATED_HOLD_S - 1)
+    later = undated | {EXPIRES_KEY: str(int((now + RENEW_BEFORE_S + 60) * 1000))}
+    assert not expiring(_answered(loaded, {}, later, {}), {}, received_at=now - 10 * UNDATED_HOLD_S)
+    soon = undated | {EXPIRES_KEY: str(int((now + RENEW_BEFORE_S - 60) * 1000))}
+    assert expiring(_answered(loaded, {}, soon, {}), {}, received_at=now)
