@@ -1,6 +1,6 @@
 """Benchmark: a lakehouse lakegate did not create, attached: discovery, catalog calls and a query.
 
-    python -m lakegate.evals.bench_catalogs [--tables 1000] [--rows 200000] [--runs 30]
+    python -m lakegate.evals.bench_catalogs [--tables 1000] [--rows 200000] [--runs 30] [--vended]
         [--out evals/results/bench_catalogs.json]
 
 A real Iceberg REST catalog (SeaweedFS on loopback, lakegate.evals.seaweed: SigV4, data files on its
@@ -15,6 +15,10 @@ read `lake.*` and nothing else), driven by the MCP SDK client. Measured, p50/p99
 - the time from a table's creation upstream to its first appearance in `list_datasets`;
 - a governed aggregate over the orders on S3 through `query`, and the same SQL in plain DuckDB over
   the same planned files as an Arrow dataset on the same S3 (raw over Arrow), interleaved: the ratio.
+
+With `--vended` the catalog vends table-scoped credentials and lakegate attaches it with no s3.*
+property (catalog/vended_credentials.py), so every file the governed query reads is read with them
+(default output evals/results/bench_catalogs_vended.json).
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ def _fill(catalog: Any, tables: int, rows: int) -> None:
     catalog.create_table(("shop", "orders"), schema=orders.schema).append(orders)
 
 
-def _project(root: Path, seaweed: Seaweed) -> Path:
+def _project(root: Path, seaweed: Seaweed, *, vended: bool) -> Path:
     project = root / "project"
     (project / "policies").mkdir(parents=True)
     (project / "policies" / "model.conf").write_text((REPO / "policies" / "model.conf").read_text())
@@ -101,6 +105,8 @@ def _project(root: Path, seaweed: Seaweed) -> Path:
         properties[key] = "${BENCH_LAKE_SECRET}"
     for key in ("client.access-key-id", "s3.access-key-id"):
         properties[key] = "${BENCH_LAKE_KEY}"
+    if vended:  # only the keys that sign the catalog's calls: the files are read with vended ones
+        properties = {key: value for key, value in properties.items() if not key.startswith("s3.")}
     lines = ["build_demo = false", "", "[catalogs.lake]", "refresh_s = 5", "table_refresh_s = 60", ""]
     lines += ["[catalogs.lake.properties]", *(f'"{key}" = "{value}"' for key, value in properties.items())]
     (project / "lakegate.toml").write_text("\n".join(lines) + "\n")
@@ -196,12 +202,15 @@ def main() -> None:
     parser.add_argument("--tables", type=int, default=1000)
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--out", type=Path, default=REPO / "evals" / "results" / "bench_catalogs.json")
+    parser.add_argument("--vended", action="store_true", help="the catalog vends credentials; lakegate has no s3.*")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    name = "bench_catalogs_vended.json" if args.vended else "bench_catalogs.json"
+    args.out = args.out or REPO / "evals" / "results" / name
     with tempfile.TemporaryDirectory(prefix="lakegate-bench-catalogs-") as scratch:
         root = Path(scratch)
         (root / "weed").mkdir()
-        server = start_seaweed(root / "weed")
+        server = start_seaweed(root / "weed", vend_credentials=args.vended)
         seaweed = next(server)
         try:
             seaweed.wait_ready()
@@ -209,7 +218,7 @@ def main() -> None:
             started = time.perf_counter()
             _fill(catalog, args.tables, args.rows)
             print(f"created {args.tables} tables and {args.rows:,} orders in {time.perf_counter() - started:.0f} s")
-            project = _project(root, seaweed)
+            project = _project(root, seaweed, vended=args.vended)
             os.environ["BENCH_LAKE_SECRET"] = seaweed.rest_properties()["s3.secret-access-key"]
             os.environ["BENCH_LAKE_KEY"] = seaweed.rest_properties()["s3.access-key-id"]
             results = anyio.run(_bench, seaweed, project, root / "home", args.runs, catalog)
@@ -220,6 +229,7 @@ def main() -> None:
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
         "catalog": "SeaweedFS Iceberg REST catalog on loopback (SigV4), data files on its S3",
+        "credentials": "vended per table by the catalog" if args.vended else "the catalog's s3.* properties",
         "tables": args.tables + 1,
         "order_rows": args.rows,
         "runs": args.runs,
