@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlparse
 
 import structlog
 
+from lakegate.catalog.sealed_file_io import seal
 from lakegate.catalog.vended_credentials import VendedCredentials, expiring, s3_filesystem, vended_credentials
 from lakegate.errors import BackendError, ConfigurationError, NotFound, SourceUnavailable
 
@@ -143,7 +144,7 @@ class AttachedCatalog:
                 from pyiceberg.catalog import load_catalog
 
                 try:
-                    self._catalog = load_catalog(self.spec.catalog_name or self.name, **self.properties)
+                    self._catalog = seal(load_catalog(self.spec.catalog_name or self.name, **self.properties))
                 except ConfigurationError:
                     raise
                 except Exception as exc:
@@ -338,28 +339,40 @@ class AttachedCatalog:
         properties = self.properties
         return any(key.startswith("s3.") for key in properties) or _is_s3(properties.get("warehouse"))
 
+    @property
+    def files_root(self) -> str | None:
+        """Where every data file of the catalog must lie: its `warehouse`, when that is a location.
+        None where it is not (a REST catalog's may name a warehouse of the catalog, as Polaris's
+        does) or is not set: then each table's files are read only with the credentials the catalog
+        vends for that table (the catalog decides what they reach), never with lakegate's own."""
+        warehouse = self.properties.get("warehouse") or ""
+        return warehouse if "://" in warehouse or warehouse.startswith("/") else None
+
     def file_path(self, location: str, table_location: str, *, forbidden: Sequence[str]) -> str:
         """Where the worker reads data file `location` of one of this catalog's tables: "bucket/key"
         on the catalog's S3, or a local path.
 
-        Whoever commits to an attached catalog decides which files its tables name; lakegate reads
-        them with its own rights. So a file is read only when it lies under the catalog's
-        `warehouse` (or, without one, under the table's own location), and never in lakegate's own
-        storage (`forbidden`: its state directory and object store locations), whose files hold
-        other tables under other policies.
+        Whoever commits to an attached catalog decides which files its tables name, and where the
+        tables are: so a file is read only when it lies under the catalog's `files_root`, or, without
+        one, on S3 under the table's location (read with the credentials vended for the table alone:
+        the scan planner refuses a read without them), and never in lakegate's own storage
+        (`forbidden`: its state directory and object store locations), whose files hold other
+        tables under other policies.
 
         Raises:
             BackendError: the file lies outside those places (the log names it, the agent never does).
         """
         normal = normal_location(location)
-        # A REST catalog's `warehouse` may name a warehouse of the catalog, not a place (Polaris).
-        warehouse = self.properties.get("warehouse") or ""
-        root = warehouse if "://" in warehouse or warehouse.startswith("/") else table_location
-        allowed = normal is not None and location_under(normal, normal_location(root))
+        root = self.files_root
+        if root is None:
+            within = normal_location(table_location)
+            allowed = normal is not None and _is_s3(normal) and location_under(normal, within)
+        else:
+            allowed = normal is not None and location_under(normal, normal_location(root))
         if not allowed or any(location_under(normal, normal_location(place)) for place in forbidden):
             raise BackendError(
-                f"a data file of catalog {self.name} lies outside its warehouse ({root}) or in lakegate's own "
-                f"storage: {location}"
+                f"a data file of catalog {self.name} lies outside its warehouse ({root or table_location}) or in "
+                f"lakegate's own storage: {location}"
             )
         assert normal is not None
         return normal.partition("://")[2] if normal.startswith("s3://") else normal

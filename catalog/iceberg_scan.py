@@ -207,8 +207,18 @@ class ScanPlanner:
         Raises:
             NotFound: no such table, or no such snapshot (the hint says how to list snapshots).
             InvalidArgument: the table has row-level deletes or a column type lakegate cannot read.
+            SourceUnavailable: an attached catalog's table whose metadata or manifests cannot be read.
             BackendError: the catalog, metadata or manifests cannot be read.
         """
+        try:
+            return self._plan(name, as_of)
+        except BackendError as exc:
+            attached = self._warehouse.attached_catalog(name)
+            if attached is None or type(exc) is not BackendError:
+                raise
+            raise SourceUnavailable(str(exc), table=name, catalog=attached.name) from exc
+
+    def _plan(self, name: str, as_of: int | datetime | None) -> ScanPlan:
         table = self._warehouse.iceberg_table(name)
         with translate_errors(f"plan a scan of {name}", name):
             metadata = table.metadata
@@ -276,8 +286,8 @@ class ScanPlanner:
         """`plan` with the credentials its attached catalog vends for reading it now, if any.
 
         Raises:
-            SourceUnavailable: the table's files are on S3, and its catalog neither vends credentials
-                nor has s3.* properties.
+            SourceUnavailable: the catalog vends no credentials for the table, and has no warehouse
+                location, or its files are on S3 and it has no s3.* properties.
         """
         attached = self._warehouse.attached_catalog(plan.table)
         if attached is None:
@@ -285,6 +295,13 @@ class ScanPlanner:
         vended = attached.vended(plan.table, table)
         if vended is not None:
             return replace(plan, vended=vended)
+        if attached.files_root is None and plan.files:
+            raise SourceUnavailable(
+                f"catalog {attached.name} has no warehouse location, so the files of {plan.table} are read only with "
+                "credentials the catalog vends for it, and it vended none",
+                table=plan.table,
+                catalog=attached.name,
+            )
         if not attached.reads_s3 and any(not path.startswith("/") for path, _ in plan.files):
             raise SourceUnavailable(
                 f"the files of {plan.table} are on S3, but catalog {attached.name} vended no credentials for "

@@ -7,10 +7,10 @@ properties and plans scans with them. lakegate's query workers read each call's 
 themselves, so the credentials travel with the call's scan (`TableSource.vended`), and a worker
 opens one S3 file system per set of credentials.
 
-Trust: the files are read with the FileIO properties pyiceberg plans the scan with, less the table's
-own properties: the catalog's answer (credentials, endpoint, region) over lakegate.toml's. A table's
-properties are never used, since whoever may commit to the table can set them (pyiceberg merges them
-into its FileIO properties too).
+Trust: the files are read with the FileIO properties the scan is planned with: the catalog's answer
+(credentials, endpoint, region) over lakegate.toml's. A table's own properties are never used, since
+whoever may commit to the table sets them (catalog/sealed_file_io.py keeps them out of pyiceberg's
+FileIO too).
 
 Held: a catalog may mint new credentials on every load (SeaweedFS does, and lakegate loads a table
 again every `table_refresh_s`). The same credentials are used until RENEW_BEFORE_S before they
@@ -76,20 +76,11 @@ class VendedCredentials:
         return s3_filesystem(catalog, dict(self.properties))
 
 
-def _answered(key: str, table: IcebergTable, own: Mapping[str, str]) -> str | None:
-    """FileIO property `key` as the catalog's load result gave it, or None.
-
-    pyiceberg merges, lowest first: the catalog's properties (`own`), the table's properties, the
-    load result's `config`, its `storage-credentials`. A value equal to the config's, or differing
-    from both lower layers, is the catalog's answer.
-    """
-    value: str | None = table.io.properties.get(key)
-    if value is None:
-        return None
-    if value == table.config.get(key):
-        return value
-    if value == table.metadata.properties.get(key) or value == own.get(key):
-        return None
+def _answered(key: str, table: IcebergTable) -> str | None:
+    """FileIO property `key` as the catalog's load answer gave it (its `config` under its storage
+    credentials), or None: an attached catalog's tables carry the answer as `config`
+    (catalog/sealed_file_io.py)."""
+    value: str | None = table.config.get(key)
     return value
 
 
@@ -97,7 +88,7 @@ def vended_credentials(table: IcebergTable, own: Mapping[str, str], *, received_
     """The credentials the catalog vended with `table`, or None where it vended none (its files are
     then read with the catalog's own properties). `own` is the catalog's configured properties;
     `received_at` when the table was loaded (seconds since the epoch)."""
-    answer = {key: value for key in ANSWER_KEYS if (value := _answered(key, table, own)) is not None}
+    answer = {key: value for key in ANSWER_KEYS if (value := _answered(key, table)) is not None}
     if any(key not in answer for key in CREDENTIAL_KEYS):
         return None
     expires = answer.pop(EXPIRES_KEY, None)

@@ -451,7 +451,9 @@ def test_a_sql_catalog_in_postgresql_made_by_another_process(
     subprocess.run([sys.executable, "-c", _OUTSIDE_PIPELINE, uri, files], check=True, timeout=120)
     monkeypatch.setenv(KEY_VARIABLE, ACCESS_KEY)
     monkeypatch.setenv(SECRET_VARIABLE, SECRET_KEY)
+    # The warehouse says where its files lie: lakegate reads with its own rights nowhere else.
     extra = f'\n[catalogs.pg]\ncatalog_name = "theirs_pg"\n[catalogs.pg.properties]\ntype = "sql"\nuri = "{uri}"\n'
+    extra += f'warehouse = "{files}"\n'
     project = _project(tmp_path, lakehouse, extra=extra)
     with (project / "policies" / "policy.csv").open("a") as rules:
         rules.write("p, role:analyst, pg.sales.*, read, allow\n")
@@ -556,6 +558,7 @@ def test_a_table_whose_files_cannot_be_reached_says_which_and_what_to_check(tmp_
     theirs = SqlCatalog("prod", uri=uri, warehouse=files.as_uri())
     theirs.create_namespace("crm")
     theirs.create_table(("crm", "contacts"), schema=CONTACTS.schema).append(CONTACTS)
+    theirs.create_table(("crm", "leads"), schema=CONTACTS.schema).append(CONTACTS)
     project = tmp_path / "project"
     copy_demo_project(project)
     (project / "lakegate.toml").write_text(
@@ -571,11 +574,16 @@ def test_a_table_whose_files_cannot_be_reached_says_which_and_what_to_check(tmp_
         assert _rows(runtime, "admin", sql) == [[6]]
         for data in files.rglob("*.parquet"):
             data.rename(tmp_path / data.name)  # the data files moved away, the metadata left
-        outcome = gate_call(runtime, "admin", "query", {"sql": sql.replace("count(*)", "sum(contact_id)")})
-        assert isinstance(outcome.error, SourceUnavailable), outcome.error
-        message = to_call_result(outcome).content[0].text  # type: ignore[union-attr]
-        assert "crm_lake.crm.contacts" in message and "[catalogs.crm_lake]" in message
-        assert str(tmp_path) not in message and "internal error" not in message
+        for manifest_list in (files / "crm" / "leads").rglob("snap-*.avro"):
+            manifest_list.unlink()  # and a table no plan can be made of
+        summed = {"sql": sql.replace("count(*)", "sum(contact_id)")}
+        leads = {"sql": "SELECT count(*) FROM crm_lake.crm.leads"}
+        for arguments in (summed, leads, leads | {"explain": True}):
+            outcome = gate_call(runtime, "admin", "query", arguments)
+            assert isinstance(outcome.error, SourceUnavailable), outcome.error
+            message = to_call_result(outcome).content[0].text  # type: ignore[union-attr]
+            assert "crm_lake.crm." in message and "[catalogs.crm_lake]" in message
+            assert str(tmp_path) not in message and "internal error" not in message
     finally:
         runtime.close()
 

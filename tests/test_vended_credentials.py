@@ -310,3 +310,71 @@ def test_credentials_are_due_by_their_expiry_or_undated_hold_s_after_the_load_th
     assert not expiring(_answered(loaded, {}, later, {}), {}, received_at=now - 10 * UNDATED_HOLD_S)
     soon = undated | {EXPIRES_KEY: str(int((now + RENEW_BEFORE_S - 60) * 1000))}
     assert expiring(_answered(loaded, {}, soon, {}), {}, received_at=now)
+
+
+# -- what whoever commits to the catalog must not make lakegate do (found by a red-team review) ----
+
+
+def test_a_tables_own_properties_never_make_the_file_io_lakegate_reads_it_with(
+    attached: Runtime, vending: Vending
+) -> None:
+    """pyiceberg builds a table's FileIO with the table's own properties merged in: `py-io-impl`
+    would import a module the committer chose and hand it every property (lakegate.toml's secrets,
+    the vended credentials); a proxy or endpoint would send lakegate's signed reads elsewhere."""
+    from tests import planted_file_io
+
+    pipeline = _rest_catalog(vending.seaweed)
+    planted = pipeline.create_table(("sales", "planted"), schema=CUSTOMERS.schema)
+    planted.append(CUSTOMERS)
+    dead = "http://127.0.0.1:9"  # nothing listens there: a read through it fails
+    steer = {"py-io-impl": "tests.planted_file_io.PlantedFileIO", "s3.proxy-uri": dead, "s3.endpoint": dead}
+    with planted.transaction() as transaction:
+        transaction.set_properties(steer)
+    try:
+        planted_file_io.MADE.clear()
+        pipeline.load_table(("sales", "planted"))  # plain pyiceberg obeys the table: the test can fail
+        assert planted_file_io.MADE and planted_file_io.MADE[-1]["s3.proxy-uri"] == dead
+        planted_file_io.MADE.clear()
+        attached.warehouse.attached["lake"].refresh()  # listed now, not after refresh_s
+        assert _rows(attached, "analyst", "SELECT count(*) FROM lake.sales.planted") == [[2]]
+        described = gate_ok(attached, "analyst", "describe_dataset", {"name": "lake.sales.planted"})
+        assert described["name"] == "lake.sales.planted"
+        assert planted_file_io.MADE == []
+        loaded = attached.warehouse.attached["lake"].load_table("lake.sales.planted")
+        assert "py-io-impl" not in loaded.io.properties and loaded.io.properties["s3.endpoint"] != dead
+    finally:
+        pipeline.drop_table(("sales", "planted"))
+
+
+def test_a_table_moved_to_a_local_directory_is_not_read(
+    attached: Runtime, vending: Vending, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catalog's warehouse is a name, not a place: a table's files are read only on S3 under the
+    table's location, with the credentials vended for it; a committer who moves the table to a
+    directory of lakegate's host gets nothing read there."""
+    import pyarrow.parquet as pq
+    from pyiceberg.table.update import SetLocationUpdate
+
+    from lakegate.server.gate.gate import to_call_result
+
+    secret = tmp_path / "export"
+    secret.mkdir()
+    pq.write_table(pa.table({"customer_id": pa.array([7], pa.int64()), "email": ["host-secret"]}), secret / "a.parquet")
+    pipeline = _rest_catalog(vending.seaweed)
+    moved = pipeline.create_table(("sales", "moved"), schema=CUSTOMERS.schema)
+    moved._do_commit((SetLocationUpdate(location=secret.as_uri()),), ())
+    pipeline.load_table(("sales", "moved")).add_files([(secret / "a.parquet").as_uri()])
+    attached.warehouse.attached["lake"].refresh()  # listed now, not after refresh_s
+    # Also where the catalog is asked for no credentials: lakegate's own rights read nothing there.
+    properties = _signing(vending.seaweed, **{"header.X-Iceberg-Access-Delegation": "remote-signing"})
+    toml = ["[catalogs.lake.properties]", *(f'"{k}" = "{v}"' for k, v in properties.items())]
+    unvended = _runtime(vending, tmp_path / "unvended", monkeypatch, toml=toml)
+    try:
+        for runtime in (attached, unvended):
+            outcome = gate_call(runtime, "analyst", "query", {"sql": "SELECT * FROM lake.sales.moved"})
+            assert isinstance(outcome.error, SourceUnavailable), outcome.error
+            message = to_call_result(outcome).content[0].text  # type: ignore[union-attr]
+            assert "lake.sales.moved" in message and "host-secret" not in message and str(tmp_path) not in message
+    finally:
+        unvended.close()
+        pipeline.drop_table(("sales", "moved"))

@@ -23,7 +23,8 @@ import math
 import re
 import secrets
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
@@ -142,6 +143,20 @@ def _lance_refusal(name: str) -> InvalidQuery:
         f"{name} is a Lance dataset of documents, not a table SQL can read.",
         hint="Query Iceberg tables with SQL; list_datasets shows each dataset's kind.",
     )
+
+
+@contextmanager
+def _attached_failures(plans: Mapping[str, ScanPlan]) -> Iterator[None]:
+    """The engine's failure to read files, where the query reads an attached catalog's table (its
+    files moved, or the catalog's storage settings are wrong), as SourceUnavailable: which table, and
+    that the server's settings are at fault."""
+    try:
+        yield
+    except BackendError as exc:
+        attached = [(name, plan.store) for name, plan in plans.items() if plan.store is not None]
+        if not attached or type(exc) is not BackendError:
+            raise
+        raise SourceUnavailable(str(exc), table=attached[0][0], catalog=str(attached[0][1])) from exc
 
 
 def run_query(
@@ -277,7 +292,8 @@ def run_query(
     if explain:
         for name in query.tables:
             scope.record("dataset", name, "planned", plans[name].snapshot_id)
-        physical = _without_estimates(engine.explain(statement, sources))
+        with _attached_failures(plans):
+            physical = _without_estimates(engine.explain(statement, sources))
         summary = _scan_summary(plans, to_read, filters)
         if over is not None:
             summary += f"\n{over.message}"
@@ -290,17 +306,10 @@ def run_query(
     scanned: dict[str, list[str]] = {}
     scope.scan_bytes += planned  # counted against the daily scan quota, whatever happens next
     try:
-        try:
+        with _attached_failures(plans):
             result = engine.run_page(
                 statement.page(offset, count + 1), sources, scope.on_cancel, progress, max_bytes=scope.limits.max_bytes
             )
-        except BackendError as exc:
-            # The files of an attached catalog's table could not be read (moved, or the catalog's
-            # storage settings are wrong): say which table, and that the server's settings are at fault.
-            attached = [(name, plan.store) for name, plan in plans.items() if plan.store is not None]
-            if not attached or type(exc) is not BackendError:
-                raise
-            raise SourceUnavailable(str(exc), table=attached[0][0], catalog=str(attached[0][1])) from exc
         scanned = _scanned_tables(result.scanned, placeholders, sources)
         if result.bytes_read is not None:
             scope.details["bytes_read"] = result.bytes_read  # measured, beside planned_scan's estimate
