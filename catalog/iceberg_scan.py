@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from pyiceberg.expressions import BooleanExpression
     from pyiceberg.table import FileScanTask
     from pyiceberg.table import Table as IcebergTable
+    from pyiceberg.table.snapshots import Snapshot
 
     from lakegate.catalog.vended_credentials import VendedCredentials
     from lakegate.policies.sql_filters import ColumnFilter
@@ -262,6 +263,7 @@ class ScanPlanner:
             rows = 0
             column_bytes: tuple[tuple[int, int], ...] = ()
             if snapshot_id is not None:
+                self._check_manifests(name, table, snapshot)
                 try:
                     tasks = list(table.scan(snapshot_id=snapshot_id).plan_files())
                 except (ValueError, NotImplementedError) as exc:
@@ -281,6 +283,21 @@ class ScanPlanner:
         with self._lock:
             self._plans[key] = plan
         return self._with_credentials(plan, table)
+
+    def _check_manifests(self, name: str, table: IcebergTable, snapshot: Snapshot | None) -> None:
+        """An attached catalog's table: its manifest list and manifests must lie where its data files
+        may (`_path`), before pyiceberg opens them. Whoever commits to the catalog writes their paths,
+        and pyiceberg would open any of them (a local file, another bucket) with lakegate's rights.
+
+        Raises:
+            SourceUnavailable: one lies elsewhere.
+        """
+        if snapshot is None or self._warehouse.attached_catalog(name) is None:
+            return
+        location = table.metadata.location
+        self._path(name, snapshot.manifest_list, location)
+        for manifest in snapshot.manifests(table.io):
+            self._path(name, manifest.manifest_path, location)
 
     def _with_credentials(self, plan: ScanPlan, table: IcebergTable) -> ScanPlan:
         """`plan` with the credentials its attached catalog vends for reading it now, if any.

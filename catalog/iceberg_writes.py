@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from lakegate.catalog.change_snapshots import unapproved_snapshots
+from lakegate.catalog.sealed_file_io import steering_properties
 from lakegate.catalog.warehouse import Warehouse, translate_errors
 from lakegate.errors import BackendError, InvalidArgument, LimitExceeded, NotFound
 
@@ -502,19 +503,29 @@ def register_table(warehouse: Warehouse, name: str, metadata_location: str) -> i
         BackendError: pyiceberg failed otherwise.
     """
     from pyiceberg.exceptions import TableAlreadyExistsError
-    from pyiceberg.table import StaticTable
+    from pyiceberg.io import load_file_io
+    from pyiceberg.serializers import FromInputFile
 
     if name in warehouse.iceberg_table_names():
         raise InvalidArgument(f"{name} exists already.", hint="Register the table under another name.")
-    try:  # read and check the metadata before the catalog holds anything of it
-        found = StaticTable.from_metadata(metadata_location, properties=dict(warehouse.iceberg.properties))
+    try:  # read and check the metadata before the catalog holds anything of it, with lakegate's own FileIO
+        io = load_file_io(dict(warehouse.iceberg.properties), metadata_location)
+        metadata = FromInputFile.table_metadata(io.new_input(metadata_location))
     except Exception as exc:
         raise InvalidArgument(
             f"The metadata file cannot be read as Iceberg table metadata: {type(exc).__name__}.",
             hint="Give the table's current metadata file (…/metadata/NNNNN-….metadata.json), readable from here.",
         ) from exc
+    if steering := steering_properties(metadata.properties):
+        # pyiceberg would build the table's FileIO with them: its author would choose how (and with
+        # which of lakegate's credentials) lakegate reads, or which module it imports.
+        raise InvalidArgument(
+            f"The table's own properties configure how its files are read ({', '.join(steering)}), which lakegate "
+            "does not allow.",
+            hint="Remove those table properties where the table was written, then register its new metadata file.",
+        )
     for other in warehouse.iceberg_table_names():
-        if warehouse.iceberg_table(other).metadata.table_uuid == found.metadata.table_uuid:
+        if warehouse.iceberg_table(other).metadata.table_uuid == metadata.table_uuid:
             # Under a second name its data would escape the policy written for the first.
             raise InvalidArgument(
                 f"That metadata is table {other}'s, which this catalog holds already.",

@@ -5,9 +5,10 @@ pyiceberg builds the FileIO a table is read with from the catalog's properties, 
 own properties, then (REST) the load answer's `config` and `storage-credentials`. Whoever may
 commit to a table sets its properties: `py-io-impl` would make lakegate import a module of their
 choosing and call it with every property, secrets included; `s3.proxy-uri` or `s3.endpoint` would
-send lakegate's signed reads of manifests elsewhere. `seal` makes an attached catalog build each
-table's FileIO from its own properties and, for a REST catalog, the load answer, which the table
-then carries as `config` exactly (catalog/vended_credentials.py reads it).
+send lakegate's signed reads of manifests elsewhere. `seal` makes a catalog build each table's
+FileIO from its own properties and, for a REST catalog, the load answer, which the table then
+carries as `config` exactly (catalog/vended_credentials.py reads it). Attached catalogs are sealed,
+and so is the embedded one, which `lakegate table register` may give a table written elsewhere.
 
 pyiceberg 0.12's `_load_file_io` (every catalog) and `_response_to_table` / `_response_to_staged_table`
 (RestCatalog) are replaced on the instance; tests/test_vended_credentials.py holds the behaviour.
@@ -17,16 +18,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MethodType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
     from pyiceberg.io import FileIO
 
-__all__ = ["seal"]
+C = TypeVar("C", bound="Catalog")
+
+__all__ = ["FILE_IO_KEYS", "seal", "steering_properties"]
+
+#: Prefixes of the properties that choose or configure a FileIO (pyiceberg.io and its FileIOs).
+FILE_IO_KEYS = ("py-io-impl", "s3.", "client.", "gcs.", "adls.", "hdfs.", "oss.", "pyarrow.", "hf.")
 
 
-def seal(catalog: Catalog) -> Catalog:
+def steering_properties(properties: Mapping[str, str]) -> list[str]:
+    """The keys of `properties` (a table's own) that would configure the FileIO it is read with."""
+    return sorted(key for key in properties if key.lower().startswith(FILE_IO_KEYS))
+
+
+def seal(catalog: C) -> C:
     """`catalog`, its tables' FileIO built without their own properties; returns it."""
     from pyiceberg.catalog.rest import RestCatalog
 

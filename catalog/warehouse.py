@@ -202,15 +202,19 @@ class Warehouse:
                 with translate_errors("open the Iceberg catalog"):
                     from pyiceberg.catalog.sql import SqlCatalog
 
+                    from lakegate.catalog.sealed_file_io import seal
+
                     root = self.state_dir / "iceberg"
                     # SQLite needs the directory of catalog.db; the data files need theirs unless on S3.
                     (root if self.object_store else self.iceberg_data_dir).mkdir(parents=True, exist_ok=True)
                     store = self.object_store.iceberg_properties() if self.object_store else {}
-                    self._iceberg = SqlCatalog(
-                        CATALOG_NAME,
-                        uri=self.catalog_uri or f"sqlite:///{root / 'catalog.db'}",
-                        warehouse=self.iceberg_location,
-                        **store,
+                    self._iceberg = seal(
+                        SqlCatalog(
+                            CATALOG_NAME,
+                            uri=self.catalog_uri or f"sqlite:///{root / 'catalog.db'}",
+                            warehouse=self.iceberg_location,
+                            **store,
+                        )
                     )
             return self._iceberg
 

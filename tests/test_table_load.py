@@ -273,6 +273,20 @@ def test_register_refuses_bad_metadata_and_a_second_name_for_a_known_table(home:
     assert bad.exit_code == 1 and "cannot be read as Iceberg table metadata" in bad.output, bad.output
     again = register("shop.copy", _table(home, "shop.orders").metadata_location)
     assert again.exit_code == 1 and "shop.orders's" in again.output, again.output
+    # A table whose own properties would configure the FileIO it is read with (found by a red team:
+    # pyiceberg imported the module a table named, handing it lakegate's storage properties).
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    from tests import planted_file_io
+
+    theirs = SqlCatalog("theirs", uri=f"sqlite:///{tmp_path / 'theirs.db'}", warehouse=(tmp_path / "w").as_uri())
+    theirs.create_namespace("x")
+    steering = {"py-io-impl": "tests.planted_file_io.PlantedFileIO", "s3.endpoint": "http://127.0.0.1:9"}
+    planted = theirs.create_table(("x", "t"), schema=_table(home, "shop.orders").schema(), properties=steering)
+    planted_file_io.MADE.clear()
+    refused = register("shop.planted", planted.metadata_location)
+    assert refused.exit_code == 1 and "py-io-impl, s3.endpoint" in refused.output, refused.output
+    assert planted_file_io.MADE == []
     warehouse = Warehouse(home)
     try:
         assert warehouse.dataset_names() == ["shop.orders"]  # nothing half-registered; listing works

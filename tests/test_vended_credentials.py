@@ -378,3 +378,37 @@ def test_a_table_moved_to_a_local_directory_is_not_read(
     finally:
         unvended.close()
         pipeline.drop_table(("sales", "moved"))
+
+
+def test_a_manifest_list_named_outside_the_table_is_never_opened(
+    attached: Runtime, vending: Vending, tmp_path: Path
+) -> None:
+    """A committer writes the paths of a snapshot's manifest list and manifests; pyiceberg would open
+    any of them (here a file of lakegate's host) with lakegate's rights while planning."""
+    from pyiceberg.table.snapshots import Operation, Snapshot, Summary
+    from pyiceberg.table.update import AddSnapshotUpdate, SetSnapshotRefUpdate
+
+    local = tmp_path / "not-a-manifest-list.avro"
+    local.write_bytes(b"host data")
+    pipeline = _rest_catalog(vending.seaweed)
+    table = pipeline.create_table(("sales", "steered"), schema=CUSTOMERS.schema)
+    table.append(CUSTOMERS)
+    current = pipeline.load_table(("sales", "steered")).current_snapshot()
+    steered = Snapshot(
+        snapshot_id=current.snapshot_id + 1,
+        parent_snapshot_id=current.snapshot_id,
+        sequence_number=current.sequence_number + 1,
+        timestamp_ms=current.timestamp_ms + 1,
+        manifest_list=local.as_uri(),
+        summary=Summary(Operation.APPEND),
+        schema_id=current.schema_id,
+    )
+    head = SetSnapshotRefUpdate(ref_name="main", type="branch", snapshot_id=steered.snapshot_id)
+    table._do_commit((AddSnapshotUpdate(snapshot=steered), head), ())
+    attached.warehouse.attached["lake"].refresh()  # listed now, not after refresh_s
+    try:
+        outcome = gate_call(attached, "analyst", "query", {"sql": "SELECT count(*) FROM lake.sales.steered"})
+        assert isinstance(outcome.error, SourceUnavailable), outcome.error
+        assert "lies outside" in str(outcome.error)  # refused before pyiceberg opened it
+    finally:
+        pipeline.drop_table(("sales", "steered"))
