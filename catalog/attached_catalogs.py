@@ -371,8 +371,8 @@ class AttachedCatalog:
             allowed = normal is not None and location_under(normal, normal_location(root))
         if not allowed or any(location_under(normal, normal_location(place)) for place in forbidden):
             raise BackendError(
-                f"a data file of catalog {self.name} lies outside its warehouse ({root or table_location}) or in "
-                f"lakegate's own storage: {location}"
+                f"a file of catalog {self.name} (data, manifest or manifest list) lies outside its warehouse "
+                f"({root or table_location}) or in lakegate's own storage: {location}"
             )
         assert normal is not None
         return normal.partition("://")[2] if normal.startswith("s3://") else normal

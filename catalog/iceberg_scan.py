@@ -303,8 +303,8 @@ class ScanPlanner:
         """`plan` with the credentials its attached catalog vends for reading it now, if any.
 
         Raises:
-            SourceUnavailable: the catalog vends no credentials for the table, and has no warehouse
-                location, or its files are on S3 and it has no s3.* properties.
+            SourceUnavailable: the catalog vends no credentials for the table and has no warehouse
+                location.
         """
         attached = self._warehouse.attached_catalog(plan.table)
         if attached is None:
@@ -312,17 +312,12 @@ class ScanPlanner:
         vended = attached.vended(plan.table, table)
         if vended is not None:
             return replace(plan, vended=vended)
+        # With a warehouse location, every planned file lies under it (`_path`), read with the
+        # catalog's own file system; without one, only vended credentials read them.
         if attached.files_root is None and plan.files:
             raise SourceUnavailable(
                 f"catalog {attached.name} has no warehouse location, so the files of {plan.table} are read only with "
                 "credentials the catalog vends for it, and it vended none",
-                table=plan.table,
-                catalog=attached.name,
-            )
-        if not attached.reads_s3 and any(not path.startswith("/") for path, _ in plan.files):
-            raise SourceUnavailable(
-                f"the files of {plan.table} are on S3, but catalog {attached.name} vended no credentials for "
-                "them and has no s3.* properties",
                 table=plan.table,
                 catalog=attached.name,
             )

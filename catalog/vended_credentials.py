@@ -76,19 +76,12 @@ class VendedCredentials:
         return s3_filesystem(catalog, dict(self.properties))
 
 
-def _answered(key: str, table: IcebergTable) -> str | None:
-    """FileIO property `key` as the catalog's load answer gave it (its `config` under its storage
-    credentials), or None: an attached catalog's tables carry the answer as `config`
-    (catalog/sealed_file_io.py)."""
-    value: str | None = table.config.get(key)
-    return value
-
-
 def vended_credentials(table: IcebergTable, own: Mapping[str, str], *, received_at: float) -> VendedCredentials | None:
     """The credentials the catalog vended with `table`, or None where it vended none (its files are
     then read with the catalog's own properties). `own` is the catalog's configured properties;
     `received_at` when the table was loaded (seconds since the epoch)."""
-    answer = {key: value for key in ANSWER_KEYS if (value := _answered(key, table)) is not None}
+    # An attached catalog's tables carry its load answer as `config` (catalog/sealed_file_io.py).
+    answer = {key: value for key in ANSWER_KEYS if (value := table.config.get(key)) is not None}
     if any(key not in answer for key in CREDENTIAL_KEYS):
         return None
     expires = answer.pop(EXPIRES_KEY, None)
